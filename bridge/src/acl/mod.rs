@@ -1,0 +1,1 @@
+//! Service ACLs: model, redb store, immutable snapshot, decision, declarative files, admin routes and CLI.

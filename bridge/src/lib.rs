@@ -1,0 +1,10 @@
+//! hybridge: a boundary bridge between an on-prem site and a cloud site.
+//!
+//! The crate reads as the architecture (see `shared/ARCHITECTURE.md`): `config` turns
+//! TOML into checked types, `tunnel` owns the authenticated peer connections and the
+//! wire format, `http` owns the import listeners and the export side, `upstream` owns
+//! pooled connections to a service's endpoints (load balancing, health, circuit
+//! breaking), `acl` owns policy, `admin` the operator API, `node` composes them.
+
+pub mod acl;
+pub mod upstream;

@@ -1,0 +1,1 @@
+//! hybridge-ca library (being built).
