@@ -7,4 +7,5 @@
 //! breaking), `acl` owns policy, `admin` the operator API, `node` composes them.
 
 pub mod acl;
+pub mod demo;
 pub mod upstream;
