@@ -36,7 +36,10 @@ impl PatternBody {
     pub(crate) fn new(len: u64, chunk: usize) -> Self {
         let chunk = chunk.max(1);
         let window_len = chunk as u64 + PERIOD;
-        let window: Bytes = (0..window_len).map(pattern_byte).collect::<Vec<u8>>().into();
+        let window: Bytes = (0..window_len)
+            .map(pattern_byte)
+            .collect::<Vec<u8>>()
+            .into();
         Self {
             window,
             chunk,

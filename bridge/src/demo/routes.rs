@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, TRAILER};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue, TRAILER};
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body::Body;
+use http_body::{Body, Frame};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -124,10 +124,13 @@ fn stream_bytes(count: &str, query: Option<&str>) -> Response<DemoBody> {
         },
     };
     let mut response = Response::new(PatternBody::new(len, chunk).boxed());
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
+    // Explicit, because hyper's h2 server omits it for an empty body.
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
     response
 }
 
@@ -142,7 +145,11 @@ async fn sha256(request: Request<hyper::body::Incoming>) -> Result<Response<Demo
 
 /// `/status/CODE`: that status, with a one-line body where the status allows one.
 fn status(code: &str) -> Response<DemoBody> {
-    let status = match code.parse::<u16>().ok().and_then(|c| StatusCode::from_u16(c).ok()) {
+    let status = match code
+        .parse::<u16>()
+        .ok()
+        .and_then(|c| StatusCode::from_u16(c).ok())
+    {
         // 1xx are not final answers; refuse them rather than confuse the client.
         Some(status) if status.as_u16() >= 200 && status.as_u16() <= 599 => status,
         _ => return bad_request("CODE in /status/CODE must be an HTTP status from 200 to 599"),
@@ -163,9 +170,13 @@ fn trailers() -> Response<DemoBody> {
     if let Ok(value) = HeaderValue::from_str(&hex::encode(Sha256::digest(TRAILERS_BODY))) {
         trailer_map.insert(HeaderName::from_static(CHECKSUM_TRAILER), value);
     }
-    let body = Full::new(Bytes::from_static(TRAILERS_BODY))
-        .with_trailers(std::future::ready(Some(Ok(trailer_map))))
-        .boxed();
+    // A stream of unknown length, so HTTP/1.1 answers chunked: a body with a known
+    // length would be sent with Content-Length, which leaves no room for trailers.
+    let frames = [
+        Frame::data(Bytes::from_static(TRAILERS_BODY)),
+        Frame::trailers(trailer_map),
+    ];
+    let body = StreamBody::new(futures_util::stream::iter(frames.map(Ok))).boxed();
     let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
