@@ -14,6 +14,8 @@ import sys
 
 import grpc
 
+# Keep the source tree clean of __pycache__ when importing the helper beside us.
+sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _stubs  # noqa: E402
 
