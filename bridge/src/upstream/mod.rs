@@ -300,13 +300,13 @@ impl Upstream {
                 (Some(deadline), Some(after)) => tokio::time::timeout_at(deadline, attempt)
                     .await
                     .unwrap_or_else(|_| {
-                        Err(AttemptFailure {
+                        Err(Box::new(AttemptFailure {
                             error: UpstreamError::Timeout {
                                 endpoint: endpoint.addr,
                                 after,
                             },
                             unsent: None,
-                        })
+                        }))
                     }),
                 _ => attempt.await,
             };
@@ -320,16 +320,16 @@ impl Upstream {
                     } else {
                         self.passive.record_success(endpoint);
                     }
-                    if status == StatusCode::SERVICE_UNAVAILABLE && may_retry {
-                        if let Some(template) = &template {
-                            if let Some(token) = self.retry.try_budget(self.breaker.active()) {
-                                tracing::debug!(service = %self.service, endpoint = %endpoint.addr, attempts, "retrying after 503");
-                                _retry_token = Some(token);
-                                tried.push(index);
-                                next = Some(template.rebuild());
-                                continue;
-                            }
-                        }
+                    if status == StatusCode::SERVICE_UNAVAILABLE
+                        && may_retry
+                        && let Some(template) = &template
+                        && let Some(token) = self.retry.try_budget(self.breaker.active())
+                    {
+                        tracing::debug!(service = %self.service, endpoint = %endpoint.addr, attempts, "retrying after 503");
+                        _retry_token = Some(token);
+                        tried.push(index);
+                        next = Some(template.rebuild());
+                        continue;
                     }
                     return Ok(UpstreamResponse {
                         response,
@@ -337,7 +337,8 @@ impl Upstream {
                         attempts,
                     });
                 }
-                Err(AttemptFailure { error, unsent }) => {
+                Err(failure) => {
+                    let AttemptFailure { error, unsent } = *failure;
                     if error.blames_endpoint() {
                         self.passive
                             .record_failure(&self.service, &self.endpoints, index);
@@ -369,7 +370,7 @@ impl Upstream {
         &self,
         index: usize,
         request: http::Request<UpstreamBody>,
-    ) -> Result<http::Response<Incoming>, AttemptFailure> {
+    ) -> Result<http::Response<Incoming>, Box<AttemptFailure>> {
         let endpoint = &self.endpoints[index];
         let pool = &self.pools[index];
         let _in_flight = endpoint.begin();
@@ -379,37 +380,36 @@ impl Upstream {
                 let _pending = match self.breaker.try_pending() {
                     Ok(slot) => slot,
                     Err(limit) => {
-                        return Err(AttemptFailure {
+                        return Err(Box::new(AttemptFailure {
                             error: self.overloaded(limit),
                             unsent: Some(request),
-                        });
+                        }));
                     }
                 };
                 match pool.checkout().await {
                     Ok(connection) => connection,
                     Err(source) => {
-                        return Err(AttemptFailure {
+                        return Err(Box::new(AttemptFailure {
                             error: UpstreamError::Connect {
                                 endpoint: endpoint.addr,
                                 source,
                             },
                             unsent: Some(request),
-                        });
+                        }));
                     }
                 }
             }
         };
         let request = adapt_request(self.protocol, &endpoint.authority, request);
-        connection
-            .send(request)
-            .await
-            .map_err(|failure| AttemptFailure {
+        connection.send(request).await.map_err(|failure| {
+            Box::new(AttemptFailure {
                 error: UpstreamError::Reset {
                     endpoint: endpoint.addr,
                     source: failure.error,
                 },
                 unsent: failure.unsent,
             })
+        })
     }
 
     fn overloaded(&self, limit: OverloadLimit) -> UpstreamError {

@@ -69,10 +69,10 @@ pub(crate) struct Http1Idle {
 
 impl Http1Idle {
     fn put(&self, sender: http1::SendRequest<UpstreamBody>) {
-        if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < MAX_IDLE_HTTP1_CONNECTIONS {
-                idle.push(sender);
-            }
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < MAX_IDLE_HTTP1_CONNECTIONS
+        {
+            idle.push(sender);
         }
         self.returned.notify_one();
     }
@@ -150,12 +150,13 @@ impl EndpointPool {
         match &self.kind {
             PoolKind::Http1(idle) => idle.take_ready().map(|sender| self.http1(sender, idle)),
             PoolKind::H2(h2) => {
-                let slot = &h2.slots[h2.next.fetch_add(1, Ordering::Relaxed) % h2.slots.len()];
-                let guard = slot.try_lock().ok()?;
-                guard
-                    .as_ref()
-                    .filter(|sender| !sender.is_closed())
-                    .map(|sender| Connection::H2(sender.clone()))
+                // Advance the round-robin only on success, so that `checkout` dials the
+                // very slot found empty here and every slot gets its connection.
+                let index = h2.next.load(Ordering::Relaxed);
+                let guard = h2.slots[index % h2.slots.len()].try_lock().ok()?;
+                let sender = guard.as_ref().filter(|sender| !sender.is_closed())?;
+                h2.next.fetch_add(1, Ordering::Relaxed);
+                Some(Connection::H2(sender.clone()))
             }
         }
     }
