@@ -91,8 +91,17 @@ impl Http1Idle {
 }
 
 struct H2Slots {
-    slots: Vec<tokio::sync::Mutex<Option<http2::SendRequest<UpstreamBody>>>>,
+    slots: Vec<tokio::sync::Mutex<H2Slot>>,
     next: AtomicUsize,
+}
+
+/// One multiplexed connection, dialled on demand.
+#[derive(Default)]
+struct H2Slot {
+    sender: Option<http2::SendRequest<UpstreamBody>>,
+    /// When and why the last dial failed: requests that queued behind that dial share
+    /// its failure instead of each waiting out its own connect timeout in turn.
+    last_failure: Option<(tokio::time::Instant, io::ErrorKind, String)>,
 }
 
 /// A connection checked out for one request.
@@ -131,7 +140,7 @@ impl EndpointPool {
             })),
             UpstreamProtocol::H2c => PoolKind::H2(H2Slots {
                 slots: (0..H2_CONNECTIONS_PER_ENDPOINT)
-                    .map(|_| tokio::sync::Mutex::new(None))
+                    .map(|_| tokio::sync::Mutex::new(H2Slot::default()))
                     .collect(),
                 next: AtomicUsize::new(0),
             }),
@@ -154,7 +163,7 @@ impl EndpointPool {
                 // very slot found empty here and every slot gets its connection.
                 let index = h2.next.load(Ordering::Relaxed);
                 let guard = h2.slots[index % h2.slots.len()].try_lock().ok()?;
-                let sender = guard.as_ref().filter(|sender| !sender.is_closed())?;
+                let sender = guard.sender.as_ref().filter(|sender| !sender.is_closed())?;
                 h2.next.fetch_add(1, Ordering::Relaxed);
                 Some(Connection::H2(sender.clone()))
             }
@@ -180,14 +189,29 @@ impl EndpointPool {
             PoolKind::H2(h2) => {
                 let slot = &h2.slots[h2.next.fetch_add(1, Ordering::Relaxed) % h2.slots.len()];
                 // Holding the slot while dialling makes concurrent requests share one dial.
+                let queued_at = tokio::time::Instant::now();
                 let mut guard = slot.lock().await;
-                if let Some(sender) = guard.as_ref().filter(|sender| !sender.is_closed()) {
+                if let Some(sender) = guard.sender.as_ref().filter(|sender| !sender.is_closed()) {
                     return Ok(Connection::H2(sender.clone()));
                 }
-                *guard = None;
-                let sender = self.dial_h2().await?;
-                *guard = Some(sender.clone());
-                Ok(Connection::H2(sender))
+                guard.sender = None;
+                if let Some((failed_at, kind, message)) = &guard.last_failure
+                    && *failed_at >= queued_at
+                {
+                    return Err(io::Error::new(*kind, message.clone()));
+                }
+                match self.dial_h2().await {
+                    Ok(sender) => {
+                        guard.sender = Some(sender.clone());
+                        guard.last_failure = None;
+                        Ok(Connection::H2(sender))
+                    }
+                    Err(error) => {
+                        guard.last_failure =
+                            Some((tokio::time::Instant::now(), error.kind(), error.to_string()));
+                        Err(error)
+                    }
+                }
             }
         }
     }

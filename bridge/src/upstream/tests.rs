@@ -137,6 +137,9 @@ async fn handle(
         // Resets the first request, answers the others.
         "/flaky" if hits == 1 => return Err("flaky: reset".into()),
         "/fail" => return Err("fail: reset".into()),
+        "/unavailable" if hits == 1 => http::Response::builder()
+            .status(503)
+            .body(text(state.id.clone()))?,
         "/echo" => {
             let mut body = request.into_body();
             let mut total = 0usize;
@@ -601,4 +604,66 @@ async fn shutdown_stops_everything() {
     within(upstream.shutdown()).await;
     let error = upstream.send(get("/id")).await.unwrap_err();
     assert_eq!(error.reason(), "shutting-down");
+}
+
+#[tokio::test]
+async fn slow_response_head_times_out() {
+    for protocol in PROTOCOLS {
+        let server = TestServer::start("a").await;
+        let upstream = start_upstream(&[server.addr], protocol, |settings| {
+            settings.request_timeout = Some(Duration::from_millis(200));
+        })
+        .await;
+        let error = within(upstream.send(get("/block"))).await.unwrap_err();
+        assert!(matches!(error, UpstreamError::Timeout { .. }), "{error:?}");
+        assert_eq!(error.status(), http::StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(error.reason(), "upstream-timeout");
+        assert_eq!(server.hits("/block"), 1, "a timeout is not retried");
+        server.state.gate.add_permits(1);
+    }
+}
+
+#[tokio::test]
+async fn upstream_503_is_retried_for_bodyless_get() {
+    for protocol in PROTOCOLS {
+        let server = TestServer::start("a").await;
+        let upstream = start_upstream(&[server.addr], protocol, |_| {}).await;
+        let response = within(upstream.send(get("/unavailable"))).await.unwrap();
+        assert_eq!(response.response.status(), 200);
+        assert_eq!(response.attempts, 2);
+        assert_eq!(server.hits("/unavailable"), 2);
+    }
+}
+
+#[tokio::test]
+async fn all_endpoints_failing_health_checks_still_get_traffic() {
+    let servers = [TestServer::start("a").await, TestServer::start("b").await];
+    let addrs: Vec<_> = servers.iter().map(|server| server.addr).collect();
+    let upstream = start_upstream(&addrs, UpstreamProtocol::Http1, |settings| {
+        let mut check = HealthCheckSettings::new("/health");
+        check.interval = Duration::from_secs(3600);
+        check.unhealthy_threshold = 1;
+        settings.health_check = Some(check);
+    })
+    .await;
+    within(upstream.subscribe_health().wait_for(|&count| count >= 1))
+        .await
+        .unwrap();
+    for server in &servers {
+        server.state.health_status.store(503, Ordering::SeqCst);
+    }
+    within(upstream.check_now()).await;
+    assert!(
+        upstream
+            .stats()
+            .endpoints
+            .iter()
+            .all(|endpoint| !endpoint.healthy)
+    );
+    // Panic mode: serving from "unhealthy" endpoints beats failing every request.
+    for _ in 0..20 {
+        let response = within(upstream.send(get("/id"))).await.unwrap();
+        assert_eq!(response.response.status(), 200);
+    }
+    assert!(servers.iter().all(|server| server.hits("/id") > 0));
 }
