@@ -104,6 +104,14 @@ pub(crate) fn pick(endpoints: &[Endpoint], tried: &[usize]) -> Option<usize> {
         _ => {}
     }
     let now = Instant::now();
+    // Fast path, no allocation: the common case of a first attempt while both sampled
+    // endpoints are available.
+    if tried.is_empty() {
+        let (a, b) = two_distinct(endpoints.len());
+        if endpoints[a].is_available(now) && endpoints[b].is_available(now) {
+            return Some(less_loaded(a, b, |index| endpoints[index].active()));
+        }
+    }
     let available: Vec<usize> = (0..endpoints.len())
         .filter(|&index| endpoints[index].is_available(now))
         .collect();
@@ -124,20 +132,29 @@ pub(crate) fn pick(endpoints: &[Endpoint], tried: &[usize]) -> Option<usize> {
 /// Two distinct random candidates, the less loaded wins (the first on a tie, which is
 /// itself uniformly random).
 fn power_of_two(candidates: &[usize], load: impl Fn(usize) -> usize) -> usize {
-    let mut rng = rand::rng();
     match candidates.len() {
         0 => 0,
         1 => candidates[0],
         len => {
-            let first = rng.random_range(0..len);
-            let mut second = rng.random_range(0..len - 1);
-            if second >= first {
-                second += 1;
-            }
-            let (a, b) = (candidates[first], candidates[second]);
-            if load(b) < load(a) { b } else { a }
+            let (first, second) = two_distinct(len);
+            less_loaded(candidates[first], candidates[second], load)
         }
     }
+}
+
+/// Two distinct uniformly random indices below `len` (which must be at least 2).
+fn two_distinct(len: usize) -> (usize, usize) {
+    let mut rng = rand::rng();
+    let first = rng.random_range(0..len);
+    let mut second = rng.random_range(0..len - 1);
+    if second >= first {
+        second += 1;
+    }
+    (first, second)
+}
+
+fn less_loaded(a: usize, b: usize, load: impl Fn(usize) -> usize) -> usize {
+    if load(b) < load(a) { b } else { a }
 }
 
 #[cfg(test)]

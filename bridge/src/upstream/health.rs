@@ -126,9 +126,18 @@ impl PassiveHealth {
         }
     }
 
+    /// Resets the failure streak. A success after an ejection has expired also lowers
+    /// the ejection multiplier by one step, so a recovered endpoint is forgiven over time.
     pub(crate) fn record_success(&self, endpoint: &Endpoint) {
         if let Ok(mut outlier) = endpoint.outlier.lock() {
             outlier.consecutive_failures = 0;
+            if outlier
+                .ejected_until
+                .is_some_and(|until| until <= Instant::now())
+            {
+                outlier.ejected_until = None;
+                outlier.times_ejected = outlier.times_ejected.saturating_sub(1);
+            }
         }
     }
 

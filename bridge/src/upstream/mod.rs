@@ -473,6 +473,19 @@ impl Upstream {
     }
 }
 
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("service", &self.service)
+            .field("protocol", &self.protocol)
+            .field(
+                "endpoints",
+                &self.endpoints.iter().map(|e| e.addr).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.cancel.cancel();

@@ -667,3 +667,58 @@ async fn all_endpoints_failing_health_checks_still_get_traffic() {
     }
     assert!(servers.iter().all(|server| server.hits("/id") > 0));
 }
+
+#[tokio::test]
+async fn breaker_refuses_past_max_pending_and_waiters_reuse_freed_connections() {
+    let server = TestServer::start("a").await;
+    let upstream = start_upstream(&[server.addr], UpstreamProtocol::Http1, |settings| {
+        settings.circuit_breaker.max_connections = 1;
+        settings.circuit_breaker.max_pending_requests = 1;
+    })
+    .await;
+    let mut requests = JoinSet::new();
+    let first = upstream.clone();
+    requests.spawn(async move {
+        let response = first.send(get("/block")).await.unwrap();
+        body_text(response).await
+    });
+    within(
+        server
+            .state
+            .blocked
+            .subscribe()
+            .wait_for(|&count| count == 1),
+    )
+    .await
+    .unwrap();
+    // The only connection is busy: the next request waits for it.
+    let second = upstream.clone();
+    requests.spawn(async move {
+        let response = second.send(get("/id")).await.unwrap();
+        body_text(response).await
+    });
+    within(async {
+        while upstream.stats().pending_requests != 1 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let error = within(upstream.send(get("/id"))).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            UpstreamError::Overloaded {
+                limit: OverloadLimit::PendingRequests,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert_eq!(error.reason(), "overloaded");
+    server.state.gate.add_permits(1);
+    while let Some(body) = within(requests.join_next()).await {
+        assert_eq!(body.unwrap(), "a");
+    }
+    assert_eq!(server.state.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(upstream.stats().circuit_breaker_trips, 1);
+}
