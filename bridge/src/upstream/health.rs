@@ -182,7 +182,7 @@ impl PassiveHealth {
                 .base_ejection
                 .saturating_mul(outlier.times_ejected)
                 .min(self.settings.max_ejection);
-            outlier.ejected_until = Some(now + duration);
+            outlier.ejected_until = Some(now.checked_add(duration).unwrap_or(now));
             outlier.consecutive_failures = 0;
             tracing::warn!(service, endpoint = %endpoint.addr, ?duration, "upstream endpoint ejected after consecutive failures");
         }

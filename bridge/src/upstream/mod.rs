@@ -275,7 +275,10 @@ impl Upstream {
             .breaker
             .try_active()
             .map_err(|limit| self.overloaded(limit))?;
-        let deadline = self.head_timeout.map(|timeout| Instant::now() + timeout);
+        // An absurdly long timeout that overflows the clock means no deadline.
+        let deadline = self
+            .head_timeout
+            .and_then(|timeout| Instant::now().checked_add(timeout));
         // The head of a replayable request is kept to rebuild it for retries.
         let template = retry::is_replayable(&request).then(|| RequestHead::of(&request));
         let mut next = Some(request);
@@ -508,8 +511,8 @@ async fn run_health_checks(
             () = cancel.cancelled() => return,
         }
         drop(strong);
-        let jitter = interval.mul_f64(rand::rng().random_range(-0.1..=0.1));
-        let wait = interval.saturating_add(jitter);
+        let factor: f64 = rand::rng().random_range(0.9..=1.1);
+        let wait = Duration::try_from_secs_f64(interval.as_secs_f64() * factor).unwrap_or(interval);
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = cancel.cancelled() => return,

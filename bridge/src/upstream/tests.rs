@@ -722,3 +722,22 @@ async fn breaker_refuses_past_max_pending_and_waiters_reuse_freed_connections() 
     assert_eq!(server.state.connections.load(Ordering::SeqCst), 1);
     assert_eq!(upstream.stats().circuit_breaker_trips, 1);
 }
+
+#[tokio::test]
+async fn post_that_never_left_is_sent_to_another_endpoint_once() {
+    for protocol in PROTOCOLS {
+        let live = TestServer::start("a").await;
+        let upstream = start_upstream(&[dead_addr().await, live.addr], protocol, |_| {}).await;
+        for _ in 0..8 {
+            let request = http::Request::post("/echo")
+                .header("host", "svc.test")
+                .body(boxed(Full::new(Bytes::from_static(b"hello"))))
+                .unwrap();
+            let response = within(upstream.send(request)).await.unwrap();
+            assert_eq!(response.endpoint, live.addr);
+            assert_eq!(body_text(response).await, "5");
+        }
+        // A connect failure means the upstream never saw the request: no duplicates.
+        assert_eq!(live.hits("/echo"), 8, "{protocol:?}");
+    }
+}
