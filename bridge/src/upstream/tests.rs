@@ -47,12 +47,16 @@ struct ServerState {
 struct TestServer {
     addr: SocketAddr,
     state: Arc<ServerState>,
-    _task: JoinSet<()>,
+    task: JoinSet<()>,
 }
 
 impl TestServer {
     async fn start(id: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(id, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    async fn start_on(id: &str, addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(ServerState {
             id: id.to_owned(),
@@ -84,11 +88,12 @@ impl TestServer {
                 });
             }
         });
-        Self {
-            addr,
-            state,
-            _task: task,
-        }
+        Self { addr, state, task }
+    }
+
+    /// Closes the listener and every connection, and waits until they are gone.
+    async fn stop(mut self) {
+        self.task.shutdown().await;
     }
 
     fn hits(&self, path: &str) -> usize {
@@ -739,5 +744,24 @@ async fn post_that_never_left_is_sent_to_another_endpoint_once() {
         }
         // A connect failure means the upstream never saw the request: no duplicates.
         assert_eq!(live.hits("/echo"), 8, "{protocol:?}");
+    }
+}
+
+#[tokio::test]
+async fn upstream_restart_is_survived() {
+    for protocol in PROTOCOLS {
+        let server = TestServer::start("before").await;
+        let addr = server.addr;
+        let upstream = start_upstream(&[addr], protocol, |_| {}).await;
+        let response = within(upstream.send(get("/id"))).await.unwrap();
+        assert_eq!(body_text(response).await, "before");
+        // Kill the server with the pooled connection open, start another on the same port.
+        within(server.stop()).await;
+        let server = TestServer::start_on("after", addr).await;
+        for _ in 0..5 {
+            let response = within(upstream.send(get("/id"))).await.unwrap();
+            assert_eq!(body_text(response).await, "after", "{protocol:?}");
+        }
+        assert_eq!(server.hits("/id"), 5);
     }
 }
