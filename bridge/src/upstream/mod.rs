@@ -281,16 +281,12 @@ impl Upstream {
             .and_then(|timeout| Instant::now().checked_add(timeout));
         // The head of a replayable request is kept to rebuild it for retries.
         let template = retry::is_replayable(&request).then(|| RequestHead::of(&request));
-        let mut next = Some(request);
+        let mut request = request;
         let mut tried: Vec<usize> = Vec::new();
         let mut attempts = 0u32;
+        // Held while a retry is in flight: the budget counts concurrent retries.
         let mut _retry_token = None;
         loop {
-            let Some(request) = next.take() else {
-                return Err(UpstreamError::NoHealthyEndpoint {
-                    service: self.service.clone(),
-                });
-            };
             attempts += 1;
             let index = balancer::pick(&self.endpoints, &tried).ok_or_else(|| {
                 UpstreamError::NoHealthyEndpoint {
@@ -331,7 +327,7 @@ impl Upstream {
                         tracing::debug!(service = %self.service, endpoint = %endpoint.addr, attempts, "retrying after 503");
                         _retry_token = Some(token);
                         tried.push(index);
-                        next = Some(template.rebuild());
+                        request = template.rebuild();
                         continue;
                     }
                     return Ok(UpstreamResponse {
@@ -362,7 +358,7 @@ impl Upstream {
                     tracing::debug!(service = %self.service, endpoint = %endpoint.addr, %error, attempts, "retrying");
                     _retry_token = Some(token);
                     tried.push(index);
-                    next = Some(again);
+                    request = again;
                 }
             }
         }
