@@ -142,6 +142,19 @@ async fn handle(
         // Resets the first request, answers the others.
         "/flaky" if hits == 1 => return Err("flaky: reset".into()),
         "/fail" => return Err("fail: reset".into()),
+        // What the upstream saw as authority, Host, and the x-custom header.
+        "/authority" => http::Response::new(text(format!(
+            "{} {} {}",
+            request.uri().authority().map_or("-", |a| a.as_str()),
+            request
+                .headers()
+                .get("host")
+                .map_or("-", |h| h.to_str().unwrap_or("?")),
+            request
+                .headers()
+                .get("x-custom")
+                .map_or("-", |h| h.to_str().unwrap_or("?")),
+        ))),
         "/unavailable" if hits == 1 => http::Response::builder()
             .status(503)
             .body(text(state.id.clone()))?,
@@ -209,6 +222,10 @@ fn get(path: &str) -> http::Request<UpstreamBody> {
         .header("host", "svc.test")
         .body(empty_body())
         .unwrap()
+}
+
+fn get_without_host(path: &str) -> http::Request<UpstreamBody> {
+    http::Request::get(path).body(empty_body()).unwrap()
 }
 
 async fn body_text(response: UpstreamResponse) -> String {
@@ -580,14 +597,19 @@ async fn http1_connections_are_reused() {
 async fn h2c_request_carries_authority_from_host() {
     let server = TestServer::start("a").await;
     let upstream = start_upstream(&[server.addr], UpstreamProtocol::H2c, |_| {}).await;
-    let request = http::Request::get("/id")
+    let request = http::Request::get("/authority")
         .header("host", "svc.test")
         .header("x-custom", "1")
         .body(boxed(Empty::<Bytes>::new()))
         .unwrap();
     let response = within(upstream.send(request)).await.unwrap();
     assert_eq!(response.response.version(), http::Version::HTTP_2);
-    assert_eq!(body_text(response).await, "a");
+    assert_eq!(body_text(response).await, "svc.test svc.test 1");
+    // Without Host, the endpoint as configured is the authority.
+    let response = within(upstream.send(get_without_host("/authority")))
+        .await
+        .unwrap();
+    assert_eq!(body_text(response).await, format!("{} - -", server.addr));
     for _ in 0..50 {
         within(upstream.send(get("/id"))).await.unwrap();
     }
@@ -596,6 +618,21 @@ async fn h2c_request_carries_authority_from_host() {
         2,
         "two h2 connections per endpoint"
     );
+}
+
+#[tokio::test]
+async fn http1_request_keeps_origin_form_and_host() {
+    let server = TestServer::start("a").await;
+    let upstream = start_upstream(&[server.addr], UpstreamProtocol::Http1, |_| {}).await;
+    let response = within(upstream.send(get("/authority"))).await.unwrap();
+    assert_eq!(response.response.version(), http::Version::HTTP_11);
+    assert_eq!(body_text(response).await, "- svc.test -");
+    // An absolute URI (as from an HTTP/2 caller) goes out in origin form with its
+    // authority as Host, the one header HTTP/1.1 requires.
+    let response = within(upstream.send(get_without_host("http://svc.other/authority")))
+        .await
+        .unwrap();
+    assert_eq!(body_text(response).await, "- svc.other -");
 }
 
 #[tokio::test]
