@@ -1,1 +1,552 @@
-//! Upstream side of an exported service: pooled HTTP clients, load balancing, health checks, circuit breaking, retries.
+//! Upstream side of an exported service: composes pooled connections, per-request
+//! power-of-two-choices balancing, active and passive health, circuit breaking and
+//! retries into `Upstream::send`. Knows nothing about tunnels, ACLs or callers.
+
+mod balancer;
+mod breaker;
+mod health;
+mod pool;
+mod retry;
+mod settings;
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use http::StatusCode;
+use hyper::body::Incoming;
+use rand::Rng;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use breaker::OverloadLimit;
+pub use settings::{
+    CircuitBreakerSettings, HealthCheckSettings, MAX_RETRIES_CAP, PassiveHealthSettings,
+    RetrySettings, UpstreamConfigError, UpstreamProtocol, UpstreamSettings,
+};
+
+use balancer::Endpoint;
+use breaker::CircuitBreaker;
+use health::{ActiveHealth, PassiveHealth};
+use pool::{EndpointPool, adapt_request};
+use retry::RetryPolicy;
+
+/// Error type of request and response bodies handed to the upstream.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+/// Request body type `Upstream::send` accepts (streaming, boxed).
+pub type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BodyError>;
+
+/// Bound on resolving one endpoint name at start.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A response head from an endpoint; the body streams from the upstream connection.
+#[derive(Debug)]
+pub struct UpstreamResponse {
+    pub response: http::Response<Incoming>,
+    /// The endpoint that answered.
+    pub endpoint: SocketAddr,
+    /// Attempts made, 1 when the first one answered.
+    pub attempts: u32,
+}
+
+/// Why a request got no response from the upstream. `status()` and `reason()` give what
+/// the bridge answers the caller (`x-hybridge-error: <reason>`).
+#[derive(thiserror::Error, Debug)]
+pub enum UpstreamError {
+    #[error("service {service}: overloaded, circuit_breaker.{limit} reached")]
+    Overloaded {
+        service: String,
+        limit: OverloadLimit,
+    },
+    #[error("service {service}: no healthy upstream endpoint")]
+    NoHealthyEndpoint { service: String },
+    #[error("upstream {endpoint}: connect failed: {source}")]
+    Connect {
+        endpoint: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("upstream {endpoint}: no response head within {after:?}")]
+    Timeout {
+        endpoint: SocketAddr,
+        after: Duration,
+    },
+    #[error("upstream {endpoint}: connection closed or reset before the response head: {source}")]
+    Reset {
+        endpoint: SocketAddr,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error("service {service}: upstream is shutting down")]
+    ShuttingDown { service: String },
+}
+
+impl UpstreamError {
+    /// Status the bridge answers the caller with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Overloaded { .. }
+            | Self::NoHealthyEndpoint { .. }
+            | Self::ShuttingDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Connect { .. } | Self::Reset { .. } => StatusCode::BAD_GATEWAY,
+            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Value of the `x-hybridge-error` header.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Overloaded { .. } => "overloaded",
+            Self::NoHealthyEndpoint { .. } => "no-healthy-upstream",
+            Self::Connect { .. } => "upstream-connect-failed",
+            Self::Timeout { .. } => "upstream-timeout",
+            Self::Reset { .. } => "upstream-reset",
+            Self::ShuttingDown { .. } => "shutting-down",
+        }
+    }
+
+    /// Failures another attempt may cure (on another endpoint or a fresh connection).
+    fn is_retryable(&self) -> bool {
+        matches!(self, Self::Connect { .. } | Self::Reset { .. })
+    }
+
+    /// Failures that count against the endpoint's passive health.
+    fn blames_endpoint(&self) -> bool {
+        matches!(
+            self,
+            Self::Connect { .. } | Self::Reset { .. } | Self::Timeout { .. }
+        )
+    }
+}
+
+/// Snapshot of one service's upstream, for `/v1/status` and metrics.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct UpstreamStats {
+    pub service: String,
+    pub endpoints: Vec<EndpointStats>,
+    /// Requests in flight (until their response head).
+    pub active_requests: usize,
+    /// Requests waiting for a connection.
+    pub pending_requests: usize,
+    pub circuit_breaker_trips: u64,
+    pub retries: u64,
+}
+
+/// Snapshot of one endpoint.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct EndpointStats {
+    pub addr: SocketAddr,
+    /// Verdict of active health checks (always true without them).
+    pub healthy: bool,
+    /// Currently ejected by passive health.
+    pub ejected: bool,
+    pub active: usize,
+    pub total_requests: u64,
+    pub failures: u64,
+}
+
+/// The upstream of one exported service, shared by all requests to it.
+pub struct Upstream {
+    service: String,
+    protocol: UpstreamProtocol,
+    endpoints: Vec<Endpoint>,
+    pools: Vec<EndpointPool>,
+    breaker: CircuitBreaker,
+    retry: RetryPolicy,
+    passive: PassiveHealth,
+    active_health: Option<ActiveHealth>,
+    health_rounds: watch::Sender<u64>,
+    head_timeout: Option<Duration>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+/// One failed attempt, with the request when it never reached the wire.
+struct AttemptFailure {
+    error: UpstreamError,
+    unsent: Option<http::Request<UpstreamBody>>,
+}
+
+impl Upstream {
+    /// Validates `settings`, resolves every endpoint (first address of each name) and,
+    /// when configured, starts the active health checker. Connections are dialled on
+    /// demand. Everything this upstream spawns stops when `cancel` fires or the upstream
+    /// is dropped.
+    pub async fn start(
+        service: &str,
+        settings: &UpstreamSettings,
+        cancel: CancellationToken,
+    ) -> Result<Arc<Self>, UpstreamConfigError> {
+        settings.validate(service)?;
+        let cancel = cancel.child_token();
+        let tasks = TaskTracker::new();
+        let mut endpoints = Vec::with_capacity(settings.endpoints.len());
+        for name in &settings.endpoints {
+            let authority: http::uri::Authority =
+                name.parse().map_err(|error: http::uri::InvalidUri| {
+                    UpstreamConfigError::InvalidEndpoint {
+                        service: service.to_owned(),
+                        endpoint: name.clone(),
+                        reason: error.to_string(),
+                    }
+                })?;
+            let resolve_error = |source| UpstreamConfigError::Resolve {
+                service: service.to_owned(),
+                endpoint: name.clone(),
+                source,
+            };
+            let mut addrs =
+                tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(name.as_str()))
+                    .await
+                    .map_err(|_| {
+                        resolve_error(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "DNS lookup timed out",
+                        ))
+                    })?
+                    .map_err(resolve_error)?;
+            let addr = addrs.next().ok_or_else(|| {
+                resolve_error(io::Error::new(io::ErrorKind::NotFound, "no addresses"))
+            })?;
+            endpoints.push(Endpoint::new(addr, authority));
+        }
+        let pools = endpoints
+            .iter()
+            .map(|endpoint| {
+                EndpointPool::new(
+                    endpoint.addr,
+                    settings.protocol,
+                    settings.connect_timeout,
+                    settings.circuit_breaker.max_connections,
+                    tasks.clone(),
+                    cancel.clone(),
+                )
+            })
+            .collect();
+        let upstream = Arc::new(Self {
+            service: service.to_owned(),
+            protocol: settings.protocol,
+            breaker: CircuitBreaker::new(
+                settings.circuit_breaker.max_active_requests,
+                settings.circuit_breaker.max_pending_requests,
+            ),
+            retry: RetryPolicy::new(&settings.retry),
+            passive: PassiveHealth::new(settings.passive_health.clone()),
+            active_health: settings
+                .health_check
+                .clone()
+                .map(|check| ActiveHealth::new(check, endpoints.len())),
+            endpoints,
+            pools,
+            health_rounds: watch::Sender::new(0),
+            head_timeout: settings.response_head_timeout(),
+            tasks,
+            cancel,
+        });
+        if let Some(active) = &upstream.active_health {
+            let interval = active.interval();
+            let weak = Arc::downgrade(&upstream);
+            let cancel = upstream.cancel.clone();
+            upstream
+                .tasks
+                .spawn(run_health_checks(weak, interval, cancel));
+        }
+        Ok(upstream)
+    }
+
+    /// Sends `request` to one endpoint chosen for this request, retrying where safe, and
+    /// returns the response head. Never waits on a full breaker: over a limit it answers
+    /// `Overloaded` at once.
+    pub async fn send(
+        &self,
+        request: http::Request<UpstreamBody>,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        if self.cancel.is_cancelled() {
+            return Err(UpstreamError::ShuttingDown {
+                service: self.service.clone(),
+            });
+        }
+        let _active = self
+            .breaker
+            .try_active()
+            .map_err(|limit| self.overloaded(limit))?;
+        // An absurdly long timeout that overflows the clock means no deadline.
+        let deadline = self
+            .head_timeout
+            .and_then(|timeout| Instant::now().checked_add(timeout));
+        // The head of a replayable request is kept to rebuild it for retries.
+        let template = retry::is_replayable(&request).then(|| RequestHead::of(&request));
+        let mut request = request;
+        let mut tried: Vec<usize> = Vec::new();
+        let mut attempts = 0u32;
+        // Held while a retry is in flight: the budget counts concurrent retries.
+        let mut _retry_token = None;
+        loop {
+            attempts += 1;
+            let index = balancer::pick(&self.endpoints, &tried).ok_or_else(|| {
+                UpstreamError::NoHealthyEndpoint {
+                    service: self.service.clone(),
+                }
+            })?;
+            let endpoint = &self.endpoints[index];
+            let attempt = self.attempt(index, request);
+            let result = match (deadline, self.head_timeout) {
+                (Some(deadline), Some(after)) => tokio::time::timeout_at(deadline, attempt)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Box::new(AttemptFailure {
+                            error: UpstreamError::Timeout {
+                                endpoint: endpoint.addr,
+                                after,
+                            },
+                            unsent: None,
+                        }))
+                    }),
+                _ => attempt.await,
+            };
+            let may_retry = attempts < self.retry.max_attempts();
+            match result {
+                Ok(response) => {
+                    let status = response.status();
+                    if status.is_server_error() {
+                        self.passive
+                            .record_failure(&self.service, &self.endpoints, index);
+                    } else {
+                        self.passive.record_success(endpoint);
+                    }
+                    if status == StatusCode::SERVICE_UNAVAILABLE
+                        && may_retry
+                        && let Some(template) = &template
+                        && let Some(token) = self.retry.try_budget(self.breaker.active())
+                    {
+                        tracing::debug!(service = %self.service, endpoint = %endpoint.addr, attempts, "retrying after 503");
+                        _retry_token = Some(token);
+                        tried.push(index);
+                        request = template.rebuild();
+                        continue;
+                    }
+                    return Ok(UpstreamResponse {
+                        response,
+                        endpoint: endpoint.addr,
+                        attempts,
+                    });
+                }
+                Err(failure) => {
+                    let AttemptFailure { error, unsent } = *failure;
+                    if error.blames_endpoint() {
+                        self.passive
+                            .record_failure(&self.service, &self.endpoints, index);
+                    }
+                    if !error.is_retryable() || !may_retry {
+                        return Err(error);
+                    }
+                    // A request that never reached the wire is safe to send again whatever
+                    // its method; otherwise only a rebuilt body-less idempotent request is.
+                    let Some(again) =
+                        unsent.or_else(|| template.as_ref().map(RequestHead::rebuild))
+                    else {
+                        return Err(error);
+                    };
+                    let Some(token) = self.retry.try_budget(self.breaker.active()) else {
+                        return Err(error);
+                    };
+                    tracing::debug!(service = %self.service, endpoint = %endpoint.addr, %error, attempts, "retrying");
+                    _retry_token = Some(token);
+                    tried.push(index);
+                    request = again;
+                }
+            }
+        }
+    }
+
+    /// One attempt on `endpoints[index]`, up to the response head.
+    async fn attempt(
+        &self,
+        index: usize,
+        request: http::Request<UpstreamBody>,
+    ) -> Result<http::Response<Incoming>, Box<AttemptFailure>> {
+        let endpoint = &self.endpoints[index];
+        let pool = &self.pools[index];
+        let _in_flight = endpoint.begin();
+        let connection = match pool.try_checkout() {
+            Some(connection) => connection,
+            None => {
+                let _pending = match self.breaker.try_pending() {
+                    Ok(slot) => slot,
+                    Err(limit) => {
+                        return Err(Box::new(AttemptFailure {
+                            error: self.overloaded(limit),
+                            unsent: Some(request),
+                        }));
+                    }
+                };
+                match pool.checkout().await {
+                    Ok(connection) => connection,
+                    Err(source) => {
+                        return Err(Box::new(AttemptFailure {
+                            error: UpstreamError::Connect {
+                                endpoint: endpoint.addr,
+                                source,
+                            },
+                            unsent: Some(request),
+                        }));
+                    }
+                }
+            }
+        };
+        let request = adapt_request(self.protocol, &endpoint.authority, request);
+        connection.send(request).await.map_err(|failure| {
+            Box::new(AttemptFailure {
+                error: UpstreamError::Reset {
+                    endpoint: endpoint.addr,
+                    source: failure.error,
+                },
+                unsent: failure.unsent,
+            })
+        })
+    }
+
+    fn overloaded(&self, limit: OverloadLimit) -> UpstreamError {
+        UpstreamError::Overloaded {
+            service: self.service.clone(),
+            limit,
+        }
+    }
+
+    /// Runs one round of active health checks now (no-op without `health_check`) and
+    /// returns when every endpoint's verdict is updated.
+    pub async fn check_now(&self) {
+        if let Some(active) = &self.active_health {
+            active
+                .run_round(&self.service, self.protocol, &self.endpoints, &self.pools)
+                .await;
+            self.health_rounds.send_modify(|rounds| *rounds += 1);
+        }
+    }
+
+    /// Counts completed health check rounds; changes after each one.
+    pub fn subscribe_health(&self) -> watch::Receiver<u64> {
+        self.health_rounds.subscribe()
+    }
+
+    /// Counters and health of this upstream now.
+    pub fn stats(&self) -> UpstreamStats {
+        let now = std::time::Instant::now();
+        UpstreamStats {
+            service: self.service.clone(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|endpoint| EndpointStats {
+                    addr: endpoint.addr,
+                    healthy: endpoint.is_healthy(),
+                    ejected: endpoint.is_ejected(now),
+                    active: endpoint.active(),
+                    total_requests: endpoint.total.load(std::sync::atomic::Ordering::Relaxed),
+                    failures: endpoint.failures.load(std::sync::atomic::Ordering::Relaxed),
+                })
+                .collect(),
+            active_requests: self.breaker.active(),
+            pending_requests: self.breaker.pending(),
+            circuit_breaker_trips: self.breaker.trips(),
+            retries: self.retry.total(),
+        }
+    }
+
+    /// Service name this upstream serves.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Stops health checks and closes every connection, then waits for all spawned tasks.
+    /// Responses already returned stop streaming.
+    pub async fn shutdown(&self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("service", &self.service)
+            .field("protocol", &self.protocol)
+            .field(
+                "endpoints",
+                &self.endpoints.iter().map(|e| e.addr).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Active health check loop: a round at start, then one per `interval` (±10% jitter so
+/// many bridges do not probe in lockstep). Holds the upstream only during a round.
+async fn run_health_checks(
+    upstream: Weak<Upstream>,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
+    loop {
+        let Some(strong) = upstream.upgrade() else {
+            return;
+        };
+        tokio::select! {
+            () = strong.check_now() => {}
+            () = cancel.cancelled() => return,
+        }
+        drop(strong);
+        let factor: f64 = rand::rng().random_range(0.9..=1.1);
+        let wait = Duration::try_from_secs_f64(interval.as_secs_f64() * factor).unwrap_or(interval);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// Method, URI, version and headers of a body-less request, to send it again.
+struct RequestHead {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+impl RequestHead {
+    fn of<B>(request: &http::Request<B>) -> Self {
+        Self {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            version: request.version(),
+            headers: request.headers().clone(),
+        }
+    }
+
+    fn rebuild(&self) -> http::Request<UpstreamBody> {
+        let mut request = http::Request::new(empty_body());
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+fn empty_body() -> UpstreamBody {
+    use http_body_util::BodyExt;
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}

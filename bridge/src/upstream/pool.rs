@@ -1,0 +1,454 @@
+//! Connections to one endpoint: dialling (TCP_NODELAY, connect timeout, handshake), a
+//! bounded idle pool of HTTP/1.1 keep-alive connections, or a small set of multiplexed h2c
+//! connections re-dialled when closed. Knows nothing about balancing, health or retries.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::UpstreamBody;
+use super::settings::UpstreamProtocol;
+
+/// Idle HTTP/1.1 connections kept per endpoint; more are closed once their response ends.
+const MAX_IDLE_HTTP1_CONNECTIONS: usize = 64;
+/// HTTP/2 connections per endpoint. Requests are spread over them round-robin; each one
+/// multiplexes as many streams as the server allows.
+const H2_CONNECTIONS_PER_ENDPOINT: usize = 2;
+/// HTTP/2 PING interval that detects dead connections the kernel has not noticed.
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Spawns hyper's background futures (connection drivers, h2 stream pipes) on the
+/// upstream's `TaskTracker`, so every task has an owner.
+#[derive(Clone)]
+struct TrackedExecutor(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for TrackedExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        self.0.spawn(future);
+    }
+}
+
+/// All connections to one endpoint.
+pub(crate) struct EndpointPool {
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    kind: PoolKind,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+enum PoolKind {
+    Http1(Arc<Http1Idle>),
+    H2(H2Slots),
+}
+
+pub(crate) struct Http1Idle {
+    idle: Mutex<Vec<http1::SendRequest<UpstreamBody>>>,
+    /// Signalled when a connection goes back to `idle`.
+    returned: Notify,
+    /// One permit per open connection (`circuit_breaker.max_connections`).
+    permits: Arc<Semaphore>,
+}
+
+impl Http1Idle {
+    fn put(&self, sender: http1::SendRequest<UpstreamBody>) {
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < MAX_IDLE_HTTP1_CONNECTIONS
+        {
+            idle.push(sender);
+        }
+        self.returned.notify_one();
+    }
+
+    fn take_ready(&self) -> Option<http1::SendRequest<UpstreamBody>> {
+        let mut idle = self.idle.lock().ok()?;
+        // Most recently used first: it is the least likely to have been closed by the
+        // server's idle timeout. Closed or busy ones are dropped.
+        while let Some(sender) = idle.pop() {
+            if sender.is_ready() && !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+}
+
+struct H2Slots {
+    slots: Vec<tokio::sync::Mutex<H2Slot>>,
+    next: AtomicUsize,
+}
+
+/// One multiplexed connection, dialled on demand.
+#[derive(Default)]
+struct H2Slot {
+    sender: Option<http2::SendRequest<UpstreamBody>>,
+    /// When and why the last dial failed: requests that queued behind that dial share
+    /// its failure instead of each waiting out its own connect timeout in turn.
+    last_failure: Option<(tokio::time::Instant, io::ErrorKind, String)>,
+}
+
+/// A connection checked out for one request.
+pub(crate) enum Connection {
+    Http1 {
+        sender: http1::SendRequest<UpstreamBody>,
+        idle: Arc<Http1Idle>,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
+    },
+    H2(http2::SendRequest<UpstreamBody>),
+}
+
+/// A request that failed before a response head arrived. `unsent` holds the request when
+/// it never reached the wire (a stale pooled connection), so it can be sent elsewhere
+/// whatever its method and body.
+pub(crate) struct SendFailure {
+    pub(crate) error: hyper::Error,
+    pub(crate) unsent: Option<http::Request<UpstreamBody>>,
+}
+
+impl EndpointPool {
+    pub(crate) fn new(
+        addr: SocketAddr,
+        protocol: UpstreamProtocol,
+        connect_timeout: Duration,
+        max_connections: usize,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
+    ) -> Self {
+        let kind = match protocol {
+            UpstreamProtocol::Http1 => PoolKind::Http1(Arc::new(Http1Idle {
+                idle: Mutex::new(Vec::new()),
+                returned: Notify::new(),
+                permits: Arc::new(Semaphore::new(max_connections)),
+            })),
+            UpstreamProtocol::H2c => PoolKind::H2(H2Slots {
+                slots: (0..H2_CONNECTIONS_PER_ENDPOINT)
+                    .map(|_| tokio::sync::Mutex::new(H2Slot::default()))
+                    .collect(),
+                next: AtomicUsize::new(0),
+            }),
+        };
+        Self {
+            addr,
+            connect_timeout,
+            kind,
+            tasks,
+            cancel,
+        }
+    }
+
+    /// A connection usable right now without dialling or waiting, if there is one.
+    pub(crate) fn try_checkout(&self) -> Option<Connection> {
+        match &self.kind {
+            PoolKind::Http1(idle) => idle.take_ready().map(|sender| self.http1(sender, idle)),
+            PoolKind::H2(h2) => {
+                // Advance the round-robin only on success, so that `checkout` dials the
+                // very slot found empty here and every slot gets its connection.
+                let index = h2.next.load(Ordering::Relaxed);
+                let guard = h2.slots[index % h2.slots.len()].try_lock().ok()?;
+                let sender = guard.sender.as_ref().filter(|sender| !sender.is_closed())?;
+                h2.next.fetch_add(1, Ordering::Relaxed);
+                Some(Connection::H2(sender.clone()))
+            }
+        }
+    }
+
+    /// A connection, dialling one or waiting for one to be free as needed.
+    pub(crate) async fn checkout(&self) -> io::Result<Connection> {
+        match &self.kind {
+            PoolKind::Http1(idle) => loop {
+                if let Some(sender) = idle.take_ready() {
+                    return Ok(self.http1(sender, idle));
+                }
+                tokio::select! {
+                    permit = idle.permits.clone().acquire_owned() => {
+                        let permit = permit.map_err(io::Error::other)?;
+                        let sender = self.dial_http1(permit).await?;
+                        return Ok(self.http1(sender, idle));
+                    }
+                    () = idle.returned.notified() => {}
+                }
+            },
+            PoolKind::H2(h2) => {
+                let slot = &h2.slots[h2.next.fetch_add(1, Ordering::Relaxed) % h2.slots.len()];
+                // Holding the slot while dialling makes concurrent requests share one dial.
+                let queued_at = tokio::time::Instant::now();
+                let mut guard = slot.lock().await;
+                if let Some(sender) = guard.sender.as_ref().filter(|sender| !sender.is_closed()) {
+                    return Ok(Connection::H2(sender.clone()));
+                }
+                guard.sender = None;
+                if let Some((failed_at, kind, message)) = &guard.last_failure
+                    && *failed_at >= queued_at
+                {
+                    return Err(io::Error::new(*kind, message.clone()));
+                }
+                match self.dial_h2().await {
+                    Ok(sender) => {
+                        guard.sender = Some(sender.clone());
+                        guard.last_failure = None;
+                        Ok(Connection::H2(sender))
+                    }
+                    Err(error) => {
+                        guard.last_failure =
+                            Some((tokio::time::Instant::now(), error.kind(), error.to_string()));
+                        Err(error)
+                    }
+                }
+            }
+        }
+    }
+
+    fn http1(&self, sender: http1::SendRequest<UpstreamBody>, idle: &Arc<Http1Idle>) -> Connection {
+        Connection::Http1 {
+            sender,
+            idle: idle.clone(),
+            tasks: self.tasks.clone(),
+            cancel: self.cancel.clone(),
+        }
+    }
+
+    async fn connect_tcp(&self) -> io::Result<TokioIo<TcpStream>> {
+        let stream = TcpStream::connect(self.addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(TokioIo::new(stream))
+    }
+
+    fn timed_out(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no connection within {:?}", self.connect_timeout),
+        )
+    }
+
+    async fn dial_http1(
+        &self,
+        permit: OwnedSemaphorePermit,
+    ) -> io::Result<http1::SendRequest<UpstreamBody>> {
+        let handshake = async {
+            let io = self.connect_tcp().await?;
+            http1::handshake::<_, UpstreamBody>(io)
+                .await
+                .map_err(io::Error::other)
+        };
+        let (sender, connection) = tokio::time::timeout(self.connect_timeout, handshake)
+            .await
+            .map_err(|_| self.timed_out())??;
+        let cancel = self.cancel.clone();
+        let addr = self.addr;
+        self.tasks.spawn(async move {
+            tokio::select! {
+                result = connection.with_upgrades() => {
+                    if let Err(error) = result {
+                        tracing::debug!(endpoint = %addr, %error, "upstream http1 connection ended");
+                    }
+                }
+                () = cancel.cancelled() => {}
+            }
+            drop(permit);
+        });
+        Ok(sender)
+    }
+
+    async fn dial_h2(&self) -> io::Result<http2::SendRequest<UpstreamBody>> {
+        let handshake = async {
+            let io = self.connect_tcp().await?;
+            http2::Builder::new(TrackedExecutor(self.tasks.clone()))
+                .timer(TokioTimer::new())
+                .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+                .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT)
+                .adaptive_window(true)
+                .handshake::<_, UpstreamBody>(io)
+                .await
+                .map_err(io::Error::other)
+        };
+        let (sender, connection) = tokio::time::timeout(self.connect_timeout, handshake)
+            .await
+            .map_err(|_| self.timed_out())??;
+        let cancel = self.cancel.clone();
+        let addr = self.addr;
+        self.tasks.spawn(async move {
+            tokio::select! {
+                result = connection => {
+                    if let Err(error) = result {
+                        tracing::debug!(endpoint = %addr, %error, "upstream h2 connection ended");
+                    }
+                }
+                () = cancel.cancelled() => {}
+            }
+        });
+        Ok(sender)
+    }
+}
+
+impl Connection {
+    /// Sends `request` and waits for the response head. An HTTP/1.1 connection goes back
+    /// to the idle pool once the response (and request) body has been fully transferred.
+    pub(crate) async fn send(
+        self,
+        request: http::Request<UpstreamBody>,
+    ) -> Result<http::Response<Incoming>, SendFailure> {
+        match self {
+            Connection::Http1 {
+                mut sender,
+                idle,
+                tasks,
+                cancel,
+            } => match sender.try_send_request(request).await {
+                Ok(response) => {
+                    tasks.spawn(async move {
+                        tokio::select! {
+                            ready = sender.ready() => {
+                                if ready.is_ok() && !sender.is_closed() {
+                                    idle.put(sender);
+                                }
+                            }
+                            () = cancel.cancelled() => {}
+                        }
+                    });
+                    Ok(response)
+                }
+                Err(mut error) => Err(SendFailure {
+                    unsent: error.take_message(),
+                    error: error.into_error(),
+                }),
+            },
+            Connection::H2(mut sender) => match sender.try_send_request(request).await {
+                Ok(response) => Ok(response),
+                Err(mut error) => Err(SendFailure {
+                    unsent: error.take_message(),
+                    error: error.into_error(),
+                }),
+            },
+        }
+    }
+}
+
+/// Shapes `request` for the wire protocol without touching anything HTTP does not require:
+/// HTTP/1.1 gets origin form (and a `Host` header only when the request has none, since
+/// HTTP/1.1 requires one); HTTP/2 gets an absolute URI, as `:scheme` and `:authority` are
+/// mandatory, with the authority taken from `Host`, else the URI, else the endpoint.
+pub(crate) fn adapt_request(
+    protocol: UpstreamProtocol,
+    endpoint: &http::uri::Authority,
+    mut request: http::Request<UpstreamBody>,
+) -> http::Request<UpstreamBody> {
+    use http::header::HOST;
+    use http::{Uri, Version};
+
+    let uri = request.uri().clone();
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            if !matches!(request.version(), Version::HTTP_10 | Version::HTTP_11) {
+                *request.version_mut() = Version::HTTP_11;
+            }
+            if !request.headers().contains_key(HOST) {
+                let authority = uri.authority().unwrap_or(endpoint);
+                if let Ok(value) = http::HeaderValue::from_str(authority.as_str()) {
+                    request.headers_mut().insert(HOST, value);
+                }
+            }
+            if uri.scheme().is_some() {
+                let path = uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+                *request.uri_mut() = Uri::from(path);
+            }
+        }
+        UpstreamProtocol::H2c => {
+            *request.version_mut() = Version::HTTP_2;
+            let authority = request
+                .headers()
+                .get(HOST)
+                .and_then(|host| http::uri::Authority::try_from(host.as_bytes()).ok())
+                .or_else(|| uri.authority().cloned())
+                .unwrap_or_else(|| endpoint.clone());
+            let path = uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(http::uri::Scheme::HTTP);
+            parts.authority = Some(authority);
+            parts.path_and_query = Some(path);
+            if let Ok(absolute) = Uri::from_parts(parts) {
+                *request.uri_mut() = absolute;
+            }
+        }
+    }
+    request
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty};
+
+    fn request(uri: &str, host: Option<&str>) -> http::Request<UpstreamBody> {
+        let mut builder = http::Request::get(uri);
+        if let Some(host) = host {
+            builder = builder.header("host", host);
+        }
+        builder
+            .body(Empty::new().map_err(|never| match never {}).boxed_unsync())
+            .unwrap()
+    }
+
+    #[test]
+    fn http1_keeps_origin_form_and_headers() {
+        let endpoint: http::uri::Authority = "10.0.0.1:80".parse().unwrap();
+        let adapted = adapt_request(
+            UpstreamProtocol::Http1,
+            &endpoint,
+            request("/a?b=1", Some("svc.example")),
+        );
+        assert_eq!(adapted.uri(), "/a?b=1");
+        assert_eq!(adapted.headers().len(), 1);
+        assert_eq!(adapted.headers()["host"], "svc.example");
+
+        let adapted = adapt_request(
+            UpstreamProtocol::Http1,
+            &endpoint,
+            request("http://svc.example:8080/x", None),
+        );
+        assert_eq!(adapted.uri(), "/x");
+        assert_eq!(adapted.headers()["host"], "svc.example:8080");
+        assert_eq!(adapted.version(), http::Version::HTTP_11);
+    }
+
+    #[test]
+    fn h2_gets_absolute_uri_from_host_or_endpoint() {
+        let endpoint: http::uri::Authority = "10.0.0.1:80".parse().unwrap();
+        let adapted = adapt_request(
+            UpstreamProtocol::H2c,
+            &endpoint,
+            request("/pkg.Svc/Call", Some("svc.example")),
+        );
+        assert_eq!(adapted.uri(), "http://svc.example/pkg.Svc/Call");
+        assert_eq!(adapted.headers()["host"], "svc.example");
+        assert_eq!(adapted.version(), http::Version::HTTP_2);
+
+        let adapted = adapt_request(UpstreamProtocol::H2c, &endpoint, request("/x", None));
+        assert_eq!(adapted.uri(), "http://10.0.0.1:80/x");
+        assert!(adapted.headers().is_empty());
+    }
+}

@@ -1,0 +1,478 @@
+//! Configuration of one exported service's upstream: the serde types the node config embeds,
+//! their defaults, and a pure validation pass (no I/O) whose errors name the offending field.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Upstream of one exported service (`[services.NAME.upstream]` in the node config).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSettings {
+    /// `"host:port"` entries; each is resolved once at start (first address wins).
+    pub endpoints: Vec<String>,
+    /// Wire protocol spoken to the endpoints.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// Active HTTP health checking; off when absent.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckSettings>,
+    /// Limit on TCP connect plus protocol handshake to one endpoint.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Deadline for the response *head* (status and headers), counted from the moment the
+    /// request enters the upstream and shared by all attempts. Bodies may stream for as long
+    /// as they need, so long-lived gRPC streams are not cut. `"0s"` disables the deadline.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    /// Load-shedding limits.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerSettings,
+    /// Retries of idempotent, body-less requests.
+    #[serde(default)]
+    pub retry: RetrySettings,
+    /// Outlier ejection driven by real traffic.
+    #[serde(default)]
+    pub passive_health: PassiveHealthSettings,
+}
+
+/// Protocol used on connections to the endpoints.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with a pool of keep-alive connections per endpoint.
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge (gRPC); requests are multiplexed.
+    H2c,
+}
+
+/// Active health checking: `GET path` against every endpoint each `interval`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSettings {
+    /// Path (origin form, starting with `/`) of the health check request.
+    pub path: String,
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_health_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive passing checks that bring an unhealthy endpoint back.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Consecutive failing checks (status outside 200-399, error or timeout) that take an
+    /// endpoint out of rotation.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+}
+
+/// Limits that answer `503 overloaded` instead of queueing without bound. The defaults are
+/// generous: a healthy service never reaches them, a melting one is protected.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerSettings {
+    /// Requests in flight to this service (until their response head arrives).
+    #[serde(default = "default_max_active_requests")]
+    pub max_active_requests: usize,
+    /// Requests waiting for a connection (being dialled or waiting for a free one).
+    #[serde(default = "default_max_pending_requests")]
+    pub max_pending_requests: usize,
+    /// Connections per endpoint (HTTP/1.1; h2c uses a small fixed set per endpoint).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+/// Retry policy. Only idempotent methods without a request body are retried, only after a
+/// connect failure, a reset before the response head, or a `503` from the upstream.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    /// Extra attempts per request; at most 2.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// Retries in flight may add at most this percentage on top of active requests ...
+    #[serde(default = "default_budget_percent")]
+    pub budget_percent: u32,
+    /// ... but this many concurrent retries are always allowed.
+    #[serde(default = "default_min_concurrent_retries")]
+    pub min_concurrent_retries: usize,
+}
+
+/// Passive outlier ejection: an endpoint failing `consecutive_failures` requests in a row
+/// (connect error, reset, timeout, 5xx) is taken out of rotation for
+/// `base_ejection × times ejected`, capped at `max_ejection`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveHealthSettings {
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    #[serde(default = "default_base_ejection", with = "humantime_serde")]
+    pub base_ejection: Duration,
+    #[serde(default = "default_max_ejection", with = "humantime_serde")]
+    pub max_ejection: Duration,
+    /// Never eject more than this share of the endpoints (at least one may always be
+    /// ejected unless this is 0, which disables ejection).
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: u32,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_request_timeout() -> Option<Duration> {
+    Some(Duration::from_secs(30))
+}
+fn default_health_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_healthy_threshold() -> u32 {
+    2
+}
+fn default_unhealthy_threshold() -> u32 {
+    3
+}
+fn default_max_active_requests() -> usize {
+    10_000
+}
+fn default_max_pending_requests() -> usize {
+    1_024
+}
+fn default_max_connections() -> usize {
+    1_024
+}
+fn default_max_retries() -> u32 {
+    2
+}
+fn default_budget_percent() -> u32 {
+    20
+}
+fn default_min_concurrent_retries() -> usize {
+    3
+}
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_base_ejection() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_ejection() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_ejection_percent() -> u32 {
+    50
+}
+
+/// Most retries a request may get, whatever the configuration says.
+pub const MAX_RETRIES_CAP: u32 = 2;
+
+impl Default for CircuitBreakerSettings {
+    fn default() -> Self {
+        Self {
+            max_active_requests: default_max_active_requests(),
+            max_pending_requests: default_max_pending_requests(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            max_retries: default_max_retries(),
+            budget_percent: default_budget_percent(),
+            min_concurrent_retries: default_min_concurrent_retries(),
+        }
+    }
+}
+
+impl Default for PassiveHealthSettings {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_consecutive_failures(),
+            base_ejection: default_base_ejection(),
+            max_ejection: default_max_ejection(),
+            max_ejection_percent: default_max_ejection_percent(),
+        }
+    }
+}
+
+impl HealthCheckSettings {
+    /// Settings for `path` with every other field at its default.
+    pub fn new(path: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            interval: default_health_interval(),
+            timeout: default_health_timeout(),
+            healthy_threshold: default_healthy_threshold(),
+            unhealthy_threshold: default_unhealthy_threshold(),
+        }
+    }
+}
+
+impl UpstreamSettings {
+    /// Settings for `endpoints` with every other field at its default.
+    pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            protocol: UpstreamProtocol::default(),
+            health_check: None,
+            connect_timeout: default_connect_timeout(),
+            request_timeout: default_request_timeout(),
+            circuit_breaker: CircuitBreakerSettings::default(),
+            retry: RetrySettings::default(),
+            passive_health: PassiveHealthSettings::default(),
+        }
+    }
+
+    /// The response-head deadline, `None` when disabled (absent from Rust, `"0s"` in TOML).
+    pub fn response_head_timeout(&self) -> Option<Duration> {
+        self.request_timeout.filter(|timeout| !timeout.is_zero())
+    }
+
+    /// Checks everything that can be checked without I/O. `service` only names the
+    /// service in messages. DNS resolution happens in `Upstream::start`.
+    pub fn validate(&self, service: &str) -> Result<(), UpstreamConfigError> {
+        let invalid = |field: &'static str, reason: &str| UpstreamConfigError::InvalidSetting {
+            service: service.to_owned(),
+            field,
+            reason: reason.to_owned(),
+        };
+        if self.endpoints.is_empty() {
+            return Err(UpstreamConfigError::NoEndpoints {
+                service: service.to_owned(),
+            });
+        }
+        for endpoint in &self.endpoints {
+            split_host_port(endpoint).map_err(|reason| UpstreamConfigError::InvalidEndpoint {
+                service: service.to_owned(),
+                endpoint: endpoint.clone(),
+                reason,
+            })?;
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(invalid("connect_timeout", "must be greater than 0"));
+        }
+        if let Some(check) = &self.health_check {
+            if !check.path.starts_with('/') {
+                return Err(invalid("health_check.path", "must start with '/'"));
+            }
+            if check.path.parse::<http::uri::PathAndQuery>().is_err() {
+                return Err(invalid("health_check.path", "is not a valid request path"));
+            }
+            if check.interval.is_zero() {
+                return Err(invalid("health_check.interval", "must be greater than 0"));
+            }
+            if check.timeout.is_zero() {
+                return Err(invalid("health_check.timeout", "must be greater than 0"));
+            }
+            if check.healthy_threshold == 0 {
+                return Err(invalid(
+                    "health_check.healthy_threshold",
+                    "must be at least 1",
+                ));
+            }
+            if check.unhealthy_threshold == 0 {
+                return Err(invalid(
+                    "health_check.unhealthy_threshold",
+                    "must be at least 1",
+                ));
+            }
+        }
+        let breaker = &self.circuit_breaker;
+        if breaker.max_active_requests == 0 {
+            return Err(invalid(
+                "circuit_breaker.max_active_requests",
+                "must be at least 1",
+            ));
+        }
+        if breaker.max_pending_requests == 0 {
+            return Err(invalid(
+                "circuit_breaker.max_pending_requests",
+                "must be at least 1",
+            ));
+        }
+        if breaker.max_connections == 0 {
+            return Err(invalid(
+                "circuit_breaker.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.retry.max_retries > MAX_RETRIES_CAP {
+            return Err(invalid("retry.max_retries", "must be at most 2"));
+        }
+        if self.retry.budget_percent > 100 {
+            return Err(invalid("retry.budget_percent", "must be at most 100"));
+        }
+        let passive = &self.passive_health;
+        if passive.consecutive_failures == 0 {
+            return Err(invalid(
+                "passive_health.consecutive_failures",
+                "must be at least 1",
+            ));
+        }
+        if passive.base_ejection.is_zero() {
+            return Err(invalid(
+                "passive_health.base_ejection",
+                "must be greater than 0",
+            ));
+        }
+        if passive.max_ejection < passive.base_ejection {
+            return Err(invalid(
+                "passive_health.max_ejection",
+                "must be at least base_ejection",
+            ));
+        }
+        if passive.max_ejection_percent > 100 {
+            return Err(invalid(
+                "passive_health.max_ejection_percent",
+                "must be at most 100",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Splits `"host:port"` (IPv6 as `"[::1]:port"`) and checks both halves.
+pub(crate) fn split_host_port(endpoint: &str) -> Result<(&str, u16), String> {
+    let Some((host, port)) = endpoint.rsplit_once(':') else {
+        return Err("expected \"host:port\"".to_owned());
+    };
+    let host = match host.strip_prefix('[') {
+        Some(inner) => inner
+            .strip_suffix(']')
+            .ok_or_else(|| "unclosed '[' in IPv6 address".to_owned())?,
+        None if host.contains(':') => {
+            return Err("IPv6 addresses must be written as \"[addr]:port\"".to_owned());
+        }
+        None => host,
+    };
+    if host.is_empty() {
+        return Err("host is empty".to_owned());
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("port {port:?} is not a number between 1 and 65535"))?;
+    if port == 0 {
+        return Err("port 0 is not a destination".to_owned());
+    }
+    Ok((host, port))
+}
+
+/// A configuration mistake, naming the service and the field.
+#[derive(thiserror::Error, Debug)]
+pub enum UpstreamConfigError {
+    #[error("service {service}: upstream.endpoints must list at least one \"host:port\"")]
+    NoEndpoints { service: String },
+    #[error("service {service}: upstream endpoint {endpoint:?} is invalid: {reason}")]
+    InvalidEndpoint {
+        service: String,
+        endpoint: String,
+        reason: String,
+    },
+    #[error("service {service}: upstream endpoint {endpoint:?} did not resolve: {source}")]
+    Resolve {
+        service: String,
+        endpoint: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("service {service}: upstream.{field} {reason}")]
+    InvalidSetting {
+        service: String,
+        field: &'static str,
+        reason: String,
+    },
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_toml_gets_documented_defaults() {
+        let settings: UpstreamSettings =
+            toml::from_str(r#"endpoints = ["127.0.0.1:8080"]"#).unwrap();
+        assert_eq!(settings, UpstreamSettings::new(["127.0.0.1:8080"]));
+        assert_eq!(settings.protocol, UpstreamProtocol::Http1);
+        assert_eq!(settings.connect_timeout, Duration::from_secs(2));
+        assert_eq!(settings.request_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(settings.circuit_breaker.max_active_requests, 10_000);
+        assert_eq!(settings.circuit_breaker.max_pending_requests, 1_024);
+        assert_eq!(settings.circuit_breaker.max_connections, 1_024);
+        assert_eq!(settings.retry.max_retries, 2);
+        assert_eq!(settings.retry.budget_percent, 20);
+        assert_eq!(settings.passive_health.consecutive_failures, 5);
+        assert_eq!(
+            settings.passive_health.base_ejection,
+            Duration::from_secs(30)
+        );
+        assert_eq!(settings.passive_health.max_ejection_percent, 50);
+        settings.validate("svc").unwrap();
+    }
+
+    #[test]
+    fn full_toml_parses() {
+        let settings: UpstreamSettings = toml::from_str(
+            r#"
+            endpoints = ["a.internal:80", "[::1]:81"]
+            protocol = "h2c"
+            connect_timeout = "250ms"
+            request_timeout = "0s"
+            [health_check]
+            path = "/healthz"
+            interval = "2s"
+            [circuit_breaker]
+            max_active_requests = 5
+            [retry]
+            max_retries = 1
+            [passive_health]
+            base_ejection = "10s"
+            "#,
+        )
+        .unwrap();
+        settings.validate("svc").unwrap();
+        assert_eq!(settings.protocol, UpstreamProtocol::H2c);
+        assert_eq!(settings.response_head_timeout(), None);
+        let check = settings.health_check.unwrap();
+        assert_eq!(check.interval, Duration::from_secs(2));
+        assert_eq!(check.timeout, Duration::from_secs(1));
+        assert_eq!(check.healthy_threshold, 2);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let error =
+            toml::from_str::<UpstreamSettings>("endpoints = [\"x:1\"]\n[retry]\nmax_retires = 1\n")
+                .unwrap_err();
+        assert!(error.to_string().contains("max_retires"), "{error}");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut settings = UpstreamSettings::new(["x:1"]);
+        settings.retry.max_retries = 3;
+        let message = settings.validate("billing").unwrap_err().to_string();
+        assert_eq!(
+            message,
+            "service billing: upstream.retry.max_retries must be at most 2"
+        );
+        for bad in ["nohost", ":80", "x:0", "x:http", "::1:80", "[::1:80"] {
+            let settings = UpstreamSettings::new([bad]);
+            assert!(
+                matches!(
+                    settings.validate("s"),
+                    Err(UpstreamConfigError::InvalidEndpoint { .. })
+                ),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            UpstreamSettings::new(Vec::<String>::new()).validate("s"),
+            Err(UpstreamConfigError::NoEndpoints { .. })
+        ));
+    }
+}
