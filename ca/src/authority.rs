@@ -17,11 +17,11 @@ use rcgen::{
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::files::{self, SECRET_MODE, PUBLIC_MODE, StagedFile};
+use crate::files::{self, PUBLIC_MODE, SECRET_MODE, StagedFile};
+use crate::registry::Registry;
 pub use crate::registry::{
     CertKind, CertStatus, IssuedRecord, Revocation, RevocationReason, UnknownReason,
 };
-use crate::registry::Registry;
 use crate::spiffe::{SpiffeError, SpiffeId, validate_segment};
 
 /// CA certificate file name inside the CA directory.
@@ -386,7 +386,10 @@ impl CertificateAuthority {
 
         // Stage everything first, then link into place; ca.pem goes last because its
         // presence is what marks the directory as an initialised CA.
-        let staged_registry = dir.join(format!(".{REGISTRY_FILE}.init-{:016x}", rand::random::<u64>()));
+        let staged_registry = dir.join(format!(
+            ".{REGISTRY_FILE}.init-{:016x}",
+            rand::random::<u64>()
+        ));
         let cleanup_registry = || {
             let _ = fs::remove_file(&staged_registry);
         };
@@ -465,8 +468,7 @@ impl CertificateAuthority {
             path: cert_path.clone(),
             detail: e.to_string(),
         })?;
-        let key_pem =
-            fs::read_to_string(&key_path).map_err(io_err("reading CA key", &key_path))?;
+        let key_pem = fs::read_to_string(&key_path).map_err(io_err("reading CA key", &key_path))?;
         let key = KeyPair::from_pem(&key_pem).map_err(|e| CaError::Corrupt {
             what: "CA key",
             path: key_path.clone(),
@@ -555,7 +557,10 @@ impl CertificateAuthority {
         ips: &[IpAddr],
         validity: Duration,
     ) -> Result<IssuedCertificate, CaError> {
-        let now = OffsetDateTime::now_utc();
+        // Certificates carry whole seconds; keep the returned not_after equal to the cert's.
+        let now = OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap_or_else(|_| OffsetDateTime::now_utc());
         if self.not_after < now {
             return Err(CaError::Expired {
                 path: self.dir.join(CA_CERT_FILE),
@@ -644,7 +649,9 @@ impl CertificateAuthority {
         let serial = normalize_serial(serial_hex)?;
         let revoked = self
             .registry
-            .revoke_where(reason, OffsetDateTime::now_utc(), |r| r.serial_hex == serial)?;
+            .revoke_where(reason, OffsetDateTime::now_utc(), |r| {
+                r.serial_hex == serial
+            })?;
         if !revoked.is_empty() {
             return Ok(());
         }
@@ -761,7 +768,8 @@ mod tests {
     fn init_issue_revoke_in_process() {
         let dir = tempfile::tempdir().unwrap();
         let ca_dir = dir.path().join("ca");
-        let ca = CertificateAuthority::init(&ca_dir, "corp.example", InitOptions::default()).unwrap();
+        let ca =
+            CertificateAuthority::init(&ca_dir, "corp.example", InitOptions::default()).unwrap();
         assert_eq!(ca.trust_domain(), "corp.example");
         let a = ca
             .issue_service("billing", &[], Duration::from_secs(3600))
@@ -778,8 +786,11 @@ mod tests {
         assert!(list.iter().all(|r| r.kind == CertKind::Service));
         assert_eq!(list[0].subject, "O=hybridge, CN=billing");
 
-        ca.revoke_serial(&a.serial_hex.to_uppercase(), RevocationReason::KeyCompromise)
-            .unwrap();
+        ca.revoke_serial(
+            &a.serial_hex.to_uppercase(),
+            RevocationReason::KeyCompromise,
+        )
+        .unwrap();
         assert!(matches!(
             ca.revoke_serial(&a.serial_hex, RevocationReason::KeyCompromise),
             Err(CaError::AlreadyRevoked { .. })
@@ -789,17 +800,27 @@ mod tests {
             .unwrap();
         assert_eq!(n, 1);
         let rec = ca.find_serial(&a.serial_hex).unwrap().unwrap();
-        assert_eq!(rec.revocation.unwrap().reason, RevocationReason::KeyCompromise);
+        assert_eq!(
+            rec.revocation.unwrap().reason,
+            RevocationReason::KeyCompromise
+        );
         let err = ca
             .revoke_serial("deadbeef", RevocationReason::Unspecified)
             .unwrap_err();
-        assert!(err.to_string().starts_with("no certificate with serial deadbeef in "));
+        assert!(
+            err.to_string()
+                .starts_with("no certificate with serial deadbeef in ")
+        );
 
         // Reopening sees the same state.
         drop(ca);
         let ca = CertificateAuthority::open(&ca_dir).unwrap();
         assert_eq!(ca.list().unwrap().len(), 2);
-        assert!(ca.crl_pem().unwrap().starts_with("-----BEGIN X509 CRL-----"));
+        assert!(
+            ca.crl_pem()
+                .unwrap()
+                .starts_with("-----BEGIN X509 CRL-----")
+        );
     }
 
     #[test]
@@ -809,7 +830,10 @@ mod tests {
         assert!(matches!(err, CaError::NotInitialized { .. }), "{err}");
         fs::write(dir.path().join(CA_CERT_FILE), "garbage").unwrap();
         let err = CertificateAuthority::open(dir.path()).unwrap_err();
-        assert!(err.to_string().starts_with("corrupt CA certificate "), "{err}");
+        assert!(
+            err.to_string().starts_with("corrupt CA certificate "),
+            "{err}"
+        );
     }
 
     #[test]
@@ -821,7 +845,13 @@ mod tests {
         };
         let ca = CertificateAuthority::init(dir.path(), "td", opts).unwrap();
         let leaf = ca
-            .issue_node("onprem", "a", &["a.local".into()], &[], Duration::from_secs(600))
+            .issue_node(
+                "onprem",
+                "a",
+                &["a.local".into()],
+                &[],
+                Duration::from_secs(600),
+            )
             .unwrap();
         assert_eq!(leaf.spiffe_id.to_uri(), "spiffe://td/site/onprem/node/a");
     }
@@ -833,7 +863,13 @@ mod tests {
         let err = ca
             .issue_node("Bad Site", "a", &[], &[], Duration::from_secs(600))
             .unwrap_err();
-        assert!(err.to_string().starts_with("invalid site \"Bad Site\""), "{err}");
-        assert!(CertificateAuthority::init(&dir.path().join("x"), "TD", InitOptions::default()).is_err());
+        assert!(
+            err.to_string().starts_with("invalid site \"Bad Site\""),
+            "{err}"
+        );
+        assert!(
+            CertificateAuthority::init(&dir.path().join("x"), "TD", InitOptions::default())
+                .is_err()
+        );
     }
 }

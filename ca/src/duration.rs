@@ -6,7 +6,9 @@ use std::time::Duration;
 
 /// Why a duration string was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {input:?}: {reason} (expected a positive number and a unit: s, m, h, d, w or y, e.g. 90d)")]
+#[error(
+    "invalid duration {input:?}: {reason} (expected a positive number and a unit: s, m, h, d, w or y, e.g. 90d)"
+)]
 pub struct DurationError {
     /// The rejected text.
     pub input: String,
@@ -57,7 +59,10 @@ mod tests {
 
     #[test]
     fn parses_each_unit() {
-        assert_eq!(parse("10y").unwrap(), Duration::from_secs(10 * 365 * 86_400));
+        assert_eq!(
+            parse("10y").unwrap(),
+            Duration::from_secs(10 * 365 * 86_400)
+        );
         assert_eq!(parse("90d").unwrap(), Duration::from_secs(90 * 86_400));
         assert_eq!(parse("2w").unwrap(), Duration::from_secs(14 * 86_400));
         assert_eq!(parse("12h").unwrap(), Duration::from_secs(12 * 3_600));
@@ -67,7 +72,18 @@ mod tests {
 
     #[test]
     fn rejects_nonsense() {
-        for bad in ["", "d", "10", "0d", "-1d", "1.5d", "10x", "1d2h", "99999999999999999999d", "5000y"] {
+        for bad in [
+            "",
+            "d",
+            "10",
+            "0d",
+            "-1d",
+            "1.5d",
+            "10x",
+            "1d2h",
+            "99999999999999999999d",
+            "5000y",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(

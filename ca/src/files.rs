@@ -136,6 +136,9 @@ mod tests {
 
     #[test]
     fn suffix_appends() {
-        assert_eq!(with_suffix(Path::new("out/node.a"), ".pem"), PathBuf::from("out/node.a.pem"));
+        assert_eq!(
+            with_suffix(Path::new("out/node.a"), ".pem"),
+            PathBuf::from("out/node.a.pem")
+        );
     }
 }

@@ -46,7 +46,10 @@ impl RevocationReason {
         (RevocationReason::CaCompromise, "ca-compromise"),
         (RevocationReason::AffiliationChanged, "affiliation-changed"),
         (RevocationReason::Superseded, "superseded"),
-        (RevocationReason::CessationOfOperation, "cessation-of-operation"),
+        (
+            RevocationReason::CessationOfOperation,
+            "cessation-of-operation",
+        ),
         (RevocationReason::PrivilegeWithdrawn, "privilege-withdrawn"),
     ];
 
@@ -65,9 +68,7 @@ impl RevocationReason {
             RevocationReason::CaCompromise => rcgen::RevocationReason::CaCompromise,
             RevocationReason::AffiliationChanged => rcgen::RevocationReason::AffiliationChanged,
             RevocationReason::Superseded => rcgen::RevocationReason::Superseded,
-            RevocationReason::CessationOfOperation => {
-                rcgen::RevocationReason::CessationOfOperation
-            }
+            RevocationReason::CessationOfOperation => rcgen::RevocationReason::CessationOfOperation,
             RevocationReason::PrivilegeWithdrawn => rcgen::RevocationReason::PrivilegeWithdrawn,
         }
     }
@@ -81,7 +82,9 @@ impl fmt::Display for RevocationReason {
 
 /// Error for an unknown revocation reason name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown revocation reason {0:?} (use unspecified, key-compromise, ca-compromise, affiliation-changed, superseded, cessation-of-operation or privilege-withdrawn)")]
+#[error(
+    "unknown revocation reason {0:?} (use unspecified, key-compromise, ca-compromise, affiliation-changed, superseded, cessation-of-operation or privilege-withdrawn)"
+)]
 pub struct UnknownReason(pub String);
 
 impl FromStr for RevocationReason {
@@ -217,7 +220,10 @@ impl StoredRecord {
     fn into_record(self, serial_hex: &str) -> Option<IssuedRecord> {
         let ts = |t| OffsetDateTime::from_unix_timestamp(t).ok();
         let revocation = match (self.revoked_reason, self.revoked_at_unix) {
-            (Some(reason), Some(at)) => Some(Revocation { reason, at: ts(at)? }),
+            (Some(reason), Some(at)) => Some(Revocation {
+                reason,
+                at: ts(at)?,
+            }),
             _ => None,
         };
         Some(IssuedRecord {
@@ -262,8 +268,7 @@ impl Registry {
             let mut counters = txn.open_table(COUNTERS).map_err(|e| err(&e))?;
             counters.insert("crl_number", 0).map_err(|e| err(&e))?;
         }
-        txn.commit()
-            .map_err(|e| storage(path, "committing")(&e))?;
+        txn.commit().map_err(|e| storage(path, "committing")(&e))?;
         Ok(Registry {
             path: path.to_path_buf(),
         })
@@ -305,7 +310,8 @@ impl Registry {
     pub fn insert(&self, record: &IssuedRecord) -> Result<(), CaError> {
         let db = self.db()?;
         let err = storage(&self.path, "recording certificate");
-        let json = serde_json::to_string(&StoredRecord::from_record(record)).map_err(|e| err(&e))?;
+        let json =
+            serde_json::to_string(&StoredRecord::from_record(record)).map_err(|e| err(&e))?;
         let txn = db.begin_write().map_err(|e| err(&e))?;
         {
             let mut table = txn.open_table(CERTIFICATES).map_err(|e| err(&e))?;
@@ -327,9 +333,7 @@ impl Registry {
             let (k, v) = row.map_err(|e| err(&e))?;
             out.push(decode(&self.path, k.value(), v.value())?);
         }
-        out.sort_by(|a, b| {
-            (a.not_before, &a.serial_hex).cmp(&(b.not_before, &b.serial_hex))
-        });
+        out.sort_by(|a, b| (a.not_before, &a.serial_hex).cmp(&(b.not_before, &b.serial_hex)));
         Ok(out)
     }
 
@@ -357,8 +361,8 @@ impl Registry {
                 }
             }
             for rec in updates {
-                let json = serde_json::to_string(&StoredRecord::from_record(&rec))
-                    .map_err(|e| err(&e))?;
+                let json =
+                    serde_json::to_string(&StoredRecord::from_record(&rec)).map_err(|e| err(&e))?;
                 table
                     .insert(rec.serial_hex.as_str(), json.as_str())
                     .map_err(|e| err(&e))?;
@@ -414,7 +418,9 @@ mod tests {
             RevocationReason::KeyCompromise
         );
         assert_eq!(
-            "cessation-of-operation".parse::<RevocationReason>().unwrap(),
+            "cessation-of-operation"
+                .parse::<RevocationReason>()
+                .unwrap(),
             RevocationReason::CessationOfOperation
         );
         assert!("stolen".parse::<RevocationReason>().is_err());

@@ -52,8 +52,9 @@ pub enum SpiffeId {
 /// `kind` names the field in the error ("site", "service name", ...).
 pub fn validate_segment(kind: &str, s: &str) -> Result<(), SpiffeError> {
     let ok = !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'));
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        });
     if ok {
         Ok(())
     } else {
