@@ -184,7 +184,12 @@ fn describe_webpki_error(e: webpki::Error, serial: &str, role: PeerRole) -> Stri
                 PeerRole::Server => "serverAuth",
             }
         ),
-        E::InvalidSignatureForPublicKey => "certificate signature does not verify".into(),
+        // An issuer with the CA's name but another key (e.g. a second CA for the same
+        // trust domain) fails here rather than with UnknownIssuer.
+        E::InvalidSignatureForPublicKey => {
+            "certificate not issued by the hybridge CA (signature does not verify with the CA key)"
+                .into()
+        }
         other => format!("certificate chain check failed: {other}"),
     }
 }
