@@ -520,7 +520,9 @@ impl CertificateAuthority {
         self.not_after
     }
 
-    /// Issues a node certificate for `spiffe://TD/site/SITE/node/NAME` (server+client auth).
+    /// Issues a node certificate for `spiffe://TD/site/SITE/node/NAME` (server+client auth),
+    /// with a new random serial (issuing again renews; older certificates stay valid).
+    /// Validity is capped at the CA's own `not_after`.
     pub fn issue_node(
         &self,
         site: &str,
@@ -533,7 +535,8 @@ impl CertificateAuthority {
         self.issue(id, name, dns, ips, validity)
     }
 
-    /// Issues a service certificate for `spiffe://TD/svc/NAME` (server+client auth).
+    /// Issues a service certificate for `spiffe://TD/svc/NAME` (server+client auth);
+    /// renewal and validity as for [`Self::issue_node`].
     pub fn issue_service(
         &self,
         name: &str,
@@ -743,6 +746,35 @@ impl CertificateAuthority {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shareable_across_tasks() {
+        // `hybridge dev` keeps one CA behind an Arc and issues from several tasks.
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<CertificateAuthority>();
+        assert_send_sync::<IssuedCertificate>();
+    }
+
+    #[test]
+    fn concurrent_issues_in_one_process_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = std::sync::Arc::new(
+            CertificateAuthority::init(dir.path(), "td", InitOptions::default()).unwrap(),
+        );
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let ca = ca.clone();
+                std::thread::spawn(move || {
+                    ca.issue_service(&format!("s{i}"), &[], Duration::from_secs(600))
+                        .unwrap()
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(ca.list().unwrap().len(), 4);
+    }
 
     #[test]
     fn serials_normalise() {

@@ -5,6 +5,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -239,10 +240,13 @@ impl StoredRecord {
 }
 
 /// Handle on `ca.redb`. The database is opened per operation so the CLI, the
-/// daemon's `dev` mode and tests never hold its lock longer than one transaction.
+/// daemon's `dev` mode and tests never hold its lock longer than one transaction;
+/// operations through one handle (and its clones) are serialised by a mutex, because
+/// redb refuses a second open of the same file within a process.
 #[derive(Clone, Debug)]
 pub struct Registry {
     path: PathBuf,
+    lock: Arc<Mutex<()>>,
 }
 
 fn storage<'a>(path: &'a Path, step: &'static str) -> impl Fn(&dyn fmt::Display) -> CaError + 'a {
@@ -271,6 +275,7 @@ impl Registry {
         txn.commit().map_err(|e| storage(path, "committing")(&e))?;
         Ok(Registry {
             path: path.to_path_buf(),
+            lock: Arc::default(),
         })
     }
 
@@ -284,31 +289,42 @@ impl Registry {
         }
         let reg = Registry {
             path: path.to_path_buf(),
+            lock: Arc::default(),
         };
-        let db = reg.db()?;
-        let txn = db
-            .begin_read()
-            .map_err(|e| storage(path, "starting read")(&e))?;
+        let td = reg.trust_domain()?;
+        Ok((reg, td))
+    }
+
+    fn trust_domain(&self) -> Result<String, CaError> {
+        let path = &self.path;
+        let (_guard, db) = self.db()?;
         let err = storage(path, "reading trust domain");
+        let txn = db.begin_read().map_err(|e| err(&e))?;
         let meta = txn.open_table(META).map_err(|e| err(&e))?;
         let td = meta
             .get("trust_domain")
             .map_err(|e| err(&e))?
-            .map(|v| v.value().to_string())
-            .ok_or_else(|| CaError::Registry {
-                path: path.to_path_buf(),
-                detail: "no trust domain recorded".into(),
-            })?;
-        Ok((reg, td))
+            .map(|v| v.value().to_string());
+        td.ok_or_else(|| CaError::Registry {
+            path: path.to_path_buf(),
+            detail: "no trust domain recorded".into(),
+        })
     }
 
-    fn db(&self) -> Result<Database, CaError> {
-        Database::open(&self.path).map_err(|e| storage(&self.path, "opening database")(&e))
+    /// Opens the database while holding the in-process lock; keep the guard alive
+    /// for as long as the database.
+    fn db(&self) -> Result<(MutexGuard<'_, ()>, Database), CaError> {
+        // A panic while holding the lock cannot leave redb inconsistent (transactions
+        // are atomic), so a poisoned lock is still usable.
+        let guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let db =
+            Database::open(&self.path).map_err(|e| storage(&self.path, "opening database")(&e))?;
+        Ok((guard, db))
     }
 
     /// Records a newly issued certificate.
     pub fn insert(&self, record: &IssuedRecord) -> Result<(), CaError> {
-        let db = self.db()?;
+        let (_guard, db) = self.db()?;
         let err = storage(&self.path, "recording certificate");
         let json =
             serde_json::to_string(&StoredRecord::from_record(record)).map_err(|e| err(&e))?;
@@ -324,7 +340,7 @@ impl Registry {
 
     /// All records, oldest first.
     pub fn list(&self) -> Result<Vec<IssuedRecord>, CaError> {
-        let db = self.db()?;
+        let (_guard, db) = self.db()?;
         let err = storage(&self.path, "listing certificates");
         let txn = db.begin_read().map_err(|e| err(&e))?;
         let table = txn.open_table(CERTIFICATES).map_err(|e| err(&e))?;
@@ -345,7 +361,7 @@ impl Registry {
         at: OffsetDateTime,
         select: impl Fn(&IssuedRecord) -> bool,
     ) -> Result<Vec<String>, CaError> {
-        let db = self.db()?;
+        let (_guard, db) = self.db()?;
         let err = storage(&self.path, "revoking");
         let txn = db.begin_write().map_err(|e| err(&e))?;
         let mut revoked = Vec::new();
@@ -375,7 +391,7 @@ impl Registry {
 
     /// Increments and returns the CRL number (first CRL is 1).
     pub fn next_crl_number(&self) -> Result<u64, CaError> {
-        let db = self.db()?;
+        let (_guard, db) = self.db()?;
         let err = storage(&self.path, "advancing CRL number");
         let txn = db.begin_write().map_err(|e| err(&e))?;
         let next;
