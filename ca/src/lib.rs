@@ -1,1 +1,18 @@
-//! hybridge-ca library (being built).
+//! hybridge-ca: the certificate authority library shared by the `hybridge-ca` tool,
+//! `hybridge dev` and tests: SPIFFE ids, the on-disk CA, and rustls configs that check them.
+
+// Tests may unwrap; library code may not (workspace lints warn, CI denies warnings).
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod authority;
+pub mod cli;
+pub mod duration;
+pub mod files;
+pub mod inspect;
+pub mod registry;
+pub mod spiffe;
+pub mod tls;
+mod verify;
+
+pub use authority::{CaError, CertificateAuthority, InitOptions, IssuedCertificate, KeyType};
+pub use spiffe::SpiffeId;

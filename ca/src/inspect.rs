@@ -1,0 +1,169 @@
+//! Human-readable summary of a certificate file for `hybridge-ca inspect`.
+//!
+//! Parsing and formatting only; registry lookups are the caller's job.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+/// Why a file could not be summarised.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InspectError(pub String);
+
+/// The facts an operator wants from a certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateSummary {
+    /// Subject DN.
+    pub subject: String,
+    /// Issuer DN.
+    pub issuer: String,
+    /// Serial, lowercase hex.
+    pub serial_hex: String,
+    /// Start of validity.
+    pub not_before: OffsetDateTime,
+    /// End of validity.
+    pub not_after: OffsetDateTime,
+    /// URI SANs (the SPIFFE id among them).
+    pub uris: Vec<String>,
+    /// DNS SANs.
+    pub dns_names: Vec<String>,
+    /// IP SANs.
+    pub ips: Vec<String>,
+    /// SHA-256 of the DER, colon-separated uppercase hex (as `openssl x509 -fingerprint -sha256`).
+    pub sha256_fingerprint: String,
+    /// Whether it is a CA certificate.
+    pub is_ca: bool,
+    /// How many certificates the file held (the first is summarised).
+    pub certificates_in_file: usize,
+}
+
+/// Summarises the first certificate of a PEM file (DER is accepted too).
+pub fn summarize(bytes: &[u8]) -> Result<CertificateSummary, InspectError> {
+    let (der, count) = match pem::parse_many(bytes) {
+        Ok(blocks) if !blocks.is_empty() => {
+            let certs: Vec<_> = blocks
+                .into_iter()
+                .filter(|b| b.tag() == "CERTIFICATE")
+                .collect();
+            let count = certs.len();
+            let first = certs
+                .into_iter()
+                .next()
+                .ok_or_else(|| InspectError("no CERTIFICATE PEM block found".into()))?;
+            (first.into_contents(), count)
+        }
+        _ => (bytes.to_vec(), 1),
+    };
+    let (_, cert) = X509Certificate::from_der(&der)
+        .map_err(|e| InspectError(format!("not a PEM or DER X.509 certificate: {e}")))?;
+    let mut uris = Vec::new();
+    let mut dns_names = Vec::new();
+    let mut ips = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::URI(u) => uris.push((*u).to_string()),
+                GeneralName::DNSName(d) => dns_names.push((*d).to_string()),
+                GeneralName::IPAddress(raw) => ips.push(ip_text(raw)),
+                _ => {}
+            }
+        }
+    }
+    let digest = Sha256::digest(&der);
+    let sha256_fingerprint = digest
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    Ok(CertificateSummary {
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        serial_hex: hex::encode(cert.raw_serial()),
+        not_before: cert.validity().not_before.to_datetime(),
+        not_after: cert.validity().not_after.to_datetime(),
+        uris,
+        dns_names,
+        ips,
+        sha256_fingerprint,
+        is_ca: cert.is_ca(),
+        certificates_in_file: count,
+    })
+}
+
+fn ip_text(raw: &[u8]) -> String {
+    match raw.len() {
+        4 => {
+            let b: [u8; 4] = [raw[0], raw[1], raw[2], raw[3]];
+            std::net::Ipv4Addr::from(b).to_string()
+        }
+        16 => {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(raw);
+            std::net::Ipv6Addr::from(b).to_string()
+        }
+        _ => hex::encode(raw),
+    }
+}
+
+fn time_text(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+impl fmt::Display for CertificateSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        writeln!(f, "subject:     {}", self.subject)?;
+        writeln!(f, "issuer:      {}", self.issuer)?;
+        writeln!(f, "serial:      {}", self.serial_hex)?;
+        writeln!(f, "not before:  {}", time_text(self.not_before))?;
+        writeln!(f, "not after:   {}", time_text(self.not_after))?;
+        writeln!(f, "URI SANs:    {}", list(&self.uris))?;
+        writeln!(f, "DNS SANs:    {}", list(&self.dns_names))?;
+        writeln!(f, "IP SANs:     {}", list(&self.ips))?;
+        writeln!(f, "CA:          {}", if self.is_ca { "yes" } else { "no" })?;
+        write!(f, "SHA-256:     {}", self.sha256_fingerprint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authority::{CertificateAuthority, InitOptions};
+
+    #[test]
+    fn summarises_issued_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::init(dir.path(), "td", InitOptions::default()).unwrap();
+        let ips = ["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
+        let leaf = ca
+            .issue_node(
+                "onprem",
+                "a",
+                &["a.local".into()],
+                &ips,
+                std::time::Duration::from_secs(3600),
+            )
+            .unwrap();
+        let s = summarize(leaf.cert_chain_pem.as_bytes()).unwrap();
+        assert_eq!(s.serial_hex, leaf.serial_hex);
+        assert_eq!(s.uris, vec!["spiffe://td/site/onprem/node/a".to_string()]);
+        assert_eq!(s.dns_names, vec!["a.local".to_string()]);
+        assert_eq!(s.ips, vec!["127.0.0.1".to_string(), "::1".to_string()]);
+        assert_eq!(s.certificates_in_file, 2);
+        assert!(!s.is_ca);
+        assert_eq!(s.issuer, "O=hybridge, CN=hybridge CA td");
+        assert_eq!(s.sha256_fingerprint.len(), 32 * 3 - 1);
+        assert!(summarize(b"nonsense").is_err());
+    }
+}

@@ -1,0 +1,374 @@
+//! rustls certificate verifiers for hybridge peers: CA chain, validity, EKU and CRL
+//! revocation via webpki, then the SPIFFE URI SAN against a [`PeerExpectation`].
+//!
+//! Host names are deliberately not checked: a peer's identity is its SPIFFE id, as in SPIFFE.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
+use webpki::{
+    CertRevocationList, EndEntityCert, ExpirationPolicy, KeyUsage, RevocationCheckDepth,
+    RevocationOptionsBuilder, UnknownStatusPolicy,
+};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::spiffe::SpiffeId;
+use crate::tls::{PeerExpectation, TlsMaterial, spiffe_id_of};
+
+/// Which side of the handshake the peer is on; selects the EKU to require.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerRole {
+    /// The peer is a TLS client (we are the server): require clientAuth.
+    Client,
+    /// The peer is a TLS server (we are the client): require serverAuth.
+    Server,
+}
+
+/// A failed peer check; its text names the check. Debug prints the same text, because
+/// rustls renders `CertificateError::Other` with `{:?}`.
+#[derive(Clone)]
+pub struct PeerRejected(pub String);
+
+impl fmt::Display for PeerRejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for PeerRejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PeerRejected {}
+
+fn reject(message: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(PeerRejected(
+        message,
+    )))))
+}
+
+fn unix_to_text(secs: u64) -> String {
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{secs} (UNIX)"))
+}
+
+/// Everything a verifier needs, owned, so configs can outlive the material they came from.
+#[derive(Debug)]
+pub(crate) struct PeerPolicy {
+    roots: Vec<rustls::pki_types::TrustAnchor<'static>>,
+    root_hints: Vec<DistinguishedName>,
+    crls: Vec<CertRevocationList<'static>>,
+    expect: PeerExpectation,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl PeerPolicy {
+    pub(crate) fn new(
+        material: &TlsMaterial,
+        expect: PeerExpectation,
+        provider: &CryptoProvider,
+    ) -> Result<Self, String> {
+        let mut roots = Vec::new();
+        let mut root_hints = Vec::new();
+        for (i, ca) in material.ca_certs.iter().enumerate() {
+            let anchor = webpki::anchor_from_trusted_cert(ca).map_err(|e| {
+                format!(
+                    "CA certificate #{} is not usable as a trust anchor: {e}",
+                    i + 1
+                )
+            })?;
+            root_hints.push(DistinguishedName::from(anchor.subject.as_ref().to_vec()));
+            roots.push(anchor.to_owned());
+        }
+        if roots.is_empty() {
+            return Err("no CA certificates to trust".into());
+        }
+        let mut crls = Vec::new();
+        for (i, crl) in material.crls.iter().enumerate() {
+            let owned = webpki::OwnedCertRevocationList::from_der(crl.as_ref())
+                .map_err(|e| format!("CRL #{} is invalid: {e}", i + 1))?;
+            crls.push(CertRevocationList::from(owned));
+        }
+        Ok(PeerPolicy {
+            roots,
+            root_hints,
+            crls,
+            expect,
+            algorithms: provider.signature_verification_algorithms,
+        })
+    }
+
+    /// Runs every check and returns the peer's id, or a rustls error naming the failed check.
+    pub(crate) fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        role: PeerRole,
+    ) -> Result<SpiffeId, rustls::Error> {
+        let serial = X509Certificate::from_der(end_entity.as_ref())
+            .map(|(_, c)| hex::encode(c.raw_serial()))
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        let cert = EndEntityCert::try_from(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        let crl_refs: Vec<&CertRevocationList<'_>> = self.crls.iter().collect();
+        let revocation = match RevocationOptionsBuilder::new(&crl_refs) {
+            // Every certificate hybridge issues is a leaf directly under the CA, so only the
+            // end entity can be revoked. A CRL past its nextUpdate is still applied: an
+            // outdated CRL still lists everything revoked before it was made, and refusing
+            // every peer because the operator was late refreshing it would turn a missed
+            // chore into an outage. Unknown status (no CRL from this issuer) is allowed so a
+            // node works before its first CRL exists.
+            Ok(builder) => Some(
+                builder
+                    .with_depth(RevocationCheckDepth::EndEntity)
+                    .with_status_policy(UnknownStatusPolicy::Allow)
+                    .with_expiration_policy(ExpirationPolicy::Ignore)
+                    .build(),
+            ),
+            Err(_) => None, // no CRLs configured
+        };
+        let usage = match role {
+            PeerRole::Client => KeyUsage::client_auth(),
+            PeerRole::Server => KeyUsage::server_auth(),
+        };
+        cert.verify_for_usage(
+            self.algorithms.all,
+            &self.roots,
+            intermediates,
+            now,
+            usage,
+            revocation,
+            None,
+        )
+        .map_err(|e| reject(describe_webpki_error(e, &serial, role)))?;
+
+        let id = spiffe_id_of(end_entity).map_err(|e| reject(e.to_string()))?;
+        check_expectation(&self.expect, &id).map_err(reject)?;
+        Ok(id)
+    }
+}
+
+fn describe_webpki_error(e: webpki::Error, serial: &str, role: PeerRole) -> String {
+    use webpki::Error as E;
+    match e {
+        E::UnknownIssuer => "certificate not issued by the hybridge CA".into(),
+        E::CertRevoked => format!("certificate revoked (serial {serial})"),
+        E::CertExpired { not_after, .. } => format!(
+            "certificate expired (serial {serial}, not valid after {})",
+            unix_to_text(not_after.as_secs())
+        ),
+        E::CertNotValidYet { not_before, .. } => format!(
+            "certificate not valid yet (serial {serial}, not valid before {})",
+            unix_to_text(not_before.as_secs())
+        ),
+        E::RequiredEkuNotFoundContext(_) => format!(
+            "certificate lacks the {} extended key usage",
+            match role {
+                PeerRole::Client => "clientAuth",
+                PeerRole::Server => "serverAuth",
+            }
+        ),
+        // An issuer with the CA's name but another key (e.g. a second CA for the same
+        // trust domain) fails here rather than with UnknownIssuer.
+        E::InvalidSignatureForPublicKey => {
+            "certificate not issued by the hybridge CA (signature does not verify with the CA key)"
+                .into()
+        }
+        other => format!("certificate chain check failed: {other}"),
+    }
+}
+
+/// Compares a verified peer id with what this connection expects.
+pub(crate) fn check_expectation(expect: &PeerExpectation, id: &SpiffeId) -> Result<(), String> {
+    match expect {
+        PeerExpectation::NodeOfSites {
+            trust_domain,
+            sites,
+        } => {
+            let wanted = if sites.is_empty() {
+                "a node of any site".to_string()
+            } else {
+                format!("a node of site {}", sites.join(" or "))
+            };
+            match id {
+                SpiffeId::Node {
+                    trust_domain: td,
+                    site,
+                    ..
+                } if td == trust_domain && (sites.is_empty() || sites.contains(site)) => Ok(()),
+                _ => Err(format!(
+                    "peer is {id} but expected {wanted} in trust domain {trust_domain}"
+                )),
+            }
+        }
+        PeerExpectation::AnyService { trust_domain } => match id {
+            SpiffeId::Service {
+                trust_domain: td, ..
+            } if td == trust_domain => Ok(()),
+            _ => Err(format!(
+                "peer is {id} but expected a service in trust domain {trust_domain}"
+            )),
+        },
+        PeerExpectation::Exact(want) => {
+            if want == id {
+                Ok(())
+            } else {
+                Err(format!("peer is {id} but expected {want}"))
+            }
+        }
+    }
+}
+
+/// Server side: requires and verifies the client's certificate.
+#[derive(Debug)]
+pub(crate) struct HybridgeClientVerifier {
+    pub(crate) policy: PeerPolicy,
+}
+
+impl ClientCertVerifier for HybridgeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.policy.root_hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.policy
+            .verify(end_entity, intermediates, now, PeerRole::Client)
+            .map(|_| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.policy.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.policy.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.policy.algorithms.supported_schemes()
+    }
+}
+
+/// Client side: verifies the server's certificate, ignoring the server name.
+#[derive(Debug)]
+pub(crate) struct HybridgeServerVerifier {
+    pub(crate) policy: PeerPolicy,
+}
+
+impl ServerCertVerifier for HybridgeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.policy
+            .verify(end_entity, intermediates, now, PeerRole::Server)
+            .map(|_| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.policy.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.policy.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.policy.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(site: &str) -> SpiffeId {
+        SpiffeId::node("td", site, "a").unwrap()
+    }
+
+    #[test]
+    fn node_site_expectation() {
+        let expect = PeerExpectation::NodeOfSites {
+            trust_domain: "td".into(),
+            sites: vec!["onprem".into()],
+        };
+        assert!(check_expectation(&expect, &node("onprem")).is_ok());
+        assert_eq!(
+            check_expectation(&expect, &node("cloud")).unwrap_err(),
+            "peer is spiffe://td/site/cloud/node/a but expected a node of site onprem in trust domain td"
+        );
+        let svc = SpiffeId::service("td", "s").unwrap();
+        assert!(check_expectation(&expect, &svc).is_err());
+        let other_td = SpiffeId::node("other", "onprem", "a").unwrap();
+        assert!(check_expectation(&expect, &other_td).is_err());
+    }
+
+    #[test]
+    fn service_and_exact_expectations() {
+        let svc = SpiffeId::service("td", "s").unwrap();
+        let any = PeerExpectation::AnyService {
+            trust_domain: "td".into(),
+        };
+        assert!(check_expectation(&any, &svc).is_ok());
+        assert!(check_expectation(&any, &node("x")).is_err());
+        let exact = PeerExpectation::Exact(svc.clone());
+        assert!(check_expectation(&exact, &svc).is_ok());
+        assert_eq!(
+            check_expectation(&exact, &SpiffeId::service("td", "t").unwrap()).unwrap_err(),
+            "peer is spiffe://td/svc/t but expected spiffe://td/svc/s"
+        );
+    }
+}
