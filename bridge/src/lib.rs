@@ -4,8 +4,18 @@
 //! TOML into checked types, `tunnel` owns the authenticated peer connections and the
 //! wire format, `http` owns the import listeners and the export side, `upstream` owns
 //! pooled connections to a service's endpoints (load balancing, health, circuit
-//! breaking), `acl` owns policy, `admin` the operator API, `node` composes them.
+//! breaking), `acl` owns policy, `admin` the operator API, `node` composes them, `daemon`
+//! runs a node as a service, `dev` runs a whole demo, `cli` is the command line.
 
 pub mod acl;
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod demo;
+pub mod dev;
+pub mod http;
+pub mod metrics;
+pub mod node;
+pub mod tunnel;
 pub mod upstream;

@@ -1,1 +1,517 @@
-//! Test fixtures.
+//! Fixtures for end-to-end tests: a real CA, node configs, nodes started in-process or as
+//! `hybridge` processes, demo upstreams, real HTTP clients, and readiness waits.
+//!
+//! Everything listens on 127.0.0.1 with port 0 unless a test needs a fixed port; every
+//! process is killed when its guard drops. Waits are on signals (a route appearing, a log
+//! line, a LISTENING line), bounded by a timeout, never on sleeps.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hybridge::config::Config;
+use hybridge::node::Node;
+use hybridge_ca::authority::{CertificateAuthority, InitOptions};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+pub const TRUST_DOMAIN: &str = "test.hybridge";
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// A CA in a temp dir, issuing into the same dir.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: CertificateAuthority,
+}
+
+/// Paths of one node's TLS files.
+#[derive(Clone, Debug)]
+pub struct NodeFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        Self::with_trust_domain(TRUST_DOMAIN)
+    }
+
+    pub fn with_trust_domain(trust_domain: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("hybridge-test-")
+            .tempdir()
+            .unwrap();
+        let ca = CertificateAuthority::init(
+            &dir.path().join("ca"),
+            trust_domain,
+            InitOptions::default(),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.ca_cert_pem()).unwrap();
+        Self { dir, ca }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Issues a node certificate `site/name` and returns its files.
+    pub fn node(&self, site: &str, name: &str) -> NodeFiles {
+        let prefix = self.path(&format!("{site}-{name}"));
+        let issued = self
+            .ca
+            .issue_node(
+                site,
+                name,
+                &["localhost".into()],
+                &["127.0.0.1".parse().unwrap()],
+                Duration::from_secs(86_400),
+            )
+            .unwrap();
+        let (cert, key) = issued.write(&prefix).unwrap();
+        NodeFiles {
+            ca: self.path("ca.pem"),
+            cert,
+            key,
+        }
+    }
+
+    /// Issues a service certificate and returns (chain pem path, key path).
+    pub fn service(&self, name: &str) -> (PathBuf, PathBuf) {
+        let issued = self
+            .ca
+            .issue_service(name, &[], Duration::from_secs(86_400))
+            .unwrap();
+        issued.write(&self.path(&format!("svc-{name}"))).unwrap()
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One export in a node config.
+#[derive(Clone, Debug)]
+pub struct ExportSpec {
+    pub name: String,
+    pub endpoints: Vec<SocketAddr>,
+    pub protocol: &'static str,
+    /// Extra TOML lines inside the `[[export]]` table.
+    pub extra: String,
+}
+
+impl ExportSpec {
+    pub fn http1(name: &str, endpoints: &[SocketAddr]) -> Self {
+        Self {
+            name: name.into(),
+            endpoints: endpoints.to_vec(),
+            protocol: "http1",
+            extra: String::new(),
+        }
+    }
+
+    pub fn h2c(name: &str, endpoints: &[SocketAddr]) -> Self {
+        Self {
+            name: name.into(),
+            endpoints: endpoints.to_vec(),
+            protocol: "h2c",
+            extra: String::new(),
+        }
+    }
+}
+
+/// Everything that varies between test node configs.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub name: String,
+    pub site: String,
+    pub files: NodeFiles,
+    pub data_dir: PathBuf,
+    pub tunnel_listen: Option<SocketAddr>,
+    pub allowed_sites: Vec<String>,
+    /// (address, site, connections)
+    pub peers: Vec<(SocketAddr, String, u8)>,
+    pub exports: Vec<ExportSpec>,
+    /// (service, caller)
+    pub imports: Vec<(String, String)>,
+    pub gateway: bool,
+    pub admin: SocketAddr,
+    pub extra: String,
+}
+
+impl NodeOptions {
+    /// A cloud-side node that accepts tunnels from `onprem` nodes.
+    pub fn cloud(pki: &Pki, name: &str) -> Self {
+        Self {
+            name: name.into(),
+            site: "cloud".into(),
+            files: pki.node("cloud", name),
+            data_dir: pki.path(&format!("data-{name}")),
+            tunnel_listen: Some("127.0.0.1:0".parse().unwrap()),
+            allowed_sites: vec!["onprem".into()],
+            peers: vec![],
+            exports: vec![],
+            imports: vec![],
+            gateway: false,
+            admin: "127.0.0.1:0".parse().unwrap(),
+            extra: String::new(),
+        }
+    }
+
+    /// An on-prem node that dials the given cloud tunnel addresses.
+    pub fn onprem(pki: &Pki, name: &str, cloud: &[SocketAddr]) -> Self {
+        Self {
+            name: name.into(),
+            site: "onprem".into(),
+            files: pki.node("onprem", name),
+            data_dir: pki.path(&format!("data-{name}")),
+            tunnel_listen: None,
+            allowed_sites: vec![],
+            peers: cloud.iter().map(|a| (*a, "cloud".to_owned(), 1)).collect(),
+            exports: vec![],
+            imports: vec![],
+            gateway: false,
+            admin: "127.0.0.1:0".parse().unwrap(),
+            extra: String::new(),
+        }
+    }
+
+    pub fn to_toml(&self) -> String {
+        let q = |p: &Path| format!("{:?}", p.display().to_string());
+        let mut t = format!(
+            "[node]\nname = \"{}\"\nsite = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\ndata_dir = {}\n\n[tls]\nca = {}\ncert = {}\nkey = {}\n\n[tunnel]\nbind = \"127.0.0.1:0\"\n",
+            self.name,
+            self.site,
+            q(&self.data_dir),
+            q(&self.files.ca),
+            q(&self.files.cert),
+            q(&self.files.key)
+        );
+        if let Some(listen) = self.tunnel_listen {
+            let sites: Vec<String> = self
+                .allowed_sites
+                .iter()
+                .map(|s| format!("\"{s}\""))
+                .collect();
+            t += &format!(
+                "listen = \"{listen}\"\nallowed_sites = [{}]\n",
+                sites.join(", ")
+            );
+        }
+        t += &format!("\n[admin]\nlisten = \"{}\"\n", self.admin);
+        t += &self.extra;
+        for (address, site, connections) in &self.peers {
+            t += &format!(
+                "\n[[peer]]\naddress = \"{address}\"\nsite = \"{site}\"\nconnections = {connections}\n"
+            );
+        }
+        for e in &self.exports {
+            let endpoints: Vec<String> = e.endpoints.iter().map(|a| format!("\"{a}\"")).collect();
+            t += &format!(
+                "\n[[export]]\nname = \"{}\"\nendpoints = [{}]\nprotocol = \"{}\"\n{}\n",
+                e.name,
+                endpoints.join(", "),
+                e.protocol,
+                e.extra
+            );
+        }
+        for (service, caller) in &self.imports {
+            t += &format!(
+                "\n[[import]]\nservice = \"{service}\"\nlisten = \"127.0.0.1:0\"\ncaller = \"{caller}\"\n"
+            );
+        }
+        if self.gateway {
+            t += "\n[gateway]\nlisten = \"127.0.0.1:0\"\ncaller = \"web\"\n";
+        }
+        t
+    }
+
+    /// Writes the config next to the certificates and returns its path.
+    pub fn write(&self) -> PathBuf {
+        let path = self
+            .files
+            .cert
+            .with_file_name(format!("{}.toml", self.name));
+        std::fs::write(&path, self.to_toml()).unwrap();
+        path
+    }
+
+    /// Starts this node in-process.
+    pub async fn start(&self) -> Node {
+        let path = self.write();
+        Node::start(Config::load(&path).unwrap()).await.unwrap()
+    }
+}
+
+/// Allows `source → destination` on a node (ACLs are default-deny).
+pub fn allow(node: &Node, source: &str, destination: &str) {
+    let text = format!(
+        "[[rule]]\nsource = \"{source}\"\ndestination = \"{destination}\"\naction = \"allow\"\n"
+    );
+    for rule in hybridge::acl::parse_acl_file(Path::new("test.toml"), &text).unwrap() {
+        node.state.acl.add(rule, "test").unwrap();
+    }
+}
+
+/// The address of a node's import listener for `service`.
+pub fn import_addr(node: &Node, service: &str) -> SocketAddr {
+    node.addresses()
+        .imports
+        .iter()
+        .find(|(s, _)| s == service)
+        .map(|(_, a)| *a)
+        .unwrap()
+}
+
+/// A response with its body collected.
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    pub trailers: Option<http::HeaderMap>,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// Sends one HTTP/1.1 request on a fresh connection and collects the answer.
+pub async fn http1(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Answer {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut builder = http::Request::builder().method(method).uri(path);
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        builder = builder.header("host", addr.to_string());
+    }
+    for (n, v) in headers {
+        builder = builder.header(*n, *v);
+    }
+    collect(
+        sender
+            .send_request(builder.body(Full::new(body)).unwrap())
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// An HTTP/2 (prior knowledge) client connection.
+pub async fn h2c(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+/// Collects a response's body and trailers.
+pub async fn collect(response: http::Response<hyper::body::Incoming>) -> Answer {
+    let (parts, body) = response.into_parts();
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: collected.to_bytes(),
+        trailers,
+    }
+}
+
+/// Path of a workspace binary built by `cargo test --workspace` (target/<profile>/NAME).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--bin", name])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "building {name} failed");
+    }
+    path
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped, with its output lines
+/// available as a channel for readiness waits.
+pub struct ChildGuard {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl ChildGuard {
+    /// Spawns `command` with stdout and stderr captured line by line (stdin piped, open).
+    pub fn spawn(mut command: Command) -> Self {
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {command:?}: {e}"));
+        let (tx, lines) = mpsc::channel();
+        for reader in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for an output line matching `predicate`; returns it. Panics after `limit`,
+    /// showing what the process printed.
+    pub fn wait_for_line(&mut self, limit: Duration, predicate: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = predicate(&line);
+                    self.seen.push(line.clone());
+                    if hit {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no matching line within {limit:?}; the process printed:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Lines printed so far (drains what is queued without waiting).
+    pub fn drain(&mut self) -> &[String] {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+
+    pub fn signal(&self, signal: i32) {
+        #[allow(unsafe_code)]
+        // SAFETY: kill(2) on our own child's pid has no memory-safety implications.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
+    /// Waits for the process to exit (bounded) and returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            // Reaping has no readiness signal we can wait on without a pidfd; drain output meanwhile.
+            let _ = self
+                .lines
+                .recv_timeout(Duration::from_millis(20))
+                .map(|l| self.seen.push(l));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The python interpreter with grpcio installed by `.ci/install-test-deps`.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("HYBRIDGE_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let venv = std::env::var("HYBRIDGE_PYENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(&home).join(".cache/hybridge-pyenv"));
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `.ci/install-test-deps` (as .ci/run does) to install grpcio",
+        python.display()
+    );
+    python
+}
+
+/// The `tests/grpc` folder.
+pub fn grpc_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("grpc")
+}
+
+/// Starts `tests/grpc/server.py --id ID` and returns it with its port.
+pub fn grpc_server(id: &str) -> (ChildGuard, SocketAddr) {
+    let mut command = Command::new(python());
+    command
+        .arg(grpc_dir().join("server.py"))
+        .args(["--port", "0", "--id", id]);
+    let mut guard = ChildGuard::spawn(command);
+    let line = guard.wait_for_line(Duration::from_secs(60), |l| l.starts_with("LISTENING "));
+    let port: u16 = line["LISTENING ".len()..].trim().parse().unwrap();
+    (guard, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// Runs `tests/grpc/client.py` and returns (exit code, parsed JSON output).
+pub fn grpc_client(target: SocketAddr, args: &[&str]) -> (i32, serde_json::Value) {
+    let output = Command::new(python())
+        .arg(grpc_dir().join("client.py"))
+        .args(["--target", &target.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let json = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "client.py printed no JSON ({e}): stdout {stdout} stderr {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output.status.code().unwrap_or(-1), json)
+}

@@ -1,0 +1,147 @@
+//! What the admin API reports: the `/v1/status` document and the `/metrics` text.
+//!
+//! Read-only views over node state; formatting only.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+use crate::metrics::escape;
+use crate::node::NodeState;
+
+/// The `/v1/status` JSON document.
+pub fn status_json(state: &NodeState) -> Value {
+    let config = state.config.load();
+    let peers: Vec<Value> = state
+        .peers
+        .links()
+        .iter()
+        .map(|l| {
+            let stats = l.connection.stats();
+            let mut exports: Vec<&String> = Vec::new();
+            let exported = l.exports();
+            exports.extend(exported.iter());
+            exports.sort();
+            json!({
+                "peer": l.peer.to_string(),
+                "remote": l.connection.remote_address().to_string(),
+                "direction": l.direction,
+                "connected_seconds": l.established.elapsed().as_secs(),
+                "rtt_ms": stats.rtt.as_secs_f64() * 1000.0,
+                "lost_packets": stats.lost_packets,
+                "sent_packets": stats.sent_packets,
+                "exports": exports,
+                "draining": l.is_draining(),
+                "active_streams": l.active_streams(),
+                "total_streams": l.total_streams(),
+                "policy_version": l.policy_version(),
+            })
+        })
+        .collect();
+    let exports: Vec<Value> = state
+        .export
+        .services
+        .load()
+        .iter()
+        .map(|(name, upstream)| json!({ "service": name, "upstream": upstream.stats() }))
+        .collect();
+    let imports: Vec<Value> = state
+        .addresses
+        .imports
+        .iter()
+        .map(|(service, addr)| json!({ "service": service, "listen": addr.to_string() }))
+        .collect();
+    json!({
+        "node": state.identity.to_string(),
+        "name": config.node.name,
+        "site": config.node.site,
+        "uptime_seconds": state.started.elapsed().as_secs(),
+        "ready": state.is_ready(),
+        "draining": state.is_draining(),
+        "policy_version": state.acl.version(),
+        "tunnel_listen": state.addresses.tunnel.map(|a| a.to_string()),
+        "gateway": state.addresses.gateway.map(|a| a.to_string()),
+        "peers": peers,
+        "exports": exports,
+        "imports": imports,
+    })
+}
+
+/// The `/metrics` Prometheus text.
+pub fn metrics_text(state: &NodeState) -> String {
+    let mut out = String::with_capacity(8192);
+    state.metrics.render(&mut out);
+    let _ = writeln!(
+        out,
+        "# HELP hybridge_tunnel_rtt_seconds Smoothed round-trip time of each tunnel connection."
+    );
+    let _ = writeln!(out, "# TYPE hybridge_tunnel_rtt_seconds gauge");
+    let links = state.peers.links();
+    for l in links.iter() {
+        let _ = writeln!(
+            out,
+            "hybridge_tunnel_rtt_seconds{{peer=\"{}\",connection=\"{}\"}} {}",
+            escape(&l.peer.to_string()),
+            l.id(),
+            l.connection.stats().rtt.as_secs_f64()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP hybridge_tunnel_lost_packets_total Packets declared lost on each tunnel connection."
+    );
+    let _ = writeln!(out, "# TYPE hybridge_tunnel_lost_packets_total counter");
+    for l in links.iter() {
+        let _ = writeln!(
+            out,
+            "hybridge_tunnel_lost_packets_total{{peer=\"{}\",connection=\"{}\"}} {}",
+            escape(&l.peer.to_string()),
+            l.id(),
+            l.connection.stats().lost_packets
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP hybridge_tunnel_active_streams Open request streams on each tunnel connection."
+    );
+    let _ = writeln!(out, "# TYPE hybridge_tunnel_active_streams gauge");
+    for l in links.iter() {
+        let _ = writeln!(
+            out,
+            "hybridge_tunnel_active_streams{{peer=\"{}\",connection=\"{}\"}} {}",
+            escape(&l.peer.to_string()),
+            l.id(),
+            l.active_streams()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP hybridge_tunnels_up Tunnel connections currently up."
+    );
+    let _ = writeln!(out, "# TYPE hybridge_tunnels_up gauge");
+    let _ = writeln!(out, "hybridge_tunnels_up {}", links.len());
+    let _ = writeln!(
+        out,
+        "# HELP hybridge_policy_version Version of the ACL policy in force."
+    );
+    let _ = writeln!(out, "# TYPE hybridge_policy_version gauge");
+    let _ = writeln!(out, "hybridge_policy_version {}", state.acl.version());
+    let _ = writeln!(
+        out,
+        "# HELP hybridge_acl_decisions_total ACL decisions on this node, by destination and action."
+    );
+    let _ = writeln!(out, "# TYPE hybridge_acl_decisions_total counter");
+    for ((destination, action), n) in state.acl.decision_counts() {
+        let _ = writeln!(
+            out,
+            "hybridge_acl_decisions_total{{destination=\"{}\",action=\"{}\"}} {n}",
+            escape(&destination),
+            action_label(&action)
+        );
+    }
+    out
+}
+
+fn action_label(action: &crate::acl::Action) -> String {
+    format!("{action:?}").to_lowercase()
+}

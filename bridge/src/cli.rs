@@ -1,0 +1,130 @@
+//! The operator command line: `run`, `dev`, `check-config`, `status`, `acl …`.
+//!
+//! Parses arguments, sets up logging and the runtime, and calls into the library; every
+//! failure ends as one line `error: …` naming the file and the step, and a non-zero exit.
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "hybridge",
+    version,
+    about = "Hybrid-cloud boundary bridge: mTLS QUIC tunnels, service ACLs, HTTP/gRPC forwarding"
+)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info`, `hybridge=debug`.
+    #[arg(long, global = true, env = "HYBRIDGE_LOG", default_value = "info")]
+    log: String,
+    /// Log format: `auto` is human-readable on a terminal and JSON lines otherwise.
+    #[arg(long, global = true, value_parser = ["auto", "json", "text"], default_value = "auto")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node from its config file (under systemd: Type=notify).
+    Run {
+        #[arg(long, short, default_value = "/etc/hybridge/hybridge.toml")]
+        config: PathBuf,
+    },
+    /// Start a complete demo on loopback: CA, on-prem and cloud node, demo upstreams, sample ACLs.
+    Dev {
+        /// First port of the block the demo listens on (0 = pick free ports).
+        #[arg(long, default_value_t = 18000)]
+        base_port: u16,
+    },
+    /// Check a config file and the files it references, then exit.
+    CheckConfig {
+        #[arg(long, short, default_value = "/etc/hybridge/hybridge.toml")]
+        config: PathBuf,
+    },
+    /// Show a running node's tunnels, services and policy version.
+    Status {
+        #[arg(long, default_value = "http://127.0.0.1:7180")]
+        admin: String,
+        /// Print the raw JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage service ACLs (through the admin API, or directly on a stopped node's database).
+    Acl {
+        #[command(flatten)]
+        target: crate::acl::cli::AclTarget,
+        #[command(subcommand)]
+        command: crate::acl::cli::AclCommand,
+    },
+}
+
+/// Entry point of the `hybridge` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log, &cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { config } => crate::daemon::run(&config).await,
+        Command::Dev { base_port } => crate::dev::run(base_port).await,
+        Command::CheckConfig { config } => {
+            let report = crate::daemon::check_config(&config)?;
+            println!("{report}");
+            Ok(())
+        }
+        Command::Status { admin, json } => status(&admin, json).await,
+        Command::Acl { target, command } => crate::acl::cli::run(target, command).await,
+    }
+}
+
+fn init_logging(filter: &str, format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match format {
+        "json" => true,
+        "text" => false,
+        _ => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+async fn status(admin: &str, json: bool) -> anyhow::Result<()> {
+    let body = crate::admin::client::get(admin, "/v1/status").await?;
+    let doc: serde_json::Value = serde_json::from_slice(&body)
+        .with_context(|| format!("{admin}/v1/status did not return JSON"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    print!("{}", crate::admin::client::render_status(&doc));
+    Ok(())
+}

@@ -1,0 +1,626 @@
+//! The node configuration: TOML parsed once into checked, typed values.
+//!
+//! Every mistake becomes a `ConfigError` naming the file, the line and the field; nothing
+//! downstream re-validates. It does not open files other than the config itself (TLS
+//! material is loaded by the node, so `check-config` and reload share one path).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::upstream::UpstreamSettings;
+
+/// A configuration mistake, displayed as `FILE:LINE: message`.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+/// A checked node configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file this came from (relative paths inside it are resolved against its folder).
+    pub source: PathBuf,
+    pub node: NodeSection,
+    pub tls: TlsSection,
+    pub tunnel: TunnelSection,
+    pub peers: Vec<PeerConfig>,
+    pub admin: AdminSection,
+    pub limits: LimitsSection,
+    pub exports: Vec<ExportConfig>,
+    pub imports: Vec<ImportConfig>,
+    pub gateway: Option<GatewayConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    pub name: String,
+    pub site: String,
+    pub trust_domain: String,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelSection {
+    /// UDP address to accept tunnels on (the cloud side); none for a dial-only node.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Sites whose nodes may connect to `listen`.
+    #[serde(default)]
+    pub allowed_sites: Vec<String>,
+    /// Local UDP address used when dialing out (when there is no `listen`).
+    #[serde(default = "default_dial_bind")]
+    pub bind: SocketAddr,
+    #[serde(default = "default_keepalive", with = "humantime_serde")]
+    pub keepalive: Duration,
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub reconnect_max_backoff: Duration,
+}
+
+impl Default for TunnelSection {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            allowed_sites: Vec::new(),
+            bind: default_dial_bind(),
+            keepalive: default_keepalive(),
+            idle_timeout: default_idle_timeout(),
+            reconnect_max_backoff: default_backoff_max(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// `host:port` of the peer's tunnel listener, resolved at every dial.
+    pub address: String,
+    /// The site the peer's certificate must name.
+    pub site: String,
+    /// Optionally, the exact node name the peer's certificate must carry.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Parallel connections kept to this peer.
+    #[serde(default = "default_connections")]
+    pub connections: u8,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// Must be set to listen on anything but loopback: the admin API changes policy.
+    #[serde(default)]
+    pub allow_remote: bool,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+            allow_remote: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Largest request header block accepted from a caller (431 beyond it).
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// How long SIGTERM waits for in-flight requests before closing tunnels anyway.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: default_max_header_bytes(),
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}
+
+/// A service this node makes reachable from the other site.
+#[derive(Clone, Debug)]
+pub struct ExportConfig {
+    pub name: String,
+    pub upstream: UpstreamSettings,
+}
+
+/// How a listener learns who is calling.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallerIdentity {
+    /// Every connection is this service (legacy plain-HTTP callers).
+    Fixed(String),
+    /// The caller presents a service certificate from our CA; its SPIFFE id names it.
+    Mtls,
+}
+
+/// A listener for one remote service.
+#[derive(Clone, Debug)]
+pub struct ImportConfig {
+    pub service: String,
+    pub listen: SocketAddr,
+    pub caller: CallerIdentity,
+    pub request_timeout: Option<Duration>,
+}
+
+/// The shared listener that routes by `Host`/`:authority` = `SERVICE.SUFFIX`.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub suffix: String,
+    pub caller: CallerIdentity,
+    pub request_timeout: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: NodeSection,
+    tls: TlsSection,
+    #[serde(default)]
+    tunnel: TunnelSection,
+    #[serde(default, rename = "peer")]
+    peers: Vec<PeerConfig>,
+    #[serde(default)]
+    admin: AdminSection,
+    #[serde(default)]
+    limits: LimitsSection,
+    #[serde(default, rename = "export")]
+    exports: Vec<toml::Spanned<toml::Table>>,
+    #[serde(default, rename = "import")]
+    imports: Vec<toml::Spanned<RawListener>>,
+    #[serde(default)]
+    gateway: Option<toml::Spanned<RawListener>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    #[serde(default)]
+    service: Option<String>,
+    listen: SocketAddr,
+    #[serde(default)]
+    caller: Option<String>,
+    #[serde(default)]
+    mtls: bool,
+    #[serde(default)]
+    suffix: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    request_timeout: Option<Duration>,
+}
+
+fn default_dial_bind() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+fn default_keepalive() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_connections() -> u8 {
+    2
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7180))
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The line of the key an error message names (`unknown field `x``, `missing field`...),
+/// searching forward from the table's first line; deserializing a sub-table loses spans.
+fn field_line(text: &str, from: Option<usize>, message: &str) -> Option<usize> {
+    let key = message.split('`').nth(1)?;
+    let from = from?;
+    text.lines()
+        .enumerate()
+        .skip(from)
+        .take_while(|(_, l)| {
+            !l.trim_start().starts_with("[[")
+                && !l.trim_start().starts_with("[tls")
+                && !l.trim_start().starts_with("[node")
+        })
+        .find(|(_, l)| l.split_once('=').is_some_and(|(k, _)| k.trim() == key))
+        .map(|(i, _)| i + 1)
+}
+
+/// 1-based line of byte offset `at` in `text`.
+fn line_of(text: &str, at: usize) -> usize {
+    text.as_bytes()[..at.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+impl Config {
+    /// Reads and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_owned(),
+            line: None,
+            message: format!("cannot read config: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses `text` as if read from `path` (relative paths resolve against its folder).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let err = |line: Option<usize>, message: String| ConfigError {
+            path: path.to_owned(),
+            line,
+            message,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            let message = e.message().trim_end().replace('\n', " ");
+            // Value errors (a bad address, a bad duration) do not name their key; the line does.
+            let key = line
+                .and_then(|l| text.lines().nth(l - 1))
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim())
+                .filter(|k| !k.is_empty() && !message.contains(&format!("`{k}`")));
+            match key {
+                Some(k) => err(line, format!("field `{k}`: {message}")),
+                None => err(line, message),
+            }
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
+
+        let mut node = raw.node;
+        for (field, value) in [
+            ("node.name", &node.name),
+            ("node.site", &node.site),
+            ("node.trust_domain", &node.trust_domain),
+        ] {
+            hybridge_ca::spiffe::validate_segment(field, value)
+                .map_err(|e| err(None, format!("field `{field}`: {e}")))?;
+        }
+        node.data_dir = resolve(&node.data_dir);
+        let mut tls = raw.tls;
+        tls.ca = resolve(&tls.ca);
+        tls.cert = resolve(&tls.cert);
+        tls.key = resolve(&tls.key);
+        tls.crl = tls.crl.as_deref().map(resolve);
+
+        let tunnel = raw.tunnel;
+        if tunnel.listen.is_some() && tunnel.allowed_sites.is_empty() {
+            return Err(err(None, "field `tunnel.allowed_sites`: must name at least one site when `tunnel.listen` is set".into()));
+        }
+        if tunnel.listen.is_none() && raw.peers.is_empty() {
+            return Err(err(
+                None,
+                "the node neither accepts tunnels (`tunnel.listen`) nor dials any (`[[peer]]`)"
+                    .into(),
+            ));
+        }
+        for site in &tunnel.allowed_sites {
+            hybridge_ca::spiffe::validate_segment("site", site)
+                .map_err(|e| err(None, format!("field `tunnel.allowed_sites`: {e}")))?;
+        }
+        if tunnel.idle_timeout <= tunnel.keepalive {
+            return Err(err(
+                None,
+                "field `tunnel.idle_timeout`: must be longer than `tunnel.keepalive`".into(),
+            ));
+        }
+        for (i, peer) in raw.peers.iter().enumerate() {
+            let field = |f: &str| format!("field `peer[{i}].{f}`");
+            if peer
+                .address
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(err(
+                    None,
+                    format!("{}: `{}` is not HOST:PORT", field("address"), peer.address),
+                ));
+            }
+            hybridge_ca::spiffe::validate_segment("site", &peer.site)
+                .map_err(|e| err(None, format!("{}: {e}", field("site"))))?;
+            if peer.connections == 0 || peer.connections > 16 {
+                return Err(err(
+                    None,
+                    format!("{}: must be between 1 and 16", field("connections")),
+                ));
+            }
+        }
+        let admin = raw.admin;
+        if !admin.listen.ip().is_loopback() && !admin.allow_remote {
+            return Err(err(
+                None,
+                format!(
+                    "field `admin.listen`: {} is not loopback; the admin API changes policy, set `admin.allow_remote = true` to expose it",
+                    admin.listen
+                ),
+            ));
+        }
+
+        let mut exports = Vec::new();
+        let mut export_names = HashSet::new();
+        for spanned in raw.exports {
+            let line = Some(line_of(text, spanned.span().start));
+            let mut table = spanned.into_inner();
+            let name = match table.remove("name") {
+                Some(toml::Value::String(s)) => s,
+                Some(_) => return Err(err(line, "export: field `name` must be a string".into())),
+                None => return Err(err(line, "export: missing field `name`".into())),
+            };
+            hybridge_ca::spiffe::validate_segment("service name", &name)
+                .map_err(|e| err(line, format!("export `{name}`: field `name`: {e}")))?;
+            if !export_names.insert(name.clone()) {
+                return Err(err(line, format!("export `{name}` is defined twice")));
+            }
+            let upstream: UpstreamSettings =
+                toml::Value::Table(table)
+                    .try_into()
+                    .map_err(|e: toml::de::Error| {
+                        let message = e.message().trim_end().to_owned();
+                        err(
+                            field_line(text, line, &message).or(line),
+                            format!("export `{name}`: {message}"),
+                        )
+                    })?;
+            exports.push(ExportConfig { name, upstream });
+        }
+
+        let listener =
+            |raw: toml::Spanned<RawListener>,
+             what: &str,
+             needs_service: bool|
+             -> Result<(RawListener, Option<usize>, CallerIdentity), ConfigError> {
+                let line = Some(line_of(text, raw.span().start));
+                let raw = raw.into_inner();
+                let caller = match (&raw.caller, raw.mtls) {
+                    (Some(_), true) => {
+                        return Err(err(
+                            line,
+                            format!("{what}: set either `caller` or `mtls = true`, not both"),
+                        ));
+                    }
+                    (None, false) => {
+                        return Err(err(
+                            line,
+                            format!(
+                                "{what}: missing `caller = \"SERVICE\"` (fixed identity) or `mtls = true`"
+                            ),
+                        ));
+                    }
+                    (Some(c), false) => {
+                        hybridge_ca::spiffe::validate_segment("service name", c)
+                            .map_err(|e| err(line, format!("{what}: field `caller`: {e}")))?;
+                        CallerIdentity::Fixed(c.clone())
+                    }
+                    (None, true) => CallerIdentity::Mtls,
+                };
+                match (&raw.service, needs_service) {
+                    (None, true) => {
+                        return Err(err(line, format!("{what}: missing field `service`")));
+                    }
+                    (Some(_), false) => {
+                        return Err(err(
+                            line,
+                            format!("{what}: unknown field `service` (the gateway routes by Host)"),
+                        ));
+                    }
+                    (Some(s), true) => hybridge_ca::spiffe::validate_segment("service name", s)
+                        .map_err(|e| err(line, format!("{what}: field `service`: {e}")))?,
+                    (None, false) => {}
+                }
+                if needs_service && raw.suffix.is_some() {
+                    return Err(err(
+                        line,
+                        format!("{what}: unknown field `suffix` (only the gateway has one)"),
+                    ));
+                }
+                Ok((raw, line, caller))
+            };
+        let mut listens = HashSet::new();
+        let mut imports = Vec::new();
+        for raw in raw.imports {
+            let (raw, line, caller) = listener(raw, "import", true)?;
+            if !listens.insert(raw.listen) && raw.listen.port() != 0 {
+                return Err(err(
+                    line,
+                    format!("import: address {} is used twice", raw.listen),
+                ));
+            }
+            imports.push(ImportConfig {
+                service: raw.service.unwrap_or_default(),
+                listen: raw.listen,
+                caller,
+                request_timeout: raw.request_timeout,
+            });
+        }
+        let gateway = match raw.gateway {
+            None => None,
+            Some(raw) => {
+                let (raw, line, caller) = listener(raw, "gateway", false)?;
+                if !listens.insert(raw.listen) && raw.listen.port() != 0 {
+                    return Err(err(
+                        line,
+                        format!(
+                            "gateway: address {} is already used by an import",
+                            raw.listen
+                        ),
+                    ));
+                }
+                let suffix = raw
+                    .suffix
+                    .unwrap_or_else(|| "hybridge".into())
+                    .trim_start_matches('.')
+                    .to_owned();
+                Some(GatewayConfig {
+                    listen: raw.listen,
+                    suffix,
+                    caller,
+                    request_timeout: raw.request_timeout,
+                })
+            }
+        };
+        Ok(Config {
+            source: path.to_owned(),
+            node,
+            tls,
+            tunnel,
+            peers: raw.peers,
+            admin,
+            limits: raw.limits,
+            exports,
+            imports,
+            gateway,
+        })
+    }
+
+    /// The redb file holding this node's policy.
+    pub fn database_path(&self) -> PathBuf {
+        self.node.data_dir.join("hybridge.redb")
+    }
+
+    /// Names of the services this node exports, sorted.
+    pub fn export_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.exports.iter().map(|e| e.name.clone()).collect();
+        names.sort();
+        names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+name = "onprem-1"
+site = "onprem"
+trust_domain = "example.internal"
+data_dir = "state"
+
+[tls]
+ca = "ca.pem"
+cert = "/etc/hybridge/node.pem"
+key = "node.key"
+
+[[peer]]
+address = "cloud.example.com:4433"
+site = "cloud"
+
+[[export]]
+name = "ledger"
+endpoints = ["127.0.0.1:9000"]
+
+[[import]]
+service = "inventory"
+listen = "127.0.0.1:8081"
+caller = "web"
+
+[gateway]
+listen = "127.0.0.1:8080"
+mtls = true
+"#;
+
+    #[test]
+    fn a_good_config_parses_with_paths_resolved() {
+        let c = Config::parse(Path::new("/etc/hybridge/hybridge.toml"), GOOD).unwrap();
+        assert_eq!(c.node.data_dir, PathBuf::from("/etc/hybridge/state"));
+        assert_eq!(c.tls.key, PathBuf::from("/etc/hybridge/node.key"));
+        assert_eq!(c.peers[0].connections, 2);
+        assert_eq!(c.exports[0].name, "ledger");
+        assert_eq!(c.imports[0].caller, CallerIdentity::Fixed("web".into()));
+        let gateway = c.gateway.unwrap();
+        assert_eq!(
+            (gateway.caller, gateway.suffix.as_str()),
+            (CallerIdentity::Mtls, "hybridge")
+        );
+        assert_eq!(c.admin.listen, "127.0.0.1:7180".parse().unwrap());
+    }
+
+    fn error_of(text: &str) -> String {
+        Config::parse(Path::new("/x/h.toml"), text)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_and_field() {
+        let bad = GOOD.replace("site = \"cloud\"", "site = \"cloud\"\nconections = 3");
+        let e = error_of(&bad);
+        assert!(e.starts_with("/x/h.toml:16: "), "{e}");
+        assert!(e.contains("unknown field `conections`"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = error_of(&GOOD.replace("127.0.0.1:8081", "localhost-8081"));
+        assert!(
+            e.starts_with("/x/h.toml:23: field `listen`: invalid socket address"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace("name = \"ledger\"", "name = \"Ledger Svc\""));
+        assert!(e.contains("export `Ledger Svc`: field `name`"), "{e}");
+        let e = error_of(&GOOD.replace("caller = \"web\"", ""));
+        assert!(
+            e.starts_with("/x/h.toml:21: import: missing `caller"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace(
+            "[[peer]]\naddress = \"cloud.example.com:4433\"\nsite = \"cloud\"",
+            "",
+        ));
+        assert!(e.contains("neither accepts tunnels"), "{e}");
+        let e = error_of(&format!("{GOOD}\n[admin]\nlisten = \"0.0.0.0:7180\"\n"));
+        assert!(
+            e.contains("field `admin.listen`") && e.contains("allow_remote"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace(
+            "endpoints = [\"127.0.0.1:9000\"]",
+            "endpoints = [\"127.0.0.1:9000\"]\nprotocl = \"h2c\"",
+        ));
+        assert!(
+            e.starts_with("/x/h.toml:20: export `ledger`: unknown field `protocl`"),
+            "{e}"
+        );
+    }
+}

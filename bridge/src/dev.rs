@@ -1,0 +1,299 @@
+//! `hybridge dev`: a complete bridge on loopback from one command and no files.
+//!
+//! An in-process CA in a temp dir, a cloud node and an on-prem node joined by a real QUIC
+//! tunnel, a demo upstream on each side, the same sample policy on both nodes, and ready-to-
+//! paste curl commands. Tests start the same environment with `DevEnvironment::start(0)`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hybridge_ca::authority::{CertificateAuthority, InitOptions};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::demo::DemoUpstream;
+use crate::node::Node;
+
+const TRUST_DOMAIN: &str = "dev.hybridge";
+
+/// The sample policy applied to both nodes: `web` (on-prem) may use `inventory` (cloud),
+/// `reporting` (cloud) may read `ledger` (on-prem); everything else is denied by default.
+pub const SAMPLE_POLICY: &str = r#"
+[[rule]]
+id = "web-to-inventory"
+source = "web"
+destination = "inventory"
+action = "allow"
+description = "the on-prem web tier uses the cloud inventory service"
+
+[[rule]]
+id = "reporting-reads-ledger"
+source = "reporting"
+destination = "ledger"
+action = "allow"
+methods = ["GET", "HEAD"]
+path_prefix = "/"
+description = "cloud reporting may read the on-prem ledger, not change it"
+"#;
+
+/// A running dev environment.
+pub struct DevEnvironment {
+    pub onprem: Node,
+    pub cloud: Node,
+    pub inventory: DemoUpstream,
+    pub ledger: DemoUpstream,
+    pub dir: tempfile::TempDir,
+    upstreams_cancel: CancellationToken,
+}
+
+fn port(base: u16, offset: u16) -> u16 {
+    if base == 0 {
+        0
+    } else {
+        base.saturating_add(offset)
+    }
+}
+
+fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+impl DevEnvironment {
+    /// Starts everything on 127.0.0.1; `base_port` 0 picks free ports.
+    pub async fn start(base_port: u16) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("hybridge-dev-")
+            .tempdir()
+            .context("creating a temp dir")?;
+        let root = dir.path();
+        let ca =
+            CertificateAuthority::init(&root.join("ca"), TRUST_DOMAIN, InitOptions::default())?;
+        let loopback = [std::net::IpAddr::from([127, 0, 0, 1])];
+        for (site, name) in [("onprem", "onprem-1"), ("cloud", "cloud-1")] {
+            ca.issue_node(
+                site,
+                name,
+                &["localhost".to_owned()],
+                &loopback,
+                Duration::from_secs(86_400),
+            )?
+            .write(&root.join(name))?;
+        }
+        write(&root.join("ca.pem"), &ca.ca_cert_pem())?;
+
+        let upstreams_cancel = CancellationToken::new();
+        let addr = |offset| SocketAddr::from(([127, 0, 0, 1], port(base_port, offset)));
+        let inventory = DemoUpstream::start("inventory", addr(20), upstreams_cancel.child_token())
+            .await
+            .context("starting the inventory demo upstream")?;
+        let ledger = DemoUpstream::start("ledger", addr(21), upstreams_cancel.child_token())
+            .await
+            .context("starting the ledger demo upstream")?;
+
+        let cloud_toml = format!(
+            r#"# hybridge dev: cloud node
+[node]
+name = "cloud-1"
+site = "cloud"
+trust_domain = "{TRUST_DOMAIN}"
+data_dir = "cloud-data"
+
+[tls]
+ca = "ca.pem"
+cert = "cloud-1.pem"
+key = "cloud-1.key"
+
+[tunnel]
+listen = "{tunnel}"
+allowed_sites = ["onprem"]
+
+[admin]
+listen = "{admin}"
+
+[[export]]
+name = "inventory"
+endpoints = ["{inventory}"]
+
+[[import]]
+service = "ledger"
+listen = "{ledger_import}"
+caller = "reporting"
+"#,
+            tunnel = addr(0),
+            admin = addr(11),
+            inventory = inventory.local_addr(),
+            ledger_import = addr(2),
+        );
+        let cloud_path = root.join("cloud.toml");
+        write(&cloud_path, &cloud_toml)?;
+        let cloud = Node::start(Config::load(&cloud_path)?)
+            .await
+            .context("starting the cloud node")?;
+        let tunnel = cloud
+            .addresses()
+            .tunnel
+            .context("the cloud node has no tunnel address")?;
+
+        let onprem_toml = format!(
+            r#"# hybridge dev: on-prem node (dials out to the cloud node)
+[node]
+name = "onprem-1"
+site = "onprem"
+trust_domain = "{TRUST_DOMAIN}"
+data_dir = "onprem-data"
+
+[tls]
+ca = "ca.pem"
+cert = "onprem-1.pem"
+key = "onprem-1.key"
+
+[tunnel]
+bind = "127.0.0.1:0"
+
+[[peer]]
+address = "{tunnel}"
+site = "cloud"
+connections = 2
+
+[admin]
+listen = "{admin}"
+
+[[export]]
+name = "ledger"
+endpoints = ["{ledger}"]
+
+[[import]]
+service = "inventory"
+listen = "{inventory_import}"
+caller = "web"
+
+[gateway]
+listen = "{gateway}"
+caller = "web"
+suffix = "hybridge"
+"#,
+            admin = addr(10),
+            ledger = ledger.local_addr(),
+            inventory_import = addr(1),
+            gateway = addr(3),
+        );
+        let onprem_path = root.join("onprem.toml");
+        write(&onprem_path, &onprem_toml)?;
+        let onprem = Node::start(Config::load(&onprem_path)?)
+            .await
+            .context("starting the on-prem node")?;
+
+        let policy_path = root.join("acl.toml");
+        write(&policy_path, SAMPLE_POLICY)?;
+        for node in [&onprem, &cloud] {
+            let rules = crate::acl::parse_acl_file(&policy_path, SAMPLE_POLICY)?;
+            node.state.acl.apply(rules, "hybridge dev", false)?;
+        }
+        let limit = Duration::from_secs(10);
+        if !onprem.wait_for_route("inventory", limit).await
+            || !cloud.wait_for_route("ledger", limit).await
+        {
+            anyhow::bail!("the tunnel between the dev nodes did not come up within {limit:?}");
+        }
+        Ok(Self {
+            onprem,
+            cloud,
+            inventory,
+            ledger,
+            dir,
+            upstreams_cancel,
+        })
+    }
+
+    /// The curl commands `hybridge dev` prints; each goes through the tunnel.
+    pub fn curl_commands(&self) -> Vec<(String, String)> {
+        let onprem = self.onprem.addresses();
+        let cloud = self.cloud.addresses();
+        let inventory = onprem.imports[0].1;
+        let ledger = cloud.imports[0].1;
+        let mut commands = vec![
+            (
+                "on-prem web → cloud inventory (allowed)".into(),
+                format!("curl -sS -i http://{inventory}/echo/items?sku=42"),
+            ),
+            (
+                "cloud reporting → on-prem ledger (allowed, read-only)".into(),
+                format!("curl -sS -i http://{ledger}/echo/balance"),
+            ),
+            (
+                "cloud reporting → on-prem ledger POST (denied by policy: 403)".into(),
+                format!("curl -sS -i -X POST -d amount=5 http://{ledger}/echo/transfer"),
+            ),
+            (
+                "HTTP/2 without TLS (h2c) through the tunnel".into(),
+                format!("curl -sS -i --http2-prior-knowledge http://{inventory}/echo/h2"),
+            ),
+            (
+                "a 10 MiB streamed download, checked on arrival".into(),
+                format!(
+                    "curl -sS -o /dev/null -w '%{{size_download}} bytes %{{http_code}}\\n' http://{inventory}/bytes/10485760"
+                ),
+            ),
+        ];
+        if let Some(gateway) = onprem.gateway {
+            commands.push((
+                "the shared gateway routes by Host".into(),
+                format!(
+                    "curl -sS -i -H 'Host: inventory.hybridge' http://{gateway}/echo/via-gateway"
+                ),
+            ));
+        }
+        commands.push((
+            "on-prem node status".into(),
+            format!(
+                "cargo run -q -p hybridge -- status --admin http://{}",
+                onprem.admin
+            ),
+        ));
+        commands.push((
+            "metrics".into(),
+            format!(
+                "curl -sS http://{}/metrics | grep hybridge_requests_total",
+                onprem.admin
+            ),
+        ));
+        commands
+    }
+
+    /// Stops both nodes (draining) and the demo upstreams, and removes the temp dir.
+    pub async fn shutdown(self) {
+        let Self {
+            onprem,
+            cloud,
+            upstreams_cancel,
+            dir,
+            ..
+        } = self;
+        onprem.shutdown().await;
+        cloud.shutdown().await;
+        upstreams_cancel.cancel();
+        drop(dir);
+    }
+}
+
+/// `hybridge dev`: start, print the commands, wait for Ctrl-C, stop cleanly.
+pub async fn run(base_port: u16) -> anyhow::Result<()> {
+    let env = DevEnvironment::start(base_port).await?;
+    println!(
+        "hybridge dev: CA, on-prem node and cloud node are up in {}",
+        env.dir.path().display()
+    );
+    println!("policy (same on both nodes):{SAMPLE_POLICY}");
+    for (what, command) in env.curl_commands() {
+        println!("# {what}\n{command}\n");
+    }
+    println!("hybridge dev ready");
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    println!("stopping…");
+    env.shutdown().await;
+    Ok(())
+}

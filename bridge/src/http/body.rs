@@ -1,0 +1,150 @@
+//! Moving HTTP bodies across the tunnel: hyper body → DATA/TRAILERS frames, and frames →
+//! a streaming hyper body.
+//!
+//! Backpressure is the transport's: the pump awaits each write, so a slow reader slows the
+//! writer and nothing is buffered beyond one chunk. No routing or header policy here.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http_body::Body;
+use http_body_util::{BodyExt, StreamBody};
+
+use super::headers;
+use crate::tunnel::frame::{self, Frame};
+use crate::tunnel::stream::{RecvHalf, SendHalf, StreamError, codes, encoded};
+
+/// Error type of bodies the bridge hands to hyper.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type used on both sides of the bridge.
+pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BodyError>;
+
+/// A complete in-memory body.
+pub fn full(bytes: Bytes) -> BoxBody {
+    http_body_util::Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> BoxBody {
+    full(Bytes::new())
+}
+
+/// Why pumping a body into the tunnel stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum PumpError {
+    #[error("reading the body failed: {0}")]
+    Source(String),
+    #[error(transparent)]
+    Tunnel(#[from] StreamError),
+    #[error("trailers could not be encoded: {0}")]
+    Encode(#[from] frame::FrameError),
+}
+
+/// Sends `body` as DATA frames and optional TRAILERS, then finishes the stream.
+///
+/// On a body error the stream is reset so the other side sees an aborted body, never a
+/// truncated one that looks complete. `bytes` counts payload bytes sent.
+pub async fn pump_to_tunnel<B>(
+    mut body: B,
+    send: &mut SendHalf,
+    bytes: &AtomicU64,
+) -> Result<(), PumpError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    loop {
+        match body.frame().await {
+            None => {
+                send.finish();
+                return Ok(());
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if let Err(e) = send.write_data(data).await {
+                        send.reset(codes::CANCELLED);
+                        return Err(e.into());
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        let pairs = headers::to_pairs(&trailers);
+                        let encoded = match encoded(|b| frame::encode_trailers(&pairs, b)) {
+                            Ok(e) => e,
+                            Err(e) => {
+                                send.reset(codes::CANCELLED);
+                                return Err(e.into());
+                            }
+                        };
+                        send.write_encoded(encoded).await?;
+                    }
+                }
+            },
+            Some(Err(e)) => {
+                send.reset(codes::CANCELLED);
+                return Err(PumpError::Source(e.to_string()));
+            }
+        }
+    }
+}
+
+/// A hyper body that streams DATA frames (and final TRAILERS) from the tunnel.
+///
+/// `keep` is held until the body ends or is dropped (e.g. the stream's active-count guard).
+/// `bytes` counts payload bytes received.
+pub fn from_tunnel(recv: RecvHalf, keep: impl Send + 'static, bytes: Arc<AtomicU64>) -> BoxBody {
+    struct State<K> {
+        recv: RecvHalf,
+        _keep: K,
+        bytes: Arc<AtomicU64>,
+        trailers_seen: bool,
+    }
+    let state = State {
+        recv,
+        _keep: keep,
+        bytes,
+        trailers_seen: false,
+    };
+    let stream = futures_util::stream::unfold(Some(state), |state| async move {
+        let mut state = state?;
+        loop {
+            return match state.recv.read_frame().await {
+                Ok(Some(Frame::Data(data))) if !state.trailers_seen => {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    state.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    Some((Ok(http_body::Frame::data(data)), Some(state)))
+                }
+                Ok(Some(Frame::Trailers(pairs))) if !state.trailers_seen => {
+                    match headers::from_pairs(pairs) {
+                        Ok(map) => {
+                            state.trailers_seen = true;
+                            Some((Ok(http_body::Frame::trailers(map)), Some(state)))
+                        }
+                        Err(e) => {
+                            state.recv.stop(codes::PROTOCOL);
+                            Some((Err(BodyError::from(e)), None))
+                        }
+                    }
+                }
+                Ok(None) => None,
+                Ok(Some(_)) => {
+                    state.recv.stop(codes::PROTOCOL);
+                    Some((
+                        Err(BodyError::from(
+                            "peer sent an unexpected frame inside a body",
+                        )),
+                        None,
+                    ))
+                }
+                Err(e) => Some((Err(BodyError::from(e.to_string())), None)),
+            };
+        }
+    });
+    BodyExt::boxed_unsync(StreamBody::new(stream))
+}

@@ -1,0 +1,213 @@
+//! The export side: a request stream arrives from a peer node and is answered by a local
+//! upstream.
+//!
+//! Owns the authoritative ACL decision (caller identity comes only from the stream header,
+//! written by an mTLS-authenticated peer node), turning frames back into an HTTP request, and
+//! streaming the upstream's answer back. Load balancing, health and retries are `upstream`'s.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::{HeaderValue, Method, Request, StatusCode, Uri};
+use tracing::{debug, info};
+
+use super::body;
+use super::error::{BridgeError, is_grpc};
+use super::headers;
+use crate::acl::AclService;
+use crate::metrics::{Metrics, Side};
+use crate::tunnel::frame::{self, Frame, RequestHead, ResponseHead};
+use crate::tunnel::stream::{RecvHalf, SendHalf, codes, encoded};
+use crate::upstream::Upstream;
+
+/// Shared state of the export side of a node.
+pub struct ExportContext {
+    pub acl: Arc<AclService>,
+    /// Exported services by name; swapped whole on reload.
+    pub services: ArcSwap<HashMap<String, Arc<Upstream>>>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Serves one request stream opened by `peer`.
+pub async fn serve_stream(
+    mut send: SendHalf,
+    mut recv: RecvHalf,
+    peer: Arc<str>,
+    ctx: Arc<ExportContext>,
+) {
+    let started = Instant::now();
+    let head = match recv.read_frame().await {
+        Ok(Some(Frame::Request(head))) => head,
+        Ok(None) => return,
+        Ok(Some(_)) => {
+            debug!(%peer, "request stream did not start with a REQUEST frame");
+            send.reset(codes::PROTOCOL);
+            recv.stop(codes::PROTOCOL);
+            return;
+        }
+        Err(e) => {
+            debug!(%peer, error = %e, "unreadable request stream");
+            send.reset(codes::PROTOCOL);
+            recv.stop(codes::PROTOCOL);
+            return;
+        }
+    };
+    let stats = ctx.metrics.service(Side::Export, &head.service);
+    stats.started();
+    let (status, endpoint, rule) = exchange(&mut send, recv, &head, &ctx, &stats).await;
+    stats.finished();
+    stats.responded(status, started.elapsed());
+    info!(
+        target: "hybridge::access",
+        side = "export",
+        request_id = %head.request_id,
+        caller = %head.caller,
+        peer = %peer,
+        service = %head.service,
+        method = %head.method,
+        path = %head.path,
+        status,
+        upstream = endpoint.as_deref().unwrap_or("-"),
+        acl_rule = %rule,
+        duration_us = started.elapsed().as_micros() as u64,
+    );
+}
+
+/// Runs the exchange; returns the status sent, the upstream endpoint used and the ACL rule.
+async fn exchange(
+    send: &mut SendHalf,
+    recv: RecvHalf,
+    head: &RequestHead,
+    ctx: &ExportContext,
+    stats: &Arc<crate::metrics::ServiceStats>,
+) -> (u16, Option<String>, String) {
+    let grpc = head
+        .headers
+        .iter()
+        .any(|(n, v)| n.as_ref() == b"content-type" && v.starts_with(b"application/grpc"));
+    let path_only = head.path.split('?').next().unwrap_or("/");
+    let decision = ctx
+        .acl
+        .decide(&head.caller, &head.service, &head.method, path_only);
+    let rule = decision.rule_label().to_owned();
+    let fail = |e: BridgeError| (e, rule.clone());
+    let result = async {
+        if !decision.allowed() {
+            return Err(fail(
+                BridgeError::new(
+                    StatusCode::FORBIDDEN,
+                    "acl-denied",
+                    format!("{} may not call {} ({rule})", head.caller, head.service),
+                )
+                .with_header("x-hybridge-acl-rule", rule.clone()),
+            ));
+        }
+        let upstream = ctx
+            .services
+            .load()
+            .get(&head.service)
+            .cloned()
+            .ok_or_else(|| {
+                fail(BridgeError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no-route",
+                    format!("`{}` is not exported by this node", head.service),
+                ))
+            })?;
+        let request = build_request(head, recv)
+            .map_err(|e| fail(BridgeError::new(StatusCode::BAD_REQUEST, "bad-request", e)))?;
+        let sent = upstream.send(request);
+        let outcome = if head.deadline_ms > 0 {
+            let limit = Duration::from_millis(u64::from(head.deadline_ms));
+            tokio::time::timeout(limit, sent).await.map_err(|_| {
+                fail(BridgeError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    format!("no upstream response within {limit:?}"),
+                ))
+            })?
+        } else {
+            sent.await
+        };
+        outcome.map_err(|e| fail(BridgeError::new(e.status(), e.reason(), e.to_string())))
+    }
+    .await;
+
+    match result {
+        Ok(answer) => {
+            let endpoint = answer.endpoint.to_string();
+            let (mut parts, response_body) = answer.response.into_parts();
+            headers::remove_hop_by_hop(&mut parts.headers);
+            let head = ResponseHead {
+                status: parts.status.as_u16(),
+                headers: headers::to_pairs(&parts.headers),
+            };
+            let status = head.status;
+            let Ok(bytes) = encoded(|b| frame::encode_response(&head, b)) else {
+                send.reset(codes::CANCELLED);
+                return (502, Some(endpoint), rule);
+            };
+            if send.write_encoded(bytes).await.is_err() {
+                return (status, Some(endpoint), rule);
+            }
+            let sent = AtomicU64::new(0);
+            if let Err(e) = body::pump_to_tunnel(response_body, send, &sent).await {
+                debug!(error = %e, "response body did not reach the tunnel");
+            }
+            stats.add_bytes(0, sent.load(Ordering::Relaxed));
+            (status, Some(endpoint), rule)
+        }
+        Err((e, rule)) => {
+            stats.bridge_error(e.reason);
+            let status = write_error(send, &e, grpc).await;
+            (status, None, rule)
+        }
+    }
+}
+
+/// Sends a bridge-generated response over the stream and finishes it.
+async fn write_error(send: &mut SendHalf, e: &BridgeError, grpc: bool) -> u16 {
+    let (status, headers, body) = e.render(grpc);
+    let head = ResponseHead {
+        status: status.as_u16(),
+        headers: headers::to_pairs(&headers),
+    };
+    if let Ok(bytes) = encoded(|b| frame::encode_response(&head, b)) {
+        if send.write_encoded(bytes).await.is_ok()
+            && (body.is_empty() || send.write_data(body).await.is_ok())
+        {
+            send.finish();
+        }
+    }
+    status.as_u16()
+}
+
+/// Rebuilds the caller's request from the stream header; the body streams from `recv`.
+fn build_request(head: &RequestHead, recv: RecvHalf) -> Result<Request<body::BoxBody>, String> {
+    let method = Method::from_bytes(head.method.as_bytes())
+        .map_err(|_| format!("invalid method `{}`", head.method))?;
+    let uri: Uri = head
+        .path
+        .parse()
+        .map_err(|_| format!("invalid path `{}`", head.path))?;
+    let mut headers = headers::from_pairs(head.headers.clone())?;
+    if !headers.contains_key(http::header::HOST) && !head.authority.is_empty() {
+        let host =
+            HeaderValue::from_str(&head.authority).map_err(|_| "invalid authority".to_owned())?;
+        headers.insert(http::header::HOST, host);
+    }
+    let body = body::from_tunnel(recv, (), Arc::new(AtomicU64::new(0)));
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+/// Whether the original request was gRPC (for shaping errors produced on this side).
+pub fn request_is_grpc(headers: &http::HeaderMap) -> bool {
+    is_grpc(headers)
+}

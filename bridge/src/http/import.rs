@@ -1,0 +1,496 @@
+//! Import listeners: where local callers enter the bridge (HTTP/1.1, h2c, or TLS with ALPN).
+//!
+//! Owns: who the caller is (listener binding or service certificate, never a header), which
+//! service is meant (listener binding or Host = `SERVICE.SUFFIX`), the early ACL check,
+//! choosing a tunnel link and streaming the exchange over it. It does not talk to upstreams.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::body::{self, BoxBody};
+use super::error::{BridgeError, is_grpc};
+use super::headers;
+use crate::acl::AclService;
+use crate::config::CallerIdentity;
+use crate::metrics::{Metrics, Side};
+use crate::tunnel::frame::{self, Frame, RequestHead};
+use crate::tunnel::peers::PeerSet;
+use crate::tunnel::stream::{codes, encoded};
+
+/// What a listener forwards to.
+#[derive(Clone, Debug)]
+pub enum ListenerTarget {
+    /// One remote service per port.
+    Service(String),
+    /// Any remote service, chosen by `Host: SERVICE.SUFFIX`.
+    Gateway { suffix: String },
+}
+
+/// A configured import listener.
+pub struct ListenerSpec {
+    pub target: ListenerTarget,
+    pub caller: CallerIdentity,
+    /// TLS for `mtls` listeners (client certificate required).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub request_timeout: Option<Duration>,
+    pub max_header_bytes: usize,
+}
+
+/// Shared state of all import listeners of a node.
+pub struct ImportContext {
+    pub peers: Arc<PeerSet>,
+    pub acl: Arc<AclService>,
+    pub metrics: Arc<Metrics>,
+    /// Tracks request-body pumps so draining waits for them.
+    pub tasks: TaskTracker,
+}
+
+/// Per-connection facts.
+struct ConnectionInfo {
+    client: SocketAddr,
+    caller: Arc<str>,
+    proto: &'static str,
+}
+
+/// Accepts connections on `listener` until `shutdown` fires, then lets open connections
+/// finish their in-flight requests (HTTP/2 GOAWAY, HTTP/1.1 close after the response).
+pub async fn serve(
+    listener: TcpListener,
+    spec: Arc<ListenerSpec>,
+    ctx: Arc<ImportContext>,
+    shutdown: CancellationToken,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(spec.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(spec.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(1024)
+        .initial_stream_window_size(1024 * 1024)
+        .initial_connection_window_size(8 * 1024 * 1024)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let builder = Arc::new(builder);
+    loop {
+        let (stream, client) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly instead of spinning.
+                    warn!(error = %e, "accepting an import connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let (spec, ctx, builder, watcher) = (
+            spec.clone(),
+            ctx.clone(),
+            builder.clone(),
+            graceful.watcher(),
+        );
+        ctx.tasks.clone().spawn(async move {
+            let (caller, proto, io): (Arc<str>, &'static str, _) = match (&spec.tls, &spec.caller) {
+                (None, CallerIdentity::Fixed(name)) => (Arc::from(name.as_str()), "http", Io::Plain(stream)),
+                (Some(tls), _) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+                    let tls_stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            info!(%client, error = %e, "import TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            info!(%client, "import TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let caller = match (&spec.caller, caller_from_certificate(&tls_stream)) {
+                        (CallerIdentity::Fixed(name), _) => Arc::from(name.as_str()),
+                        (CallerIdentity::Mtls, Ok(name)) => Arc::from(name.as_str()),
+                        (CallerIdentity::Mtls, Err(e)) => {
+                            info!(%client, error = %e, "import caller certificate is not a service identity");
+                            return;
+                        }
+                    };
+                    (caller, "https", Io::Tls(Box::new(tls_stream)))
+                }
+                (None, CallerIdentity::Mtls) => {
+                    warn!("mtls listener without TLS configuration; refusing connection");
+                    return;
+                }
+            };
+            let info = Arc::new(ConnectionInfo { client, caller, proto });
+            let service = hyper::service::service_fn(move |req| handle(req, info.clone(), spec.clone(), ctx.clone()));
+            let result = match io {
+                Io::Plain(s) => watcher.watch(builder.serve_connection(TokioIo::new(s), service).into_owned()).await,
+                Io::Tls(s) => watcher.watch(builder.serve_connection(TokioIo::new(s), service).into_owned()).await,
+            };
+            if let Err(e) = result {
+                debug!(%client, error = %e, "import connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+enum Io {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+fn caller_from_certificate(
+    tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+) -> Result<String, String> {
+    let certs = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .ok_or("no client certificate")?;
+    let leaf = certs.first().ok_or("empty client certificate chain")?;
+    match hybridge_ca::tls::peer_spiffe_id(leaf).map_err(|e| e.to_string())? {
+        hybridge_ca::spiffe::SpiffeId::Service { name, .. } => Ok(name),
+        other => Err(format!("{other} is not a service identity")),
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    info: Arc<ConnectionInfo>,
+    spec: Arc<ListenerSpec>,
+    ctx: Arc<ImportContext>,
+) -> Result<Response<BoxBody>, Infallible> {
+    let started = Instant::now();
+    let grpc = is_grpc(req.headers());
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let service = match resolve_service(&spec.target, &req) {
+        Ok(s) => s,
+        Err(e) => return Ok(render(&e, grpc, None)),
+    };
+    let stats = ctx.metrics.service(Side::Import, &service);
+    stats.started();
+    let outcome = forward(req, &info, &spec, &ctx, &service).await;
+    stats.finished();
+    let (response, request_id) = match outcome {
+        Ok((response, id)) => (response, Some(id)),
+        Err((e, id)) => {
+            stats.bridge_error(e.reason);
+            (render(&e, grpc, id.as_deref()), id)
+        }
+    };
+    stats.responded(response.status().as_u16(), started.elapsed());
+    info!(
+        target: "hybridge::access",
+        side = "import",
+        request_id = request_id.as_deref().unwrap_or("-"),
+        caller = &*info.caller,
+        client = %info.client,
+        service = %service,
+        method = %method,
+        path = %path,
+        status = response.status().as_u16(),
+        bridge_error = response.headers().get(headers::ERROR_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        duration_us = started.elapsed().as_micros() as u64,
+    );
+    Ok(response)
+}
+
+fn render(e: &BridgeError, grpc: bool, request_id: Option<&str>) -> Response<BoxBody> {
+    let (status, mut headers, body) = e.render(grpc);
+    if let Some(id) = request_id.and_then(|id| http::HeaderValue::from_str(id).ok()) {
+        headers.insert(headers::REQUEST_ID, id);
+    }
+    let mut response = Response::new(body::full(body));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+/// Which remote service a request is for.
+fn resolve_service(
+    target: &ListenerTarget,
+    req: &Request<Incoming>,
+) -> Result<String, BridgeError> {
+    match target {
+        ListenerTarget::Service(s) => Ok(s.clone()),
+        ListenerTarget::Gateway { suffix } => {
+            let host = req
+                .uri()
+                .host()
+                .or_else(|| {
+                    req.headers()
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                })
+                .unwrap_or_default();
+            service_from_host(host, suffix).ok_or_else(|| {
+                BridgeError::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown-host",
+                    format!(
+                        "host `{host}` is not SERVICE.{suffix}; the gateway routes by host name"
+                    ),
+                )
+            })
+        }
+    }
+}
+
+/// `billing.hybridge:8080` with suffix `hybridge` → `billing`.
+pub fn service_from_host(host: &str, suffix: &str) -> Option<String> {
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let service = host.strip_suffix(suffix)?.strip_suffix('.')?;
+    (!service.is_empty() && hybridge_ca::spiffe::validate_segment("service name", service).is_ok())
+        .then(|| service.to_owned())
+}
+
+type Failure = (BridgeError, Option<String>);
+
+async fn forward(
+    req: Request<Incoming>,
+    info: &ConnectionInfo,
+    spec: &ListenerSpec,
+    ctx: &ImportContext,
+    service: &str,
+) -> Result<(Response<BoxBody>, String), Failure> {
+    let (mut parts, body) = req.into_parts();
+    if headers::header_block_size(&parts.headers) > spec.max_header_bytes {
+        return Err((
+            BridgeError::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers-too-large",
+                format!("request headers exceed {} bytes", spec.max_header_bytes),
+            ),
+            None,
+        ));
+    }
+    let request_id = headers::prepare_request(&mut parts.headers, info.client.ip(), info.proto);
+    let fail = |e: BridgeError| (e, Some(request_id.clone()));
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+
+    // Early check with the local snapshot: a denied request never crosses the boundary.
+    // The export node decides again, authoritatively.
+    let decision = ctx.acl.decide(
+        &info.caller,
+        service,
+        parts.method.as_str(),
+        parts.uri.path(),
+    );
+    if !decision.allowed() {
+        return Err(fail(
+            BridgeError::new(
+                StatusCode::FORBIDDEN,
+                "acl-denied",
+                format!(
+                    "{} may not call {service} ({})",
+                    info.caller,
+                    decision.rule_label()
+                ),
+            )
+            .with_header("x-hybridge-acl-rule", decision.rule_label()),
+        ));
+    }
+    let Some(link) = ctx.peers.route(service) else {
+        return Err(fail(BridgeError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no-route",
+            format!("no connected peer exports `{service}`"),
+        )));
+    };
+    let guard = link.stream_guard();
+    let (mut send, mut recv) = link.connection.open_stream().await.map_err(|e| {
+        fail(BridgeError::new(
+            StatusCode::BAD_GATEWAY,
+            "tunnel-unavailable",
+            format!("opening a tunnel stream failed: {e}"),
+        ))
+    })?;
+
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let head = RequestHead {
+        service: service.to_owned(),
+        caller: info.caller.to_string(),
+        request_id: request_id.clone(),
+        deadline_ms: spec
+            .request_timeout
+            .map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
+        method: parts.method.as_str().to_owned(),
+        authority,
+        path,
+        version: match parts.version {
+            http::Version::HTTP_10 => 10,
+            http::Version::HTTP_2 => 20,
+            _ => 11,
+        },
+        headers: headers::to_pairs(&parts.headers),
+    };
+    let encoded_head = encoded(|b| frame::encode_request(&head, b)).map_err(|e| {
+        fail(BridgeError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers-too-large",
+            e.to_string(),
+        ))
+    })?;
+    send.write_encoded(encoded_head).await.map_err(|e| {
+        fail(BridgeError::new(
+            StatusCode::BAD_GATEWAY,
+            "tunnel-stream-failed",
+            e.to_string(),
+        ))
+    })?;
+
+    let stats = ctx.metrics.service(Side::Import, service);
+    let request_bytes = Arc::new(AtomicU64::new(0));
+    {
+        let request_bytes = request_bytes.clone();
+        let stats = stats.clone();
+        ctx.tasks.spawn(async move {
+            let mut body = body;
+            if let Err(e) = body::pump_to_tunnel(&mut body, &mut send, &request_bytes).await {
+                debug!(error = %e, "request body did not reach the tunnel");
+            }
+            stats.add_bytes(request_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
+        });
+    }
+
+    let first = match spec.request_timeout {
+        Some(limit) => tokio::time::timeout(limit, recv.read_frame())
+            .await
+            .map_err(|_| {
+                recv.stop(codes::CANCELLED);
+                fail(BridgeError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    format!("no response within {limit:?}"),
+                ))
+            })?,
+        None => recv.read_frame().await,
+    };
+    let head = match first {
+        Ok(Some(Frame::Response(head))) => head,
+        Ok(Some(_)) => {
+            return Err(fail(BridgeError::new(
+                StatusCode::BAD_GATEWAY,
+                "tunnel-protocol",
+                "peer answered with an unexpected frame",
+            )));
+        }
+        Ok(None) => {
+            return Err(fail(BridgeError::new(
+                StatusCode::BAD_GATEWAY,
+                "tunnel-stream-failed",
+                "peer closed the stream without answering",
+            )));
+        }
+        Err(e) => {
+            return Err(fail(BridgeError::new(
+                StatusCode::BAD_GATEWAY,
+                "tunnel-stream-failed",
+                e.to_string(),
+            )));
+        }
+    };
+    let mut response_headers = headers::from_pairs(head.headers).map_err(|e| {
+        fail(BridgeError::new(
+            StatusCode::BAD_GATEWAY,
+            "tunnel-protocol",
+            e,
+        ))
+    })?;
+    headers::remove_hop_by_hop(&mut response_headers);
+    let status = StatusCode::from_u16(head.status).map_err(|_| {
+        fail(BridgeError::new(
+            StatusCode::BAD_GATEWAY,
+            "tunnel-protocol",
+            "invalid status",
+        ))
+    })?;
+    let response_bytes = Arc::new(AtomicU64::new(0));
+    let keep = (
+        guard,
+        ByteReport {
+            stats,
+            bytes: response_bytes.clone(),
+        },
+    );
+    let mut response = Response::new(body::from_tunnel(recv, keep, response_bytes));
+    *response.status_mut() = status;
+    *response.headers_mut() = response_headers;
+    Ok((response, request_id))
+}
+
+/// Adds the response body's byte count to the service stats when the body is done.
+struct ByteReport {
+    stats: Arc<crate::metrics::ServiceStats>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Drop for ByteReport {
+    fn drop(&mut self) {
+        self.stats
+            .add_bytes(0, self.bytes.load(std::sync::atomic::Ordering::Relaxed));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::service_from_host;
+
+    #[test]
+    fn gateway_host_routing() {
+        assert_eq!(
+            service_from_host("billing.hybridge", "hybridge").as_deref(),
+            Some("billing")
+        );
+        assert_eq!(
+            service_from_host("Billing.Hybridge:8080", "hybridge").as_deref(),
+            Some("billing")
+        );
+        assert_eq!(
+            service_from_host("billing.svc.corp.", "svc.corp").as_deref(),
+            Some("billing")
+        );
+        assert_eq!(service_from_host("hybridge", "hybridge"), None);
+        assert_eq!(service_from_host("billing.example.com", "hybridge"), None);
+        assert_eq!(service_from_host("127.0.0.1:80", "hybridge"), None);
+    }
+}

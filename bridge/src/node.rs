@@ -1,0 +1,594 @@
+//! A running node: composes configuration, TLS material, the ACL store, upstreams, the
+//! tunnel endpoint, dialers, import listeners and the admin API, and owns their shutdown.
+//!
+//! This is the one place where the pieces meet; it holds no protocol or policy logic itself.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use hybridge_ca::spiffe::SpiffeId;
+use hybridge_ca::tls::{PeerExpectation, TlsMaterial};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::acl::AclService;
+use crate::config::{CallerIdentity, Config};
+use crate::http::export::{self, ExportContext};
+use crate::http::import::{self, ImportContext, ListenerSpec, ListenerTarget};
+use crate::metrics::Metrics;
+use crate::tunnel::connection::TunnelConnection;
+use crate::tunnel::control::ControlMessage;
+use crate::tunnel::peers::{Direction, PeerSet};
+use crate::tunnel::quic::{self, TransportTuning};
+use crate::tunnel::session::{self, SessionContext};
+use crate::upstream::Upstream;
+
+/// Where a started node listens.
+#[derive(Clone, Debug)]
+pub struct NodeAddresses {
+    pub tunnel: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    /// (service, address) of every import listener, in config order.
+    pub imports: Vec<(String, SocketAddr)>,
+    pub gateway: Option<SocketAddr>,
+}
+
+/// State shared by the node's tasks and the admin API.
+pub struct NodeState {
+    pub config: ArcSwap<Config>,
+    pub identity: SpiffeId,
+    pub peers: Arc<PeerSet>,
+    pub acl: Arc<AclService>,
+    pub export: Arc<ExportContext>,
+    pub metrics: Arc<Metrics>,
+    pub started: Instant,
+    pub addresses: NodeAddresses,
+    draining: AtomicBool,
+}
+
+impl NodeState {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Ready: not draining and at least one tunnel is up.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && !self.peers.links().is_empty()
+    }
+}
+
+/// A running node.
+pub struct Node {
+    pub state: Arc<NodeState>,
+    endpoint: quinn::Endpoint,
+    /// Listeners, dialers, the accept loop and the admin server.
+    background: TaskTracker,
+    /// Request handlers and body pumps, both directions.
+    requests: TaskTracker,
+    stop_listeners: CancellationToken,
+    stop_tunnels: CancellationToken,
+    stop_rest: CancellationToken,
+    /// Dialing TLS config per peer address, swapped on reload.
+    peer_clients: Vec<(String, Arc<ArcSwap<quinn::ClientConfig>>)>,
+    tuning: TransportTuning,
+}
+
+/// Loads and checks the node's TLS material against its configured identity.
+pub fn load_tls(config: &Config) -> anyhow::Result<TlsMaterial> {
+    let tls = &config.tls;
+    let material = TlsMaterial::load(&tls.ca, &tls.cert, &tls.key, tls.crl.as_deref())?;
+    let expected = SpiffeId::Node {
+        trust_domain: config.node.trust_domain.clone(),
+        site: config.node.site.clone(),
+        name: config.node.name.clone(),
+    };
+    if material.own_id != expected {
+        anyhow::bail!(
+            "node certificate {} is for {} but {} configures this node as {}",
+            tls.cert.display(),
+            material.own_id,
+            config.source.display(),
+            expected
+        );
+    }
+    Ok(material)
+}
+
+impl Node {
+    /// Starts every part of the node; returns once all listeners accept connections.
+    pub async fn start(config: Config) -> anyhow::Result<Node> {
+        let material = load_tls(&config)?;
+        std::fs::create_dir_all(&config.node.data_dir)
+            .with_context(|| format!("creating data dir {}", config.node.data_dir.display()))?;
+        let acl = AclService::open(&config.database_path()).with_context(|| {
+            format!("opening policy store {}", config.database_path().display())
+        })?;
+        let metrics = Arc::new(Metrics::default());
+        let stop_rest = CancellationToken::new();
+
+        let mut services = HashMap::new();
+        for export in &config.exports {
+            let upstream = Upstream::start(&export.name, &export.upstream, stop_rest.child_token())
+                .await
+                .with_context(|| {
+                    format!("{}: export `{}`", config.source.display(), export.name)
+                })?;
+            services.insert(export.name.clone(), upstream);
+        }
+        let export_ctx = Arc::new(ExportContext {
+            acl: acl.clone(),
+            services: ArcSwap::from_pointee(services),
+            metrics: metrics.clone(),
+        });
+
+        let tuning = TransportTuning {
+            keepalive: config.tunnel.keepalive,
+            idle_timeout: config.tunnel.idle_timeout,
+            ..TransportTuning::default()
+        };
+        let server_config = match config.tunnel.listen {
+            Some(_) => Some(quic::server_config(
+                &material,
+                PeerExpectation::NodeOfSites {
+                    trust_domain: config.node.trust_domain.clone(),
+                    sites: config.tunnel.allowed_sites.clone(),
+                },
+                &tuning,
+            )?),
+            None => None,
+        };
+        let bind = config.tunnel.listen.unwrap_or(config.tunnel.bind);
+        let endpoint = quic::bind_endpoint(bind, server_config, material.key.secret_der())
+            .with_context(|| format!("{}: tunnel", config.source.display()))?;
+        let tunnel_addr = match config.tunnel.listen {
+            Some(_) => Some(
+                endpoint
+                    .local_addr()
+                    .context("reading the tunnel address")?,
+            ),
+            None => None,
+        };
+
+        let peers = Arc::new(PeerSet::default());
+        let requests = TaskTracker::new();
+        let background = TaskTracker::new();
+        let stop_listeners = CancellationToken::new();
+        let stop_tunnels = CancellationToken::new();
+
+        // Import listeners are bound before anything is spawned so a port clash fails start.
+        let import_ctx = Arc::new(ImportContext {
+            peers: peers.clone(),
+            acl: acl.clone(),
+            metrics: metrics.clone(),
+            tasks: requests.clone(),
+        });
+        let import_tls = || -> anyhow::Result<Arc<rustls::ServerConfig>> {
+            let expect = PeerExpectation::AnyService {
+                trust_domain: config.node.trust_domain.clone(),
+            };
+            Ok(Arc::new(hybridge_ca::tls::server_config(
+                &material,
+                expect,
+                &[b"h2", b"http/1.1"],
+                false,
+            )?))
+        };
+        let mut listeners = Vec::new();
+        let mut import_addrs = Vec::new();
+        for import in &config.imports {
+            let listener = TcpListener::bind(import.listen).await.with_context(|| {
+                format!(
+                    "{}: import `{}`: binding {}",
+                    config.source.display(),
+                    import.service,
+                    import.listen
+                )
+            })?;
+            import_addrs.push((import.service.clone(), listener.local_addr()?));
+            let tls = if import.caller == CallerIdentity::Mtls {
+                Some(import_tls()?)
+            } else {
+                None
+            };
+            let spec = ListenerSpec {
+                target: ListenerTarget::Service(import.service.clone()),
+                caller: import.caller.clone(),
+                tls,
+                request_timeout: import.request_timeout,
+                max_header_bytes: config.limits.max_header_bytes,
+            };
+            listeners.push((listener, spec));
+        }
+        let mut gateway_addr = None;
+        if let Some(gateway) = &config.gateway {
+            let listener = TcpListener::bind(gateway.listen).await.with_context(|| {
+                format!(
+                    "{}: gateway: binding {}",
+                    config.source.display(),
+                    gateway.listen
+                )
+            })?;
+            gateway_addr = Some(listener.local_addr()?);
+            let tls = if gateway.caller == CallerIdentity::Mtls {
+                Some(import_tls()?)
+            } else {
+                None
+            };
+            let spec = ListenerSpec {
+                target: ListenerTarget::Gateway {
+                    suffix: gateway.suffix.clone(),
+                },
+                caller: gateway.caller.clone(),
+                tls,
+                request_timeout: gateway.request_timeout,
+                max_header_bytes: config.limits.max_header_bytes,
+            };
+            listeners.push((listener, spec));
+        }
+        let admin_listener = TcpListener::bind(config.admin.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "{}: admin: binding {}",
+                    config.source.display(),
+                    config.admin.listen
+                )
+            })?;
+        let admin_addr = admin_listener.local_addr()?;
+
+        let identity = material.own_id.clone();
+        let state = Arc::new(NodeState {
+            config: ArcSwap::from_pointee(config.clone()),
+            identity: identity.clone(),
+            peers: peers.clone(),
+            acl: acl.clone(),
+            export: export_ctx.clone(),
+            metrics: metrics.clone(),
+            started: Instant::now(),
+            addresses: NodeAddresses {
+                tunnel: tunnel_addr,
+                admin: admin_addr,
+                imports: import_addrs,
+                gateway: gateway_addr,
+            },
+            draining: AtomicBool::new(false),
+        });
+
+        let hello_state = Arc::downgrade(&state);
+        let hello_id = identity.to_string();
+        let session_ctx = Arc::new(SessionContext {
+            peers: peers.clone(),
+            metrics: metrics.clone(),
+            tasks: requests.clone(),
+            hello: Box::new(move || {
+                let (exports, version) = hello_state
+                    .upgrade()
+                    .map(|s| (s.config.load().export_names(), s.acl.version()))
+                    .unwrap_or_default();
+                ControlMessage::hello(&hello_id, exports, version)
+            }),
+            on_stream: Box::new(move |send, recv, peer| {
+                Box::pin(export::serve_stream(send, recv, peer, export_ctx.clone()))
+            }),
+        });
+
+        if tunnel_addr.is_some() {
+            background.spawn(accept_loop(
+                endpoint.clone(),
+                session_ctx.clone(),
+                metrics.clone(),
+                stop_tunnels.clone(),
+                background.clone(),
+            ));
+        }
+        let mut peer_clients = Vec::new();
+        for peer in &config.peers {
+            let mut expected_sites = vec![peer.site.clone()];
+            expected_sites.dedup();
+            let expect = match &peer.name {
+                Some(name) => PeerExpectation::Exact(SpiffeId::Node {
+                    trust_domain: config.node.trust_domain.clone(),
+                    site: peer.site.clone(),
+                    name: name.clone(),
+                }),
+                None => PeerExpectation::NodeOfSites {
+                    trust_domain: config.node.trust_domain.clone(),
+                    sites: expected_sites,
+                },
+            };
+            let client = Arc::new(ArcSwap::from_pointee(quic::client_config(
+                &material, expect, &tuning,
+            )?));
+            peer_clients.push((peer.address.clone(), client.clone()));
+            for slot in 0..peer.connections {
+                background.spawn(crate::tunnel::dialer::run(
+                    endpoint.clone(),
+                    peer.clone(),
+                    slot,
+                    client.clone(),
+                    config.tunnel.reconnect_max_backoff,
+                    session_ctx.clone(),
+                    stop_tunnels.clone(),
+                ));
+            }
+        }
+        for (listener, spec) in listeners {
+            background.spawn(import::serve(
+                listener,
+                Arc::new(spec),
+                import_ctx.clone(),
+                stop_listeners.clone(),
+            ));
+        }
+        background.spawn(crate::admin::serve(
+            admin_listener,
+            state.clone(),
+            stop_rest.clone(),
+        ));
+        info!(node = %identity, tunnel = ?tunnel_addr, admin = %admin_addr, "node started");
+        Ok(Node {
+            state,
+            endpoint,
+            background,
+            requests,
+            stop_listeners,
+            stop_tunnels,
+            stop_rest,
+            peer_clients,
+            tuning,
+        })
+    }
+
+    pub fn addresses(&self) -> &NodeAddresses {
+        &self.state.addresses
+    }
+
+    /// Waits (at most `limit`) until a connected peer exports `service`.
+    pub async fn wait_for_route(&self, service: &str, limit: Duration) -> bool {
+        let peers = &self.state.peers;
+        tokio::time::timeout(
+            limit,
+            peers.wait_until(|links| {
+                links
+                    .iter()
+                    .any(|l| !l.is_draining() && l.exports().contains(service))
+            }),
+        )
+        .await
+        .is_ok()
+    }
+
+    /// Re-reads the config file, certificates, CA bundle and CRL without dropping tunnels or
+    /// in-flight requests. New handshakes use the new material; exports are swapped and
+    /// announced to peers. Anything invalid refuses the whole reload and changes nothing.
+    pub async fn reload(&self, path: &std::path::Path) -> anyhow::Result<String> {
+        let new = Config::load(path)?;
+        let material = load_tls(&new)?;
+        let old = self.state.config.load_full();
+        let fixed = |what: &str| {
+            anyhow::anyhow!("{what} changed; that needs a restart (systemctl restart hybridge)")
+        };
+        if (
+            &new.node.name,
+            &new.node.site,
+            &new.node.trust_domain,
+            &new.node.data_dir,
+        ) != (
+            &old.node.name,
+            &old.node.site,
+            &old.node.trust_domain,
+            &old.node.data_dir,
+        ) {
+            return Err(fixed("[node]"));
+        }
+        if new.tunnel.listen != old.tunnel.listen || new.admin.listen != old.admin.listen {
+            return Err(fixed("a tunnel or admin listen address"));
+        }
+        let peer_addresses = |c: &Config| {
+            c.peers
+                .iter()
+                .map(|p| {
+                    (
+                        p.address.clone(),
+                        p.site.clone(),
+                        p.name.clone(),
+                        p.connections,
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        if peer_addresses(&new) != peer_addresses(&old) {
+            return Err(fixed("[[peer]]"));
+        }
+        let listeners = |c: &Config| {
+            let mut v: Vec<String> = c
+                .imports
+                .iter()
+                .map(|i| format!("{}@{}:{:?}", i.service, i.listen, i.caller))
+                .collect();
+            v.extend(
+                c.gateway
+                    .iter()
+                    .map(|g| format!("gateway@{}:{:?}:{}", g.listen, g.caller, g.suffix)),
+            );
+            v
+        };
+        if listeners(&new) != listeners(&old) {
+            return Err(fixed("an import or gateway listener"));
+        }
+        // Build everything first; swap only when all of it succeeded.
+        let server = match new.tunnel.listen {
+            Some(_) => Some(quic::server_config(
+                &material,
+                PeerExpectation::NodeOfSites {
+                    trust_domain: new.node.trust_domain.clone(),
+                    sites: new.tunnel.allowed_sites.clone(),
+                },
+                &self.tuning,
+            )?),
+            None => None,
+        };
+        let mut clients = Vec::new();
+        for (peer, (address, slot)) in new.peers.iter().zip(&self.peer_clients) {
+            debug_assert_eq!(&peer.address, address);
+            let expect = match &peer.name {
+                Some(name) => PeerExpectation::Exact(SpiffeId::Node {
+                    trust_domain: new.node.trust_domain.clone(),
+                    site: peer.site.clone(),
+                    name: name.clone(),
+                }),
+                None => PeerExpectation::NodeOfSites {
+                    trust_domain: new.node.trust_domain.clone(),
+                    sites: vec![peer.site.clone()],
+                },
+            };
+            clients.push((
+                slot.clone(),
+                quic::client_config(&material, expect, &self.tuning)?,
+            ));
+        }
+        let current = self.state.export.services.load_full();
+        let mut services = HashMap::new();
+        let mut started = Vec::new();
+        for export in &new.exports {
+            let unchanged = old
+                .exports
+                .iter()
+                .any(|e| e.name == export.name && e.upstream == export.upstream);
+            match current.get(&export.name) {
+                Some(upstream) if unchanged => {
+                    services.insert(export.name.clone(), upstream.clone());
+                }
+                _ => {
+                    let upstream = Upstream::start(
+                        &export.name,
+                        &export.upstream,
+                        self.stop_rest.child_token(),
+                    )
+                    .await
+                    .with_context(|| format!("{}: export `{}`", path.display(), export.name))?;
+                    started.push(export.name.clone());
+                    services.insert(export.name.clone(), upstream);
+                }
+            }
+        }
+        if let Some(server) = server {
+            self.endpoint.set_server_config(Some(server));
+        }
+        for (slot, client) in clients {
+            slot.store(Arc::new(client));
+        }
+        self.state.export.services.store(Arc::new(services));
+        let exports_changed = new.export_names() != old.export_names();
+        self.state.config.store(Arc::new(new));
+        let config = self.state.config.load();
+        self.state.peers.broadcast(&ControlMessage::Exports {
+            exports: config.export_names(),
+            policy_version: self.state.acl.version(),
+        });
+        Ok(format!(
+            "certificates reloaded; {} export(s), {} restarted{}",
+            config.exports.len(),
+            started.len(),
+            if exports_changed {
+                ", export list announced to peers"
+            } else {
+                ""
+            }
+        ))
+    }
+
+    /// Drains and stops: tell peers we are going away and wait for them to acknowledge,
+    /// stop accepting callers, finish in-flight requests (up to the drain timeout), then
+    /// close tunnels.
+    pub async fn shutdown(self) {
+        let state = &self.state;
+        state.draining.store(true, Ordering::Release);
+        let deadline = Instant::now() + state.config.load().limits.drain_timeout;
+        state.peers.broadcast(&ControlMessage::GoAway {
+            reason: "node shutting down".into(),
+        });
+        let acknowledged = tokio::time::timeout_at(
+            deadline.into(),
+            state
+                .peers
+                .wait_until(|links| links.iter().all(|l| l.drain_acknowledged())),
+        )
+        .await;
+        if acknowledged.is_err() {
+            warn!("not every peer acknowledged the drain before the deadline");
+        }
+        self.stop_listeners.cancel();
+        self.requests.close();
+        if tokio::time::timeout_at(deadline.into(), self.requests.wait())
+            .await
+            .is_err()
+        {
+            warn!("drain deadline reached with requests still in flight");
+        }
+        self.stop_tunnels.cancel();
+        self.endpoint.close(
+            quinn::VarInt::from_u32(crate::tunnel::stream::codes::GOING_AWAY),
+            b"node shutting down",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        self.stop_rest.cancel();
+        self.background.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.background.wait()).await;
+        info!(node = %state.identity, "node stopped");
+    }
+
+    /// Stops at once without draining (tests of peer failure use this).
+    pub async fn abort(self) {
+        self.stop_listeners.cancel();
+        self.stop_tunnels.cancel();
+        self.stop_rest.cancel();
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"aborted");
+        self.background.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.background.wait()).await;
+    }
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    ctx: Arc<SessionContext>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(i) => i,
+                None => break,
+            },
+            () = cancel.cancelled() => break,
+        };
+        let (ctx, metrics, cancel) = (ctx.clone(), metrics.clone(), cancel.clone());
+        tasks.spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(connection) => {
+                    session::run(
+                        TunnelConnection::Quic(connection),
+                        Direction::Accepted,
+                        ctx,
+                        cancel,
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    metrics.handshake_failed(&e.to_string());
+                    warn!(%remote, error = %e, "tunnel handshake refused");
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,101 @@
+//! An authenticated connection to a peer node that opens and accepts bidirectional streams.
+//!
+//! The other half of the transport seam (see `stream`). It owns no routing or HTTP logic;
+//! QUIC is the only variant today, a TLS-over-TCP fallback slots in beside it.
+
+use std::time::Duration;
+
+use hybridge_ca::spiffe::SpiffeId;
+
+use super::stream::{RecvHalf, SendHalf};
+
+/// A live tunnel connection to one peer node.
+#[derive(Clone)]
+pub enum TunnelConnection {
+    Quic(quinn::Connection),
+}
+
+/// Counters a connection can report for metrics and status.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnectionStats {
+    pub rtt: Duration,
+    pub lost_packets: u64,
+    pub sent_packets: u64,
+    pub congestion_events: u64,
+}
+
+impl TunnelConnection {
+    /// Opens a new bidirectional stream.
+    pub async fn open_stream(&self) -> Result<(SendHalf, RecvHalf), String> {
+        match self {
+            Self::Quic(c) => {
+                let (send, recv) = c.open_bi().await.map_err(|e| e.to_string())?;
+                Ok((SendHalf::Quic(send), RecvHalf::quic(recv)))
+            }
+        }
+    }
+
+    /// Waits for the peer to open a stream; `Err` once the connection is gone.
+    pub async fn accept_stream(&self) -> Result<(SendHalf, RecvHalf), String> {
+        match self {
+            Self::Quic(c) => {
+                let (send, recv) = c.accept_bi().await.map_err(|e| e.to_string())?;
+                Ok((SendHalf::Quic(send), RecvHalf::quic(recv)))
+            }
+        }
+    }
+
+    /// The peer's identity from its certificate (checked during the handshake).
+    pub fn peer_id(&self) -> Option<SpiffeId> {
+        match self {
+            Self::Quic(c) => {
+                let identity = c.peer_identity()?;
+                let certs = identity
+                    .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                    .ok()?;
+                hybridge_ca::tls::peer_spiffe_id(certs.first()?).ok()
+            }
+        }
+    }
+
+    pub fn remote_address(&self) -> std::net::SocketAddr {
+        match self {
+            Self::Quic(c) => c.remote_address(),
+        }
+    }
+
+    pub fn stats(&self) -> ConnectionStats {
+        match self {
+            Self::Quic(c) => {
+                let s = c.stats();
+                ConnectionStats {
+                    rtt: c.rtt(),
+                    lost_packets: s.path.lost_packets,
+                    sent_packets: s.path.sent_packets,
+                    congestion_events: s.path.congestion_events,
+                }
+            }
+        }
+    }
+
+    /// Closes the connection with an application code and a reason the peer logs.
+    pub fn close(&self, code: u32, reason: &str) {
+        match self {
+            Self::Quic(c) => c.close(quinn::VarInt::from_u32(code), reason.as_bytes()),
+        }
+    }
+
+    /// Resolves when the connection is closed, with the reason.
+    pub async fn closed(&self) -> String {
+        match self {
+            Self::Quic(c) => c.closed().await.to_string(),
+        }
+    }
+
+    /// A stable id for this connection within the process.
+    pub fn stable_id(&self) -> usize {
+        match self {
+            Self::Quic(c) => c.stable_id(),
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The control stream: the first stream of every tunnel connection.
+//!
+//! Carries the versioned hello (who I am, which services I export, my policy version), later
+//! export updates after a reload, and GOAWAY when a node drains. Messages are JSON inside
+//! CONTROL frames: rare, small and easy to extend (unknown fields are ignored so a newer peer
+//! can add some). It does not route or forward requests.
+
+use serde::{Deserialize, Serialize};
+
+use super::frame::{self, Frame, PROTOCOL_VERSION};
+use super::stream::{RecvHalf, SendHalf, StreamError, encoded};
+
+/// One message on the control stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControlMessage {
+    /// First message each way.
+    Hello {
+        version: u8,
+        node: String,
+        exports: Vec<String>,
+        policy_version: u64,
+    },
+    /// The sender's exported services changed (config reload) or its policy version moved.
+    Exports {
+        exports: Vec<String>,
+        policy_version: u64,
+    },
+    /// The sender is draining: open no new streams to it; in-flight streams finish.
+    GoAway { reason: String },
+    /// Answer to GOAWAY: the sender has stopped routing new requests to this connection.
+    DrainAck,
+}
+
+impl ControlMessage {
+    pub fn hello(node: &str, exports: Vec<String>, policy_version: u64) -> Self {
+        Self::Hello {
+            version: PROTOCOL_VERSION,
+            node: node.to_owned(),
+            exports,
+            policy_version,
+        }
+    }
+}
+
+/// Writes one control message.
+pub async fn send(out: &mut SendHalf, message: &ControlMessage) -> Result<(), StreamError> {
+    let json = serde_json::to_vec(message).map_err(|e| StreamError::Write(e.to_string()))?;
+    let bytes = encoded(|b| frame::encode_control(&json, b))?;
+    out.write_encoded(bytes).await
+}
+
+/// Reads the next control message; `Ok(None)` when the peer closed the control stream.
+pub async fn receive(input: &mut RecvHalf) -> Result<Option<ControlMessage>, StreamError> {
+    match input.read_frame().await? {
+        None => Ok(None),
+        Some(Frame::Control(payload)) => serde_json::from_slice(&payload)
+            .map(Some)
+            .map_err(|e| StreamError::Read(format!("malformed control message: {e}"))),
+        Some(_) => Err(StreamError::Unexpected(
+            "non-control frame on the control stream",
+        )),
+    }
+}
+
+/// Checks a peer's hello and returns its exports and policy version.
+pub fn check_hello(message: ControlMessage) -> Result<(Vec<String>, u64), String> {
+    match message {
+        ControlMessage::Hello {
+            version,
+            exports,
+            policy_version,
+            ..
+        } if version == PROTOCOL_VERSION => Ok((exports, policy_version)),
+        ControlMessage::Hello { version, .. } => Err(format!(
+            "peer speaks tunnel protocol version {version}, this node speaks {PROTOCOL_VERSION}"
+        )),
+        other => Err(format!(
+            "expected hello on the control stream, got {other:?}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_is_stable_json_and_ignores_unknown_fields() {
+        let hello = ControlMessage::hello("spiffe://td/site/a/node/n", vec!["billing".into()], 7);
+        let json = serde_json::to_string(&hello).unwrap();
+        assert_eq!(
+            json,
+            r#"{"type":"hello","version":1,"node":"spiffe://td/site/a/node/n","exports":["billing"],"policy_version":7}"#
+        );
+        let newer = r#"{"type":"go_away","reason":"drain","future_field":1}"#;
+        assert_eq!(
+            serde_json::from_str::<ControlMessage>(newer).unwrap(),
+            ControlMessage::GoAway {
+                reason: "drain".into()
+            }
+        );
+    }
+
+    #[test]
+    fn version_mismatch_is_explained() {
+        let hello = ControlMessage::Hello {
+            version: 9,
+            node: "n".into(),
+            exports: vec![],
+            policy_version: 0,
+        };
+        assert!(check_hello(hello).unwrap_err().contains("version 9"));
+    }
+}

@@ -1,0 +1,86 @@
+//! Dialing out to a configured peer and keeping the connection up: resolve, connect,
+//! run the session, and reconnect with exponential backoff and jitter.
+//!
+//! One dialer task per (peer, connection slot). It owns no routing; sessions register links.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::connection::TunnelConnection;
+use super::peers::Direction;
+use super::session::{self, SessionContext};
+use crate::config::PeerConfig;
+
+const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Keeps one connection to `peer` up until `cancel` fires.
+pub async fn run(
+    endpoint: quinn::Endpoint,
+    peer: PeerConfig,
+    slot: u8,
+    client_config: Arc<ArcSwap<quinn::ClientConfig>>,
+    max_backoff: Duration,
+    ctx: Arc<SessionContext>,
+    cancel: CancellationToken,
+) {
+    let host = peer
+        .address
+        .rsplit_once(':')
+        .map_or(peer.address.as_str(), |(h, _)| h);
+    let server_name =
+        super::quic::server_name_for(host.trim_start_matches('[').trim_end_matches(']'));
+    let mut backoff = INITIAL_BACKOFF;
+    while !cancel.is_cancelled() {
+        match connect(&endpoint, &peer.address, &server_name, &client_config).await {
+            Ok(connection) => {
+                backoff = INITIAL_BACKOFF;
+                let reason = session::run(
+                    TunnelConnection::Quic(connection),
+                    Direction::Dialed,
+                    ctx.clone(),
+                    cancel.clone(),
+                )
+                .await;
+                info!(peer = %peer.address, slot, %reason, "tunnel connection ended; reconnecting");
+            }
+            Err(reason) => {
+                ctx.metrics.handshake_failed(&reason);
+                warn!(peer = %peer.address, slot, %reason, retry_in_ms = backoff.as_millis() as u64, "tunnel connect failed");
+            }
+        }
+        // Full jitter in [backoff/2, backoff]: many on-prem nodes must not reconnect in lockstep.
+        let wait = backoff.mul_f64(rand::random_range(0.5..=1.0));
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = cancel.cancelled() => break,
+        }
+        backoff = (backoff * 2).min(max_backoff);
+    }
+}
+
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    address: &str,
+    server_name: &str,
+    config: &ArcSwap<quinn::ClientConfig>,
+) -> Result<quinn::Connection, String> {
+    let addr = tokio::net::lookup_host(address)
+        .await
+        .map_err(|e| format!("resolving {address}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("resolving {address}: no addresses"))?;
+    let connecting = endpoint
+        .connect_with(
+            quinn::ClientConfig::clone(&config.load()),
+            addr,
+            server_name,
+        )
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    connecting
+        .await
+        .map_err(|e| format!("handshake with {addr}: {e}"))
+}

@@ -1,0 +1,14 @@
+//! Tunnels between nodes: wire format (`frame`), the transport seam (`connection`,
+//! `stream`), QUIC specifics (`quic`), the control stream (`control`), live links and
+//! routing (`peers`), a connection's life (`session`) and dialing out (`dialer`).
+//!
+//! Nothing here knows HTTP semantics: requests are opaque frames to this module.
+
+pub mod connection;
+pub mod control;
+pub mod dialer;
+pub mod frame;
+pub mod peers;
+pub mod quic;
+pub mod session;
+pub mod stream;

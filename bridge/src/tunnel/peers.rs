@@ -1,0 +1,230 @@
+//! The set of live tunnel connections and which services each peer exports.
+//!
+//! Owns routing a request to a connection (only to peers that export the service and are
+//! not draining; power of two choices on open streams). It does not open streams itself or
+//! know about HTTP. Readers never lock: the link list is an `ArcSwap` replaced on change.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use hybridge_ca::spiffe::SpiffeId;
+use tokio::sync::mpsc;
+
+use super::connection::TunnelConnection;
+use super::control::ControlMessage;
+
+/// Which side opened the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Dialed,
+    Accepted,
+}
+
+/// One live, handshaken tunnel connection.
+pub struct PeerLink {
+    pub connection: TunnelConnection,
+    pub peer: SpiffeId,
+    pub direction: Direction,
+    pub established: Instant,
+    exports: ArcSwap<HashSet<String>>,
+    draining: AtomicBool,
+    drain_acknowledged: AtomicBool,
+    active_streams: AtomicUsize,
+    total_streams: AtomicU64,
+    policy_version: AtomicU64,
+    control: mpsc::Sender<ControlMessage>,
+}
+
+impl PeerLink {
+    pub fn new(
+        connection: TunnelConnection,
+        peer: SpiffeId,
+        direction: Direction,
+        exports: Vec<String>,
+        policy_version: u64,
+        control: mpsc::Sender<ControlMessage>,
+    ) -> Self {
+        Self {
+            connection,
+            peer,
+            direction,
+            established: Instant::now(),
+            exports: ArcSwap::from_pointee(exports.into_iter().collect()),
+            draining: AtomicBool::new(false),
+            drain_acknowledged: AtomicBool::new(false),
+            active_streams: AtomicUsize::new(0),
+            total_streams: AtomicU64::new(0),
+            policy_version: AtomicU64::new(policy_version),
+            control,
+        }
+    }
+
+    pub fn id(&self) -> usize {
+        self.connection.stable_id()
+    }
+
+    pub fn exports(&self) -> Arc<HashSet<String>> {
+        self.exports.load_full()
+    }
+
+    pub fn set_exports(&self, exports: Vec<String>, policy_version: u64) {
+        self.exports.store(Arc::new(exports.into_iter().collect()));
+        self.policy_version.store(policy_version, Ordering::Relaxed);
+    }
+
+    pub fn policy_version(&self) -> u64 {
+        self.policy_version.load(Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn mark_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// The peer confirmed it stopped sending us new requests after our GOAWAY.
+    pub fn drain_acknowledged(&self) -> bool {
+        self.drain_acknowledged.load(Ordering::Acquire)
+    }
+
+    pub fn mark_drain_acknowledged(&self) {
+        self.drain_acknowledged.store(true, Ordering::Release);
+    }
+
+    pub fn active_streams(&self) -> usize {
+        self.active_streams.load(Ordering::Relaxed)
+    }
+
+    pub fn total_streams(&self) -> u64 {
+        self.total_streams.load(Ordering::Relaxed)
+    }
+
+    /// Counts a stream as active until the guard drops.
+    pub fn stream_guard(self: &Arc<Self>) -> StreamGuard {
+        self.active_streams.fetch_add(1, Ordering::Relaxed);
+        self.total_streams.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(self.clone())
+    }
+
+    /// Queues a control message to this peer; drops it if the control writer is gone or
+    /// backed up (control messages are advisory and re-sent state, never data).
+    pub fn send_control(&self, message: ControlMessage) {
+        let _ = self.control.try_send(message);
+    }
+}
+
+/// Keeps a link's active-stream count up while a request uses it.
+pub struct StreamGuard(Arc<PeerLink>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.active_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// All live links of this node.
+pub struct PeerSet {
+    links: ArcSwap<Vec<Arc<PeerLink>>>,
+    /// Bumped on every change, so callers can wait for a route instead of sleeping.
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for PeerSet {
+    fn default() -> Self {
+        Self {
+            links: ArcSwap::default(),
+            changed: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+impl PeerSet {
+    pub fn insert(&self, link: Arc<PeerLink>) {
+        self.links.rcu(|links| {
+            let mut next = Vec::clone(links);
+            next.push(link.clone());
+            next
+        });
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    pub fn remove(&self, id: usize) {
+        self.links.rcu(|links| {
+            links
+                .iter()
+                .filter(|l| l.id() != id)
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Signals a change that is not an insert or remove (exports, draining).
+    pub fn touch(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Waits until `condition` holds over the current links (re-checked on every change).
+    pub async fn wait_until(&self, mut condition: impl FnMut(&[Arc<PeerLink>]) -> bool) {
+        let mut rx = self.changed.subscribe();
+        loop {
+            if condition(&self.links.load()) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub fn links(&self) -> Arc<Vec<Arc<PeerLink>>> {
+        self.links.load_full()
+    }
+
+    /// Picks a link for `service`: among non-draining links that export it, the less busy
+    /// of two chosen at random (so one hot connection does not take every request).
+    pub fn route(&self, service: &str) -> Option<Arc<PeerLink>> {
+        let links = self.links.load();
+        let mut candidates: Vec<&Arc<PeerLink>> = links
+            .iter()
+            .filter(|l| !l.is_draining() && l.exports.load().contains(service))
+            .collect();
+        match candidates.len() {
+            0 => None,
+            1 => candidates.pop().cloned(),
+            n => {
+                let a = rand::random_range(0..n);
+                let mut b = rand::random_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (a, b) = (candidates[a], candidates[b]);
+                Some(if b.active_streams() < a.active_streams() {
+                    b.clone()
+                } else {
+                    a.clone()
+                })
+            }
+        }
+    }
+
+    /// Whether any live link exports `service`, draining or not (for error messages).
+    pub fn anyone_exports(&self, service: &str) -> bool {
+        self.links
+            .load()
+            .iter()
+            .any(|l| l.exports.load().contains(service))
+    }
+
+    pub fn broadcast(&self, message: &ControlMessage) {
+        for link in self.links.load().iter() {
+            link.send_control(message.clone());
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! One tunnel connection's life after the QUIC/TLS handshake: the control-stream hello,
+//! registration in the peer set, control updates (exports, GOAWAY) and accepting the peer's
+//! request streams.
+//!
+//! It hands each accepted stream to a callback and never looks inside; it does not dial or
+//! reconnect (that is `dialer`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::connection::TunnelConnection;
+use super::control::{self, ControlMessage};
+use super::peers::{Direction, PeerLink, PeerSet};
+use super::stream::{RecvHalf, SendHalf, codes};
+use crate::metrics::Metrics;
+
+/// How long a fresh connection may take to exchange hellos.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one request stream opened by the peer (named by its SPIFFE id).
+pub type StreamHandler = Box<
+    dyn Fn(SendHalf, RecvHalf, Arc<str>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync,
+>;
+
+/// What a session needs from its node.
+pub struct SessionContext {
+    pub peers: Arc<PeerSet>,
+    pub metrics: Arc<Metrics>,
+    /// Spawns and tracks request handlers, so draining can wait for them.
+    pub tasks: TaskTracker,
+    /// Our hello, built fresh for every connection (exports and policy version change).
+    pub hello: Box<dyn Fn() -> ControlMessage + Send + Sync>,
+    /// Serves one request stream from the peer.
+    pub on_stream: StreamHandler,
+}
+
+/// Runs a session until the connection closes or `cancel` fires; returns why it ended.
+pub async fn run(
+    connection: TunnelConnection,
+    direction: Direction,
+    ctx: Arc<SessionContext>,
+    cancel: CancellationToken,
+) -> String {
+    let Some(peer) = connection.peer_id() else {
+        connection.close(codes::PROTOCOL, "no peer identity");
+        return "peer presented no usable identity".into();
+    };
+    let peer_name: Arc<str> = Arc::from(peer.to_string());
+    let hello = (ctx.hello)();
+    let handshake = async {
+        let (mut send, mut recv) = match direction {
+            Direction::Dialed => connection.open_stream().await?,
+            Direction::Accepted => connection.accept_stream().await?,
+        };
+        if direction == Direction::Dialed {
+            control::send(&mut send, &hello)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let theirs = control::receive(&mut recv)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("peer closed the control stream")?;
+        let (exports, policy_version) = control::check_hello(theirs)?;
+        if direction == Direction::Accepted {
+            control::send(&mut send, &hello)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok::<_, String>((send, recv, exports, policy_version))
+    };
+    let (mut control_send, mut control_recv, exports, policy_version) =
+        match tokio::time::timeout(HELLO_TIMEOUT, handshake).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                connection.close(codes::PROTOCOL, "control handshake failed");
+                ctx.metrics.handshake_failed(&format!("control: {e}"));
+                return format!("control handshake failed: {e}");
+            }
+            Err(_) => {
+                connection.close(codes::PROTOCOL, "control handshake timed out");
+                ctx.metrics.handshake_failed("control: timeout");
+                return "control handshake timed out".into();
+            }
+        };
+
+    let (control_tx, mut control_rx) = mpsc::channel::<ControlMessage>(16);
+    let link = Arc::new(PeerLink::new(
+        connection.clone(),
+        peer.clone(),
+        direction,
+        exports.clone(),
+        policy_version,
+        control_tx,
+    ));
+    ctx.peers.insert(link.clone());
+    ctx.metrics.tunnel_connected(&peer_name);
+    info!(peer = %peer_name, remote = %connection.remote_address(), ?direction, ?exports, "tunnel up");
+
+    let writer = async {
+        while let Some(message) = control_rx.recv().await {
+            if let Err(e) = control::send(&mut control_send, &message).await {
+                debug!(error = %e, "control stream write failed");
+                break;
+            }
+        }
+    };
+    let reader = async {
+        loop {
+            match control::receive(&mut control_recv).await {
+                Ok(Some(ControlMessage::Exports {
+                    exports,
+                    policy_version,
+                })) => {
+                    info!(peer = %peer_name, ?exports, policy_version, "peer exports changed");
+                    link.set_exports(exports, policy_version);
+                    ctx.peers.touch();
+                }
+                Ok(Some(ControlMessage::GoAway { reason })) => {
+                    info!(peer = %peer_name, %reason, "peer is draining; sending it no new requests");
+                    link.mark_draining();
+                    link.send_control(ControlMessage::DrainAck);
+                    ctx.peers.touch();
+                }
+                Ok(Some(ControlMessage::DrainAck)) => {
+                    link.mark_drain_acknowledged();
+                    ctx.peers.touch();
+                }
+                Ok(Some(ControlMessage::Hello { .. })) => {
+                    warn!(peer = %peer_name, "unexpected second hello ignored");
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(peer = %peer_name, error = %e, "control stream ended");
+                    break;
+                }
+            }
+        }
+    };
+    let acceptor = async {
+        loop {
+            match connection.accept_stream().await {
+                Ok((send, recv)) => {
+                    let handler = (ctx.on_stream)(send, recv, peer_name.clone());
+                    ctx.tasks.spawn(handler);
+                }
+                Err(reason) => break reason,
+            }
+        }
+    };
+    let reason = tokio::select! {
+        reason = acceptor => reason,
+        () = reader => {
+            connection.close(codes::PROTOCOL, "control stream closed");
+            "peer closed the control stream".to_owned()
+        }
+        () = writer => {
+            connection.close(codes::PROTOCOL, "control stream failed");
+            "control stream write failed".to_owned()
+        }
+        () = cancel.cancelled() => {
+            connection.close(codes::GOING_AWAY, "node shutting down");
+            "node shutting down".to_owned()
+        }
+    };
+    ctx.peers.remove(link.id());
+    ctx.metrics.tunnel_disconnected(&peer_name, &reason);
+    info!(peer = %peer_name, %reason, "tunnel down");
+    reason
+}

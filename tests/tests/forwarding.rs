@@ -1,0 +1,377 @@
+//! End to end through real nodes on loopback: import → QUIC tunnel → export → upstream and
+//! back, in both directions, with real HTTP/1.1 and HTTP/2 clients and demo upstreams.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hybridge::demo::{DemoUpstream, pattern_byte};
+use hybridge_tests::*;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+struct Pair {
+    _pki: Pki,
+    cloud: hybridge::node::Node,
+    onprem: hybridge::node::Node,
+    inventory: DemoUpstream,
+    _ledger: DemoUpstream,
+    cancel: CancellationToken,
+}
+
+/// cloud exports `inventory` (imported on-prem for caller `web`); on-prem exports
+/// `ledger` (imported in the cloud for caller `reporting`).
+async fn pair() -> Pair {
+    let pki = Pki::new();
+    let cancel = CancellationToken::new();
+    let loopback = "127.0.0.1:0".parse().unwrap();
+    let inventory = DemoUpstream::start("inventory", loopback, cancel.child_token())
+        .await
+        .unwrap();
+    let ledger = DemoUpstream::start("ledger", loopback, cancel.child_token())
+        .await
+        .unwrap();
+    let mut cloud = NodeOptions::cloud(&pki, "cloud-1");
+    cloud
+        .exports
+        .push(ExportSpec::http1("inventory", &[inventory.local_addr()]));
+    cloud.imports.push(("ledger".into(), "reporting".into()));
+    let cloud = cloud.start().await;
+    let mut onprem = NodeOptions::onprem(&pki, "onprem-1", &[cloud.addresses().tunnel.unwrap()]);
+    onprem
+        .exports
+        .push(ExportSpec::h2c("ledger", &[ledger.local_addr()]));
+    onprem.imports.push(("inventory".into(), "web".into()));
+    onprem.gateway = true;
+    let onprem = onprem.start().await;
+    for node in [&cloud, &onprem] {
+        allow(node, "web", "inventory");
+        allow(node, "reporting", "ledger");
+    }
+    assert!(
+        onprem.wait_for_route("inventory", WAIT).await,
+        "tunnel did not come up"
+    );
+    assert!(
+        cloud.wait_for_route("ledger", WAIT).await,
+        "tunnel did not come up"
+    );
+    Pair {
+        _pki: pki,
+        cloud,
+        onprem,
+        inventory,
+        _ledger: ledger,
+        cancel,
+    }
+}
+
+impl Pair {
+    async fn stop(self) {
+        self.onprem.shutdown().await;
+        self.cloud.shutdown().await;
+        self.cancel.cancel();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_cross_the_tunnel_in_both_directions_with_headers_intact() {
+    let p = pair().await;
+    let inventory = import_addr(&p.onprem, "inventory");
+    let body = Bytes::from_static(b"{\"sku\":42}");
+    let a = http1(
+        inventory,
+        "POST",
+        "/echo/items?sku=42",
+        &[
+            ("content-type", "application/json"),
+            ("x-custom", "kept"),
+            ("x-hybridge-caller", "admin"),
+            ("connection", "x-drop"),
+            ("x-drop", "1"),
+        ],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(a.header("x-demo-upstream"), Some("inventory"));
+    let echo = a.json();
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["path"], "/echo/items");
+    assert_eq!(echo["query"], "sku=42");
+    assert_eq!(echo["body_len"], 10);
+    assert_eq!(echo["body_sha256"], hex::encode(Sha256::digest(&body)));
+    let headers = &echo["headers"];
+    assert_eq!(headers["x-custom"][0], "kept");
+    assert_eq!(headers["content-type"][0], "application/json");
+    assert!(
+        headers.get("x-hybridge-caller").is_none(),
+        "callers cannot assert identity: {headers}"
+    );
+    assert!(
+        headers.get("x-drop").is_none(),
+        "headers named in Connection are hop-by-hop"
+    );
+    assert_eq!(headers["x-forwarded-for"][0], "127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"][0], "http");
+    let request_id = headers["x-request-id"][0].as_str().unwrap();
+    assert_eq!(request_id.len(), 36);
+
+    // The other direction: the cloud caller reaches the on-prem ledger over the on-prem
+    // node's outbound connection, and the upstream speaks h2c.
+    let ledger = import_addr(&p.cloud, "ledger");
+    let b = http1(
+        ledger,
+        "GET",
+        "/echo/balance",
+        &[("x-request-id", "trace-me-1")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(b.status, 200);
+    assert_eq!(b.header("x-demo-upstream"), Some("ledger"));
+    assert_eq!(b.json()["version"], "HTTP/2.0");
+    assert_eq!(b.json()["headers"]["x-request-id"][0], "trace-me-1");
+
+    // HTTP/2 caller, with the gateway routing by Host.
+    let gateway = p.onprem.addresses().gateway.unwrap();
+    let mut h2 = h2c(gateway).await;
+    let request = http::Request::builder()
+        .uri(format!(
+            "http://inventory.hybridge:{}/echo/h2",
+            gateway.port()
+        ))
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let c = collect(h2.send_request(request).await.unwrap()).await;
+    assert_eq!(c.status, 200);
+    assert_eq!(c.json()["path"], "/echo/h2");
+    assert_eq!(
+        c.json()["headers"]["host"][0],
+        format!("inventory.hybridge:{}", gateway.port())
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_codes_and_trailers_pass_through() {
+    let p = pair().await;
+    let inventory = import_addr(&p.onprem, "inventory");
+    for code in [201u16, 204, 404, 503] {
+        let a = http1(
+            inventory,
+            "GET",
+            &format!("/status/{code}"),
+            &[],
+            Bytes::new(),
+        )
+        .await;
+        assert_eq!(a.status, code);
+        assert!(
+            a.header("x-hybridge-error").is_none(),
+            "upstream statuses are not bridge errors"
+        );
+    }
+    let mut h2 = h2c(inventory).await;
+    let request = http::Request::builder()
+        .uri("/trailers")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let t = collect(h2.send_request(request).await.unwrap()).await;
+    assert_eq!(t.status, 200);
+    let expected = hex::encode(Sha256::digest(&t.body));
+    assert_eq!(t.trailers.unwrap()["x-checksum"], expected.as_str());
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mib_upload_and_download_arrive_byte_identical() {
+    const SIZE: u64 = 100 * 1024 * 1024;
+    let p = pair().await;
+    let inventory = import_addr(&p.onprem, "inventory");
+    let mut expected = Sha256::new();
+    let chunk: Vec<u8> = (0..65536u64).map(pattern_byte).collect();
+    // 65536 is not a multiple of 251, so generate the pattern continuously.
+    let mut offset = 0u64;
+    while offset < SIZE {
+        let n = (SIZE - offset).min(65536);
+        let piece: Vec<u8> = (offset..offset + n).map(pattern_byte).collect();
+        expected.update(&piece);
+        offset += n;
+    }
+    let expected = hex::encode(expected.finalize());
+    drop(chunk);
+
+    // Download: stream and hash without holding it.
+    let stream = tokio::net::TcpStream::connect(inventory).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri(format!("/bytes/{SIZE}"))
+        .header("host", "x")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let (mut hasher, mut received) = (Sha256::new(), 0u64);
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            received += data.len() as u64;
+            hasher.update(&data);
+        }
+    }
+    assert_eq!(received, SIZE);
+    assert_eq!(hex::encode(hasher.finalize()), expected);
+
+    // Upload: a streamed body of unknown length (chunked), hashed by the upstream.
+    let stream = tokio::net::TcpStream::connect(inventory).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let chunks = futures_util::stream::iter((0..SIZE).step_by(65536)).map(|start| {
+        let piece: Vec<u8> = (start..(start + 65536).min(SIZE))
+            .map(pattern_byte)
+            .collect();
+        Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from(piece)))
+    });
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("/sha256")
+        .header("host", "x")
+        .body(StreamBody::new(chunks))
+        .unwrap();
+    let a = collect(sender.send_request(request).await.unwrap()).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json()["len"], SIZE);
+    assert_eq!(a.json()["sha256"], expected.as_str());
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_errors_are_explicit() {
+    let p = pair().await;
+    let inventory = import_addr(&p.onprem, "inventory");
+    // ACL: `web` may call inventory, but the on-prem ledger import in the cloud is for
+    // `reporting`; a rule removed on both sides turns into 403 with the reason.
+    let gateway = p.onprem.addresses().gateway.unwrap();
+    let denied = http1(
+        gateway,
+        "GET",
+        "/",
+        &[("host", "ledger.hybridge")],
+        Bytes::new(),
+    )
+    .await;
+    // The gateway's caller is `web`, which no rule allows to reach ledger.
+    assert_eq!(denied.status, 403);
+    assert_eq!(denied.header("x-hybridge-error"), Some("acl-denied"));
+    assert_eq!(denied.header("x-hybridge-acl-rule"), Some("default-deny"));
+
+    let unknown = http1(
+        gateway,
+        "GET",
+        "/",
+        &[("host", "example.com")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.header("x-hybridge-error"), Some("unknown-host"));
+
+    // Nobody exports `nothing`: allowed by policy, but there is no route.
+    allow(&p.onprem, "web", "nothing");
+    let no_route = http1(
+        gateway,
+        "GET",
+        "/",
+        &[("host", "nothing.hybridge")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(no_route.status, 503);
+    assert_eq!(no_route.header("x-hybridge-error"), Some("no-route"));
+
+    // Oversized request headers: 431 from the import listener, nothing crosses.
+    let big = "a".repeat(70 * 1024);
+    let too_big = http1(inventory, "GET", "/echo", &[("x-big", &big)], Bytes::new()).await;
+    assert_eq!(too_big.status, 431);
+
+    // A dead upstream: the export side answers 502/503 with the reason.
+    p.inventory_stop().await;
+    let dead = http1(inventory, "GET", "/echo", &[], Bytes::new()).await;
+    assert!(matches!(dead.status, 502 | 503), "status {}", dead.status);
+    let reason = dead.header("x-hybridge-error").unwrap();
+    assert!(
+        ["upstream-connect-failed", "no-healthy-upstream"].contains(&reason),
+        "{reason}"
+    );
+    p.stop().await;
+}
+
+impl Pair {
+    async fn inventory_stop(&self) {
+        self.cancel.cancel();
+        self.inventory.closed().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_udp_port_harms_nobody() {
+    let p = pair().await;
+    let tunnel = p.cloud.addresses().tunnel.unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..200u32 {
+        let len = 1 + (i as usize * 37) % 1400;
+        let junk: Vec<u8> = (0..len)
+            .map(|j| (j as u32 ^ i.wrapping_mul(2654435761)) as u8)
+            .collect();
+        socket.send_to(&junk, tunnel).unwrap();
+    }
+    let inventory = import_addr(&p.onprem, "inventory");
+    let a = http1(inventory, "GET", "/echo/after-garbage", &[], Bytes::new()).await;
+    assert_eq!(a.status, 200);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_with_a_foreign_ca_or_the_wrong_site_are_refused() {
+    let pki = Pki::new();
+    let cloud = NodeOptions::cloud(&pki, "cloud-1").start().await;
+    let tunnel = cloud.addresses().tunnel.unwrap();
+
+    // Same trust domain name, different CA.
+    let foreign = Pki::new();
+    let mut stranger = NodeOptions::onprem(&foreign, "onprem-x", &[tunnel]);
+    stranger.data_dir = foreign.path("data");
+    let stranger = stranger.start().await;
+    // A node of our CA, but of a site the cloud node does not accept.
+    let mut wrong_site = NodeOptions::onprem(&pki, "lab-1", &[tunnel]);
+    wrong_site.site = "lab".into();
+    wrong_site.files = pki.node("lab", "lab-1");
+    let wrong_site = wrong_site.start().await;
+
+    // Wait on the refusals being counted, not on time.
+    let mut failures = cloud.state.metrics.watch_handshake_failures();
+    tokio::time::timeout(WAIT, failures.wait_for(|n| *n >= 2))
+        .await
+        .expect("both handshakes should be refused")
+        .unwrap();
+    let mut refused = String::new();
+    cloud.state.metrics.render(&mut refused);
+    assert!(refused.contains("reason=\"certificate not issued by the hybridge CA (signature does not verify with the CA key)\"} 1"), "{refused}");
+    assert!(
+        refused.contains("but expected a node of site onprem"),
+        "the wrong-site refusal names the site: {refused}"
+    );
+    assert!(cloud.state.peers.links().is_empty());
+    stranger.abort().await;
+    wrong_site.abort().await;
+    cloud.shutdown().await;
+}
