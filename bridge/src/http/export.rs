@@ -15,7 +15,7 @@ use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use tracing::{debug, info};
 
 use super::body;
-use super::error::{BridgeError, is_grpc};
+use super::error::BridgeError;
 use super::headers;
 use crate::acl::AclService;
 use crate::metrics::{Metrics, Side};
@@ -141,8 +141,10 @@ async fn exchange(
             let endpoint = answer.endpoint.to_string();
             let (mut parts, response_body) = answer.response.into_parts();
             headers::remove_hop_by_hop(&mut parts.headers);
+            let end_stream = http_body::Body::is_end_stream(&response_body);
             let head = ResponseHead {
                 status: parts.status.as_u16(),
+                end_stream,
                 headers: headers::to_pairs(&parts.headers),
             };
             let status = head.status;
@@ -151,6 +153,10 @@ async fn exchange(
                 return (502, Some(endpoint), rule);
             };
             if send.write_encoded(bytes).await.is_err() {
+                return (status, Some(endpoint), rule);
+            }
+            if end_stream {
+                send.finish();
                 return (status, Some(endpoint), rule);
             }
             let sent = AtomicU64::new(0);
@@ -173,6 +179,7 @@ async fn write_error(send: &mut SendHalf, e: &BridgeError, grpc: bool) -> u16 {
     let (status, headers, body) = e.render(grpc);
     let head = ResponseHead {
         status: status.as_u16(),
+        end_stream: body.is_empty(),
         headers: headers::to_pairs(&headers),
     };
     if let Ok(bytes) = encoded(|b| frame::encode_response(&head, b)) {
@@ -199,15 +206,14 @@ fn build_request(head: &RequestHead, recv: RecvHalf) -> Result<Request<body::Box
             HeaderValue::from_str(&head.authority).map_err(|_| "invalid authority".to_owned())?;
         headers.insert(http::header::HOST, host);
     }
-    let body = body::from_tunnel(recv, (), Arc::new(AtomicU64::new(0)));
+    let body = if head.end_stream {
+        body::empty()
+    } else {
+        body::from_tunnel(recv, (), Arc::new(AtomicU64::new(0)))
+    };
     let mut request = Request::new(body);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
     Ok(request)
-}
-
-/// Whether the original request was gRPC (for shaping errors produced on this side).
-pub fn request_is_grpc(headers: &http::HeaderMap) -> bool {
-    is_grpc(headers)
 }

@@ -346,8 +346,10 @@ async fn forward(
                 .map(str::to_owned)
         })
         .unwrap_or_default();
+    let end_stream = http_body::Body::is_end_stream(&body);
     let head = RequestHead {
         service: service.to_owned(),
+        end_stream,
         caller: info.caller.to_string(),
         request_id: request_id.clone(),
         deadline_ms: spec
@@ -380,7 +382,9 @@ async fn forward(
 
     let stats = ctx.metrics.service(Side::Import, service);
     let request_bytes = Arc::new(AtomicU64::new(0));
-    {
+    if end_stream {
+        send.finish();
+    } else {
         let request_bytes = request_bytes.clone();
         let stats = stats.clone();
         ctx.tasks.spawn(async move {
@@ -452,7 +456,12 @@ async fn forward(
             bytes: response_bytes.clone(),
         },
     );
-    let mut response = Response::new(body::from_tunnel(recv, keep, response_bytes));
+    let response_body = if head.end_stream {
+        body::empty()
+    } else {
+        body::from_tunnel(recv, keep, response_bytes)
+    };
+    let mut response = Response::new(response_body);
     *response.status_mut() = status;
     *response.headers_mut() = response_headers;
     Ok((response, request_id))

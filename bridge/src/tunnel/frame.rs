@@ -134,6 +134,9 @@ pub struct RequestHead {
     pub path: String,
     /// HTTP version of the caller's request: 10, 11 or 20.
     pub version: u8,
+    /// No body follows (the stream's send side is finished right after this frame), so the
+    /// upstream request carries END_STREAM on its headers / no body framing at all.
+    pub end_stream: bool,
     pub headers: Vec<HeaderPair>,
 }
 
@@ -141,8 +144,13 @@ pub struct RequestHead {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResponseHead {
     pub status: u16,
+    /// No body follows: lets a gRPC trailers-only response keep END_STREAM on its headers.
+    pub end_stream: bool,
     pub headers: Vec<HeaderPair>,
 }
+
+/// Flag bit: no body follows the head.
+const FLAG_END_STREAM: u8 = 0x01;
 
 /// A decoded frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -173,6 +181,7 @@ pub fn decode_payload(kind: FrameType, mut payload: Bytes) -> Result<Frame, Fram
                 authority: get_str(&mut payload, "authority")?,
                 path: get_str(&mut payload, "path")?,
                 version: get_u8(&mut payload, "http version")?,
+                end_stream: get_u8(&mut payload, "flags")? & FLAG_END_STREAM != 0,
                 headers: get_headers(&mut payload)?,
             };
             if !matches!(head.version, 10 | 11 | 20) {
@@ -185,8 +194,10 @@ pub fn decode_payload(kind: FrameType, mut payload: Bytes) -> Result<Frame, Fram
             if !(100..=999).contains(&status) {
                 return Err(FrameError::Invalid("status"));
             }
+            let end_stream = get_u8(&mut payload, "flags")? & FLAG_END_STREAM != 0;
             Frame::Response(ResponseHead {
                 status,
+                end_stream,
                 headers: get_headers(&mut payload)?,
             })
         }
@@ -210,6 +221,7 @@ pub fn encode_request(head: &RequestHead, out: &mut BytesMut) -> Result<(), Fram
         put_str(b, &head.authority, "authority")?;
         put_str(b, &head.path, "path")?;
         b.put_u8(head.version);
+        b.put_u8(if head.end_stream { FLAG_END_STREAM } else { 0 });
         put_headers(b, &head.headers)
     })
 }
@@ -218,6 +230,7 @@ pub fn encode_request(head: &RequestHead, out: &mut BytesMut) -> Result<(), Fram
 pub fn encode_response(head: &ResponseHead, out: &mut BytesMut) -> Result<(), FrameError> {
     encode_block(FrameType::Response, out, |b| {
         b.put_u16(head.status);
+        b.put_u8(if head.end_stream { FLAG_END_STREAM } else { 0 });
         put_headers(b, &head.headers)
     })
 }
@@ -357,6 +370,7 @@ mod tests {
             authority: "billing.hybridge".into(),
             path: "/api/v1?x=1".into(),
             version: 11,
+            end_stream: false,
             headers: vec![
                 (
                     Bytes::from_static(b"content-type"),
@@ -448,7 +462,7 @@ mod tests {
         let mut wrong = out.clone();
         wrong[FRAME_HEADER_LEN] = 7;
         assert_eq!(decode_all(wrong.freeze()), Err(FrameError::Version(7)));
-        let payload = Bytes::from_static(&[0, 200, 0, 0, 1]);
+        let payload = Bytes::from_static(&[0, 200, 0, 0, 0, 1]);
         assert_eq!(
             decode_payload(FrameType::Response, payload),
             Err(FrameError::TrailingBytes(1))
@@ -475,7 +489,7 @@ mod tests {
         ) {
             let head = RequestHead {
                 service, caller, request_id: "id".into(), deadline_ms: deadline, method,
-                authority: String::new(), path, version,
+                authority: String::new(), path, version, end_stream: deadline % 2 == 0,
                 headers: headers.into_iter().map(|(n, v)| (Bytes::from(n), Bytes::from(v))).collect(),
             };
             let mut out = BytesMut::new();
