@@ -1,0 +1,182 @@
+//! Real `hybridge` processes: `hybridge dev` and its printed curl commands, and an on-prem
+//! node reconnecting by itself after the cloud node is killed and started again.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hybridge::demo::DemoUpstream;
+use hybridge_tests::*;
+use tokio_util::sync::CancellationToken;
+
+/// A block of 32 ports that is free right now (TCP and UDP), for tests that need fixed ports.
+fn free_port_block() -> u16 {
+    for attempt in 0..200u32 {
+        let base = 20_000 + ((std::process::id() * 7 + attempt * 131) % 400) as u16 * 100;
+        let free = (0..32).all(|i| {
+            std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()
+                && std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok()
+        });
+        if free {
+            return base;
+        }
+    }
+    panic!("no free block of 32 ports on 127.0.0.1");
+}
+
+#[test]
+fn hybridge_dev_starts_and_its_printed_curl_commands_succeed() {
+    let base = free_port_block();
+    let mut command = Command::new(binary("hybridge"));
+    command
+        .args(["dev", "--base-port", &base.to_string()])
+        .env("HYBRIDGE_LOG", "warn");
+    let mut dev = ChildGuard::spawn(command);
+    dev.wait_for_line(Duration::from_secs(60), |l| l == "hybridge dev ready");
+    let curls: Vec<String> = dev
+        .seen
+        .iter()
+        .filter(|l| l.starts_with("curl "))
+        .cloned()
+        .collect();
+    assert!(
+        curls.len() >= 5,
+        "dev printed too few commands: {:?}",
+        dev.seen
+    );
+    for curl in &curls {
+        let output = Command::new("sh")
+            .args(["-c", curl])
+            .output()
+            .expect("curl is installed by .ci/run");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{curl} failed: {stdout} {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if curl.contains("-X POST") {
+            assert!(stdout.starts_with("HTTP/1.1 403"), "{curl}: {stdout}");
+            assert!(
+                stdout.contains("x-hybridge-error: acl-denied"),
+                "{curl}: {stdout}"
+            );
+        } else if curl.contains("size_download") {
+            assert_eq!(stdout.trim(), "10485760 bytes 200", "{curl}");
+        } else if curl.contains("/metrics") {
+            assert!(
+                stdout.contains("hybridge_requests_total{side=\"import\""),
+                "{curl}: {stdout}"
+            );
+        } else {
+            assert!(
+                stdout.starts_with("HTTP/1.1 200") || stdout.starts_with("HTTP/2 200"),
+                "{curl}: {stdout}"
+            );
+            assert!(stdout.contains("x-demo-upstream: "), "{curl}: {stdout}");
+        }
+    }
+    // Ctrl-C stops everything cleanly.
+    dev.signal(libc::SIGINT);
+    assert_eq!(
+        dev.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{:?}",
+        dev.drain()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_onprem_node_reconnects_by_itself_when_the_cloud_node_comes_back() {
+    let pki = Pki::new();
+    let cancel = CancellationToken::new();
+    let upstream = DemoUpstream::start(
+        "inventory",
+        "127.0.0.1:0".parse().unwrap(),
+        cancel.child_token(),
+    )
+    .await
+    .unwrap();
+    let base = free_port_block();
+    let mut cloud = NodeOptions::cloud(&pki, "cloud-1");
+    cloud.tunnel_listen = Some(format!("127.0.0.1:{base}").parse().unwrap());
+    cloud.admin = format!("127.0.0.1:{}", base + 1).parse().unwrap();
+    cloud
+        .exports
+        .push(ExportSpec::http1("inventory", &[upstream.local_addr()]));
+    let cloud_config = cloud.write();
+    {
+        // Policy lives in the cloud node's redb file; write it before the process opens it.
+        std::fs::create_dir_all(&cloud.data_dir).unwrap();
+        let acl = hybridge::acl::AclService::open(&cloud.data_dir.join("hybridge.redb")).unwrap();
+        for rule in hybridge::acl::parse_acl_file(
+            std::path::Path::new("t.toml"),
+            "[[rule]]\nsource = \"web\"\ndestination = \"inventory\"\naction = \"allow\"\n",
+        )
+        .unwrap()
+        {
+            acl.add(rule, "test").unwrap();
+        }
+    }
+    let start_cloud = || {
+        let mut command = Command::new(binary("hybridge"));
+        command
+            .args(["run", "--config"])
+            .arg(&cloud_config)
+            .env("HYBRIDGE_LOG", "info");
+        let mut child = ChildGuard::spawn(command);
+        child.wait_for_line(WAIT, |l| l.contains("hybridge running"));
+        child
+    };
+    let mut cloud_process = start_cloud();
+
+    let mut onprem = NodeOptions::onprem(&pki, "onprem-1", &[cloud.tunnel_listen.unwrap()]);
+    onprem.imports.push(("inventory".into(), "web".into()));
+    let onprem = onprem.start().await;
+    allow(&onprem, "web", "inventory");
+    assert!(onprem.wait_for_route("inventory", WAIT).await);
+    let import = import_addr(&onprem, "inventory");
+    assert_eq!(
+        http1(import, "GET", "/echo/before", &[], Bytes::new())
+            .await
+            .status,
+        200
+    );
+
+    // SIGKILL: no GOAWAY, no close; the on-prem node only sees silence.
+    cloud_process.child.kill().unwrap();
+    cloud_process.child.wait().unwrap();
+    let down = http1(import, "GET", "/echo/while-down", &[], Bytes::new()).await;
+    assert!(matches!(down.status, 502 | 503), "status {}", down.status);
+
+    let restarted = std::time::Instant::now();
+    cloud_process = start_cloud();
+    // The restarted node answers the old connection with a stateless reset (same key, derived
+    // from its private key), so the on-prem node reconnects without waiting for idle timeout.
+    let back = tokio::time::timeout(Duration::from_secs(5), async {
+        onprem
+            .state
+            .peers
+            .wait_until(|links| links.iter().any(|l| l.established > restarted))
+            .await;
+    })
+    .await;
+    assert!(back.is_ok(), "no new tunnel within 5 s of the restart");
+    let after = http1(import, "GET", "/echo/after", &[], Bytes::new()).await;
+    assert_eq!(
+        after.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&after.body)
+    );
+    assert!(
+        restarted.elapsed() < Duration::from_secs(5),
+        "requests succeed again within 5 s"
+    );
+
+    onprem.shutdown().await;
+    cloud_process.signal(libc::SIGTERM);
+    assert_eq!(cloud_process.wait_exit(Duration::from_secs(30)), Some(0));
+    cancel.cancel();
+}
