@@ -1,1 +1,455 @@
-//! CLI (todo)
+//! `hybridge acl …`: clap arguments and human output, either straight on the redb file
+//! (`--db`) or through a running node's admin API (`--admin`). No policy logic of its own.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::de::DeserializeOwned;
+
+use super::api::{AuditLog, ErrorBody, RuleChanged, RuleList, percent_encode};
+use super::file::parse_acl_file;
+use super::model::{Action, Rule, RuleSpec};
+use super::service::AclService;
+use super::snapshot::{Explanation, Reason};
+use super::store::ApplyDiff;
+
+/// The admin API address used when neither `--db` nor `--admin` is given.
+pub const DEFAULT_ADMIN: &str = "http://127.0.0.1:7180";
+/// Actor recorded for changes made with `--db`.
+pub const CLI_ACTOR: &str = "cli";
+
+/// Where `hybridge acl` acts: a node's admin API (default) or the redb file directly.
+#[derive(Debug, Clone, Args)]
+pub struct AclTarget {
+    /// Operate directly on this redb file (the daemon using it must be stopped).
+    #[arg(long, value_name = "PATH", conflicts_with = "admin")]
+    pub db: Option<PathBuf>,
+    /// Base URL of the node's admin API.
+    #[arg(long, value_name = "URL", default_value = DEFAULT_ADMIN)]
+    pub admin: String,
+}
+
+/// `hybridge acl` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum AclCommand {
+    /// List the rules and the policy version.
+    Ls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add one rule.
+    #[command(group = clap::ArgGroup::new("action").required(true).args(["allow", "deny"]))]
+    Add {
+        /// Calling service, or "*".
+        #[arg(long)]
+        from: String,
+        /// Called service, or "*".
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        allow: bool,
+        #[arg(long)]
+        deny: bool,
+        /// Restrict to this HTTP method (repeatable).
+        #[arg(long = "method", value_name = "METHOD")]
+        methods: Vec<String>,
+        /// Restrict to paths starting with this prefix.
+        #[arg(long)]
+        path_prefix: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Rule id (default: SOURCE-to-DESTINATION[-N]).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Remove a rule by id.
+    Rm { id: String },
+    /// Make the rules equal a declarative TOML file.
+    Apply {
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+        /// Show the diff without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Explain the decision for a request.
+    Check {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        /// HTTP method, e.g. GET.
+        method: Option<String>,
+        /// Request path, e.g. /api/invoices.
+        path: Option<String>,
+    },
+    /// Show the audit log, newest first.
+    Log {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+}
+
+/// Runs one command and prints its human output.
+pub async fn run(target: AclTarget, cmd: AclCommand) -> anyhow::Result<()> {
+    let output = execute(&target, cmd).await?;
+    print!("{output}");
+    Ok(())
+}
+
+/// Runs one command and returns what [`run`] prints.
+pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<String> {
+    let backend = match &target.db {
+        Some(path) => Backend::Local(
+            AclService::open(path)
+                .with_context(|| format!("opening acl database {}", path.display()))?,
+        ),
+        None => Backend::Remote(AdminClient::new(&target.admin)),
+    };
+    let mut out = String::new();
+    match cmd {
+        AclCommand::Ls { json } => {
+            let list = backend.list().await?;
+            if json {
+                out = serde_json::to_string_pretty(&list)? + "\n";
+            } else {
+                print_list(&mut out, &list)?;
+            }
+        }
+        AclCommand::Add {
+            from,
+            to,
+            allow: _,
+            deny,
+            methods,
+            path_prefix,
+            description,
+            id,
+        } => {
+            let spec = RuleSpec {
+                id,
+                source: from,
+                destination: to,
+                action: if deny { Action::Deny } else { Action::Allow },
+                methods: (!methods.is_empty()).then_some(methods),
+                path_prefix,
+                description,
+            };
+            let changed = backend.add(spec).await?;
+            writeln!(
+                out,
+                "added {} (policy version {})",
+                describe(&changed.rule),
+                changed.version
+            )?;
+        }
+        AclCommand::Rm { id } => {
+            let changed = backend.remove(&id).await?;
+            writeln!(
+                out,
+                "removed {} (policy version {})",
+                describe(&changed.rule),
+                changed.version
+            )?;
+        }
+        AclCommand::Apply { file, dry_run } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading acl file {}", file.display()))?;
+            let diff = backend.apply(&file, &text, dry_run).await?;
+            print_diff(&mut out, &diff)?;
+        }
+        AclCommand::Check {
+            from,
+            to,
+            method,
+            path,
+        } => {
+            let explanation = backend
+                .check(&from, &to, method.as_deref(), path.as_deref())
+                .await?;
+            print_explanation(&mut out, &explanation)?;
+        }
+        AclCommand::Log { limit } => {
+            let log = backend.log(limit).await?;
+            for e in &log.entries {
+                writeln!(
+                    out,
+                    "{:>5}  {}  v{}  {:<6} {:<24} by {}",
+                    e.seq,
+                    e.time,
+                    e.version,
+                    e.op.as_str(),
+                    e.rule_id,
+                    e.actor
+                )?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+enum Backend {
+    Local(Arc<AclService>),
+    Remote(AdminClient),
+}
+
+impl Backend {
+    async fn list(&self) -> anyhow::Result<RuleList> {
+        match self {
+            Backend::Local(svc) => Ok(RuleList {
+                version: svc.version(),
+                rules: svc.list(),
+            }),
+            Backend::Remote(client) => client.call(Method::GET, "/v1/acl/rules", None).await,
+        }
+    }
+
+    async fn add(&self, spec: RuleSpec) -> anyhow::Result<RuleChanged> {
+        match self {
+            Backend::Local(svc) => {
+                let rule = svc.add(spec, CLI_ACTOR)?;
+                Ok(RuleChanged {
+                    version: svc.version(),
+                    rule,
+                })
+            }
+            Backend::Remote(client) => {
+                let body = serde_json::to_vec(&spec)?;
+                client.call(Method::POST, "/v1/acl/rules", Some(body)).await
+            }
+        }
+    }
+
+    async fn remove(&self, id: &str) -> anyhow::Result<RuleChanged> {
+        match self {
+            Backend::Local(svc) => {
+                let rule = svc.remove(id, CLI_ACTOR)?;
+                Ok(RuleChanged {
+                    version: svc.version(),
+                    rule,
+                })
+            }
+            Backend::Remote(client) => {
+                let path = format!("/v1/acl/rules/{}", percent_encode(id));
+                client.call(Method::DELETE, &path, None).await
+            }
+        }
+    }
+
+    async fn apply(&self, file: &Path, text: &str, dry_run: bool) -> anyhow::Result<ApplyDiff> {
+        match self {
+            Backend::Local(svc) => {
+                let specs = parse_acl_file(file, text)?;
+                Ok(svc.apply(specs, CLI_ACTOR, dry_run)?)
+            }
+            Backend::Remote(client) => {
+                let path = format!(
+                    "/v1/acl/apply?dry_run={dry_run}&file={}",
+                    percent_encode(&file.display().to_string())
+                );
+                client
+                    .call(Method::POST, &path, Some(text.as_bytes().to_vec()))
+                    .await
+            }
+        }
+    }
+
+    async fn check(
+        &self,
+        from: &str,
+        to: &str,
+        method: Option<&str>,
+        path: Option<&str>,
+    ) -> anyhow::Result<Explanation> {
+        match self {
+            Backend::Local(svc) => Ok(svc.explain(from, to, method, path)),
+            Backend::Remote(client) => {
+                let mut query = format!(
+                    "/v1/acl/check?from={}&to={}",
+                    percent_encode(from),
+                    percent_encode(to)
+                );
+                if let Some(method) = method {
+                    write!(query, "&method={}", percent_encode(method))?;
+                }
+                if let Some(path) = path {
+                    write!(query, "&path={}", percent_encode(path))?;
+                }
+                client.call(Method::GET, &query, None).await
+            }
+        }
+    }
+
+    async fn log(&self, limit: usize) -> anyhow::Result<AuditLog> {
+        match self {
+            Backend::Local(svc) => Ok(AuditLog {
+                entries: svc.audit(limit)?,
+            }),
+            Backend::Remote(client) => {
+                client
+                    .call(Method::GET, &format!("/v1/acl/log?limit={limit}"), None)
+                    .await
+            }
+        }
+    }
+}
+
+/// A small HTTP/1 JSON client for the admin API.
+struct AdminClient {
+    base: String,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl AdminClient {
+    fn new(base: &str) -> AdminClient {
+        AdminClient {
+            base: base.trim_end_matches('/').to_string(),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base);
+        let mut builder = Request::builder().method(method).uri(&url);
+        if body.is_some() {
+            builder = builder.header(header::CONTENT_TYPE, "application/json");
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .with_context(|| format!("building request to {url}"))?;
+        let response = self.client.request(request).await.with_context(|| {
+            format!(
+                "talking to the hybridge admin API at {} (is the daemon running? use --db PATH to work on the database file directly)",
+                self.base
+            )
+        })?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .with_context(|| format!("reading response from {url}"))?
+            .to_bytes();
+        if status != StatusCode::OK && status != StatusCode::CREATED {
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            bail!("{message} (admin API answered {status})");
+        }
+        serde_json::from_slice(&bytes).with_context(|| format!("decoding response from {url}"))
+    }
+}
+
+/// One line per rule: `id: allow web -> billing GET,POST /api "description"`.
+fn describe(rule: &Rule) -> String {
+    let mut text = format!(
+        "{}: {} {} -> {}",
+        rule.id, rule.action, rule.source, rule.destination
+    );
+    if let Some(methods) = &rule.methods {
+        text.push(' ');
+        text.push_str(&methods.join(","));
+    }
+    if let Some(prefix) = &rule.path_prefix {
+        text.push(' ');
+        text.push_str(prefix);
+        text.push('*');
+    }
+    if !rule.description.is_empty() {
+        text.push_str(&format!(" {:?}", rule.description));
+    }
+    text
+}
+
+fn print_list(out: &mut String, list: &RuleList) -> std::fmt::Result {
+    writeln!(
+        out,
+        "policy version {}, {} rule(s)",
+        list.version,
+        list.rules.len()
+    )?;
+    for rule in &list.rules {
+        writeln!(out, "  {}", describe(rule))?;
+    }
+    Ok(())
+}
+
+fn print_diff(out: &mut String, diff: &ApplyDiff) -> std::fmt::Result {
+    for rule in &diff.added {
+        writeln!(out, "+ {}", describe(rule))?;
+    }
+    for change in &diff.changed {
+        writeln!(out, "~ {}", describe(&change.old))?;
+        writeln!(out, "  -> {}", describe(&change.new))?;
+    }
+    for rule in &diff.removed {
+        writeln!(out, "- {}", describe(rule))?;
+    }
+    for warning in &diff.warnings {
+        writeln!(out, "warning: {warning}")?;
+    }
+    let counts = format!(
+        "{} added, {} changed, {} removed",
+        diff.added.len(),
+        diff.changed.len(),
+        diff.removed.len()
+    );
+    if diff.is_empty() {
+        writeln!(out, "no changes (policy version {})", diff.version_before)
+    } else if diff.dry_run {
+        writeln!(
+            out,
+            "dry run: {counts}; nothing changed (policy version {})",
+            diff.version_before
+        )
+    } else {
+        writeln!(
+            out,
+            "applied: {counts} (policy version {} -> {})",
+            diff.version_before, diff.version_after
+        )
+    }
+}
+
+fn print_explanation(out: &mut String, e: &Explanation) -> std::fmt::Result {
+    writeln!(out, "{}", e.action)?;
+    if e.default_deny {
+        writeln!(out, "default-deny")?;
+    } else {
+        writeln!(out, "rule {}", e.rule)?;
+    }
+    if !e.others.is_empty() {
+        writeln!(out, "other rules:")?;
+    }
+    for verdict in &e.others {
+        match &verdict.reason {
+            Reason::DidNotMatch { field, detail } => writeln!(
+                out,
+                "  {} ({}): did not match {}: {detail}",
+                verdict.rule_id,
+                verdict.action,
+                field.as_str(),
+            )?,
+            Reason::LostOnPrecedence { to, detail } => writeln!(
+                out,
+                "  {} ({}): matched but lost to {to}: {detail}",
+                verdict.rule_id, verdict.action
+            )?,
+        }
+    }
+    Ok(())
+}

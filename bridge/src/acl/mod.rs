@@ -38,6 +38,7 @@ pub mod service;
 pub mod snapshot;
 pub mod store;
 
+pub use api::handle_admin;
 pub use denylog::DenyLogLimiter;
 pub use error::AclError;
 pub use file::{AclFileError, parse_acl_file};

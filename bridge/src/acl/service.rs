@@ -276,3 +276,126 @@ fn validate(spec: RuleSpec, index: usize) -> Result<RuleSpec, AclError> {
         message: e.message,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acl::file::parse_acl_file;
+
+    const POLICY: &str = r#"
+[[rule]]
+source = "web"
+destination = "billing"
+action = "allow"
+methods = ["GET"]
+path_prefix = "/api"
+
+[[rule]]
+id = "no-admin"
+source = "*"
+destination = "payments-admin"
+action = "deny"
+"#;
+
+    fn open() -> Result<(tempfile::TempDir, Arc<AclService>), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let svc = AclService::open(&dir.path().join("hybridge.redb"))?;
+        Ok((dir, svc))
+    }
+
+    #[test]
+    fn second_open_in_process_is_in_use() -> Result<(), Box<dyn std::error::Error>> {
+        let (dir, _svc) = open()?;
+        let path = dir.path().join("hybridge.redb");
+        let err = AclService::open(&path).err().map(|e| e.to_string());
+        assert_eq!(
+            err,
+            Some(format!(
+                "acl database {} is in use by a running hybridge (use --admin to talk to it)",
+                path.display()
+            ))
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn snapshot_follows_commits_and_decisions_are_counted() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let (_dir, svc) = open()?;
+        assert_eq!(
+            svc.decide("web", "billing", "GET", "/api/x").rule_label(),
+            "default-deny"
+        );
+        let specs = parse_acl_file(Path::new("acl.toml"), POLICY)?;
+        let diff = svc.apply(specs.clone(), "test", false)?;
+        assert_eq!((diff.added.len(), diff.version_after), (2, 1));
+        let before = svc.snapshot();
+        assert_eq!(before.version(), 1);
+        let d = svc.decide("web", "billing", "GET", "/api/x");
+        assert!(d.allowed());
+        assert_eq!(d.rule_label(), "web-to-billing");
+        assert_eq!(
+            svc.decide("web", "payments-admin", "GET", "/").rule_label(),
+            "no-admin"
+        );
+        assert_eq!(
+            svc.decide("web", "billing", "POST", "/api/x").rule_label(),
+            "default-deny"
+        );
+
+        let again = svc.apply(specs, "test", false)?;
+        assert!(again.is_empty());
+        assert_eq!(svc.version(), 1);
+
+        svc.remove("no-admin", "test")?;
+        assert_eq!(svc.version(), 2);
+        assert_eq!(before.version(), 1, "old snapshots are immutable");
+        assert_eq!(svc.list().len(), 1);
+        assert_eq!(
+            svc.decision_counts(),
+            vec![
+                (("billing".to_string(), Action::Allow), 1),
+                (("billing".to_string(), Action::Deny), 2),
+                (("payments-admin".to_string(), Action::Allow), 0),
+                (("payments-admin".to_string(), Action::Deny), 1),
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn apply_warns_about_unknown_services_and_rejects_bad_rules()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let (_dir, svc) = open()?;
+        svc.set_known_services(Some(vec!["web".into(), "billing".into()]));
+        let specs = parse_acl_file(Path::new("acl.toml"), POLICY)?;
+        let diff = svc.apply(specs.clone(), "test", true)?;
+        assert_eq!(
+            diff.warnings,
+            vec![
+                "rule no-admin: destination \"payments-admin\" is not a known service".to_string()
+            ]
+        );
+        assert_eq!(svc.version(), 0);
+        let mut bad = specs;
+        bad[1].path_prefix = Some("nope".into());
+        let err = svc.apply(bad, "test", false).err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("rule 2: field `path_prefix`: path prefix \"nope\" must start with '/'")
+        );
+        assert_eq!(svc.version(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn counters_cap_distinct_destinations() {
+        let counters = DecisionCounters::default();
+        for i in 0..MAX_COUNTED_DESTINATIONS + 10 {
+            counters.record(&format!("svc-{i}"), Action::Deny);
+        }
+        let counts = counters.snapshot();
+        assert_eq!(counts.len(), 2 * (MAX_COUNTED_DESTINATIONS + 1));
+        assert!(counts.contains(&((OTHER_DESTINATIONS.to_string(), Action::Deny), 10)));
+    }
+}

@@ -318,6 +318,17 @@ pub enum Field {
     Path,
 }
 
+impl Field {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Field::Source => "source",
+            Field::Destination => "destination",
+            Field::Method => "method",
+            Field::Path => "path",
+        }
+    }
+}
+
 /// Why a rule did not decide.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -32,6 +32,17 @@ pub enum AuditOp {
     Update,
 }
 
+impl AuditOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditOp::Add => "add",
+            AuditOp::Remove => "remove",
+            AuditOp::Apply => "apply",
+            AuditOp::Update => "update",
+        }
+    }
+}
+
 /// One audit log entry. All entries of one transaction share `version`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
