@@ -113,7 +113,7 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Stri
             AclService::open(path)
                 .with_context(|| format!("opening acl database {}", path.display()))?,
         ),
-        None => Backend::Remote(AdminClient::new(&target.admin)),
+        None => Backend::Remote(Box::new(AdminClient::new(&target.admin))),
     };
     let mut out = String::new();
     match cmd {
@@ -199,7 +199,7 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Stri
 
 enum Backend {
     Local(Arc<AclService>),
-    Remote(AdminClient),
+    Remote(Box<AdminClient>),
 }
 
 impl Backend {
@@ -452,4 +452,228 @@ fn print_explanation(out: &mut String, e: &Explanation) -> std::fmt::Result {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    #[derive(Parser)]
+    struct TestCli {
+        #[command(flatten)]
+        target: AclTarget,
+        #[command(subcommand)]
+        cmd: AclCommand,
+    }
+
+    fn parse(args: &[&str]) -> Result<TestCli, clap::Error> {
+        TestCli::try_parse_from(std::iter::once("acl").chain(args.iter().copied()))
+    }
+
+    const POLICY: &str = r#"
+[[rule]]
+source = "web"
+destination = "billing"
+action = "allow"
+methods = ["GET", "POST"]
+path_prefix = "/api"
+
+[[rule]]
+source = "*"
+destination = "billing"
+action = "deny"
+"#;
+
+    /// Runs the same command list against a target and returns every output.
+    async fn script(target_args: &[&str], policy: &Path) -> anyhow::Result<Vec<String>> {
+        let policy = policy.to_string_lossy().to_string();
+        let commands: Vec<Vec<&str>> = vec![
+            vec!["apply", "-f", &policy, "--dry-run"],
+            vec!["apply", "-f", &policy],
+            vec!["apply", "-f", &policy],
+            vec![
+                "add",
+                "--from",
+                "reporting",
+                "--to",
+                "billing",
+                "--allow",
+                "--method",
+                "get",
+            ],
+            vec![
+                "check",
+                "--from",
+                "web",
+                "--to",
+                "billing",
+                "GET",
+                "/api/invoices",
+            ],
+            vec!["check", "--from", "cron", "--to", "ledger"],
+            vec!["rm", "reporting-to-billing"],
+            vec!["ls"],
+            vec!["log", "--limit", "2"],
+        ];
+        let mut outputs = Vec::new();
+        for command in commands {
+            let args: Vec<&str> = target_args.iter().copied().chain(command).collect();
+            let cli = parse(&args)?;
+            outputs.push(execute(&cli.target, cli.cmd).await?);
+        }
+        Ok(outputs)
+    }
+
+    fn check_outputs(outputs: &[String], policy: &Path) {
+        let _ = policy;
+        assert!(
+            outputs[0].contains(
+                "dry run: 2 added, 0 changed, 0 removed; nothing changed (policy version 0)"
+            ),
+            "{}",
+            outputs[0]
+        );
+        assert!(
+            outputs[1]
+                .ends_with("applied: 2 added, 0 changed, 0 removed (policy version 0 -> 1)\n"),
+            "{}",
+            outputs[1]
+        );
+        assert_eq!(outputs[2], "no changes (policy version 1)\n");
+        assert_eq!(
+            outputs[3],
+            "added reporting-to-billing: allow reporting -> billing GET (policy version 2)\n"
+        );
+        assert_eq!(
+            outputs[4],
+            "allow\nrule web-to-billing\nother rules:\n  \
+             any-to-billing (deny): matched but lost to web-to-billing: exact source beats *\n  \
+             reporting-to-billing (allow): did not match source: rule is for source reporting, not web\n"
+        );
+        assert!(
+            outputs[5].starts_with("deny\ndefault-deny\nother rules:\n"),
+            "{}",
+            outputs[5]
+        );
+        assert!(
+            outputs[6].starts_with("removed reporting-to-billing"),
+            "{}",
+            outputs[6]
+        );
+        assert!(
+            outputs[7].starts_with("policy version 3, 2 rule(s)\n"),
+            "{}",
+            outputs[7]
+        );
+        assert_eq!(outputs[8].lines().count(), 2);
+        assert!(
+            outputs[8]
+                .lines()
+                .next()
+                .is_some_and(|l| l.contains("v3  remove")),
+            "{}",
+            outputs[8]
+        );
+    }
+
+    #[tokio::test]
+    async fn db_target_works_on_the_file() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let policy = dir.path().join("acl.toml");
+        std::fs::write(&policy, POLICY)?;
+        let db = dir.path().join("hybridge.redb");
+        let db = db.to_string_lossy().to_string();
+        let outputs = script(&["--db", &db], &policy).await?;
+        check_outputs(&outputs, &policy);
+        assert!(outputs[8].contains("by cli"));
+
+        // A broken file names its line and changes nothing.
+        std::fs::write(&policy, POLICY.replace("\"/api\"", "\"api\""))?;
+        let cli = parse(&["--db", &db, "apply", "-f", &policy.to_string_lossy()])?;
+        let err = execute(&cli.target, cli.cmd)
+            .await
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            err,
+            Some(format!(
+                "{}:7: rule 1: field `path_prefix`: path prefix \"api\" must start with '/'",
+                policy.display()
+            ))
+        );
+
+        // While a "daemon" holds the file, --db says so.
+        let _held = AclService::open(Path::new(&db))?;
+        let cli = parse(&["--db", &db, "ls"])?;
+        let err = execute(&cli.target, cli.cmd)
+            .await
+            .err()
+            .map(|e| format!("{e:#}"));
+        assert!(err.is_some_and(|e| {
+            e.contains("is in use by a running hybridge (use --admin to talk to it)")
+        }));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn admin_target_talks_to_the_routes() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let policy = dir.path().join("acl.toml");
+        std::fs::write(&policy, POLICY)?;
+        let svc = AclService::open(&dir.path().join("hybridge.redb"))?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let server_svc = svc.clone();
+        let server = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let svc = server_svc.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let svc = svc.clone();
+                        async move {
+                            let response = crate::acl::handle_admin(&svc, req)
+                                .await
+                                .unwrap_or_else(|| {
+                                    let mut r = http::Response::new(Full::new(Bytes::new()));
+                                    *r.status_mut() = StatusCode::NOT_FOUND;
+                                    r
+                                });
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        let outputs = script(&["--admin", &base], &policy).await;
+        server.abort();
+        let outputs = outputs?;
+        check_outputs(&outputs, &policy);
+        assert!(outputs[8].contains("by admin-api"));
+        assert_eq!(svc.version(), 3);
+
+        // Nothing listening: the message says what to do.
+        let cli = parse(&["--admin", "http://127.0.0.1:1", "ls"])?;
+        let err = execute(&cli.target, cli.cmd)
+            .await
+            .err()
+            .map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("use --db PATH")));
+        Ok(())
+    }
+
+    #[test]
+    fn add_requires_an_action() {
+        assert!(parse(&["add", "--from", "a", "--to", "b"]).is_err());
+        assert!(parse(&["add", "--from", "a", "--to", "b", "--allow", "--deny"]).is_err());
+        assert!(parse(&["--db", "x", "--admin", "http://h", "ls"]).is_err());
+        let cli = parse(&["ls"]);
+        assert!(cli.is_ok_and(|c| c.target.admin == DEFAULT_ADMIN && c.target.db.is_none()));
+    }
 }

@@ -116,15 +116,15 @@ pub fn parse_acl_file(path: &Path, text: &str) -> Result<Vec<RuleSpec>, AclFileE
         let spec = spec
             .validate()
             .map_err(|e| error_at(field_span(e.field).start, Some(n), Some(e.field), e.message))?;
-        if let Some(id) = &spec.id {
-            if let Some(first) = ids.insert(id.clone(), n) {
-                return Err(error_at(
-                    field_span("id").start,
-                    Some(n),
-                    Some("id"),
-                    format!("duplicate id {id:?} (first used by rule {first})"),
-                ));
-            }
+        if let Some(id) = &spec.id
+            && let Some(first) = ids.insert(id.clone(), n)
+        {
+            return Err(error_at(
+                field_span("id").start,
+                Some(n),
+                Some("id"),
+                format!("duplicate id {id:?} (first used by rule {first})"),
+            ));
         }
         specs.push(spec);
     }

@@ -136,21 +136,20 @@ impl AclService {
             .load()
             .decide(source, destination, method, path);
         self.counters.record(destination, decision.action);
-        if !decision.allowed() {
-            if let Some(suppressed) =
+        if !decision.allowed()
+            && let Some(suppressed) =
                 self.deny_log
                     .check(source, destination, decision.rule_label(), Instant::now())
-            {
-                tracing::info!(
-                    source,
-                    destination,
-                    method,
-                    path,
-                    rule = decision.rule_label(),
-                    suppressed_since_last = suppressed,
-                    "acl denied request"
-                );
-            }
+        {
+            tracing::info!(
+                source,
+                destination,
+                method,
+                path,
+                rule = decision.rule_label(),
+                suppressed_since_last = suppressed,
+                "acl denied request"
+            );
         }
         decision
     }

@@ -252,10 +252,10 @@ fn mismatch(
             return Some(Field::Method);
         }
     }
-    if let Some(prefix) = &rule.path_prefix {
-        if !path.is_some_and(|p| p.starts_with(prefix.as_str())) {
-            return Some(Field::Path);
-        }
+    if let Some(prefix) = &rule.path_prefix
+        && !path.is_some_and(|p| p.starts_with(prefix.as_str()))
+    {
+        return Some(Field::Path);
     }
     None
 }

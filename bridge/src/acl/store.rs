@@ -298,10 +298,10 @@ impl AclStore {
 pub fn resolve_ids(specs: Vec<RuleSpec>) -> Result<Vec<Rule>, AclError> {
     let mut taken: HashSet<String> = HashSet::new();
     for spec in &specs {
-        if let Some(id) = &spec.id {
-            if !taken.insert(id.clone()) {
-                return Err(AclError::DuplicateId(id.clone()));
-            }
+        if let Some(id) = &spec.id
+            && !taken.insert(id.clone())
+        {
+            return Err(AclError::DuplicateId(id.clone()));
         }
     }
     let mut out = Vec::with_capacity(specs.len());
@@ -403,7 +403,7 @@ mod tests {
 
     /// Two large policies that differ in every way apply can differ: adds, changes, removes.
     fn crash_policy(which: u64) -> Vec<Rule> {
-        let specs: Vec<RuleSpec> = if which % 2 == 0 {
+        let specs: Vec<RuleSpec> = if which.is_multiple_of(2) {
             (0..300)
                 .map(|n| {
                     spec(
