@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use hybridge::acl::{AclSnapshot, Action, Rule};
+use hybridge::acl::{AclService, AclSnapshot, Action, Rule, RuleSpec};
 
 /// `n` rules spread over `n / 5` destinations, each with exact, wildcard and L7 rules, so the
 /// benchmarked destination has a realistic bucket and the rest only add index size.
@@ -75,5 +75,20 @@ fn decide(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decide);
+/// The full request-path call: snapshot load through `ArcSwap`, decision and counters.
+fn service_decide(c: &mut Criterion) {
+    let Ok(dir) = tempfile::tempdir() else { return };
+    let Ok(service) = AclService::open(&dir.path().join("hybridge.redb")) else {
+        return;
+    };
+    let specs: Vec<RuleSpec> = policy(10_000).into_iter().map(|r| r.to_spec()).collect();
+    if service.apply(specs, "bench", false).is_err() {
+        return;
+    }
+    c.bench_function("acl_service_decide/10000_rules_allow_l7", |b| {
+        b.iter(|| service.decide(black_box("web"), black_box("svc-1"), "GET", "/api/invoices"))
+    });
+}
+
+criterion_group!(benches, decide, service_decide);
 criterion_main!(benches);

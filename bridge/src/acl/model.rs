@@ -5,8 +5,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// Longest service name or rule id we accept; keeps keys, labels and log lines bounded.
+/// Longest service name we accept; keeps keys, labels and log lines bounded.
 pub const MAX_NAME_LEN: usize = 128;
+/// Longest rule id: room for a generated `source-to-destination-N` of two maximal names.
+pub const MAX_ID_LEN: usize = 2 * MAX_NAME_LEN + 32;
 
 /// What a rule does to a request it decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -186,8 +188,8 @@ pub fn check_id(id: &str) -> Result<(), String> {
     if id.is_empty() {
         return Err("rule id must not be empty".into());
     }
-    if id.len() > MAX_NAME_LEN {
-        return Err(format!("rule id longer than {MAX_NAME_LEN} bytes"));
+    if id.len() > MAX_ID_LEN {
+        return Err(format!("rule id longer than {MAX_ID_LEN} bytes"));
     }
     match id
         .chars()
