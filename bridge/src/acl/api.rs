@@ -85,7 +85,7 @@ where
             Err(response) => response,
             Ok(body) => match serde_json::from_slice::<RuleSpec>(&body) {
                 Err(e) => error(StatusCode::BAD_REQUEST, format!("rule JSON: {e}")),
-                Ok(spec) => match svc.add(spec, ACTOR) {
+                Ok(spec) => match blocking(|| svc.add(spec, ACTOR)) {
                     Ok(rule) => json(
                         StatusCode::CREATED,
                         &RuleChanged {
@@ -106,7 +106,7 @@ where
                     Err(_) => error(StatusCode::BAD_REQUEST, format!("{file}: not UTF-8")),
                     Ok(text) => match parse_acl_file(Path::new(&file), text) {
                         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
-                        Ok(specs) => match svc.apply(specs, ACTOR, dry_run) {
+                        Ok(specs) => match blocking(|| svc.apply(specs, ACTOR, dry_run)) {
                             Ok(diff) => json(StatusCode::OK, &diff),
                             Err(e) => acl_error(&e),
                         },
@@ -138,7 +138,7 @@ where
                     StatusCode::BAD_REQUEST,
                     format!("limit {v:?} is not a non-negative integer"),
                 ),
-                Ok(limit) => match svc.audit(limit) {
+                Ok(limit) => match blocking(|| svc.audit(limit)) {
                     Ok(entries) => json(StatusCode::OK, &AuditLog { entries }),
                     Err(e) => acl_error(&e),
                 },
@@ -150,7 +150,7 @@ where
         ),
         (other, &Method::DELETE) if other.starts_with("rules/") => {
             let id = percent_decode(&other["rules/".len()..]);
-            match svc.remove(&id, ACTOR) {
+            match blocking(|| svc.remove(&id, ACTOR)) {
                 Ok(rule) => json(
                     StatusCode::OK,
                     &RuleChanged {
@@ -168,6 +168,15 @@ where
         _ => return None,
     };
     Some(response)
+}
+
+/// Runs a redb call (which may fsync) without stalling the other tasks of a multi-threaded
+/// runtime; on a current-thread runtime it simply runs inline.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }
 
 /// Collects the body, refusing more than [`MAX_BODY_BYTES`] with 413.

@@ -619,7 +619,8 @@ action = "deny"
         Ok(())
     }
 
-    #[tokio::test]
+    // Multi-threaded so the routes' redb calls go through `block_in_place`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn admin_target_talks_to_the_routes() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let policy = dir.path().join("acl.toml");
