@@ -1,1 +1,48 @@
-//! Service ACLs: model, redb store, immutable snapshot, decision, declarative files, admin routes and CLI.
+//! Service ACLs: model, redb store, immutable snapshot, decision, declarative files, admin
+//! routes and CLI. It owns policy; it must not forward traffic or own the admin listener.
+//!
+//! # Precedence
+//!
+//! A rule *matches* a request when its destination is the request's destination or `*`, its
+//! source is the caller or `*`, and, for a rule with L7 conditions, the request method is in
+//! `methods` (when given; compared case-insensitively) and the path starts with `path_prefix`
+//! (when given). Among the matching rules the most specific decides, comparing in order:
+//!
+//! | step | more specific wins                                       | example winner                  |
+//! |------|----------------------------------------------------------|---------------------------------|
+//! | 1    | exact destination beats `*`                              | `* → billing` over `web → *`    |
+//! | 2    | exact source beats `*`                                   | `web → billing` over `* → billing` |
+//! | 3    | a rule with method/path conditions beats one without     | `web → billing GET /api` over `web → billing` |
+//! | 4    | between L7 rules, the longer `path_prefix` wins          | `/api/v1` over `/api`           |
+//! | 5    | on equal precedence, `deny` beats `allow`                |                                 |
+//! | 6    | equal precedence and action: smaller id (determinism)    |                                 |
+//! | —    | no matching rule: deny (`default-deny`)                  |                                 |
+//!
+//! The snapshot indexes rules by (destination, source) into four buckets visited in steps 1–2
+//! order (exact/exact, exact/`*`, `*`/exact, `*`/`*`), each pre-sorted by steps 3–6, so a
+//! decision is at most four hash lookups and a scan of the first bucket with a match.
+//!
+//! # Layout
+//!
+//! `model` (rules and checks), `snapshot` (index, decision, explanation), `store` (redb),
+//! `file` (declarative TOML), `service` (`AclService`, what the node shares), `denylog` (deny
+//! log rate limit), `api` (admin HTTP routes), `cli` (`hybridge acl …`), `error`.
+
+pub mod api;
+pub mod cli;
+pub mod denylog;
+pub mod error;
+pub mod file;
+pub mod model;
+pub mod service;
+pub mod snapshot;
+pub mod store;
+
+pub use api::handle_admin;
+pub use denylog::DenyLogLimiter;
+pub use error::AclError;
+pub use file::{AclFileError, parse_acl_file};
+pub use model::{Action, Rule, RuleSpec};
+pub use service::AclService;
+pub use snapshot::{AclSnapshot, Decision, Explanation, Field, Reason, RuleVerdict};
+pub use store::{AclStore, ApplyDiff, AuditEntry, AuditOp, RuleChange};

@@ -1,0 +1,480 @@
+//! Admin HTTP routes under `/v1/acl/…`, called by the daemon's admin server: JSON in and out,
+//! 1 MiB body limit, actor `admin-api`. It owns no listener and no policy logic.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Incoming};
+use serde::{Deserialize, Serialize};
+
+use super::error::AclError;
+use super::file::parse_acl_file;
+use super::model::{Rule, RuleSpec};
+use super::service::AclService;
+use super::store::AuditEntry;
+
+/// Largest request body accepted (413 beyond).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Audit entries returned by `GET /v1/acl/log` without `limit`.
+pub const DEFAULT_LOG_LIMIT: usize = 50;
+/// Actor recorded in the audit log for changes made through these routes.
+pub const ACTOR: &str = "admin-api";
+
+/// `GET /v1/acl/rules` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleList {
+    pub version: u64,
+    pub rules: Vec<Rule>,
+}
+
+/// `POST /v1/acl/rules` and `DELETE /v1/acl/rules/{id}` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleChanged {
+    pub version: u64,
+    pub rule: Rule,
+}
+
+/// `GET /v1/acl/log` response, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditLog {
+    pub entries: Vec<AuditEntry>,
+}
+
+/// Error body of every failed request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+type AdminResponse = Response<Full<Bytes>>;
+
+/// Serves the ACL admin routes; `None` for paths this module does not own, so the admin
+/// server can try its other routes.
+///
+/// - `GET /v1/acl/rules` → [`RuleList`]
+/// - `POST /v1/acl/rules` (JSON [`RuleSpec`]) → 201 [`RuleChanged`]
+/// - `DELETE /v1/acl/rules/{id}` → [`RuleChanged`]
+/// - `POST /v1/acl/apply?dry_run=true&file=NAME` (TOML body) → `ApplyDiff`; 400 names the line
+/// - `GET /v1/acl/check?from=&to=&method=&path=` → `Explanation`
+/// - `GET /v1/acl/log?limit=` → [`AuditLog`]
+pub async fn handle_admin(svc: &AclService, req: Request<Incoming>) -> Option<AdminResponse> {
+    handle_admin_request(svc, req).await
+}
+
+/// [`handle_admin`] over any body type (tests use `Full<Bytes>`).
+pub async fn handle_admin_request<B>(svc: &AclService, req: Request<B>) -> Option<AdminResponse>
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let path = req.uri().path().to_string();
+    let route = path.strip_prefix("/v1/acl/")?;
+    let query = req.uri().query().unwrap_or("").to_string();
+    let method = req.method().clone();
+    let response = match (route, &method) {
+        ("rules", &Method::GET) => json(
+            StatusCode::OK,
+            &RuleList {
+                version: svc.version(),
+                rules: svc.list(),
+            },
+        ),
+        ("rules", &Method::POST) => match read_body(req).await {
+            Err(response) => response,
+            Ok(body) => match serde_json::from_slice::<RuleSpec>(&body) {
+                Err(e) => error(StatusCode::BAD_REQUEST, format!("rule JSON: {e}")),
+                Ok(spec) => match blocking(|| svc.add(spec, ACTOR)) {
+                    Ok(rule) => json(
+                        StatusCode::CREATED,
+                        &RuleChanged {
+                            version: svc.version(),
+                            rule,
+                        },
+                    ),
+                    Err(e) => acl_error(&e),
+                },
+            },
+        },
+        ("apply", &Method::POST) => {
+            let dry_run = query_param(&query, "dry_run").is_some_and(|v| v == "true" || v == "1");
+            let file = query_param(&query, "file").unwrap_or_else(|| "request body".into());
+            match read_body(req).await {
+                Err(response) => response,
+                Ok(body) => match std::str::from_utf8(&body) {
+                    Err(_) => error(StatusCode::BAD_REQUEST, format!("{file}: not UTF-8")),
+                    Ok(text) => match parse_acl_file(Path::new(&file), text) {
+                        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+                        Ok(specs) => match blocking(|| svc.apply(specs, ACTOR, dry_run)) {
+                            Ok(diff) => json(StatusCode::OK, &diff),
+                            Err(e) => acl_error(&e),
+                        },
+                    },
+                },
+            }
+        }
+        ("check", &Method::GET) => match (query_param(&query, "from"), query_param(&query, "to")) {
+            (Some(from), Some(to)) => {
+                let method = query_param(&query, "method").filter(|m| !m.is_empty());
+                let path = query_param(&query, "path").filter(|p| !p.is_empty());
+                json(
+                    StatusCode::OK,
+                    &svc.explain(&from, &to, method.as_deref(), path.as_deref()),
+                )
+            }
+            _ => error(
+                StatusCode::BAD_REQUEST,
+                "check needs query parameters `from` and `to`".into(),
+            ),
+        },
+        ("log", &Method::GET) => {
+            let limit = match query_param(&query, "limit") {
+                None => Ok(DEFAULT_LOG_LIMIT),
+                Some(v) => v.parse::<usize>().map_err(|_| v),
+            };
+            match limit {
+                Err(v) => error(
+                    StatusCode::BAD_REQUEST,
+                    format!("limit {v:?} is not a non-negative integer"),
+                ),
+                Ok(limit) => match blocking(|| svc.audit(limit)) {
+                    Ok(entries) => json(StatusCode::OK, &AuditLog { entries }),
+                    Err(e) => acl_error(&e),
+                },
+            }
+        }
+        ("rules" | "apply" | "check" | "log", _) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} not allowed on {path}"),
+        ),
+        (other, &Method::DELETE) if other.starts_with("rules/") => {
+            let id = percent_decode(&other["rules/".len()..]);
+            match blocking(|| svc.remove(&id, ACTOR)) {
+                Ok(rule) => json(
+                    StatusCode::OK,
+                    &RuleChanged {
+                        version: svc.version(),
+                        rule,
+                    },
+                ),
+                Err(e) => acl_error(&e),
+            }
+        }
+        (other, _) if other.starts_with("rules/") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} not allowed on {path}"),
+        ),
+        _ => return None,
+    };
+    Some(response)
+}
+
+/// Runs a redb call (which may fsync) without stalling the other tasks of a multi-threaded
+/// runtime; on a current-thread runtime it simply runs inline.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// Collects the body, refusing more than [`MAX_BODY_BYTES`] with 413.
+async fn read_body<B>(req: Request<B>) -> Result<Bytes, AdminResponse>
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_BODY_BYTES} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("reading request body: {e}"),
+        )),
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> AdminResponse {
+    match serde_json::to_vec(value) {
+        Ok(body) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            *response.status_mut() = status;
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding response: {e}"),
+        ),
+    }
+}
+
+fn error(status: StatusCode, message: String) -> AdminResponse {
+    let body = serde_json::to_vec(&ErrorBody { error: message }).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert("x-hybridge-error", HeaderValue::from_static("acl-admin"));
+    response
+}
+
+fn acl_error(e: &AclError) -> AdminResponse {
+    let status = match e {
+        AclError::InvalidRule { .. } | AclError::File(_) => StatusCode::BAD_REQUEST,
+        AclError::DuplicateId(_) => StatusCode::CONFLICT,
+        AclError::NotFound(_) => StatusCode::NOT_FOUND,
+        AclError::InUse { .. } | AclError::Storage(_) | AclError::Corrupt { .. } => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    };
+    error(status, e.to_string())
+}
+
+/// The decoded value of the first `name=` parameter in a query string.
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(key) == name).then(|| percent_decode(value))
+    })
+}
+
+/// Decodes `%XX` escapes and `+` (form encoding); malformed escapes are kept as written.
+pub fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Encodes a query parameter value (everything but unreserved characters).
+pub fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    async fn call(
+        svc: &AclService,
+        method: Method,
+        uri: &str,
+        body: &str,
+    ) -> Option<(StatusCode, serde_json::Value)> {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Full::new(Bytes::from(body.to_string())))
+            .ok()?;
+        let response = handle_admin_request(svc, req).await?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await.ok()?.to_bytes();
+        Some((status, serde_json::from_slice(&bytes).ok()?))
+    }
+
+    fn open() -> Result<(tempfile::TempDir, Arc<AclService>), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let svc = AclService::open(&dir.path().join("hybridge.redb"))?;
+        Ok((dir, svc))
+    }
+
+    #[tokio::test]
+    async fn routes() -> Result<(), Box<dyn std::error::Error>> {
+        let (_dir, svc) = open()?;
+        let svc = &*svc;
+        let rule = r#"{"source":"web","destination":"billing","action":"allow","methods":["GET"]}"#;
+        let (status, body) = call(svc, Method::POST, "/v1/acl/rules", rule)
+            .await
+            .ok_or("no response")?;
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(
+            (body["version"].as_u64(), body["rule"]["id"].as_str()),
+            (Some(1), Some("web-to-billing"))
+        );
+
+        let (status, body) = call(
+            svc,
+            Method::POST,
+            "/v1/acl/rules",
+            r#"{"source":"web","destination":"billing","action":"maybe"}"#,
+        )
+        .await
+        .ok_or("no response")?;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("rule JSON: "))
+        );
+
+        let (status, body) = call(svc, Method::GET, "/v1/acl/rules", "")
+            .await
+            .ok_or("no response")?;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["rules"].as_array().map(Vec::len), Some(1));
+
+        let (status, body) = call(
+            svc,
+            Method::GET,
+            "/v1/acl/check?from=web&to=billing&method=GET&path=%2Fapi",
+            "",
+        )
+        .await
+        .ok_or("no response")?;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            (body["action"].as_str(), body["rule"].as_str()),
+            (Some("allow"), Some("web-to-billing"))
+        );
+        assert_eq!(body["path"].as_str(), Some("/api"));
+
+        let toml = "[[rule]]\nsource = \"web\"\ndestination = \"billing\"\naction = \"deny\"\nid = \"x\"\nbogus = 1\n";
+        let (status, body) = call(svc, Method::POST, "/v1/acl/apply?file=acl.toml", toml)
+            .await
+            .ok_or("no response")?;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("acl.toml:6: rule 1: unknown field `bogus`")),
+            "{body}"
+        );
+
+        let toml = toml.replace("bogus = 1\n", "");
+        let (status, body) = call(svc, Method::POST, "/v1/acl/apply?dry_run=true", &toml)
+            .await
+            .ok_or("no response")?;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            (
+                body["added"].as_array().map(Vec::len),
+                body["removed"].as_array().map(Vec::len)
+            ),
+            (Some(1), Some(1))
+        );
+        assert_eq!(svc.version(), 1);
+        let (status, body) = call(svc, Method::POST, "/v1/acl/apply", &toml)
+            .await
+            .ok_or("no response")?;
+        assert_eq!(
+            (status, body["version_after"].as_u64()),
+            (StatusCode::OK, Some(2))
+        );
+
+        let (status, _) = call(svc, Method::DELETE, "/v1/acl/rules/nope", "")
+            .await
+            .ok_or("no response")?;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, body) = call(svc, Method::DELETE, "/v1/acl/rules/x", "")
+            .await
+            .ok_or("no response")?;
+        assert_eq!(
+            (status, body["version"].as_u64()),
+            (StatusCode::OK, Some(3))
+        );
+
+        let (status, body) = call(svc, Method::GET, "/v1/acl/log?limit=2", "")
+            .await
+            .ok_or("no response")?;
+        assert_eq!(status, StatusCode::OK);
+        let ops: Vec<_> = body["entries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| e["op"].as_str())
+            .collect();
+        assert_eq!(ops, vec![Some("remove"), Some("apply")]);
+
+        let (status, _) = call(svc, Method::PUT, "/v1/acl/rules", "")
+            .await
+            .ok_or("no response")?;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        let (status, _) = call(svc, Method::GET, "/v1/acl/check?from=web", "")
+            .await
+            .ok_or("no response")?;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(call(svc, Method::GET, "/v1/status", "").await.is_none());
+        assert!(call(svc, Method::GET, "/v1/acl/other", "").await.is_none());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn body_limit_is_413() -> Result<(), Box<dyn std::error::Error>> {
+        let (_dir, svc) = open()?;
+        let big = "#".repeat(MAX_BODY_BYTES + 1);
+        let (status, _) = call(&svc, Method::POST, "/v1/acl/apply", &big)
+            .await
+            .ok_or("no response")?;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(svc.version(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn percent_coding_round_trips() {
+        assert_eq!(percent_decode("%2Fapi%2fv1+x%zz%"), "/api/v1 x%zz%");
+        assert_eq!(percent_decode(&percent_encode("a b&c=/d%")), "a b&c=/d%");
+    }
+}

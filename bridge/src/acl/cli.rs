@@ -1,0 +1,680 @@
+//! `hybridge acl …`: clap arguments and human output, either straight on the redb file
+//! (`--db`) or through a running node's admin API (`--admin`). No policy logic of its own.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::de::DeserializeOwned;
+
+use super::api::{AuditLog, ErrorBody, RuleChanged, RuleList, percent_encode};
+use super::file::parse_acl_file;
+use super::model::{Action, Rule, RuleSpec};
+use super::service::AclService;
+use super::snapshot::{Explanation, Reason};
+use super::store::ApplyDiff;
+
+/// The admin API address used when neither `--db` nor `--admin` is given.
+pub const DEFAULT_ADMIN: &str = "http://127.0.0.1:7180";
+/// Actor recorded for changes made with `--db`.
+pub const CLI_ACTOR: &str = "cli";
+
+/// Where `hybridge acl` acts: a node's admin API (default) or the redb file directly.
+#[derive(Debug, Clone, Args)]
+pub struct AclTarget {
+    /// Operate directly on this redb file (the daemon using it must be stopped).
+    #[arg(long, value_name = "PATH", conflicts_with = "admin")]
+    pub db: Option<PathBuf>,
+    /// Base URL of the node's admin API.
+    #[arg(long, value_name = "URL", default_value = DEFAULT_ADMIN)]
+    pub admin: String,
+}
+
+/// `hybridge acl` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum AclCommand {
+    /// List the rules and the policy version.
+    Ls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add one rule.
+    #[command(group = clap::ArgGroup::new("action").required(true).args(["allow", "deny"]))]
+    Add {
+        /// Calling service, or "*".
+        #[arg(long)]
+        from: String,
+        /// Called service, or "*".
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        allow: bool,
+        #[arg(long)]
+        deny: bool,
+        /// Restrict to this HTTP method (repeatable).
+        #[arg(long = "method", value_name = "METHOD")]
+        methods: Vec<String>,
+        /// Restrict to paths starting with this prefix.
+        #[arg(long)]
+        path_prefix: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Rule id (default: SOURCE-to-DESTINATION[-N]).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Remove a rule by id.
+    Rm { id: String },
+    /// Make the rules equal a declarative TOML file.
+    Apply {
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+        /// Show the diff without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Explain the decision for a request.
+    Check {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        /// HTTP method, e.g. GET.
+        method: Option<String>,
+        /// Request path, e.g. /api/invoices.
+        path: Option<String>,
+    },
+    /// Show the audit log, newest first.
+    Log {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+}
+
+/// Runs one command and prints its human output.
+pub async fn run(target: AclTarget, cmd: AclCommand) -> anyhow::Result<()> {
+    let output = execute(&target, cmd).await?;
+    print!("{output}");
+    Ok(())
+}
+
+/// Runs one command and returns what [`run`] prints.
+pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<String> {
+    let backend = match &target.db {
+        Some(path) => Backend::Local(
+            AclService::open(path)
+                .with_context(|| format!("opening acl database {}", path.display()))?,
+        ),
+        None => Backend::Remote(Box::new(AdminClient::new(&target.admin))),
+    };
+    let mut out = String::new();
+    match cmd {
+        AclCommand::Ls { json } => {
+            let list = backend.list().await?;
+            if json {
+                out = serde_json::to_string_pretty(&list)? + "\n";
+            } else {
+                print_list(&mut out, &list)?;
+            }
+        }
+        AclCommand::Add {
+            from,
+            to,
+            allow: _,
+            deny,
+            methods,
+            path_prefix,
+            description,
+            id,
+        } => {
+            let spec = RuleSpec {
+                id,
+                source: from,
+                destination: to,
+                action: if deny { Action::Deny } else { Action::Allow },
+                methods: (!methods.is_empty()).then_some(methods),
+                path_prefix,
+                description,
+            };
+            let changed = backend.add(spec).await?;
+            writeln!(
+                out,
+                "added {} (policy version {})",
+                describe(&changed.rule),
+                changed.version
+            )?;
+        }
+        AclCommand::Rm { id } => {
+            let changed = backend.remove(&id).await?;
+            writeln!(
+                out,
+                "removed {} (policy version {})",
+                describe(&changed.rule),
+                changed.version
+            )?;
+        }
+        AclCommand::Apply { file, dry_run } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading acl file {}", file.display()))?;
+            let diff = backend.apply(&file, &text, dry_run).await?;
+            print_diff(&mut out, &diff)?;
+        }
+        AclCommand::Check {
+            from,
+            to,
+            method,
+            path,
+        } => {
+            let explanation = backend
+                .check(&from, &to, method.as_deref(), path.as_deref())
+                .await?;
+            print_explanation(&mut out, &explanation)?;
+        }
+        AclCommand::Log { limit } => {
+            let log = backend.log(limit).await?;
+            for e in &log.entries {
+                writeln!(
+                    out,
+                    "{:>5}  {}  v{}  {:<6} {:<24} by {}",
+                    e.seq,
+                    e.time,
+                    e.version,
+                    e.op.as_str(),
+                    e.rule_id,
+                    e.actor
+                )?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+enum Backend {
+    Local(Arc<AclService>),
+    Remote(Box<AdminClient>),
+}
+
+impl Backend {
+    async fn list(&self) -> anyhow::Result<RuleList> {
+        match self {
+            Backend::Local(svc) => Ok(RuleList {
+                version: svc.version(),
+                rules: svc.list(),
+            }),
+            Backend::Remote(client) => client.call(Method::GET, "/v1/acl/rules", None).await,
+        }
+    }
+
+    async fn add(&self, spec: RuleSpec) -> anyhow::Result<RuleChanged> {
+        match self {
+            Backend::Local(svc) => {
+                let rule = svc.add(spec, CLI_ACTOR)?;
+                Ok(RuleChanged {
+                    version: svc.version(),
+                    rule,
+                })
+            }
+            Backend::Remote(client) => {
+                let body = serde_json::to_vec(&spec)?;
+                client.call(Method::POST, "/v1/acl/rules", Some(body)).await
+            }
+        }
+    }
+
+    async fn remove(&self, id: &str) -> anyhow::Result<RuleChanged> {
+        match self {
+            Backend::Local(svc) => {
+                let rule = svc.remove(id, CLI_ACTOR)?;
+                Ok(RuleChanged {
+                    version: svc.version(),
+                    rule,
+                })
+            }
+            Backend::Remote(client) => {
+                let path = format!("/v1/acl/rules/{}", percent_encode(id));
+                client.call(Method::DELETE, &path, None).await
+            }
+        }
+    }
+
+    async fn apply(&self, file: &Path, text: &str, dry_run: bool) -> anyhow::Result<ApplyDiff> {
+        match self {
+            Backend::Local(svc) => {
+                let specs = parse_acl_file(file, text)?;
+                Ok(svc.apply(specs, CLI_ACTOR, dry_run)?)
+            }
+            Backend::Remote(client) => {
+                let path = format!(
+                    "/v1/acl/apply?dry_run={dry_run}&file={}",
+                    percent_encode(&file.display().to_string())
+                );
+                client
+                    .call(Method::POST, &path, Some(text.as_bytes().to_vec()))
+                    .await
+            }
+        }
+    }
+
+    async fn check(
+        &self,
+        from: &str,
+        to: &str,
+        method: Option<&str>,
+        path: Option<&str>,
+    ) -> anyhow::Result<Explanation> {
+        match self {
+            Backend::Local(svc) => Ok(svc.explain(from, to, method, path)),
+            Backend::Remote(client) => {
+                let mut query = format!(
+                    "/v1/acl/check?from={}&to={}",
+                    percent_encode(from),
+                    percent_encode(to)
+                );
+                if let Some(method) = method {
+                    write!(query, "&method={}", percent_encode(method))?;
+                }
+                if let Some(path) = path {
+                    write!(query, "&path={}", percent_encode(path))?;
+                }
+                client.call(Method::GET, &query, None).await
+            }
+        }
+    }
+
+    async fn log(&self, limit: usize) -> anyhow::Result<AuditLog> {
+        match self {
+            Backend::Local(svc) => Ok(AuditLog {
+                entries: svc.audit(limit)?,
+            }),
+            Backend::Remote(client) => {
+                client
+                    .call(Method::GET, &format!("/v1/acl/log?limit={limit}"), None)
+                    .await
+            }
+        }
+    }
+}
+
+/// A small HTTP/1 JSON client for the admin API.
+struct AdminClient {
+    base: String,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl AdminClient {
+    fn new(base: &str) -> AdminClient {
+        AdminClient {
+            base: base.trim_end_matches('/').to_string(),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base);
+        let mut builder = Request::builder().method(method).uri(&url);
+        if body.is_some() {
+            builder = builder.header(header::CONTENT_TYPE, "application/json");
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .with_context(|| format!("building request to {url}"))?;
+        let response = self.client.request(request).await.with_context(|| {
+            format!(
+                "talking to the hybridge admin API at {} (is the daemon running? use --db PATH to work on the database file directly)",
+                self.base
+            )
+        })?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .with_context(|| format!("reading response from {url}"))?
+            .to_bytes();
+        if status != StatusCode::OK && status != StatusCode::CREATED {
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            bail!("{message} (admin API answered {status})");
+        }
+        serde_json::from_slice(&bytes).with_context(|| format!("decoding response from {url}"))
+    }
+}
+
+/// One line per rule: `id: allow web -> billing GET,POST /api "description"`.
+fn describe(rule: &Rule) -> String {
+    let mut text = format!(
+        "{}: {} {} -> {}",
+        rule.id, rule.action, rule.source, rule.destination
+    );
+    if let Some(methods) = &rule.methods {
+        text.push(' ');
+        text.push_str(&methods.join(","));
+    }
+    if let Some(prefix) = &rule.path_prefix {
+        text.push(' ');
+        text.push_str(prefix);
+        text.push('*');
+    }
+    if !rule.description.is_empty() {
+        text.push_str(&format!(" {:?}", rule.description));
+    }
+    text
+}
+
+fn print_list(out: &mut String, list: &RuleList) -> std::fmt::Result {
+    writeln!(
+        out,
+        "policy version {}, {} rule(s)",
+        list.version,
+        list.rules.len()
+    )?;
+    for rule in &list.rules {
+        writeln!(out, "  {}", describe(rule))?;
+    }
+    Ok(())
+}
+
+fn print_diff(out: &mut String, diff: &ApplyDiff) -> std::fmt::Result {
+    for rule in &diff.added {
+        writeln!(out, "+ {}", describe(rule))?;
+    }
+    for change in &diff.changed {
+        writeln!(out, "~ {}", describe(&change.old))?;
+        writeln!(out, "  -> {}", describe(&change.new))?;
+    }
+    for rule in &diff.removed {
+        writeln!(out, "- {}", describe(rule))?;
+    }
+    for warning in &diff.warnings {
+        writeln!(out, "warning: {warning}")?;
+    }
+    let counts = format!(
+        "{} added, {} changed, {} removed",
+        diff.added.len(),
+        diff.changed.len(),
+        diff.removed.len()
+    );
+    if diff.is_empty() {
+        writeln!(out, "no changes (policy version {})", diff.version_before)
+    } else if diff.dry_run {
+        writeln!(
+            out,
+            "dry run: {counts}; nothing changed (policy version {})",
+            diff.version_before
+        )
+    } else {
+        writeln!(
+            out,
+            "applied: {counts} (policy version {} -> {})",
+            diff.version_before, diff.version_after
+        )
+    }
+}
+
+fn print_explanation(out: &mut String, e: &Explanation) -> std::fmt::Result {
+    writeln!(out, "{}", e.action)?;
+    if e.default_deny {
+        writeln!(out, "default-deny")?;
+    } else {
+        writeln!(out, "rule {}", e.rule)?;
+    }
+    if !e.others.is_empty() {
+        writeln!(out, "other rules:")?;
+    }
+    for verdict in &e.others {
+        match &verdict.reason {
+            Reason::DidNotMatch { field, detail } => writeln!(
+                out,
+                "  {} ({}): did not match {}: {detail}",
+                verdict.rule_id,
+                verdict.action,
+                field.as_str(),
+            )?,
+            Reason::LostOnPrecedence { to, detail } => writeln!(
+                out,
+                "  {} ({}): matched but lost to {to}: {detail}",
+                verdict.rule_id, verdict.action
+            )?,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    #[derive(Parser)]
+    struct TestCli {
+        #[command(flatten)]
+        target: AclTarget,
+        #[command(subcommand)]
+        cmd: AclCommand,
+    }
+
+    fn parse(args: &[&str]) -> Result<TestCli, clap::Error> {
+        TestCli::try_parse_from(std::iter::once("acl").chain(args.iter().copied()))
+    }
+
+    const POLICY: &str = r#"
+[[rule]]
+source = "web"
+destination = "billing"
+action = "allow"
+methods = ["GET", "POST"]
+path_prefix = "/api"
+
+[[rule]]
+source = "*"
+destination = "billing"
+action = "deny"
+"#;
+
+    /// Runs the same command list against a target and returns every output.
+    async fn script(target_args: &[&str], policy: &Path) -> anyhow::Result<Vec<String>> {
+        let policy = policy.to_string_lossy().to_string();
+        let commands: Vec<Vec<&str>> = vec![
+            vec!["apply", "-f", &policy, "--dry-run"],
+            vec!["apply", "-f", &policy],
+            vec!["apply", "-f", &policy],
+            vec![
+                "add",
+                "--from",
+                "reporting",
+                "--to",
+                "billing",
+                "--allow",
+                "--method",
+                "get",
+            ],
+            vec![
+                "check",
+                "--from",
+                "web",
+                "--to",
+                "billing",
+                "GET",
+                "/api/invoices",
+            ],
+            vec!["check", "--from", "cron", "--to", "ledger"],
+            vec!["rm", "reporting-to-billing"],
+            vec!["ls"],
+            vec!["log", "--limit", "2"],
+        ];
+        let mut outputs = Vec::new();
+        for command in commands {
+            let args: Vec<&str> = target_args.iter().copied().chain(command).collect();
+            let cli = parse(&args)?;
+            outputs.push(execute(&cli.target, cli.cmd).await?);
+        }
+        Ok(outputs)
+    }
+
+    fn check_outputs(outputs: &[String], policy: &Path) {
+        let _ = policy;
+        assert!(
+            outputs[0].contains(
+                "dry run: 2 added, 0 changed, 0 removed; nothing changed (policy version 0)"
+            ),
+            "{}",
+            outputs[0]
+        );
+        assert!(
+            outputs[1]
+                .ends_with("applied: 2 added, 0 changed, 0 removed (policy version 0 -> 1)\n"),
+            "{}",
+            outputs[1]
+        );
+        assert_eq!(outputs[2], "no changes (policy version 1)\n");
+        assert_eq!(
+            outputs[3],
+            "added reporting-to-billing: allow reporting -> billing GET (policy version 2)\n"
+        );
+        assert_eq!(
+            outputs[4],
+            "allow\nrule web-to-billing\nother rules:\n  \
+             any-to-billing (deny): matched but lost to web-to-billing: exact source beats *\n  \
+             reporting-to-billing (allow): did not match source: rule is for source reporting, not web\n"
+        );
+        assert!(
+            outputs[5].starts_with("deny\ndefault-deny\nother rules:\n"),
+            "{}",
+            outputs[5]
+        );
+        assert!(
+            outputs[6].starts_with("removed reporting-to-billing"),
+            "{}",
+            outputs[6]
+        );
+        assert!(
+            outputs[7].starts_with("policy version 3, 2 rule(s)\n"),
+            "{}",
+            outputs[7]
+        );
+        assert_eq!(outputs[8].lines().count(), 2);
+        assert!(
+            outputs[8]
+                .lines()
+                .next()
+                .is_some_and(|l| l.contains("v3  remove")),
+            "{}",
+            outputs[8]
+        );
+    }
+
+    #[tokio::test]
+    async fn db_target_works_on_the_file() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let policy = dir.path().join("acl.toml");
+        std::fs::write(&policy, POLICY)?;
+        let db = dir.path().join("hybridge.redb");
+        let db = db.to_string_lossy().to_string();
+        let outputs = script(&["--db", &db], &policy).await?;
+        check_outputs(&outputs, &policy);
+        assert!(outputs[8].contains("by cli"));
+
+        // A broken file names its line and changes nothing.
+        std::fs::write(&policy, POLICY.replace("\"/api\"", "\"api\""))?;
+        let cli = parse(&["--db", &db, "apply", "-f", &policy.to_string_lossy()])?;
+        let err = execute(&cli.target, cli.cmd)
+            .await
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            err,
+            Some(format!(
+                "{}:7: rule 1: field `path_prefix`: path prefix \"api\" must start with '/'",
+                policy.display()
+            ))
+        );
+
+        // While a "daemon" holds the file, --db says so.
+        let _held = AclService::open(Path::new(&db))?;
+        let cli = parse(&["--db", &db, "ls"])?;
+        let err = execute(&cli.target, cli.cmd)
+            .await
+            .err()
+            .map(|e| format!("{e:#}"));
+        assert!(err.is_some_and(|e| {
+            e.contains("is in use by a running hybridge (use --admin to talk to it)")
+        }));
+        Ok(())
+    }
+
+    // Multi-threaded so the routes' redb calls go through `block_in_place`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn admin_target_talks_to_the_routes() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let policy = dir.path().join("acl.toml");
+        std::fs::write(&policy, POLICY)?;
+        let svc = AclService::open(&dir.path().join("hybridge.redb"))?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let server_svc = svc.clone();
+        let server = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let svc = server_svc.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let svc = svc.clone();
+                        async move {
+                            let response = crate::acl::handle_admin(&svc, req)
+                                .await
+                                .unwrap_or_else(|| {
+                                    let mut r = http::Response::new(Full::new(Bytes::new()));
+                                    *r.status_mut() = StatusCode::NOT_FOUND;
+                                    r
+                                });
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        let outputs = script(&["--admin", &base], &policy).await;
+        server.abort();
+        let outputs = outputs?;
+        check_outputs(&outputs, &policy);
+        assert!(outputs[8].contains("by admin-api"));
+        assert_eq!(svc.version(), 3);
+
+        // Nothing listening: the message says what to do.
+        let cli = parse(&["--admin", "http://127.0.0.1:1", "ls"])?;
+        let err = execute(&cli.target, cli.cmd)
+            .await
+            .err()
+            .map(|e| e.to_string());
+        assert!(err.is_some_and(|e| e.contains("use --db PATH")));
+        Ok(())
+    }
+
+    #[test]
+    fn add_requires_an_action() {
+        assert!(parse(&["add", "--from", "a", "--to", "b"]).is_err());
+        assert!(parse(&["add", "--from", "a", "--to", "b", "--allow", "--deny"]).is_err());
+        assert!(parse(&["--db", "x", "--admin", "http://h", "ls"]).is_err());
+        let cli = parse(&["ls"]);
+        assert!(cli.is_ok_and(|c| c.target.admin == DEFAULT_ADMIN && c.target.db.is_none()));
+    }
+}

@@ -1,0 +1,340 @@
+//! The ACL rule model: `Action`, the operator-supplied `RuleSpec`, the stored `Rule`, and the
+//! field checks and id generation they need. Pure values: no storage, no I/O, no decisions.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest service name we accept; keeps keys, labels and log lines bounded.
+pub const MAX_NAME_LEN: usize = 128;
+/// Longest rule id: room for a generated `source-to-destination-N` of two maximal names.
+pub const MAX_ID_LEN: usize = 2 * MAX_NAME_LEN + 32;
+
+/// What a rule does to a request it decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl Action {
+    /// `"allow"` or `"deny"`, as written in files, JSON and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        }
+    }
+
+    /// Parses `allow` / `deny` (exact, lowercase).
+    pub fn parse(text: &str) -> Option<Action> {
+        match text {
+            "allow" => Some(Action::Allow),
+            "deny" => Some(Action::Deny),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A rule as an operator writes it (file, CLI, admin API): the id is optional and generated
+/// when absent. Not yet checked; [`RuleSpec::validate`] turns it into a normalised spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub source: String,
+    pub destination: String,
+    pub action: Action,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// A stored rule: a checked spec with its id resolved. `methods` are upper-case HTTP tokens;
+/// `None` means any method, as `path_prefix: None` means any path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub id: String,
+    pub source: String,
+    pub destination: String,
+    pub action: Action,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub description: String,
+}
+
+impl Rule {
+    /// Whether the rule carries L7 (method or path) conditions.
+    pub fn is_l7(&self) -> bool {
+        self.methods.is_some() || self.path_prefix.is_some()
+    }
+
+    /// Builds a rule from a spec already passed through [`RuleSpec::validate`].
+    pub fn from_valid_spec(spec: RuleSpec, id: String) -> Rule {
+        Rule {
+            id,
+            source: spec.source,
+            destination: spec.destination,
+            action: spec.action,
+            methods: spec.methods,
+            path_prefix: spec.path_prefix,
+            description: spec.description.unwrap_or_default(),
+        }
+    }
+
+    /// The spec that reproduces this rule (id included).
+    pub fn to_spec(&self) -> RuleSpec {
+        RuleSpec {
+            id: Some(self.id.clone()),
+            source: self.source.clone(),
+            destination: self.destination.clone(),
+            action: self.action,
+            methods: self.methods.clone(),
+            path_prefix: self.path_prefix.clone(),
+            description: (!self.description.is_empty()).then(|| self.description.clone()),
+        }
+    }
+}
+
+/// One rejected field of a rule: which field and why, for messages that name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "field `{}`: {}", self.field, self.message)
+    }
+}
+
+impl RuleSpec {
+    /// Checks every field and normalises it (methods upper-cased, empty description dropped).
+    pub fn validate(mut self) -> Result<RuleSpec, FieldError> {
+        if let Some(id) = &self.id {
+            check_id(id).map_err(|message| FieldError {
+                field: "id",
+                message,
+            })?;
+        }
+        check_service(&self.source).map_err(|message| FieldError {
+            field: "source",
+            message,
+        })?;
+        check_service(&self.destination).map_err(|message| FieldError {
+            field: "destination",
+            message,
+        })?;
+        if let Some(methods) = self.methods.take() {
+            let methods = normalise_methods(methods).map_err(|message| FieldError {
+                field: "methods",
+                message,
+            })?;
+            self.methods = Some(methods);
+        }
+        if let Some(prefix) = &self.path_prefix {
+            check_path_prefix(prefix).map_err(|message| FieldError {
+                field: "path_prefix",
+                message,
+            })?;
+        }
+        if self.description.as_deref().is_some_and(str::is_empty) {
+            self.description = None;
+        }
+        Ok(self)
+    }
+}
+
+/// A service name (`[a-z0-9._-]+`) or the wildcard `*`.
+pub fn check_service(name: &str) -> Result<(), String> {
+    if name == "*" {
+        return Ok(());
+    }
+    if name.is_empty() {
+        return Err("service name must not be empty (use \"*\" for any service)".into());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!("service name longer than {MAX_NAME_LEN} bytes"));
+    }
+    match name
+        .chars()
+        .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '-'))
+    {
+        Some(bad) => Err(format!(
+            "service name {name:?} contains {bad:?}; allowed are a-z 0-9 . _ - or exactly \"*\""
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A rule id: `[A-Za-z0-9._-]+`, so it is safe in URLs, logs and metrics.
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("rule id must not be empty".into());
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(format!("rule id longer than {MAX_ID_LEN} bytes"));
+    }
+    match id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        Some(bad) => Err(format!(
+            "rule id {id:?} contains {bad:?}; allowed are A-Z a-z 0-9 . _ -"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Whether `method` is an HTTP token (RFC 9110 `tchar`+).
+pub fn is_http_token(method: &str) -> bool {
+    !method.is_empty()
+        && method.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
+        })
+}
+
+fn normalise_methods(methods: Vec<String>) -> Result<Vec<String>, String> {
+    if methods.is_empty() {
+        return Err("must list at least one method (omit the key to allow every method)".into());
+    }
+    let mut out: Vec<String> = Vec::with_capacity(methods.len());
+    for method in methods {
+        if !is_http_token(&method) {
+            return Err(format!("{method:?} is not an HTTP method token"));
+        }
+        let upper = method.to_ascii_uppercase();
+        if !out.contains(&upper) {
+            out.push(upper);
+        }
+    }
+    Ok(out)
+}
+
+/// A path prefix starts with `/` and holds no whitespace or control characters.
+pub fn check_path_prefix(prefix: &str) -> Result<(), String> {
+    if !prefix.starts_with('/') {
+        return Err(format!("path prefix {prefix:?} must start with '/'"));
+    }
+    if prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "path prefix {prefix:?} contains whitespace or a control character"
+        ));
+    }
+    Ok(())
+}
+
+/// The slug a rule without an id is named after: `web-to-billing`, `any-to-payments-admin`.
+pub fn slug_base(source: &str, destination: &str) -> String {
+    let part = |name: &str| {
+        if name == "*" {
+            "any".to_string()
+        } else {
+            name.to_string()
+        }
+    };
+    format!("{}-to-{}", part(source), part(destination))
+}
+
+/// The first of `base`, `base-2`, `base-3`, … for which `taken` is false.
+pub fn first_free_id(base: &str, mut taken: impl FnMut(&str) -> bool) -> String {
+    if !taken(base) {
+        return base.to_string();
+    }
+    let mut n: u64 = 2;
+    loop {
+        let candidate = format!("{base}-{n}");
+        if !taken(&candidate) {
+            return candidate;
+        }
+        n += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(source: &str, destination: &str) -> RuleSpec {
+        RuleSpec {
+            id: None,
+            source: source.into(),
+            destination: destination.into(),
+            action: Action::Allow,
+            methods: None,
+            path_prefix: None,
+            description: None,
+        }
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let err = spec("", "billing").validate().err();
+        assert_eq!(err.map(|e| e.field), Some("source"));
+        let err = spec("web", "Billing").validate().err();
+        assert_eq!(err.map(|e| e.field), Some("destination"));
+        let mut s = spec("web", "billing");
+        s.methods = Some(vec!["GE T".into()]);
+        assert_eq!(s.validate().err().map(|e| e.field), Some("methods"));
+        let mut s = spec("web", "billing");
+        s.path_prefix = Some("api".into());
+        assert_eq!(s.validate().err().map(|e| e.field), Some("path_prefix"));
+        let mut s = spec("web", "billing");
+        s.id = Some("a b".into());
+        assert_eq!(s.validate().err().map(|e| e.field), Some("id"));
+    }
+
+    #[test]
+    fn validate_normalises_methods() {
+        let mut s = spec("web", "*");
+        s.methods = Some(vec!["get".into(), "GET".into(), "post".into()]);
+        let s = s.validate().ok();
+        assert_eq!(
+            s.and_then(|s| s.methods),
+            Some(vec!["GET".to_string(), "POST".to_string()])
+        );
+    }
+
+    #[test]
+    fn slugs_skip_taken_ids() {
+        assert_eq!(slug_base("*", "billing"), "any-to-billing");
+        let taken = ["web-to-billing", "web-to-billing-2"];
+        assert_eq!(
+            first_free_id("web-to-billing", |id| taken.contains(&id)),
+            "web-to-billing-3"
+        );
+    }
+}

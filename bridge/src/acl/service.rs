@@ -1,0 +1,400 @@
+//! `AclService`: the one object the node shares. It owns the store, swaps in a fresh
+//! `AclSnapshot` after every commit, and counts decisions; the request path reads only the
+//! snapshot (no redb, no lock). It must not parse files or speak HTTP.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+
+use super::denylog::DenyLogLimiter;
+use super::error::AclError;
+use super::model::{Action, Rule, RuleSpec};
+use super::snapshot::{AclSnapshot, Decision, Explanation};
+use super::store::{AclStore, ApplyDiff, AuditEntry, resolve_ids};
+
+/// Destinations counted separately before the rest share [`OTHER_DESTINATIONS`]; keeps the
+/// metrics label set bounded whatever names callers send.
+const MAX_COUNTED_DESTINATIONS: usize = 1024;
+/// Label under which destinations beyond the cap are counted.
+pub const OTHER_DESTINATIONS: &str = "_other";
+
+type CounterMap = HashMap<Arc<str>, Arc<[AtomicU64; 2]>>;
+
+/// Allow/deny counters per destination. Reads and increments are lock-free; a destination seen
+/// for the first time copies the map under a mutex (rare).
+#[derive(Default)]
+struct DecisionCounters {
+    map: ArcSwap<CounterMap>,
+    insert_lock: Mutex<()>,
+}
+
+impl DecisionCounters {
+    fn record(&self, destination: &str, action: Action) {
+        let slot = match action {
+            Action::Allow => 0,
+            Action::Deny => 1,
+        };
+        if let Some(counters) = self.map.load().get(destination) {
+            counters[slot].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let _guard = lock(&self.insert_lock);
+        let current = self.map.load_full();
+        let key: &str =
+            if current.contains_key(destination) || current.len() < MAX_COUNTED_DESTINATIONS {
+                destination
+            } else {
+                OTHER_DESTINATIONS
+            };
+        let counters = match current.get(key) {
+            Some(counters) => counters.clone(),
+            None => {
+                let counters: Arc<[AtomicU64; 2]> =
+                    Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+                let mut next = (*current).clone();
+                next.insert(Arc::from(key), counters.clone());
+                self.map.store(Arc::new(next));
+                counters
+            }
+        };
+        counters[slot].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> Vec<((String, Action), u64)> {
+        let mut out = Vec::new();
+        for (destination, counters) in self.map.load().iter() {
+            out.push((
+                (destination.to_string(), Action::Allow),
+                counters[0].load(Ordering::Relaxed),
+            ));
+            out.push((
+                (destination.to_string(), Action::Deny),
+                counters[1].load(Ordering::Relaxed),
+            ));
+        }
+        out.sort();
+        out
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// The node's ACL subsystem: durable store, current snapshot, decision counters.
+pub struct AclService {
+    store: AclStore,
+    current: ArcSwap<AclSnapshot>,
+    /// Serialises commit + snapshot swap so snapshots never go back in version.
+    write_lock: Mutex<()>,
+    counters: DecisionCounters,
+    deny_log: DenyLogLimiter,
+    known_services: Mutex<Option<Vec<String>>>,
+}
+
+impl AclService {
+    /// Opens (or creates) the redb file at `path`. A file held by a running daemon fails with
+    /// [`AclError::InUse`].
+    pub fn open(path: &Path) -> Result<Arc<Self>, AclError> {
+        AclService::with_store(AclStore::open(path)?)
+    }
+
+    /// Uses a redb database shared with other subsystems.
+    pub fn with_database(db: Arc<redb::Database>) -> Result<Arc<Self>, AclError> {
+        AclService::with_store(AclStore::with_database(db)?)
+    }
+
+    fn with_store(store: AclStore) -> Result<Arc<Self>, AclError> {
+        let (version, rules) = store.load()?;
+        Ok(Arc::new(AclService {
+            store,
+            current: ArcSwap::from_pointee(AclSnapshot::new(version, rules)),
+            write_lock: Mutex::new(()),
+            counters: DecisionCounters::default(),
+            deny_log: DenyLogLimiter::default(),
+            known_services: Mutex::new(None),
+        }))
+    }
+
+    /// The current snapshot; an `Arc` clone.
+    pub fn snapshot(&self) -> Arc<AclSnapshot> {
+        self.current.load_full()
+    }
+
+    /// Decides a request against the current snapshot, counts it per (destination, action) and
+    /// logs denies at most once per (source, destination, rule) per minute.
+    pub fn decide(&self, source: &str, destination: &str, method: &str, path: &str) -> Decision {
+        let decision = self
+            .current
+            .load()
+            .decide(source, destination, method, path);
+        self.counters.record(destination, decision.action);
+        if !decision.allowed()
+            && let Some(suppressed) =
+                self.deny_log
+                    .check(source, destination, decision.rule_label(), Instant::now())
+        {
+            tracing::info!(
+                source,
+                destination,
+                method,
+                path,
+                rule = decision.rule_label(),
+                suppressed_since_last = suppressed,
+                "acl denied request"
+            );
+        }
+        decision
+    }
+
+    /// Service names `apply` should know; others are accepted with a warning. `None` turns the
+    /// check off (the default).
+    pub fn set_known_services(&self, services: Option<Vec<String>>) {
+        *lock(&self.known_services) = services;
+    }
+
+    /// Adds one rule (id generated as `src-to-dst[-N]` when absent).
+    pub fn add(&self, rule: RuleSpec, actor: &str) -> Result<Rule, AclError> {
+        let spec = validate(rule, 1)?;
+        let _guard = lock(&self.write_lock);
+        let (rule, _version) = self.store.add(spec, actor)?;
+        self.reload_locked()?;
+        Ok(rule)
+    }
+
+    /// Removes a rule by id and returns it.
+    pub fn remove(&self, id: &str, actor: &str) -> Result<Rule, AclError> {
+        let _guard = lock(&self.write_lock);
+        let (rule, _version) = self.store.remove(id, actor)?;
+        self.reload_locked()?;
+        Ok(rule)
+    }
+
+    /// Makes the stored rules equal `rules` in one transaction (one version step), or with
+    /// `dry_run` only reports the diff. Applying the same list twice gives an empty diff and
+    /// no version change. Warns about service names outside [`AclService::set_known_services`].
+    pub fn apply(
+        &self,
+        rules: Vec<RuleSpec>,
+        actor: &str,
+        dry_run: bool,
+    ) -> Result<ApplyDiff, AclError> {
+        let specs = rules
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| validate(spec, i + 1))
+            .collect::<Result<Vec<_>, _>>()?;
+        let desired = resolve_ids(specs)?;
+        let warnings = self.unknown_service_warnings(&desired);
+        let _guard = lock(&self.write_lock);
+        let mut diff = self.store.apply(desired, actor, dry_run)?;
+        diff.warnings = warnings;
+        if diff.version_after != diff.version_before {
+            self.reload_locked()?;
+        }
+        Ok(diff)
+    }
+
+    /// Every rule, sorted by id (from the snapshot).
+    pub fn list(&self) -> Vec<Rule> {
+        self.current.load().rules().to_vec()
+    }
+
+    /// The newest `limit` audit entries, newest first.
+    pub fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, AclError> {
+        self.store.audit(limit)
+    }
+
+    /// The policy version of the current snapshot.
+    pub fn version(&self) -> u64 {
+        self.current.load().version()
+    }
+
+    /// The decision with its reasoning (see [`AclSnapshot::explain`]). Not counted.
+    pub fn explain(
+        &self,
+        source: &str,
+        destination: &str,
+        method: Option<&str>,
+        path: Option<&str>,
+    ) -> Explanation {
+        self.current
+            .load()
+            .explain(source, destination, method, path)
+    }
+
+    /// Decisions so far per (destination, action), sorted, for `/metrics`.
+    pub fn decision_counts(&self) -> Vec<((String, Action), u64)> {
+        self.counters.snapshot()
+    }
+
+    /// Rebuilds the snapshot from the store (e.g. after another handle changed the database).
+    pub fn reload(&self) -> Result<(), AclError> {
+        let _guard = lock(&self.write_lock);
+        self.reload_locked()
+    }
+
+    fn reload_locked(&self) -> Result<(), AclError> {
+        let (version, rules) = self.store.load()?;
+        self.current
+            .store(Arc::new(AclSnapshot::new(version, rules)));
+        Ok(())
+    }
+
+    fn unknown_service_warnings(&self, rules: &[Rule]) -> Vec<String> {
+        let known = lock(&self.known_services);
+        let Some(known) = known.as_ref() else {
+            return Vec::new();
+        };
+        let mut unknown = BTreeSet::new();
+        for rule in rules {
+            for (field, name) in [("source", &rule.source), ("destination", &rule.destination)] {
+                if name != "*" && !known.iter().any(|k| k == name) {
+                    unknown.insert(format!(
+                        "rule {}: {field} {name:?} is not a known service",
+                        rule.id
+                    ));
+                }
+            }
+        }
+        unknown.into_iter().collect()
+    }
+}
+
+fn validate(spec: RuleSpec, index: usize) -> Result<RuleSpec, AclError> {
+    spec.validate().map_err(|e| AclError::InvalidRule {
+        index,
+        field: e.field,
+        message: e.message,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acl::file::parse_acl_file;
+
+    const POLICY: &str = r#"
+[[rule]]
+source = "web"
+destination = "billing"
+action = "allow"
+methods = ["GET"]
+path_prefix = "/api"
+
+[[rule]]
+id = "no-admin"
+source = "*"
+destination = "payments-admin"
+action = "deny"
+"#;
+
+    fn open() -> Result<(tempfile::TempDir, Arc<AclService>), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let svc = AclService::open(&dir.path().join("hybridge.redb"))?;
+        Ok((dir, svc))
+    }
+
+    #[test]
+    fn second_open_in_process_is_in_use() -> Result<(), Box<dyn std::error::Error>> {
+        let (dir, _svc) = open()?;
+        let path = dir.path().join("hybridge.redb");
+        let err = AclService::open(&path).err().map(|e| e.to_string());
+        assert_eq!(
+            err,
+            Some(format!(
+                "acl database {} is in use by a running hybridge (use --admin to talk to it)",
+                path.display()
+            ))
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn snapshot_follows_commits_and_decisions_are_counted() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let (_dir, svc) = open()?;
+        assert_eq!(
+            svc.decide("web", "billing", "GET", "/api/x").rule_label(),
+            "default-deny"
+        );
+        let specs = parse_acl_file(Path::new("acl.toml"), POLICY)?;
+        let diff = svc.apply(specs.clone(), "test", false)?;
+        assert_eq!((diff.added.len(), diff.version_after), (2, 1));
+        let before = svc.snapshot();
+        assert_eq!(before.version(), 1);
+        let d = svc.decide("web", "billing", "GET", "/api/x");
+        assert!(d.allowed());
+        assert_eq!(d.rule_label(), "web-to-billing");
+        assert_eq!(
+            svc.decide("web", "payments-admin", "GET", "/").rule_label(),
+            "no-admin"
+        );
+        assert_eq!(
+            svc.decide("web", "billing", "POST", "/api/x").rule_label(),
+            "default-deny"
+        );
+
+        let again = svc.apply(specs, "test", false)?;
+        assert!(again.is_empty());
+        assert_eq!(svc.version(), 1);
+
+        svc.remove("no-admin", "test")?;
+        assert_eq!(svc.version(), 2);
+        assert_eq!(before.version(), 1, "old snapshots are immutable");
+        assert_eq!(svc.list().len(), 1);
+        assert_eq!(
+            svc.decision_counts(),
+            vec![
+                (("billing".to_string(), Action::Allow), 1),
+                (("billing".to_string(), Action::Deny), 2),
+                (("payments-admin".to_string(), Action::Allow), 0),
+                (("payments-admin".to_string(), Action::Deny), 1),
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn apply_warns_about_unknown_services_and_rejects_bad_rules()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let (_dir, svc) = open()?;
+        svc.set_known_services(Some(vec!["web".into(), "billing".into()]));
+        let specs = parse_acl_file(Path::new("acl.toml"), POLICY)?;
+        let diff = svc.apply(specs.clone(), "test", true)?;
+        assert_eq!(
+            diff.warnings,
+            vec![
+                "rule no-admin: destination \"payments-admin\" is not a known service".to_string()
+            ]
+        );
+        assert_eq!(svc.version(), 0);
+        let mut bad = specs;
+        bad[1].path_prefix = Some("nope".into());
+        let err = svc.apply(bad, "test", false).err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("rule 2: field `path_prefix`: path prefix \"nope\" must start with '/'")
+        );
+        assert_eq!(svc.version(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn counters_cap_distinct_destinations() {
+        let counters = DecisionCounters::default();
+        for i in 0..MAX_COUNTED_DESTINATIONS + 10 {
+            counters.record(&format!("svc-{i}"), Action::Deny);
+        }
+        let counts = counters.snapshot();
+        assert_eq!(counts.len(), 2 * (MAX_COUNTED_DESTINATIONS + 1));
+        assert!(counts.contains(&((OTHER_DESTINATIONS.to_string(), Action::Deny), 10)));
+    }
+}

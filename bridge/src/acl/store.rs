@@ -1,0 +1,617 @@
+//! Durable ACL state in redb: the rules table, the policy version counter and the append-only
+//! audit log. Every change is one write transaction. It never decides requests (see snapshot).
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::error::AclError;
+use super::model::{Rule, RuleSpec, first_free_id, slug_base};
+
+/// Rule id → rule JSON.
+const RULES: TableDefinition<&str, &str> = TableDefinition::new("acl_rules");
+/// `"version"` → policy version (monotonic, +1 per committed change).
+const META: TableDefinition<&str, u64> = TableDefinition::new("acl_meta");
+/// Sequence number → audit entry JSON; append-only.
+const AUDIT: TableDefinition<u64, &str> = TableDefinition::new("acl_audit");
+const VERSION_KEY: &str = "version";
+
+/// The kind of change an audit entry records. `apply` writes `apply` for rules it adds or
+/// removes and `update` for rules whose content it changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditOp {
+    Add,
+    Remove,
+    Apply,
+    Update,
+}
+
+impl AuditOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditOp::Add => "add",
+            AuditOp::Remove => "remove",
+            AuditOp::Apply => "apply",
+            AuditOp::Update => "update",
+        }
+    }
+}
+
+/// One audit log entry. All entries of one transaction share `version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: u64,
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub actor: String,
+    pub op: AuditOp,
+    pub rule_id: String,
+    pub old: Option<Rule>,
+    pub new: Option<Rule>,
+    /// The policy version this change produced.
+    pub version: u64,
+}
+
+/// A rule whose content `apply` changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleChange {
+    pub old: Rule,
+    pub new: Rule,
+}
+
+/// What `apply` did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyDiff {
+    pub dry_run: bool,
+    pub added: Vec<Rule>,
+    pub removed: Vec<Rule>,
+    pub changed: Vec<RuleChange>,
+    /// Version before the apply.
+    pub version_before: u64,
+    /// Version after the apply (equal to `version_before` when nothing changed or dry run).
+    pub version_after: u64,
+    /// Non-fatal findings, such as service names the node does not know.
+    pub warnings: Vec<String>,
+}
+
+impl ApplyDiff {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+/// The ACL tables inside a (possibly shared) redb database.
+pub struct AclStore {
+    db: Arc<Database>,
+}
+
+impl AclStore {
+    /// Opens or creates the redb file at `path`. A file held by another process (the daemon)
+    /// fails with [`AclError::InUse`].
+    pub fn open(path: &Path) -> Result<AclStore, AclError> {
+        let db = Database::builder().create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => AclError::InUse {
+                path: PathBuf::from(path),
+            },
+            other => AclError::from(other),
+        })?;
+        AclStore::with_database(Arc::new(db))
+    }
+
+    /// Uses an already open database, which other subsystems may share.
+    pub fn with_database(db: Arc<Database>) -> Result<AclStore, AclError> {
+        // Create the tables once so read transactions never meet a missing table.
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(RULES)?;
+            txn.open_table(META)?;
+            txn.open_table(AUDIT)?;
+        }
+        txn.commit()?;
+        Ok(AclStore { db })
+    }
+
+    /// The underlying database, for sharing.
+    pub fn database(&self) -> &Arc<Database> {
+        &self.db
+    }
+
+    /// Current version and every rule, in one read transaction.
+    pub fn load(&self) -> Result<(u64, Vec<Rule>), AclError> {
+        let txn = self.db.begin_read()?;
+        let version = txn
+            .open_table(META)?
+            .get(VERSION_KEY)?
+            .map_or(0, |v| v.value());
+        let rules = read_rules(&txn.open_table(RULES)?)?;
+        Ok((version, rules.into_values().collect()))
+    }
+
+    /// Adds one checked rule; resolves a missing id to the first free `src-to-dst[-N]` slug.
+    /// Returns the stored rule and the new version.
+    pub fn add(&self, spec: RuleSpec, actor: &str) -> Result<(Rule, u64), AclError> {
+        let txn = self.db.begin_write()?;
+        let result = {
+            let mut rules = txn.open_table(RULES)?;
+            let id = match &spec.id {
+                Some(id) => {
+                    if rules.get(id.as_str())?.is_some() {
+                        return Err(AclError::DuplicateId(id.clone()));
+                    }
+                    id.clone()
+                }
+                None => {
+                    let base = slug_base(&spec.source, &spec.destination);
+                    let existing = read_rules(&rules)?;
+                    first_free_id(&base, |id| existing.contains_key(id))
+                }
+            };
+            let rule = Rule::from_valid_spec(spec, id);
+            rules.insert(rule.id.as_str(), to_json(&rule)?.as_str())?;
+            let version = bump_version(&txn)?;
+            append_audit(
+                &txn,
+                actor,
+                AuditOp::Add,
+                &rule.id,
+                None,
+                Some(&rule),
+                version,
+            )?;
+            (rule, version)
+        };
+        txn.commit()?;
+        Ok(result)
+    }
+
+    /// Removes a rule by id; returns it and the new version.
+    pub fn remove(&self, id: &str, actor: &str) -> Result<(Rule, u64), AclError> {
+        let txn = self.db.begin_write()?;
+        let result = {
+            let mut rules = txn.open_table(RULES)?;
+            let old = match rules.remove(id)? {
+                Some(json) => from_json::<Rule>(id, json.value())?,
+                None => return Err(AclError::NotFound(id.to_string())),
+            };
+            let version = bump_version(&txn)?;
+            append_audit(&txn, actor, AuditOp::Remove, id, Some(&old), None, version)?;
+            (old, version)
+        };
+        txn.commit()?;
+        Ok(result)
+    }
+
+    /// Makes the rules table equal `desired` (ids resolved and unique) in one transaction.
+    /// Nothing is written when the diff is empty or `dry_run` is set.
+    pub fn apply(
+        &self,
+        desired: Vec<Rule>,
+        actor: &str,
+        dry_run: bool,
+    ) -> Result<ApplyDiff, AclError> {
+        let mut seen = HashSet::new();
+        for rule in &desired {
+            if !seen.insert(rule.id.as_str()) {
+                return Err(AclError::DuplicateId(rule.id.clone()));
+            }
+        }
+        let txn = self.db.begin_write()?;
+        let diff = {
+            let version_before = txn
+                .open_table(META)?
+                .get(VERSION_KEY)?
+                .map_or(0, |v| v.value());
+            let mut rules = txn.open_table(RULES)?;
+            let mut current = read_rules(&rules)?;
+            let mut diff = ApplyDiff {
+                dry_run,
+                added: Vec::new(),
+                removed: Vec::new(),
+                changed: Vec::new(),
+                version_before,
+                version_after: version_before,
+                warnings: Vec::new(),
+            };
+            for rule in desired {
+                match current.remove(&rule.id) {
+                    None => diff.added.push(rule),
+                    Some(old) if old != rule => diff.changed.push(RuleChange { old, new: rule }),
+                    Some(_) => {}
+                }
+            }
+            diff.removed = current.into_values().collect();
+            diff.added.sort_by(|a, b| a.id.cmp(&b.id));
+            if diff.is_empty() || dry_run {
+                drop(rules);
+                txn.abort()?;
+                return Ok(diff);
+            }
+            let version = bump_version(&txn)?;
+            for rule in &diff.added {
+                rules.insert(rule.id.as_str(), to_json(rule)?.as_str())?;
+                append_audit(
+                    &txn,
+                    actor,
+                    AuditOp::Apply,
+                    &rule.id,
+                    None,
+                    Some(rule),
+                    version,
+                )?;
+            }
+            for change in &diff.changed {
+                rules.insert(change.new.id.as_str(), to_json(&change.new)?.as_str())?;
+                append_audit(
+                    &txn,
+                    actor,
+                    AuditOp::Update,
+                    &change.new.id,
+                    Some(&change.old),
+                    Some(&change.new),
+                    version,
+                )?;
+            }
+            for rule in &diff.removed {
+                rules.remove(rule.id.as_str())?;
+                append_audit(
+                    &txn,
+                    actor,
+                    AuditOp::Apply,
+                    &rule.id,
+                    Some(rule),
+                    None,
+                    version,
+                )?;
+            }
+            diff.version_after = version;
+            diff
+        };
+        txn.commit()?;
+        Ok(diff)
+    }
+
+    /// The newest `limit` audit entries, newest first.
+    pub fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, AclError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(AUDIT)?;
+        let mut out = Vec::new();
+        for item in table.iter()?.rev().take(limit) {
+            let (seq, json) = item?;
+            out.push(from_json::<AuditEntry>(
+                &format!("audit {}", seq.value()),
+                json.value(),
+            )?);
+        }
+        Ok(out)
+    }
+}
+
+/// Resolves ids for a declarative rule list deterministically, so applying the same file twice
+/// yields the same ids: explicit ids are kept, the others get the first free `src-to-dst[-N]`
+/// in file order. Specs must already be validated.
+pub fn resolve_ids(specs: Vec<RuleSpec>) -> Result<Vec<Rule>, AclError> {
+    let mut taken: HashSet<String> = HashSet::new();
+    for spec in &specs {
+        if let Some(id) = &spec.id
+            && !taken.insert(id.clone())
+        {
+            return Err(AclError::DuplicateId(id.clone()));
+        }
+    }
+    let mut out = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let id = match &spec.id {
+            Some(id) => id.clone(),
+            None => {
+                let id = first_free_id(&slug_base(&spec.source, &spec.destination), |id| {
+                    taken.contains(id)
+                });
+                taken.insert(id.clone());
+                id
+            }
+        };
+        out.push(Rule::from_valid_spec(spec, id));
+    }
+    Ok(out)
+}
+
+fn read_rules(
+    table: &impl ReadableTable<&'static str, &'static str>,
+) -> Result<BTreeMap<String, Rule>, AclError> {
+    let mut out = BTreeMap::new();
+    for item in table.iter()? {
+        let (id, json) = item?;
+        let rule: Rule = from_json(id.value(), json.value())?;
+        out.insert(id.value().to_string(), rule);
+    }
+    Ok(out)
+}
+
+fn bump_version(txn: &redb::WriteTransaction) -> Result<u64, AclError> {
+    let mut meta = txn.open_table(META)?;
+    let next = meta.get(VERSION_KEY)?.map_or(0, |v| v.value()) + 1;
+    meta.insert(VERSION_KEY, next)?;
+    Ok(next)
+}
+
+fn append_audit(
+    txn: &redb::WriteTransaction,
+    actor: &str,
+    op: AuditOp,
+    rule_id: &str,
+    old: Option<&Rule>,
+    new: Option<&Rule>,
+    version: u64,
+) -> Result<(), AclError> {
+    let mut audit = txn.open_table(AUDIT)?;
+    let seq = audit.last()?.map_or(0, |(k, _)| k.value()) + 1;
+    let entry = AuditEntry {
+        seq,
+        time: OffsetDateTime::now_utc()
+            .format(&Rfc3339)
+            .unwrap_or_else(|_| "unknown".into()),
+        actor: actor.to_string(),
+        op,
+        rule_id: rule_id.to_string(),
+        old: old.cloned(),
+        new: new.cloned(),
+        version,
+    };
+    audit.insert(seq, to_json(&entry)?.as_str())?;
+    Ok(())
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<String, AclError> {
+    serde_json::to_string(value).map_err(|e| AclError::Corrupt {
+        key: "(encoding)".into(),
+        message: e.to_string(),
+    })
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(key: &str, json: &str) -> Result<T, AclError> {
+    serde_json::from_str(json).map_err(|e| AclError::Corrupt {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    use super::*;
+    use crate::acl::model::Action;
+
+    fn spec(id: Option<&str>, src: &str, dst: &str, action: Action) -> RuleSpec {
+        RuleSpec {
+            id: id.map(String::from),
+            source: src.into(),
+            destination: dst.into(),
+            action,
+            methods: None,
+            path_prefix: None,
+            description: None,
+        }
+    }
+
+    /// Two large policies that differ in every way apply can differ: adds, changes, removes.
+    fn crash_policy(which: u64) -> Vec<Rule> {
+        let specs: Vec<RuleSpec> = if which.is_multiple_of(2) {
+            (0..300)
+                .map(|n| {
+                    spec(
+                        Some(&format!("a-{n}")),
+                        &format!("svc-{n}"),
+                        "billing",
+                        Action::Allow,
+                    )
+                })
+                .collect()
+        } else {
+            (0..150)
+                .map(|n| {
+                    spec(
+                        Some(&format!("a-{n}")),
+                        &format!("svc-{n}"),
+                        "billing",
+                        Action::Deny,
+                    )
+                })
+                .chain((150..300).map(|n| {
+                    spec(
+                        Some(&format!("b-{n}")),
+                        "*",
+                        &format!("svc-{n}"),
+                        Action::Allow,
+                    )
+                }))
+                .collect()
+        };
+        resolve_ids(specs).unwrap_or_default()
+    }
+
+    const CHILD_ENV: &str = "HYBRIDGE_ACL_CHILD";
+    const CHILD_DB_ENV: &str = "HYBRIDGE_ACL_CHILD_DB";
+
+    /// Child mode of `killed_writer_leaves_one_whole_policy`; a no-op in a normal test run.
+    #[test]
+    fn crash_child() -> Result<(), AclError> {
+        if std::env::var(CHILD_ENV).as_deref() != Ok("1") {
+            return Ok(());
+        }
+        let Ok(path) = std::env::var(CHILD_DB_ENV) else {
+            return Ok(());
+        };
+        let store = AclStore::open(Path::new(&path))?;
+        for i in 0u64.. {
+            store.apply(crash_policy(i), "crash-child", false)?;
+            println!("applied {i}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn killed_writer_leaves_one_whole_policy() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("hybridge.redb");
+        let mut child = Command::new(std::env::current_exe()?)
+            .args([
+                "--exact",
+                "acl::store::tests::crash_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, "1")
+            .env(CHILD_DB_ENV, &path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("child stdout")?;
+        let mut applied = 0;
+        let mut lines = BufReader::new(stdout).lines();
+        while applied < 5 {
+            let line = lines.next().ok_or("child exited early")??;
+            if line.starts_with("applied ") {
+                applied += 1;
+            }
+        }
+        // While the child holds the file, opening it names the problem.
+        let err = AclStore::open(&path).err().map(|e| e.to_string());
+        assert_eq!(
+            err,
+            Some(format!(
+                "acl database {} is in use by a running hybridge (use --admin to talk to it)",
+                path.display()
+            ))
+        );
+        child.kill()?; // SIGKILL: no destructors, no clean shutdown.
+        child.wait()?;
+        drop(lines);
+
+        let store = AclStore::open(&path)?;
+        let (version, mut stored) = store.load()?;
+        stored.sort_by(|a, b| a.id.cmp(&b.id));
+        let matches_one = [crash_policy(0), crash_policy(1)].into_iter().any(|mut p| {
+            p.sort_by(|a, b| a.id.cmp(&b.id));
+            p == stored
+        });
+        assert!(matches_one, "rule set is a mix of both policies");
+        assert!(version >= 5, "version {version}");
+        // Version and audit agree: every version 1..=version has entries, none beyond.
+        let audit = store.audit(usize::MAX)?;
+        assert_eq!(audit.first().map(|e| e.version), Some(version));
+        let versions: std::collections::BTreeSet<u64> = audit.iter().map(|e| e.version).collect();
+        assert_eq!(versions, (1..=version).collect());
+        assert_eq!(audit.len() as u64, audit.first().map_or(0, |e| e.seq));
+        Ok(())
+    }
+
+    fn version(store: &AclStore) -> u64 {
+        store.load().map(|(v, _)| v).unwrap_or(u64::MAX)
+    }
+
+    #[test]
+    fn changes_bump_version_once_and_are_audited() -> Result<(), AclError> {
+        let dir = tempfile::tempdir().map_err(redb::StorageError::from)?;
+        let path = dir.path().join("hybridge.redb");
+        let store = AclStore::open(&path)?;
+        assert_eq!(version(&store), 0);
+
+        let (rule, v) = store.add(spec(None, "web", "billing", Action::Allow), "alice")?;
+        assert_eq!((rule.id.as_str(), v), ("web-to-billing", 1));
+        let (rule2, v) = store.add(spec(None, "web", "billing", Action::Deny), "alice")?;
+        assert_eq!((rule2.id.as_str(), v), ("web-to-billing-2", 2));
+        assert!(matches!(
+            store.add(
+                spec(Some("web-to-billing"), "a", "b", Action::Allow),
+                "alice"
+            ),
+            Err(AclError::DuplicateId(_))
+        ));
+        assert_eq!(version(&store), 2);
+        let (removed, v) = store.remove("web-to-billing-2", "bob")?;
+        assert_eq!((removed, v), (rule2.clone(), 3));
+        assert!(matches!(
+            store.remove("nope", "bob"),
+            Err(AclError::NotFound(_))
+        ));
+
+        // Apply: one version step for the whole diff.
+        let mut changed = rule.clone();
+        changed.action = Action::Deny;
+        let desired = vec![
+            changed.clone(),
+            Rule::from_valid_spec(
+                spec(None, "*", "payments-admin", Action::Deny),
+                "no-admin".into(),
+            ),
+        ];
+        let dry = store.apply(desired.clone(), "ci", true)?;
+        assert_eq!(
+            (dry.added.len(), dry.changed.len(), dry.removed.len()),
+            (1, 1, 0)
+        );
+        assert_eq!((dry.version_before, dry.version_after), (3, 3));
+        assert_eq!(version(&store), 3, "dry run changes nothing");
+        assert_eq!(store.load()?.1, vec![rule.clone()]);
+
+        let diff = store.apply(desired.clone(), "ci", false)?;
+        assert_eq!((diff.version_before, diff.version_after), (3, 4));
+        assert_eq!(
+            diff.changed,
+            vec![RuleChange {
+                old: rule.clone(),
+                new: changed.clone()
+            }]
+        );
+        let again = store.apply(desired.clone(), "ci", false)?;
+        assert!(again.is_empty());
+        assert_eq!((again.version_after, version(&store)), (4, 4));
+
+        let removal = store.apply(vec![changed.clone()], "ci", false)?;
+        assert_eq!(removal.removed.len(), 1);
+        assert_eq!(version(&store), 5);
+
+        let log = store.audit(100)?;
+        let summary: Vec<_> = log
+            .iter()
+            .map(|e| (e.seq, e.op, e.rule_id.as_str(), e.version, e.actor.as_str()))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (6, AuditOp::Apply, "no-admin", 5, "ci"),
+                (5, AuditOp::Update, "web-to-billing", 4, "ci"),
+                (4, AuditOp::Apply, "no-admin", 4, "ci"),
+                (3, AuditOp::Remove, "web-to-billing-2", 3, "bob"),
+                (2, AuditOp::Add, "web-to-billing-2", 2, "alice"),
+                (1, AuditOp::Add, "web-to-billing", 1, "alice"),
+            ]
+        );
+        assert_eq!(
+            (log[1].old.as_ref(), log[1].new.as_ref()),
+            (Some(&rule), Some(&changed))
+        );
+        assert_eq!(
+            (log[3].old.as_ref(), log[3].new.as_ref()),
+            (Some(&rule2), None)
+        );
+        assert!(time::OffsetDateTime::parse(&log[0].time, &Rfc3339).is_ok());
+        assert_eq!(store.audit(2)?.len(), 2);
+        drop(store);
+
+        // Re-open: everything is still there.
+        let store = AclStore::open(&path)?;
+        assert_eq!(version(&store), 5);
+        assert_eq!(store.load()?.1, vec![changed]);
+        assert_eq!(store.audit(100)?.len(), 6);
+        Ok(())
+    }
+}
