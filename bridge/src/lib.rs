@@ -7,6 +7,8 @@
 //! breaking), `acl` owns policy, `admin` the operator API, `node` composes them, `daemon`
 //! runs a node as a service, `dev` runs a whole demo, `cli` is the command line.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod acl;
 pub mod admin;
 pub mod cli;

@@ -98,9 +98,14 @@ struct TunnelCounters {
     handshake_failures: BTreeMap<String, u64>,
 }
 
+/// One row of the per-service table: (side, service name) and its stats.
+type ServiceEntry = ((Side, Arc<str>), Arc<ServiceStats>);
+
 /// All metrics of one node.
 pub struct Metrics {
-    services: RwLock<HashMap<(Side, Arc<str>), Arc<ServiceStats>>>,
+    /// Per-service stats, one map per side (indexed by `Side as usize`), keyed by service name
+    /// so the hot-path lookup borrows the name instead of allocating a key.
+    services: [RwLock<HashMap<Arc<str>, Arc<ServiceStats>>>; 2],
     tunnel: Mutex<TunnelCounters>,
     /// Total handshake failures, observable without polling.
     handshake_failures: tokio::sync::watch::Sender<u64>,
@@ -109,7 +114,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self {
-            services: RwLock::default(),
+            services: Default::default(),
             tunnel: Mutex::default(),
             handshake_failures: tokio::sync::watch::channel(0).0,
         }
@@ -124,16 +129,17 @@ impl Metrics {
 
     /// The stats of `service` on `side`, created on first use.
     pub fn service(&self, side: Side, service: &str) -> Arc<ServiceStats> {
-        if let Ok(map) = self.services.read() {
-            if let Some(s) = map.get(&(side, Arc::from(service))) {
-                return s.clone();
-            }
+        let lock = &self.services[side as usize];
+        if let Ok(map) = lock.read()
+            && let Some(s) = map.get(service)
+        {
+            return s.clone();
         }
-        let mut map = match self.services.write() {
+        let mut map = match lock.write() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        map.entry((side, Arc::from(service))).or_default().clone()
+        map.entry(Arc::from(service)).or_default().clone()
     }
 
     pub fn tunnel_connected(&self, peer: &str) {
@@ -161,14 +167,13 @@ impl Metrics {
 
     /// Renders the request and tunnel metrics as Prometheus text exposition.
     pub fn render(&self, out: &mut String) {
-        let services: Vec<((Side, Arc<str>), Arc<ServiceStats>)> = match self.services.read() {
-            Ok(m) => {
-                let mut v: Vec<_> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                v.sort_by(|a, b| a.0.cmp(&b.0));
-                v
+        let mut services: Vec<ServiceEntry> = Vec::new();
+        for side in [Side::Import, Side::Export] {
+            if let Ok(m) = self.services[side as usize].read() {
+                services.extend(m.iter().map(|(k, v)| ((side, k.clone()), v.clone())));
             }
-            Err(_) => Vec::new(),
-        };
+        }
+        services.sort_by(|a, b| a.0.cmp(&b.0));
         let _ = writeln!(
             out,
             "# HELP hybridge_requests_total Requests answered, by side, service and status class."

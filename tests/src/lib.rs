@@ -515,3 +515,23 @@ pub fn grpc_client(target: SocketAddr, args: &[&str]) -> (i32, serde_json::Value
     });
     (output.status.code().unwrap_or(-1), json)
 }
+
+/// A block of 32 consecutive ports that is free right now (TCP and UDP), for tests that need
+/// fixed ports (a process restarted on the same address, `hybridge dev --base-port`). Blocks lie
+/// below Linux's ephemeral range so port-0 binds elsewhere cannot take them, and each call in a
+/// process starts from a different block so concurrent tests never pick the same one.
+pub fn free_port_block() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    for _ in 0..200u32 {
+        let call = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base = 10_000 + ((std::process::id() * 7 + call * 37) % 220) as u16 * 100;
+        let free = (0..32).all(|i| {
+            std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()
+                && std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok()
+        });
+        if free {
+            return base;
+        }
+    }
+    panic!("no free block of 32 ports on 127.0.0.1");
+}

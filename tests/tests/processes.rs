@@ -10,21 +10,6 @@ use hybridge::demo::DemoUpstream;
 use hybridge_tests::*;
 use tokio_util::sync::CancellationToken;
 
-/// A block of 32 ports that is free right now (TCP and UDP), for tests that need fixed ports.
-fn free_port_block() -> u16 {
-    for attempt in 0..200u32 {
-        let base = 20_000 + ((std::process::id() * 7 + attempt * 131) % 400) as u16 * 100;
-        let free = (0..32).all(|i| {
-            std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()
-                && std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok()
-        });
-        if free {
-            return base;
-        }
-    }
-    panic!("no free block of 32 ports on 127.0.0.1");
-}
-
 #[test]
 fn hybridge_dev_starts_and_its_printed_curl_commands_succeed() {
     let base = free_port_block();

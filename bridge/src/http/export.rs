@@ -182,12 +182,11 @@ async fn write_error(send: &mut SendHalf, e: &BridgeError, grpc: bool) -> u16 {
         end_stream: body.is_empty(),
         headers: headers::to_pairs(&headers),
     };
-    if let Ok(bytes) = encoded(|b| frame::encode_response(&head, b)) {
-        if send.write_encoded(bytes).await.is_ok()
-            && (body.is_empty() || send.write_data(body).await.is_ok())
-        {
-            send.finish();
-        }
+    if let Ok(bytes) = encoded(|b| frame::encode_response(&head, b))
+        && send.write_encoded(bytes).await.is_ok()
+        && (body.is_empty() || send.write_data(body).await.is_ok())
+    {
+        send.finish();
     }
     status.as_u16()
 }

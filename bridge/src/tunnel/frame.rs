@@ -398,6 +398,7 @@ mod tests {
         let response = ResponseHead {
             status: 204,
             headers: vec![],
+            end_stream: true,
         };
         encode_response(&response, &mut out).unwrap();
         let frames = decode_all(out.freeze()).unwrap();
