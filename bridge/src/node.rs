@@ -261,6 +261,20 @@ impl Node {
             draining: AtomicBool::new(false),
         });
 
+        // `acl apply` warns about destinations that neither this node nor a connected peer
+        // exports (allowed — the service may not exist yet — but usually a typo).
+        let known_state = Arc::downgrade(&state);
+        state.acl.set_known_destinations(Arc::new(move || {
+            let Some(state) = known_state.upgrade() else {
+                return Vec::new();
+            };
+            let mut names = state.config.load().export_names();
+            for link in state.peers.links().iter() {
+                names.extend(link.exports().iter().cloned());
+            }
+            names
+        }));
+
         let hello_state = Arc::downgrade(&state);
         let hello_id = identity.to_string();
         let session_ctx = Arc::new(SessionContext {

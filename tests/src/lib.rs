@@ -343,18 +343,56 @@ pub async fn collect(response: http::Response<hyper::body::Incoming>) -> Answer 
     }
 }
 
-/// Path of a workspace binary built by `cargo test --workspace` (target/<profile>/NAME).
+/// Path of a workspace binary, freshly built: `cargo test -p hybridge-tests` alone does not
+/// rebuild other packages' binaries, so the first call per binary in a test process runs
+/// `cargo build --bin NAME` for the same profile (a no-op when `cargo test --workspace` has
+/// just built it) instead of silently testing a stale executable.
 pub fn binary(name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(Path::parent).unwrap();
     let path = profile_dir.join(name);
-    if !path.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--bin", name])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .unwrap();
-        assert!(status.success(), "building {name} failed");
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if !built.iter().any(|b| b == name) {
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev".to_owned(),
+            Some(other) => other.to_owned(),
+        };
+        let mut command = Command::new(env!("CARGO"));
+        command
+            .args([
+                "build",
+                "--quiet",
+                "--workspace",
+                "--profile",
+                &profile,
+                "--bin",
+                name,
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        // Cargo sets per-package variables (CARGO_PKG_*, CARGO_MANIFEST_DIR, ...) for the test
+        // process; build scripts that watch them would otherwise see a "changed" environment
+        // and rebuild on every run. Keep only cargo's own configuration.
+        for (key, _) in std::env::vars_os() {
+            if let Some(key) = key.to_str()
+                && (key.starts_with("CARGO_") || key == "OUT_DIR")
+                && key != "CARGO_HOME"
+                && key != "CARGO_TARGET_DIR"
+                && !key.starts_with("CARGO_BUILD_")
+                && !key.starts_with("CARGO_PROFILE_")
+                && !key.starts_with("CARGO_REGISTRIES_")
+                && !key.starts_with("CARGO_NET_")
+            {
+                command.env_remove(key);
+            }
+        }
+        let output = command.output().unwrap();
+        assert!(
+            output.status.success(),
+            "building {name} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        built.push(name.to_owned());
     }
     path
 }

@@ -30,10 +30,10 @@ pub const CLI_ACTOR: &str = "cli";
 #[derive(Debug, Clone, Args)]
 pub struct AclTarget {
     /// Operate directly on this redb file (the daemon using it must be stopped).
-    #[arg(long, value_name = "PATH", conflicts_with = "admin")]
+    #[arg(long, value_name = "PATH", conflicts_with = "admin", global = true)]
     pub db: Option<PathBuf>,
     /// Base URL of the node's admin API.
-    #[arg(long, value_name = "URL", default_value = DEFAULT_ADMIN)]
+    #[arg(long, value_name = "URL", default_value = DEFAULT_ADMIN, global = true)]
     pub admin: String,
 }
 

@@ -96,7 +96,7 @@ pub struct AclService {
     write_lock: Mutex<()>,
     counters: DecisionCounters,
     deny_log: DenyLogLimiter,
-    known_services: Mutex<Option<Vec<String>>>,
+    known_services: Mutex<Option<KnownServices>>,
 }
 
 impl AclService {
@@ -154,10 +154,24 @@ impl AclService {
         decision
     }
 
-    /// Service names `apply` should know; others are accepted with a warning. `None` turns the
-    /// check off (the default).
+    /// Service names `apply` should know, as sources and destinations; others are accepted
+    /// with a warning. `None` turns the check off (the default).
     pub fn set_known_services(&self, services: Option<Vec<String>>) {
-        *lock(&self.known_services) = services;
+        *lock(&self.known_services) = services.map(|names| KnownServices {
+            names: Arc::new(move || names.clone()),
+            check_sources: true,
+        });
+    }
+
+    /// Like [`AclService::set_known_services`], but the names are computed at each `apply`
+    /// (a running node knows its own exports and its peers' current ones) and only
+    /// destinations are checked: a source is any holder of a service certificate, which no
+    /// node can enumerate.
+    pub fn set_known_destinations(&self, names: Arc<dyn Fn() -> Vec<String> + Send + Sync>) {
+        *lock(&self.known_services) = Some(KnownServices {
+            names,
+            check_sources: false,
+        });
     }
 
     /// Adds one rule (id generated as `src-to-dst[-N]` when absent).
@@ -249,14 +263,18 @@ impl AclService {
     }
 
     fn unknown_service_warnings(&self, rules: &[Rule]) -> Vec<String> {
-        let known = lock(&self.known_services);
-        let Some(known) = known.as_ref() else {
+        let Some(known) = lock(&self.known_services).clone() else {
             return Vec::new();
         };
+        let names = (known.names)();
         let mut unknown = BTreeSet::new();
         for rule in rules {
-            for (field, name) in [("source", &rule.source), ("destination", &rule.destination)] {
-                if name != "*" && !known.iter().any(|k| k == name) {
+            let fields = [
+                ("source", &rule.source, known.check_sources),
+                ("destination", &rule.destination, true),
+            ];
+            for (field, name, _) in fields.into_iter().filter(|f| f.2) {
+                if name != "*" && !names.iter().any(|k| k == name) {
                     unknown.insert(format!(
                         "rule {}: {field} {name:?} is not a known service",
                         rule.id
@@ -266,6 +284,13 @@ impl AclService {
         }
         unknown.into_iter().collect()
     }
+}
+
+/// Where `apply` learns which service names exist, for its warnings.
+#[derive(Clone)]
+struct KnownServices {
+    names: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
+    check_sources: bool,
 }
 
 fn validate(spec: RuleSpec, index: usize) -> Result<RuleSpec, AclError> {

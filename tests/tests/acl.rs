@@ -1,0 +1,314 @@
+//! ACLs through real nodes, driven by the real `hybridge acl` command line against each
+//! node's admin API: default deny, allow → 200, `acl rm` → 403 on the very next request with
+//! no restart, `apply --dry-run` changes nothing, `check` explains, `log` audits; and a real
+//! daemon killed with SIGKILL in the middle of a stream of applies comes back with one whole
+//! policy.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use bytes::Bytes;
+use hybridge::acl::Action;
+use hybridge::demo::DemoUpstream;
+use hybridge_tests::*;
+use tokio_util::sync::CancellationToken;
+
+/// Runs `hybridge acl ARGS --admin URL` off the async runtime; returns (exit code, stdout, stderr).
+async fn acl_cli(admin: std::net::SocketAddr, args: &[&str]) -> (i32, String, String) {
+    let mut command = Command::new(binary("hybridge"));
+    command
+        .arg("acl")
+        .args(args)
+        .args(["--admin", &format!("http://{admin}")]);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_changes_take_effect_on_the_next_request_without_restart() {
+    let pki = Pki::new();
+    let cancel = CancellationToken::new();
+    let upstream = DemoUpstream::start(
+        "inventory",
+        "127.0.0.1:0".parse().unwrap(),
+        cancel.child_token(),
+    )
+    .await
+    .unwrap();
+    let mut cloud = NodeOptions::cloud(&pki, "cloud-1");
+    cloud
+        .exports
+        .push(ExportSpec::http1("inventory", &[upstream.local_addr()]));
+    let cloud = cloud.start().await;
+    let mut onprem = NodeOptions::onprem(&pki, "onprem-1", &[cloud.addresses().tunnel.unwrap()]);
+    onprem.imports.push(("inventory".into(), "web".into()));
+    let onprem = onprem.start().await;
+    assert!(onprem.wait_for_route("inventory", WAIT).await);
+    let import = import_addr(&onprem, "inventory");
+    let cloud_admin = cloud.addresses().admin;
+    let onprem_admin = onprem.addresses().admin;
+    let get = || http1(import, "GET", "/echo/x", &[], Bytes::new());
+
+    // Default deny: a fresh pair forwards nothing.
+    let denied = get().await;
+    assert_eq!(denied.status, 403);
+    assert_eq!(denied.header("x-hybridge-error"), Some("acl-denied"));
+    assert_eq!(denied.header("x-hybridge-acl-rule"), Some("default-deny"));
+    assert_eq!(upstream.hits(), 0, "a denied request reached the upstream");
+
+    // Allow on both nodes (import pre-check and export authority), through the CLI.
+    for admin in [onprem_admin, cloud_admin] {
+        let (code, stdout, stderr) = acl_cli(
+            admin,
+            &[
+                "add",
+                "--from",
+                "web",
+                "--to",
+                "inventory",
+                "--allow",
+                "--description",
+                "storefront reads stock",
+            ],
+        )
+        .await;
+        assert_eq!(code, 0, "acl add: {stdout}{stderr}");
+        assert!(stdout.contains("web-to-inventory"), "{stdout}");
+    }
+    assert_eq!(get().await.status, 200);
+
+    // ls --json shows the rule and the version.
+    let (code, stdout, _) = acl_cli(cloud_admin, &["ls", "--json"]).await;
+    assert_eq!(code, 0);
+    let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let rules = listed["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 1, "{listed}");
+    assert_eq!(rules[0]["id"], "web-to-inventory");
+    assert_eq!(rules[0]["action"], "allow");
+    let version = listed["version"].as_u64().unwrap();
+
+    // check explains the decision.
+    let (code, stdout, _) = acl_cli(
+        cloud_admin,
+        &["check", "--from", "web", "--to", "inventory", "GET", "/x"],
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert!(stdout.starts_with("allow"), "{stdout}");
+    assert!(stdout.contains("web-to-inventory"), "{stdout}");
+
+    // apply --dry-run with an empty policy reports the removal and changes nothing.
+    let empty = pki.path("empty-acl.toml");
+    std::fs::write(&empty, "# no rules: deny everything\n").unwrap();
+    let (code, stdout, stderr) = acl_cli(
+        cloud_admin,
+        &["apply", "-f", empty.to_str().unwrap(), "--dry-run"],
+    )
+    .await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("web-to-inventory"), "{stdout}");
+    assert!(stdout.to_lowercase().contains("remove"), "{stdout}");
+    assert_eq!(cloud.state.acl.version(), version);
+    assert_eq!(cloud.state.acl.list().len(), 1);
+    assert_eq!(get().await.status, 200);
+
+    // apply warns about a destination nobody exports, but applies.
+    let typo = pki.path("typo-acl.toml");
+    std::fs::write(
+        &typo,
+        "[[rule]]\nid = \"web-to-inventory\"\nsource = \"web\"\ndestination = \"inventory\"\naction = \"allow\"\ndescription = \"storefront reads stock\"\n\n[[rule]]\nsource = \"web\"\ndestination = \"inventroy\"\naction = \"allow\"\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) =
+        acl_cli(cloud_admin, &["apply", "-f", typo.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let output = format!("{stdout}{stderr}");
+    assert!(
+        output.contains("\"inventroy\" is not a known service"),
+        "{output}"
+    );
+    assert!(!output.contains("\"inventory\" is not"), "{output}");
+    assert_eq!(cloud.state.acl.list().len(), 2);
+
+    // rm on the export node: the very next request is denied there, authoritatively, even
+    // though the on-prem node still allows it.
+    let (code, stdout, stderr) = acl_cli(cloud_admin, &["rm", "web-to-inventory"]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let denied = get().await;
+    assert_eq!(denied.status, 403);
+    assert_eq!(denied.header("x-hybridge-error"), Some("acl-denied"));
+    assert_eq!(denied.header("x-hybridge-acl-rule"), Some("default-deny"));
+    let (_, stdout, _) = acl_cli(
+        cloud_admin,
+        &["check", "--from", "web", "--to", "inventory", "GET", "/x"],
+    )
+    .await;
+    assert!(stdout.starts_with("deny"), "{stdout}");
+
+    // The audit log names every change, newest first.
+    let (code, stdout, _) = acl_cli(cloud_admin, &["log", "--limit", "10"]).await;
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.contains("web-to-")).collect();
+    assert!(lines.len() >= 3, "{stdout}");
+    assert!(lines[0].contains("remove"), "{stdout}");
+
+    onprem.shutdown().await;
+    cloud.shutdown().await;
+    cancel.cancel();
+}
+
+#[test]
+fn a_daemon_killed_during_applies_restarts_with_one_whole_policy() {
+    let pki = Pki::new();
+    let base = free_port_block();
+    let mut options = NodeOptions::cloud(&pki, "cloud-1");
+    options.tunnel_listen = Some(format!("127.0.0.1:{base}").parse().unwrap());
+    options.admin = format!("127.0.0.1:{}", base + 1).parse().unwrap();
+    let config = options.write();
+    let start = || {
+        let mut command = Command::new(binary("hybridge"));
+        command
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("HYBRIDGE_LOG", "info");
+        let mut child = ChildGuard::spawn(command);
+        child.wait_for_line(WAIT, |l| l.contains("hybridge running"));
+        child
+    };
+    // Two policies of 200 rules each; every apply swaps the whole set in one transaction.
+    let policy = |generation: usize| {
+        let mut text = String::new();
+        for i in 0..200 {
+            text += &format!(
+                "[[rule]]\nid = \"g{generation}-r{i}\"\nsource = \"svc-{i}\"\ndestination = \"dst-{generation}\"\naction = \"allow\"\n\n"
+            );
+        }
+        let path = pki.path(&format!("policy-{generation}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let policies = [policy(0), policy(1)];
+    let admin = format!("http://{}", options.admin);
+    let mut daemon = start();
+    // A client applies the two policies alternately, back to back, from its own thread; the
+    // daemon is killed (SIGKILL) right after the 5th success, so the next apply is in flight.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<bool>();
+    let applier = {
+        let policies = policies.clone();
+        let admin = admin.clone();
+        std::thread::spawn(move || {
+            for round in 0..1000 {
+                let ok = Command::new(binary("hybridge"))
+                    .args(["acl", "apply", "-f"])
+                    .arg(&policies[round % 2])
+                    .args(["--admin", &admin])
+                    .output()
+                    .map(|o| o.status.success())
+                    .unwrap_or(false);
+                if done_tx.send(ok).is_err() || !ok {
+                    return;
+                }
+            }
+        })
+    };
+    for _ in 0..5 {
+        assert_eq!(done_rx.recv_timeout(WAIT), Ok(true));
+    }
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    drop(done_rx);
+    applier.join().unwrap();
+
+    // The file is readable offline, holds exactly one of the two whole policies, and a
+    // restarted daemon serves it.
+    let db = options.data_dir.join("hybridge.redb");
+    let out = Command::new(binary("hybridge"))
+        .args(["acl", "ls", "--json", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rules = listed["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 200);
+    let generation = rules[0]["destination"].as_str().unwrap().to_owned();
+    assert!(
+        rules
+            .iter()
+            .all(|r| r["destination"] == generation.as_str()),
+        "rules from two policies mixed"
+    );
+    let _daemon = start();
+    let out = Command::new(binary("hybridge"))
+        .args([
+            "acl",
+            "check",
+            "--from",
+            "svc-7",
+            "--to",
+            &generation,
+            "--admin",
+        ])
+        .arg(&admin)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("allow"), "{stdout}");
+    // While the daemon holds the file, --db names the problem instead of corrupting it.
+    let out = Command::new(binary("hybridge"))
+        .args(["acl", "ls", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("in use by a running hybridge"), "{stderr}");
+}
+
+#[test]
+fn the_example_policy_loads_and_decides_as_documented() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples/acl.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("hybridge.redb");
+    let out = Command::new(binary("hybridge"))
+        .args(["acl", "apply", "-f"])
+        .arg(&path)
+        .arg("--db")
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Applying the same file again is a no-op.
+    let again = Command::new(binary("hybridge"))
+        .args(["acl", "apply", "-f"])
+        .arg(&path)
+        .arg("--db")
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    let again = String::from_utf8_lossy(&again.stdout);
+    assert!(again.contains("no changes"), "{again}");
+    let acl = hybridge::acl::AclService::open(&db).unwrap();
+    assert!(acl.list().len() >= 5);
+    // Something the example must deny explicitly, and an unknown caller denied by default.
+    let deny = acl.explain("web", "payments-admin", Some("POST"), Some("/refunds"));
+    assert_eq!(deny.action, Action::Deny, "{deny:?}");
+    assert_eq!(deny.rule, "no-payments-admin");
+    let internal = acl.explain("web", "billing", Some("GET"), Some("/api/internal/x"));
+    assert_eq!(internal.action, Action::Deny);
+    assert_eq!(internal.rule, "web-no-billing-internal");
+    let allowed = acl.explain("web", "billing", Some("POST"), Some("/api/invoices"));
+    assert_eq!(allowed.action, Action::Allow);
+    assert_eq!(allowed.rule, "web-to-billing");
+    let unknown = acl.explain("intruder", "billing", Some("GET"), Some("/api/x"));
+    assert_eq!(unknown.action, Action::Deny);
+    assert!(unknown.default_deny);
+}
