@@ -573,3 +573,26 @@ pub fn free_port_block() -> u16 {
     }
     panic!("no free block of 32 ports on 127.0.0.1");
 }
+
+/// A demo upstream (echo, status, stream endpoints) named `name` on a loopback port.
+pub async fn demo_upstream(
+    name: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> hybridge::demo::DemoUpstream {
+    hybridge::demo::DemoUpstream::start(name, "127.0.0.1:0".parse().unwrap(), cancel.child_token())
+        .await
+        .unwrap()
+}
+
+/// Starts `hybridge run --config CONFIG` as a real process and returns once it logs that it
+/// is running (tunnel, listeners and admin API bound).
+pub fn run_daemon(config: &Path) -> ChildGuard {
+    let mut command = Command::new(binary("hybridge"));
+    command
+        .args(["run", "--config"])
+        .arg(config)
+        .env("HYBRIDGE_LOG", "info");
+    let mut child = ChildGuard::spawn(command);
+    child.wait_for_line(WAIT, |l| l.contains("hybridge running"));
+    child
+}

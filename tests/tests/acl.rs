@@ -10,7 +10,6 @@ use std::process::Command;
 
 use bytes::Bytes;
 use hybridge::acl::Action;
-use hybridge::demo::DemoUpstream;
 use hybridge_tests::*;
 use tokio_util::sync::CancellationToken;
 
@@ -35,13 +34,7 @@ async fn acl_cli(admin: std::net::SocketAddr, args: &[&str]) -> (i32, String, St
 async fn operator_changes_take_effect_on_the_next_request_without_restart() {
     let pki = Pki::new();
     let cancel = CancellationToken::new();
-    let upstream = DemoUpstream::start(
-        "inventory",
-        "127.0.0.1:0".parse().unwrap(),
-        cancel.child_token(),
-    )
-    .await
-    .unwrap();
+    let upstream = demo_upstream("inventory", &cancel).await;
     let mut cloud = NodeOptions::cloud(&pki, "cloud-1");
     cloud
         .exports
@@ -172,16 +165,7 @@ fn a_daemon_killed_during_applies_restarts_with_one_whole_policy() {
     options.tunnel_listen = Some(format!("127.0.0.1:{base}").parse().unwrap());
     options.admin = format!("127.0.0.1:{}", base + 1).parse().unwrap();
     let config = options.write();
-    let start = || {
-        let mut command = Command::new(binary("hybridge"));
-        command
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("HYBRIDGE_LOG", "info");
-        let mut child = ChildGuard::spawn(command);
-        child.wait_for_line(WAIT, |l| l.contains("hybridge running"));
-        child
-    };
+    let start = || run_daemon(&config);
     // Two policies of 200 rules each; every apply swaps the whole set in one transaction.
     let policy = |generation: usize| {
         let mut text = String::new();

@@ -6,7 +6,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hybridge::demo::DemoUpstream;
 use hybridge_tests::*;
 use tokio_util::sync::CancellationToken;
 
@@ -76,13 +75,7 @@ fn hybridge_dev_starts_and_its_printed_curl_commands_succeed() {
 async fn the_onprem_node_reconnects_by_itself_when_the_cloud_node_comes_back() {
     let pki = Pki::new();
     let cancel = CancellationToken::new();
-    let upstream = DemoUpstream::start(
-        "inventory",
-        "127.0.0.1:0".parse().unwrap(),
-        cancel.child_token(),
-    )
-    .await
-    .unwrap();
+    let upstream = demo_upstream("inventory", &cancel).await;
     let base = free_port_block();
     let mut cloud = NodeOptions::cloud(&pki, "cloud-1");
     cloud.tunnel_listen = Some(format!("127.0.0.1:{base}").parse().unwrap());
@@ -104,16 +97,7 @@ async fn the_onprem_node_reconnects_by_itself_when_the_cloud_node_comes_back() {
             acl.add(rule, "test").unwrap();
         }
     }
-    let start_cloud = || {
-        let mut command = Command::new(binary("hybridge"));
-        command
-            .args(["run", "--config"])
-            .arg(&cloud_config)
-            .env("HYBRIDGE_LOG", "info");
-        let mut child = ChildGuard::spawn(command);
-        child.wait_for_line(WAIT, |l| l.contains("hybridge running"));
-        child
-    };
+    let start_cloud = || run_daemon(&cloud_config);
     let mut cloud_process = start_cloud();
 
     let mut onprem = NodeOptions::onprem(&pki, "onprem-1", &[cloud.tunnel_listen.unwrap()]);
