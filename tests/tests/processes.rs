@@ -102,7 +102,18 @@ async fn the_onprem_node_reconnects_by_itself_when_the_cloud_node_comes_back() {
 
     let mut onprem = NodeOptions::onprem(&pki, "onprem-1", &[cloud.tunnel_listen.unwrap()]);
     onprem.imports.push(("inventory".into(), "web".into()));
-    let onprem = onprem.start().await;
+    // A 3 s idle timeout (default 10 s) bounds how long requests wait on the dead connection
+    // before the on-prem node gives up on it; keepalives (1 s) keep a healthy one open.
+    let config = onprem.write();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("[tunnel]\n", "[tunnel]\nidle_timeout = \"3s\"\n"),
+    )
+    .unwrap();
+    let onprem = hybridge::node::Node::start(hybridge::config::Config::load(&config).unwrap())
+        .await
+        .unwrap();
     allow(&onprem, "web", "inventory");
     assert!(onprem.wait_for_route("inventory", WAIT).await);
     let import = import_addr(&onprem, "inventory");

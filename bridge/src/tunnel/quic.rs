@@ -30,7 +30,7 @@ impl Default for TransportTuning {
         // Like cloudflared: a 1 s keepalive and a short idle timeout notice a dead path fast.
         Self {
             keepalive: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(5),
             max_streams: 8192,
             stream_window: 4 * 1024 * 1024,
             connection_window: 64 * 1024 * 1024,
