@@ -341,9 +341,35 @@ async fn garbage_on_the_udp_port_harms_nobody() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn peers_with_a_foreign_ca_or_the_wrong_site_are_refused() {
+async fn peers_with_a_foreign_ca_the_wrong_site_or_a_revoked_certificate_are_refused() {
     let pki = Pki::new();
-    let cloud = NodeOptions::cloud(&pki, "cloud-1").start().await;
+    // A node certificate revoked before the cloud node starts, and the CA's CRL in its config.
+    // (NodeOptions issues the node's certificate, so build it before revoking.)
+    let revoked_options = NodeOptions::onprem(&pki, "onprem-r", &[]);
+    let revoked_count = pki
+        .ca
+        .revoke_spiffe(
+            &hybridge_ca::SpiffeId::node(TRUST_DOMAIN, "onprem", "onprem-r").unwrap(),
+            hybridge_ca::registry::RevocationReason::KeyCompromise,
+        )
+        .unwrap();
+    assert_eq!(revoked_count, 1);
+    let crl = pki.path("ca.crl");
+    std::fs::write(&crl, pki.ca.crl_pem().unwrap()).unwrap();
+    let cloud_options = NodeOptions::cloud(&pki, "cloud-1");
+    let config = cloud_options.write();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(
+            "[tls]\n",
+            &format!("[tls]\ncrl = {:?}\n", crl.display().to_string()),
+        ),
+    )
+    .unwrap();
+    let cloud = hybridge::node::Node::start(hybridge::config::Config::load(&config).unwrap())
+        .await
+        .unwrap();
     let tunnel = cloud.addresses().tunnel.unwrap();
 
     // Same trust domain name, different CA.
@@ -356,22 +382,51 @@ async fn peers_with_a_foreign_ca_or_the_wrong_site_are_refused() {
     wrong_site.site = "lab".into();
     wrong_site.files = pki.node("lab", "lab-1");
     let wrong_site = wrong_site.start().await;
+    let mut revoked = revoked_options;
+    revoked.peers = vec![(tunnel, "cloud".into(), 1)];
+    let revoked = revoked.start().await;
 
-    // Wait on the refusals being counted, not on time.
+    // Wait on each refusal being counted (by reason), not on time; refused dialers retry, so
+    // the total alone says nothing about which peers were seen.
     let mut failures = cloud.state.metrics.watch_handshake_failures();
-    tokio::time::timeout(WAIT, failures.wait_for(|n| *n >= 2))
-        .await
-        .expect("both handshakes should be refused")
-        .unwrap();
-    let mut refused = String::new();
-    cloud.state.metrics.render(&mut refused);
-    assert!(refused.contains("reason=\"certificate not issued by the hybridge CA (signature does not verify with the CA key)\"} 1"), "{refused}");
+    let all_seen = |text: &str| {
+        text.contains("not issued by the hybridge CA")
+            && text.contains("expected a node of site onprem")
+            && text.contains("revoked")
+    };
+    let refused = tokio::time::timeout(WAIT, async {
+        loop {
+            let mut text = String::new();
+            cloud.state.metrics.render(&mut text);
+            if all_seen(&text) {
+                return text;
+            }
+            failures.changed().await.unwrap();
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        let mut text = String::new();
+        cloud.state.metrics.render(&mut text);
+        panic!("not every refusal was counted: {text}")
+    });
+    assert!(
+        refused.contains(
+            "reason=\"certificate not issued by the hybridge CA (signature does not verify with the CA key)\"}"
+        ),
+        "{refused}"
+    );
     assert!(
         refused.contains("but expected a node of site onprem"),
         "the wrong-site refusal names the site: {refused}"
     );
+    assert!(
+        refused.contains("revoked"),
+        "the revoked refusal says so: {refused}"
+    );
     assert!(cloud.state.peers.links().is_empty());
     stranger.abort().await;
     wrong_site.abort().await;
+    revoked.abort().await;
     cloud.shutdown().await;
 }

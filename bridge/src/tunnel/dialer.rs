@@ -37,7 +37,7 @@ pub async fn run(
     while !cancel.is_cancelled() {
         match connect(&endpoint, &peer.address, &server_name, &client_config).await {
             Ok(connection) => {
-                backoff = INITIAL_BACKOFF;
+                let started = tokio::time::Instant::now();
                 let reason = session::run(
                     TunnelConnection::Quic(connection),
                     Direction::Dialed,
@@ -45,6 +45,13 @@ pub async fn run(
                     cancel.clone(),
                 )
                 .await;
+                // In TLS 1.3 the server checks our certificate after our side of the handshake
+                // is done, so a peer that refuses us looks like a session that ends at once.
+                // Only a session that stayed up resets the backoff; otherwise a refused node
+                // would redial ten times a second forever.
+                if started.elapsed() >= max_backoff {
+                    backoff = INITIAL_BACKOFF;
+                }
                 info!(peer = %peer.address, slot, %reason, "tunnel connection ended; reconnecting");
             }
             Err(reason) => {
