@@ -360,10 +360,13 @@ pub fn binary(name: &str) -> PathBuf {
         };
         let mut command = Command::new(env!("CARGO"));
         command
+            // `--tests` selects the feature set `cargo test --workspace` builds with
+            // (dev-dependency features unified in), so right after it this is a no-op.
             .args([
                 "build",
                 "--quiet",
                 "--workspace",
+                "--tests",
                 "--profile",
                 &profile,
                 "--bin",
