@@ -71,7 +71,7 @@ impl Pki {
                 name,
                 &["localhost".into()],
                 &["127.0.0.1".parse().unwrap()],
-                Duration::from_secs(86_400),
+                Duration::from_secs(90 * 86_400),
             )
             .unwrap();
         let (cert, key) = issued.write(&prefix).unwrap();
@@ -86,7 +86,7 @@ impl Pki {
     pub fn service(&self, name: &str) -> (PathBuf, PathBuf) {
         let issued = self
             .ca
-            .issue_service(name, &[], Duration::from_secs(86_400))
+            .issue_service(name, &[], Duration::from_secs(90 * 86_400))
             .unwrap();
         issued.write(&self.path(&format!("svc-{name}"))).unwrap()
     }
@@ -598,4 +598,17 @@ pub fn run_daemon(config: &Path) -> ChildGuard {
     let mut child = ChildGuard::spawn(command);
     child.wait_for_line(WAIT, |l| l.contains("hybridge running"));
     child
+}
+
+/// Writes an allow rule into the policy database in `data_dir` before a `hybridge run`
+/// process opens it (the daemon holds the file while it runs).
+pub fn preallow(data_dir: &Path, source: &str, destination: &str) {
+    std::fs::create_dir_all(data_dir).unwrap();
+    let acl = hybridge::acl::AclService::open(&data_dir.join("hybridge.redb")).unwrap();
+    let text = format!(
+        "[[rule]]\nsource = \"{source}\"\ndestination = \"{destination}\"\naction = \"allow\"\n"
+    );
+    for rule in hybridge::acl::parse_acl_file(Path::new("preallow.toml"), &text).unwrap() {
+        acl.add(rule, "test").unwrap();
+    }
 }

@@ -134,18 +134,8 @@ async fn one_gib_each_way_does_not_grow_either_node() {
     )
     .unwrap();
     // Policy goes into each node's database before its process opens it.
-    for (options, _) in [(&cloud, ()), (&onprem, ())] {
-        std::fs::create_dir_all(&options.data_dir).unwrap();
-        let acl = hybridge::acl::AclService::open(&options.data_dir.join("hybridge.redb")).unwrap();
-        for rule in hybridge::acl::parse_acl_file(
-            std::path::Path::new("allow.toml"),
-            "[[rule]]\nsource = \"web\"\ndestination = \"inventory\"\naction = \"allow\"\n",
-        )
-        .unwrap()
-        {
-            acl.add(rule, "test").unwrap();
-        }
-    }
+    preallow(&cloud.data_dir, "web", "inventory");
+    preallow(&onprem.data_dir, "web", "inventory");
     let cloud_process = run_daemon(&cloud.write());
     let mut onprem_process = run_daemon(&onprem_config);
     onprem_process.wait_for_line(WAIT, |l| l.contains("tunnel up"));

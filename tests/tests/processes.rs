@@ -84,19 +84,8 @@ async fn the_onprem_node_reconnects_by_itself_when_the_cloud_node_comes_back() {
         .exports
         .push(ExportSpec::http1("inventory", &[upstream.local_addr()]));
     let cloud_config = cloud.write();
-    {
-        // Policy lives in the cloud node's redb file; write it before the process opens it.
-        std::fs::create_dir_all(&cloud.data_dir).unwrap();
-        let acl = hybridge::acl::AclService::open(&cloud.data_dir.join("hybridge.redb")).unwrap();
-        for rule in hybridge::acl::parse_acl_file(
-            std::path::Path::new("t.toml"),
-            "[[rule]]\nsource = \"web\"\ndestination = \"inventory\"\naction = \"allow\"\n",
-        )
-        .unwrap()
-        {
-            acl.add(rule, "test").unwrap();
-        }
-    }
+    // Policy lives in the cloud node's redb file; write it before the process opens it.
+    preallow(&cloud.data_dir, "web", "inventory");
     let start_cloud = || run_daemon(&cloud_config);
     let mut cloud_process = start_cloud();
 

@@ -22,6 +22,10 @@ pub fn status_json(state: &NodeState) -> Value {
             let exported = l.exports();
             exports.extend(exported.iter());
             exports.sort();
+            let certificate = l
+                .connection
+                .peer_certificate()
+                .map(|(serial, not_after)| json!({ "serial": serial, "not_after": not_after }));
             json!({
                 "peer": l.peer.to_string(),
                 "remote": l.connection.remote_address().to_string(),
@@ -35,6 +39,7 @@ pub fn status_json(state: &NodeState) -> Value {
                 "active_streams": l.active_streams(),
                 "total_streams": l.total_streams(),
                 "policy_version": l.policy_version(),
+                "certificate": certificate,
             })
         })
         .collect();
@@ -139,7 +144,89 @@ pub fn metrics_text(state: &NodeState) -> String {
             action_label(&action)
         );
     }
+    upstream_metrics(state, &mut out);
     out
+}
+
+/// Per-service and per-endpoint upstream health and protection counters of the exports.
+fn upstream_metrics(state: &NodeState, out: &mut String) {
+    let mut stats: Vec<_> = state
+        .export
+        .services
+        .load()
+        .values()
+        .map(|u| u.stats())
+        .collect();
+    stats.sort_by(|a, b| a.service.cmp(&b.service));
+    type EndpointPick = fn(&crate::upstream::EndpointStats) -> u64;
+    let per_endpoint: [(&str, &str, &str, EndpointPick); 3] = [
+        (
+            "hybridge_upstream_endpoint_healthy",
+            "gauge",
+            "1 when the endpoint takes requests (active checks pass and not ejected), else 0.",
+            |e| u64::from(e.healthy && !e.ejected),
+        ),
+        (
+            "hybridge_upstream_endpoint_requests_total",
+            "counter",
+            "Requests sent to the endpoint.",
+            |e| e.total_requests,
+        ),
+        (
+            "hybridge_upstream_endpoint_failures_total",
+            "counter",
+            "Connect errors, resets and 5xx answers from the endpoint.",
+            |e| e.failures,
+        ),
+    ];
+    for (name, kind, help, pick) in per_endpoint {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for s in &stats {
+            for e in &s.endpoints {
+                let _ = writeln!(
+                    out,
+                    "{name}{{service=\"{}\",endpoint=\"{}\"}} {}",
+                    escape(&s.service),
+                    e.addr,
+                    pick(e)
+                );
+            }
+        }
+    }
+    type ServicePick = fn(&crate::upstream::UpstreamStats) -> u64;
+    let per_service: [(&str, &str, &str, ServicePick); 3] = [
+        (
+            "hybridge_upstream_circuit_breaker_trips_total",
+            "counter",
+            "Requests refused with 503 overloaded by the circuit breaker.",
+            |s| s.circuit_breaker_trips,
+        ),
+        (
+            "hybridge_upstream_retries_total",
+            "counter",
+            "Retries of idempotent requests.",
+            |s| s.retries,
+        ),
+        (
+            "hybridge_upstream_pending_requests",
+            "gauge",
+            "Requests waiting for an upstream connection.",
+            |s| s.pending_requests as u64,
+        ),
+    ];
+    for (name, kind, help, pick) in per_service {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for s in &stats {
+            let _ = writeln!(
+                out,
+                "{name}{{service=\"{}\"}} {}",
+                escape(&s.service),
+                pick(s)
+            );
+        }
+    }
 }
 
 fn action_label(action: &crate::acl::Action) -> String {

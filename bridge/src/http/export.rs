@@ -57,7 +57,11 @@ pub async fn serve_stream(
     };
     let stats = ctx.metrics.service(Side::Export, &head.service);
     stats.started();
-    let (status, endpoint, rule) = exchange(&mut send, recv, &head, &ctx, &stats).await;
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let outcome = exchange(&mut send, recv, &head, &ctx, &stats, bytes_in.clone()).await;
+    let (status, endpoint, rule, bytes_out) = outcome;
+    let bytes_in = bytes_in.load(Ordering::Relaxed);
+    stats.add_bytes(bytes_in, bytes_out);
     stats.finished();
     stats.responded(status, started.elapsed());
     info!(
@@ -72,18 +76,22 @@ pub async fn serve_stream(
         status,
         upstream = endpoint.as_deref().unwrap_or("-"),
         acl_rule = %rule,
+        bytes_in,
+        bytes_out,
         duration_us = started.elapsed().as_micros() as u64,
     );
 }
 
-/// Runs the exchange; returns the status sent, the upstream endpoint used and the ACL rule.
+/// Runs the exchange; returns the status sent, the upstream endpoint used, the ACL rule and
+/// the response body bytes sent. Request body bytes read are counted into `bytes_in`.
 async fn exchange(
     send: &mut SendHalf,
     recv: RecvHalf,
     head: &RequestHead,
     ctx: &ExportContext,
     stats: &Arc<crate::metrics::ServiceStats>,
-) -> (u16, Option<String>, String) {
+    bytes_in: Arc<AtomicU64>,
+) -> (u16, Option<String>, String, u64) {
     let grpc = head
         .headers
         .iter()
@@ -117,7 +125,7 @@ async fn exchange(
                     format!("`{}` is not exported by this node", head.service),
                 ))
             })?;
-        let request = build_request(head, recv)
+        let request = build_request(head, recv, bytes_in)
             .map_err(|e| fail(BridgeError::new(StatusCode::BAD_REQUEST, "bad-request", e)))?;
         let sent = upstream.send(request);
         let outcome = if head.deadline_ms > 0 {
@@ -150,26 +158,25 @@ async fn exchange(
             let status = head.status;
             let Ok(bytes) = encoded(|b| frame::encode_response(&head, b)) else {
                 send.reset(codes::CANCELLED);
-                return (502, Some(endpoint), rule);
+                return (502, Some(endpoint), rule, 0);
             };
             if send.write_encoded(bytes).await.is_err() {
-                return (status, Some(endpoint), rule);
+                return (status, Some(endpoint), rule, 0);
             }
             if end_stream {
                 send.finish();
-                return (status, Some(endpoint), rule);
+                return (status, Some(endpoint), rule, 0);
             }
             let sent = AtomicU64::new(0);
             if let Err(e) = body::pump_to_tunnel(response_body, send, &sent).await {
                 debug!(error = %e, "response body did not reach the tunnel");
             }
-            stats.add_bytes(0, sent.load(Ordering::Relaxed));
-            (status, Some(endpoint), rule)
+            (status, Some(endpoint), rule, sent.load(Ordering::Relaxed))
         }
         Err((e, rule)) => {
             stats.bridge_error(e.reason);
             let status = write_error(send, &e, grpc).await;
-            (status, None, rule)
+            (status, None, rule, 0)
         }
     }
 }
@@ -192,7 +199,11 @@ async fn write_error(send: &mut SendHalf, e: &BridgeError, grpc: bool) -> u16 {
 }
 
 /// Rebuilds the caller's request from the stream header; the body streams from `recv`.
-fn build_request(head: &RequestHead, recv: RecvHalf) -> Result<Request<body::BoxBody>, String> {
+fn build_request(
+    head: &RequestHead,
+    recv: RecvHalf,
+    bytes_in: Arc<AtomicU64>,
+) -> Result<Request<body::BoxBody>, String> {
     let method = Method::from_bytes(head.method.as_bytes())
         .map_err(|_| format!("invalid method `{}`", head.method))?;
     let uri: Uri = head
@@ -208,7 +219,7 @@ fn build_request(head: &RequestHead, recv: RecvHalf) -> Result<Request<body::Box
     let body = if head.end_stream {
         body::empty()
     } else {
-        body::from_tunnel(recv, (), Arc::new(AtomicU64::new(0)))
+        body::from_tunnel(recv, (), bytes_in)
     };
     let mut request = Request::new(body);
     *request.method_mut() = method;

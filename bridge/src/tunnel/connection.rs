@@ -58,6 +58,25 @@ impl TunnelConnection {
         }
     }
 
+    /// Serial (lowercase hex) and expiry (RFC 3339) of the certificate the peer presented,
+    /// so operators can see which certificate a tunnel runs on after a rotation.
+    pub fn peer_certificate(&self) -> Option<(String, String)> {
+        match self {
+            Self::Quic(c) => {
+                let identity = c.peer_identity()?;
+                let certs = identity
+                    .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                    .ok()?;
+                let summary = hybridge_ca::inspect::summarize(certs.first()?.as_ref()).ok()?;
+                let not_after = summary
+                    .not_after
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .ok()?;
+                Some((summary.serial_hex, not_after))
+            }
+        }
+    }
+
     pub fn remote_address(&self) -> std::net::SocketAddr {
         match self {
             Self::Quic(c) => c.remote_address(),
