@@ -23,6 +23,9 @@ struct Cli {
     /// Log format: `auto` is human-readable on a terminal and JSON lines otherwise.
     #[arg(long, global = true, value_parser = ["auto", "json", "text"], default_value = "auto")]
     log_format: String,
+    /// Runtime worker threads (default: one per CPU), like Envoy's `--concurrency`.
+    #[arg(long, global = true, env = "HYBRIDGE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -66,10 +69,11 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log, &cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = cli.worker_threads {
+        builder.worker_threads(usize::from(threads));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");

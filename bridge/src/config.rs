@@ -113,6 +113,10 @@ pub struct AdminSection {
     /// Must be set to listen on anything but loopback: the admin API changes policy.
     #[serde(default)]
     pub allow_remote: bool,
+    /// Optional second listener serving only `/healthz` and `/readyz`, for load balancer
+    /// health checks; it exposes nothing else, so it may listen on any address.
+    #[serde(default)]
+    pub health_listen: Option<SocketAddr>,
 }
 
 impl Default for AdminSection {
@@ -120,6 +124,7 @@ impl Default for AdminSection {
         Self {
             listen: default_admin_listen(),
             allow_remote: false,
+            health_listen: None,
         }
     }
 }

@@ -35,6 +35,8 @@ use crate::upstream::Upstream;
 pub struct NodeAddresses {
     pub tunnel: Option<SocketAddr>,
     pub admin: SocketAddr,
+    /// The health-only admin listener (`admin.health_listen`), if configured.
+    pub health: Option<SocketAddr>,
     /// (service, address) of every import listener, in config order.
     pub imports: Vec<(String, SocketAddr)>,
     pub gateway: Option<SocketAddr>,
@@ -242,6 +244,19 @@ impl Node {
                 )
             })?;
         let admin_addr = admin_listener.local_addr()?;
+        let health_listener = match config.admin.health_listen {
+            None => None,
+            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+                format!(
+                    "{}: admin: binding health_listen {addr}",
+                    config.source.display()
+                )
+            })?),
+        };
+        let health_addr = health_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?;
 
         let identity = material.own_id.clone();
         let state = Arc::new(NodeState {
@@ -255,6 +270,7 @@ impl Node {
             addresses: NodeAddresses {
                 tunnel: tunnel_addr,
                 admin: admin_addr,
+                health: health_addr,
                 imports: import_addrs,
                 gateway: gateway_addr,
             },
@@ -344,8 +360,17 @@ impl Node {
         background.spawn(crate::admin::serve(
             admin_listener,
             state.clone(),
+            crate::admin::Scope::Full,
             stop_rest.clone(),
         ));
+        if let Some(listener) = health_listener {
+            background.spawn(crate::admin::serve(
+                listener,
+                state.clone(),
+                crate::admin::Scope::HealthOnly,
+                stop_rest.clone(),
+            ));
+        }
         info!(node = %identity, tunnel = ?tunnel_addr, admin = %admin_addr, "node started");
         Ok(Node {
             state,
@@ -402,7 +427,10 @@ impl Node {
         ) {
             return Err(fixed("[node]"));
         }
-        if new.tunnel.listen != old.tunnel.listen || new.admin.listen != old.admin.listen {
+        if new.tunnel.listen != old.tunnel.listen
+            || new.admin.listen != old.admin.listen
+            || new.admin.health_listen != old.admin.health_listen
+        {
             return Err(fixed("a tunnel or admin listen address"));
         }
         let peer_addresses = |c: &Config| {

@@ -168,6 +168,7 @@ async fn the_example_configs_start_a_working_pair() {
             ("/var/lib/hybridge", q(&pki.path("data-cloud"))),
             ("0.0.0.0:7443", tunnel.clone()),
             ("127.0.0.1:7180", "127.0.0.1:0".into()),
+            ("0.0.0.0:7181", "127.0.0.1:0".into()),
             ("10.20.1.10:50051", up(0)),
             ("10.20.2.10:50051", up(1)),
             ("10.20.1.20:8080", up(2)),
@@ -261,6 +262,15 @@ async fn the_example_configs_start_a_working_pair() {
     let answer = http1(gateway, "GET", "/echo", &[("host", &host)], Bytes::new()).await;
     assert_eq!(answer.status, 200, "{:?}", answer.body);
     assert_eq!(answer.header("x-demo-upstream"), Some("catalog"));
+
+    // The load balancer's health listener answers readiness and nothing else.
+    let health = cloud.addresses().health.unwrap();
+    let answer = http1(health, "GET", "/readyz", &[], Bytes::new()).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    for path in ["/metrics", "/v1/status", "/v1/acl/rules"] {
+        let answer = http1(health, "GET", path, &[], Bytes::new()).await;
+        assert_eq!(answer.status, 404, "{path} on the health listener");
+    }
 
     // Every metric the Grafana dashboard queries is exported, with every label it groups by.
     let mut exported = String::new();

@@ -19,8 +19,22 @@ use crate::node::NodeState;
 pub mod client;
 pub mod status;
 
+/// What a listener of the admin server answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The whole admin API (loopback unless `admin.allow_remote`).
+    Full,
+    /// Only `/healthz` and `/readyz` (`admin.health_listen`, for load balancers).
+    HealthOnly,
+}
+
 /// Serves the admin API until `cancel` fires.
-pub async fn serve(listener: TcpListener, state: Arc<NodeState>, cancel: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<NodeState>,
+    scope: Scope,
+    cancel: CancellationToken,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -36,7 +50,7 @@ pub async fn serve(listener: TcpListener, state: Arc<NodeState>, cancel: Cancell
             },
         };
         let state = state.clone();
-        let service = hyper::service::service_fn(move |req| route(req, state.clone()));
+        let service = hyper::service::service_fn(move |req| route(req, state.clone(), scope));
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
@@ -65,8 +79,12 @@ fn text(
 async fn route(
     req: Request<Incoming>,
     state: Arc<NodeState>,
+    scope: Scope,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
+    if scope == Scope::HealthOnly && path != "/healthz" && path != "/readyz" {
+        return Ok(text(StatusCode::NOT_FOUND, "text/plain", "not found\n"));
+    }
     if path.starts_with("/v1/acl") {
         if let Some(response) = crate::acl::api::handle_admin(&state.acl, req).await {
             return Ok(response);

@@ -1,0 +1,232 @@
+//! The Debian package: `cargo deb` builds it from the binaries the tests already built, its
+//! contents and control data are what an operator needs, and it installs, upgrades and
+//! purges cleanly in a throwaway root (`dpkg --root` with maintainer scripts honouring
+//! DPKG_ROOT), creating the `hybridge` user, its directories with the right owners and modes,
+//! and an enabled-but-not-started unit.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::MetadataExt as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use hybridge_tests::*;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .into()
+}
+
+fn run(command: &mut Command) -> Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e} (installed by .ci/run)"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Builds the .deb with `cargo deb` from the binaries of this test build (same profile, so
+/// nothing is recompiled) and returns its path.
+fn build_deb(out: &Path) -> PathBuf {
+    let hybridge = binary("hybridge");
+    binary("hybridge-ca");
+    let profile = match hybridge
+        .parent()
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+    {
+        "debug" => "dev".to_owned(),
+        other => other.to_owned(),
+    };
+    let mut command = Command::new("cargo");
+    command
+        .current_dir(repo())
+        .args([
+            "deb",
+            "-p",
+            "hybridge",
+            "--no-build",
+            "--fast",
+            "--profile",
+            &profile,
+            "-o",
+        ])
+        .arg(out);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("CARGO_") && key != "CARGO_HOME" {
+            command.env_remove(key);
+        }
+    }
+    let output = run(&mut command);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let deb = PathBuf::from(stdout.lines().last().unwrap().trim());
+    assert!(
+        deb.extension().is_some_and(|e| e == "deb"),
+        "cargo deb printed {stdout}"
+    );
+    deb
+}
+
+/// `name → (uid, gid)` from a root's /etc/passwd.
+fn user_in(root: &Path, name: &str) -> (u32, u32) {
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap();
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no user {name} in {passwd}"));
+    let fields: Vec<&str> = line.split(':').collect();
+    assert_eq!(fields[6], "/usr/sbin/nologin", "{line}");
+    (fields[2].parse().unwrap(), fields[3].parse().unwrap())
+}
+
+fn mode_owner(path: &Path) -> (u32, u32, u32) {
+    let meta =
+        std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (meta.permissions().mode() & 0o7777, meta.uid(), meta.gid())
+}
+
+fn dpkg(root: &Path, args: &[&str]) -> Output {
+    run(Command::new("dpkg")
+        .arg(format!("--root={}", root.display()))
+        .args([
+            "--force-script-chrootless",
+            "--force-depends",
+            "--log=/dev/null",
+        ])
+        .args(args))
+}
+
+#[test]
+fn the_deb_has_what_an_operator_needs_and_installs_into_a_throwaway_root() {
+    let work = tempfile::tempdir().unwrap();
+    let deb = build_deb(work.path());
+
+    // Contents: path → mode.
+    let listing =
+        String::from_utf8(run(Command::new("dpkg-deb").arg("-c").arg(&deb)).stdout).unwrap();
+    for (path, mode) in [
+        ("./usr/bin/hybridge", "-rwxr-xr-x"),
+        ("./usr/bin/hybridge-ca", "-rwxr-xr-x"),
+        ("./usr/lib/systemd/system/hybridge.service", "-rw-r--r--"),
+        ("./usr/lib/sysusers.d/hybridge.conf", "-rw-r--r--"),
+        ("./usr/lib/tmpfiles.d/hybridge.conf", "-rw-r--r--"),
+        ("./etc/default/hybridge", "-rw-r--r--"),
+        (
+            "./usr/share/doc/hybridge/examples/onprem.toml",
+            "-rw-r--r--",
+        ),
+        ("./usr/share/doc/hybridge/examples/cloud.toml", "-rw-r--r--"),
+        ("./usr/share/doc/hybridge/examples/acl.toml", "-rw-r--r--"),
+        (
+            "./usr/share/doc/hybridge/examples/grafana-dashboard.json",
+            "-rw-r--r--",
+        ),
+        ("./usr/share/doc/hybridge/copyright", "-rw-r--r--"),
+    ] {
+        let line = listing
+            .lines()
+            .find(|l| l.ends_with(&format!(" {path}")))
+            .unwrap_or_else(|| panic!("{path} missing from the package:\n{listing}"));
+        assert!(line.starts_with(mode), "{path}: {line}");
+        assert!(
+            line.contains(" 0/0 ") || line.contains(" root/root "),
+            "{path} not owned by root: {line}"
+        );
+    }
+    assert!(
+        !listing.contains("./etc/hybridge/"),
+        "the package must not ship /etc/hybridge contents (a config there would start the unit)"
+    );
+
+    // Control data.
+    let info = String::from_utf8(run(Command::new("dpkg-deb").arg("-I").arg(&deb)).stdout).unwrap();
+    assert!(info.contains("Package: hybridge"), "{info}");
+    assert!(
+        info.contains("Depends: ") && info.contains("systemd"),
+        "{info}"
+    );
+    for script in ["postinst", "prerm", "postrm"] {
+        assert!(info.contains(script), "no {script}: {info}");
+    }
+    let control = work.path().join("control");
+    run(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&control));
+    assert_eq!(
+        std::fs::read_to_string(control.join("conffiles"))
+            .unwrap()
+            .trim(),
+        "/etc/default/hybridge"
+    );
+
+    // Install into a throwaway root.
+    let root = work.path().join("root");
+    for dir in [
+        "var/lib/dpkg/info",
+        "var/lib/dpkg/updates",
+        "var/lib/dpkg/triggers",
+    ] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    std::fs::write(root.join("var/lib/dpkg/status"), "").unwrap();
+    let deb_arg = deb.to_str().unwrap();
+    dpkg(&root, &["-i", deb_arg]);
+
+    let (uid, gid) = user_in(&root, "hybridge");
+    assert_ne!(uid, 0);
+    assert_eq!(
+        mode_owner(&root.join("var/lib/hybridge")),
+        (0o750, uid, gid)
+    );
+    assert_eq!(mode_owner(&root.join("etc/hybridge")), (0o750, 0, gid));
+    assert_eq!(mode_owner(&root.join("usr/bin/hybridge")), (0o755, 0, 0));
+    assert_eq!(mode_owner(&root.join("usr/bin/hybridge-ca")), (0o755, 0, 0));
+    // Enabled (multi-user.target wants it) but not configured, so it does not start.
+    let wants = root.join("etc/systemd/system/multi-user.target.wants/hybridge.service");
+    assert_eq!(
+        std::fs::read_link(&wants).unwrap(),
+        Path::new("/usr/lib/systemd/system/hybridge.service")
+    );
+    let unit =
+        std::fs::read_to_string(root.join("usr/lib/systemd/system/hybridge.service")).unwrap();
+    assert!(unit.contains("ConditionPathExists=/etc/hybridge/hybridge.toml"));
+    assert!(!root.join("etc/hybridge/hybridge.toml").exists());
+    // The installed binary runs.
+    let version = run(Command::new(root.join("usr/bin/hybridge")).arg("--version"));
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("hybridge "));
+
+    // Upgrade (reinstall) keeps the operator's conffile edits and their state.
+    let default = root.join("etc/default/hybridge");
+    let edited = std::fs::read_to_string(&default).unwrap() + "HYBRIDGE_WORKER_THREADS=2\n";
+    std::fs::write(&default, &edited).unwrap();
+    std::fs::write(root.join("var/lib/hybridge/hybridge.redb"), b"policy").unwrap();
+    dpkg(&root, &["--force-confold", "-i", deb_arg]);
+    assert_eq!(std::fs::read_to_string(&default).unwrap(), edited);
+    assert!(root.join("var/lib/hybridge/hybridge.redb").exists());
+    assert_eq!(
+        user_in(&root, "hybridge"),
+        (uid, gid),
+        "upgrade must reuse the user"
+    );
+
+    // Remove keeps configuration and state; purge deletes the state.
+    dpkg(&root, &["-r", "hybridge"]);
+    assert!(!root.join("usr/bin/hybridge").exists());
+    assert!(
+        std::fs::symlink_metadata(&wants).is_err(),
+        "unit still enabled after remove"
+    );
+    assert!(default.exists());
+    assert!(root.join("var/lib/hybridge/hybridge.redb").exists());
+    dpkg(&root, &["--purge", "hybridge"]);
+    assert!(!default.exists());
+    assert!(!root.join("var/lib/hybridge").exists());
+}

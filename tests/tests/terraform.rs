@@ -1,0 +1,470 @@
+//! The Terraform module for the cloud side, checked without cloud access: every `.tf` file
+//! parses as HCL, every variable and output is documented and typed, every reference names
+//! something that exists, module calls pass only known inputs; the cloud-init and
+//! hybridge.toml templates render with the variables Terraform passes them; the rendered
+//! cloud-init passes `cloud-init schema`; the rendered config passes `hybridge check-config`
+//! with the right certificate and fails, naming the site, with a certificate for another.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::str::FromStr;
+
+use base64::Engine as _;
+use hcl::eval::{Context, Evaluate};
+use hcl::{Body, Expression, ObjectKey};
+use hybridge_tests::*;
+
+fn terraform_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .join("terraform")
+}
+
+/// Every `.tf` file of the Terraform module in `dir`, parsed.
+fn module(dir: &Path) -> Vec<(PathBuf, String, Body)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "tf"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no .tf files in {}", dir.display());
+    files
+        .into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let body = hcl::parse(&text)
+                .unwrap_or_else(|e| panic!("{} is not valid HCL: {e}", path.display()));
+            (path, text, body)
+        })
+        .collect()
+}
+
+/// What a module declares, as the names references use.
+#[derive(Default, Debug)]
+struct Declared {
+    variables: BTreeMap<String, bool>, // name -> has a default
+    locals: BTreeSet<String>,
+    resources: BTreeSet<String>, // TYPE.NAME
+    data: BTreeSet<String>,      // TYPE.NAME
+    modules: BTreeSet<String>,
+}
+
+fn declared(files: &[(PathBuf, String, Body)]) -> Declared {
+    let mut d = Declared::default();
+    for (path, _, body) in files {
+        for block in body.blocks() {
+            let labels: Vec<&str> = block.labels().iter().map(|l| l.as_str()).collect();
+            let attr = |key: &str| block.body().attributes().find(|a| a.key() == key);
+            match block.identifier() {
+                "variable" => {
+                    let name = labels[0];
+                    match attr("description").map(|a| a.expr()) {
+                        Some(Expression::String(s)) if s.len() > 10 => {}
+                        other => panic!(
+                            "{}: variable `{name}` needs a description (has {other:?})",
+                            path.display()
+                        ),
+                    }
+                    assert!(
+                        attr("type").is_some(),
+                        "{}: variable `{name}` needs a type",
+                        path.display()
+                    );
+                    d.variables
+                        .insert(name.to_owned(), attr("default").is_some());
+                }
+                "output" => {
+                    assert!(
+                        matches!(
+                            attr("description").map(|a| a.expr()),
+                            Some(Expression::String(_))
+                        ),
+                        "{}: output `{}` needs a description",
+                        path.display(),
+                        labels[0]
+                    );
+                }
+                "locals" => {
+                    d.locals
+                        .extend(block.body().attributes().map(|a| a.key().to_owned()));
+                }
+                "resource" => {
+                    d.resources.insert(format!("{}.{}", labels[0], labels[1]));
+                }
+                "data" => {
+                    d.data.insert(format!("{}.{}", labels[0], labels[1]));
+                }
+                "module" => {
+                    d.modules.insert(labels[0].to_owned());
+                }
+                _ => {}
+            }
+        }
+    }
+    d
+}
+
+/// `a.b.c` style tokens in HCL text, outside comments.
+fn references(text: &str) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('#') || trimmed.starts_with("//") {
+            continue;
+        }
+        let mut token = String::new();
+        for c in line.chars().chain([' ']) {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' {
+                token.push(c);
+            } else {
+                if token.contains('.') {
+                    out.push(token.split('.').map(str::to_owned).collect());
+                }
+                token.clear();
+            }
+        }
+    }
+    out
+}
+
+fn check_references(files: &[(PathBuf, String, Body)], d: &Declared) {
+    for (path, text, _) in files {
+        for r in references(text) {
+            let at = || format!("{}: `{}`", path.display(), r.join("."));
+            match r[0].as_str() {
+                "var" => assert!(
+                    d.variables.contains_key(&r[1]),
+                    "{} names no variable",
+                    at()
+                ),
+                "local" => assert!(d.locals.contains(&r[1]), "{} names no local", at()),
+                "module" => assert!(d.modules.contains(&r[1]), "{} names no module", at()),
+                "data" => assert!(
+                    d.data.contains(&format!("{}.{}", r[1], r[2])),
+                    "{} names no data source",
+                    at()
+                ),
+                t if t.starts_with("aws_") && r.len() >= 2 => assert!(
+                    d.resources.contains(&format!("{}.{}", r[0], r[1])),
+                    "{} names no resource",
+                    at()
+                ),
+                _ => {}
+            }
+        }
+    }
+}
+
+#[test]
+fn every_terraform_file_parses_is_documented_and_references_what_exists() {
+    let root = terraform_dir();
+    let files = module(&root);
+    let d = declared(&files);
+    for expected in [
+        "aws_lb.tunnel",
+        "aws_security_group.node",
+        "aws_iam_role.node",
+        "aws_instance.node",
+    ] {
+        assert!(
+            d.resources.contains(expected),
+            "module lacks {expected}: {d:?}"
+        );
+    }
+    check_references(&files, &d);
+
+    // The example is a module of its own that calls ours.
+    let example_dir = root.join("examples/basic");
+    let example = module(&example_dir);
+    let ed = declared(&example);
+    check_references(&example, &ed);
+    let call = example
+        .iter()
+        .flat_map(|(_, _, b)| b.blocks())
+        .find(|b| b.identifier() == "module")
+        .expect("examples/basic calls the module");
+    let passed: BTreeSet<String> = call
+        .body()
+        .attributes()
+        .map(|a| a.key().to_owned())
+        .filter(|k| k != "source")
+        .collect();
+    for input in &passed {
+        assert!(
+            d.variables.contains_key(input),
+            "examples/basic passes unknown input `{input}`"
+        );
+    }
+    for (name, has_default) in &d.variables {
+        assert!(
+            *has_default || passed.contains(name),
+            "examples/basic does not pass required input `{name}`"
+        );
+    }
+    // Security group: the tunnel port is open to the on-prem CIDRs only, and no rule admits
+    // the admin port.
+    let network = std::fs::read_to_string(root.join("main.tf")).unwrap();
+    assert!(
+        !network.contains("7180\n") && !network.contains("= 7180"),
+        "admin port exposed"
+    );
+    assert!(network.contains("cidr_ipv4         = each.value"));
+
+    // The README documents every input and output.
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    for name in d.variables.keys() {
+        assert!(
+            readme.contains(&format!("`{name}`")),
+            "terraform/README.md lacks input `{name}`"
+        );
+    }
+    for (_, _, body) in &files {
+        for block in body.blocks().filter(|b| b.identifier() == "output") {
+            let name = block.labels()[0].as_str();
+            assert!(
+                readme.contains(&format!("`{name}`")),
+                "terraform/README.md lacks output `{name}`"
+            );
+        }
+    }
+}
+
+/// The object keys of every `templatefile(PATH, { ... })` call in `expr`, by template file name.
+fn templatefile_calls(expr: &Expression, out: &mut BTreeMap<String, BTreeSet<String>>) {
+    match expr {
+        Expression::FuncCall(call) => {
+            if call.name.name.as_str() == "templatefile" {
+                let path = match &call.args[0] {
+                    Expression::TemplateExpr(t) => t.to_string(),
+                    other => format!("{other:?}"),
+                };
+                let file = path
+                    .trim_matches('"')
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .to_owned();
+                if let Expression::Object(object) = &call.args[1] {
+                    let keys = object
+                        .keys()
+                        .map(|k| match k {
+                            ObjectKey::Identifier(i) => i.as_str().to_owned(),
+                            other => format!("{other:?}"),
+                        })
+                        .collect();
+                    out.insert(file, keys);
+                }
+            }
+            for arg in &call.args {
+                templatefile_calls(arg, out);
+            }
+        }
+        Expression::Object(object) => {
+            for value in object.values() {
+                templatefile_calls(value, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn render(template: &str, vars: &serde_json::Value) -> String {
+    let text = std::fs::read_to_string(terraform_dir().join("templates").join(template)).unwrap();
+    let template_ast = hcl::Template::from_str(&text)
+        .unwrap_or_else(|e| panic!("{template} is not a valid Terraform template: {e}"));
+    let mut ctx = Context::new();
+    for (k, v) in vars.as_object().unwrap() {
+        ctx.declare_var(k.as_str(), hcl::to_value(v).unwrap());
+    }
+    template_ast
+        .evaluate(&ctx)
+        .unwrap_or_else(|e| panic!("rendering {template}: {e}"))
+}
+
+/// The variables main.tf passes each template, checked against the ones this test renders
+/// them with, so the test renders what Terraform would.
+fn terraform_template_vars() -> BTreeMap<String, BTreeSet<String>> {
+    let body =
+        hcl::parse(&std::fs::read_to_string(terraform_dir().join("main.tf")).unwrap()).unwrap();
+    let mut calls = BTreeMap::new();
+    for block in body.blocks() {
+        for attr in block.body().attributes() {
+            templatefile_calls(attr.expr(), &mut calls);
+        }
+    }
+    calls
+}
+
+fn keys(v: &serde_json::Value) -> BTreeSet<String> {
+    v.as_object().unwrap().keys().cloned().collect()
+}
+
+#[test]
+fn cloud_init_renders_passes_its_schema_and_configures_a_node_that_checks_out() {
+    let pki = Pki::with_trust_domain("corp.example");
+    let good = pki.node("aws", "cloud-1");
+    let wrong_site = pki.node("dc1", "cloud-1");
+    let toml_vars = |config_dir: &Path| {
+        serde_json::json!({
+            "node_name": "cloud-1",
+            "site": "aws",
+            "trust_domain": "corp.example",
+            "config_dir": config_dir.display().to_string(),
+            "data_dir": pki.path("data").display().to_string(),
+            "tunnel_port": 7443,
+            "onprem_sites": ["dc1", "dc2"],
+            "with_crl": false,
+            "exports": [
+                {"name": "recommendations", "endpoints": ["10.20.1.10:50051", "10.20.2.10:50051"], "protocol": "h2c"},
+                {"name": "catalog", "endpoints": ["10.20.1.20:8080"], "protocol": "http1"}
+            ],
+            "imports": [{"service": "billing", "port": 8081, "caller": "checkout"}],
+        })
+    };
+    let calls = terraform_template_vars();
+    assert_eq!(
+        calls.get("hybridge.toml.tftpl"),
+        Some(&keys(&toml_vars(Path::new("/etc/hybridge")))),
+        "main.tf passes hybridge.toml.tftpl other variables than this test renders it with"
+    );
+
+    // The production rendering, wrapped into cloud-init exactly as main.tf does.
+    let toml = render(
+        "hybridge.toml.tftpl",
+        &toml_vars(Path::new("/etc/hybridge")),
+    );
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    for (crl, acl) in [
+        ("", ""),
+        (
+            "arn:aws:secretsmanager:eu-west-1:123456789012:secret:hybridge/crl-AbCdEf",
+            "[[rule]]\nsource = \"web\"\ndestination = \"catalog\"\naction = \"allow\"\n",
+        ),
+    ] {
+        let init_vars = serde_json::json!({
+            "node_name": "cloud-1",
+            "site": "aws",
+            "region": "eu-west-1",
+            "deb_url": "https://packages.example.com/hybridge_0.1.0_arm64.deb",
+            "ca_secret_arn": "arn:aws:secretsmanager:eu-west-1:123456789012:secret:hybridge/ca-AbCdEf",
+            "crl_secret_arn": crl,
+            "cert_secret_arn": "arn:aws:secretsmanager:eu-west-1:123456789012:secret:hybridge/node/cloud-1-AbCdEf",
+            "acl_b64": if acl.is_empty() { String::new() } else { b64(acl) },
+            "hybridge_toml_b64": b64(&toml),
+        });
+        assert_eq!(
+            calls.get("cloud-init.yaml.tftpl"),
+            Some(&keys(&init_vars)),
+            "main.tf passes cloud-init.yaml.tftpl other variables than this test renders it with"
+        );
+        let cloud_init = render("cloud-init.yaml.tftpl", &init_vars);
+        assert!(cloud_init.starts_with("#cloud-config\n"));
+        let file = pki.path("user-data.yaml");
+        std::fs::write(&file, &cloud_init).unwrap();
+        let output = Command::new("cloud-init")
+            .args(["schema", "--config-file"])
+            .arg(&file)
+            .output()
+            .expect("cloud-init is installed by .ci/run");
+        assert!(
+            output.status.success(),
+            "cloud-init schema rejects the rendered user data: {}{}\n{cloud_init}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // The set-up script is valid shell, fails loudly, and starts the unit only last.
+        let script = cloud_init
+            .split("content: |\n")
+            .nth(1)
+            .unwrap()
+            .split("\nruncmd:")
+            .next()
+            .unwrap()
+            .lines()
+            .map(|l| l.strip_prefix("      ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let script_file = pki.path("hybridge-setup");
+        std::fs::write(&script_file, &script).unwrap();
+        let syntax = Command::new("bash")
+            .arg("-n")
+            .arg(&script_file)
+            .output()
+            .unwrap();
+        assert!(
+            syntax.status.success(),
+            "{}\n{script}",
+            String::from_utf8_lossy(&syntax.stderr)
+        );
+        assert!(script.contains("set -euo pipefail"));
+        assert_eq!(
+            script.contains("\"CRL\" > \"$stage/crl.pem\""),
+            !crl.is_empty()
+        );
+        let check = script.find("hybridge check-config").unwrap();
+        let install = script.find("/etc/hybridge/hybridge.toml\n").unwrap();
+        let enable = script.find("systemctl enable --now").unwrap();
+        assert!(
+            check < install && install < enable,
+            "config must be checked before it is installed, and installed before the unit starts"
+        );
+        assert_eq!(
+            cloud_init.contains("/run/hybridge-setup/acl.toml"),
+            !acl.is_empty()
+        );
+    }
+
+    // What cloud-init installs: with the right certificate it checks out (the setup script
+    // runs exactly this command against its staging copy).
+    let config_dir = pki.path("etc");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    let install = |files: &NodeFiles| {
+        std::fs::copy(&files.ca, config_dir.join("ca.pem")).unwrap();
+        std::fs::copy(&files.cert, config_dir.join("node.pem")).unwrap();
+        std::fs::copy(&files.key, config_dir.join("node.key")).unwrap();
+    };
+    let config = config_dir.join("hybridge.toml");
+    std::fs::write(
+        &config,
+        render("hybridge.toml.tftpl", &toml_vars(&config_dir)),
+    )
+    .unwrap();
+    let check = || {
+        Command::new(binary("hybridge"))
+            .args(["check-config", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    install(&good);
+    let output = check();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let parsed = hybridge::config::Config::load(&config).unwrap();
+    assert_eq!(parsed.tunnel.allowed_sites, ["dc1", "dc2"]);
+    assert_eq!(parsed.export_names(), ["catalog", "recommendations"]);
+    assert_eq!(parsed.imports[0].listen.to_string(), "127.0.0.1:8081");
+    assert_eq!(
+        parsed.admin.health_listen.map(|a| a.to_string()).as_deref(),
+        Some("0.0.0.0:7181"),
+        "the NLB health check needs the health listener"
+    );
+
+    // A certificate for another site stops the set-up with a message naming both ids.
+    install(&wrong_site);
+    let output = check();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("site/dc1/node/cloud-1") && stderr.contains("site/aws/node/cloud-1"),
+        "{stderr}"
+    );
+}
