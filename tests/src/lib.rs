@@ -23,6 +23,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 pub const TRUST_DOMAIN: &str = "test.hybridge";
 pub const WAIT: Duration = Duration::from_secs(15);
 
+/// The repository's top folder (for config-examples/, terraform/, systemd/...).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lies inside the repository")
+        .to_owned()
+}
+
 /// A CA in a temp dir, issuing into the same dir.
 pub struct Pki {
     pub dir: tempfile::TempDir,

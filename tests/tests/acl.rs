@@ -5,7 +5,6 @@
 //! policy.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
 use std::process::Command;
 
 use bytes::Bytes;
@@ -258,7 +257,7 @@ fn a_daemon_killed_during_applies_restarts_with_one_whole_policy() {
 
 #[test]
 fn the_example_policy_loads_and_decides_as_documented() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples/acl.toml");
+    let path = repo_root().join("config-examples/acl.toml");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("hybridge.redb");
     let out = Command::new(binary("hybridge"))

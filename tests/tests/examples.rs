@@ -13,15 +13,8 @@ use hybridge::node::Node;
 use hybridge_tests::*;
 use tokio_util::sync::CancellationToken;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .into()
-}
-
 fn example(name: &str) -> String {
-    std::fs::read_to_string(repo().join("config-examples").join(name)).unwrap()
+    std::fs::read_to_string(repo_root().join("config-examples").join(name)).unwrap()
 }
 
 /// Names of the fields of every `Deserialize` struct in a Rust source file (serde renames
@@ -61,10 +54,11 @@ fn deserialized_fields(source: &str) -> BTreeSet<String> {
 
 #[test]
 fn every_config_option_is_shown_in_an_example() {
-    let mut known =
-        deserialized_fields(&std::fs::read_to_string(repo().join("bridge/src/config.rs")).unwrap());
+    let mut known = deserialized_fields(
+        &std::fs::read_to_string(repo_root().join("bridge/src/config.rs")).unwrap(),
+    );
     known.extend(deserialized_fields(
-        &std::fs::read_to_string(repo().join("bridge/src/upstream/settings.rs")).unwrap(),
+        &std::fs::read_to_string(repo_root().join("bridge/src/upstream/settings.rs")).unwrap(),
     ));
     // Exports are parsed as a free table whose `name` is taken out before the rest becomes
     // `UpstreamSettings`; the raw field is not a struct field.

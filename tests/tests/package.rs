@@ -12,13 +12,6 @@ use std::process::{Command, Output};
 
 use hybridge_tests::*;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .into()
-}
-
 fn run(command: &mut Command) -> Output {
     let output = command
         .output()
@@ -50,7 +43,7 @@ fn build_deb(out: &Path) -> PathBuf {
     };
     let mut command = Command::new("cargo");
     command
-        .current_dir(repo())
+        .current_dir(repo_root())
         .args([
             "deb",
             "-p",

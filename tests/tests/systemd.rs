@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use hybridge_tests::binary;
+use hybridge_tests::{binary, repo_root};
 
 fn systemd_analyze_available() -> bool {
     Command::new("systemd-analyze")
@@ -18,7 +18,7 @@ fn systemd_analyze_available() -> bool {
 /// The unit as shipped, with the binary path pointed at the freshly built `hybridge`
 /// (`verify` checks that ExecStart's executable exists); every other line is untouched.
 fn unit_under_test(dir: &Path) -> PathBuf {
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/hybridge.service");
+    let shipped = repo_root().join("systemd/hybridge.service");
     let text = std::fs::read_to_string(&shipped).unwrap();
     assert!(text.contains("ExecStart=/usr/bin/hybridge run"), "{text}");
     let binary = binary("hybridge");
@@ -92,7 +92,7 @@ fn the_unit_exposure_score_is_ok_or_better() {
 
 #[test]
 fn sysusers_and_tmpfiles_snippets_declare_the_account_and_directories() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
+    let dir = repo_root().join("systemd");
     let sysusers = std::fs::read_to_string(dir.join("hybridge.sysusers")).unwrap();
     let user_line = sysusers
         .lines()

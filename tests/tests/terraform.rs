@@ -17,10 +17,7 @@ use hcl::{Body, Expression, ObjectKey};
 use hybridge_tests::*;
 
 fn terraform_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .join("terraform")
+    repo_root().join("terraform")
 }
 
 /// Every `.tf` file of the Terraform module in `dir`, parsed.

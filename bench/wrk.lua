@@ -1,7 +1,11 @@
--- wrk: POST a 64-byte body and print one machine-readable summary line.
-wrk.method = "POST"
-wrk.body = string.rep("x", 64)
-wrk.headers["Content-Type"] = "application/octet-stream"
+-- wrk script for bench/run: POSTs a body of $WRK_BODY_BYTES bytes when that is set (GET
+-- otherwise), and prints one machine-readable summary line when done.
+local body_bytes = tonumber(os.getenv("WRK_BODY_BYTES") or "")
+if body_bytes then
+  wrk.method = "POST"
+  wrk.body = string.rep("x", body_bytes)
+  wrk.headers["Content-Type"] = "application/octet-stream"
+end
 
 done = function(summary, latency, requests)
   local e = summary.errors
