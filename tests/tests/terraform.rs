@@ -202,6 +202,29 @@ fn every_terraform_file_parses_is_documented_and_references_what_exists() {
             "examples/basic does not pass required input `{name}`"
         );
     }
+    // The on-prem side of the example: its node configs and its policy parse as they are.
+    let mut configs = 0;
+    for entry in std::fs::read_dir(&example_dir).unwrap() {
+        let path = entry.unwrap().path();
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("toml") if path.file_name().unwrap() == "acl.toml" => {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let rules = hybridge::acl::parse_acl_file(&path, &text)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert!(!rules.is_empty());
+            }
+            Some("toml") => {
+                let config =
+                    hybridge::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(config.node.site, "dc1");
+                assert_eq!(config.peers[0].site, "aws", "the example's cloud site");
+                configs += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(configs, 2, "examples/basic shows an on-prem pair");
+
     // Security group: the tunnel port is open to the on-prem CIDRs only, and no rule admits
     // the admin port.
     let network = std::fs::read_to_string(root.join("main.tf")).unwrap();
