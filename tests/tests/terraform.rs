@@ -319,6 +319,22 @@ fn terraform_template_vars() -> BTreeMap<String, BTreeSet<String>> {
     calls
 }
 
+/// The set-up script cloud-init writes to /usr/local/sbin/hybridge-setup, un-indented.
+fn setup_script(cloud_init: &str) -> String {
+    cloud_init
+        .split("content: |\n")
+        .nth(1)
+        .unwrap()
+        .split("\nruncmd:")
+        .next()
+        .unwrap()
+        .lines()
+        .map(|l| l.strip_prefix("      ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
 fn keys(v: &serde_json::Value) -> BTreeSet<String> {
     v.as_object().unwrap().keys().cloned().collect()
 }
@@ -397,17 +413,7 @@ fn cloud_init_renders_passes_its_schema_and_configures_a_node_that_checks_out() 
             String::from_utf8_lossy(&output.stderr)
         );
         // The set-up script is valid shell, fails loudly, and starts the unit only last.
-        let script = cloud_init
-            .split("content: |\n")
-            .nth(1)
-            .unwrap()
-            .split("\nruncmd:")
-            .next()
-            .unwrap()
-            .lines()
-            .map(|l| l.strip_prefix("      ").unwrap_or(l))
-            .collect::<Vec<_>>()
-            .join("\n");
+        let script = setup_script(&cloud_init);
         let script_file = pki.path("hybridge-setup");
         std::fs::write(&script_file, &script).unwrap();
         let syntax = Command::new("bash")
@@ -426,7 +432,7 @@ fn cloud_init_renders_passes_its_schema_and_configures_a_node_that_checks_out() 
             !crl.is_empty()
         );
         let check = script.find("hybridge check-config").unwrap();
-        let install = script.find("/etc/hybridge/hybridge.toml\n").unwrap();
+        let install = script.find("\"$etc/hybridge.toml\"\n").unwrap();
         let enable = script.find("systemctl enable --now").unwrap();
         assert!(
             check < install && install < enable,
@@ -487,4 +493,248 @@ fn cloud_init_renders_passes_its_schema_and_configures_a_node_that_checks_out() 
         stderr.contains("site/dc1/node/cloud-1") && stderr.contains("site/aws/node/cloud-1"),
         "{stderr}"
     );
+}
+
+const CA_ARN: &str = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:hybridge/ca-AbCdEf";
+const NODE_ARN: &str =
+    "arn:aws:secretsmanager:eu-west-1:123456789012:secret:hybridge/node/cloud-1-AbCdEf";
+
+/// Stub commands for running the set-up script outside an instance: `aws` answers from files
+/// (or fails like Secrets Manager does for a missing secret), `apt-get`, `curl` and `systemctl`
+/// only record their calls, `install` and `runuser` drop the user switch (the test runs
+/// without a `hybridge` account); `hybridge` is the real binary.
+fn stub_bin(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let stubs = [
+        (
+            "aws",
+            r#"#!/bin/sh
+id=""
+while [ $# -gt 0 ]; do
+  case "$1" in --secret-id) id="$2"; shift ;; esac
+  shift
+done
+f="$STUB_SECRETS/$(printf %s "$id" | tr -c 'A-Za-z0-9-' _)"
+if [ -f "$f" ]; then cat "$f"; exit 0; fi
+echo "An error occurred (ResourceNotFoundException) when calling the GetSecretValue operation: Secrets Manager can't find the specified secret." >&2
+exit 254
+"#,
+        ),
+        (
+            "apt-get",
+            "#!/bin/sh\necho \"apt-get $*\" >> \"$HYBRIDGE_SETUP_ROOT/calls.log\"\n",
+        ),
+        (
+            "systemctl",
+            "#!/bin/sh\necho \"systemctl $*\" >> \"$HYBRIDGE_SETUP_ROOT/calls.log\"\n",
+        ),
+        (
+            "curl",
+            "#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = -o ] && : > \"$2\"; shift; done\n",
+        ),
+        (
+            "install",
+            "#!/bin/bash\nargs=()\nwhile [ $# -gt 0 ]; do case \"$1\" in -o|-g) shift 2; continue ;; esac; args+=(\"$1\"); shift; done\nexec /usr/bin/install \"${args[@]}\"\n",
+        ),
+        (
+            "runuser",
+            "#!/bin/sh\nwhile [ \"$1\" != -- ]; do shift; done\nshift\nexec \"$@\"\n",
+        ),
+    ];
+    for (name, text) in stubs {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    }
+    let _ = std::fs::remove_file(dir.join("hybridge"));
+    std::os::unix::fs::symlink(binary("hybridge"), dir.join("hybridge")).unwrap();
+}
+
+struct SetupRun {
+    code: i32,
+    console: String,
+    calls: String,
+    root: PathBuf,
+}
+
+/// Runs the rendered set-up script in a scratch root, as cloud-init would after writing
+/// its files, with `secrets` (ARN → value) in the stub secret store.
+fn run_setup(work: &Path, name: &str, secrets: &[(&str, String)]) -> SetupRun {
+    let root = work.join(name);
+    let stage = root.join("run/hybridge-setup");
+    std::fs::create_dir_all(&stage).unwrap();
+    std::fs::create_dir_all(root.join("dev")).unwrap();
+    let store = work.join(format!("{name}-secrets"));
+    std::fs::create_dir_all(&store).unwrap();
+    for (arn, value) in secrets {
+        let file: String = arn
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        std::fs::write(store.join(file), value).unwrap();
+    }
+    // What write_files puts in place before runcmd.
+    let toml = render("hybridge.toml.tftpl", &production_toml_vars());
+    std::fs::write(stage.join("hybridge.toml"), &toml).unwrap();
+    let acl = "[[rule]]\nsource = \"web\"\ndestination = \"catalog\"\naction = \"allow\"\n";
+    std::fs::write(stage.join("acl.toml"), acl).unwrap();
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let cloud_init = render(
+        "cloud-init.yaml.tftpl",
+        &serde_json::json!({
+            "node_name": "cloud-1",
+            "site": "aws",
+            "region": "eu-west-1",
+            "deb_url": "https://packages.example.com/hybridge_0.1.0_amd64.deb",
+            "ca_secret_arn": CA_ARN,
+            "crl_secret_arn": "",
+            "cert_secret_arn": NODE_ARN,
+            "acl_b64": b64(acl),
+            "hybridge_toml_b64": b64(&toml),
+        }),
+    );
+    let script = work.join(format!("{name}-setup.sh"));
+    std::fs::write(&script, setup_script(&cloud_init)).unwrap();
+    let bin = work.join("bin");
+    let output = Command::new("bash")
+        .arg(&script)
+        .env("HYBRIDGE_SETUP_ROOT", &root)
+        .env("STUB_SECRETS", &store)
+        .env(
+            "PATH",
+            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+        )
+        .output()
+        .unwrap();
+    SetupRun {
+        code: output.status.code().unwrap_or(-1),
+        console: std::fs::read_to_string(root.join("dev/console")).unwrap_or_default(),
+        calls: std::fs::read_to_string(root.join("calls.log")).unwrap_or_default(),
+        root,
+    }
+}
+
+fn production_toml_vars() -> serde_json::Value {
+    serde_json::json!({
+        "node_name": "cloud-1",
+        "site": "aws",
+        "trust_domain": "corp.example",
+        "config_dir": "/etc/hybridge",
+        "data_dir": "/var/lib/hybridge",
+        "tunnel_port": 7443,
+        "onprem_sites": ["dc1"],
+        "with_crl": false,
+        "exports": [{"name": "catalog", "endpoints": ["10.20.1.20:8080"], "protocol": "http1"}],
+        "imports": [],
+    })
+}
+
+#[test]
+fn the_setup_script_installs_only_a_checked_node_and_fails_loudly_otherwise() {
+    let pki = Pki::with_trust_domain("corp.example");
+    let work = pki.path("setup");
+    stub_bin(&work.join("bin"));
+    let ca = std::fs::read_to_string(pki.path("ca.pem")).unwrap();
+    let node_secret = |files: &NodeFiles| {
+        serde_json::json!({
+            "cert": std::fs::read_to_string(&files.cert).unwrap(),
+            "key": std::fs::read_to_string(&files.key).unwrap(),
+        })
+        .to_string()
+    };
+
+    // Everything present: installed with tight modes, policy applied, unit started last.
+    let good = run_setup(
+        &work,
+        "good",
+        &[
+            (CA_ARN, ca.clone()),
+            (NODE_ARN, node_secret(&pki.node("aws", "cloud-1"))),
+        ],
+    );
+    assert_eq!(good.code, 0, "{}", good.console);
+    assert!(
+        good.console
+            .contains("hybridge-setup: node cloud-1 is running"),
+        "{}",
+        good.console
+    );
+    let etc = good.root.join("etc/hybridge");
+    for (file, mode) in [
+        ("ca.pem", 0o600),
+        ("node.pem", 0o600),
+        ("node.key", 0o600),
+        ("hybridge.toml", 0o640),
+        ("acl.toml", 0o640),
+    ] {
+        let meta = std::fs::metadata(etc.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+            mode,
+            "{file}"
+        );
+    }
+    assert!(
+        good.root.join("var/lib/hybridge/hybridge.redb").exists(),
+        "ACL policy not applied"
+    );
+    assert!(
+        !good.root.join("run/hybridge-setup").exists(),
+        "staging folder left behind"
+    );
+    assert!(good.calls.contains("apt-get install -y"), "{}", good.calls);
+    assert!(
+        good.calls
+            .contains("systemctl enable --now hybridge.service"),
+        "{}",
+        good.calls
+    );
+
+    // A missing secret: the console names it and the reason; nothing is installed or started.
+    let missing = run_setup(&work, "missing", &[(CA_ARN, ca.clone())]);
+    assert_ne!(missing.code, 0);
+    assert!(
+        missing.console.contains(&format!(
+            "hybridge-setup: FAILED: cannot read secret {NODE_ARN} (certificate of node cloud-1): An error occurred (ResourceNotFoundException)"
+        )),
+        "{}",
+        missing.console
+    );
+    assert!(!missing.root.join("etc/hybridge/hybridge.toml").exists());
+    assert!(!missing.calls.contains("systemctl"), "{}", missing.calls);
+
+    // A certificate for another site: check-config stops it, naming both identities.
+    let wrong = run_setup(
+        &work,
+        "wrong-site",
+        &[
+            (CA_ARN, ca),
+            (NODE_ARN, node_secret(&pki.node("dc1", "cloud-1"))),
+        ],
+    );
+    assert_ne!(wrong.code, 0);
+    assert!(
+        wrong.console.contains("hybridge-setup: FAILED:"),
+        "{}",
+        wrong.console
+    );
+    assert!(
+        wrong.console.contains("site/dc1/node/cloud-1")
+            && wrong.console.contains("site/aws/node/cloud-1"),
+        "{}",
+        wrong.console
+    );
+    assert!(
+        !wrong.root.join("etc/hybridge").exists(),
+        "half-configured node: {:?}",
+        wrong.root
+    );
+    assert!(!wrong.calls.contains("systemctl"), "{}", wrong.calls);
 }
