@@ -174,6 +174,20 @@ impl NodeOptions {
         }
     }
 
+    /// A cloud node for a `hybridge run` process: tunnel on `base`, admin on `base + 1` (fixed,
+    /// so a restarted process comes back on the same address), exporting `inventory` at
+    /// `upstream`, with `web → inventory` allowed in its database before the process opens it.
+    pub fn cloud_process(pki: &Pki, name: &str, base: u16, upstream: SocketAddr) -> Self {
+        let mut cloud = Self::cloud(pki, name);
+        cloud.tunnel_listen = Some(SocketAddr::from(([127, 0, 0, 1], base)));
+        cloud.admin = SocketAddr::from(([127, 0, 0, 1], base + 1));
+        cloud
+            .exports
+            .push(ExportSpec::http1("inventory", &[upstream]));
+        preallow(&cloud.data_dir, "web", "inventory");
+        cloud
+    }
+
     /// An on-prem node that dials the given cloud tunnel addresses.
     pub fn onprem(pki: &Pki, name: &str, cloud: &[SocketAddr]) -> Self {
         Self {
@@ -306,11 +320,7 @@ pub async fn http1(
     headers: &[(&str, &str)],
     body: Bytes,
 ) -> Answer {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let mut sender = http1_conn(addr).await;
     let mut builder = http::Request::builder().method(method).uri(path);
     if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
         builder = builder.header("host", addr.to_string());
@@ -325,6 +335,22 @@ pub async fn http1(
             .unwrap(),
     )
     .await
+}
+
+/// An HTTP/1.1 client connection to `addr`, its driver spawned, for requests with any body
+/// type (streamed uploads, empty bodies).
+pub async fn http1_conn<B>(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    sender
 }
 
 /// An HTTP/2 (prior knowledge) client connection.
@@ -593,6 +619,19 @@ pub async fn demo_upstream(
     hybridge::demo::DemoUpstream::start(name, "127.0.0.1:0".parse().unwrap(), cancel.child_token())
         .await
         .unwrap()
+}
+
+/// Runs `hybridge ARGS` to completion; returns (exit code, stdout, stderr).
+pub fn hybridge_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary("hybridge"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Starts `hybridge run --config CONFIG` as a real process and returns once it logs that it

@@ -14,19 +14,15 @@ use tokio_util::sync::CancellationToken;
 
 /// Runs `hybridge acl ARGS --admin URL` off the async runtime; returns (exit code, stdout, stderr).
 async fn acl_cli(admin: std::net::SocketAddr, args: &[&str]) -> (i32, String, String) {
-    let mut command = Command::new(binary("hybridge"));
-    command
-        .arg("acl")
-        .args(args)
-        .args(["--admin", &format!("http://{admin}")]);
-    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let admin = format!("http://{admin}");
+    let mut full: Vec<String> = vec!["acl".into()];
+    full.extend(args.iter().map(|a| (*a).to_owned()));
+    full.extend(["--admin".into(), admin]);
+    tokio::task::spawn_blocking(move || {
+        hybridge_cli(&full.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,24 +256,19 @@ fn the_example_policy_loads_and_decides_as_documented() {
     let path = repo_root().join("config-examples/acl.toml");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("hybridge.redb");
-    let out = Command::new(binary("hybridge"))
-        .args(["acl", "apply", "-f"])
-        .arg(&path)
-        .arg("--db")
-        .arg(&db)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    let apply = [
+        "acl",
+        "apply",
+        "-f",
+        path.to_str().unwrap(),
+        "--db",
+        db.to_str().unwrap(),
+    ];
+    let (code, stdout, stderr) = hybridge_cli(&apply);
+    assert_eq!(code, 0, "{stdout}{stderr}");
     // Applying the same file again is a no-op.
-    let again = Command::new(binary("hybridge"))
-        .args(["acl", "apply", "-f"])
-        .arg(&path)
-        .arg("--db")
-        .arg(&db)
-        .output()
-        .unwrap();
-    assert!(again.status.success());
-    let again = String::from_utf8_lossy(&again.stdout);
+    let (code, again, _) = hybridge_cli(&apply);
+    assert_eq!(code, 0);
     assert!(again.contains("no changes"), "{again}");
     let acl = hybridge::acl::AclService::open(&db).unwrap();
     assert!(acl.list().len() >= 5);

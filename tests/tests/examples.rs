@@ -193,18 +193,9 @@ async fn the_example_configs_start_a_working_pair() {
 
     // `hybridge check-config` accepts both as they are.
     for site in [&cloud, &onprem] {
-        let output = std::process::Command::new(binary("hybridge"))
-            .args(["check-config", "--config"])
-            .arg(site)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "check-config {}: {}{}",
-            site.display(),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let (code, stdout, stderr) =
+            hybridge_cli(&["check-config", "--config", site.to_str().unwrap()]);
+        assert_eq!(code, 0, "check-config {}: {stdout}{stderr}", site.display());
     }
 
     let cloud = Node::start(Config::load(&cloud).unwrap()).await.unwrap();

@@ -204,12 +204,7 @@ async fn a_100_mib_upload_and_download_arrive_byte_identical() {
     drop(chunk);
 
     // Download: stream and hash without holding it.
-    let stream = tokio::net::TcpStream::connect(inventory).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let mut sender = http1_conn(inventory).await;
     let request = http::Request::builder()
         .uri(format!("/bytes/{SIZE}"))
         .header("host", "x")
@@ -229,12 +224,7 @@ async fn a_100_mib_upload_and_download_arrive_byte_identical() {
     assert_eq!(hex::encode(hasher.finalize()), expected);
 
     // Upload: a streamed body of unknown length (chunked), hashed by the upstream.
-    let stream = tokio::net::TcpStream::connect(inventory).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let mut sender = http1_conn(inventory).await;
     let chunks = futures_util::stream::iter((0..SIZE).step_by(65536)).map(|start| {
         let piece: Vec<u8> = (start..(start + 65536).min(SIZE))
             .map(pattern_byte)

@@ -51,12 +51,7 @@ async fn upload(import: std::net::SocketAddr, len: u64) {
             phases[((i * CHUNK as u64) % 251) as usize].clone(),
         ))
     })));
-    let stream = tokio::net::TcpStream::connect(import).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let mut sender = http1_conn(import).await;
     let request = http::Request::post("/sha256")
         .header("host", "inventory")
         .header("content-length", len.to_string())
@@ -76,12 +71,7 @@ async fn upload(import: std::net::SocketAddr, len: u64) {
 
 /// Downloads `len` bytes from `/bytes/LEN` and checks every byte against the pattern.
 async fn download(import: std::net::SocketAddr, len: u64) {
-    let stream = tokio::net::TcpStream::connect(import).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let mut sender = http1_conn(import).await;
     let request = http::Request::get(format!("/bytes/{len}"))
         .header("host", "inventory")
         .body(http_body_util::Empty::<Bytes>::new())
@@ -114,12 +104,7 @@ async fn one_gib_each_way_does_not_grow_either_node() {
     let upstream = demo_upstream("inventory", &cancel).await;
     let base = free_port_block();
 
-    let mut cloud = NodeOptions::cloud(&pki, "cloud-1");
-    cloud.tunnel_listen = Some(format!("127.0.0.1:{base}").parse().unwrap());
-    cloud.admin = format!("127.0.0.1:{}", base + 1).parse().unwrap();
-    cloud
-        .exports
-        .push(ExportSpec::http1("inventory", &[upstream.local_addr()]));
+    let cloud = NodeOptions::cloud_process(&pki, "cloud-1", base, upstream.local_addr());
     let mut onprem = NodeOptions::onprem(&pki, "onprem-1", &[cloud.tunnel_listen.unwrap()]);
     onprem.admin = format!("127.0.0.1:{}", base + 2).parse().unwrap();
     onprem.imports.push(("inventory".into(), "web".into()));
@@ -134,7 +119,6 @@ async fn one_gib_each_way_does_not_grow_either_node() {
     )
     .unwrap();
     // Policy goes into each node's database before its process opens it.
-    preallow(&cloud.data_dir, "web", "inventory");
     preallow(&onprem.data_dir, "web", "inventory");
     let cloud_process = run_daemon(&cloud.write());
     let mut onprem_process = run_daemon(&onprem_config);

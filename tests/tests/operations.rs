@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -21,26 +20,14 @@ fn wait_line(child: &mut ChildGuard, predicate: impl Fn(&str) -> bool) -> String
     tokio::task::block_in_place(|| child.wait_for_line(WAIT, predicate))
 }
 
-/// A cloud node's options on fixed ports from `base` (processes restart on the same address).
-fn cloud_options(pki: &Pki, name: &str, base: u16, upstream: SocketAddr) -> NodeOptions {
-    let mut cloud = NodeOptions::cloud(pki, name);
-    cloud.tunnel_listen = Some(format!("127.0.0.1:{base}").parse().unwrap());
-    cloud.admin = format!("127.0.0.1:{}", base + 1).parse().unwrap();
-    cloud
-        .exports
-        .push(ExportSpec::http1("inventory", &[upstream]));
-    preallow(&cloud.data_dir, "web", "inventory");
-    cloud
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_of_a_cloud_node_fails_no_request() {
     let pki = Pki::new();
     let cancel = CancellationToken::new();
     let upstream = demo_upstream("inventory", &cancel).await;
     let base = free_port_block();
-    let one = cloud_options(&pki, "cloud-1", base, upstream.local_addr());
-    let two = cloud_options(&pki, "cloud-2", base + 2, upstream.local_addr());
+    let one = NodeOptions::cloud_process(&pki, "cloud-1", base, upstream.local_addr());
+    let two = NodeOptions::cloud_process(&pki, "cloud-2", base + 2, upstream.local_addr());
     let mut cloud_one = run_daemon(&one.write());
     let _cloud_two = run_daemon(&two.write());
 
@@ -116,7 +103,7 @@ async fn sighup_swaps_the_certificate_without_dropping_anything_and_refuses_bad_
     let cancel = CancellationToken::new();
     let upstream = demo_upstream("inventory", &cancel).await;
     let base = free_port_block();
-    let cloud = cloud_options(&pki, "cloud-1", base, upstream.local_addr());
+    let cloud = NodeOptions::cloud_process(&pki, "cloud-1", base, upstream.local_addr());
     let config = cloud.write();
     let old_serial = serial_of(&cloud.files.cert);
     let mut daemon = run_daemon(&config);
@@ -131,12 +118,7 @@ async fn sighup_swaps_the_certificate_without_dropping_anything_and_refuses_bad_
 
     // A long download in flight across the reload: first bytes read before SIGHUP.
     const LONG: u64 = 64 << 20;
-    let stream = tokio::net::TcpStream::connect(import).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let mut sender = http1_conn(import).await;
     let response = sender
         .send_request(
             http::Request::get(format!("/bytes/{LONG}"))
@@ -532,26 +514,13 @@ async fn readyz_is_503_until_a_tunnel_is_up() {
     lonely.abort().await;
 }
 
-/// Runs `hybridge ARGS`; returns (exit code, stdout, stderr).
-fn hybridge(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(binary("hybridge"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn check_config_names_the_file_and_the_failed_check() {
     let pki = Pki::new();
     let options = NodeOptions::cloud(&pki, "cloud-1");
     let config = options.write();
     let config_arg = config.to_str().unwrap();
-    let (code, stdout, stderr) = hybridge(&["check-config", "--config", config_arg]);
+    let (code, stdout, stderr) = hybridge_cli(&["check-config", "--config", config_arg]);
     assert_eq!(code, 0, "{stdout}{stderr}");
 
     let write_with = |cert: &std::path::Path, key: &std::path::Path| {
@@ -571,14 +540,14 @@ fn check_config_names_the_file_and_the_failed_check() {
     // A missing certificate file.
     let missing = pki.path("missing.pem");
     write_with(&missing, &options.files.key);
-    let (code, _, stderr) = hybridge(&["check-config", "--config", config_arg]);
+    let (code, _, stderr) = hybridge_cli(&["check-config", "--config", config_arg]);
     assert_ne!(code, 0);
     assert!(stderr.contains("missing.pem"), "{stderr}");
 
     // A key that does not match the certificate.
     let other = pki.node("cloud", "cloud-other");
     write_with(&options.files.cert, &other.key);
-    let (code, _, stderr) = hybridge(&["check-config", "--config", config_arg]);
+    let (code, _, stderr) = hybridge_cli(&["check-config", "--config", config_arg]);
     assert_ne!(code, 0);
     assert!(stderr.contains("match"), "{stderr}");
 
@@ -586,7 +555,7 @@ fn check_config_names_the_file_and_the_failed_check() {
     let foreign = Pki::new();
     let stranger = foreign.node("cloud", "cloud-1");
     write_with(&stranger.cert, &stranger.key);
-    let (code, _, stderr) = hybridge(&["check-config", "--config", config_arg]);
+    let (code, _, stderr) = hybridge_cli(&["check-config", "--config", config_arg]);
     assert_ne!(code, 0);
     assert!(stderr.contains("CA"), "{stderr}");
 
@@ -603,7 +572,7 @@ fn check_config_names_the_file_and_the_failed_check() {
         .unwrap();
     let (cert, key) = short.write(&pki.path("short")).unwrap();
     write_with(&cert, &key);
-    let (code, _, stderr) = hybridge(&["check-config", "--config", config_arg]);
+    let (code, _, stderr) = hybridge_cli(&["check-config", "--config", config_arg]);
     assert_ne!(code, 0);
     assert!(
         stderr.contains("short.pem") && stderr.contains("expires"),
@@ -617,7 +586,7 @@ async fn status_prints_a_table_and_the_access_log_is_one_json_line_per_request()
     let cancel = CancellationToken::new();
     let upstream = demo_upstream("inventory", &cancel).await;
     let base = free_port_block();
-    let cloud = cloud_options(&pki, "cloud-1", base, upstream.local_addr());
+    let cloud = NodeOptions::cloud_process(&pki, "cloud-1", base, upstream.local_addr());
     let mut daemon = run_daemon(&cloud.write());
     let mut onprem = NodeOptions::onprem(&pki, "onprem-1", &[cloud.tunnel_listen.unwrap()]);
     onprem.imports.push(("inventory".into(), "web".into()));
@@ -657,7 +626,7 @@ async fn status_prints_a_table_and_the_access_log_is_one_json_line_per_request()
 
     let admin = format!("http://{}", cloud.admin);
     let (code, stdout, stderr) =
-        tokio::task::block_in_place(|| hybridge(&["status", "--admin", &admin]));
+        tokio::task::block_in_place(|| hybridge_cli(&["status", "--admin", &admin]));
     assert_eq!(code, 0, "{stderr}");
     for needle in [
         "spiffe://test.hybridge/site/cloud/node/cloud-1",

@@ -77,15 +77,9 @@ async fn the_onprem_node_reconnects_by_itself_when_the_cloud_node_comes_back() {
     let cancel = CancellationToken::new();
     let upstream = demo_upstream("inventory", &cancel).await;
     let base = free_port_block();
-    let mut cloud = NodeOptions::cloud(&pki, "cloud-1");
-    cloud.tunnel_listen = Some(format!("127.0.0.1:{base}").parse().unwrap());
-    cloud.admin = format!("127.0.0.1:{}", base + 1).parse().unwrap();
-    cloud
-        .exports
-        .push(ExportSpec::http1("inventory", &[upstream.local_addr()]));
+    // Policy lives in the cloud node's redb file, written before the process opens it.
+    let cloud = NodeOptions::cloud_process(&pki, "cloud-1", base, upstream.local_addr());
     let cloud_config = cloud.write();
-    // Policy lives in the cloud node's redb file; write it before the process opens it.
-    preallow(&cloud.data_dir, "web", "inventory");
     let start_cloud = || run_daemon(&cloud_config);
     let mut cloud_process = start_cloud();
 

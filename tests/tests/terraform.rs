@@ -459,21 +459,10 @@ fn cloud_init_renders_passes_its_schema_and_configures_a_node_that_checks_out() 
         render("hybridge.toml.tftpl", &toml_vars(&config_dir)),
     )
     .unwrap();
-    let check = || {
-        Command::new(binary("hybridge"))
-            .args(["check-config", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap()
-    };
+    let check = || hybridge_cli(&["check-config", "--config", config.to_str().unwrap()]);
     install(&good);
-    let output = check();
-    assert!(
-        output.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let (code, stdout, stderr) = check();
+    assert_eq!(code, 0, "{stdout}{stderr}");
     let parsed = hybridge::config::Config::load(&config).unwrap();
     assert_eq!(parsed.tunnel.allowed_sites, ["dc1", "dc2"]);
     assert_eq!(parsed.export_names(), ["catalog", "recommendations"]);
@@ -486,9 +475,8 @@ fn cloud_init_renders_passes_its_schema_and_configures_a_node_that_checks_out() 
 
     // A certificate for another site stops the set-up with a message naming both ids.
     install(&wrong_site);
-    let output = check();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
+    let (code, _, stderr) = check();
+    assert_ne!(code, 0);
     assert!(
         stderr.contains("site/dc1/node/cloud-1") && stderr.contains("site/aws/node/cloud-1"),
         "{stderr}"
