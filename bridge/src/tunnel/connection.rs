@@ -47,13 +47,18 @@ impl TunnelConnection {
 
     /// The peer's identity from its certificate (checked during the handshake).
     pub fn peer_id(&self) -> Option<SpiffeId> {
+        hybridge_ca::tls::peer_spiffe_id(&self.peer_leaf()?).ok()
+    }
+
+    /// The leaf certificate the peer presented in the handshake.
+    fn peer_leaf(&self) -> Option<rustls_pki_types::CertificateDer<'static>> {
         match self {
             Self::Quic(c) => {
-                let identity = c.peer_identity()?;
-                let certs = identity
+                let certs = c
+                    .peer_identity()?
                     .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
                     .ok()?;
-                hybridge_ca::tls::peer_spiffe_id(certs.first()?).ok()
+                certs.into_iter().next()
             }
         }
     }
@@ -61,20 +66,12 @@ impl TunnelConnection {
     /// Serial (lowercase hex) and expiry (RFC 3339) of the certificate the peer presented,
     /// so operators can see which certificate a tunnel runs on after a rotation.
     pub fn peer_certificate(&self) -> Option<(String, String)> {
-        match self {
-            Self::Quic(c) => {
-                let identity = c.peer_identity()?;
-                let certs = identity
-                    .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
-                    .ok()?;
-                let summary = hybridge_ca::inspect::summarize(certs.first()?.as_ref()).ok()?;
-                let not_after = summary
-                    .not_after
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .ok()?;
-                Some((summary.serial_hex, not_after))
-            }
-        }
+        let summary = hybridge_ca::inspect::summarize(self.peer_leaf()?.as_ref()).ok()?;
+        let not_after = summary
+            .not_after
+            .format(&time::format_description::well_known::Rfc3339)
+            .ok()?;
+        Some((summary.serial_hex, not_after))
     }
 
     pub fn remote_address(&self) -> std::net::SocketAddr {
