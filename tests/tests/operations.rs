@@ -507,6 +507,12 @@ async fn metrics_parse_and_count_exactly_what_was_sent() {
         status["peers"][0]["peer"],
         "spiffe://test.hybridge/site/cloud/node/cloud-1"
     );
+    // Path-MTU discovery runs in the background: anywhere from QUIC's minimum to our bound.
+    let mtu = status["peers"][0]["path_mtu"].as_u64().unwrap();
+    assert!(
+        (1200..=u64::from(hybridge::tunnel::quic::MAX_UDP_PAYLOAD)).contains(&mtu),
+        "{status}"
+    );
 
     onprem.shutdown().await;
     cloud.shutdown().await;

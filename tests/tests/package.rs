@@ -113,6 +113,7 @@ fn the_deb_has_what_an_operator_needs_and_installs_into_a_throwaway_root() {
         ("./usr/lib/systemd/system/hybridge.service", "-rw-r--r--"),
         ("./usr/lib/sysusers.d/hybridge.conf", "-rw-r--r--"),
         ("./usr/lib/tmpfiles.d/hybridge.conf", "-rw-r--r--"),
+        ("./usr/lib/sysctl.d/60-hybridge.conf", "-rw-r--r--"),
         ("./etc/default/hybridge", "-rw-r--r--"),
         (
             "./usr/share/doc/hybridge/examples/onprem.toml",
@@ -192,6 +193,16 @@ fn the_deb_has_what_an_operator_needs_and_installs_into_a_throwaway_root() {
         std::fs::read_to_string(root.join("usr/lib/systemd/system/hybridge.service")).unwrap();
     assert!(unit.contains("ConditionPathExists=/etc/hybridge/hybridge.toml"));
     assert!(!root.join("etc/hybridge/hybridge.toml").exists());
+    // The UDP socket-buffer ceiling the tunnel asks for (it warns at start-up without it).
+    let sysctl = std::fs::read_to_string(root.join("usr/lib/sysctl.d/60-hybridge.conf")).unwrap();
+    let wanted = hybridge::tunnel::quic::SOCKET_BUFFER.to_string();
+    for key in ["net.core.rmem_max", "net.core.wmem_max"] {
+        let value = sysctl
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().strip_prefix('='))
+            .map(str::trim);
+        assert_eq!(value, Some(wanted.as_str()), "{key} in the sysctl drop-in");
+    }
     // The installed binary runs.
     let version = run(Command::new(root.join("usr/bin/hybridge")).arg("--version"));
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("hybridge "));

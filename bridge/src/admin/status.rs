@@ -34,6 +34,7 @@ pub fn status_json(state: &NodeState) -> Value {
                 "rtt_ms": stats.rtt.as_secs_f64() * 1000.0,
                 "lost_packets": stats.lost_packets,
                 "sent_packets": stats.sent_packets,
+                "path_mtu": stats.path_mtu,
                 "exports": exports,
                 "draining": l.is_draining(),
                 "active_streams": l.active_streams(),

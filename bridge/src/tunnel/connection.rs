@@ -22,6 +22,8 @@ pub struct ConnectionStats {
     pub lost_packets: u64,
     pub sent_packets: u64,
     pub congestion_events: u64,
+    /// Largest UDP payload the path currently carries (grows with path-MTU discovery).
+    pub path_mtu: u16,
 }
 
 impl TunnelConnection {
@@ -89,6 +91,7 @@ impl TunnelConnection {
                     lost_packets: s.path.lost_packets,
                     sent_packets: s.path.sent_packets,
                     congestion_events: s.path.congestion_events,
+                    path_mtu: s.path.current_mtu,
                 }
             }
         }
