@@ -11,11 +11,25 @@ use tokio_util::sync::CancellationToken;
 
 #[test]
 fn hybridge_dev_starts_and_its_printed_curl_commands_succeed() {
+    dev_demo_works(None);
+}
+
+/// `--worker-threads 1` runs the whole node on a current-thread runtime (not a one-worker
+/// multi-thread one): the same demo must work there, including the ACL API's redb calls.
+#[test]
+fn hybridge_dev_works_on_one_worker_thread() {
+    dev_demo_works(Some("1"));
+}
+
+fn dev_demo_works(worker_threads: Option<&str>) {
     let base = free_port_block();
     let mut command = Command::new(binary("hybridge"));
     command
         .args(["dev", "--base-port", &base.to_string()])
         .env("HYBRIDGE_LOG", "warn");
+    if let Some(threads) = worker_threads {
+        command.args(["--worker-threads", threads]);
+    }
     let mut dev = ChildGuard::spawn(command);
     dev.wait_for_line(Duration::from_secs(60), |l| l == "hybridge dev ready");
     let curls: Vec<String> = dev
