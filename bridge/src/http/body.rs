@@ -57,37 +57,57 @@ where
     B::Error: std::fmt::Display,
 {
     loop {
-        match body.frame().await {
-            None => {
-                send.finish();
-                return Ok(());
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    if let Err(e) = send.write_data(data).await {
-                        send.reset(codes::CANCELLED);
-                        return Err(e.into());
-                    }
+        if forward_frame(body.frame().await, send, bytes).await? == Forwarded::End {
+            return Ok(());
+        }
+    }
+}
+
+/// Whether the body continues after a forwarded frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Forwarded {
+    More,
+    End,
+}
+
+/// Forwards one polled body frame (`None`: the body ended, so the stream is finished).
+pub async fn forward_frame<E: std::fmt::Display>(
+    frame: Option<Result<http_body::Frame<Bytes>, E>>,
+    send: &mut SendHalf,
+    bytes: &AtomicU64,
+) -> Result<Forwarded, PumpError> {
+    match frame {
+        None => {
+            send.finish();
+            Ok(Forwarded::End)
+        }
+        Some(Ok(frame)) => match frame.into_data() {
+            Ok(data) => {
+                bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                if let Err(e) = send.write_data(data).await {
+                    send.reset(codes::CANCELLED);
+                    return Err(e.into());
                 }
-                Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
-                        let pairs = headers::to_pairs(&trailers);
-                        let encoded = match encoded(|b| frame::encode_trailers(&pairs, b)) {
-                            Ok(e) => e,
-                            Err(e) => {
-                                send.reset(codes::CANCELLED);
-                                return Err(e.into());
-                            }
-                        };
-                        send.write_encoded(encoded).await?;
-                    }
-                }
-            },
-            Some(Err(e)) => {
-                send.reset(codes::CANCELLED);
-                return Err(PumpError::Source(e.to_string()));
+                Ok(Forwarded::More)
             }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let pairs = headers::to_pairs(&trailers);
+                    let encoded = match encoded(|b| frame::encode_trailers(&pairs, b)) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            send.reset(codes::CANCELLED);
+                            return Err(e.into());
+                        }
+                    };
+                    send.write_encoded(encoded).await?;
+                }
+                Ok(Forwarded::More)
+            }
+        },
+        Some(Err(e)) => {
+            send.reset(codes::CANCELLED);
+            Err(PumpError::Source(e.to_string()))
         }
     }
 }

@@ -80,6 +80,10 @@ pub async fn serve_stream(
         bytes_out,
         duration_us = started.elapsed().as_micros() as u64,
     );
+    // The handler (which a draining node waits for before closing its tunnels) lasts until
+    // the peer holds the whole response: closing throws away unacknowledged bytes, seen as
+    // truncated bodies in rolling restarts. Metrics and the access log above do not wait.
+    send.delivered().await;
 }
 
 /// Runs the exchange; returns the status sent, the upstream endpoint used, the ACL rule and

@@ -64,7 +64,7 @@ pub fn remove_bridge_headers(headers: &mut HeaderMap) {
 ///
 /// Appends the caller's address to `x-forwarded-for`, sets `x-forwarded-proto` if the caller
 /// did not (a caller behind its own TLS terminator knows better), keeps a well-formed
-/// `x-request-id` or generates one.
+/// `x-request-id` or generates one. `Expect: 100-continue` is answered here, not forwarded.
 pub fn prepare_request(
     headers: &mut HeaderMap,
     client_ip: std::net::IpAddr,
@@ -72,6 +72,14 @@ pub fn prepare_request(
 ) -> String {
     remove_hop_by_hop(headers);
     remove_bridge_headers(headers);
+    // hyper has already met `Expect: 100-continue` toward the client (it sends the 100 when
+    // the body is first read); like Envoy, we do not make the upstream repeat the exchange.
+    if headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    {
+        headers.remove(http::header::EXPECT);
+    }
     let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(existing) if !existing.trim().is_empty() => format!("{existing}, {client_ip}"),
         _ => client_ip.to_string(),

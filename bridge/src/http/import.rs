@@ -183,13 +183,22 @@ async fn handle(
     let grpc = is_grpc(req.headers());
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let service = match resolve_service(&spec.target, &req) {
+    let (parts, body) = req.into_parts();
+    // The body stays here until the request is really forwarded; a refused request's body
+    // is drained after the answer (see `linger`).
+    let mut body = Some(body);
+    let expects_continue = parts.headers.contains_key(http::header::EXPECT);
+    let service = match resolve_service(&spec.target, &parts) {
         Ok(s) => s,
-        Err(e) => return Ok(render(&e, grpc, None)),
+        Err(e) => {
+            linger(expects_continue, body, &ctx.tasks);
+            return Ok(render(&e, grpc, None));
+        }
     };
     let stats = ctx.metrics.service(Side::Import, &service);
     stats.started();
-    let outcome = forward(req, &info, &spec, &ctx, &service).await;
+    let outcome = forward(parts, &mut body, &info, &spec, &ctx, &service, &stats).await;
+    linger(expects_continue, body, &ctx.tasks);
     stats.finished();
     let (response, request_id) = match outcome {
         Ok((response, id)) => (response, Some(id)),
@@ -215,6 +224,43 @@ async fn handle(
     Ok(response)
 }
 
+/// At most this much of a refused request's body is read and discarded.
+const LINGER_BYTES: u64 = 1024 * 1024;
+/// For at most this long.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// nginx's "lingering close" for a request refused before its body was read (403, 404, 431,
+/// 503…): closing a socket with unread bytes makes the kernel send a reset, and a client that
+/// writes its whole body before reading would see "connection reset" instead of our answer.
+/// So the rest of the body is read and discarded after the answer — up to `LINGER_BYTES` and
+/// `LINGER_TIME`; the connection then stays usable. Larger bodies are not waited for.
+/// `body` is `None` when the request was forwarded (its body went with it).
+fn linger(expects_continue: bool, body: Option<Incoming>, tasks: &TaskTracker) {
+    let Some(mut body) = body else { return };
+    // A client waiting for `100 Continue` has not sent its body: reading it would ask for it.
+    if expects_continue || http_body::Body::is_end_stream(&body) {
+        return;
+    }
+    if http_body::Body::size_hint(&body)
+        .exact()
+        .is_some_and(|len| len > LINGER_BYTES)
+    {
+        return;
+    }
+    tasks.spawn(async move {
+        let drain = async {
+            let mut read = 0u64;
+            while let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await {
+                read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if read > LINGER_BYTES {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    });
+}
+
 fn render(e: &BridgeError, grpc: bool, request_id: Option<&str>) -> Response<BoxBody> {
     let (status, mut headers, body) = e.render(grpc);
     if let Some(id) = request_id.and_then(|id| http::HeaderValue::from_str(id).ok()) {
@@ -229,16 +275,16 @@ fn render(e: &BridgeError, grpc: bool, request_id: Option<&str>) -> Response<Box
 /// Which remote service a request is for.
 fn resolve_service(
     target: &ListenerTarget,
-    req: &Request<Incoming>,
+    req: &http::request::Parts,
 ) -> Result<String, BridgeError> {
     match target {
         ListenerTarget::Service(s) => Ok(s.clone()),
         ListenerTarget::Gateway { suffix } => {
             let host = req
-                .uri()
+                .uri
                 .host()
                 .or_else(|| {
-                    req.headers()
+                    req.headers
                         .get(http::header::HOST)
                         .and_then(|h| h.to_str().ok())
                 })
@@ -270,14 +316,17 @@ pub fn service_from_host(host: &str, suffix: &str) -> Option<String> {
 
 type Failure = (BridgeError, Option<String>);
 
+/// Forwards the request; takes the body out of `body` only once the request is on its way,
+/// so a refused request leaves it for `linger`.
 async fn forward(
-    req: Request<Incoming>,
+    mut parts: http::request::Parts,
+    body: &mut Option<Incoming>,
     info: &ConnectionInfo,
     spec: &ListenerSpec,
     ctx: &ImportContext,
     service: &str,
+    stats: &Arc<crate::metrics::ServiceStats>,
 ) -> Result<(Response<BoxBody>, String), Failure> {
-    let (mut parts, body) = req.into_parts();
     if headers::header_block_size(&parts.headers) > spec.max_header_bytes {
         return Err((
             BridgeError::new(
@@ -346,6 +395,13 @@ async fn forward(
                 .map(str::to_owned)
         })
         .unwrap_or_default();
+    let Some(mut body) = body.take() else {
+        return Err(fail(BridgeError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "request body already taken",
+        )));
+    };
     let end_stream = http_body::Body::is_end_stream(&body);
     let head = RequestHead {
         service: service.to_owned(),
@@ -380,10 +436,33 @@ async fn forward(
         ))
     })?;
 
-    let stats = ctx.metrics.service(Side::Import, service);
     let request_bytes = Arc::new(AtomicU64::new(0));
-    if end_stream {
+    // A small body that has already arrived whole (most API calls) goes out right behind the
+    // head, without a pump task; otherwise a task streams it while we wait for the answer.
+    let body_done = if end_stream {
         send.finish();
+        true
+    } else if let Some(first) =
+        futures_util::FutureExt::now_or_never(http_body_util::BodyExt::frame(&mut body))
+    {
+        let complete = http_body::Body::is_end_stream(&body);
+        match body::forward_frame(first, &mut send, &request_bytes).await {
+            Ok(body::Forwarded::More) if !complete => false,
+            Ok(body::Forwarded::More) => {
+                send.finish();
+                true
+            }
+            Ok(body::Forwarded::End) => true,
+            Err(e) => {
+                debug!(error = %e, "request body did not reach the tunnel");
+                true
+            }
+        }
+    } else {
+        false
+    };
+    if body_done {
+        stats.add_bytes(request_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
     } else {
         let request_bytes = request_bytes.clone();
         let stats = stats.clone();
@@ -452,7 +531,7 @@ async fn forward(
     let keep = (
         guard,
         ByteReport {
-            stats,
+            stats: stats.clone(),
             bytes: response_bytes.clone(),
         },
     );

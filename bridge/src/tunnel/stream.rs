@@ -75,6 +75,17 @@ impl SendHalf {
         }
     }
 
+    /// Waits until the peer has acknowledged everything written, FIN included (or stopped
+    /// reading, or the connection is gone). Closing a connection discards data the peer has
+    /// not acknowledged, so a draining node waits on this before it closes its tunnels.
+    pub async fn delivered(&mut self) {
+        match self {
+            Self::Quic(s) => {
+                let _ = s.stopped().await;
+            }
+        }
+    }
+
     /// Abandons this direction: the peer's reader sees an error, not a clean end.
     pub fn reset(&mut self, code: u32) {
         match self {
