@@ -35,6 +35,8 @@ pub fn status_json(state: &NodeState) -> Value {
                 "lost_packets": stats.lost_packets,
                 "sent_packets": stats.sent_packets,
                 "path_mtu": stats.path_mtu,
+                "streams_stopped": stats.streams_stopped,
+                "streams_reset": stats.streams_reset,
                 "exports": exports,
                 "draining": l.is_draining(),
                 "active_streams": l.active_streams(),

@@ -43,11 +43,18 @@ pub enum PumpError {
     Encode(#[from] frame::FrameError),
 }
 
-/// Sends `body` as DATA frames and optional TRAILERS, then finishes the stream.
+/// One polled body frame: `None` is the end of the body.
+pub type PolledFrame<E> = Option<Result<http_body::Frame<Bytes>, E>>;
+
+/// Sends `body` as DATA frames and optional TRAILERS, then finishes the stream; `first` is a
+/// frame the caller already polled from it.
 ///
+/// A body that knows it has ended (a declared length reached) is finished right after its
+/// last frame, without another poll: the FIN then leaves in the same packet as the data.
 /// On a body error the stream is reset so the other side sees an aborted body, never a
 /// truncated one that looks complete. `bytes` counts payload bytes sent.
 pub async fn pump_to_tunnel<B>(
+    first: Option<PolledFrame<B::Error>>,
     mut body: B,
     send: &mut SendHalf,
     bytes: &AtomicU64,
@@ -56,8 +63,17 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
+    let mut next = first;
     loop {
-        if forward_frame(body.frame().await, send, bytes).await? == Forwarded::End {
+        let frame = match next.take() {
+            Some(frame) => frame,
+            None => body.frame().await,
+        };
+        if forward_frame(frame, send, bytes).await? == Forwarded::End {
+            return Ok(());
+        }
+        if body.is_end_stream() {
+            send.finish();
             return Ok(());
         }
     }
@@ -72,7 +88,7 @@ pub enum Forwarded {
 
 /// Forwards one polled body frame (`None`: the body ended, so the stream is finished).
 pub async fn forward_frame<E: std::fmt::Display>(
-    frame: Option<Result<http_body::Frame<Bytes>, E>>,
+    frame: PolledFrame<E>,
     send: &mut SendHalf,
     bytes: &AtomicU64,
 ) -> Result<Forwarded, PumpError> {

@@ -58,7 +58,15 @@ pub async fn serve_stream(
     let stats = ctx.metrics.service(Side::Export, &head.service);
     stats.started();
     let bytes_in = Arc::new(AtomicU64::new(0));
-    let outcome = exchange(&mut send, recv, &head, &ctx, &stats, bytes_in.clone()).await;
+    // A request without a body is held open to the end of the exchange, by which time its
+    // FIN has arrived: dropped earlier, the stream may be stopped one packet short of it
+    // (STOP_SENDING, an extra packet and ACK per request).
+    let (body_recv, _held) = if head.end_stream {
+        (None, Some(recv))
+    } else {
+        (Some(recv), None)
+    };
+    let outcome = exchange(&mut send, body_recv, &head, &ctx, &stats, bytes_in.clone()).await;
     let (status, endpoint, rule, bytes_out) = outcome;
     let bytes_in = bytes_in.load(Ordering::Relaxed);
     stats.add_bytes(bytes_in, bytes_out);
@@ -90,7 +98,7 @@ pub async fn serve_stream(
 /// the response body bytes sent. Request body bytes read are counted into `bytes_in`.
 async fn exchange(
     send: &mut SendHalf,
-    recv: RecvHalf,
+    recv: Option<RecvHalf>,
     head: &RequestHead,
     ctx: &ExportContext,
     stats: &Arc<crate::metrics::ServiceStats>,
@@ -151,9 +159,17 @@ async fn exchange(
     match result {
         Ok(answer) => {
             let endpoint = answer.endpoint.to_string();
-            let (mut parts, response_body) = answer.response.into_parts();
+            let (mut parts, mut response_body) = answer.response.into_parts();
             headers::remove_hop_by_hop(&mut parts.headers);
             let end_stream = http_body::Body::is_end_stream(&response_body);
+            // A small body of known length is awaited before the head is written, so head,
+            // body and FIN leave in one packet: written apart, the head went out alone while
+            // hyper fetched the body (2 datagrams a response, and 2 for the peer to ACK).
+            let first = if !end_stream && holds_small_body(&response_body) {
+                Some(http_body_util::BodyExt::frame(&mut response_body).await)
+            } else {
+                None
+            };
             let head = ResponseHead {
                 status: parts.status.as_u16(),
                 end_stream,
@@ -172,7 +188,8 @@ async fn exchange(
                 return (status, Some(endpoint), rule, 0);
             }
             let sent = AtomicU64::new(0);
-            if let Err(e) = body::pump_to_tunnel(response_body, send, &sent).await {
+            let pumped = body::pump_to_tunnel(first, response_body, send, &sent).await;
+            if let Err(e) = pumped {
                 debug!(error = %e, "response body did not reach the tunnel");
             }
             (status, Some(endpoint), rule, sent.load(Ordering::Relaxed))
@@ -183,6 +200,16 @@ async fn exchange(
             (status, None, rule, 0)
         }
     }
+}
+
+/// Bodies up to this declared length are awaited whole-or-first-chunk before the head goes
+/// out (see `exchange`); a client cannot use such a head before its body anyway.
+const SMALL_RESPONSE: u64 = 64 * 1024;
+
+fn holds_small_body(body: &impl http_body::Body) -> bool {
+    body.size_hint()
+        .exact()
+        .is_some_and(|n| n <= SMALL_RESPONSE)
 }
 
 /// Sends a bridge-generated response over the stream and finishes it.
@@ -202,10 +229,11 @@ async fn write_error(send: &mut SendHalf, e: &BridgeError, grpc: bool) -> u16 {
     status.as_u16()
 }
 
-/// Rebuilds the caller's request from the stream header; the body streams from `recv`.
+/// Rebuilds the caller's request from the stream header; the body streams from `recv`
+/// (`None`: the request has no body).
 fn build_request(
     head: &RequestHead,
-    recv: RecvHalf,
+    recv: Option<RecvHalf>,
     bytes_in: Arc<AtomicU64>,
 ) -> Result<Request<body::BoxBody>, String> {
     let method = Method::from_bytes(head.method.as_bytes())
@@ -220,10 +248,9 @@ fn build_request(
             HeaderValue::from_str(&head.authority).map_err(|_| "invalid authority".to_owned())?;
         headers.insert(http::header::HOST, host);
     }
-    let body = if head.end_stream {
-        body::empty()
-    } else {
-        body::from_tunnel(recv, (), bytes_in)
+    let body = match recv {
+        Some(recv) => body::from_tunnel(recv, (), bytes_in),
+        None => body::empty(),
     };
     let mut request = Request::new(body);
     *request.method_mut() = method;

@@ -468,7 +468,7 @@ async fn forward(
         let stats = stats.clone();
         ctx.tasks.spawn(async move {
             let mut body = body;
-            if let Err(e) = body::pump_to_tunnel(&mut body, &mut send, &request_bytes).await {
+            if let Err(e) = body::pump_to_tunnel(None, &mut body, &mut send, &request_bytes).await {
                 debug!(error = %e, "request body did not reach the tunnel");
             }
             stats.add_bytes(request_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);

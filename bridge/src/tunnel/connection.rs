@@ -24,6 +24,11 @@ pub struct ConnectionStats {
     pub congestion_events: u64,
     /// Largest UDP payload the path currently carries (grows with path-MTU discovery).
     pub path_mtu: u16,
+    /// Streams this side stopped reading before their end (STOP_SENDING sent): an abandoned
+    /// exchange, e.g. a caller that hung up.
+    pub streams_stopped: u64,
+    /// Streams this side abandoned while sending (RESET_STREAM sent).
+    pub streams_reset: u64,
 }
 
 impl TunnelConnection {
@@ -92,6 +97,8 @@ impl TunnelConnection {
                     sent_packets: s.path.sent_packets,
                     congestion_events: s.path.congestion_events,
                     path_mtu: s.path.current_mtu,
+                    streams_stopped: s.frame_tx.stop_sending,
+                    streams_reset: s.frame_tx.reset_stream,
                 }
             }
         }
