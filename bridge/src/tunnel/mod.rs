@@ -1,6 +1,7 @@
 //! Tunnels between nodes: wire format (`frame`), the transport seam (`connection`,
 //! `stream`), QUIC specifics (`quic`), the control stream (`control`), live links and
-//! routing (`peers`), a connection's life (`session`) and dialing out (`dialer`).
+//! routing (`peers`), a connection's life (`session`), dialing out (`dialer`) and the UDP
+//! socket under quinn (`udp`).
 //!
 //! Nothing here knows HTTP semantics: requests are opaque frames to this module.
 
@@ -12,3 +13,4 @@ pub mod peers;
 pub mod quic;
 pub mod session;
 pub mod stream;
+pub mod udp;

@@ -117,13 +117,13 @@ pub fn bind_endpoint(
     let socket = std::net::UdpSocket::bind(bind)
         .map_err(|e| anyhow::anyhow!("binding the tunnel UDP socket {bind}: {e}"))?;
     size_socket_buffers(&socket, bind);
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| anyhow::anyhow!("no async runtime for the tunnel endpoint"))?;
-    Ok(quinn::Endpoint::new(
+    let socket = super::udp::TunnelSocket::new(socket)
+        .map_err(|e| anyhow::anyhow!("registering the tunnel UDP socket {bind}: {e}"))?;
+    Ok(quinn::Endpoint::new_with_abstract_socket(
         endpoint_config,
         server,
-        socket,
-        runtime,
+        Arc::new(socket),
+        Arc::new(quinn::TokioRuntime),
     )?)
 }
 
