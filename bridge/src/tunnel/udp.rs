@@ -1,6 +1,5 @@
 //! The tunnel's UDP socket for quinn: quinn's own tokio socket minus two wasted system calls
-//! per wake-up, measured with strace at one connection (7 → 6 per small request per node
-//! once both were gone, from 8).
+//! per request at one connection (strace: 8 → 6 per small request per node).
 //!
 //! - A receive that drains the kernel queue clears the socket's readiness at once. quinn's
 //!   tokio socket learns that the queue is empty only from a receive that fails with EAGAIN,
