@@ -49,8 +49,6 @@ pub type PolledFrame<E> = Option<Result<http_body::Frame<Bytes>, E>>;
 /// Sends `body` as DATA frames and optional TRAILERS, then finishes the stream; `first` is a
 /// frame the caller already polled from it.
 ///
-/// A body that knows it has ended (a declared length reached) is finished right after its
-/// last frame, without another poll: the FIN then leaves in the same packet as the data.
 /// On a body error the stream is reset so the other side sees an aborted body, never a
 /// truncated one that looks complete. `bytes` counts payload bytes sent.
 pub async fn pump_to_tunnel<B>(
@@ -69,11 +67,7 @@ where
             Some(frame) => frame,
             None => body.frame().await,
         };
-        if forward_frame(frame, send, bytes).await? == Forwarded::End {
-            return Ok(());
-        }
-        if body.is_end_stream() {
-            send.finish();
+        if forward_frame(frame, &body, send, bytes).await? == Forwarded::End {
             return Ok(());
         }
     }
@@ -86,8 +80,29 @@ pub enum Forwarded {
     End,
 }
 
-/// Forwards one polled body frame (`None`: the body ended, so the stream is finished).
-pub async fn forward_frame<E: std::fmt::Display>(
+/// Forwards one frame polled from `body` (`None`: the body ended, so the stream is finished).
+///
+/// A body that knows it has ended after this frame (a declared length reached) is finished
+/// at once, without another poll: the FIN then leaves in the same packet as the data.
+pub async fn forward_frame<B>(
+    frame: PolledFrame<B::Error>,
+    body: &B,
+    send: &mut SendHalf,
+    bytes: &AtomicU64,
+) -> Result<Forwarded, PumpError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let forwarded = forward_one(frame, send, bytes).await?;
+    if forwarded == Forwarded::More && body.is_end_stream() {
+        send.finish();
+        return Ok(Forwarded::End);
+    }
+    Ok(forwarded)
+}
+
+async fn forward_one<E: std::fmt::Display>(
     frame: PolledFrame<E>,
     send: &mut SendHalf,
     bytes: &AtomicU64,

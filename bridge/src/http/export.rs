@@ -188,8 +188,7 @@ async fn exchange(
                 return (status, Some(endpoint), rule, 0);
             }
             let sent = AtomicU64::new(0);
-            let pumped = body::pump_to_tunnel(first, response_body, send, &sent).await;
-            if let Err(e) = pumped {
+            if let Err(e) = body::pump_to_tunnel(first, response_body, send, &sent).await {
                 debug!(error = %e, "response body did not reach the tunnel");
             }
             (status, Some(endpoint), rule, sent.load(Ordering::Relaxed))

@@ -445,13 +445,8 @@ async fn forward(
     } else if let Some(first) =
         futures_util::FutureExt::now_or_never(http_body_util::BodyExt::frame(&mut body))
     {
-        let complete = http_body::Body::is_end_stream(&body);
-        match body::forward_frame(first, &mut send, &request_bytes).await {
-            Ok(body::Forwarded::More) if !complete => false,
-            Ok(body::Forwarded::More) => {
-                send.finish();
-                true
-            }
+        match body::forward_frame(first, &body, &mut send, &request_bytes).await {
+            Ok(body::Forwarded::More) => false,
             Ok(body::Forwarded::End) => true,
             Err(e) => {
                 debug!(error = %e, "request body did not reach the tunnel");
