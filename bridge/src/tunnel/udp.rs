@@ -120,8 +120,8 @@ impl AsyncUdpSocket for TunnelSocket {
 }
 
 /// Ready at once unless a send hit EAGAIN; then waits for the socket to become writable, on a
-/// duplicate of its descriptor registered for writing for as long as the wait lasts. Each wait is its own
-/// future, so several connections can wait at once.
+/// duplicate of its descriptor registered for writing for as long as the wait lasts. Each
+/// wait is its own future, so several connections can wait at once.
 struct Writable {
     socket: Arc<TunnelSocket>,
     ready: Option<Pin<Box<dyn Future<Output = io::Result<()>> + Send + Sync>>>,
@@ -163,21 +163,21 @@ mod tests {
 
     const WAIT: Duration = Duration::from_secs(10);
 
-    async fn receive(socket: &TunnelSocket) -> Vec<u8> {
-        let mut buf = vec![0u8; 2048];
-        let mut meta = [RecvMeta::default()];
+    /// One `poll_recv` with a batch of `slots` buffers; returns the datagrams it read.
+    async fn receive(socket: &TunnelSocket, slots: usize) -> Vec<Vec<u8>> {
+        let mut bufs = vec![vec![0u8; 1024]; slots];
+        let mut meta = vec![RecvMeta::default(); slots];
         let n = tokio::time::timeout(
             WAIT,
             std::future::poll_fn(|cx| {
-                let mut bufs = [IoSliceMut::new(&mut buf)];
-                socket.poll_recv(cx, &mut bufs, &mut meta)
+                let mut slices: Vec<_> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                socket.poll_recv(cx, &mut slices, &mut meta)
             }),
         )
         .await
         .expect("a datagram sent after a readiness clear never woke the receiver")
         .unwrap();
-        assert_eq!(n, 1);
-        buf[..meta[0].len].to_vec()
+        (0..n).map(|i| bufs[i][..meta[i].len].to_vec()).collect()
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -189,26 +189,13 @@ mod tests {
         // second queued datagram without waiting for a new event.
         peer.send_to(b"one", to).unwrap();
         peer.send_to(b"two", to).unwrap();
-        assert_eq!(receive(&socket).await, b"one");
-        assert_eq!(receive(&socket).await, b"two");
+        assert_eq!(receive(&socket, 1).await, [b"one"]);
+        assert_eq!(receive(&socket, 1).await, [b"two"]);
         // Short batches: each receive empties the queue and clears readiness; the datagram
         // sent afterwards must raise a new event.
         for round in 0..5u8 {
-            let mut buf = vec![0u8; 2048];
-            let mut meta = [RecvMeta::default(), RecvMeta::default()];
             peer.send_to(&[round], to).unwrap();
-            let n = tokio::time::timeout(
-                WAIT,
-                std::future::poll_fn(|cx| {
-                    let (a, b) = buf.split_at_mut(1024);
-                    let mut bufs = [IoSliceMut::new(a), IoSliceMut::new(b)];
-                    socket.poll_recv(cx, &mut bufs, &mut meta)
-                }),
-            )
-            .await
-            .expect("no wake-up for a datagram")
-            .unwrap();
-            assert_eq!((n, buf[0]), (1, round));
+            assert_eq!(receive(&socket, 2).await, [[round]]);
         }
     }
 
