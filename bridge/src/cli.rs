@@ -6,9 +6,12 @@
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+
+use crate::workers::Workers;
 
 #[derive(Parser)]
 #[command(
@@ -23,10 +26,11 @@ struct Cli {
     /// Log format: `auto` is human-readable on a terminal and JSON lines otherwise.
     #[arg(long, global = true, value_parser = ["auto", "json", "text"], default_value = "auto")]
     log_format: String,
-    /// Runtime worker threads (default: one per CPU), like Envoy's `--concurrency`. One
-    /// thread (asked for, or on a one-CPU host) runs the node on a single-threaded runtime,
-    /// like one nginx or HAProxy worker: ~30% more small requests per CPU than one
-    /// work-stealing worker.
+    /// Worker threads (default: one per CPU), like Envoy's `--concurrency`. Each worker has
+    /// its own listeners, tunnel connections and upstream connections, so a request stays
+    /// on one thread; the admin API and health checks run on the main thread. One thread
+    /// (asked for, or on a one-CPU host) runs everything on the main thread, like one nginx
+    /// or HAProxy worker.
     #[arg(long, global = true, env = "HYBRIDGE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     worker_threads: Option<u16>,
     #[command(subcommand)]
@@ -72,28 +76,38 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log, &cli.log_format);
-    // One thread (asked for, or all a one-CPU host has) runs on a current-thread runtime: a
-    // multi-thread runtime with one worker pays for cross-thread wake-ups and work-stealing
-    // bookkeeping it cannot use (32% fewer small requests per second in bench/run).
+    // One thread (asked for, or all a one-CPU host has) runs everything on one current-thread
+    // runtime, like one nginx or HAProxy worker. More run a node as that many workers, each
+    // a current-thread runtime of its own (see `workers`), with the control plane on the
+    // main thread: a work-stealing runtime paid 2–4 cross-thread wake-ups per request per
+    // node and served 18% fewer small requests than one thread in bench/run.
     let threads = cli.worker_threads.map_or_else(
         || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
         usize::from,
     );
-    let mut builder = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
+    let serves = matches!(cli.command, Command::Run { .. } | Command::Dev { .. });
+    let workers = if serves && threads > 1 {
+        Workers::spawn(threads)
     } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(threads);
-        b
+        Ok(Workers::inline())
     };
-    let runtime = match builder.enable_all().build() {
+    let runtime = workers.and_then(|workers| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok((runtime, Arc::new(workers)))
+    });
+    let (runtime, workers) = match runtime {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    let result = runtime.block_on(dispatch(cli.command, workers.clone()));
+    drop(runtime);
+    workers.stop();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -102,10 +116,10 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command) -> anyhow::Result<()> {
+async fn dispatch(command: Command, workers: Arc<Workers>) -> anyhow::Result<()> {
     match command {
-        Command::Run { config } => crate::daemon::run(&config).await,
-        Command::Dev { base_port } => crate::dev::run(base_port).await,
+        Command::Run { config } => crate::daemon::run(&config, workers).await,
+        Command::Dev { base_port } => crate::dev::run(base_port, workers).await,
         Command::CheckConfig { config } => {
             let report = crate::daemon::check_config(&config)?;
             println!("{report}");

@@ -2,6 +2,7 @@
 //! notification, signals (SIGHUP reload, SIGTERM/SIGINT drain) and config checking.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
@@ -9,6 +10,7 @@ use tracing::{error, info};
 
 use crate::config::Config;
 use crate::node::{self, Node};
+use crate::workers::Workers;
 
 fn notify(state: sd_notify::NotifyState<'_>) {
     // Outside systemd NOTIFY_SOCKET is unset and this is a no-op.
@@ -16,13 +18,13 @@ fn notify(state: sd_notify::NotifyState<'_>) {
 }
 
 /// Runs a node until SIGTERM/SIGINT, reloading on SIGHUP.
-pub async fn run(path: &Path) -> anyhow::Result<()> {
+pub async fn run(path: &Path, workers: Arc<Workers>) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let node = Node::start(config).await?;
+    let node = Node::start_on(config, workers).await?;
     notify(sd_notify::NotifyState::Ready);
     info!(config = %path.display(), "hybridge running");
     loop {

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::demo::DemoUpstream;
 use crate::node::Node;
+use crate::workers::Workers;
 
 const TRUST_DOMAIN: &str = "dev.hybridge";
 
@@ -61,8 +63,14 @@ fn write(path: &Path, text: &str) -> anyhow::Result<()> {
 }
 
 impl DevEnvironment {
-    /// Starts everything on 127.0.0.1; `base_port` 0 picks free ports.
+    /// Starts everything on 127.0.0.1, both nodes on the caller's runtime; `base_port` 0
+    /// picks free ports.
     pub async fn start(base_port: u16) -> anyhow::Result<Self> {
+        Self::start_on(base_port, Arc::new(Workers::inline())).await
+    }
+
+    /// Starts everything, each node spread over `workers`.
+    pub async fn start_on(base_port: u16, workers: Arc<Workers>) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("hybridge-dev-")
             .tempdir()
@@ -128,7 +136,7 @@ caller = "reporting"
         );
         let cloud_path = root.join("cloud.toml");
         write(&cloud_path, &cloud_toml)?;
-        let cloud = Node::start(Config::load(&cloud_path)?)
+        let cloud = Node::start_on(Config::load(&cloud_path)?, workers.clone())
             .await
             .context("starting the cloud node")?;
         let tunnel = cloud
@@ -181,7 +189,7 @@ suffix = "hybridge"
         );
         let onprem_path = root.join("onprem.toml");
         write(&onprem_path, &onprem_toml)?;
-        let onprem = Node::start(Config::load(&onprem_path)?)
+        let onprem = Node::start_on(Config::load(&onprem_path)?, workers)
             .await
             .context("starting the on-prem node")?;
 
@@ -279,8 +287,8 @@ suffix = "hybridge"
 }
 
 /// `hybridge dev`: start, print the commands, wait for Ctrl-C, stop cleanly.
-pub async fn run(base_port: u16) -> anyhow::Result<()> {
-    let env = DevEnvironment::start(base_port).await?;
+pub async fn run(base_port: u16, workers: Arc<Workers>) -> anyhow::Result<()> {
+    let env = DevEnvironment::start_on(base_port, workers).await?;
     println!(
         "hybridge dev: CA, on-prem node and cloud node are up in {}",
         env.dir.path().display()

@@ -4,8 +4,9 @@
 //! TOML into checked types, `tunnel` owns the authenticated peer connections and the
 //! wire format, `http` owns the import listeners and the export side, `upstream` owns
 //! pooled connections to a service's endpoints (load balancing, health, circuit
-//! breaking), `acl` owns policy, `admin` the operator API, `node` composes them, `daemon`
-//! runs a node as a service, `dev` runs a whole demo, `cli` is the command line.
+//! breaking), `acl` owns policy, `admin` the operator API, `node` composes them, `workers`
+//! spreads a node's data plane over threads, `daemon` runs a node as a service, `dev` runs
+//! a whole demo, `cli` is the command line.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -21,3 +22,4 @@ pub mod metrics;
 pub mod node;
 pub mod tunnel;
 pub mod upstream;
+pub mod workers;

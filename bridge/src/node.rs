@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use hybridge_ca::spiffe::SpiffeId;
 use hybridge_ca::tls::{PeerExpectation, TlsMaterial};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -29,6 +29,7 @@ use crate::tunnel::peers::{Direction, PeerSet};
 use crate::tunnel::quic::{self, TransportTuning};
 use crate::tunnel::session::{self, SessionContext};
 use crate::upstream::Upstream;
+use crate::workers::Workers;
 
 /// Where a started node listens.
 #[derive(Clone, Debug)]
@@ -52,6 +53,8 @@ pub struct NodeState {
     pub metrics: Arc<Metrics>,
     pub started: Instant,
     pub addresses: NodeAddresses,
+    /// Worker threads running the data plane (1: all on the main runtime).
+    pub workers: usize,
     draining: AtomicBool,
 }
 
@@ -69,7 +72,10 @@ impl NodeState {
 /// A running node.
 pub struct Node {
     pub state: Arc<NodeState>,
-    endpoint: quinn::Endpoint,
+    /// One tunnel endpoint per worker when the tunnel can be shared out, else one.
+    endpoints: Vec<quinn::Endpoint>,
+    /// Keeps the worker threads up for as long as the node runs on them.
+    _workers: Arc<Workers>,
     /// Listeners, dialers, the accept loop and the admin server.
     background: TaskTracker,
     /// Request handlers and body pumps, both directions.
@@ -103,9 +109,63 @@ pub fn load_tls(config: &Config) -> anyhow::Result<TlsMaterial> {
     Ok(material)
 }
 
+/// Whether each worker can have a tunnel endpoint of its own: a listen-only node's workers
+/// share the listen port (`SO_REUSEPORT`); a dial-only node's workers dial from ports of
+/// their own. A node that listens and dials, or dials from a fixed port, keeps one endpoint
+/// (on worker 0) that the other workers' requests use.
+fn tunnel_per_worker(config: &Config, workers: &Workers) -> bool {
+    workers.count() > 1
+        && match config.tunnel.listen {
+            Some(_) => config.peers.is_empty(),
+            None => config.tunnel.bind.port() == 0,
+        }
+}
+
+/// Binds `addr` once per worker, each socket registered with its worker's runtime. Several
+/// workers share the port with `SO_REUSEPORT` (the kernel spreads connections over them);
+/// a plain bind first makes a port held by anything else, another hybridge included, fail
+/// as it would with one worker, and resolves port 0.
+fn bind_tcp(
+    workers: &Workers,
+    addr: SocketAddr,
+) -> std::io::Result<(SocketAddr, Vec<TcpListener>)> {
+    let share = workers.count() > 1;
+    let addr = if share {
+        std::net::TcpListener::bind(addr)?.local_addr()?
+    } else {
+        addr
+    };
+    let mut listeners = Vec::with_capacity(workers.count());
+    for worker in 0..workers.count() {
+        let listener = workers.enter(worker, || {
+            let socket = if addr.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            if share {
+                socket.set_reuseport(true)?;
+            }
+            socket.bind(addr)?;
+            socket.listen(1024)
+        })?;
+        listeners.push(listener);
+    }
+    let local = listeners[0].local_addr()?;
+    Ok((local, listeners))
+}
+
 impl Node {
-    /// Starts every part of the node; returns once all listeners accept connections.
+    /// Starts every part of the node on the caller's runtime; returns once all listeners
+    /// accept connections.
     pub async fn start(config: Config) -> anyhow::Result<Node> {
+        Self::start_on(config, Arc::new(Workers::inline())).await
+    }
+
+    /// Starts the node with its data plane spread over `workers` (listeners, tunnels and
+    /// request handling on each; admin API and health checks on the caller's runtime).
+    pub async fn start_on(config: Config, workers: Arc<Workers>) -> anyhow::Result<Node> {
         let material = load_tls(&config)?;
         std::fs::create_dir_all(&config.node.data_dir)
             .with_context(|| format!("creating data dir {}", config.node.data_dir.display()))?;
@@ -146,12 +206,36 @@ impl Node {
             )?),
             None => None,
         };
-        let bind = config.tunnel.listen.unwrap_or(config.tunnel.bind);
-        let endpoint = quic::bind_endpoint(bind, server_config, material.key.secret_der())
+        let per_worker = tunnel_per_worker(&config, &workers);
+        let share_port = per_worker && config.tunnel.listen.is_some();
+        let mut bind = config.tunnel.listen.unwrap_or(config.tunnel.bind);
+        if share_port {
+            // As for TCP: a plain bind fails on a port anything else holds, and resolves 0.
+            bind = std::net::UdpSocket::bind(bind)
+                .and_then(|probe| probe.local_addr())
+                .with_context(|| {
+                    format!(
+                        "{}: tunnel: binding the tunnel UDP socket {bind}",
+                        config.source.display()
+                    )
+                })?;
+        }
+        let sockets = (0..if per_worker { workers.count() } else { 1 })
+            .map(|_| quic::bind_socket(bind, share_port))
+            .collect::<anyhow::Result<Vec<_>>>()
             .with_context(|| format!("{}: tunnel", config.source.display()))?;
+        let mut endpoints = Vec::new();
+        for (worker, socket) in sockets.into_iter().enumerate() {
+            let endpoint = workers
+                .enter(worker, || {
+                    quic::endpoint(socket, server_config.clone(), material.key.secret_der())
+                })
+                .with_context(|| format!("{}: tunnel", config.source.display()))?;
+            endpoints.push(endpoint);
+        }
         let tunnel_addr = match config.tunnel.listen {
             Some(_) => Some(
-                endpoint
+                endpoints[0]
                     .local_addr()
                     .context("reading the tunnel address")?,
             ),
@@ -185,7 +269,7 @@ impl Node {
         let mut listeners = Vec::new();
         let mut import_addrs = Vec::new();
         for import in &config.imports {
-            let listener = TcpListener::bind(import.listen).await.with_context(|| {
+            let (local, listener) = bind_tcp(&workers, import.listen).with_context(|| {
                 format!(
                     "{}: import `{}`: binding {}",
                     config.source.display(),
@@ -193,7 +277,7 @@ impl Node {
                     import.listen
                 )
             })?;
-            import_addrs.push((import.service.clone(), listener.local_addr()?));
+            import_addrs.push((import.service.clone(), local));
             let tls = if import.caller == CallerIdentity::Mtls {
                 Some(import_tls()?)
             } else {
@@ -210,14 +294,14 @@ impl Node {
         }
         let mut gateway_addr = None;
         if let Some(gateway) = &config.gateway {
-            let listener = TcpListener::bind(gateway.listen).await.with_context(|| {
+            let (local, listener) = bind_tcp(&workers, gateway.listen).with_context(|| {
                 format!(
                     "{}: gateway: binding {}",
                     config.source.display(),
                     gateway.listen
                 )
             })?;
-            gateway_addr = Some(listener.local_addr()?);
+            gateway_addr = Some(local);
             let tls = if gateway.caller == CallerIdentity::Mtls {
                 Some(import_tls()?)
             } else {
@@ -274,6 +358,7 @@ impl Node {
                 imports: import_addrs,
                 gateway: gateway_addr,
             },
+            workers: workers.count(),
             draining: AtomicBool::new(false),
         });
 
@@ -310,13 +395,19 @@ impl Node {
         });
 
         if tunnel_addr.is_some() {
-            background.spawn(accept_loop(
-                endpoint.clone(),
-                session_ctx.clone(),
-                metrics.clone(),
-                stop_tunnels.clone(),
-                background.clone(),
-            ));
+            for (worker, endpoint) in endpoints.iter().enumerate() {
+                workers.spawn_on(
+                    worker,
+                    &background,
+                    accept_loop(
+                        endpoint.clone(),
+                        session_ctx.clone(),
+                        metrics.clone(),
+                        stop_tunnels.clone(),
+                        background.clone(),
+                    ),
+                );
+            }
         }
         let mut peer_clients = Vec::new();
         for peer in &config.peers {
@@ -337,25 +428,40 @@ impl Node {
                 &material, expect, &tuning,
             )?));
             peer_clients.push((peer.address.clone(), client.clone()));
-            for slot in 0..peer.connections {
-                background.spawn(crate::tunnel::dialer::run(
-                    endpoint.clone(),
-                    peer.clone(),
-                    slot,
-                    client.clone(),
-                    config.tunnel.reconnect_max_backoff,
-                    session_ctx.clone(),
-                    stop_tunnels.clone(),
-                ));
+            // `connections` per worker that has an endpoint of its own, so every worker
+            // has a tunnel to send its requests over.
+            for (worker, endpoint) in endpoints.iter().enumerate() {
+                for slot in 0..usize::from(peer.connections) {
+                    workers.spawn_on(
+                        worker,
+                        &background,
+                        crate::tunnel::dialer::run(
+                            endpoint.clone(),
+                            peer.clone(),
+                            worker * usize::from(peer.connections) + slot,
+                            client.clone(),
+                            config.tunnel.reconnect_max_backoff,
+                            session_ctx.clone(),
+                            stop_tunnels.clone(),
+                        ),
+                    );
+                }
             }
         }
-        for (listener, spec) in listeners {
-            background.spawn(import::serve(
-                listener,
-                Arc::new(spec),
-                import_ctx.clone(),
-                stop_listeners.clone(),
-            ));
+        for (per_worker, spec) in listeners {
+            let spec = Arc::new(spec);
+            for (worker, listener) in per_worker.into_iter().enumerate() {
+                workers.spawn_on(
+                    worker,
+                    &background,
+                    import::serve(
+                        listener,
+                        spec.clone(),
+                        import_ctx.clone(),
+                        stop_listeners.clone(),
+                    ),
+                );
+            }
         }
         background.spawn(crate::admin::serve(
             admin_listener,
@@ -371,10 +477,11 @@ impl Node {
                 stop_rest.clone(),
             ));
         }
-        info!(node = %identity, tunnel = ?tunnel_addr, admin = %admin_addr, "node started");
+        info!(node = %identity, tunnel = ?tunnel_addr, admin = %admin_addr, workers = workers.count(), tunnel_endpoints = endpoints.len(), "node started");
         Ok(Node {
             state,
-            endpoint,
+            endpoints,
+            _workers: workers,
             background,
             requests,
             stop_listeners,
@@ -522,7 +629,9 @@ impl Node {
             }
         }
         if let Some(server) = server {
-            self.endpoint.set_server_config(Some(server));
+            for endpoint in &self.endpoints {
+                endpoint.set_server_config(Some(server.clone()));
+            }
         }
         for (slot, client) in clients {
             slot.store(Arc::new(client));
@@ -576,11 +685,15 @@ impl Node {
             warn!("drain deadline reached with requests still in flight");
         }
         self.stop_tunnels.cancel();
-        self.endpoint.close(
-            quinn::VarInt::from_u32(crate::tunnel::stream::codes::GOING_AWAY),
-            b"node shutting down",
-        );
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        for endpoint in &self.endpoints {
+            endpoint.close(
+                quinn::VarInt::from_u32(crate::tunnel::stream::codes::GOING_AWAY),
+                b"node shutting down",
+            );
+        }
+        let idle =
+            futures_util::future::join_all(self.endpoints.iter().map(quinn::Endpoint::wait_idle));
+        let _ = tokio::time::timeout(Duration::from_secs(2), idle).await;
         self.stop_rest.cancel();
         self.background.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.background.wait()).await;
@@ -592,7 +705,9 @@ impl Node {
         self.stop_listeners.cancel();
         self.stop_tunnels.cancel();
         self.stop_rest.cancel();
-        self.endpoint.close(quinn::VarInt::from_u32(0), b"aborted");
+        for endpoint in &self.endpoints {
+            endpoint.close(quinn::VarInt::from_u32(0), b"aborted");
+        }
         self.background.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.background.wait()).await;
     }

@@ -10,13 +10,14 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hybridge::config::Config;
 use hybridge::node::Node;
+use hybridge::workers::Workers;
 use hybridge_ca::authority::{CertificateAuthority, InitOptions};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
@@ -270,6 +271,14 @@ impl NodeOptions {
     pub async fn start(&self) -> Node {
         let path = self.write();
         Node::start(Config::load(&path).unwrap()).await.unwrap()
+    }
+
+    /// Starts this node in-process with its data plane on `workers`.
+    pub async fn start_on(&self, workers: &Arc<Workers>) -> Node {
+        let path = self.write();
+        Node::start_on(Config::load(&path).unwrap(), workers.clone())
+            .await
+            .unwrap()
     }
 }
 

@@ -6,8 +6,11 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hybridge::demo::{DemoUpstream, pattern_byte};
+use hybridge::workers::Workers;
 use hybridge_tests::*;
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 struct Pair {
@@ -22,6 +25,17 @@ struct Pair {
 /// cloud exports `inventory` (imported on-prem for caller `web`); on-prem exports
 /// `ledger` (imported in the cloud for caller `reporting`).
 async fn pair() -> Pair {
+    pair_on(None).await
+}
+
+/// [`pair`] with both nodes' data planes on `workers` (as `hybridge dev` runs them).
+async fn pair_on(workers: Option<&Arc<Workers>>) -> Pair {
+    let start = |options: NodeOptions| async move {
+        match workers {
+            Some(workers) => options.start_on(workers).await,
+            None => options.start().await,
+        }
+    };
     let pki = Pki::new();
     let cancel = CancellationToken::new();
     let loopback = "127.0.0.1:0".parse().unwrap();
@@ -36,14 +50,14 @@ async fn pair() -> Pair {
         .exports
         .push(ExportSpec::http1("inventory", &[inventory.local_addr()]));
     cloud.imports.push(("ledger".into(), "reporting".into()));
-    let cloud = cloud.start().await;
+    let cloud = start(cloud).await;
     let mut onprem = NodeOptions::onprem(&pki, "onprem-1", &[cloud.addresses().tunnel.unwrap()]);
     onprem
         .exports
         .push(ExportSpec::h2c("ledger", &[ledger.local_addr()]));
     onprem.imports.push(("inventory".into(), "web".into()));
     onprem.gateway = true;
-    let onprem = onprem.start().await;
+    let onprem = start(onprem).await;
     for node in [&cloud, &onprem] {
         allow(node, "web", "inventory");
         allow(node, "reporting", "ledger");
@@ -200,6 +214,102 @@ async fn completed_exchanges_end_their_streams_without_stopping_them() {
         "STOP_SENDING sent per connection: {stopped:?}"
     );
     p.stop().await;
+}
+
+/// Each request's on-prem tunnel streams per worker (worker number → streams).
+fn streams_per_worker(node: &hybridge::node::Node) -> BTreeMap<usize, u64> {
+    let mut per_worker = BTreeMap::new();
+    for link in node.state.peers.links().iter() {
+        *per_worker.entry(link.worker).or_default() += link.total_streams();
+    }
+    per_worker
+}
+
+/// A node spread over worker threads, as `hybridge run` is on a multi-CPU host: every
+/// worker dials tunnels of its own, the kernel spreads callers' connections over the
+/// workers' listeners, and a request goes out over a tunnel of the worker that accepted
+/// its connection, so it never waits for another thread. Then both nodes drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_have_their_own_tunnels_and_keep_each_request_on_its_thread() {
+    let workers = Arc::new(Workers::spawn(2).unwrap());
+    let p = pair_on(Some(&workers)).await;
+    // The configured one connection to the peer, per worker.
+    tokio::time::timeout(WAIT, p.onprem.state.peers.wait_until(|l| l.len() == 2))
+        .await
+        .expect("every worker dials its tunnels");
+    let status = http1(
+        p.onprem.addresses().admin,
+        "GET",
+        "/v1/status",
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .json();
+    assert_eq!(status["workers"], 2, "{status}");
+    let mut links_per_worker = BTreeMap::new();
+    for peer in status["peers"].as_array().unwrap() {
+        *links_per_worker
+            .entry(peer["worker"].as_u64().unwrap())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        links_per_worker,
+        BTreeMap::from([(1, 1), (2, 1)]),
+        "{status}"
+    );
+
+    let inventory = import_addr(&p.onprem, "inventory");
+    let get = || {
+        http::Request::builder()
+            .uri("/echo/w")
+            .header("host", "inventory")
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap()
+    };
+    // One caller connection: all of its requests use the tunnels of one worker (random
+    // routing over both workers' tunnels would split 20 requests with certainty ~1 - 2^-19).
+    let mut conn = http1_conn(inventory).await;
+    for _ in 0..20 {
+        conn.ready().await.unwrap();
+        assert_eq!(
+            collect(conn.send_request(get()).await.unwrap())
+                .await
+                .status,
+            200
+        );
+    }
+    let first = streams_per_worker(&p.onprem);
+    let used: Vec<u64> = first.values().copied().collect();
+    assert!(
+        used == [20, 0] || used == [0, 20],
+        "streams per worker: {used:?}"
+    );
+
+    // 32 more callers: the listeners' shared port spreads them over both workers.
+    let mut callers = Vec::new();
+    for _ in 0..32 {
+        callers.push(tokio::spawn(async move {
+            let mut conn = http1_conn(inventory).await;
+            for _ in 0..4 {
+                conn.ready().await.unwrap();
+                let answer = collect(conn.send_request(get()).await.unwrap()).await;
+                assert_eq!(answer.status, 200);
+            }
+        }));
+    }
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    let then = streams_per_worker(&p.onprem);
+    assert_eq!(then.values().sum::<u64>(), 20 + 32 * 4, "{then:?}");
+    // Each worker served some of them (all 32 on one: 2 in 2^32).
+    assert!(
+        then.iter().all(|(worker, n)| *n > first[worker]),
+        "streams per worker before {first:?}, after {then:?}"
+    );
+    p.stop().await;
+    workers.stop();
 }
 
 /// What curl does for larger uploads: send the head with `Expect: 100-continue`, wait for

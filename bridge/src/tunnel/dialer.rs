@@ -21,7 +21,7 @@ const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 pub async fn run(
     endpoint: quinn::Endpoint,
     peer: PeerConfig,
-    slot: u8,
+    slot: usize,
     client_config: Arc<ArcSwap<quinn::ClientConfig>>,
     max_backoff: Duration,
     ctx: Arc<SessionContext>,

@@ -30,6 +30,8 @@ pub struct PeerLink {
     pub peer: SpiffeId,
     pub direction: Direction,
     pub established: Instant,
+    /// The worker whose runtime drives the connection (see `crate::workers`).
+    pub worker: usize,
     exports: ArcSwap<HashSet<String>>,
     draining: AtomicBool,
     drain_acknowledged: AtomicBool,
@@ -53,6 +55,7 @@ impl PeerLink {
             peer,
             direction,
             established: Instant::now(),
+            worker: crate::workers::current(),
             exports: ArcSwap::from_pointee(exports.into_iter().collect()),
             draining: AtomicBool::new(false),
             drain_acknowledged: AtomicBool::new(false),
@@ -188,13 +191,21 @@ impl PeerSet {
     }
 
     /// Picks a link for `service`: among non-draining links that export it, the less busy
-    /// of two chosen at random (so one hot connection does not take every request).
+    /// of two chosen at random (so one hot connection does not take every request). Links
+    /// driven by the calling worker come first, so a request stays on its thread; the
+    /// others are used when the worker has none.
     pub fn route(&self, service: &str) -> Option<Arc<PeerLink>> {
         let links = self.links.load();
+        let worker = crate::workers::current();
+        let usable = |l: &&Arc<PeerLink>| !l.is_draining() && l.exports.load().contains(service);
         let mut candidates: Vec<&Arc<PeerLink>> = links
             .iter()
-            .filter(|l| !l.is_draining() && l.exports.load().contains(service))
+            .filter(|l| l.worker == worker)
+            .filter(usable)
             .collect();
+        if candidates.is_empty() {
+            candidates = links.iter().filter(usable).collect();
+        }
         match candidates.len() {
             0 => None,
             1 => candidates.pop().cloned(),

@@ -99,9 +99,28 @@ pub fn client_config(
     Ok(config)
 }
 
-/// Binds a quinn endpoint. `server` is `None` for a node that only dials out.
-pub fn bind_endpoint(
-    bind: SocketAddr,
+/// Binds a tunnel UDP socket with the kernel buffers it needs.
+///
+/// `share_port` binds with `SO_REUSEPORT`, so each worker's endpoint can listen on the same
+/// address and the kernel keeps every peer 4-tuple on one of them. Only listen-only
+/// endpoints may share: a dialled connection's replies could land on another worker's
+/// socket, which does not know the connection. Bind every socket of a group before any
+/// endpoint reads: a socket joining later would move some peers' packets to itself.
+pub fn bind_socket(bind: SocketAddr, share_port: bool) -> anyhow::Result<std::net::UdpSocket> {
+    let socket = if share_port {
+        shared_udp_socket(bind)
+    } else {
+        std::net::UdpSocket::bind(bind)
+    }
+    .map_err(|e| anyhow::anyhow!("binding the tunnel UDP socket {bind}: {e}"))?;
+    size_socket_buffers(&socket, bind);
+    Ok(socket)
+}
+
+/// A quinn endpoint on `socket`, driven by the current runtime. `server` is `None` for a
+/// node that only dials out.
+pub fn endpoint(
+    socket: std::net::UdpSocket,
     server: Option<quinn::ServerConfig>,
     reset_key_seed: &[u8],
 ) -> anyhow::Result<quinn::Endpoint> {
@@ -114,17 +133,28 @@ pub fn bind_endpoint(
     endpoint_config
         .max_udp_payload_size(MAX_UDP_PAYLOAD)
         .map_err(|e| anyhow::anyhow!("tunnel UDP payload size: {e}"))?;
-    let socket = std::net::UdpSocket::bind(bind)
-        .map_err(|e| anyhow::anyhow!("binding the tunnel UDP socket {bind}: {e}"))?;
-    size_socket_buffers(&socket, bind);
+    let local = socket.local_addr()?;
     let socket = super::udp::TunnelSocket::new(socket)
-        .map_err(|e| anyhow::anyhow!("registering the tunnel UDP socket {bind}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("registering the tunnel UDP socket {local}: {e}"))?;
     Ok(quinn::Endpoint::new_with_abstract_socket(
         endpoint_config,
         server,
         Arc::new(socket),
         Arc::new(quinn::TokioRuntime),
     )?)
+}
+
+fn shared_udp_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
+    let family = if bind.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let fd = rustix::net::socket_with(family, SocketType::DGRAM, SocketFlags::CLOEXEC, None)?;
+    sockopt::set_socket_reuseport(&fd, true)?;
+    rustix::net::bind(&fd, &bind)?;
+    Ok(std::net::UdpSocket::from(fd))
 }
 
 /// Sizes of a socket's kernel buffers as the kernel reports them (Linux doubles the request).

@@ -60,7 +60,9 @@ enum PoolKind {
 }
 
 pub(crate) struct Http1Idle {
-    idle: Mutex<Vec<http1::SendRequest<UpstreamBody>>>,
+    /// Idle connections, each tagged with the worker whose runtime drives it (see
+    /// `crate::workers`): a worker takes its own, so a request does not cross threads.
+    idle: Mutex<Vec<(usize, http1::SendRequest<UpstreamBody>)>>,
     /// Signalled when a connection goes back to `idle`.
     returned: Notify,
     /// One permit per open connection (`circuit_breaker.max_connections`).
@@ -68,25 +70,29 @@ pub(crate) struct Http1Idle {
 }
 
 impl Http1Idle {
-    fn put(&self, sender: http1::SendRequest<UpstreamBody>) {
+    fn put(&self, worker: usize, sender: http1::SendRequest<UpstreamBody>) {
         if let Ok(mut idle) = self.idle.lock()
             && idle.len() < MAX_IDLE_HTTP1_CONNECTIONS
         {
-            idle.push(sender);
+            idle.push((worker, sender));
         }
         self.returned.notify_one();
     }
 
-    fn take_ready(&self) -> Option<http1::SendRequest<UpstreamBody>> {
+    /// An idle connection of `worker`'s, or of any worker's with `None`.
+    fn take_ready(
+        &self,
+        worker: Option<usize>,
+    ) -> Option<(usize, http1::SendRequest<UpstreamBody>)> {
         let mut idle = self.idle.lock().ok()?;
+        // Closed or busy ones are dropped.
+        idle.retain(|(_, sender)| sender.is_ready() && !sender.is_closed());
         // Most recently used first: it is the least likely to have been closed by the
-        // server's idle timeout. Closed or busy ones are dropped.
-        while let Some(sender) = idle.pop() {
-            if sender.is_ready() && !sender.is_closed() {
-                return Some(sender);
-            }
-        }
-        None
+        // server's idle timeout.
+        let position = idle
+            .iter()
+            .rposition(|(owner, _)| worker.is_none_or(|w| w == *owner))?;
+        Some(idle.remove(position))
     }
 }
 
@@ -107,6 +113,7 @@ struct H2Slot {
 /// A connection checked out for one request.
 pub(crate) enum Connection {
     Http1 {
+        worker: usize,
         sender: http1::SendRequest<UpstreamBody>,
         idle: Arc<Http1Idle>,
         tasks: TaskTracker,
@@ -157,7 +164,9 @@ impl EndpointPool {
     /// A connection usable right now without dialling or waiting, if there is one.
     pub(crate) fn try_checkout(&self) -> Option<Connection> {
         match &self.kind {
-            PoolKind::Http1(idle) => idle.take_ready().map(|sender| self.http1(sender, idle)),
+            PoolKind::Http1(idle) => idle
+                .take_ready(Some(crate::workers::current()))
+                .map(|(worker, sender)| self.http1(worker, sender, idle)),
             PoolKind::H2(h2) => {
                 // Advance the round-robin only on success, so that `checkout` dials the
                 // very slot found empty here and every slot gets its connection.
@@ -174,14 +183,24 @@ impl EndpointPool {
     pub(crate) async fn checkout(&self) -> io::Result<Connection> {
         match &self.kind {
             PoolKind::Http1(idle) => loop {
-                if let Some(sender) = idle.take_ready() {
-                    return Ok(self.http1(sender, idle));
+                // Own idle connection, else a new one, else another worker's idle one
+                // (better than waiting for a free slot), else wait for either.
+                let worker = crate::workers::current();
+                if let Some((worker, sender)) = idle.take_ready(Some(worker)) {
+                    return Ok(self.http1(worker, sender, idle));
+                }
+                if let Ok(permit) = idle.permits.clone().try_acquire_owned() {
+                    let sender = self.dial_http1(permit).await?;
+                    return Ok(self.http1(worker, sender, idle));
+                }
+                if let Some((worker, sender)) = idle.take_ready(None) {
+                    return Ok(self.http1(worker, sender, idle));
                 }
                 tokio::select! {
                     permit = idle.permits.clone().acquire_owned() => {
                         let permit = permit.map_err(io::Error::other)?;
                         let sender = self.dial_http1(permit).await?;
-                        return Ok(self.http1(sender, idle));
+                        return Ok(self.http1(worker, sender, idle));
                     }
                     () = idle.returned.notified() => {}
                 }
@@ -216,8 +235,14 @@ impl EndpointPool {
         }
     }
 
-    fn http1(&self, sender: http1::SendRequest<UpstreamBody>, idle: &Arc<Http1Idle>) -> Connection {
+    fn http1(
+        &self,
+        worker: usize,
+        sender: http1::SendRequest<UpstreamBody>,
+        idle: &Arc<Http1Idle>,
+    ) -> Connection {
         Connection::Http1 {
+            worker,
             sender,
             idle: idle.clone(),
             tasks: self.tasks.clone(),
@@ -307,6 +332,7 @@ impl Connection {
     ) -> Result<http::Response<Incoming>, SendFailure> {
         match self {
             Connection::Http1 {
+                worker,
                 mut sender,
                 idle,
                 tasks,
@@ -317,7 +343,7 @@ impl Connection {
                         tokio::select! {
                             ready = sender.ready() => {
                                 if ready.is_ok() && !sender.is_closed() {
-                                    idle.put(sender);
+                                    idle.put(worker, sender);
                                 }
                             }
                             () = cancel.cancelled() => {}
