@@ -100,7 +100,7 @@ pub struct PeerConfig {
     /// Optionally, the exact node name the peer's certificate must carry.
     #[serde(default)]
     pub name: Option<String>,
-    /// Parallel connections kept to this peer.
+    /// Parallel connections kept to this peer (at least one per worker thread).
     #[serde(default = "default_connections")]
     pub connections: u8,
 }

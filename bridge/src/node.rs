@@ -428,24 +428,24 @@ impl Node {
                 &material, expect, &tuning,
             )?));
             peer_clients.push((peer.address.clone(), client.clone()));
-            // `connections` per worker that has an endpoint of its own, so every worker
-            // has a tunnel to send its requests over.
-            for (worker, endpoint) in endpoints.iter().enumerate() {
-                for slot in 0..usize::from(peer.connections) {
-                    workers.spawn_on(
-                        worker,
-                        &background,
-                        crate::tunnel::dialer::run(
-                            endpoint.clone(),
-                            peer.clone(),
-                            worker * usize::from(peer.connections) + slot,
-                            client.clone(),
-                            config.tunnel.reconnect_max_backoff,
-                            session_ctx.clone(),
-                            stop_tunnels.clone(),
-                        ),
-                    );
-                }
+            // The configured number of connections, spread over the workers' endpoints,
+            // and at least one per endpoint so every worker has a tunnel of its own.
+            let slots = usize::from(peer.connections).max(endpoints.len());
+            for slot in 0..slots {
+                let worker = slot % endpoints.len();
+                workers.spawn_on(
+                    worker,
+                    &background,
+                    crate::tunnel::dialer::run(
+                        endpoints[worker].clone(),
+                        peer.clone(),
+                        slot,
+                        client.clone(),
+                        config.tunnel.reconnect_max_backoff,
+                        session_ctx.clone(),
+                        stop_tunnels.clone(),
+                    ),
+                );
             }
         }
         for (per_worker, spec) in listeners {
