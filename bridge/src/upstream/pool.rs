@@ -2,6 +2,7 @@
 //! bounded idle pool of HTTP/1.1 keep-alive connections, or a small set of multiplexed h2c
 //! connections re-dialled when closed. Knows nothing about balancing, health or retries.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -96,7 +97,30 @@ impl Http1Idle {
     }
 }
 
+/// Each worker's own multiplexed connections (see `crate::workers`), made on its first
+/// request: a stream on a connection another thread drives would cost a cross-thread
+/// wake-up per request.
+#[derive(Default)]
 struct H2Slots {
+    per_worker: Mutex<HashMap<usize, Arc<H2Group>>>,
+}
+
+impl H2Slots {
+    fn group(&self) -> Option<Arc<H2Group>> {
+        let mut groups = self.per_worker.lock().ok()?;
+        let group = groups.entry(crate::workers::current()).or_insert_with(|| {
+            Arc::new(H2Group {
+                slots: (0..H2_CONNECTIONS_PER_ENDPOINT)
+                    .map(|_| tokio::sync::Mutex::new(H2Slot::default()))
+                    .collect(),
+                next: AtomicUsize::new(0),
+            })
+        });
+        Some(group.clone())
+    }
+}
+
+struct H2Group {
     slots: Vec<tokio::sync::Mutex<H2Slot>>,
     next: AtomicUsize,
 }
@@ -145,12 +169,7 @@ impl EndpointPool {
                 returned: Notify::new(),
                 permits: Arc::new(Semaphore::new(max_connections)),
             })),
-            UpstreamProtocol::H2c => PoolKind::H2(H2Slots {
-                slots: (0..H2_CONNECTIONS_PER_ENDPOINT)
-                    .map(|_| tokio::sync::Mutex::new(H2Slot::default()))
-                    .collect(),
-                next: AtomicUsize::new(0),
-            }),
+            UpstreamProtocol::H2c => PoolKind::H2(H2Slots::default()),
         };
         Self {
             addr,
@@ -167,7 +186,8 @@ impl EndpointPool {
             PoolKind::Http1(idle) => idle
                 .take_ready(Some(crate::workers::current()))
                 .map(|(worker, sender)| self.http1(worker, sender, idle)),
-            PoolKind::H2(h2) => {
+            PoolKind::H2(slots) => {
+                let h2 = slots.group()?;
                 // Advance the round-robin only on success, so that `checkout` dials the
                 // very slot found empty here and every slot gets its connection.
                 let index = h2.next.load(Ordering::Relaxed);
@@ -205,7 +225,10 @@ impl EndpointPool {
                     () = idle.returned.notified() => {}
                 }
             },
-            PoolKind::H2(h2) => {
+            PoolKind::H2(slots) => {
+                let h2 = slots
+                    .group()
+                    .ok_or_else(|| io::Error::other("upstream connection pool poisoned"))?;
                 let slot = &h2.slots[h2.next.fetch_add(1, Ordering::Relaxed) % h2.slots.len()];
                 // Holding the slot while dialling makes concurrent requests share one dial.
                 let queued_at = tokio::time::Instant::now();

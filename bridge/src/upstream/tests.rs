@@ -620,6 +620,36 @@ async fn h2c_request_carries_authority_from_host() {
     );
 }
 
+/// Each worker thread multiplexes over h2 connections of its own (two per endpoint), so a
+/// request never waits on a connection another thread drives. A pool shared by the
+/// workers would serve both workers' requests over the same two connections.
+#[tokio::test]
+async fn h2c_connections_belong_to_the_worker_that_made_them() {
+    let server = TestServer::start("a").await;
+    let upstream = start_upstream(&[server.addr], UpstreamProtocol::H2c, |_| {}).await;
+    let workers = crate::workers::Workers::spawn(2).unwrap();
+    let tasks = tokio_util::task::TaskTracker::new();
+    for worker in 0..2 {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let upstream = upstream.clone();
+        workers.spawn_on(worker, &tasks, async move {
+            for _ in 0..10 {
+                let response = upstream.send(get("/id")).await.unwrap();
+                assert_eq!(body_text(response).await, "a");
+            }
+            let _ = done.send(());
+        });
+        within(finished).await.unwrap();
+    }
+    assert_eq!(
+        server.state.connections.load(Ordering::SeqCst),
+        4,
+        "two h2 connections per endpoint per worker"
+    );
+    upstream.shutdown().await;
+    workers.stop();
+}
+
 #[tokio::test]
 async fn http1_request_keeps_origin_form_and_host() {
     let server = TestServer::start("a").await;
