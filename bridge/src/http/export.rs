@@ -6,6 +6,7 @@
 //! streaming the upstream's answer back. Load balancing, health and retries are `upstream`'s.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -82,7 +83,7 @@ pub async fn serve_stream(
         method = %head.method,
         path = %head.path,
         status,
-        upstream = endpoint.as_deref().unwrap_or("-"),
+        upstream = %UpstreamField(endpoint),
         acl_rule = %rule,
         bytes_in,
         bytes_out,
@@ -94,6 +95,20 @@ pub async fn serve_stream(
     send.delivered().await;
 }
 
+/// The upstream endpoint of an access-log line, `-` for none; formatted only when the
+/// line is written (an address formatted per request was 1% of bridge CPU with the access
+/// log off).
+struct UpstreamField(Option<SocketAddr>);
+
+impl std::fmt::Display for UpstreamField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 /// Runs the exchange; returns the status sent, the upstream endpoint used, the ACL rule and
 /// the response body bytes sent. Request body bytes read are counted into `bytes_in`.
 async fn exchange(
@@ -103,7 +118,7 @@ async fn exchange(
     ctx: &ExportContext,
     stats: &Arc<crate::metrics::ServiceStats>,
     bytes_in: Arc<AtomicU64>,
-) -> (u16, Option<String>, String, u64) {
+) -> (u16, Option<SocketAddr>, String, u64) {
     let grpc = head
         .headers
         .iter()
@@ -158,7 +173,7 @@ async fn exchange(
 
     match result {
         Ok(answer) => {
-            let endpoint = answer.endpoint.to_string();
+            let endpoint = answer.endpoint;
             let (mut parts, mut response_body) = answer.response.into_parts();
             headers::remove_hop_by_hop(&mut parts.headers);
             let end_stream = http_body::Body::is_end_stream(&response_body);
