@@ -148,6 +148,8 @@ pub struct EndpointStats {
     pub active: usize,
     pub total_requests: u64,
     pub failures: u64,
+    /// HTTP/1.1 keep-alive connections waiting for a request (0 for h2c).
+    pub idle_connections: usize,
 }
 
 /// The upstream of one exported service, shared by all requests to it.
@@ -442,13 +444,15 @@ impl Upstream {
             endpoints: self
                 .endpoints
                 .iter()
-                .map(|endpoint| EndpointStats {
+                .zip(&self.pools)
+                .map(|(endpoint, pool)| EndpointStats {
                     addr: endpoint.addr,
                     healthy: endpoint.is_healthy(),
                     ejected: endpoint.is_ejected(now),
                     active: endpoint.active(),
                     total_requests: endpoint.total.load(std::sync::atomic::Ordering::Relaxed),
                     failures: endpoint.failures.load(std::sync::atomic::Ordering::Relaxed),
+                    idle_connections: pool.idle_connections(),
                 })
                 .collect(),
             active_requests: self.breaker.active(),

@@ -650,6 +650,62 @@ async fn h2c_connections_belong_to_the_worker_that_made_them() {
     workers.stop();
 }
 
+/// Idle HTTP/1.1 connections are capped per worker: a worker whose idle list is full must
+/// not leave another worker closing its connection after every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_workers_idle_connections_do_not_crowd_out_anothers() {
+    const FULL: usize = super::pool::MAX_IDLE_HTTP1_CONNECTIONS;
+    let server = TestServer::start("a").await;
+    let upstream = start_upstream(&[server.addr], UpstreamProtocol::Http1, |_| {}).await;
+    let workers = crate::workers::Workers::spawn(2).unwrap();
+    let tasks = tokio_util::task::TaskTracker::new();
+    // The first worker holds FULL requests open at once (FULL connections), then idles them.
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let first = upstream.clone();
+    workers.spawn_on(0, &tasks, async move {
+        let mut requests = JoinSet::new();
+        for _ in 0..FULL {
+            let upstream = first.clone();
+            requests
+                .spawn(async move { body_text(upstream.send(get("/block")).await.unwrap()).await });
+        }
+        while let Some(text) = requests.join_next().await {
+            assert_eq!(text.unwrap(), "a");
+        }
+        let _ = done.send(());
+    });
+    let mut arrived = server.state.blocked.subscribe();
+    within(arrived.wait_for(|&count| count == FULL))
+        .await
+        .unwrap();
+    server.state.gate.add_permits(FULL);
+    within(finished).await.unwrap();
+    within(async {
+        while upstream.stats().endpoints[0].idle_connections < FULL {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(server.state.connections.load(Ordering::SeqCst), FULL);
+
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let second = upstream.clone();
+    workers.spawn_on(1, &tasks, async move {
+        for _ in 0..10 {
+            assert_eq!(body_text(second.send(get("/id")).await.unwrap()).await, "a");
+        }
+        let _ = done.send(());
+    });
+    within(finished).await.unwrap();
+    let dialled = server.state.connections.load(Ordering::SeqCst) - FULL;
+    assert!(
+        dialled <= 2,
+        "the second worker dialled {dialled} connections for 10 sequential requests"
+    );
+    upstream.shutdown().await;
+    workers.stop();
+}
+
 #[tokio::test]
 async fn http1_request_keeps_origin_form_and_host() {
     let server = TestServer::start("a").await;
