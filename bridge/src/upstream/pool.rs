@@ -88,24 +88,37 @@ impl Http1Idle {
         self.returned.notify_one();
     }
 
+    /// Open idle connections (closed ones wait in the list until a checkout drops them).
     fn len(&self) -> usize {
-        self.idle.lock().map_or(0, |idle| idle.len())
+        self.idle.lock().map_or(0, |idle| {
+            idle.iter()
+                .filter(|(_, sender)| !sender.is_closed())
+                .count()
+        })
     }
 
-    /// An idle connection of `worker`'s, or of any worker's with `None`.
+    /// An idle connection of `worker`'s, or of any worker's with `None`. Most recently
+    /// used first: it is the least likely to have been closed by the server's idle
+    /// timeout. Closed or busy ones met on the way are dropped.
     fn take_ready(
         &self,
         worker: Option<usize>,
     ) -> Option<(usize, http1::SendRequest<UpstreamBody>)> {
         let mut idle = self.idle.lock().ok()?;
-        // Closed or busy ones are dropped.
-        idle.retain(|(_, sender)| sender.is_ready() && !sender.is_closed());
-        // Most recently used first: it is the least likely to have been closed by the
-        // server's idle timeout.
-        let position = idle
-            .iter()
-            .rposition(|(owner, _)| worker.is_none_or(|w| w == *owner))?;
-        Some(idle.remove(position))
+        let mut index = idle.len();
+        while index > 0 {
+            index -= 1;
+            let (owner, sender) = &idle[index];
+            if worker.is_some_and(|w| w != *owner) {
+                continue;
+            }
+            let usable = sender.is_ready() && !sender.is_closed();
+            let entry = idle.remove(index);
+            if usable {
+                return Some(entry);
+            }
+        }
+        None
     }
 }
 
