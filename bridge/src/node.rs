@@ -113,6 +113,13 @@ pub fn load_tls(config: &Config) -> anyhow::Result<TlsMaterial> {
 /// share the listen port (`SO_REUSEPORT`); a dial-only node's workers dial from ports of
 /// their own. A node that listens and dials, or dials from a fixed port, keeps one endpoint
 /// (on worker 0) that the other workers' requests use.
+///
+/// Known cost of sharing the listen port: the kernel picks a worker's socket by the peer's
+/// address, so a peer whose NAT rebinds may reach another worker, whose endpoint does not
+/// know the connection and resets it; the peer redials (100 ms backoff) while its other
+/// tunnels carry on. One endpoint would have migrated the connection instead. The fix is
+/// Envoy's: connection IDs that name their worker, and sockets that hand a datagram to the
+/// worker its connection ID names.
 fn tunnel_per_worker(config: &Config, workers: &Workers) -> bool {
     workers.count() > 1
         && match config.tunnel.listen {
