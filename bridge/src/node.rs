@@ -28,6 +28,7 @@ use crate::tunnel::control::ControlMessage;
 use crate::tunnel::peers::{Direction, PeerSet};
 use crate::tunnel::quic::{self, TransportTuning};
 use crate::tunnel::session::{self, SessionContext};
+use crate::tunnel::udp::Handoff;
 use crate::upstream::Upstream;
 use crate::workers::Workers;
 
@@ -75,7 +76,7 @@ pub struct Node {
     /// One tunnel endpoint per worker when the tunnel can be shared out, else one.
     endpoints: Vec<quinn::Endpoint>,
     /// Keeps the worker threads up for as long as the node runs on them.
-    _workers: Arc<Workers>,
+    workers: Arc<Workers>,
     /// Listeners, dialers, the accept loop and the admin server.
     background: TaskTracker,
     /// Request handlers and body pumps, both directions.
@@ -114,12 +115,9 @@ pub fn load_tls(config: &Config) -> anyhow::Result<TlsMaterial> {
 /// their own. A node that listens and dials, or dials from a fixed port, keeps one endpoint
 /// (on worker 0) that the other workers' requests use.
 ///
-/// Known cost of sharing the listen port: the kernel picks a worker's socket by the peer's
-/// address, so a peer whose NAT rebinds may reach another worker, whose endpoint does not
-/// know the connection and resets it; the peer redials (100 ms backoff) while its other
-/// tunnels carry on. One endpoint would have migrated the connection instead. The fix is
-/// Envoy's: connection IDs that name their worker, and sockets that hand a datagram to the
-/// worker its connection ID names.
+/// The kernel picks a worker's socket of a shared port by the peer's address, so a peer
+/// whose NAT rebinds may reach another worker: that socket hands the datagrams to the
+/// worker their connection ID names (`tunnel::udp::Handoff`), and the connection migrates.
 fn tunnel_per_worker(config: &Config, workers: &Workers) -> bool {
     workers.count() > 1
         && match config.tunnel.listen {
@@ -231,11 +229,17 @@ impl Node {
             .map(|_| quic::bind_socket(bind, share_port))
             .collect::<anyhow::Result<Vec<_>>>()
             .with_context(|| format!("{}: tunnel", config.source.display()))?;
+        let handoff = share_port.then(|| Handoff::new(sockets.len()));
         let mut endpoints = Vec::new();
         for (worker, socket) in sockets.into_iter().enumerate() {
             let endpoint = workers
                 .enter(worker, || {
-                    quic::endpoint(socket, server_config.clone(), material.key.secret_der())
+                    quic::endpoint(
+                        socket,
+                        server_config.clone(),
+                        material.key.secret_der(),
+                        handoff.as_ref().map(|h| (h, worker)),
+                    )
                 })
                 .with_context(|| format!("{}: tunnel", config.source.display()))?;
             endpoints.push(endpoint);
@@ -488,7 +492,7 @@ impl Node {
         Ok(Node {
             state,
             endpoints,
-            _workers: workers,
+            workers,
             background,
             requests,
             stop_listeners,
@@ -501,6 +505,26 @@ impl Node {
 
     pub fn addresses(&self) -> &NodeAddresses {
         &self.state.addresses
+    }
+
+    /// Moves a dial-only node's tunnel endpoints to fresh local ports, migrating their
+    /// connections: what a NAT rebinding looks like to the peer, and what a host whose
+    /// address changed needs. A listening node keeps its port; this refuses.
+    pub fn rebind_tunnels(&self) -> anyhow::Result<()> {
+        let config = self.state.config.load();
+        anyhow::ensure!(
+            config.tunnel.listen.is_none(),
+            "a listening node keeps its tunnel port"
+        );
+        let bind = SocketAddr::new(config.tunnel.bind.ip(), 0);
+        for (worker, endpoint) in self.endpoints.iter().enumerate() {
+            let socket = quic::bind_socket(bind, false)?;
+            let socket = self
+                .workers
+                .enter(worker, || crate::tunnel::udp::TunnelSocket::new(socket))?;
+            endpoint.rebind_abstract(Arc::new(socket))?;
+        }
+        Ok(())
     }
 
     /// Waits (at most `limit`) until a connected peer exports `service`.

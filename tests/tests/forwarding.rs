@@ -25,15 +25,18 @@ struct Pair {
 /// cloud exports `inventory` (imported on-prem for caller `web`); on-prem exports
 /// `ledger` (imported in the cloud for caller `reporting`).
 async fn pair() -> Pair {
-    pair_on(None).await
+    pair_on(None, None).await
 }
 
-/// [`pair`] with both nodes' data planes on `workers` (as `hybridge dev` runs them).
-async fn pair_on(workers: Option<&Arc<Workers>>) -> Pair {
-    let start = |options: NodeOptions| async move {
-        match workers {
-            Some(workers) => options.start_on(workers).await,
-            None => options.start().await,
+/// [`pair`] with each node's data plane on the given workers, or on the test's runtime.
+async fn pair_on(cloud_on: Option<&Arc<Workers>>, onprem_on: Option<&Arc<Workers>>) -> Pair {
+    let start = |options: NodeOptions, workers: Option<&Arc<Workers>>| {
+        let workers = workers.cloned();
+        async move {
+            match workers {
+                Some(workers) => options.start_on(&workers).await,
+                None => options.start().await,
+            }
         }
     };
     let pki = Pki::new();
@@ -50,14 +53,14 @@ async fn pair_on(workers: Option<&Arc<Workers>>) -> Pair {
         .exports
         .push(ExportSpec::http1("inventory", &[inventory.local_addr()]));
     cloud.imports.push(("ledger".into(), "reporting".into()));
-    let cloud = start(cloud).await;
+    let cloud = start(cloud, cloud_on).await;
     let mut onprem = NodeOptions::onprem(&pki, "onprem-1", &[cloud.addresses().tunnel.unwrap()]);
     onprem
         .exports
         .push(ExportSpec::h2c("ledger", &[ledger.local_addr()]));
     onprem.imports.push(("inventory".into(), "web".into()));
     onprem.gateway = true;
-    let onprem = start(onprem).await;
+    let onprem = start(onprem, onprem_on).await;
     for node in [&cloud, &onprem] {
         allow(node, "web", "inventory");
         allow(node, "reporting", "ledger");
@@ -232,7 +235,7 @@ fn streams_per_worker(node: &hybridge::node::Node) -> BTreeMap<usize, u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_have_their_own_tunnels_and_keep_each_request_on_its_thread() {
     let workers = Arc::new(Workers::spawn(2).unwrap());
-    let p = pair_on(Some(&workers)).await;
+    let p = pair_on(Some(&workers), Some(&workers)).await;
     // The configured one connection to the peer, per worker.
     tokio::time::timeout(WAIT, p.onprem.state.peers.wait_until(|l| l.len() == 2))
         .await
@@ -308,6 +311,50 @@ async fn workers_have_their_own_tunnels_and_keep_each_request_on_its_thread() {
         then.iter().all(|(worker, n)| *n > first[worker]),
         "streams per worker before {first:?}, after {then:?}"
     );
+    p.stop().await;
+    workers.stop();
+}
+
+/// A peer whose address changes (a NAT rebinding) keeps its tunnel to a node whose workers
+/// share the listen port. The kernel may give the new address to another worker's socket;
+/// that socket hands the datagrams to the worker whose connection they are for, and the
+/// connection migrates. Without the hand-off, that worker's endpoint would not know the
+/// connection and would reset it (each round crosses to the other worker half the time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_changes_address_keeps_its_tunnel_to_a_node_with_workers() {
+    let workers = Arc::new(Workers::spawn(2).unwrap());
+    let p = pair_on(Some(&workers), None).await;
+    let inventory = import_addr(&p.onprem, "inventory");
+    let tunnel: Vec<usize> = p
+        .onprem
+        .state
+        .peers
+        .links()
+        .iter()
+        .map(|l| l.id())
+        .collect();
+    assert_eq!(tunnel.len(), 1);
+    let mut conn = http1_conn(inventory).await;
+    for round in 0..10 {
+        p.onprem.rebind_tunnels().unwrap();
+        let request = http::Request::builder()
+            .uri("/echo/moved")
+            .header("host", "inventory")
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        conn.ready().await.unwrap();
+        let answer = collect(conn.send_request(request).await.unwrap()).await;
+        assert_eq!(answer.status, 200, "round {round}: {:?}", answer.body);
+        let now: Vec<usize> = p
+            .onprem
+            .state
+            .peers
+            .links()
+            .iter()
+            .map(|l| l.id())
+            .collect();
+        assert_eq!(now, tunnel, "round {round}: the tunnel was replaced");
+    }
     p.stop().await;
     workers.stop();
 }

@@ -118,11 +118,13 @@ pub fn bind_socket(bind: SocketAddr, share_port: bool) -> anyhow::Result<std::ne
 }
 
 /// A quinn endpoint on `socket`, driven by the current runtime. `server` is `None` for a
-/// node that only dials out.
+/// node that only dials out. `sharing` is the hand-off and this worker's index for a
+/// socket of a shared port (see `tunnel::udp`).
 pub fn endpoint(
     socket: std::net::UdpSocket,
     server: Option<quinn::ServerConfig>,
     reset_key_seed: &[u8],
+    sharing: Option<(&Arc<super::udp::Handoff>, usize)>,
 ) -> anyhow::Result<quinn::Endpoint> {
     let digest = Sha256::new()
         .chain_update(b"hybridge stateless reset v1")
@@ -134,8 +136,14 @@ pub fn endpoint(
         .max_udp_payload_size(MAX_UDP_PAYLOAD)
         .map_err(|e| anyhow::anyhow!("tunnel UDP payload size: {e}"))?;
     let local = socket.local_addr()?;
-    let socket = super::udp::TunnelSocket::new(socket)
-        .map_err(|e| anyhow::anyhow!("registering the tunnel UDP socket {local}: {e}"))?;
+    let socket = match sharing {
+        Some((handoff, worker)) => {
+            endpoint_config.cid_generator(handoff.cid_generator(worker));
+            super::udp::TunnelSocket::sharing(socket, handoff.clone(), worker)
+        }
+        None => super::udp::TunnelSocket::new(socket),
+    }
+    .map_err(|e| anyhow::anyhow!("registering the tunnel UDP socket {local}: {e}"))?;
     Ok(quinn::Endpoint::new_with_abstract_socket(
         endpoint_config,
         server,

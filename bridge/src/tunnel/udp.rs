@@ -12,18 +12,28 @@
 //!   nothing: one `epoll_wait` per datagram. Sends rarely block (the send buffer is 8 MiB), so
 //!   only when one does is a duplicate of the descriptor registered for writing, for the
 //!   length of that wait; registering reports a socket that is already writable at once.
+//!
+//! Workers that share a listen port (`SO_REUSEPORT`) each own a socket of the group, and the
+//! kernel picks one by the peer's address. A peer whose address changes (a NAT rebinding)
+//! can therefore reach another worker's socket. As Envoy does, every connection ID an
+//! endpoint issues names its worker ([`Handoff::cid_generator`]), and a socket that receives
+//! a datagram for another worker's connection hands it over ([`Handoff`]), so the
+//! connection migrates instead of being reset by an endpoint that does not know it.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
+use futures_util::task::AtomicWaker;
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
-use quinn::{AsyncUdpSocket, UdpPoller};
+use quinn::{AsyncUdpSocket, ConnectionId, ConnectionIdGenerator, UdpPoller};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -35,6 +45,8 @@ pub struct TunnelSocket {
     /// The last send hit EAGAIN: quinn asks the poller before every send, and only then does
     /// the poller have to wait for the kernel.
     blocked: AtomicBool,
+    /// For a socket of a shared port: the hand-off between the workers, and this worker.
+    handoff: Option<(Arc<Handoff>, usize)>,
 }
 
 impl TunnelSocket {
@@ -47,7 +59,185 @@ impl TunnelSocket {
             io,
             state,
             blocked: AtomicBool::new(false),
+            handoff: None,
         })
+    }
+
+    /// `new` for worker `worker`'s socket of a shared port.
+    pub fn sharing(
+        socket: std::net::UdpSocket,
+        handoff: Arc<Handoff>,
+        worker: usize,
+    ) -> io::Result<Self> {
+        Ok(Self {
+            handoff: Some((handoff, worker)),
+            ..Self::new(socket)?
+        })
+    }
+}
+
+/// Length of the connection IDs a sharing endpoint issues: 7 random bytes and a tag byte.
+const CID_LEN: usize = 8;
+/// Datagrams waiting for a worker; more are dropped (QUIC retransmits), so a worker that
+/// stopped reading cannot grow another's memory.
+const INBOX_LIMIT: usize = 1024;
+
+/// The hand-off between the sockets of workers sharing one UDP port.
+pub struct Handoff {
+    /// Keys the tag byte, so the worker a connection ID names is hidden from observers
+    /// (RFC 9000 §5.1: IDs must not be correlatable by anyone but their issuer).
+    key: RandomState,
+    inboxes: Vec<Inbox>,
+}
+
+#[derive(Default)]
+struct Inbox {
+    queue: Mutex<VecDeque<(Vec<u8>, RecvMeta)>>,
+    waker: AtomicWaker,
+}
+
+impl fmt::Debug for Handoff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handoff")
+            .field("workers", &self.inboxes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Handoff {
+    pub fn new(workers: usize) -> Arc<Self> {
+        Arc::new(Self {
+            key: RandomState::new(),
+            inboxes: (0..workers).map(|_| Inbox::default()).collect(),
+        })
+    }
+
+    /// The connection-ID generator of worker `worker`'s endpoint.
+    pub fn cid_generator(
+        self: &Arc<Self>,
+        worker: usize,
+    ) -> impl Fn() -> Box<dyn ConnectionIdGenerator> + Send + Sync + 'static {
+        let handoff = self.clone();
+        move || {
+            Box::new(WorkerCids {
+                handoff: handoff.clone(),
+                worker,
+            })
+        }
+    }
+
+    fn tag(&self, random: &[u8]) -> u8 {
+        self.key.hash_one(random).to_le_bytes()[0]
+    }
+
+    /// The worker whose connection a datagram is for, if its destination connection ID is
+    /// one of ours: a short-header packet's, or a Handshake packet's (Initial and 0-RTT
+    /// packets carry an ID the client chose, and stay where they land).
+    fn owner(&self, datagram: &[u8]) -> Option<usize> {
+        let first = *datagram.first()?;
+        let cid = if first & 0x80 == 0 {
+            datagram.get(1..1 + CID_LEN)?
+        } else if (first >> 4) & 0x03 == 2 && datagram.get(5) == Some(&(CID_LEN as u8)) {
+            datagram.get(6..6 + CID_LEN)?
+        } else {
+            return None;
+        };
+        let (random, tag) = cid.split_at(CID_LEN - 1);
+        let worker = usize::from(tag[0] ^ self.tag(random));
+        (worker < self.inboxes.len()).then_some(worker)
+    }
+
+    /// Moves the received datagrams of other workers' connections to their inboxes; the
+    /// rest move up to the front, in order. Returns how many stay.
+    fn route(
+        &self,
+        worker: usize,
+        received: usize,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> usize {
+        let mut kept = 0;
+        for i in 0..received {
+            let datagram = &bufs[i][..meta[i].len];
+            match self.owner(datagram) {
+                Some(owner) if owner != worker => self.deliver(owner, datagram, meta[i]),
+                // Copied, not swapped: a caller may read its buffers by position.
+                _ if kept == i => kept += 1,
+                _ => {
+                    let len = meta[i].len;
+                    let (front, rest) = bufs.split_at_mut(i);
+                    if let Some(slot) = front[kept].get_mut(..len) {
+                        slot.copy_from_slice(&rest[0][..len]);
+                        meta[kept] = meta[i];
+                        kept += 1;
+                    }
+                }
+            }
+        }
+        kept
+    }
+
+    fn deliver(&self, worker: usize, datagram: &[u8], meta: RecvMeta) {
+        let inbox = &self.inboxes[worker];
+        if let Ok(mut queue) = inbox.queue.lock()
+            && queue.len() < INBOX_LIMIT
+        {
+            queue.push_back((datagram.to_vec(), meta));
+        }
+        inbox.waker.wake();
+    }
+
+    /// Copies datagrams handed to `worker` into the receive buffers, after registering the
+    /// reader to be woken by the next one.
+    fn take(
+        &self,
+        worker: usize,
+        cx: &Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> usize {
+        let inbox = &self.inboxes[worker];
+        inbox.waker.register(cx.waker());
+        let Ok(mut queue) = inbox.queue.lock() else {
+            return 0;
+        };
+        let mut taken = 0;
+        while taken < bufs.len().min(meta.len()) {
+            let Some((datagram, received)) = queue.pop_front() else {
+                break;
+            };
+            // Every worker's buffers have the same size; one that does not fit is dropped.
+            if let Some(buf) = bufs[taken].get_mut(..datagram.len()) {
+                buf.copy_from_slice(&datagram);
+                meta[taken] = received;
+                taken += 1;
+            }
+        }
+        taken
+    }
+}
+
+/// Random connection IDs whose last byte, keyed, names the issuing worker.
+struct WorkerCids {
+    handoff: Arc<Handoff>,
+    worker: usize,
+}
+
+impl ConnectionIdGenerator for WorkerCids {
+    fn generate_cid(&mut self) -> ConnectionId {
+        let mut cid = [0u8; CID_LEN];
+        rand::fill(&mut cid[..CID_LEN - 1]);
+        // Workers beyond 255 share tags; their datagrams just stay where they land.
+        cid[CID_LEN - 1] = (self.worker as u8) ^ self.handoff.tag(&cid[..CID_LEN - 1]);
+        ConnectionId::new(&cid)
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        None
     }
 }
 
@@ -88,6 +278,12 @@ impl AsyncUdpSocket for TunnelSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        if let Some((handoff, worker)) = &self.handoff {
+            let taken = handoff.take(*worker, cx, bufs, meta);
+            if taken > 0 {
+                return Poll::Ready(Ok(taken));
+            }
+        }
         loop {
             let mut guard = ready!(self.io.poll_read_ready(cx))?;
             let batch = bufs.len().min(meta.len());
@@ -97,7 +293,14 @@ impl AsyncUdpSocket for TunnelSocket {
                 if received.as_ref().is_ok_and(|&n| n < batch) {
                     guard.clear_ready();
                 }
-                return Poll::Ready(received);
+                let received = match (received, &self.handoff) {
+                    (Ok(n), Some((handoff, worker))) => handoff.route(*worker, n, bufs, meta),
+                    (other, _) => return Poll::Ready(other),
+                };
+                // All of them went to other workers: read on (or wait for readiness).
+                if received > 0 {
+                    return Poll::Ready(Ok(received));
+                }
             }
         }
     }
@@ -165,6 +368,12 @@ mod tests {
 
     /// One `poll_recv` with a batch of `slots` buffers; returns the datagrams it read.
     async fn receive(socket: &TunnelSocket, slots: usize) -> Vec<Vec<u8>> {
+        let received = receive_from(socket, slots).await;
+        received.into_iter().map(|(datagram, _)| datagram).collect()
+    }
+
+    /// [`receive`], with each datagram's source address.
+    async fn receive_from(socket: &TunnelSocket, slots: usize) -> Vec<(Vec<u8>, SocketAddr)> {
         let mut bufs = vec![vec![0u8; 1024]; slots];
         let mut meta = vec![RecvMeta::default(); slots];
         let n = tokio::time::timeout(
@@ -177,7 +386,45 @@ mod tests {
         .await
         .expect("a datagram sent after a readiness clear never woke the receiver")
         .unwrap();
-        (0..n).map(|i| bufs[i][..meta[i].len].to_vec()).collect()
+        (0..n)
+            .map(|i| (bufs[i][..meta[i].len].to_vec(), meta[i].addr))
+            .collect()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_datagram_for_another_workers_connection_is_handed_to_that_worker() {
+        let handoff = Handoff::new(2);
+        let sockets: Vec<TunnelSocket> = (0..2)
+            .map(|worker| {
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                TunnelSocket::sharing(socket, handoff.clone(), worker).unwrap()
+            })
+            .collect();
+        let to_first = sockets[0].local_addr().unwrap();
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let packet = |header: &[u8], worker: usize, payload: &[u8]| {
+            let cid = (handoff.cid_generator(worker))().generate_cid();
+            assert_eq!(cid.len(), CID_LEN);
+            [header, &cid[..], payload].concat()
+        };
+        let for_second = packet(&[0x40], 1, b"short header, worker 1");
+        // An Initial packet's ID is the client's, whatever it decodes to: it stays.
+        let initial = packet(&[0xc0, 0, 0, 0, 1, CID_LEN as u8], 1, b"initial");
+        let handshake = packet(
+            &[0xe0, 0, 0, 0, 1, CID_LEN as u8],
+            1,
+            b"handshake, worker 1",
+        );
+        let for_first = packet(&[0x40], 0, b"short header, worker 0");
+        for datagram in [&for_second, &initial, &handshake, &for_first] {
+            peer.send_to(datagram, to_first).unwrap();
+        }
+        assert_eq!(receive(&sockets[0], 8).await, [initial, for_first]);
+        let from = peer.local_addr().unwrap();
+        assert_eq!(
+            receive_from(&sockets[1], 8).await,
+            [(for_second, from), (handshake, from)]
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]
