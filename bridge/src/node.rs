@@ -115,9 +115,9 @@ pub fn load_tls(config: &Config) -> anyhow::Result<TlsMaterial> {
 /// their own. A node that listens and dials, or dials from a fixed port, keeps one endpoint
 /// (on worker 0) that the other workers' requests use.
 ///
-/// The kernel picks a worker's socket of a shared port by the peer's address, so a peer
-/// whose NAT rebinds may reach another worker: that socket hands the datagrams to the
-/// worker their connection ID names (`tunnel::udp::Handoff`), and the connection migrates.
+/// The kernel picks a worker's socket of a shared port by the peer's address; the sockets
+/// then deal new connections to the workers in turn, and hand a datagram to the worker its
+/// connection ID names, so a peer whose NAT rebinds migrates (`tunnel::udp::Handoff`).
 fn tunnel_per_worker(config: &Config, workers: &Workers) -> bool {
     workers.count() > 1
         && match config.tunnel.listen {

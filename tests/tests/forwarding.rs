@@ -229,7 +229,7 @@ fn streams_per_worker(node: &hybridge::node::Node) -> BTreeMap<usize, u64> {
 }
 
 /// A node spread over worker threads, as `hybridge run` is on a multi-CPU host: every
-/// worker dials tunnels of its own, the kernel spreads callers' connections over the
+/// worker dials tunnels of its own, the peer's workers get one each, the kernel spreads callers' connections over the
 /// workers' listeners, and a request goes out over a tunnel of the worker that accepted
 /// its connection, so it never waits for another thread. Then both nodes drain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,6 +261,16 @@ async fn workers_have_their_own_tunnels_and_keep_each_request_on_its_thread() {
         BTreeMap::from([(1, 1), (2, 1)]),
         "{status}"
     );
+    // The node accepting them deals new tunnels to its workers in turn (left to the
+    // kernel's hash of the addresses, both would share one worker half of the time).
+    tokio::time::timeout(WAIT, p.cloud.state.peers.wait_until(|l| l.len() == 2))
+        .await
+        .expect("the cloud node accepts both tunnels");
+    let mut accepted_per_worker = BTreeMap::new();
+    for link in p.cloud.state.peers.links().iter() {
+        *accepted_per_worker.entry(link.worker).or_insert(0) += 1;
+    }
+    assert_eq!(accepted_per_worker, BTreeMap::from([(1, 1), (2, 1)]));
 
     let inventory = import_addr(&p.onprem, "inventory");
     let get = || {

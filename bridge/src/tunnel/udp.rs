@@ -18,8 +18,12 @@
 //! can therefore reach another worker's socket. As Envoy does, every connection ID an
 //! endpoint issues names its worker ([`Handoff::cid_generator`]), and a socket that receives
 //! a datagram for another worker's connection hands it over ([`Handoff`]), so the
-//! connection migrates instead of being reset by an endpoint that does not know it.
+//! connection migrates instead of being reset by an endpoint that does not know it. New
+//! connections are dealt to the workers in turn (by their first packet's connection ID)
+//! rather than left to the kernel's hash, which put both tunnels of a peer with two on one
+//! worker half of the time.
 
+use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
@@ -27,9 +31,10 @@ use std::hash::{BuildHasher, RandomState};
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
 
 use futures_util::task::AtomicWaker;
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
@@ -82,12 +87,22 @@ const CID_LEN: usize = 8;
 /// stopped reading cannot grow another's memory.
 const INBOX_LIMIT: usize = 1024;
 
+/// Connections being set up, by the ID their client chose, are remembered this long: long
+/// enough for the client to learn the ID our endpoint issued (one round trip).
+const SETUP_MEMORY: Duration = Duration::from_secs(10);
+/// Connections being set up that are remembered at most; beyond (a flood of Initial
+/// packets), new ones stay on the worker the kernel chose.
+const SETUP_LIMIT: usize = 4096;
+
 /// The hand-off between the sockets of workers sharing one UDP port.
 pub struct Handoff {
     /// Keys the tag byte, so the worker a connection ID names is hidden from observers
     /// (RFC 9000 §5.1: IDs must not be correlatable by anyone but their issuer).
     key: RandomState,
     inboxes: Vec<Inbox>,
+    /// The worker dealt each connection being set up, by its client's initial ID.
+    setup: Mutex<HashMap<Vec<u8>, (usize, Instant)>>,
+    next: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -109,6 +124,8 @@ impl Handoff {
         Arc::new(Self {
             key: RandomState::new(),
             inboxes: (0..workers).map(|_| Inbox::default()).collect(),
+            setup: Mutex::new(HashMap::new()),
+            next: AtomicUsize::new(0),
         })
     }
 
@@ -130,21 +147,49 @@ impl Handoff {
         self.key.hash_one(random).to_le_bytes()[0]
     }
 
-    /// The worker whose connection a datagram is for, if its destination connection ID is
-    /// one of ours: a short-header packet's, or a Handshake packet's (Initial and 0-RTT
-    /// packets carry an ID the client chose, and stay where they land).
+    /// The worker a datagram is for: the one its destination connection ID names, if the
+    /// ID is one of ours; for the Initial and 0-RTT packets of a new connection, whose ID
+    /// the client chose, the worker dealt that connection.
     fn owner(&self, datagram: &[u8]) -> Option<usize> {
         let first = *datagram.first()?;
-        let cid = if first & 0x80 == 0 {
-            datagram.get(1..1 + CID_LEN)?
-        } else if (first >> 4) & 0x03 == 2 && datagram.get(5) == Some(&(CID_LEN as u8)) {
-            datagram.get(6..6 + CID_LEN)?
-        } else {
+        if first & 0x80 == 0 {
+            return self.named(datagram.get(1..1 + CID_LEN)?);
+        }
+        let cid = datagram.get(6..6 + usize::from(*datagram.get(5)?))?;
+        match (first >> 4) & 0x03 {
+            0 | 1 => self.named(cid).or_else(|| self.deal(cid)),
+            2 => self.named(cid),
+            _ => None,
+        }
+    }
+
+    /// The worker a connection ID of ours names.
+    fn named(&self, cid: &[u8]) -> Option<usize> {
+        if cid.len() != CID_LEN {
             return None;
-        };
+        }
         let (random, tag) = cid.split_at(CID_LEN - 1);
         let worker = usize::from(tag[0] ^ self.tag(random));
         (worker < self.inboxes.len()).then_some(worker)
+    }
+
+    /// The worker dealt the new connection whose client chose `cid`: the next in turn the
+    /// first time, the same one for its retransmissions.
+    fn deal(&self, cid: &[u8]) -> Option<usize> {
+        let mut setup = self.setup.lock().ok()?;
+        if let Some((worker, _)) = setup.get(cid) {
+            return Some(*worker);
+        }
+        let now = Instant::now();
+        if setup.len() >= SETUP_LIMIT / 2 {
+            setup.retain(|_, (_, at)| now.duration_since(*at) < SETUP_MEMORY);
+        }
+        if setup.len() >= SETUP_LIMIT {
+            return None;
+        }
+        let worker = self.next.fetch_add(1, Ordering::Relaxed) % self.inboxes.len();
+        setup.insert(cid.to_vec(), (worker, now));
+        Some(worker)
     }
 
     /// Moves the received datagrams of other workers' connections to their inboxes; the
@@ -392,6 +437,34 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
+    async fn new_connections_are_dealt_to_the_workers_in_turn_and_keep_their_worker() {
+        let handoff = Handoff::new(2);
+        let sockets: Vec<TunnelSocket> = (0..2)
+            .map(|worker| {
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                TunnelSocket::sharing(socket, handoff.clone(), worker).unwrap()
+            })
+            .collect();
+        let to_second = sockets[1].local_addr().unwrap();
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Initial packets with 20-byte IDs, as quinn's clients choose them.
+        let initial =
+            |id: u8, payload: &[u8]| [&[0xc0, 0, 0, 0, 1, 20][..], &[id; 20], payload].concat();
+        let (a, b, a_again, c) = (
+            initial(1, b"a"),
+            initial(2, b"b"),
+            initial(1, b"a again"),
+            initial(3, b"c"),
+        );
+        // All land on the second worker's socket; they are dealt 0, 1, (a's) 0, 0.
+        for datagram in [&a, &b, &a_again, &c] {
+            peer.send_to(datagram, to_second).unwrap();
+        }
+        assert_eq!(receive(&sockets[1], 8).await, [b]);
+        assert_eq!(receive(&sockets[0], 8).await, [a, a_again, c]);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
     async fn a_datagram_for_another_workers_connection_is_handed_to_that_worker() {
         let handoff = Handoff::new(2);
         let sockets: Vec<TunnelSocket> = (0..2)
@@ -408,7 +481,7 @@ mod tests {
             [header, &cid[..], payload].concat()
         };
         let for_second = packet(&[0x40], 1, b"short header, worker 1");
-        // An Initial packet's ID is the client's, whatever it decodes to: it stays.
+        // A client's Initial packets carry our ID once it has learnt it.
         let initial = packet(&[0xc0, 0, 0, 0, 1, CID_LEN as u8], 1, b"initial");
         let handshake = packet(
             &[0xe0, 0, 0, 0, 1, CID_LEN as u8],
@@ -419,11 +492,11 @@ mod tests {
         for datagram in [&for_second, &initial, &handshake, &for_first] {
             peer.send_to(datagram, to_first).unwrap();
         }
-        assert_eq!(receive(&sockets[0], 8).await, [initial, for_first]);
+        assert_eq!(receive(&sockets[0], 8).await, [for_first]);
         let from = peer.local_addr().unwrap();
         assert_eq!(
             receive_from(&sockets[1], 8).await,
-            [(for_second, from), (handshake, from)]
+            [(for_second, from), (initial, from), (handshake, from)]
         );
     }
 
