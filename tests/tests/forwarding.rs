@@ -325,6 +325,10 @@ async fn workers_have_their_own_tunnels_and_keep_each_request_on_its_thread() {
     workers.stop();
 }
 
+fn link_ids(node: &hybridge::node::Node) -> Vec<usize> {
+    node.state.peers.links().iter().map(|l| l.id()).collect()
+}
+
 /// A peer whose address changes (a NAT rebinding) keeps its tunnel to a node whose workers
 /// share the listen port. The kernel may give the new address to another worker's socket;
 /// that socket hands the datagrams to the worker whose connection they are for, and the
@@ -335,14 +339,7 @@ async fn a_peer_that_changes_address_keeps_its_tunnel_to_a_node_with_workers() {
     let workers = Arc::new(Workers::spawn(2).unwrap());
     let p = pair_on(Some(&workers), None).await;
     let inventory = import_addr(&p.onprem, "inventory");
-    let tunnel: Vec<usize> = p
-        .onprem
-        .state
-        .peers
-        .links()
-        .iter()
-        .map(|l| l.id())
-        .collect();
+    let tunnel = link_ids(&p.onprem);
     assert_eq!(tunnel.len(), 1);
     let mut conn = http1_conn(inventory).await;
     for round in 0..10 {
@@ -355,15 +352,11 @@ async fn a_peer_that_changes_address_keeps_its_tunnel_to_a_node_with_workers() {
         conn.ready().await.unwrap();
         let answer = collect(conn.send_request(request).await.unwrap()).await;
         assert_eq!(answer.status, 200, "round {round}: {:?}", answer.body);
-        let now: Vec<usize> = p
-            .onprem
-            .state
-            .peers
-            .links()
-            .iter()
-            .map(|l| l.id())
-            .collect();
-        assert_eq!(now, tunnel, "round {round}: the tunnel was replaced");
+        assert_eq!(
+            link_ids(&p.onprem),
+            tunnel,
+            "round {round}: the tunnel was replaced"
+        );
     }
     p.stop().await;
     workers.stop();

@@ -436,15 +436,21 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn new_connections_are_dealt_to_the_workers_in_turn_and_keep_their_worker() {
-        let handoff = Handoff::new(2);
-        let sockets: Vec<TunnelSocket> = (0..2)
+    /// One socket per worker of `handoff`, each on a port of its own (the hand-off does not
+    /// care how a datagram reached a socket).
+    fn sharing_sockets(handoff: &Arc<Handoff>) -> Vec<TunnelSocket> {
+        (0..handoff.inboxes.len())
             .map(|worker| {
                 let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
                 TunnelSocket::sharing(socket, handoff.clone(), worker).unwrap()
             })
-            .collect();
+            .collect()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn new_connections_are_dealt_to_the_workers_in_turn_and_keep_their_worker() {
+        let handoff = Handoff::new(2);
+        let sockets = sharing_sockets(&handoff);
         let to_second = sockets[1].local_addr().unwrap();
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         // Initial packets with 20-byte IDs, as quinn's clients choose them.
@@ -467,12 +473,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_datagram_for_another_workers_connection_is_handed_to_that_worker() {
         let handoff = Handoff::new(2);
-        let sockets: Vec<TunnelSocket> = (0..2)
-            .map(|worker| {
-                let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-                TunnelSocket::sharing(socket, handoff.clone(), worker).unwrap()
-            })
-            .collect();
+        let sockets = sharing_sockets(&handoff);
         let to_first = sockets[0].local_addr().unwrap();
         let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let packet = |header: &[u8], worker: usize, payload: &[u8]| {
