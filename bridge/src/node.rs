@@ -113,7 +113,7 @@ pub fn load_tls(config: &Config) -> anyhow::Result<TlsMaterial> {
 /// Whether each worker can have a tunnel endpoint of its own: a listen-only node's workers
 /// share the listen port (`SO_REUSEPORT`); a dial-only node's workers dial from ports of
 /// their own. A node that listens and dials, or dials from a fixed port, keeps one endpoint
-/// (on worker 0) that the other workers' requests use.
+/// (on the first worker, numbered 1 in `/v1/status`) that the other workers' requests use.
 ///
 /// The kernel picks a worker's socket of a shared port by the peer's address; the sockets
 /// then deal new connections to the workers in turn, and hand a datagram to the worker its
