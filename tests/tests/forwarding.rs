@@ -720,3 +720,86 @@ async fn peers_with_a_foreign_ca_the_wrong_site_or_a_revoked_certificate_are_ref
     revoked.abort().await;
     cloud.shutdown().await;
 }
+
+/// A node tells a draining peer it is done with it (DrainAck) only once the requests it
+/// sent over that tunnel have finished: the peer closes the connection right after, and
+/// before this a request routed just ahead of the GOAWAY could open its stream after the
+/// acknowledgement and be cut (502 `tunnel-stream-failed` during a rolling restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_peer_is_acknowledged_only_after_the_requests_sent_to_it_finish() {
+    use hybridge::tunnel::control::ControlMessage;
+    const SIZE: u64 = 64 * 1024 * 1024;
+    let Pair {
+        cloud,
+        onprem,
+        cancel,
+        ..
+    } = pair().await;
+    let inventory = import_addr(&onprem, "inventory");
+
+    // In flight: a download whose head has arrived and whose body we do not read yet.
+    let mut sender = http1_conn(inventory).await;
+    let request = http::Request::builder()
+        .uri(format!("/bytes/{SIZE}"))
+        .header("host", "x")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let link = onprem.state.peers.links()[0].clone();
+    assert_eq!(link.active_streams(), 1);
+
+    let cloud_state = cloud.state.clone();
+    let draining = tokio::spawn(cloud.shutdown());
+    tokio::time::timeout(
+        WAIT,
+        onprem
+            .state
+            .peers
+            .wait_until(|links| links.iter().all(|l| l.is_draining())),
+    )
+    .await
+    .expect("the GOAWAY arrives");
+    assert_eq!(
+        http1(inventory, "GET", "/health", &[], Bytes::new())
+            .await
+            .header("x-hybridge-error"),
+        Some("no-route"),
+        "nothing new goes to a draining peer"
+    );
+    // The control stream is ordered: once the cloud has read a message sent after the
+    // GOAWAY was handled, it has read any acknowledgement sent before it.
+    link.send_control(ControlMessage::Exports {
+        exports: vec!["marker".into()],
+        policy_version: 0,
+    });
+    tokio::time::timeout(
+        WAIT,
+        cloud_state
+            .peers
+            .wait_until(|links| links.iter().all(|l| l.exports().contains("marker"))),
+    )
+    .await
+    .expect("the marker arrives");
+    assert!(
+        !cloud_state.peers.links()[0].drain_acknowledged(),
+        "acknowledged while a request to the draining node was in flight"
+    );
+
+    // The request finishes whole; then the acknowledgement lets the cloud stop.
+    let mut body = response.into_body();
+    let mut received = 0u64;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            received += data.len() as u64;
+        }
+    }
+    assert_eq!(received, SIZE);
+    assert_eq!(link.active_streams(), 0);
+    tokio::time::timeout(WAIT, draining)
+        .await
+        .expect("the cloud stops once acknowledged")
+        .unwrap();
+    onprem.shutdown().await;
+    cancel.cancel();
+}

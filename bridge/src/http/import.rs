@@ -367,14 +367,13 @@ async fn forward(
             .with_header("x-hybridge-acl-rule", decision.rule_label()),
         ));
     }
-    let Some(link) = ctx.peers.route(service) else {
+    let Some((link, guard)) = ctx.peers.route(service) else {
         return Err(fail(BridgeError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no-route",
             format!("no connected peer exports `{service}`"),
         )));
     };
-    let guard = link.stream_guard();
     let (mut send, mut recv) = link.connection.open_stream().await.map_err(|e| {
         fail(BridgeError::new(
             StatusCode::BAD_GATEWAY,

@@ -28,7 +28,8 @@ pub enum ControlMessage {
     },
     /// The sender is draining: open no new streams to it; in-flight streams finish.
     GoAway { reason: String },
-    /// Answer to GOAWAY: the sender has stopped routing new requests to this connection.
+    /// Answer to GOAWAY: the sender routes no new requests to this connection, and those it
+    /// had sent over it have finished (so the connection can close without cutting one).
     DrainAck,
 }
 

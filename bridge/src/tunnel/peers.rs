@@ -36,6 +36,8 @@ pub struct PeerLink {
     draining: AtomicBool,
     drain_acknowledged: AtomicBool,
     active_streams: AtomicUsize,
+    /// Woken when the last active stream ends (see `streams_finished`).
+    streams_idle: tokio::sync::Notify,
     total_streams: AtomicU64,
     policy_version: AtomicU64,
     control: mpsc::Sender<ControlMessage>,
@@ -60,6 +62,7 @@ impl PeerLink {
             draining: AtomicBool::new(false),
             drain_acknowledged: AtomicBool::new(false),
             active_streams: AtomicUsize::new(0),
+            streams_idle: tokio::sync::Notify::new(),
             total_streams: AtomicU64::new(0),
             policy_version: AtomicU64::new(policy_version),
             control,
@@ -84,11 +87,27 @@ impl PeerLink {
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.draining.load(Ordering::SeqCst)
     }
 
+    /// The peer sent GOAWAY: no new stream starts on this link from now on. Streams already
+    /// started are counted in `active_streams` (see `try_stream_guard`).
     pub fn mark_draining(&self) {
-        self.draining.store(true, Ordering::Release);
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Resolves once no stream of ours is active on this link; with `mark_draining` done
+    /// first, none can start afterwards, so the peer may then be told we are finished with it.
+    pub async fn streams_finished(&self) {
+        loop {
+            let idle = self.streams_idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.active_streams.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
     }
 
     /// The peer confirmed it stopped sending us new requests after our GOAWAY.
@@ -108,11 +127,22 @@ impl PeerLink {
         self.total_streams.load(Ordering::Relaxed)
     }
 
-    /// Counts a stream as active until the guard drops.
-    pub fn stream_guard(self: &Arc<Self>) -> StreamGuard {
-        self.active_streams.fetch_add(1, Ordering::Relaxed);
+    /// Counts a stream as active until the guard drops; `None` if the link is draining.
+    ///
+    /// The count goes up before the draining flag is read, and `mark_draining` sets the flag
+    /// before `streams_finished` reads the count (all `SeqCst`): so either this sees the
+    /// GOAWAY and starts nothing, or the drain sees this stream and waits for it. Routing
+    /// alone could not promise that: a request routed just before a GOAWAY arrived opened
+    /// its stream after the drain was acknowledged, and the draining node closed the
+    /// connection under it (502 `tunnel-stream-failed` during a rolling restart).
+    pub fn try_stream_guard(self: &Arc<Self>) -> Option<StreamGuard> {
+        self.active_streams.fetch_add(1, Ordering::SeqCst);
+        let guard = StreamGuard(self.clone());
+        if self.is_draining() {
+            return None; // the guard's drop gives the count back
+        }
         self.total_streams.fetch_add(1, Ordering::Relaxed);
-        StreamGuard(self.clone())
+        Some(guard)
     }
 
     /// Queues a control message to this peer; drops it if the control writer is gone or
@@ -127,7 +157,9 @@ pub struct StreamGuard(Arc<PeerLink>);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.active_streams.fetch_sub(1, Ordering::Relaxed);
+        if self.0.active_streams.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.streams_idle.notify_waiters();
+        }
     }
 }
 
@@ -190,11 +222,24 @@ impl PeerSet {
         self.links.load_full()
     }
 
+    /// Picks a link for `service` and counts the stream that is about to start on it (see
+    /// `PeerLink::try_stream_guard`). A link that turned out to be draining in between is
+    /// passed over; each pass looks at one link fewer, so this ends.
+    pub fn route(&self, service: &str) -> Option<(Arc<PeerLink>, StreamGuard)> {
+        for _ in 0..=self.links.load().len() {
+            let link = self.pick(service)?;
+            if let Some(guard) = link.try_stream_guard() {
+                return Some((link, guard));
+            }
+        }
+        None
+    }
+
     /// Picks a link for `service`: among non-draining links that export it, the less busy
     /// of two chosen at random (so one hot connection does not take every request). Links
     /// driven by the calling worker come first, so a request stays on its thread; the
     /// others are used when the worker has none.
-    pub fn route(&self, service: &str) -> Option<Arc<PeerLink>> {
+    fn pick(&self, service: &str) -> Option<Arc<PeerLink>> {
         let links = self.links.load();
         let worker = crate::workers::current();
         let usable = |l: &&Arc<PeerLink>| !l.is_draining() && l.exports.load().contains(service);

@@ -126,8 +126,14 @@ pub async fn run(
                 Ok(Some(ControlMessage::GoAway { reason })) => {
                     info!(peer = %peer_name, %reason, "peer is draining; sending it no new requests");
                     link.mark_draining();
-                    link.send_control(ControlMessage::DrainAck);
                     ctx.peers.touch();
+                    // Acknowledge once our streams to it are over: the peer closes the
+                    // connection soon after, and a stream still opening would be cut.
+                    let link = link.clone();
+                    ctx.tasks.spawn(async move {
+                        link.streams_finished().await;
+                        link.send_control(ControlMessage::DrainAck);
+                    });
                 }
                 Ok(Some(ControlMessage::DrainAck)) => {
                     link.mark_drain_acknowledged();
