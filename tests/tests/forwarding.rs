@@ -485,6 +485,20 @@ async fn status_codes_and_trailers_pass_through() {
     p.stop().await;
 }
 
+/// `GET /bytes/{size}` from the demo upstream over a fresh HTTP/1.1 connection: the
+/// response with its head read (200) and its body not yet.
+async fn download(addr: std::net::SocketAddr, size: u64) -> http::Response<hyper::body::Incoming> {
+    let mut sender = http1_conn(addr).await;
+    let request = http::Request::builder()
+        .uri(format!("/bytes/{size}"))
+        .header("host", "x")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    response
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100_mib_upload_and_download_arrive_byte_identical() {
     const SIZE: u64 = 100 * 1024 * 1024;
@@ -504,15 +518,7 @@ async fn a_100_mib_upload_and_download_arrive_byte_identical() {
     drop(chunk);
 
     // Download: stream and hash without holding it.
-    let mut sender = http1_conn(inventory).await;
-    let request = http::Request::builder()
-        .uri(format!("/bytes/{SIZE}"))
-        .header("host", "x")
-        .body(http_body_util::Empty::<Bytes>::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
+    let mut body = download(inventory, SIZE).await.into_body();
     let (mut hasher, mut received) = (Sha256::new(), 0u64);
     while let Some(frame) = body.frame().await {
         if let Ok(data) = frame.unwrap().into_data() {
@@ -738,14 +744,7 @@ async fn a_draining_peer_is_acknowledged_only_after_the_requests_sent_to_it_fini
     let inventory = import_addr(&onprem, "inventory");
 
     // In flight: a download whose head has arrived and whose body we do not read yet.
-    let mut sender = http1_conn(inventory).await;
-    let request = http::Request::builder()
-        .uri(format!("/bytes/{SIZE}"))
-        .header("host", "x")
-        .body(http_body_util::Empty::<Bytes>::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    assert_eq!(response.status(), 200);
+    let response = download(inventory, SIZE).await;
     let link = onprem.state.peers.links()[0].clone();
     assert_eq!(link.active_streams(), 1);
 
