@@ -81,8 +81,12 @@ impl TunnelSocket {
     }
 }
 
-/// Length of the connection IDs a sharing endpoint issues: 7 random bytes and a tag byte.
+/// Length of the connection IDs a sharing endpoint issues: 6 random bytes and a 2-byte tag.
 const CID_LEN: usize = 8;
+/// The tag is two bytes so that it names any worker: the default is one worker per CPU, and
+/// with a one-byte tag a machine of more than 256 CPUs had workers whose IDs named another
+/// worker, which then reset their connections.
+const RANDOM_LEN: usize = CID_LEN - 2;
 /// Datagrams waiting for a worker; more are dropped (QUIC retransmits), so a worker that
 /// stopped reading cannot grow another's memory.
 const INBOX_LIMIT: usize = 1024;
@@ -143,8 +147,9 @@ impl Handoff {
         }
     }
 
-    fn tag(&self, random: &[u8]) -> u8 {
-        self.key.hash_one(random).to_le_bytes()[0]
+    fn tag(&self, random: &[u8]) -> u16 {
+        let hash = self.key.hash_one(random).to_le_bytes();
+        u16::from_le_bytes([hash[0], hash[1]])
     }
 
     /// The worker a datagram is for: the one its destination connection ID names, if the
@@ -168,8 +173,8 @@ impl Handoff {
         if cid.len() != CID_LEN {
             return None;
         }
-        let (random, tag) = cid.split_at(CID_LEN - 1);
-        let worker = usize::from(tag[0] ^ self.tag(random));
+        let (random, tag) = cid.split_at(RANDOM_LEN);
+        let worker = usize::from(u16::from_le_bytes([tag[0], tag[1]]) ^ self.tag(random));
         (worker < self.inboxes.len()).then_some(worker)
     }
 
@@ -271,9 +276,11 @@ struct WorkerCids {
 impl ConnectionIdGenerator for WorkerCids {
     fn generate_cid(&mut self) -> ConnectionId {
         let mut cid = [0u8; CID_LEN];
-        rand::fill(&mut cid[..CID_LEN - 1]);
-        // Workers beyond 255 share tags; their datagrams just stay where they land.
-        cid[CID_LEN - 1] = (self.worker as u8) ^ self.handoff.tag(&cid[..CID_LEN - 1]);
+        let (random, tag) = cid.split_at_mut(RANDOM_LEN);
+        rand::fill(random);
+        // Past 65,535 workers the tag names none, and datagrams stay where they land.
+        let worker = u16::try_from(self.worker).unwrap_or(u16::MAX);
+        tag.copy_from_slice(&(worker ^ self.handoff.tag(random)).to_le_bytes());
         ConnectionId::new(&cid)
     }
 
@@ -445,6 +452,15 @@ mod tests {
                 TunnelSocket::sharing(socket, handoff.clone(), worker).unwrap()
             })
             .collect()
+    }
+
+    #[test]
+    fn connection_ids_name_their_worker_on_machines_of_more_than_256_cpus() {
+        let handoff = Handoff::new(300);
+        for worker in [0, 1, 255, 256, 299] {
+            let cid = (handoff.cid_generator(worker))().generate_cid();
+            assert_eq!(handoff.named(&cid), Some(worker));
+        }
     }
 
     #[tokio::test(flavor = "current_thread")]
