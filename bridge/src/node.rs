@@ -27,6 +27,7 @@ use crate::tunnel::connection::TunnelConnection;
 use crate::tunnel::control::ControlMessage;
 use crate::tunnel::peers::{Direction, PeerSet};
 use crate::tunnel::quic::{self, TransportTuning};
+use crate::tunnel::serving::ServingPolicy;
 use crate::tunnel::session::{self, SessionContext};
 use crate::tunnel::udp::Handoff;
 use crate::upstream::Upstream;
@@ -49,6 +50,8 @@ pub struct NodeState {
     pub config: ArcSwap<Config>,
     pub identity: SpiffeId,
     pub peers: Arc<PeerSet>,
+    /// Which peer sites may serve which services.
+    pub serving: Arc<ServingPolicy>,
     pub acl: Arc<AclService>,
     pub export: Arc<ExportContext>,
     pub metrics: Arc<Metrics>,
@@ -254,6 +257,7 @@ impl Node {
         };
 
         let peers = Arc::new(PeerSet::default());
+        let serving = Arc::new(ServingPolicy::new(acl.clone(), &config));
         let requests = TaskTracker::new();
         let background = TaskTracker::new();
         let stop_listeners = CancellationToken::new();
@@ -262,7 +266,9 @@ impl Node {
         // Import listeners are bound before anything is spawned so a port clash fails start.
         let import_ctx = Arc::new(ImportContext {
             peers: peers.clone(),
+            serving: serving.clone(),
             acl: acl.clone(),
+            site: Arc::from(config.node.site.as_str()),
             metrics: metrics.clone(),
             tasks: requests.clone(),
         });
@@ -358,6 +364,7 @@ impl Node {
             config: ArcSwap::from_pointee(config.clone()),
             identity: identity.clone(),
             peers: peers.clone(),
+            serving: serving.clone(),
             acl: acl.clone(),
             export: export_ctx.clone(),
             metrics: metrics.clone(),
@@ -391,6 +398,7 @@ impl Node {
         let hello_id = identity.to_string();
         let session_ctx = Arc::new(SessionContext {
             peers: peers.clone(),
+            serving: serving.clone(),
             metrics: metrics.clone(),
             tasks: requests.clone(),
             hello: Box::new(move || {
@@ -527,15 +535,18 @@ impl Node {
         Ok(())
     }
 
-    /// Waits (at most `limit`) until a connected peer exports `service`.
+    /// Waits (at most `limit`) until a connected peer that may serve `service` exports it.
     pub async fn wait_for_route(&self, service: &str, limit: Duration) -> bool {
         let peers = &self.state.peers;
+        let serving = &self.state.serving;
         tokio::time::timeout(
             limit,
             peers.wait_until(|links| {
-                links
-                    .iter()
-                    .any(|l| !l.is_draining() && l.exports().contains(service))
+                links.iter().any(|l| {
+                    !l.is_draining()
+                        && l.exports().contains(service)
+                        && serving.permits(service, l.site())
+                })
             }),
         )
         .await
@@ -668,6 +679,7 @@ impl Node {
             slot.store(Arc::new(client));
         }
         self.state.export.services.store(Arc::new(services));
+        self.state.serving.reconfigure(&new);
         let exports_changed = new.export_names() != old.export_names();
         self.state.config.store(Arc::new(new));
         let config = self.state.config.load();
