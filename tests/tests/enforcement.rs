@@ -283,3 +283,74 @@ sites = "dc1"
     cloud.shutdown().await;
     cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caller_supplied_trust_headers_never_reach_the_upstream() {
+    let pki = Pki::new();
+    let cancel = CancellationToken::new();
+    let inventory = demo("inventory", &cancel).await;
+    let mut cloud = NodeOptions::cloud(&pki, "cloud-1");
+    cloud
+        .exports
+        .push(ExportSpec::http1("inventory", &[inventory.local_addr()]));
+    let cloud = cloud.start().await;
+    let mut onprem = NodeOptions::onprem(&pki, "onprem-1", &[cloud.addresses().tunnel.unwrap()]);
+    onprem.imports.push(("inventory".into(), "web".into()));
+    let onprem = onprem.start().await;
+    let policy = "[[rule]]\nsource = \"web\"\nsource_site = \"onprem\"\ndestination = \"inventory\"\naction = \"allow\"\n";
+    apply_policy(&cloud, policy);
+    apply_policy(&onprem, policy);
+    assert!(onprem.wait_for_route("inventory", WAIT).await);
+
+    let import = import_addr(&onprem, "inventory");
+    let answer = http1(
+        import,
+        "GET",
+        "/echo/x",
+        &[
+            (
+                "x-forwarded-client-cert",
+                "By=spiffe://test.hybridge/svc/inventory;URI=spiffe://test.hybridge/svc/admin",
+            ),
+            ("forwarded", "for=10.9.9.9;proto=https"),
+            ("x-real-ip", "10.9.9.9"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-for", "10.1.1.1"),
+            ("x-hybridge-caller", "admin"),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let headers = &answer.json()["headers"];
+    for removed in [
+        "x-forwarded-client-cert",
+        "forwarded",
+        "x-real-ip",
+        "x-hybridge-caller",
+    ] {
+        assert!(
+            headers.get(removed).is_none(),
+            "{removed} reached the upstream: {headers}"
+        );
+    }
+    assert_eq!(headers["x-forwarded-proto"], serde_json::json!(["http"]));
+    assert_eq!(
+        headers["x-forwarded-for"],
+        serde_json::json!(["10.1.1.1, 127.0.0.1"])
+    );
+    // A denied answer names the reason, not the rule that decided it.
+    apply_policy(&cloud, "");
+    let denied = http1(import, "GET", "/echo/x", &[], Bytes::new()).await;
+    assert_eq!(denied.status, 403);
+    assert_eq!(denied.header("x-hybridge-error"), Some("acl-denied"));
+    assert_eq!(denied.header("x-hybridge-acl-rule"), None);
+    assert!(
+        String::from_utf8_lossy(&denied.body).contains("web@onprem may not call inventory"),
+        "{}",
+        String::from_utf8_lossy(&denied.body)
+    );
+    onprem.shutdown().await;
+    cloud.shutdown().await;
+    cancel.cancel();
+}
