@@ -113,6 +113,16 @@ pub fn load_tls(config: &Config) -> anyhow::Result<TlsMaterial> {
     Ok(material)
 }
 
+/// Creates the data dir (and missing parents) 0700 whatever the umask: it holds the policy
+/// database. An existing dir keeps its mode (systemd creates it 0750 for the service group).
+fn create_private_dir(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}
+
 /// Whether each worker can have a tunnel endpoint of its own: a listen-only node's workers
 /// share the listen port (`SO_REUSEPORT`); a dial-only node's workers dial from ports of
 /// their own. A node that listens and dials, or dials from a fixed port, keeps one endpoint
@@ -175,7 +185,7 @@ impl Node {
     /// request handling on each; admin API and health checks on the caller's runtime).
     pub async fn start_on(config: Config, workers: Arc<Workers>) -> anyhow::Result<Node> {
         let material = load_tls(&config)?;
-        std::fs::create_dir_all(&config.node.data_dir)
+        create_private_dir(&config.node.data_dir)
             .with_context(|| format!("creating data dir {}", config.node.data_dir.display()))?;
         let acl = AclService::open(&config.database_path()).with_context(|| {
             format!("opening policy store {}", config.database_path().display())

@@ -301,6 +301,14 @@ async fn caller_supplied_trust_headers_never_reach_the_upstream() {
     apply_policy(&cloud, policy);
     apply_policy(&onprem, policy);
     assert!(onprem.wait_for_route("inventory", WAIT).await);
+    // The policy database and the dir holding it are the owner's alone.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let config = onprem.state.config.load();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&config.node.data_dir), 0o700);
+        assert_eq!(mode(&config.database_path()), 0o600);
+    }
 
     let import = import_addr(&onprem, "inventory");
     let answer = http1(

@@ -262,9 +262,10 @@ fn acl_error(e: &AclError) -> AdminResponse {
         | AclError::File(_) => StatusCode::BAD_REQUEST,
         AclError::DuplicateId(_) => StatusCode::CONFLICT,
         AclError::NotFound(_) => StatusCode::NOT_FOUND,
-        AclError::InUse { .. } | AclError::Storage(_) | AclError::Corrupt { .. } => {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
+        AclError::InUse { .. }
+        | AclError::Permissions { .. }
+        | AclError::Storage(_)
+        | AclError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e.to_string())
 }

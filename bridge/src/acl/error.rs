@@ -11,6 +11,9 @@ pub enum AclError {
     /// Another process (normally the running daemon) holds the database lock.
     #[error("acl database {} is in use by a running hybridge (use --admin to talk to it)", path.display())]
     InUse { path: PathBuf },
+    /// The redb file could not be created 0600 or narrowed to it.
+    #[error("acl database {}: setting owner-only permissions: {message}", path.display())]
+    Permissions { path: PathBuf, message: String },
     /// The redb file could not be opened, read or written.
     #[error("acl database: {0}")]
     Storage(#[from] redb::Error),

@@ -130,7 +130,14 @@ pub struct AclStore {
 impl AclStore {
     /// Opens or creates the redb file at `path`. A file held by another process (the daemon)
     /// fails with [`AclError::InUse`].
+    ///
+    /// The file holds the whole policy and its audit trail: it is created 0600 whatever the
+    /// umask, and an existing file readable by others is narrowed to 0600.
     pub fn open(path: &Path) -> Result<AclStore, AclError> {
+        restrict_to_owner(path).map_err(|e| AclError::Permissions {
+            path: PathBuf::from(path),
+            message: e.to_string(),
+        })?;
         let db = Database::builder().create(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => AclError::InUse {
                 path: PathBuf::from(path),
@@ -412,6 +419,24 @@ fn read_rules(
     Ok(out)
 }
 
+/// Creates `path` empty with mode 0600 if it is missing (redb initialises an empty file),
+/// and takes group and other permissions away from an existing one.
+fn restrict_to_owner(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    Ok(())
+}
+
 fn read_exports(
     table: &impl ReadableTable<&'static str, &'static str>,
 ) -> Result<BTreeMap<String, ExportDeclaration>, AclError> {
@@ -478,6 +503,25 @@ mod tests {
     use std::process::{Command, Stdio};
 
     use super::*;
+
+    #[test]
+    fn the_database_is_private_to_its_owner() -> Result<(), Box<dyn std::error::Error>> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("hybridge.redb");
+        drop(AclStore::open(&path)?);
+        let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
+        assert_eq!(mode(&path)?, 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+        let store = AclStore::open(&path)?;
+        assert_eq!(
+            mode(&path)?,
+            0o600,
+            "an existing world-readable file is narrowed"
+        );
+        assert_eq!(store.load()?.version, 0);
+        Ok(())
+    }
     use crate::acl::model::Action;
 
     fn spec(id: Option<&str>, src: &str, dst: &str, action: Action) -> RuleSpec {
