@@ -48,13 +48,26 @@ pub struct ServiceStats {
     active: AtomicI64,
 }
 
+/// Counts one request as active until dropped, whoever drops it: a handler future that hyper
+/// drops on `RST_STREAM` or a closed connection gives its count back too.
+pub struct ActiveRequest(Arc<ServiceStats>);
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl ServiceStats {
-    pub fn started(&self) {
+    /// Counts a request as active for as long as the guard lives.
+    pub fn start(self: &Arc<Self>) -> ActiveRequest {
         self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveRequest(self.clone())
     }
 
-    pub fn finished(&self) {
-        self.active.fetch_sub(1, Ordering::Relaxed);
+    /// Requests active now.
+    pub fn active(&self) -> i64 {
+        self.active.load(Ordering::Relaxed)
     }
 
     /// Records a response head: status and time to first byte.

@@ -20,6 +20,8 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type used on both sides of the bridge.
 pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BodyError>;
 
+pub use crate::upstream::RequestBodyAborted;
+
 /// A complete in-memory body.
 pub fn full(bytes: Bytes) -> BoxBody {
     http_body_util::Full::new(bytes)
@@ -147,6 +149,12 @@ async fn forward_one<E: std::fmt::Display>(
 ///
 /// `keep` is held until the body ends or is dropped (e.g. the stream's active-count guard).
 /// `bytes` counts payload bytes received.
+/// A body from the tunnel that did not arrive whole: the sender's side went away (a caller
+/// that hung up mid-upload, a reset stream), which is never the receiver's fault.
+fn aborted(detail: impl ToString) -> BodyError {
+    Box::new(RequestBodyAborted(detail.to_string()))
+}
+
 pub fn from_tunnel(recv: RecvHalf, keep: impl Send + 'static, bytes: Arc<AtomicU64>) -> BoxBody {
     struct State<K> {
         recv: RecvHalf,
@@ -179,7 +187,7 @@ pub fn from_tunnel(recv: RecvHalf, keep: impl Send + 'static, bytes: Arc<AtomicU
                         }
                         Err(e) => {
                             state.recv.stop(codes::PROTOCOL);
-                            Some((Err(BodyError::from(e)), None))
+                            Some((Err(aborted(e)), None))
                         }
                     }
                 }
@@ -187,13 +195,11 @@ pub fn from_tunnel(recv: RecvHalf, keep: impl Send + 'static, bytes: Arc<AtomicU
                 Ok(Some(_)) => {
                     state.recv.stop(codes::PROTOCOL);
                     Some((
-                        Err(BodyError::from(
-                            "peer sent an unexpected frame inside a body",
-                        )),
+                        Err(aborted("peer sent an unexpected frame inside a body")),
                         None,
                     ))
                 }
-                Err(e) => Some((Err(BodyError::from(e.to_string())), None)),
+                Err(e) => Some((Err(aborted(e)), None)),
             };
         }
     });

@@ -60,7 +60,7 @@ pub async fn serve_stream(
         }
     };
     let stats = ctx.metrics.service(Side::Export, &head.service);
-    stats.started();
+    let _active = stats.start();
     let bytes_in = Arc::new(AtomicU64::new(0));
     // A request without a body is held open to the end of the exchange, by which time its
     // FIN has arrived: dropped earlier, the stream may be stopped one packet short of it
@@ -83,7 +83,6 @@ pub async fn serve_stream(
     let (status, endpoint, rule, bytes_out) = outcome;
     let bytes_in = bytes_in.load(Ordering::Relaxed);
     stats.add_bytes(bytes_in, bytes_out);
-    stats.finished();
     stats.responded(status, started.elapsed());
     info!(
         target: "hybridge::access",
@@ -178,7 +177,18 @@ async fn exchange(
             })?;
         let request = build_request(head, recv, bytes_in)
             .map_err(|e| fail(BridgeError::new(StatusCode::BAD_REQUEST, "bad-request", e)))?;
-        let sent = upstream.send(request);
+        let upstream_answer = upstream.send(request);
+        // A caller that goes away while the upstream works (its node stops reading the
+        // stream) ends the upstream request too, instead of holding it to completion.
+        let sent = async {
+            tokio::select! {
+                biased;
+                outcome = upstream_answer => outcome,
+                () = send.abandoned_by_peer() => Err(crate::upstream::UpstreamError::ClientAborted {
+                    detail: "the calling node stopped waiting for the response".into(),
+                }),
+            }
+        };
         let outcome = if head.deadline_ms > 0 {
             let limit = Duration::from_millis(u64::from(head.deadline_ms));
             tokio::time::timeout(limit, sent).await.map_err(|_| {

@@ -224,10 +224,21 @@ async fn handle(
         }
     };
     let stats = ctx.metrics.service(Side::Import, &service);
-    stats.started();
+    let active = stats.start();
+    let mut unanswered = Unanswered {
+        stats: &stats,
+        started,
+        info: &info,
+        site: &ctx.site,
+        service: &service,
+        method: &method,
+        path: &path,
+        answered: false,
+    };
     let outcome = forward(parts, &mut body, &info, &spec, &ctx, &service, &stats).await;
+    unanswered.answered();
     linger(expects_continue, body, &ctx.tasks);
-    stats.finished();
+    drop(active);
     let (response, request_id) = match outcome {
         Ok((response, id)) => (response, Some(id)),
         Err((e, id)) => {
@@ -252,6 +263,56 @@ async fn handle(
     );
     Ok(response)
 }
+
+/// Logs and counts a request whose caller went away before it was answered: hyper drops the
+/// handler future on `RST_STREAM` or a closed connection, and the request would otherwise
+/// leave no access-log line and no metric. Recorded as nginx's 499 `client-aborted`.
+struct Unanswered<'a> {
+    stats: &'a Arc<crate::metrics::ServiceStats>,
+    started: Instant,
+    info: &'a ConnectionInfo,
+    site: &'a str,
+    service: &'a str,
+    method: &'a http::Method,
+    path: &'a str,
+    answered: bool,
+}
+
+impl Unanswered<'_> {
+    /// The request got an answer (of any kind); nothing to record on drop.
+    fn answered(&mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        self.stats.bridge_error(CLIENT_ABORTED);
+        self.stats
+            .responded(CLIENT_ABORTED_STATUS, self.started.elapsed());
+        info!(
+            target: "hybridge::access",
+            side = "import",
+            request_id = "-",
+            caller = &*self.info.caller,
+            caller_site = self.site,
+            client = %self.info.client,
+            service = self.service,
+            method = %self.method,
+            path = self.path,
+            status = CLIENT_ABORTED_STATUS,
+            bridge_error = CLIENT_ABORTED,
+            duration_us = self.started.elapsed().as_micros() as u64,
+        );
+    }
+}
+
+/// Reason and status recorded for a caller that went away before its answer (nginx's 499).
+const CLIENT_ABORTED: &str = "client-aborted";
+const CLIENT_ABORTED_STATUS: u16 = 499;
 
 /// At most this much of a refused request's body is read and discarded.
 const LINGER_BYTES: u64 = 1024 * 1024;

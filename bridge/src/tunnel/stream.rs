@@ -86,6 +86,20 @@ impl SendHalf {
         }
     }
 
+    /// Resolves when the peer stops reading this stream (its caller went away) or the
+    /// connection is lost; pending while the peer still wants what we send. Meant to be
+    /// raced against work done before anything is written.
+    pub async fn abandoned_by_peer(&mut self) {
+        match self {
+            Self::Quic(s) => {
+                // Finished and read to the end is not abandoned: never resolve then.
+                if let Ok(None) = s.stopped().await {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+
     /// Abandons this direction: the peer's reader sees an error, not a clean end.
     pub fn reset(&mut self, code: u32) {
         match self {

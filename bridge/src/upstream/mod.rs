@@ -84,6 +84,30 @@ pub enum UpstreamError {
     },
     #[error("service {service}: upstream is shutting down")]
     ShuttingDown { service: String },
+    /// The request body stopped arriving (the caller went away mid-request): not the
+    /// endpoint's failure, and nobody is left to retry for.
+    #[error("the caller went away before the upstream answered: {detail}")]
+    ClientAborted { detail: String },
+}
+
+/// The error a request body yields when it did not arrive whole because its sender went
+/// away. `Upstream::send` recognises it in a failed attempt and blames nobody.
+#[derive(Debug, thiserror::Error)]
+#[error("request body aborted: {0}")]
+pub struct RequestBodyAborted(pub String);
+
+/// The `RequestBodyAborted` somewhere in `error`'s source chain, if any.
+fn body_aborted<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a RequestBodyAborted> {
+    let mut next = Some(error);
+    while let Some(current) = next {
+        if let Some(aborted) = current.downcast_ref::<RequestBodyAborted>() {
+            return Some(aborted);
+        }
+        next = current.source();
+    }
+    None
 }
 
 impl UpstreamError {
@@ -95,6 +119,10 @@ impl UpstreamError {
             | Self::ShuttingDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Connect { .. } | Self::Reset { .. } => StatusCode::BAD_GATEWAY,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            // nginx's 499: recorded in logs and metrics; the caller is gone.
+            Self::ClientAborted { .. } => {
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+            }
         }
     }
 
@@ -107,6 +135,7 @@ impl UpstreamError {
             Self::Timeout { .. } => "upstream-timeout",
             Self::Reset { .. } => "upstream-reset",
             Self::ShuttingDown { .. } => "shutting-down",
+            Self::ClientAborted { .. } => "client-aborted",
         }
     }
 
@@ -403,11 +432,17 @@ impl Upstream {
         };
         let request = adapt_request(self.protocol, &endpoint.authority, request);
         connection.send(request).await.map_err(|failure| {
-            Box::new(AttemptFailure {
-                error: UpstreamError::Reset {
+            let error = match body_aborted(&failure.error) {
+                Some(aborted) => UpstreamError::ClientAborted {
+                    detail: aborted.0.clone(),
+                },
+                None => UpstreamError::Reset {
                     endpoint: endpoint.addr,
                     source: failure.error,
                 },
+            };
+            Box::new(AttemptFailure {
+                error,
                 unsent: failure.unsent,
             })
         })
