@@ -3,7 +3,10 @@
 //! - `frame/*`: encoding and decoding a REQUEST head (a realistic 12-header browser-ish
 //!   request), a RESPONSE head, and a 16 KiB DATA frame header;
 //! - `headers/*`: the import side's header rewriting (hop-by-hop removal, x-forwarded-*,
-//!   request id) and the conversions between `HeaderMap` and frame pairs on both sides.
+//!   request id) and the conversions between `HeaderMap` and frame pairs on both sides;
+//! - `path/*`: making a request target canonical, as both edges do for every request: an
+//!   already canonical one (the common case, and what the export side always gets) and one
+//!   with escapes, dot-segments and repeated slashes.
 //!
 //! Run with `cargo bench -p hybridge --bench hot_path`; results are in BENCHMARKS.md.
 #![allow(clippy::expect_used, clippy::panic)] // a benchmark whose setup fails should stop loudly
@@ -15,6 +18,7 @@ use bytes::{Bytes, BytesMut};
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use hybridge::http::headers;
+use hybridge::http::path::{EscapedSlashes, canonical_target};
 use hybridge::tunnel::frame::{
     self, FRAME_HEADER_LEN, Frame, FrameType, HeaderPair, RequestHead, ResponseHead,
 };
@@ -180,5 +184,27 @@ fn header_rewriting(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, frames, header_rewriting);
+fn paths(c: &mut Criterion) {
+    let mut group = c.benchmark_group("path");
+    for (name, target) in [
+        (
+            "canonical",
+            "/api/v1/invoices/2024-06/items?customer=42&page=3",
+        ),
+        ("grpc", "/payments.v1.Payments/Authorize"),
+        (
+            "rewritten",
+            "/api//v1/./invoices/%32024-06/x/../items%3f?customer=42&page=3",
+        ),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                canonical_target(black_box(target), EscapedSlashes::Reject).map(|t| t.path().len())
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, frames, header_rewriting, paths);
 criterion_main!(benches);

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::http::path::EscapedSlashes;
 use crate::upstream::UpstreamSettings;
 
 /// A configuration mistake, displayed as `FILE:LINE: message`.
@@ -154,6 +155,8 @@ impl Default for LimitsSection {
 pub struct ExportConfig {
     pub name: String,
     pub upstream: UpstreamSettings,
+    /// `%2F`/`%5C` in a request path: refused (default) or kept, for this export's decisions.
+    pub escaped_slashes: EscapedSlashes,
 }
 
 /// How a listener learns who is calling.
@@ -172,6 +175,8 @@ pub struct ImportConfig {
     pub listen: SocketAddr,
     pub caller: CallerIdentity,
     pub request_timeout: Option<Duration>,
+    /// `%2F`/`%5C` in a request path: refused (default) or kept.
+    pub escaped_slashes: EscapedSlashes,
 }
 
 /// The shared listener that routes by `Host`/`:authority` = `SERVICE.SUFFIX`.
@@ -181,6 +186,8 @@ pub struct GatewayConfig {
     pub suffix: String,
     pub caller: CallerIdentity,
     pub request_timeout: Option<Duration>,
+    /// `%2F`/`%5C` in a request path: refused (default) or kept.
+    pub escaped_slashes: EscapedSlashes,
 }
 
 #[derive(Deserialize)]
@@ -218,6 +225,8 @@ struct RawListener {
     suffix: Option<String>,
     #[serde(default, with = "humantime_serde")]
     request_timeout: Option<Duration>,
+    #[serde(default)]
+    escaped_slashes: EscapedSlashes,
 }
 
 fn default_dial_bind() -> SocketAddr {
@@ -399,6 +408,17 @@ impl Config {
             if !export_names.insert(name.clone()) {
                 return Err(err(line, format!("export `{name}` is defined twice")));
             }
+            // Not an upstream setting: how this node treats request paths for the export.
+            let escaped_slashes = match table.remove("escaped_slashes") {
+                None => EscapedSlashes::default(),
+                Some(value) => value.try_into().map_err(|e: toml::de::Error| {
+                    let message = e.message().trim_end().to_owned();
+                    err(
+                        field_line(text, line, "`escaped_slashes`").or(line),
+                        format!("export `{name}`: field `escaped_slashes`: {message}"),
+                    )
+                })?,
+            };
             let upstream: UpstreamSettings =
                 toml::Value::Table(table)
                     .try_into()
@@ -409,7 +429,11 @@ impl Config {
                             format!("export `{name}`: {message}"),
                         )
                     })?;
-            exports.push(ExportConfig { name, upstream });
+            exports.push(ExportConfig {
+                name,
+                upstream,
+                escaped_slashes,
+            });
         }
 
         let listener =
@@ -478,6 +502,7 @@ impl Config {
                 listen: raw.listen,
                 caller,
                 request_timeout: raw.request_timeout,
+                escaped_slashes: raw.escaped_slashes,
             });
         }
         let gateway = match raw.gateway {
@@ -503,6 +528,7 @@ impl Config {
                     suffix,
                     caller,
                     request_timeout: raw.request_timeout,
+                    escaped_slashes: raw.escaped_slashes,
                 })
             }
         };
@@ -581,6 +607,59 @@ mtls = true
             (CallerIdentity::Mtls, "hybridge")
         );
         assert_eq!(c.admin.listen, "127.0.0.1:7180".parse().unwrap());
+    }
+
+    #[test]
+    fn escaped_slashes_default_to_reject_and_can_be_kept() {
+        let c = Config::parse(Path::new("/x/h.toml"), GOOD).unwrap();
+        assert_eq!(c.exports[0].escaped_slashes, EscapedSlashes::Reject);
+        assert_eq!(c.imports[0].escaped_slashes, EscapedSlashes::Reject);
+        assert_eq!(
+            c.gateway.as_ref().map(|g| g.escaped_slashes),
+            Some(EscapedSlashes::Reject)
+        );
+        let kept = GOOD
+            .replace(
+                "endpoints = [\"127.0.0.1:9000\"]",
+                "endpoints = [\"127.0.0.1:9000\"]\nescaped_slashes = \"keep\"",
+            )
+            .replace(
+                "caller = \"web\"",
+                "caller = \"web\"\nescaped_slashes = \"keep\"",
+            )
+            .replace("mtls = true", "mtls = true\nescaped_slashes = \"reject\"");
+        let c = Config::parse(Path::new("/x/h.toml"), &kept).unwrap();
+        assert_eq!(c.exports[0].escaped_slashes, EscapedSlashes::Keep);
+        assert_eq!(c.imports[0].escaped_slashes, EscapedSlashes::Keep);
+        assert_eq!(
+            c.gateway.map(|g| g.escaped_slashes),
+            Some(EscapedSlashes::Reject)
+        );
+    }
+
+    #[test]
+    fn bad_escaped_slashes_name_file_line_and_field() {
+        let e = error_of(&GOOD.replace(
+            "endpoints = [\"127.0.0.1:9000\"]",
+            "endpoints = [\"127.0.0.1:9000\"]\nescaped_slashes = \"decode\"",
+        ));
+        assert_eq!(
+            e,
+            "/x/h.toml:20: export `ledger`: field `escaped_slashes`: unknown variant `decode`, expected `reject` or `keep`"
+        );
+        let e = error_of(&GOOD.replace(
+            "caller = \"web\"",
+            "caller = \"web\"\nescaped_slashes = true",
+        ));
+        assert!(
+            e.starts_with("/x/h.toml:25: field `escaped_slashes`: "),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace("mtls = true", "mtls = true\nescaped_slashes = \"Keep\""));
+        assert_eq!(
+            e,
+            "/x/h.toml:29: field `escaped_slashes`: unknown variant `Keep`, expected `reject` or `keep`"
+        );
     }
 
     fn error_of(text: &str) -> String {

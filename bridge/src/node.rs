@@ -22,6 +22,7 @@ use crate::acl::AclService;
 use crate::config::{CallerIdentity, Config};
 use crate::http::export::{self, ExportContext};
 use crate::http::import::{self, ImportContext, ListenerSpec, ListenerTarget};
+use crate::http::path::EscapedSlashes;
 use crate::metrics::Metrics;
 use crate::trust::{Trust, TrustUpdates};
 use crate::tunnel::connection::TunnelConnection;
@@ -161,6 +162,15 @@ fn tunnel_per_worker(config: &Config, workers: &Workers) -> bool {
         }
 }
 
+/// Each export's `escaped_slashes`, as the export side looks it up per request.
+fn escaped_slashes_by_export(config: &Config) -> HashMap<String, EscapedSlashes> {
+    config
+        .exports
+        .iter()
+        .map(|e| (e.name.clone(), e.escaped_slashes))
+        .collect()
+}
+
 /// Binds `addr` once per worker, each socket registered with its worker's runtime. Several
 /// workers share the port with `SO_REUSEPORT` (the kernel spreads connections over them);
 /// a plain bind first makes a port held by anything else, another hybridge included, fail
@@ -227,6 +237,7 @@ impl Node {
         let export_ctx = Arc::new(ExportContext {
             acl: acl.clone(),
             services: ArcSwap::from_pointee(services),
+            escaped_slashes: ArcSwap::from_pointee(escaped_slashes_by_export(&config)),
             metrics: metrics.clone(),
         });
 
@@ -330,6 +341,7 @@ impl Node {
                 tls: arc_swap::ArcSwapOption::new(tls),
                 request_timeout: import.request_timeout,
                 max_header_bytes: config.limits.max_header_bytes,
+                escaped_slashes: import.escaped_slashes,
             };
             listeners.push((listener, spec));
         }
@@ -356,6 +368,7 @@ impl Node {
                 tls: arc_swap::ArcSwapOption::new(tls),
                 request_timeout: gateway.request_timeout,
                 max_header_bytes: config.limits.max_header_bytes,
+                escaped_slashes: gateway.escaped_slashes,
             };
             listeners.push((listener, spec));
         }
@@ -631,13 +644,19 @@ impl Node {
             let mut v: Vec<String> = c
                 .imports
                 .iter()
-                .map(|i| format!("{}@{}:{:?}", i.service, i.listen, i.caller))
+                .map(|i| {
+                    format!(
+                        "{}@{}:{:?}:{:?}",
+                        i.service, i.listen, i.caller, i.escaped_slashes
+                    )
+                })
                 .collect();
-            v.extend(
-                c.gateway
-                    .iter()
-                    .map(|g| format!("gateway@{}:{:?}:{}", g.listen, g.caller, g.suffix)),
-            );
+            v.extend(c.gateway.iter().map(|g| {
+                format!(
+                    "gateway@{}:{:?}:{}:{:?}",
+                    g.listen, g.caller, g.suffix, g.escaped_slashes
+                )
+            }));
             v
         };
         if listeners(&new) != listeners(&old) {
@@ -729,6 +748,10 @@ impl Node {
         }
         self.state.export.services.store(Arc::new(services));
         self.state.serving.reconfigure(&new);
+        self.state
+            .export
+            .escaped_slashes
+            .store(Arc::new(escaped_slashes_by_export(&new)));
         let exports_changed = new.export_names() != old.export_names();
         self.state.config.store(Arc::new(new));
         let config = self.state.config.load();

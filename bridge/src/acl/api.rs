@@ -14,6 +14,7 @@ use super::file::parse_acl_file;
 use super::model::{ExportDeclaration, Rule, RuleSpec};
 use super::service::AclService;
 use super::store::AuditEntry;
+use crate::http::path::decision_path;
 
 /// Largest request body accepted (413 beyond).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -123,6 +124,10 @@ where
                 let site = query_param(&query, "site").filter(|s| !s.is_empty());
                 let method = query_param(&query, "method").filter(|m| !m.is_empty());
                 let path = query_param(&query, "path").filter(|p| !p.is_empty());
+                let path = match canonical_check_path(path) {
+                    Ok(path) => path,
+                    Err(refused) => return Some(error(StatusCode::BAD_REQUEST, refused)),
+                };
                 json(
                     StatusCode::OK,
                     &svc.explain(
@@ -179,6 +184,15 @@ where
         _ => return None,
     };
     Some(response)
+}
+
+/// The canonical form of the path an operator asks about, which is what a listener decides
+/// on; for a path a listener refuses (with the default `escaped_slashes = "reject"`), why.
+fn canonical_check_path(path: Option<String>) -> Result<Option<String>, String> {
+    let Some(typed) = path else { return Ok(None) };
+    decision_path(&typed)
+        .map(Some)
+        .map_err(|e| format!("path {typed:?} is refused with 400 invalid-path: {e}"))
 }
 
 /// Runs a redb call (which may fsync) without stalling the other tasks of a multi-threaded
@@ -404,6 +418,33 @@ mod tests {
             (Some("allow"), Some("web-to-billing"))
         );
         assert_eq!(body["path"].as_str(), Some("/api"));
+
+        // The path is decided on in its canonical form, and one a listener refuses is a 400.
+        let (status, body) = call(
+            svc,
+            Method::GET,
+            "/v1/acl/check?from=web&to=billing&method=GET&path=%2Fx%2F..%2Fapi%2F%252e%2F",
+            "",
+        )
+        .await
+        .ok_or("no response")?;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["path"].as_str(), Some("/api/"));
+        let (status, body) = call(
+            svc,
+            Method::GET,
+            "/v1/acl/check?from=web&to=billing&path=%2Fapi%252Fx",
+            "",
+        )
+        .await
+        .ok_or("no response")?;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body["error"].as_str().is_some_and(|e| e.starts_with(
+                "path \"/api%2Fx\" is refused with 400 invalid-path: escaped slash `%2F`"
+            )),
+            "{body}"
+        );
 
         let toml = "[[rule]]\nsource = \"web\"\ndestination = \"billing\"\naction = \"deny\"\nid = \"x\"\nbogus = 1\n";
         let (status, body) = call(svc, Method::POST, "/v1/acl/apply?file=acl.toml", toml)

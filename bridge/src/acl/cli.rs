@@ -20,6 +20,7 @@ use super::model::{Action, ExportDeclaration, Rule, RuleSpec};
 use super::service::AclService;
 use super::snapshot::{Explanation, Reason};
 use super::store::ApplyDiff;
+use crate::http::path::decision_path;
 
 /// The admin API address used when neither `--db` nor `--admin` is given.
 pub const DEFAULT_ADMIN: &str = "http://127.0.0.1:7180";
@@ -182,6 +183,15 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Stri
             method,
             path,
         } => {
+            // Decided on the canonical path, as a listener would; one a listener refuses is
+            // an error saying why.
+            let typed = path;
+            let path = match &typed {
+                Some(typed) => Some(decision_path(typed).map_err(|e| {
+                    anyhow::anyhow!("path {typed:?} is refused with 400 invalid-path: {e}")
+                })?),
+                None => None,
+            };
             let explanation = backend
                 .check(
                     from_site.as_deref(),
@@ -192,6 +202,14 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Stri
                 )
                 .await?;
             print_explanation(&mut out, &explanation)?;
+            if let (Some(typed), Some(canonical)) = (&typed, &path)
+                && typed != canonical
+            {
+                writeln!(
+                    out,
+                    "path {typed} was decided as its canonical form {canonical}"
+                )?;
+            }
         }
         AclCommand::Log { limit } => {
             let log = backend.log(limit).await?;
@@ -581,6 +599,15 @@ action = "deny"
             vec!["rm", "reporting-to-billing"],
             vec!["ls"],
             vec!["log", "--limit", "2"],
+            vec![
+                "check",
+                "--from",
+                "web",
+                "--to",
+                "billing",
+                "GET",
+                "/x/../api//invoices",
+            ],
         ];
         let mut outputs = Vec::new();
         for command in commands {
@@ -641,6 +668,12 @@ action = "deny"
             "{}",
             outputs[8]
         );
+        assert_eq!(
+            outputs[9],
+            "allow\nrule web-to-billing\nother rules:\n  \
+             any-to-billing (deny): matched but lost to web-to-billing: exact source beats *\n\
+             path /x/../api//invoices was decided as its canonical form /api/invoices\n"
+        );
     }
 
     #[tokio::test]
@@ -653,6 +686,22 @@ action = "deny"
         let outputs = script(&["--db", &db], &policy).await?;
         check_outputs(&outputs, &policy);
         assert!(outputs[8].contains("by cli"));
+
+        // A path a listener would refuse is an error saying why.
+        let cli = parse(&[
+            "--db", &db, "check", "--from", "web", "--to", "billing", "GET", "/api%2Fx",
+        ])?;
+        let err = execute(&cli.target, cli.cmd)
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.starts_with(
+                "path \"/api%2Fx\" is refused with 400 invalid-path: escaped slash `%2F`"
+            ),
+            "{err}"
+        );
 
         // A broken file names its line and changes nothing.
         std::fs::write(&policy, POLICY.replace("\"/api\"", "\"api\""))?;

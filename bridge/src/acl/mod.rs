@@ -7,9 +7,12 @@
 //! request from a peer, the site in that node's certificate; for a local caller, this node's
 //! site). A rule *matches* a request when its destination is the request's destination or
 //! `*`, its source is the caller or `*`, its `source_site` (when given) lists the caller's
-//! site, and, for a rule with L7 conditions, the request method is in
-//! `methods` (when given; compared case-insensitively) and the path starts with `path_prefix`
-//! (when given). Among the matching rules the most specific decides, comparing in order:
+//! site, and, for a rule with L7 conditions, the request method is in `methods` (when given;
+//! compared case-insensitively) and the path is `path_prefix` or lies below it on segment
+//! boundaries (when given: `/api` covers `/api`, `/api/` and `/api/x`, not `/apiary`). Paths
+//! are canonical before any decision (`crate::http::path`) and so are rule prefixes
+//! (`model::check_path_prefix`). Among the matching rules the most specific decides,
+//! comparing in order:
 //!
 //! | step | more specific wins                                       | example winner                  |
 //! |------|----------------------------------------------------------|---------------------------------|

@@ -5,6 +5,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::http::path;
+
 /// Longest service name we accept; keeps keys, labels and log lines bounded.
 pub const MAX_NAME_LEN: usize = 128;
 /// Longest rule id: room for a generated `source-to-destination-N` of two maximal names.
@@ -360,7 +362,9 @@ fn normalise_methods(methods: Vec<String>) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-/// A path prefix starts with `/` and holds no whitespace or control characters.
+/// A path prefix starts with `/`, holds no whitespace or control characters, and is a
+/// canonical path (`crate::http::path`): requests are decided on their canonical path, which
+/// a non-canonical prefix (`/api/../x`, `//x`, `/%7Ex`) would silently never match.
 pub fn check_path_prefix(prefix: &str) -> Result<(), String> {
     if !prefix.starts_with('/') {
         return Err(format!("path prefix {prefix:?} must start with '/'"));
@@ -370,7 +374,15 @@ pub fn check_path_prefix(prefix: &str) -> Result<(), String> {
             "path prefix {prefix:?} contains whitespace or a control character"
         ));
     }
-    Ok(())
+    match path::check_canonical(prefix) {
+        Ok(None) => Ok(()),
+        Ok(Some(canonical)) => Err(format!(
+            "path prefix {prefix:?} is not canonical; requests are matched by their canonical path, write {canonical:?}"
+        )),
+        Err(e) => Err(format!(
+            "path prefix {prefix:?} is not a canonical path: {e}"
+        )),
+    }
 }
 
 /// The slug a rule without an id is named after: `web-to-billing`, `any-to-payments-admin`.
@@ -432,6 +444,42 @@ mod tests {
         let mut s = spec("web", "billing");
         s.id = Some("a b".into());
         assert_eq!(s.validate().err().map(|e| e.field), Some("id"));
+    }
+
+    #[test]
+    fn path_prefixes_must_be_canonical() {
+        let check = |prefix: &str| {
+            let mut s = spec("web", "billing");
+            s.path_prefix = Some(prefix.into());
+            s.validate().map(|_| ()).map_err(|e| e.to_string())
+        };
+        for good in ["/", "/api", "/api/", "/payments.v1.Payments/", "/~u/a%3Fb"] {
+            assert_eq!(check(good), Ok(()), "{good}");
+        }
+        assert_eq!(
+            check("/api/../x"),
+            Err("field `path_prefix`: path prefix \"/api/../x\" is not canonical; requests are matched by their canonical path, write \"/x\"".into())
+        );
+        assert_eq!(
+            check("//x"),
+            Err("field `path_prefix`: path prefix \"//x\" is not canonical; requests are matched by their canonical path, write \"/x\"".into())
+        );
+        assert_eq!(
+            check("/a%7e"),
+            Err("field `path_prefix`: path prefix \"/a%7e\" is not canonical; requests are matched by their canonical path, write \"/a~\"".into())
+        );
+        let refused = check("/a%2Fb").err().unwrap_or_default();
+        assert!(
+            refused.starts_with("field `path_prefix`: path prefix \"/a%2Fb\" is not a canonical path: escaped slash `%2F`"),
+            "{refused}"
+        );
+        let refused = check("/a;b").err().unwrap_or_default();
+        assert!(
+            refused.starts_with("field `path_prefix`: path prefix \"/a;b\" is not a canonical path: path parameter `;`"),
+            "{refused}"
+        );
+        let refused = check("/a\\b").err().unwrap_or_default();
+        assert!(refused.contains("backslash"), "{refused}");
     }
 
     #[test]

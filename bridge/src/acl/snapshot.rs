@@ -96,8 +96,17 @@ impl CompiledRule {
             && self
                 .path_prefix
                 .as_deref()
-                .is_none_or(|prefix| path.starts_with(prefix))
+                .is_none_or(|prefix| under_prefix(path, prefix))
     }
+}
+
+/// Whether `path` is `prefix` or lies below it, on segment boundaries: `/api` covers `/api`,
+/// `/api/` and `/api/x` but not `/apiary`; `/api/` covers `/api/` and `/api/x` but not `/api`.
+/// Both are canonical (rule prefixes are checked so; request paths are made so before any
+/// decision), so comparing bytes compares what upstreams route on.
+fn under_prefix(path: &str, prefix: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'))
 }
 
 /// Rules of one destination bucket (an exact name or `*`), split by source.
@@ -321,7 +330,7 @@ fn mismatch(rule: &Rule, request: &RequestFacts<'_>) -> Option<Field> {
         }
     }
     if let Some(prefix) = &rule.path_prefix
-        && !path.is_some_and(|p| p.starts_with(prefix.as_str()))
+        && !path.is_some_and(|p| under_prefix(p, prefix))
     {
         return Some(Field::Path);
     }
@@ -359,7 +368,7 @@ fn mismatch_detail(rule: &Rule, field: Field, request: &RequestFacts<'_>) -> Str
         Field::Path => {
             let prefix = rule.path_prefix.as_deref().unwrap_or_default();
             match path {
-                Some(p) => format!("path {p} does not start with {prefix}"),
+                Some(p) => format!("path {p} is not {prefix} or below it"),
                 None => format!("no path given; rule requires prefix {prefix}"),
             }
         }
@@ -733,10 +742,85 @@ mod tests {
         assert_eq!(snap.may_serve("billing", "dc2"), None);
     }
 
+    #[test]
+    fn prefixes_match_on_segment_boundaries() {
+        for (prefix, path, expected) in [
+            ("/api", "/api", true),
+            ("/api", "/api/", true),
+            ("/api", "/api/x", true),
+            ("/api", "/apiary", false),
+            ("/api", "/ap", false),
+            ("/api", "/", false),
+            ("/api/", "/api/", true),
+            ("/api/", "/api/x", true),
+            ("/api/", "/api", false),
+            ("/api/", "/apiary", false),
+            ("/", "/", true),
+            ("/", "/anything/at/all", true),
+            ("/pub", "/pubx", false),
+            ("/pub", "/pub/x", true),
+            ("/api/internal/", "/api/internal/x", true),
+            ("/api/internal/", "/api/internalx/y", false),
+            (
+                "/payments.v1.Payments/",
+                "/payments.v1.Payments/Authorize",
+                true,
+            ),
+            (
+                "/payments.v1.Payments",
+                "/payments.v1.PaymentsAdmin/Drop",
+                false,
+            ),
+        ] {
+            assert_eq!(under_prefix(path, prefix), expected, "{prefix} vs {path}");
+        }
+        let rules = vec![
+            rule(
+                "api",
+                "web",
+                "billing",
+                Action::Allow,
+                Some((&["GET"], "/api")),
+            ),
+            rule(
+                "pub",
+                "web",
+                "billing",
+                Action::Allow,
+                Some((&["GET"], "/pub/")),
+            ),
+        ];
+        let snap = AclSnapshot::new(1, rules, Vec::new());
+        assert_eq!(
+            snap.decide("dc1", "web", "billing", "GET", "/apiary")
+                .rule_label(),
+            "default-deny"
+        );
+        assert_eq!(
+            snap.decide("dc1", "web", "billing", "GET", "/api")
+                .rule_label(),
+            "api"
+        );
+        assert_eq!(
+            snap.decide("dc1", "web", "billing", "GET", "/pub")
+                .rule_label(),
+            "default-deny"
+        );
+        let e = snap.explain(Some("dc1"), "web", "billing", Some("GET"), Some("/apiary"));
+        let api = e.others.iter().find(|v| v.rule_id == "api");
+        assert_eq!(
+            api.map(|v| &v.reason),
+            Some(&Reason::DidNotMatch {
+                field: Field::Path,
+                detail: "path /apiary is not /api or below it".into(),
+            })
+        );
+    }
+
     fn arb_rules() -> impl Strategy<Value = Vec<Rule>> {
         let name = prop::sample::select(vec!["a", "b", "*"]);
         let methods = prop::option::of(prop::sample::subsequence(vec!["GET", "POST"], 1..=2));
-        let prefix = prop::option::of(prop::sample::select(vec!["/", "/a", "/a/b", "/b"]));
+        let prefix = prop::option::of(prop::sample::select(vec!["/", "/a", "/a/", "/a/b", "/b"]));
         let action = prop::sample::select(vec![Action::Allow, Action::Deny]);
         let sites = prop::option::of(prop::sample::subsequence(vec!["dc1", "dc2"], 1..=2));
         prop::collection::vec((name.clone(), name, action, methods, prefix, sites), 0..24).prop_map(
@@ -768,7 +852,7 @@ mod tests {
             src in prop::sample::select(vec!["a", "b", "c"]),
             dst in prop::sample::select(vec!["a", "b", "c"]),
             method in prop::sample::select(vec!["GET", "POST", "PUT"]),
-            path in prop::sample::select(vec!["/", "/a", "/a/b/c", "/b", "/c"]),
+            path in prop::sample::select(vec!["/", "/a", "/a/", "/a/b/c", "/ab", "/a/bc", "/b", "/c"]),
         ) {
             let expected = brute_force(&rules, site, src, dst, method, path);
             let snap = AclSnapshot::new(7, rules, Vec::new());

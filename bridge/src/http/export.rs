@@ -3,7 +3,8 @@
 //!
 //! Owns the authoritative ACL decision (the caller named in the stream header, qualified by
 //! the site in the mTLS certificate of the peer node that vouches for it — never by anything
-//! in the frame), turning frames back into an HTTP request, and streaming the upstream's
+//! in the frame; the path is made canonical again here, whatever the peer sent), turning
+//! frames back into an HTTP request, and streaming the upstream's
 //! answer back. Load balancing, health and retries are `upstream`'s.
 
 use std::collections::HashMap;
@@ -17,8 +18,9 @@ use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use tracing::{debug, info};
 
 use super::body;
-use super::error::BridgeError;
+use super::error::{BridgeError, INVALID_PATH};
 use super::headers;
+use super::path::{self, EscapedSlashes, PathError};
 use crate::acl::AclService;
 use crate::metrics::{Metrics, Side};
 use crate::tunnel::frame::{self, Frame, RequestHead, ResponseHead};
@@ -31,7 +33,20 @@ pub struct ExportContext {
     pub acl: Arc<AclService>,
     /// Exported services by name; swapped whole on reload.
     pub services: ArcSwap<HashMap<String, Arc<Upstream>>>,
+    /// Each export's `escaped_slashes`, by name; swapped whole on reload.
+    pub(crate) escaped_slashes: ArcSwap<HashMap<String, EscapedSlashes>>,
     pub metrics: Arc<Metrics>,
+}
+
+impl ExportContext {
+    /// What `service` does with `%2F`/`%5C` (refuse, the default, for a service not exported).
+    fn escaped_slashes(&self, service: &str) -> EscapedSlashes {
+        self.escaped_slashes
+            .load()
+            .get(service)
+            .copied()
+            .unwrap_or_default()
+    }
 }
 
 /// Serves one request stream opened by `peer`.
@@ -43,7 +58,7 @@ pub async fn serve_stream(
 ) {
     let peer_id = &peer.id;
     let started = Instant::now();
-    let head = match recv.read_frame().await {
+    let mut head = match recv.read_frame().await {
         Ok(Some(Frame::Request(head))) => head,
         Ok(None) => return,
         Ok(Some(_)) => {
@@ -70,16 +85,29 @@ pub async fn serve_stream(
     } else {
         (Some(recv), None)
     };
-    let outcome = exchange(
-        &mut send,
-        body_recv,
-        &head,
-        &peer.site,
-        &ctx,
-        &stats,
-        bytes_in.clone(),
-    )
-    .await;
+    // The import node sent its canonical path; this node decides authoritatively, so it makes
+    // the path canonical again under its own `escaped_slashes` (a no-op for a canonical
+    // path) before the decision, the upstream request and the access log see it.
+    let outcome = match canonicalise(&mut head.path, ctx.escaped_slashes(&head.service)) {
+        Ok(()) => {
+            exchange(
+                &mut send,
+                body_recv,
+                &head,
+                &peer.site,
+                &ctx,
+                &stats,
+                bytes_in.clone(),
+            )
+            .await
+        }
+        Err(e) => {
+            stats.bridge_error(INVALID_PATH);
+            let status =
+                write_error(&mut send, &BridgeError::invalid_path(&e), is_grpc(&head)).await;
+            (status, None, "-".to_owned(), 0)
+        }
+    };
     let (status, endpoint, rule, bytes_out) = outcome;
     let bytes_in = bytes_in.load(Ordering::Relaxed);
     stats.add_bytes(bytes_in, bytes_out);
@@ -107,6 +135,22 @@ pub async fn serve_stream(
     send.delivered().await;
 }
 
+/// Replaces `target` (a frame's `path?query`) by its canonical form.
+fn canonicalise(target: &mut String, escaped_slashes: EscapedSlashes) -> Result<(), PathError> {
+    let canonical = path::canonical_target(target, escaped_slashes)?;
+    if !canonical.is_unchanged() {
+        *target = canonical.to_origin_form();
+    }
+    Ok(())
+}
+
+/// Whether the caller speaks gRPC (by content type), so errors are shaped for it.
+fn is_grpc(head: &RequestHead) -> bool {
+    head.headers
+        .iter()
+        .any(|(n, v)| n.as_ref() == b"content-type" && v.starts_with(b"application/grpc"))
+}
+
 /// The upstream endpoint of an access-log line, `-` for none; formatted only when the
 /// line is written (an address formatted per request was 1% of bridge CPU with the access
 /// log off).
@@ -132,10 +176,7 @@ async fn exchange(
     stats: &Arc<crate::metrics::ServiceStats>,
     bytes_in: Arc<AtomicU64>,
 ) -> (u16, Option<SocketAddr>, String, u64) {
-    let grpc = head
-        .headers
-        .iter()
-        .any(|(n, v)| n.as_ref() == b"content-type" && v.starts_with(b"application/grpc"));
+    let grpc = is_grpc(head);
     let path_only = head.path.split('?').next().unwrap_or("/");
     // A caller name is a service name; anything else (`*`, an empty or oversized name) is
     // not a caller the peer can vouch for, whatever a rule would say.

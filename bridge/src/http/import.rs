@@ -1,8 +1,9 @@
 //! Import listeners: where local callers enter the bridge (HTTP/1.1, h2c, or TLS with ALPN).
 //!
 //! Owns: who the caller is (listener binding or service certificate, never a header), which
-//! service is meant (listener binding or Host = `SERVICE.SUFFIX`), the early ACL check,
-//! choosing a tunnel link and streaming the exchange over it. It does not talk to upstreams.
+//! service is meant (listener binding or Host = `SERVICE.SUFFIX`), making the path canonical
+//! (`path`), the early ACL check on it, choosing a tunnel link and streaming the exchange over
+//! it. It does not talk to upstreams.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use tracing::{debug, info, warn};
 use super::body::{self, BoxBody};
 use super::error::{BridgeError, is_grpc};
 use super::headers;
+use super::path::{self, EscapedSlashes};
 use crate::acl::AclService;
 use crate::config::CallerIdentity;
 use crate::metrics::{Metrics, Side};
@@ -46,6 +48,8 @@ pub struct ListenerSpec {
     pub tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
     pub request_timeout: Option<Duration>,
     pub max_header_bytes: usize,
+    /// Whether `%2F`/`%5C` in a path is refused or kept.
+    pub(crate) escaped_slashes: EscapedSlashes,
 }
 
 /// Shared state of all import listeners of a node.
@@ -210,8 +214,11 @@ async fn handle(
     let started = Instant::now();
     let grpc = is_grpc(req.headers());
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // The one canonical path: the ACL pre-check, the frame (so the export's decision and
+    // the upstream request) and the access log all see it. A refused target stays as sent.
+    let canonical = path::canonicalise_uri(&mut parts.uri, spec.escaped_slashes);
+    let path = parts.uri.path().to_owned();
     // The body stays here until the request is really forwarded; a refused request's body
     // is drained after the answer (see `linger`).
     let mut body = Some(body);
@@ -235,7 +242,10 @@ async fn handle(
         path: &path,
         answered: false,
     };
-    let outcome = forward(parts, &mut body, &info, &spec, &ctx, &service, &stats).await;
+    let outcome = match canonical {
+        Ok(()) => forward(parts, &mut body, &info, &spec, &ctx, &service, &stats).await,
+        Err(e) => Err((BridgeError::invalid_path(&e), None)),
+    };
     unanswered.answered();
     linger(expects_continue, body, &ctx.tasks);
     drop(active);

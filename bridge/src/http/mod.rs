@@ -1,8 +1,9 @@
 //! HTTP at the edges of the tunnel: import listeners (callers in), the export side
-//! (upstreams out), header rules, body streaming and bridge-generated errors.
+//! (upstreams out), canonical paths, header rules, body streaming and bridge-generated errors.
 
 pub mod body;
 pub mod error;
 pub mod export;
 pub mod headers;
 pub mod import;
+pub mod path;

@@ -1,0 +1,259 @@
+//! Accepting TCP connections within bounds: a cap on the connections a listener holds open
+//! (over it, a new connection is closed at once and counted, and those already open keep
+//! working), back-off with a rate-limited log line when accepting fails (out of file
+//! descriptors), and an idle timeout that closes a connection with no request in flight.
+//!
+//! It owns no protocol: the HTTP servers above it mark requests in flight.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tracing::warn;
+
+/// The longest pause after a failed accept; it doubles from `ACCEPT_BACKOFF_START`.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(10);
+/// At most one log line per listener and kind of trouble in this interval.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The bounds of one listener (shared by the workers that accept on its port) and its counts.
+pub struct ListenerLimits {
+    /// Names the listener in metrics and logs: `import:SERVICE`, `gateway`, `admin`.
+    name: String,
+    max_connections: usize,
+    idle_timeout: Duration,
+    open: Arc<Semaphore>,
+    refused: AtomicU64,
+    accept_errors: AtomicU64,
+    idle_closed: AtomicU64,
+    refusal_log: RateLimitedLog,
+    error_log: RateLimitedLog,
+}
+
+/// Counts of one listener, for `/metrics`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerCounts {
+    pub name: String,
+    pub open: usize,
+    pub refused: u64,
+    pub accept_errors: u64,
+    pub idle_closed: u64,
+}
+
+impl ListenerLimits {
+    pub fn new(name: impl Into<String>, max_connections: usize, idle_timeout: Duration) -> Self {
+        Self {
+            name: name.into(),
+            max_connections,
+            idle_timeout,
+            open: Arc::new(Semaphore::new(max_connections)),
+            refused: AtomicU64::new(0),
+            accept_errors: AtomicU64::new(0),
+            idle_closed: AtomicU64::new(0),
+            refusal_log: RateLimitedLog::default(),
+            error_log: RateLimitedLog::default(),
+        }
+    }
+
+    /// Accepts the next connection there is room for. A connection over the cap is closed
+    /// as soon as it is accepted; an accept error is waited out with growing pauses.
+    pub async fn accept(&self, listener: &TcpListener) -> AcceptedConnection {
+        let mut backoff = ACCEPT_BACKOFF_START;
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => match self.open.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        return AcceptedConnection {
+                            stream,
+                            peer,
+                            permit,
+                        };
+                    }
+                    Err(_) => {
+                        self.refused.fetch_add(1, Ordering::Relaxed);
+                        if let Some(suppressed) = self.refusal_log.due() {
+                            warn!(
+                                listener = %self.name,
+                                %peer,
+                                max_connections = self.max_connections,
+                                refused_since_last_log = suppressed,
+                                "connection refused: the listener holds its maximum of open connections"
+                            );
+                        }
+                        drop(stream);
+                    }
+                },
+                Err(error) => {
+                    self.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    if let Some(suppressed) = self.error_log.due() {
+                        warn!(
+                            listener = %self.name,
+                            %error,
+                            errors_since_last_log = suppressed,
+                            pause_ms = backoff.as_millis() as u64,
+                            "accepting a connection failed; pausing before the next accept"
+                        );
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Resolves once `activity` has had no request in flight for the idle timeout.
+    pub async fn idle(&self, activity: &ConnectionActivity) {
+        loop {
+            let quiet_for = activity.quiet_for();
+            match quiet_for {
+                Some(quiet) if quiet >= self.idle_timeout => {
+                    self.idle_closed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Some(quiet) => tokio::time::sleep(self.idle_timeout - quiet).await,
+                None => tokio::time::sleep(self.idle_timeout).await,
+            }
+        }
+    }
+
+    pub fn counts(&self) -> ListenerCounts {
+        ListenerCounts {
+            name: self.name.clone(),
+            open: self.max_connections - self.open.available_permits(),
+            refused: self.refused.load(Ordering::Relaxed),
+            accept_errors: self.accept_errors.load(Ordering::Relaxed),
+            idle_closed: self.idle_closed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// An accepted connection and its place under the listener's cap (freed on drop).
+pub struct AcceptedConnection {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Whether a connection is doing anything: the requests in flight on it (counted from the
+/// request head until the response body ends) and since when it has had none.
+pub struct ConnectionActivity {
+    in_flight: AtomicUsize,
+    /// Milliseconds after `epoch` at which the last request finished (or the connection
+    /// opened).
+    quiet_since_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for ConnectionActivity {
+    fn default() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            quiet_since_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl ConnectionActivity {
+    /// Counts a request as in flight until the guard drops.
+    pub fn request(self: &Arc<Self>) -> RequestInFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        RequestInFlight(self.clone())
+    }
+
+    /// How long the connection has had no request in flight; `None` while it has one.
+    fn quiet_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.quiet_since_ms.load(Ordering::Relaxed));
+        Some(self.epoch.elapsed().saturating_sub(since))
+    }
+}
+
+/// One request in flight on a connection; see [`ConnectionActivity::request`].
+pub struct RequestInFlight(Arc<ConnectionActivity>);
+
+impl Drop for RequestInFlight {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        let now = activity.epoch.elapsed().as_millis() as u64;
+        activity.quiet_since_ms.store(now, Ordering::Relaxed);
+        activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Lets one log line through per `LOG_INTERVAL` and counts what it held back.
+#[derive(Default)]
+struct RateLimitedLog {
+    state: std::sync::Mutex<Option<std::time::Instant>>,
+    suppressed: AtomicU64,
+}
+
+impl RateLimitedLog {
+    /// `Some(n)` when a line is due now (`n` events were not logged since the last one).
+    fn due(&self) -> Option<u64> {
+        let mut last = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < LOG_INTERVAL) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_only_without_requests_in_flight() {
+        let limits = ListenerLimits::new("import:x", 4, Duration::from_secs(10));
+        let activity = Arc::new(ConnectionActivity::default());
+        let request = activity.request();
+        let idle = limits.idle(&activity);
+        tokio::pin!(idle);
+        // Held open for a minute by the request in flight.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(60), idle.as_mut())
+                .await
+                .is_err()
+        );
+        drop(request);
+        let started = Instant::now();
+        idle.await;
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        assert_eq!(limits.counts().idle_closed, 1);
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_and_counted() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Arc::new(ListenerLimits::new("import:x", 1, Duration::from_secs(10)));
+        let first_client = TcpStream::connect(addr).await.unwrap();
+        let first = limits.accept(&listener).await;
+        let _second_client = TcpStream::connect(addr).await.unwrap();
+        let third_client = TcpStream::connect(addr).await.unwrap();
+        // The second is refused while the first holds the only place; the third gets the
+        // place once the first is gone.
+        let accepting = tokio::spawn({
+            let limits = limits.clone();
+            async move { limits.accept(&listener).await.peer }
+        });
+        tokio::task::yield_now().await;
+        drop(first);
+        drop(first_client);
+        let third = accepting.await.unwrap();
+        assert_eq!(third, third_client.local_addr().unwrap());
+        let counts = limits.counts();
+        assert_eq!((counts.open, counts.refused), (0, 1));
+    }
+}
