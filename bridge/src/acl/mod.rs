@@ -45,4 +45,4 @@ pub use file::{AclFileError, parse_acl_file};
 pub use model::{Action, Rule, RuleSpec};
 pub use service::AclService;
 pub use snapshot::{AclSnapshot, Decision, Explanation, Field, Reason, RuleVerdict};
-pub use store::{AclStore, ApplyDiff, AuditEntry, AuditOp, RuleChange};
+pub use store::{AclStore, ApplyDiff, ApplySummary, AuditEntry, AuditOp, RuleChange};
