@@ -385,6 +385,36 @@ pub async fn http1(
     .await
 }
 
+/// Sends one HTTP/1.1 request over a Unix socket (an admin socket) and collects the answer;
+/// `Host: localhost` unless `headers` name one.
+pub async fn unix_http1(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Answer {
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut builder = http::Request::builder().method(method).uri(path);
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        builder = builder.header("host", "localhost");
+    }
+    for (n, v) in headers {
+        builder = builder.header(*n, *v);
+    }
+    collect(
+        sender
+            .send_request(builder.body(Full::new(body)).unwrap())
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
 /// An HTTP/1.1 client connection to `addr`, its driver spawned, for requests with any body
 /// type (streamed uploads, empty bodies).
 pub async fn http1_conn<B>(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<B>

@@ -310,16 +310,24 @@ impl AdminClient {
                         std::net::Ipv4Addr::LOCALHOST,
                     ))
                 });
-                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-                let stream = connector.connect(name, stream).await.map_err(|e| {
+                let refused = |e: &dyn fmt::Display| {
                     anyhow::anyhow!(
-                        "TLS with the remote admin listener at {} failed: {e}; it accepts only administrator certificates (spiffe://{}/admin/NAME) from its CA that are not revoked, and this one is {}",
+                        "the remote admin listener at {} refused this client ({e}); it accepts only administrator certificates (spiffe://{}/admin/NAME) from its CA that are not revoked, and this one is {}",
                         self.endpoint,
                         tls.identity.trust_domain(),
                         tls.identity
                     )
-                })?;
-                send(stream, request).await
+                };
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let stream = connector
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| refused(&e))?;
+                // In TLS 1.3 the server judges the client certificate after the client's
+                // handshake is done: a refusal arrives as an alert in place of the answer.
+                return send(stream, request)
+                    .await
+                    .map_err(|e| refused(&format_args!("{e:#}")));
             }
         };
         response.with_context(|| format!("{}{path}", self.endpoint))
