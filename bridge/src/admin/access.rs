@@ -197,17 +197,11 @@ fn host_allowed(policy: &ListenerPolicy, local: Option<SocketAddr>, host: &str) 
         // The socket: what curl --unix-socket and our client send.
         return host == "localhost";
     };
-    let port = local.port();
-    let default_port = match policy.kind {
-        ListenerKind::Remote => 443,
-        _ => 80,
-    };
+    // A browser names every non-default port in Host, so a port-less Host never comes from
+    // a page talking to this listener; health checkers (load balancers) do send the bare
+    // address. What rebinding changes is the name, and that is checked either way.
     let (name, host_port) = split_host(host);
-    let port_matches = match host_port {
-        Some(p) => p == port,
-        None => port == default_port,
-    };
-    if !port_matches {
+    if host_port.is_some_and(|p| p != local.port()) {
         return false;
     }
     let own_ip = match local.ip() {
@@ -395,8 +389,8 @@ mod tests {
         for bad in [
             "evil.example:7180",
             "127.0.0.1:7181",
-            "127.0.0.1",
             "localhost:x",
+            "[::1]:1",
             "attacker.example",
         ] {
             let err = run(ReadOnly, TCP, Method::GET, "/metrics", &[("host", bad)]).unwrap_err();
