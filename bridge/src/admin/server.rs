@@ -382,8 +382,16 @@ async fn route(
         let Some(response) = crate::acl::api::handle_admin(&state.acl, req, &actor).await else {
             return Ok(failure(StatusCode::NOT_FOUND, "not-found", "not found\n"));
         };
-        if method != Method::GET && response.status().is_success() {
-            info!(listener = %context.listener.name, caller = %context.caller, %method, path, version = state.acl.version(), "policy changed through the admin API");
+        if method != Method::GET && method != Method::HEAD {
+            info!(
+                listener = %context.listener.name,
+                caller = %context.caller,
+                %method,
+                path,
+                status = response.status().as_u16(),
+                version = state.acl.version(),
+                "admin write"
+            );
         }
         return Ok(response);
     }
