@@ -41,7 +41,7 @@ impl ListenerKind {
 
 /// The parts of a listener the checks need.
 #[derive(Clone, Debug)]
-pub struct ListenerPolicy {
+pub(crate) struct ListenerPolicy {
     pub kind: ListenerKind,
     /// Host names besides the connection's own address that name this listener, as
     /// `host:port` or bare `host` (the node certificate's DNS and IP SANs on the remote
@@ -87,12 +87,12 @@ impl fmt::Display for Caller {
 
 /// A request refused here: 403 with `x-hybridge-error: not-authorised` and this reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal {
+pub(crate) struct Refusal {
     pub reason: String,
 }
 
 /// The request head the checks look at.
-pub struct RequestHead<'a> {
+pub(crate) struct RequestHead<'a> {
     pub method: &'a Method,
     pub uri: &'a Uri,
     pub headers: &'a HeaderMap,
@@ -101,7 +101,7 @@ pub struct RequestHead<'a> {
 /// Runs every check for `request` arriving on `policy`'s listener over a connection whose
 /// local address is `local` (none for the socket). `Ok` lets the router answer (which may
 /// still be 404 or 405).
-pub fn check(
+pub(crate) fn check(
     policy: &ListenerPolicy,
     local: Option<SocketAddr>,
     request: &RequestHead<'_>,

@@ -7,12 +7,12 @@
 //! file and peer credentials, `client` is the one client, `status` renders node state. It reads
 //! node state and delegates policy changes to `acl`; it never touches the data path.
 
-pub mod access;
+mod access;
 pub mod client;
 mod server;
 pub mod status;
-pub mod unix;
+pub(crate) mod unix;
 
-pub use access::{Caller, ListenerKind};
+pub use access::{Caller, ListenerKind, NOT_AUTHORISED};
 pub(crate) use server::{serve_remote, serve_socket, serve_tcp};
 pub use unix::{AdminSocketError, PeerCredentials};

@@ -175,7 +175,7 @@ impl fmt::Display for PeerCredentials {
 
 /// The audit actor of this process, for changes `hybridge acl --db` makes on a stopped node's
 /// database: `cli:uid:0(root)`.
-pub fn process_actor() -> String {
+pub(crate) fn process_actor() -> String {
     let uid = rustix::process::getuid().as_raw();
     match user_name(uid) {
         Some(user) => format!("cli:uid:{uid}({user})"),
