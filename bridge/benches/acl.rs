@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use hybridge::acl::{AclService, AclSnapshot, Action, Rule, RuleSpec};
+use hybridge::acl::{AclService, AclSnapshot, Action, PolicySpec, Rule, RuleSpec};
 
 /// `n` rules spread over `n / 5` destinations, each with exact, wildcard and L7 rules, so the
 /// benchmarked destination has a realistic bucket and the rest only add index size.
@@ -37,6 +37,7 @@ fn policy(n: usize) -> Vec<Rule> {
             Rule {
                 id: format!("rule-{i}"),
                 source,
+                source_site: None,
                 destination,
                 action,
                 methods,
@@ -50,10 +51,11 @@ fn policy(n: usize) -> Vec<Rule> {
 fn decide(c: &mut Criterion) {
     let mut group = c.benchmark_group("acl_decide");
     for n in [10usize, 10_000] {
-        let snapshot = AclSnapshot::new(1, policy(n));
+        let snapshot = AclSnapshot::new(1, policy(n), Vec::new());
         group.bench_function(format!("{n}_rules_allow_l7"), |b| {
             b.iter(|| {
                 black_box(&snapshot).decide(
+                    "dc1",
                     black_box("web"),
                     black_box("svc-1"),
                     "GET",
@@ -63,12 +65,24 @@ fn decide(c: &mut Criterion) {
         });
         group.bench_function(format!("{n}_rules_wildcard_deny"), |b| {
             b.iter(|| {
-                black_box(&snapshot).decide(black_box("cron"), black_box("svc-1"), "GET", "/")
+                black_box(&snapshot).decide(
+                    "dc1",
+                    black_box("cron"),
+                    black_box("svc-1"),
+                    "GET",
+                    "/",
+                )
             })
         });
         group.bench_function(format!("{n}_rules_default_deny"), |b| {
             b.iter(|| {
-                black_box(&snapshot).decide(black_box("cron"), black_box("unknown"), "GET", "/")
+                black_box(&snapshot).decide(
+                    "dc1",
+                    black_box("cron"),
+                    black_box("unknown"),
+                    "GET",
+                    "/",
+                )
             })
         });
     }
@@ -81,12 +95,24 @@ fn service_decide(c: &mut Criterion) {
     let Ok(service) = AclService::open(&dir.path().join("hybridge.redb")) else {
         return;
     };
-    let specs: Vec<RuleSpec> = policy(10_000).into_iter().map(|r| r.to_spec()).collect();
-    if service.apply(specs, "bench", false).is_err() {
+    let rules: Vec<RuleSpec> = policy(10_000).into_iter().map(|r| r.to_spec()).collect();
+    let policy = PolicySpec {
+        rules,
+        exports: Vec::new(),
+    };
+    if service.apply(policy, "bench", false).is_err() {
         return;
     }
     c.bench_function("acl_service_decide/10000_rules_allow_l7", |b| {
-        b.iter(|| service.decide(black_box("web"), black_box("svc-1"), "GET", "/api/invoices"))
+        b.iter(|| {
+            service.decide(
+                "dc1",
+                black_box("web"),
+                black_box("svc-1"),
+                "GET",
+                "/api/invoices",
+            )
+        })
     });
 }
 

@@ -27,6 +27,7 @@ pub const SAMPLE_POLICY: &str = r#"
 [[rule]]
 id = "web-to-inventory"
 source = "web"
+source_site = "onprem"
 destination = "inventory"
 action = "allow"
 description = "the on-prem web tier uses the cloud inventory service"
@@ -34,11 +35,21 @@ description = "the on-prem web tier uses the cloud inventory service"
 [[rule]]
 id = "reporting-reads-ledger"
 source = "reporting"
+source_site = "cloud"
 destination = "ledger"
 action = "allow"
 methods = ["GET", "HEAD"]
 path_prefix = "/"
 description = "cloud reporting may read the on-prem ledger, not change it"
+
+# Which site may serve each service: a node of any other site announcing it is ignored.
+[[export]]
+service = "inventory"
+sites = "cloud"
+
+[[export]]
+service = "ledger"
+sites = "onprem"
 "#;
 
 /// A running dev environment.
@@ -199,8 +210,8 @@ suffix = "hybridge"
         let policy_path = root.join("acl.toml");
         write(&policy_path, SAMPLE_POLICY)?;
         for node in [&onprem, &cloud] {
-            let rules = crate::acl::parse_acl_file(&policy_path, SAMPLE_POLICY)?;
-            node.state.acl.apply(rules, "hybridge dev", false)?;
+            let policy = crate::acl::parse_acl_file(&policy_path, SAMPLE_POLICY)?;
+            node.state.acl.apply(policy, "hybridge dev", false)?;
         }
         let limit = Duration::from_secs(10);
         if !onprem.wait_for_route("inventory", limit).await

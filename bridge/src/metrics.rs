@@ -109,6 +109,8 @@ pub struct Metrics {
     tunnel: Mutex<TunnelCounters>,
     /// Total handshake failures, observable without polling.
     handshake_failures: tokio::sync::watch::Sender<u64>,
+    /// Services peers announced that their site may not serve (ignored, never routed to).
+    exports_refused: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Metrics {
@@ -117,6 +119,7 @@ impl Default for Metrics {
             services: Default::default(),
             tunnel: Mutex::default(),
             handshake_failures: tokio::sync::watch::channel(0).0,
+            exports_refused: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -154,6 +157,15 @@ impl Metrics {
                 .entry((peer.to_owned(), short_reason(reason)))
                 .or_default() += 1;
         }
+    }
+
+    /// A peer announced a service its site may not serve.
+    pub fn export_refused(&self) {
+        self.exports_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn exports_refused(&self) -> u64 {
+        self.exports_refused.load(Ordering::Relaxed)
     }
 
     pub fn handshake_failed(&self, reason: &str) {
@@ -329,6 +341,16 @@ impl Metrics {
                 );
             }
         }
+        let _ = writeln!(
+            out,
+            "# HELP hybridge_tunnel_exports_refused_total Service announcements ignored because the peer's site may not serve the service."
+        );
+        let _ = writeln!(out, "# TYPE hybridge_tunnel_exports_refused_total counter");
+        let _ = writeln!(
+            out,
+            "hybridge_tunnel_exports_refused_total {}",
+            self.exports_refused()
+        );
     }
 }
 

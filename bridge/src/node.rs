@@ -30,6 +30,7 @@ use crate::tunnel::connection::TunnelConnection;
 use crate::tunnel::control::ControlMessage;
 use crate::tunnel::peers::{Direction, PeerSet};
 use crate::tunnel::quic::{self, TransportTuning};
+use crate::tunnel::serving::ServingPolicy;
 use crate::tunnel::session::{self, SessionContext};
 use crate::tunnel::udp::Handoff;
 use crate::upstream::Upstream;
@@ -57,6 +58,8 @@ pub struct NodeState {
     pub config: ArcSwap<Config>,
     pub identity: SpiffeId,
     pub peers: Arc<PeerSet>,
+    /// Which peer sites may serve which services.
+    pub serving: Arc<ServingPolicy>,
     pub acl: Arc<AclService>,
     pub export: Arc<ExportContext>,
     pub metrics: Arc<Metrics>,
@@ -163,6 +166,16 @@ fn node_certificate_names(material: &TlsMaterial) -> Vec<String> {
         .collect()
 }
 
+/// Creates the data dir (and missing parents) 0700 whatever the umask: it holds the policy
+/// database. An existing dir keeps its mode (systemd creates it 0750 for the service group).
+fn create_private_dir(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}
+
 /// Whether each worker can have a tunnel endpoint of its own: a listen-only node's workers
 /// share the listen port (`SO_REUSEPORT`); a dial-only node's workers dial from ports of
 /// their own. A node that listens and dials, or dials from a fixed port, keeps one endpoint
@@ -225,7 +238,7 @@ impl Node {
     /// request handling on each; admin API and health checks on the caller's runtime).
     pub async fn start_on(config: Config, workers: Arc<Workers>) -> anyhow::Result<Node> {
         let material = load_tls(&config)?;
-        std::fs::create_dir_all(&config.node.data_dir)
+        create_private_dir(&config.node.data_dir)
             .with_context(|| format!("creating data dir {}", config.node.data_dir.display()))?;
         let acl = AclService::open(&config.database_path()).with_context(|| {
             format!("opening policy store {}", config.database_path().display())
@@ -307,6 +320,7 @@ impl Node {
         };
 
         let peers = Arc::new(PeerSet::default());
+        let serving = Arc::new(ServingPolicy::new(acl.clone(), &config));
         let requests = TaskTracker::new();
         let background = TaskTracker::new();
         let stop_listeners = CancellationToken::new();
@@ -315,7 +329,9 @@ impl Node {
         // Import listeners are bound before anything is spawned so a port clash fails start.
         let import_ctx = Arc::new(ImportContext {
             peers: peers.clone(),
+            serving: serving.clone(),
             acl: acl.clone(),
+            site: Arc::from(config.node.site.as_str()),
             metrics: metrics.clone(),
             tasks: requests.clone(),
         });
@@ -434,6 +450,7 @@ impl Node {
             config: ArcSwap::from_pointee(config.clone()),
             identity: identity.clone(),
             peers: peers.clone(),
+            serving: serving.clone(),
             acl: acl.clone(),
             export: export_ctx.clone(),
             metrics: metrics.clone(),
@@ -469,6 +486,7 @@ impl Node {
         let hello_id = identity.to_string();
         let session_ctx = Arc::new(SessionContext {
             peers: peers.clone(),
+            serving: serving.clone(),
             metrics: metrics.clone(),
             tasks: requests.clone(),
             hello: Box::new(move || {
@@ -625,15 +643,18 @@ impl Node {
         Ok(())
     }
 
-    /// Waits (at most `limit`) until a connected peer exports `service`.
+    /// Waits (at most `limit`) until a connected peer that may serve `service` exports it.
     pub async fn wait_for_route(&self, service: &str, limit: Duration) -> bool {
         let peers = &self.state.peers;
+        let serving = &self.state.serving;
         tokio::time::timeout(
             limit,
             peers.wait_until(|links| {
-                links
-                    .iter()
-                    .any(|l| !l.is_draining() && l.exports().contains(service))
+                links.iter().any(|l| {
+                    !l.is_draining()
+                        && l.exports().contains(service)
+                        && serving.permits(service, l.site())
+                })
             }),
         )
         .await
@@ -777,6 +798,7 @@ impl Node {
             slot.store(Arc::new(tls));
         }
         self.state.export.services.store(Arc::new(services));
+        self.state.serving.reconfigure(&new);
         let exports_changed = new.export_names() != old.export_names();
         self.state.config.store(Arc::new(new));
         let config = self.state.config.load();

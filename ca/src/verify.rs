@@ -92,7 +92,9 @@ impl PeerPolicy {
                     i + 1
                 )
             })?;
-            root_hints.push(DistinguishedName::from(anchor.subject.as_ref().to_vec()));
+            // A CertificateRequest names each CA as a DER `Name`: the anchor keeps only the
+            // contents of that SEQUENCE, and OpenSSL clients refuse a bare one.
+            root_hints.push(DistinguishedName::in_sequence(anchor.subject.as_ref()));
             roots.push(anchor.to_owned());
         }
         if roots.is_empty() {

@@ -326,7 +326,10 @@ pub fn allow(node: &Node, source: &str, destination: &str) {
     let text = format!(
         "[[rule]]\nsource = \"{source}\"\ndestination = \"{destination}\"\naction = \"allow\"\n"
     );
-    for rule in hybridge::acl::parse_acl_file(Path::new("test.toml"), &text).unwrap() {
+    for rule in hybridge::acl::parse_acl_file(Path::new("test.toml"), &text)
+        .unwrap()
+        .rules
+    {
         node.state.acl.add(rule, "test").unwrap();
     }
 }
@@ -733,7 +736,10 @@ pub fn preallow(data_dir: &Path, source: &str, destination: &str) {
     let text = format!(
         "[[rule]]\nsource = \"{source}\"\ndestination = \"{destination}\"\naction = \"allow\"\n"
     );
-    for rule in hybridge::acl::parse_acl_file(Path::new("preallow.toml"), &text).unwrap() {
+    for rule in hybridge::acl::parse_acl_file(Path::new("preallow.toml"), &text)
+        .unwrap()
+        .rules
+    {
         acl.add(rule, "test").unwrap();
     }
 }

@@ -49,7 +49,8 @@ async fn operator_changes_take_effect_on_the_next_request_without_restart() {
     let denied = get().await;
     assert_eq!(denied.status, 403);
     assert_eq!(denied.header("x-hybridge-error"), Some("acl-denied"));
-    assert_eq!(denied.header("x-hybridge-acl-rule"), Some("default-deny"));
+    // Rule ids are internal policy: the caller is not told which rule denied it.
+    assert_eq!(denied.header("x-hybridge-acl-rule"), None);
     assert_eq!(upstream.hits(), 0, "a denied request reached the upstream");
 
     // Allow on both nodes (import pre-check and export authority), through the CLI.
@@ -133,7 +134,8 @@ async fn operator_changes_take_effect_on_the_next_request_without_restart() {
     let denied = get().await;
     assert_eq!(denied.status, 403);
     assert_eq!(denied.header("x-hybridge-error"), Some("acl-denied"));
-    assert_eq!(denied.header("x-hybridge-acl-rule"), Some("default-deny"));
+    // Rule ids are internal policy: the caller is not told which rule denied it.
+    assert_eq!(denied.header("x-hybridge-acl-rule"), None);
     let (_, stdout, _) = acl_cli(
         cloud_admin,
         &["check", "--from", "web", "--to", "inventory", "GET", "/x"],
@@ -286,16 +288,52 @@ fn the_example_policy_loads_and_decides_as_documented() {
     let acl = hybridge::acl::AclService::open(&db).unwrap();
     assert!(acl.list().len() >= 5);
     // Something the example must deny explicitly, and an unknown caller denied by default.
-    let deny = acl.explain("web", "payments-admin", Some("POST"), Some("/refunds"));
+    let deny = acl.explain(
+        Some("aws"),
+        "web",
+        "payments-admin",
+        Some("POST"),
+        Some("/refunds"),
+    );
     assert_eq!(deny.action, Action::Deny, "{deny:?}");
     assert_eq!(deny.rule, "no-payments-admin");
-    let internal = acl.explain("web", "billing", Some("GET"), Some("/api/internal/x"));
+    let internal = acl.explain(
+        Some("aws"),
+        "web",
+        "billing",
+        Some("GET"),
+        Some("/api/internal/x"),
+    );
     assert_eq!(internal.action, Action::Deny);
     assert_eq!(internal.rule, "web-no-billing-internal");
-    let allowed = acl.explain("web", "billing", Some("POST"), Some("/api/invoices"));
+    let allowed = acl.explain(
+        Some("aws"),
+        "web",
+        "billing",
+        Some("POST"),
+        Some("/api/invoices"),
+    );
     assert_eq!(allowed.action, Action::Allow);
     assert_eq!(allowed.rule, "web-to-billing");
-    let unknown = acl.explain("intruder", "billing", Some("GET"), Some("/api/x"));
+    // The same caller name vouched for by a node of another site is not the storefront.
+    let elsewhere = acl.explain(
+        Some("dc1"),
+        "web",
+        "billing",
+        Some("POST"),
+        Some("/api/invoices"),
+    );
+    assert_eq!(elsewhere.action, Action::Deny);
+    assert!(elsewhere.default_deny);
+    assert_eq!(acl.may_serve("billing", "dc1"), Some(true));
+    assert_eq!(acl.may_serve("billing", "aws"), Some(false));
+    let unknown = acl.explain(
+        Some("aws"),
+        "intruder",
+        "billing",
+        Some("GET"),
+        Some("/api/x"),
+    );
     assert_eq!(unknown.action, Action::Deny);
     assert!(unknown.default_deny);
 }

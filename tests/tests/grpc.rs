@@ -73,7 +73,7 @@ async fn grpc_calls_cross_the_bridge_and_one_channel_is_spread_over_all_endpoint
     assert_eq!(out["error"]["code"], "PERMISSION_DENIED");
     let details = out["error"]["details"].as_str().unwrap();
     assert!(
-        details.contains("acl-denied") && details.contains("default-deny"),
+        details.contains("acl-denied") && details.contains("intruder@onprem"),
         "{details}"
     );
 

@@ -209,9 +209,11 @@ fn every_terraform_file_parses_is_documented_and_references_what_exists() {
         match path.extension().and_then(|e| e.to_str()) {
             Some("toml") if path.file_name().unwrap() == "acl.toml" => {
                 let text = std::fs::read_to_string(&path).unwrap();
-                let rules = hybridge::acl::parse_acl_file(&path, &text)
+                let policy = hybridge::acl::parse_acl_file(&path, &text)
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                assert!(!rules.is_empty());
+                assert!(!policy.rules.is_empty());
+                assert!(policy.rules.iter().all(|r| r.source_site.is_some()));
+                assert!(!policy.exports.is_empty());
             }
             Some("toml") => {
                 let config =

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::AclError;
 use super::file::parse_acl_file;
-use super::model::{Rule, RuleSpec};
+use super::model::{ExportDeclaration, Rule, RuleSpec};
 use super::service::AclService;
 use super::store::AuditEntry;
 
@@ -27,6 +27,9 @@ pub const DEFAULT_LOG_LIMIT: usize = 50;
 pub struct RuleList {
     pub version: u64,
     pub rules: Vec<Rule>,
+    /// Which sites may serve which services.
+    #[serde(default)]
+    pub exports: Vec<ExportDeclaration>,
 }
 
 /// `POST /v1/acl/rules` and `DELETE /v1/acl/rules/{id}` response.
@@ -58,7 +61,7 @@ type AdminResponse = Response<Full<Bytes>>;
 /// - `POST /v1/acl/rules` (JSON [`RuleSpec`]) → 201 [`RuleChanged`]
 /// - `DELETE /v1/acl/rules/{id}` → [`RuleChanged`]
 /// - `POST /v1/acl/apply?dry_run=true&file=NAME` (TOML body) → `ApplyDiff`; 400 names the line
-/// - `GET /v1/acl/check?from=&to=&method=&path=` → `Explanation`
+/// - `GET /v1/acl/check?from=&site=&to=&method=&path=` → `Explanation`
 /// - `GET /v1/acl/log?limit=` → [`AuditLog`]
 pub async fn handle_admin(
     svc: &AclService,
@@ -88,6 +91,7 @@ where
             &RuleList {
                 version: svc.version(),
                 rules: svc.list(),
+                exports: svc.exports(),
             },
         ),
         ("rules", &Method::POST) => match read_body(req).await {
@@ -115,7 +119,7 @@ where
                     Err(_) => error(StatusCode::BAD_REQUEST, format!("{file}: not UTF-8")),
                     Ok(text) => match parse_acl_file(Path::new(&file), text) {
                         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
-                        Ok(specs) => match blocking(|| svc.apply(specs, actor, dry_run)) {
+                        Ok(policy) => match blocking(|| svc.apply(policy, actor, dry_run)) {
                             Ok(diff) => json(StatusCode::OK, &diff),
                             Err(e) => acl_error(&e),
                         },
@@ -125,11 +129,18 @@ where
         }
         ("check", &Method::GET) => match (query_param(&query, "from"), query_param(&query, "to")) {
             (Some(from), Some(to)) => {
+                let site = query_param(&query, "site").filter(|s| !s.is_empty());
                 let method = query_param(&query, "method").filter(|m| !m.is_empty());
                 let path = query_param(&query, "path").filter(|p| !p.is_empty());
                 json(
                     StatusCode::OK,
-                    &svc.explain(&from, &to, method.as_deref(), path.as_deref()),
+                    &svc.explain(
+                        site.as_deref(),
+                        &from,
+                        &to,
+                        method.as_deref(),
+                        path.as_deref(),
+                    ),
                 )
             }
             _ => error(
@@ -254,12 +265,16 @@ fn error(status: StatusCode, message: String) -> AdminResponse {
 
 fn acl_error(e: &AclError) -> AdminResponse {
     let status = match e {
-        AclError::InvalidRule { .. } | AclError::File(_) => StatusCode::BAD_REQUEST,
+        AclError::InvalidRule { .. }
+        | AclError::InvalidExport { .. }
+        | AclError::DuplicateExport(_)
+        | AclError::File(_) => StatusCode::BAD_REQUEST,
         AclError::DuplicateId(_) => StatusCode::CONFLICT,
         AclError::NotFound(_) => StatusCode::NOT_FOUND,
-        AclError::InUse { .. } | AclError::Storage(_) | AclError::Corrupt { .. } => {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
+        AclError::InUse { .. }
+        | AclError::Permissions { .. }
+        | AclError::Storage(_)
+        | AclError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e.to_string())
 }

@@ -13,7 +13,7 @@ use http::Method;
 
 use super::api::{AuditLog, RuleChanged, RuleList, percent_encode};
 use super::file::parse_acl_file;
-use super::model::{Action, Rule, RuleSpec};
+use super::model::{Action, ExportDeclaration, Rule, RuleSpec};
 use super::service::AclService;
 use super::snapshot::{Explanation, Reason};
 use super::store::{ApplyDiff, AuditEntry};
@@ -48,6 +48,9 @@ pub enum AclCommand {
         /// Calling service, or "*".
         #[arg(long)]
         from: String,
+        /// Only callers entering through a node of this site (repeatable; default any site).
+        #[arg(long = "from-site", value_name = "SITE")]
+        from_sites: Vec<String>,
         /// Called service, or "*".
         #[arg(long)]
         to: String,
@@ -81,6 +84,9 @@ pub enum AclCommand {
     Check {
         #[arg(long)]
         from: String,
+        /// Site of the node the caller enters through (rules with `source_site` need it).
+        #[arg(long = "from-site", value_name = "SITE")]
+        from_site: Option<String>,
         #[arg(long)]
         to: String,
         /// HTTP method, e.g. GET.
@@ -126,6 +132,7 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Stri
         }
         AclCommand::Add {
             from,
+            from_sites,
             to,
             allow: _,
             deny,
@@ -137,6 +144,7 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Stri
             let spec = RuleSpec {
                 id,
                 source: from,
+                source_site: (!from_sites.is_empty()).then_some(from_sites),
                 destination: to,
                 action: if deny { Action::Deny } else { Action::Allow },
                 methods: (!methods.is_empty()).then_some(methods),
@@ -168,12 +176,19 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Stri
         }
         AclCommand::Check {
             from,
+            from_site,
             to,
             method,
             path,
         } => {
             let explanation = backend
-                .check(&from, &to, method.as_deref(), path.as_deref())
+                .check(
+                    from_site.as_deref(),
+                    &from,
+                    &to,
+                    method.as_deref(),
+                    path.as_deref(),
+                )
                 .await?;
             print_explanation(&mut out, &explanation)?;
         }
@@ -202,6 +217,7 @@ impl Backend {
             Backend::Local(svc) => Ok(RuleList {
                 version: svc.version(),
                 rules: svc.list(),
+                exports: svc.exports(),
             }),
             Backend::Remote(client) => client.call(Method::GET, "/v1/acl/rules", None).await,
         }
@@ -260,19 +276,23 @@ impl Backend {
 
     async fn check(
         &self,
+        site: Option<&str>,
         from: &str,
         to: &str,
         method: Option<&str>,
         path: Option<&str>,
     ) -> anyhow::Result<Explanation> {
         match self {
-            Backend::Local(svc) => Ok(svc.explain(from, to, method, path)),
+            Backend::Local(svc) => Ok(svc.explain(site, from, to, method, path)),
             Backend::Remote(client) => {
                 let mut query = format!(
                     "/v1/acl/check?from={}&to={}",
                     percent_encode(from),
                     percent_encode(to)
                 );
+                if let Some(site) = site {
+                    write!(query, "&site={}", percent_encode(site))?;
+                }
                 if let Some(method) = method {
                     write!(query, "&method={}", percent_encode(method))?;
                 }
@@ -309,9 +329,23 @@ fn print_audit_entry(out: &mut String, e: &AuditEntry) -> std::fmt::Result {
         Some(s) => format!("+{} ~{} -{}", s.added, s.changed, s.removed),
         None => e.rule_id.clone(),
     };
+    let exports = e
+        .summary
+        .as_ref()
+        .filter(|s| s.exports_added + s.exports_changed + s.exports_removed > 0)
+        .map(|s| {
+            format!(
+                ", exports +{} ~{} -{} ({})",
+                s.exports_added,
+                s.exports_changed,
+                s.exports_removed,
+                s.export_services.join(", ")
+            )
+        })
+        .unwrap_or_default();
     writeln!(
         out,
-        "{:>5}  {}  v{}  {:<6} {:<24} by {}",
+        "{:>5}  {}  v{}  {:<6} {:<24} by {}{exports}",
         e.seq,
         e.time,
         e.version,
@@ -342,10 +376,13 @@ fn print_audit_entry(out: &mut String, e: &AuditEntry) -> std::fmt::Result {
 
 /// One line per rule: `id: allow web -> billing GET,POST /api "description"`.
 fn describe(rule: &Rule) -> String {
-    let mut text = format!(
-        "{}: {} {} -> {}",
-        rule.id, rule.action, rule.source, rule.destination
-    );
+    let mut text = format!("{}: {} {}", rule.id, rule.action, rule.source);
+    if let Some(sites) = &rule.source_site {
+        text.push('@');
+        text.push_str(&sites.join(","));
+    }
+    text.push_str(" -> ");
+    text.push_str(&rule.destination);
     if let Some(methods) = &rule.methods {
         text.push(' ');
         text.push_str(&methods.join(","));
@@ -371,7 +408,26 @@ fn print_list(out: &mut String, list: &RuleList) -> std::fmt::Result {
     for rule in &list.rules {
         writeln!(out, "  {}", describe(rule))?;
     }
+    if !list.exports.is_empty() {
+        writeln!(out, "{} export declaration(s)", list.exports.len())?;
+    }
+    for declaration in &list.exports {
+        writeln!(out, "  {}", describe_export(declaration))?;
+    }
     Ok(())
+}
+
+/// `ledger: served by dc1,dc2 "description"`.
+fn describe_export(declaration: &ExportDeclaration) -> String {
+    let mut text = format!(
+        "export {}: served by {}",
+        declaration.service,
+        declaration.sites.join(",")
+    );
+    if !declaration.description.is_empty() {
+        text.push_str(&format!(" {:?}", declaration.description));
+    }
+    text
 }
 
 fn print_diff(out: &mut String, diff: &ApplyDiff) -> std::fmt::Result {
@@ -385,15 +441,33 @@ fn print_diff(out: &mut String, diff: &ApplyDiff) -> std::fmt::Result {
     for rule in &diff.removed {
         writeln!(out, "- {}", describe(rule))?;
     }
+    for declaration in &diff.exports.added {
+        writeln!(out, "+ {}", describe_export(declaration))?;
+    }
+    for change in &diff.exports.changed {
+        writeln!(out, "~ {}", describe_export(&change.old))?;
+        writeln!(out, "  -> {}", describe_export(&change.new))?;
+    }
+    for declaration in &diff.exports.removed {
+        writeln!(out, "- {}", describe_export(declaration))?;
+    }
     for warning in &diff.warnings {
         writeln!(out, "warning: {warning}")?;
     }
-    let counts = format!(
+    let mut counts = format!(
         "{} added, {} changed, {} removed",
         diff.added.len(),
         diff.changed.len(),
         diff.removed.len()
     );
+    if !diff.exports.is_empty() {
+        counts.push_str(&format!(
+            "; export declarations {} added, {} changed, {} removed",
+            diff.exports.added.len(),
+            diff.exports.changed.len(),
+            diff.exports.removed.len()
+        ));
+    }
     if diff.is_empty() {
         writeln!(out, "no changes (policy version {})", diff.version_before)
     } else if diff.dry_run {
@@ -413,6 +487,9 @@ fn print_diff(out: &mut String, diff: &ApplyDiff) -> std::fmt::Result {
 
 fn print_explanation(out: &mut String, e: &Explanation) -> std::fmt::Result {
     writeln!(out, "{}", e.action)?;
+    if let Some(site) = &e.site {
+        writeln!(out, "caller {}@{site} -> {}", e.source, e.destination)?;
+    }
     if e.default_deny {
         writeln!(out, "default-deny")?;
     } else {
@@ -683,13 +760,16 @@ action = "deny"
                 added_ids: (0..12).map(|i| format!("r{i:02}")).collect(),
                 changed_ids: vec!["x".into()],
                 removed_ids: vec![],
+                exports_changed: 1,
+                export_services: vec!["billing".into()],
+                ..crate::acl::ApplySummary::default()
             }),
         };
         let mut out = String::new();
         print_audit_entry(&mut out, &entry).unwrap();
         assert_eq!(
             out,
-            "    7  2025-01-01T00:00:00Z  v4  apply  +12 ~1 -0                by uid:0(root)\n       + r00, r01, r02, r03, r04, r05, r06, r07, r08, r09 … and 2 more\n       ~ x\n"
+            "    7  2025-01-01T00:00:00Z  v4  apply  +12 ~1 -0                by uid:0(root), exports +0 ~1 -0 (billing)\n       + r00, r01, r02, r03, r04, r05, r06, r07, r08, r09 … and 2 more\n       ~ x\n"
         );
     }
 

@@ -1,5 +1,6 @@
-//! The declarative ACL file (`acl.toml`): TOML with one `[[rule]]` table per rule, parsed into
-//! checked `RuleSpec`s with `FILE:LINE` errors. Parsing only: it never touches the store.
+//! The declarative ACL file (`acl.toml`): TOML with one `[[rule]]` table per rule and one
+//! `[[export]]` table per export declaration, parsed into a checked `PolicySpec` with
+//! `FILE:LINE` errors. Parsing only: it never touches the store.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -9,17 +10,25 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::model::{Action, RuleSpec};
+use super::model::{Action, ExportDeclaration, PolicySpec, RuleSpec};
 
-/// A rejected ACL file: where (file, line, rule, field) and why. Displays as
+/// Which table of the file an error is in: the kind (`rule`, `export`) and its 1-based
+/// position among the tables of that kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TablePosition {
+    pub kind: &'static str,
+    pub index: usize,
+}
+
+/// A rejected ACL file: where (file, line, table, field) and why. Displays as
 /// `FILE:LINE: rule N: field `x`: message`, leaving out the parts that do not apply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct AclFileError {
     pub file: String,
     /// 1-based line.
     pub line: usize,
-    /// 1-based position of the `[[rule]]` table, when the error is inside one.
-    pub rule: Option<usize>,
+    /// The `[[rule]]` or `[[export]]` table, when the error is inside one.
+    pub table: Option<TablePosition>,
     pub field: Option<String>,
     pub message: String,
 }
@@ -27,8 +36,8 @@ pub struct AclFileError {
 impl fmt::Display for AclFileError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}: ", self.file, self.line)?;
-        if let Some(rule) = self.rule {
-            write!(f, "rule {rule}: ")?;
+        if let Some(table) = self.table {
+            write!(f, "{} {}: ", table.kind, table.index)?;
         }
         if let Some(field) = &self.field {
             write!(f, "field `{field}`: ")?;
@@ -42,6 +51,33 @@ impl fmt::Display for AclFileError {
 struct RawFile {
     #[serde(default)]
     rule: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    export: Vec<Spanned<RawExport>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExport {
+    service: Spanned<String>,
+    sites: Spanned<OneOrMany>,
+    description: Option<Spanned<String>>,
+}
+
+/// `"dc1"` or `["dc1", "dc2"]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(name) => vec![name],
+            OneOrMany::Many(names) => names,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -49,6 +85,7 @@ struct RawFile {
 struct RawRule {
     id: Option<Spanned<String>>,
     source: Spanned<String>,
+    source_site: Option<Spanned<OneOrMany>>,
     destination: Spanned<String>,
     action: Spanned<String>,
     methods: Option<Spanned<Vec<String>>>,
@@ -58,32 +95,39 @@ struct RawRule {
 
 /// Parses and checks an ACL file. `path` is only used in messages. On any error nothing is
 /// returned, so callers change nothing.
-pub fn parse_acl_file(path: &Path, text: &str) -> Result<Vec<RuleSpec>, AclFileError> {
+pub fn parse_acl_file(path: &Path, text: &str) -> Result<PolicySpec, AclFileError> {
     let file = path.display().to_string();
-    let error_at =
-        |offset: usize, rule: Option<usize>, field: Option<&str>, message: String| AclFileError {
-            file: file.clone(),
-            line: line_of(text, offset),
-            rule,
-            field: field.map(str::to_string),
-            message,
-        };
+    let error_at = |offset: usize,
+                    table: Option<TablePosition>,
+                    field: Option<&str>,
+                    message: String| AclFileError {
+        file: file.clone(),
+        line: line_of(text, offset),
+        table,
+        field: field.map(str::to_string),
+        message,
+    };
     let raw: RawFile = toml::from_str(text).map_err(|e| {
         let offset = e.span().map_or(0, |s| s.start);
-        let rule = rule_index_at(text, offset);
-        error_at(offset, rule, None, e.message().trim().to_string())
+        let table = table_at(text, offset);
+        error_at(offset, table, None, e.message().trim().to_string())
     })?;
 
     let mut specs = Vec::with_capacity(raw.rule.len());
     let mut ids: HashMap<String, usize> = HashMap::new();
     for (i, spanned) in raw.rule.into_iter().enumerate() {
         let n = i + 1;
+        let at = Some(TablePosition {
+            kind: "rule",
+            index: n,
+        });
         let table_span = spanned.span();
         let raw = spanned.into_inner();
         let field_span = |field: &str| -> Range<usize> {
             match field {
                 "id" => raw.id.as_ref().map(Spanned::span),
                 "source" => Some(raw.source.span()),
+                "source_site" => raw.source_site.as_ref().map(Spanned::span),
                 "destination" => Some(raw.destination.span()),
                 "action" => Some(raw.action.span()),
                 "methods" => raw.methods.as_ref().map(Spanned::span),
@@ -96,7 +140,7 @@ pub fn parse_acl_file(path: &Path, text: &str) -> Result<Vec<RuleSpec>, AclFileE
         let action = Action::parse(raw.action.get_ref()).ok_or_else(|| {
             error_at(
                 field_span("action").start,
-                Some(n),
+                at,
                 Some("action"),
                 format!(
                     "{:?} is not an action; use \"allow\" or \"deny\"",
@@ -107,6 +151,10 @@ pub fn parse_acl_file(path: &Path, text: &str) -> Result<Vec<RuleSpec>, AclFileE
         let spec = RuleSpec {
             id: raw.id.as_ref().map(|s| s.get_ref().clone()),
             source: raw.source.get_ref().clone(),
+            source_site: raw.source_site.as_ref().map(|s| match s.get_ref() {
+                OneOrMany::One(name) => vec![name.clone()],
+                OneOrMany::Many(names) => names.clone(),
+            }),
             destination: raw.destination.get_ref().clone(),
             action,
             methods: raw.methods.as_ref().map(|s| s.get_ref().clone()),
@@ -115,20 +163,60 @@ pub fn parse_acl_file(path: &Path, text: &str) -> Result<Vec<RuleSpec>, AclFileE
         };
         let spec = spec
             .validate()
-            .map_err(|e| error_at(field_span(e.field).start, Some(n), Some(e.field), e.message))?;
+            .map_err(|e| error_at(field_span(e.field).start, at, Some(e.field), e.message))?;
         if let Some(id) = &spec.id
             && let Some(first) = ids.insert(id.clone(), n)
         {
             return Err(error_at(
                 field_span("id").start,
-                Some(n),
+                at,
                 Some("id"),
                 format!("duplicate id {id:?} (first used by rule {first})"),
             ));
         }
         specs.push(spec);
     }
-    Ok(specs)
+
+    let mut exports = Vec::with_capacity(raw.export.len());
+    let mut services: HashMap<String, usize> = HashMap::new();
+    for (i, spanned) in raw.export.into_iter().enumerate() {
+        let n = i + 1;
+        let at = Some(TablePosition {
+            kind: "export",
+            index: n,
+        });
+        let raw = spanned.into_inner();
+        let spans = [("service", raw.service.span()), ("sites", raw.sites.span())];
+        let field_start = |field: &str| {
+            spans
+                .iter()
+                .find(|(name, _)| *name == field)
+                .map_or(0, |(_, span)| span.start)
+        };
+        let declaration = ExportDeclaration {
+            service: raw.service.get_ref().clone(),
+            sites: raw.sites.into_inner().into_vec(),
+            description: raw.description.map(Spanned::into_inner).unwrap_or_default(),
+        }
+        .validate()
+        .map_err(|e| error_at(field_start(e.field), at, Some(e.field), e.message))?;
+        if let Some(first) = services.insert(declaration.service.clone(), n) {
+            return Err(error_at(
+                field_start("service"),
+                at,
+                Some("service"),
+                format!(
+                    "service {:?} is already declared by export {first}",
+                    declaration.service
+                ),
+            ));
+        }
+        exports.push(declaration);
+    }
+    Ok(PolicySpec {
+        rules: specs,
+        exports,
+    })
 }
 
 /// 1-based line holding byte `offset`.
@@ -141,14 +229,31 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
-/// Which `[[rule]]` table (1-based) a byte offset falls in, judged from the headers before it.
-fn rule_index_at(text: &str, offset: usize) -> Option<usize> {
+/// Which `[[rule]]` or `[[export]]` table a byte offset falls in, judged from the table
+/// headers before it.
+fn table_at(text: &str, offset: usize) -> Option<TablePosition> {
     let end = offset.min(text.len());
-    let headers = text.as_bytes()[..end]
-        .split(|&b| b == b'\n')
-        .filter(|line| line.trim_ascii_start().starts_with(b"[[rule]]"))
-        .count();
-    (headers > 0).then_some(headers)
+    let mut last = None;
+    let mut counts = [("rule", 0usize), ("export", 0usize)];
+    for line in text.as_bytes()[..end].split(|&b| b == b'\n') {
+        let line = line.trim_ascii_start();
+        for (kind, count) in &mut counts {
+            if line.starts_with(format!("[[{kind}]]").as_bytes()) {
+                *count += 1;
+                last = Some(TablePosition {
+                    kind,
+                    index: *count,
+                });
+            }
+        }
+        if line.starts_with(b"[")
+            && !line.starts_with(b"[[rule]]")
+            && !line.starts_with(b"[[export]]")
+        {
+            last = None;
+        }
+    }
+    last
 }
 
 #[cfg(test)]
@@ -156,7 +261,9 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<Vec<RuleSpec>, String> {
-        parse_acl_file(Path::new("acl.toml"), text).map_err(|e| e.to_string())
+        parse_acl_file(Path::new("acl.toml"), text)
+            .map(|policy| policy.rules)
+            .map_err(|e| e.to_string())
     }
 
     const GOOD: &str = r#"
@@ -248,6 +355,48 @@ action = "deny"
     }
 
     #[test]
+    fn site_bound_rules_and_export_declarations() {
+        let text = format!(
+            "{GOOD}\n[[rule]]\nsource = \"cron\"\nsource_site = [\"dc2\", \"dc1\", \"dc1\"]\ndestination = \"ledger\"\naction = \"allow\"\n\n[[export]]\nservice = \"ledger\"\nsites = \"dc1\"\n"
+        );
+        let policy = parse_acl_file(Path::new("acl.toml"), &text);
+        let policy = policy.unwrap_or_default();
+        assert_eq!(
+            policy.rules[2].source_site,
+            Some(vec!["dc1".to_string(), "dc2".to_string()])
+        );
+        assert_eq!(
+            policy.exports,
+            vec![ExportDeclaration {
+                service: "ledger".into(),
+                sites: vec!["dc1".into()],
+                description: String::new(),
+            }]
+        );
+        let bad_site = text.replace("\"dc2\", ", "\"DC 2\", ");
+        assert_eq!(
+            parse(&bad_site),
+            Err("acl.toml:17: rule 3: field `source_site`: site \"DC 2\" cannot appear in a node certificate; sites use only a-z 0-9 . _ -".into())
+        );
+        let bad_export = text.replace("sites = \"dc1\"", "sites = \"dc/1\"");
+        assert_eq!(
+            parse(&bad_export),
+            Err("acl.toml:23: export 1: field `sites`: site \"dc/1\" cannot appear in a node certificate; sites use only a-z 0-9 . _ -".into())
+        );
+        let twice = format!("{text}\n[[export]]\nservice = \"ledger\"\nsites = \"dc2\"\n");
+        assert_eq!(
+            parse(&twice),
+            Err("acl.toml:26: export 2: field `service`: service \"ledger\" is already declared by export 1".into())
+        );
+        let unknown = format!("{text}nodes = [\"a\"]\n");
+        let err = parse(&unknown).err().unwrap_or_default();
+        assert!(
+            err.starts_with("acl.toml:24: export 1: unknown field `nodes`"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn example_policy_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples/acl.toml");
         let text = std::fs::read_to_string(&path);
@@ -255,7 +404,7 @@ action = "deny"
         let text = text.unwrap_or_default();
         let specs = parse_acl_file(&path, &text);
         assert!(specs.is_ok(), "{specs:?}");
-        let specs = specs.unwrap_or_default();
+        let specs = specs.unwrap_or_default().rules;
         assert!(specs.len() >= 5, "example has {} rules", specs.len());
         assert!(
             specs

@@ -3,8 +3,11 @@
 //!
 //! # Precedence
 //!
-//! A rule *matches* a request when its destination is the request's destination or `*`, its
-//! source is the caller or `*`, and, for a rule with L7 conditions, the request method is in
+//! A caller is always qualified by its site: the site of the node it entered through (for a
+//! request from a peer, the site in that node's certificate; for a local caller, this node's
+//! site). A rule *matches* a request when its destination is the request's destination or
+//! `*`, its source is the caller or `*`, its `source_site` (when given) lists the caller's
+//! site, and, for a rule with L7 conditions, the request method is in
 //! `methods` (when given; compared case-insensitively) and the path starts with `path_prefix`
 //! (when given). Among the matching rules the most specific decides, comparing in order:
 //!
@@ -12,15 +15,21 @@
 //! |------|----------------------------------------------------------|---------------------------------|
 //! | 1    | exact destination beats `*`                              | `* → billing` over `web → *`    |
 //! | 2    | exact source beats `*`                                   | `web → billing` over `* → billing` |
-//! | 3    | a rule with method/path conditions beats one without     | `web → billing GET /api` over `web → billing` |
-//! | 4    | between L7 rules, the longer `path_prefix` wins          | `/api/v1` over `/api`           |
-//! | 5    | on equal precedence, `deny` beats `allow`                |                                 |
-//! | 6    | equal precedence and action: smaller id (determinism)    |                                 |
+//! | 3    | a rule restricted to caller sites beats one without      | `web@dc1 → billing` over `web → billing` |
+//! | 4    | a rule with method/path conditions beats one without     | `web → billing GET /api` over `web → billing` |
+//! | 5    | between L7 rules, the longer `path_prefix` wins          | `/api/v1` over `/api`           |
+//! | 6    | on equal precedence, `deny` beats `allow`                |                                 |
+//! | 7    | equal precedence and action: smaller id (determinism)    |                                 |
 //! | —    | no matching rule: deny (`default-deny`)                  |                                 |
 //!
 //! The snapshot indexes rules by (destination, source) into four buckets visited in steps 1–2
-//! order (exact/exact, exact/`*`, `*`/exact, `*`/`*`), each pre-sorted by steps 3–6, so a
+//! order (exact/exact, exact/`*`, `*`/exact, `*`/`*`), each pre-sorted by steps 3–7, so a
 //! decision is at most four hash lookups and a scan of the first bucket with a match.
+//!
+//! # Export declarations
+//!
+//! The policy also says which sites may serve a service (`[[export]]` in the file): a peer of
+//! another site that announces the service is never routed to. See `AclSnapshot::may_serve`.
 //!
 //! # Layout
 //!
@@ -42,7 +51,10 @@ pub use api::handle_admin;
 pub use denylog::DenyLogLimiter;
 pub use error::AclError;
 pub use file::{AclFileError, parse_acl_file};
-pub use model::{Action, Rule, RuleSpec};
+pub use model::{Action, ExportDeclaration, PolicySpec, Rule, RuleSpec};
 pub use service::AclService;
 pub use snapshot::{AclSnapshot, Decision, Explanation, Field, Reason, RuleVerdict};
-pub use store::{AclStore, ApplyDiff, ApplySummary, AuditEntry, AuditOp, RuleChange};
+pub use store::{
+    AclStore, ApplyDiff, ApplySummary, AuditEntry, AuditOp, ExportChange, ExportsDiff, RuleChange,
+    StoredPolicy,
+};

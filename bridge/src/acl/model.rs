@@ -51,6 +51,14 @@ pub struct RuleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     pub source: String,
+    /// Sites whose nodes may vouch for `source` (`None`: any site). A caller's site is the
+    /// site of the node it entered through, taken from that node's certificate.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "one_or_many"
+    )]
+    pub source_site: Option<Vec<String>>,
     pub destination: String,
     pub action: Action,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -68,6 +76,13 @@ pub struct RuleSpec {
 pub struct Rule {
     pub id: String,
     pub source: String,
+    /// Sorted, without duplicates; `None` means any site.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "one_or_many"
+    )]
+    pub source_site: Option<Vec<String>>,
     pub destination: String,
     pub action: Action,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -89,6 +104,7 @@ impl Rule {
         Rule {
             id,
             source: spec.source,
+            source_site: spec.source_site,
             destination: spec.destination,
             action: spec.action,
             methods: spec.methods,
@@ -102,6 +118,7 @@ impl Rule {
         RuleSpec {
             id: Some(self.id.clone()),
             source: self.source.clone(),
+            source_site: self.source_site.clone(),
             destination: self.destination.clone(),
             action: self.action,
             methods: self.methods.clone(),
@@ -141,6 +158,13 @@ impl RuleSpec {
             field: "destination",
             message,
         })?;
+        if let Some(sites) = self.source_site.take() {
+            let sites = normalise_sites(sites).map_err(|message| FieldError {
+                field: "source_site",
+                message,
+            })?;
+            self.source_site = Some(sites);
+        }
         if let Some(methods) = self.methods.take() {
             let methods = normalise_methods(methods).map_err(|message| FieldError {
                 field: "methods",
@@ -181,6 +205,98 @@ pub fn check_service(name: &str) -> Result<(), String> {
         )),
         None => Ok(()),
     }
+}
+
+/// Checks site names as a node certificate carries them (`[a-z0-9._-]+`), then sorts and
+/// dedups them, so equal rules compare and digest equal whatever order they were written in.
+pub fn normalise_sites(sites: Vec<String>) -> Result<Vec<String>, String> {
+    if sites.is_empty() {
+        return Err("must list at least one site (omit the key to allow any site)".into());
+    }
+    for site in &sites {
+        if site == "*" {
+            return Err("\"*\" is not a site; omit the key to allow any site".into());
+        }
+        hybridge_ca::spiffe::validate_segment("site", site).map_err(|_| {
+            format!(
+                "site {site:?} cannot appear in a node certificate; sites use only a-z 0-9 . _ -"
+            )
+        })?;
+        if site.len() > MAX_NAME_LEN {
+            return Err(format!("site name longer than {MAX_NAME_LEN} bytes"));
+        }
+    }
+    let mut sites = sites;
+    sites.sort();
+    sites.dedup();
+    Ok(sites)
+}
+
+/// Accepts `"dc1"` or `["dc1", "dc2"]` for a list of names.
+fn one_or_many<'de, D>(deserializer: D) -> Result<Option<Vec<String>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(deserializer)? {
+        None => None,
+        Some(OneOrMany::One(name)) => Some(vec![name]),
+        Some(OneOrMany::Many(names)) => Some(names),
+    })
+}
+
+/// Which sites may serve a service: a peer of another site that announces it is not routed
+/// to. Part of the policy, applied with the rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportDeclaration {
+    pub service: String,
+    /// Sorted, without duplicates.
+    #[serde(deserialize_with = "required_one_or_many")]
+    pub sites: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+}
+
+fn required_one_or_many<'de, D>(deserializer: D) -> Result<Vec<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    one_or_many(deserializer)?.ok_or_else(|| serde::de::Error::missing_field("sites"))
+}
+
+impl ExportDeclaration {
+    /// Checks the fields and normalises the site list.
+    pub fn validate(mut self) -> Result<ExportDeclaration, FieldError> {
+        if self.service == "*" {
+            return Err(FieldError {
+                field: "service",
+                message: "an export declaration names one service, not \"*\"".into(),
+            });
+        }
+        check_service(&self.service).map_err(|message| FieldError {
+            field: "service",
+            message,
+        })?;
+        self.sites = normalise_sites(self.sites).map_err(|message| FieldError {
+            field: "sites",
+            message,
+        })?;
+        Ok(self)
+    }
+}
+
+/// A whole policy as an operator applies it: rules and export declarations.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicySpec {
+    pub rules: Vec<RuleSpec>,
+    #[serde(default)]
+    pub exports: Vec<ExportDeclaration>,
 }
 
 /// A rule id: `[A-Za-z0-9._-]+`, so it is safe in URLs, logs and metrics.
@@ -292,6 +408,7 @@ mod tests {
         RuleSpec {
             id: None,
             source: source.into(),
+            source_site: None,
             destination: destination.into(),
             action: Action::Allow,
             methods: None,

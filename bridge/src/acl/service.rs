@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 
 use super::denylog::DenyLogLimiter;
 use super::error::AclError;
-use super::model::{Action, Rule, RuleSpec};
+use super::model::{Action, ExportDeclaration, PolicySpec, Rule, RuleSpec};
 use super::snapshot::{AclSnapshot, Decision, Explanation};
 use super::store::{AclStore, ApplyDiff, AuditEntry, resolve_ids};
 
@@ -112,10 +112,14 @@ impl AclService {
     }
 
     fn with_store(store: AclStore) -> Result<Arc<Self>, AclError> {
-        let (version, rules) = store.load()?;
+        let stored = store.load()?;
         Ok(Arc::new(AclService {
             store,
-            current: ArcSwap::from_pointee(AclSnapshot::new(version, rules)),
+            current: ArcSwap::from_pointee(AclSnapshot::new(
+                stored.version,
+                stored.rules,
+                stored.exports,
+            )),
             write_lock: Mutex::new(()),
             counters: DecisionCounters::default(),
             deny_log: DenyLogLimiter::default(),
@@ -128,13 +132,21 @@ impl AclService {
         self.current.load_full()
     }
 
-    /// Decides a request against the current snapshot, counts it per (destination, action) and
-    /// logs denies at most once per (source, destination, rule) per minute.
-    pub fn decide(&self, source: &str, destination: &str, method: &str, path: &str) -> Decision {
+    /// Decides a request from `source` vouched for by a node of `site` against the current
+    /// snapshot, counts it per (destination, action) and logs denies at most once per
+    /// (source, destination, rule) per minute.
+    pub fn decide(
+        &self,
+        site: &str,
+        source: &str,
+        destination: &str,
+        method: &str,
+        path: &str,
+    ) -> Decision {
         let decision = self
             .current
             .load()
-            .decide(source, destination, method, path);
+            .decide(site, source, destination, method, path);
         self.counters.record(destination, decision.action);
         if !decision.allowed()
             && let Some(suppressed) =
@@ -143,6 +155,7 @@ impl AclService {
         {
             tracing::info!(
                 source,
+                source_site = site,
                 destination,
                 method,
                 path,
@@ -196,11 +209,24 @@ impl AclService {
     /// no version change. Warns about service names outside [`AclService::set_known_services`].
     pub fn apply(
         &self,
-        rules: Vec<RuleSpec>,
+        policy: PolicySpec,
         actor: &str,
         dry_run: bool,
     ) -> Result<ApplyDiff, AclError> {
-        let specs = rules
+        let exports = policy
+            .exports
+            .into_iter()
+            .enumerate()
+            .map(|(i, declaration)| {
+                declaration.validate().map_err(|e| AclError::InvalidExport {
+                    index: i + 1,
+                    field: e.field,
+                    message: e.message,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let specs = policy
+            .rules
             .into_iter()
             .enumerate()
             .map(|(i, spec)| validate(spec, i + 1))
@@ -208,7 +234,7 @@ impl AclService {
         let desired = resolve_ids(specs)?;
         let warnings = self.unknown_service_warnings(&desired);
         let _guard = lock(&self.write_lock);
-        let mut diff = self.store.apply(desired, actor, dry_run)?;
+        let mut diff = self.store.apply(desired, exports, actor, dry_run)?;
         diff.warnings = warnings;
         if diff.version_after != diff.version_before {
             self.reload_locked()?;
@@ -219,6 +245,17 @@ impl AclService {
     /// Every rule, sorted by id (from the snapshot).
     pub fn list(&self) -> Vec<Rule> {
         self.current.load().rules().to_vec()
+    }
+
+    /// Every export declaration, sorted by service (from the snapshot).
+    pub fn exports(&self) -> Vec<ExportDeclaration> {
+        self.current.load().exports()
+    }
+
+    /// Whether a node of `site` may serve `service` by the policy's export declarations
+    /// (`None`: the policy does not declare the service).
+    pub fn may_serve(&self, service: &str, site: &str) -> Option<bool> {
+        self.current.load().may_serve(service, site)
     }
 
     /// The newest `limit` audit entries, newest first.
@@ -234,6 +271,7 @@ impl AclService {
     /// The decision with its reasoning (see [`AclSnapshot::explain`]). Not counted.
     pub fn explain(
         &self,
+        site: Option<&str>,
         source: &str,
         destination: &str,
         method: Option<&str>,
@@ -241,7 +279,7 @@ impl AclService {
     ) -> Explanation {
         self.current
             .load()
-            .explain(source, destination, method, path)
+            .explain(site, source, destination, method, path)
     }
 
     /// Decisions so far per (destination, action), sorted, for `/metrics`.
@@ -256,9 +294,12 @@ impl AclService {
     }
 
     fn reload_locked(&self) -> Result<(), AclError> {
-        let (version, rules) = self.store.load()?;
-        self.current
-            .store(Arc::new(AclSnapshot::new(version, rules)));
+        let stored = self.store.load()?;
+        self.current.store(Arc::new(AclSnapshot::new(
+            stored.version,
+            stored.rules,
+            stored.exports,
+        )));
         Ok(())
     }
 
@@ -347,7 +388,8 @@ action = "deny"
     {
         let (_dir, svc) = open()?;
         assert_eq!(
-            svc.decide("web", "billing", "GET", "/api/x").rule_label(),
+            svc.decide("dc1", "web", "billing", "GET", "/api/x")
+                .rule_label(),
             "default-deny"
         );
         let specs = parse_acl_file(Path::new("acl.toml"), POLICY)?;
@@ -355,15 +397,17 @@ action = "deny"
         assert_eq!((diff.added.len(), diff.version_after), (2, 1));
         let before = svc.snapshot();
         assert_eq!(before.version(), 1);
-        let d = svc.decide("web", "billing", "GET", "/api/x");
+        let d = svc.decide("dc1", "web", "billing", "GET", "/api/x");
         assert!(d.allowed());
         assert_eq!(d.rule_label(), "web-to-billing");
         assert_eq!(
-            svc.decide("web", "payments-admin", "GET", "/").rule_label(),
+            svc.decide("dc1", "web", "payments-admin", "GET", "/")
+                .rule_label(),
             "no-admin"
         );
         assert_eq!(
-            svc.decide("web", "billing", "POST", "/api/x").rule_label(),
+            svc.decide("dc1", "web", "billing", "POST", "/api/x")
+                .rule_label(),
             "default-deny"
         );
 
@@ -402,7 +446,7 @@ action = "deny"
         );
         assert_eq!(svc.version(), 0);
         let mut bad = specs;
-        bad[1].path_prefix = Some("nope".into());
+        bad.rules[1].path_prefix = Some("nope".into());
         let err = svc.apply(bad, "test", false).err().map(|e| e.to_string());
         assert_eq!(
             err.as_deref(),

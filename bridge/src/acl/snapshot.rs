@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{Action, Rule};
+use super::model::{Action, ExportDeclaration, Rule};
 
 /// The outcome of a decision: the action and the rule that decided it (`None`: default-deny).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,12 +39,13 @@ impl Decision {
 }
 
 /// Precedence of a rule, compared field by field, greater wins: exact destination, exact
-/// source, L7 conditions, longer path prefix, deny. Equal ranks fall back to the smaller id so
+/// source, site-qualified source, L7 conditions, longer path prefix, deny. Equal ranks fall back to the smaller id so
 /// that every decision is deterministic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Rank {
     pub exact_destination: bool,
     pub exact_source: bool,
+    pub site_qualified: bool,
     pub l7: bool,
     pub path_prefix_len: usize,
     pub deny: bool,
@@ -55,6 +56,7 @@ impl Rank {
         Rank {
             exact_destination: rule.destination != "*",
             exact_source: rule.source != "*",
+            site_qualified: rule.source_site.is_some(),
             l7: rule.is_l7(),
             path_prefix_len: rule.path_prefix.as_deref().map_or(0, str::len),
             deny: rule.action == Action::Deny,
@@ -72,11 +74,19 @@ pub fn precedence(a: &Rule, b: &Rule) -> Ordering {
 struct CompiledRule {
     id: Arc<str>,
     action: Action,
+    source_sites: Option<Box<[Box<str>]>>,
     methods: Option<Box<[String]>>,
     path_prefix: Option<Box<str>>,
 }
 
 impl CompiledRule {
+    fn matches(&self, site: &str, method: &str, path: &str) -> bool {
+        self.source_sites
+            .as_deref()
+            .is_none_or(|sites| sites.iter().any(|s| &**s == site))
+            && self.matches_l7(method, path)
+    }
+
     fn matches_l7(&self, method: &str, path: &str) -> bool {
         let method_ok = self
             .methods
@@ -106,11 +116,14 @@ pub struct AclSnapshot {
     any_destination: DestinationBucket,
     /// Every rule, sorted by id, for listing and explaining.
     rules: Vec<Rule>,
+    /// Export declarations by service.
+    exports: HashMap<String, ExportDeclaration>,
 }
 
 impl AclSnapshot {
-    /// Builds the index. Rules must have unique ids (the store guarantees it).
-    pub fn new(version: u64, mut rules: Vec<Rule>) -> AclSnapshot {
+    /// Builds the index. Rules must have unique ids and declarations unique services (the
+    /// store guarantees both).
+    pub fn new(version: u64, mut rules: Vec<Rule>, exports: Vec<ExportDeclaration>) -> AclSnapshot {
         rules.sort_by(|a, b| a.id.cmp(&b.id));
         let mut sorted: Vec<&Rule> = rules.iter().collect();
         sorted.sort_by(|a, b| precedence(a, b));
@@ -120,6 +133,10 @@ impl AclSnapshot {
             let compiled = CompiledRule {
                 id: Arc::from(rule.id.as_str()),
                 action: rule.action,
+                source_sites: rule
+                    .source_site
+                    .as_ref()
+                    .map(|sites| sites.iter().map(|s| Box::from(s.as_str())).collect()),
                 methods: rule.methods.clone().map(Vec::into_boxed_slice),
                 path_prefix: rule.path_prefix.as_deref().map(Box::from),
             };
@@ -145,7 +162,26 @@ impl AclSnapshot {
             by_destination,
             any_destination,
             rules,
+            exports: exports
+                .into_iter()
+                .map(|d| (d.service.clone(), d))
+                .collect(),
         }
+    }
+
+    /// Every export declaration, sorted by service.
+    pub fn exports(&self) -> Vec<ExportDeclaration> {
+        let mut out: Vec<ExportDeclaration> = self.exports.values().cloned().collect();
+        out.sort_by(|a, b| a.service.cmp(&b.service));
+        out
+    }
+
+    /// Whether a node of `site` may serve `service`: `Some(answer)` when the policy declares
+    /// the service, `None` when it does not (the node's configuration then decides).
+    pub fn may_serve(&self, service: &str, site: &str) -> Option<bool> {
+        self.exports
+            .get(service)
+            .map(|d| d.sites.iter().any(|s| s == site))
     }
 
     pub fn version(&self) -> u64 {
@@ -157,10 +193,18 @@ impl AclSnapshot {
         &self.rules
     }
 
-    /// Decides a request. Buckets are visited in precedence order (exact/exact, exact
-    /// destination/any source, any destination/exact source, any/any); inside a bucket rules are
-    /// sorted best first, so the first match decides.
-    pub fn decide(&self, source: &str, destination: &str, method: &str, path: &str) -> Decision {
+    /// Decides a request from `source` vouched for by a node of `site`. Buckets are visited in
+    /// precedence order (exact/exact, exact destination/any source, any destination/exact
+    /// source, any/any); inside a bucket rules are sorted best first, so the first match
+    /// decides.
+    pub fn decide(
+        &self,
+        site: &str,
+        source: &str,
+        destination: &str,
+        method: &str,
+        path: &str,
+    ) -> Decision {
         let exact = self.by_destination.get(destination);
         let buckets = [
             exact.and_then(|b| b.by_source.get(source)),
@@ -169,7 +213,7 @@ impl AclSnapshot {
             Some(&self.any_destination.any_source),
         ];
         for bucket in buckets.into_iter().flatten() {
-            if let Some(rule) = bucket.iter().find(|r| r.matches_l7(method, path)) {
+            if let Some(rule) = bucket.iter().find(|r| r.matches(site, method, path)) {
                 return Decision {
                     action: rule.action,
                     rule_id: Some(rule.id.clone()),
@@ -180,9 +224,10 @@ impl AclSnapshot {
     }
 
     /// Decides like [`AclSnapshot::decide`] and says, for every other rule, why it did not
-    /// decide. A missing method or path fails every rule that conditions on it.
+    /// decide. A missing site, method or path fails every rule that conditions on it.
     pub fn explain(
         &self,
+        site: Option<&str>,
         source: &str,
         destination: &str,
         method: Option<&str>,
@@ -191,13 +236,20 @@ impl AclSnapshot {
         let mut matching: Vec<&Rule> = Vec::new();
         let mut others: Vec<RuleVerdict> = Vec::new();
         for rule in &self.rules {
-            match mismatch(rule, source, destination, method, path) {
+            let request = RequestFacts {
+                site,
+                source,
+                destination,
+                method,
+                path,
+            };
+            match mismatch(rule, &request) {
                 Some(field) => others.push(RuleVerdict {
                     rule_id: rule.id.clone(),
                     action: rule.action,
                     reason: Reason::DidNotMatch {
                         field,
-                        detail: mismatch_detail(rule, field, source, destination, method, path),
+                        detail: mismatch_detail(rule, field, &request),
                     },
                 }),
                 None => matching.push(rule),
@@ -220,6 +272,7 @@ impl AclSnapshot {
         others.sort_by(|a, b| a.rule_id.cmp(&b.rule_id));
         Explanation {
             version: self.version,
+            site: site.map(str::to_string),
             source: source.to_string(),
             destination: destination.to_string(),
             method: method.map(str::to_string),
@@ -232,19 +285,34 @@ impl AclSnapshot {
     }
 }
 
+/// What `explain` knows of a request; `None` for what the operator left out.
+struct RequestFacts<'a> {
+    site: Option<&'a str>,
+    source: &'a str,
+    destination: &'a str,
+    method: Option<&'a str>,
+    path: Option<&'a str>,
+}
+
 /// The first field of `rule` that does not match the request, in the order a reader checks.
-fn mismatch(
-    rule: &Rule,
-    source: &str,
-    destination: &str,
-    method: Option<&str>,
-    path: Option<&str>,
-) -> Option<Field> {
+fn mismatch(rule: &Rule, request: &RequestFacts<'_>) -> Option<Field> {
+    let RequestFacts {
+        site,
+        source,
+        destination,
+        method,
+        path,
+    } = *request;
     if rule.destination != "*" && rule.destination != destination {
         return Some(Field::Destination);
     }
     if rule.source != "*" && rule.source != source {
         return Some(Field::Source);
+    }
+    if let Some(sites) = &rule.source_site
+        && !site.is_some_and(|s| sites.iter().any(|x| x == s))
+    {
+        return Some(Field::Site);
     }
     if let Some(methods) = &rule.methods {
         let ok = method.is_some_and(|m| methods.iter().any(|x| x.eq_ignore_ascii_case(m)));
@@ -260,20 +328,27 @@ fn mismatch(
     None
 }
 
-fn mismatch_detail(
-    rule: &Rule,
-    field: Field,
-    source: &str,
-    destination: &str,
-    method: Option<&str>,
-    path: Option<&str>,
-) -> String {
+fn mismatch_detail(rule: &Rule, field: Field, request: &RequestFacts<'_>) -> String {
+    let RequestFacts {
+        site,
+        source,
+        destination,
+        method,
+        path,
+    } = *request;
     match field {
         Field::Destination => format!(
             "rule is for destination {}, not {destination}",
             rule.destination
         ),
         Field::Source => format!("rule is for source {}, not {source}", rule.source),
+        Field::Site => {
+            let listed = rule.source_site.as_deref().unwrap_or_default().join(",");
+            match site {
+                Some(s) => format!("caller site {s} not in [{listed}]"),
+                None => format!("no caller site given; rule requires one of [{listed}]"),
+            }
+        }
         Field::Method => {
             let listed = rule.methods.as_deref().unwrap_or_default().join(",");
             match method {
@@ -297,6 +372,8 @@ fn lost_because(winner: &Rule, loser: &Rule) -> String {
         "exact destination beats *".into()
     } else if w.exact_source != l.exact_source {
         "exact source beats *".into()
+    } else if w.site_qualified != l.site_qualified {
+        "rule restricted to caller sites beats one without".into()
     } else if w.l7 != l.l7 {
         "rule with method/path conditions beats one without".into()
     } else if w.path_prefix_len != l.path_prefix_len {
@@ -313,6 +390,7 @@ fn lost_because(winner: &Rule, loser: &Rule) -> String {
 #[serde(rename_all = "lowercase")]
 pub enum Field {
     Source,
+    Site,
     Destination,
     Method,
     Path,
@@ -322,6 +400,7 @@ impl Field {
     pub fn as_str(self) -> &'static str {
         match self {
             Field::Source => "source",
+            Field::Site => "site",
             Field::Destination => "destination",
             Field::Method => "method",
             Field::Path => "path",
@@ -349,6 +428,8 @@ pub struct RuleVerdict {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Explanation {
     pub version: u64,
+    /// The caller's site, when given.
+    pub site: Option<String>,
     pub source: String,
     pub destination: String,
     pub method: Option<String>,
@@ -370,6 +451,7 @@ mod tests {
         Rule {
             id: id.into(),
             source: src.into(),
+            source_site: None,
             destination: dst.into(),
             action,
             methods: l7.map(|(ms, _)| ms.iter().map(|m| m.to_string()).collect()),
@@ -379,10 +461,24 @@ mod tests {
     }
 
     /// The reference: scan every rule, keep the matching ones, take the best by precedence.
-    fn brute_force(rules: &[Rule], src: &str, dst: &str, method: &str, path: &str) -> Decision {
+    fn brute_force(
+        rules: &[Rule],
+        site: &str,
+        src: &str,
+        dst: &str,
+        method: &str,
+        path: &str,
+    ) -> Decision {
+        let request = RequestFacts {
+            site: Some(site),
+            source: src,
+            destination: dst,
+            method: Some(method),
+            path: Some(path),
+        };
         rules
             .iter()
-            .filter(|r| mismatch(r, src, dst, Some(method), Some(path)).is_none())
+            .filter(|r| mismatch(r, &request).is_none())
             .min_by(|a, b| precedence(a, b))
             .map_or_else(Decision::default_deny, |r| Decision {
                 action: r.action,
@@ -417,15 +513,15 @@ mod tests {
         let mut checked = 0;
         for &a in &kinds {
             // Alone: the rule decides.
-            let snap = AclSnapshot::new(1, vec![make("a", a)]);
-            let d = snap.decide("web", "billing", "GET", "/api/x");
+            let snap = AclSnapshot::new(1, vec![make("a", a)], Vec::new());
+            let d = snap.decide("dc1", "web", "billing", "GET", "/api/x");
             assert_eq!((d.action, d.rule_label()), (a.3, "a"));
             for &b in &kinds {
                 if a == b {
                     continue;
                 }
-                let snap = AclSnapshot::new(1, vec![make("a", a), make("b", b)]);
-                let d = snap.decide("web", "billing", "GET", "/api/x");
+                let snap = AclSnapshot::new(1, vec![make("a", a), make("b", b)], Vec::new());
+                let d = snap.decide("dc1", "web", "billing", "GET", "/api/x");
                 // Expected, spelled out step by step as in the docs.
                 let expected = if a.0 != b.0 {
                     if a.0 { "a" } else { "b" }
@@ -440,7 +536,7 @@ mod tests {
                 };
                 assert_eq!(d.rule_label(), expected, "a={a:?} b={b:?}");
                 // An L7 rule that does not match never decides.
-                let d = snap.decide("web", "billing", "PUT", "/api/x");
+                let d = snap.decide("dc1", "web", "billing", "PUT", "/api/x");
                 let l4: Vec<_> = [("a", a), ("b", b)]
                     .into_iter()
                     .filter(|(_, k)| !k.2)
@@ -482,25 +578,27 @@ mod tests {
                 Some((&["GET"], "/api/v1/x")),
             ),
         ];
-        let snap = AclSnapshot::new(3, rules);
+        let snap = AclSnapshot::new(3, rules, Vec::new());
         assert_eq!(
-            snap.decide("web", "billing", "GET", "/api/v1/x")
+            snap.decide("dc1", "web", "billing", "GET", "/api/v1/x")
                 .rule_label(),
             "long-allow"
         );
         assert_eq!(
-            snap.decide("web", "billing", "GET", "/api/v2").rule_label(),
+            snap.decide("dc1", "web", "billing", "GET", "/api/v2")
+                .rule_label(),
             "short-deny"
         );
         assert_eq!(
-            snap.decide("web", "billing", "get", "/api/v1").rule_label(),
+            snap.decide("dc1", "web", "billing", "get", "/api/v1")
+                .rule_label(),
             "long-allow"
         );
         assert_eq!(
-            snap.decide("web", "other", "GET", "/").rule_label(),
+            snap.decide("dc1", "web", "other", "GET", "/").rule_label(),
             "default-deny"
         );
-        assert!(!snap.decide("web", "other", "GET", "/").allowed());
+        assert!(!snap.decide("dc1", "web", "other", "GET", "/").allowed());
         assert_eq!(snap.version(), 3);
     }
 
@@ -518,8 +616,14 @@ mod tests {
             rule("web-to-other", "web", "other", Action::Allow, None),
             rule("reporting", "reporting", "billing", Action::Allow, None),
         ];
-        let snap = AclSnapshot::new(1, rules);
-        let e = snap.explain("web", "billing", Some("GET"), Some("/api/invoices"));
+        let snap = AclSnapshot::new(1, rules, Vec::new());
+        let e = snap.explain(
+            Some("dc1"),
+            "web",
+            "billing",
+            Some("GET"),
+            Some("/api/invoices"),
+        );
         assert_eq!(
             (e.action, e.rule.as_str()),
             (Action::Allow, "web-to-billing")
@@ -553,7 +657,7 @@ mod tests {
                 }
             )
         ));
-        let e = snap.explain("web", "billing", None, None);
+        let e = snap.explain(Some("dc1"), "web", "billing", None, None);
         assert_eq!(e.rule, "any-to-billing");
         assert!(e.others.iter().any(|v| v.rule_id == "web-to-billing"
             && matches!(
@@ -563,9 +667,70 @@ mod tests {
                     ..
                 }
             )));
-        let e = snap.explain("x", "y", None, None);
+        let e = snap.explain(Some("dc1"), "x", "y", None, None);
         assert!(e.default_deny);
         assert_eq!(e.rule, "default-deny");
+    }
+
+    /// A caller is qualified by its site: a site-bound allow lets only that site's callers
+    /// through, beats the same rule without a site, and loses to an exact-source rule.
+    #[test]
+    fn site_bound_rules() {
+        let mut web_dc1 = rule("web-dc1", "web", "billing", Action::Allow, None);
+        web_dc1.source_site = Some(vec!["dc1".into()]);
+        let web_any = rule("web-any", "web", "billing", Action::Deny, None);
+        let snap = AclSnapshot::new(1, vec![web_dc1.clone()], Vec::new());
+        assert!(snap.decide("dc1", "web", "billing", "GET", "/").allowed());
+        let d = snap.decide("dc2", "web", "billing", "GET", "/");
+        assert_eq!((d.allowed(), d.rule_label()), (false, "default-deny"));
+        // Site-qualified beats unqualified at the same source/destination, whatever the action.
+        let snap = AclSnapshot::new(1, vec![web_dc1.clone(), web_any], Vec::new());
+        assert_eq!(
+            snap.decide("dc1", "web", "billing", "GET", "/")
+                .rule_label(),
+            "web-dc1"
+        );
+        assert_eq!(
+            snap.decide("dc2", "web", "billing", "GET", "/")
+                .rule_label(),
+            "web-any"
+        );
+        // An exact source beats a site-bound wildcard source.
+        let mut any_dc1 = rule("any-dc1", "*", "billing", Action::Deny, None);
+        any_dc1.source_site = Some(vec!["dc1".into()]);
+        let snap = AclSnapshot::new(1, vec![web_dc1, any_dc1], Vec::new());
+        assert_eq!(
+            snap.decide("dc1", "web", "billing", "GET", "/")
+                .rule_label(),
+            "web-dc1"
+        );
+        assert_eq!(
+            snap.decide("dc1", "cron", "billing", "GET", "/")
+                .rule_label(),
+            "any-dc1"
+        );
+        let e = snap.explain(None, "web", "billing", None, None);
+        assert!(e.default_deny);
+        assert!(e.others.iter().any(|v| matches!(
+            v.reason,
+            Reason::DidNotMatch {
+                field: Field::Site,
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn export_declarations_say_which_sites_serve() {
+        let declaration = ExportDeclaration {
+            service: "ledger".into(),
+            sites: vec!["dc1".into()],
+            description: String::new(),
+        };
+        let snap = AclSnapshot::new(1, Vec::new(), vec![declaration]);
+        assert_eq!(snap.may_serve("ledger", "dc1"), Some(true));
+        assert_eq!(snap.may_serve("ledger", "dc2"), Some(false));
+        assert_eq!(snap.may_serve("billing", "dc2"), None);
     }
 
     fn arb_rules() -> impl Strategy<Value = Vec<Rule>> {
@@ -573,14 +738,17 @@ mod tests {
         let methods = prop::option::of(prop::sample::subsequence(vec!["GET", "POST"], 1..=2));
         let prefix = prop::option::of(prop::sample::select(vec!["/", "/a", "/a/b", "/b"]));
         let action = prop::sample::select(vec![Action::Allow, Action::Deny]);
-        prop::collection::vec((name.clone(), name, action, methods, prefix), 0..24).prop_map(
+        let sites = prop::option::of(prop::sample::subsequence(vec!["dc1", "dc2"], 1..=2));
+        prop::collection::vec((name.clone(), name, action, methods, prefix, sites), 0..24).prop_map(
             |specs| {
                 specs
                     .into_iter()
                     .enumerate()
-                    .map(|(i, (src, dst, action, methods, prefix))| Rule {
+                    .map(|(i, (src, dst, action, methods, prefix, sites))| Rule {
                         id: format!("r{i:02}"),
                         source: src.into(),
+                        source_site: sites
+                            .map(|s: Vec<&str>| s.into_iter().map(String::from).collect()),
                         destination: dst.into(),
                         action,
                         methods: methods.map(|ms| ms.into_iter().map(String::from).collect()),
@@ -596,15 +764,16 @@ mod tests {
         #[test]
         fn decide_equals_brute_force(
             rules in arb_rules(),
+            site in prop::sample::select(vec!["dc1", "dc2", "dc3"]),
             src in prop::sample::select(vec!["a", "b", "c"]),
             dst in prop::sample::select(vec!["a", "b", "c"]),
             method in prop::sample::select(vec!["GET", "POST", "PUT"]),
             path in prop::sample::select(vec!["/", "/a", "/a/b/c", "/b", "/c"]),
         ) {
-            let expected = brute_force(&rules, src, dst, method, path);
-            let snap = AclSnapshot::new(7, rules);
-            prop_assert_eq!(snap.decide(src, dst, method, path), expected.clone());
-            let e = snap.explain(src, dst, Some(method), Some(path));
+            let expected = brute_force(&rules, site, src, dst, method, path);
+            let snap = AclSnapshot::new(7, rules, Vec::new());
+            prop_assert_eq!(snap.decide(site, src, dst, method, path), expected.clone());
+            let e = snap.explain(Some(site), src, dst, Some(method), Some(path));
             prop_assert_eq!(e.rule.as_str(), expected.rule_label());
             prop_assert_eq!(e.action, expected.action);
             prop_assert_eq!(e.others.len() + usize::from(!e.default_deny), snap.rules().len());

@@ -11,10 +11,12 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::error::AclError;
-use super::model::{Rule, RuleSpec, first_free_id, slug_base};
+use super::model::{ExportDeclaration, Rule, RuleSpec, first_free_id, slug_base};
 
 /// Rule id → rule JSON.
 const RULES: TableDefinition<&str, &str> = TableDefinition::new("acl_rules");
+/// Service → export declaration JSON.
+const EXPORTS: TableDefinition<&str, &str> = TableDefinition::new("acl_exports");
 /// `"version"` → policy version (monotonic, +1 per committed change).
 const META: TableDefinition<&str, u64> = TableDefinition::new("acl_meta");
 /// Sequence number → audit entry JSON; append-only.
@@ -70,7 +72,8 @@ pub struct AuditEntry {
 }
 
 /// The diff of one `apply`, as its audit entry keeps it: complete counts, and the ids of the
-/// first [`AUDIT_IDS_PER_KIND`] rules of each kind (sorted).
+/// first [`AUDIT_IDS_PER_KIND`] rules of each kind (sorted); likewise for export declarations,
+/// named by service.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplySummary {
     pub added: usize,
@@ -79,6 +82,16 @@ pub struct ApplySummary {
     pub added_ids: Vec<String>,
     pub changed_ids: Vec<String>,
     pub removed_ids: Vec<String>,
+    /// Export declarations added, changed and removed.
+    #[serde(default)]
+    pub exports_added: usize,
+    #[serde(default)]
+    pub exports_changed: usize,
+    #[serde(default)]
+    pub exports_removed: usize,
+    /// The services of those declarations (first [`AUDIT_IDS_PER_KIND`], sorted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub export_services: Vec<String>,
 }
 
 impl ApplySummary {
@@ -92,6 +105,15 @@ impl ApplySummary {
         // smallest. `changed` follows the file; sort all of it before cutting.
         let mut changed: Vec<&String> = diff.changed.iter().map(|c| &c.new.id).collect();
         changed.sort();
+        let exports = &diff.exports;
+        let mut services: Vec<&String> = exports
+            .added
+            .iter()
+            .chain(&exports.removed)
+            .map(|d| &d.service)
+            .chain(exports.changed.iter().map(|c| &c.new.service))
+            .collect();
+        services.sort();
         ApplySummary {
             added: diff.added.len(),
             changed: diff.changed.len(),
@@ -99,6 +121,10 @@ impl ApplySummary {
             added_ids: first(&mut diff.added.iter().map(|r| &r.id)),
             changed_ids: first(&mut changed.into_iter()),
             removed_ids: first(&mut diff.removed.iter().map(|r| &r.id)),
+            exports_added: exports.added.len(),
+            exports_changed: exports.changed.len(),
+            exports_removed: exports.removed.len(),
+            export_services: first(&mut services.into_iter()),
         }
     }
 }
@@ -110,6 +136,27 @@ pub struct RuleChange {
     pub new: Rule,
 }
 
+/// An export declaration whose sites `apply` changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportChange {
+    pub old: ExportDeclaration,
+    pub new: ExportDeclaration,
+}
+
+/// What `apply` did to the export declarations.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportsDiff {
+    pub added: Vec<ExportDeclaration>,
+    pub removed: Vec<ExportDeclaration>,
+    pub changed: Vec<ExportChange>,
+}
+
+impl ExportsDiff {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
 /// What `apply` did (or, with `dry_run`, would do).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplyDiff {
@@ -117,6 +164,8 @@ pub struct ApplyDiff {
     pub added: Vec<Rule>,
     pub removed: Vec<Rule>,
     pub changed: Vec<RuleChange>,
+    #[serde(default)]
+    pub exports: ExportsDiff,
     /// Version before the apply.
     pub version_before: u64,
     /// Version after the apply (equal to `version_before` when nothing changed or dry run).
@@ -127,8 +176,19 @@ pub struct ApplyDiff {
 
 impl ApplyDiff {
     pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.changed.is_empty()
+            && self.exports.is_empty()
     }
+}
+
+/// Everything the store holds of the policy, as one read transaction saw it.
+#[derive(Debug, Clone, Default)]
+pub struct StoredPolicy {
+    pub version: u64,
+    pub rules: Vec<Rule>,
+    pub exports: Vec<ExportDeclaration>,
 }
 
 /// The ACL tables inside a (possibly shared) redb database.
@@ -139,7 +199,14 @@ pub struct AclStore {
 impl AclStore {
     /// Opens or creates the redb file at `path`. A file held by another process (the daemon)
     /// fails with [`AclError::InUse`].
+    ///
+    /// The file holds the whole policy and its audit trail: it is created 0600 whatever the
+    /// umask, and an existing file readable by others is narrowed to 0600.
     pub fn open(path: &Path) -> Result<AclStore, AclError> {
+        restrict_to_owner(path).map_err(|e| AclError::Permissions {
+            path: PathBuf::from(path),
+            message: e.to_string(),
+        })?;
         let db = Database::builder().create(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => AclError::InUse {
                 path: PathBuf::from(path),
@@ -167,15 +234,25 @@ impl AclStore {
         &self.db
     }
 
-    /// Current version and every rule, in one read transaction.
-    pub fn load(&self) -> Result<(u64, Vec<Rule>), AclError> {
+    /// Current version, every rule and every export declaration, in one read transaction.
+    pub fn load(&self) -> Result<StoredPolicy, AclError> {
         let txn = self.db.begin_read()?;
         let version = txn
             .open_table(META)?
             .get(VERSION_KEY)?
             .map_or(0, |v| v.value());
         let rules = read_rules(&txn.open_table(RULES)?)?;
-        Ok((version, rules.into_values().collect()))
+        let exports = match txn.open_table(EXPORTS) {
+            Ok(table) => read_exports(&table)?,
+            // A database written before export declarations existed has no such table.
+            Err(redb::TableError::TableDoesNotExist(_)) => BTreeMap::new(),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(StoredPolicy {
+            version,
+            rules: rules.into_values().collect(),
+            exports: exports.into_values().collect(),
+        })
     }
 
     /// Adds one checked rule; resolves a missing id to the first free `src-to-dst[-N]` slug.
@@ -246,12 +323,14 @@ impl AclStore {
         Ok(result)
     }
 
-    /// Makes the rules table equal `desired` (ids resolved and unique) in one transaction, with
-    /// one audit entry summarising the diff. Nothing is written when the diff is empty or
-    /// `dry_run` is set. O(n log n) in the number of rules.
+    /// Makes the rules and export declarations equal `desired` and `desired_exports` (ids
+    /// resolved and unique, one declaration per service) in one transaction, with one audit
+    /// entry summarising the diff. Nothing is written when the diff is empty or `dry_run` is
+    /// set. O(n log n) in the number of rules.
     pub fn apply(
         &self,
         desired: Vec<Rule>,
+        desired_exports: Vec<ExportDeclaration>,
         actor: &str,
         dry_run: bool,
     ) -> Result<ApplyDiff, AclError> {
@@ -261,6 +340,12 @@ impl AclStore {
                 return Err(AclError::DuplicateId(rule.id.clone()));
             }
         }
+        let mut seen = HashSet::new();
+        for declaration in &desired_exports {
+            if !seen.insert(declaration.service.as_str()) {
+                return Err(AclError::DuplicateExport(declaration.service.clone()));
+            }
+        }
         let txn = self.db.begin_write()?;
         let diff = {
             let version_before = txn
@@ -268,12 +353,15 @@ impl AclStore {
                 .get(VERSION_KEY)?
                 .map_or(0, |v| v.value());
             let mut rules = txn.open_table(RULES)?;
+            let mut exports = txn.open_table(EXPORTS)?;
             let mut current = read_rules(&rules)?;
+            let mut current_exports = read_exports(&exports)?;
             let mut diff = ApplyDiff {
                 dry_run,
                 added: Vec::new(),
                 removed: Vec::new(),
                 changed: Vec::new(),
+                exports: ExportsDiff::default(),
                 version_before,
                 version_after: version_before,
                 warnings: Vec::new(),
@@ -287,8 +375,21 @@ impl AclStore {
             }
             diff.removed = current.into_values().collect();
             diff.added.sort_by(|a, b| a.id.cmp(&b.id));
+            for declaration in desired_exports {
+                match current_exports.remove(&declaration.service) {
+                    None => diff.exports.added.push(declaration),
+                    Some(old) if old != declaration => diff.exports.changed.push(ExportChange {
+                        old,
+                        new: declaration,
+                    }),
+                    Some(_) => {}
+                }
+            }
+            diff.exports.removed = current_exports.into_values().collect();
+            diff.exports.added.sort_by(|a, b| a.service.cmp(&b.service));
             if diff.is_empty() || dry_run {
                 drop(rules);
+                drop(exports);
                 txn.abort()?;
                 return Ok(diff);
             }
@@ -298,6 +399,15 @@ impl AclStore {
             }
             for change in &diff.changed {
                 rules.insert(change.new.id.as_str(), to_json(&change.new)?.as_str())?;
+            }
+            for declaration in &diff.exports.added {
+                exports.insert(declaration.service.as_str(), to_json(declaration)?.as_str())?;
+            }
+            for change in &diff.exports.changed {
+                exports.insert(change.new.service.as_str(), to_json(&change.new)?.as_str())?;
+            }
+            for declaration in &diff.exports.removed {
+                exports.remove(declaration.service.as_str())?;
             }
             for rule in &diff.removed {
                 rules.remove(rule.id.as_str())?;
@@ -392,6 +502,36 @@ fn read_rules(
     Ok(out)
 }
 
+/// Creates `path` empty with mode 0600 if it is missing (redb initialises an empty file),
+/// and takes group and other permissions away from an existing one.
+fn restrict_to_owner(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    Ok(())
+}
+
+fn read_exports(
+    table: &impl ReadableTable<&'static str, &'static str>,
+) -> Result<BTreeMap<String, ExportDeclaration>, AclError> {
+    let mut out = BTreeMap::new();
+    for item in table.iter()? {
+        let (service, json) = item?;
+        let declaration: ExportDeclaration = from_json(service.value(), json.value())?;
+        out.insert(service.value().to_string(), declaration);
+    }
+    Ok(out)
+}
+
 fn bump_version(txn: &redb::WriteTransaction) -> Result<u64, AclError> {
     let mut meta = txn.open_table(META)?;
     let next = meta.get(VERSION_KEY)?.map_or(0, |v| v.value()) + 1;
@@ -453,12 +593,32 @@ mod tests {
     use std::process::{Command, Stdio};
 
     use super::*;
+
+    #[test]
+    fn the_database_is_private_to_its_owner() -> Result<(), Box<dyn std::error::Error>> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("hybridge.redb");
+        drop(AclStore::open(&path)?);
+        let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
+        assert_eq!(mode(&path)?, 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+        let store = AclStore::open(&path)?;
+        assert_eq!(
+            mode(&path)?,
+            0o600,
+            "an existing world-readable file is narrowed"
+        );
+        assert_eq!(store.load()?.version, 0);
+        Ok(())
+    }
     use crate::acl::model::Action;
 
     fn spec(id: Option<&str>, src: &str, dst: &str, action: Action) -> RuleSpec {
         RuleSpec {
             id: id.map(String::from),
             source: src.into(),
+            source_site: None,
             destination: dst.into(),
             action,
             methods: None,
@@ -517,7 +677,7 @@ mod tests {
         };
         let store = AclStore::open(Path::new(&path))?;
         for i in 0u64.. {
-            store.apply(crash_policy(i), "crash-child", false)?;
+            store.apply(crash_policy(i), Vec::new(), "crash-child", false)?;
             println!("applied {i}");
         }
         Ok(())
@@ -562,7 +722,8 @@ mod tests {
         drop(lines);
 
         let store = AclStore::open(&path)?;
-        let (version, mut stored) = store.load()?;
+        let loaded = store.load()?;
+        let (version, mut stored) = (loaded.version, loaded.rules);
         stored.sort_by(|a, b| a.id.cmp(&b.id));
         let matches_one = [crash_policy(0), crash_policy(1)].into_iter().any(|mut p| {
             p.sort_by(|a, b| a.id.cmp(&b.id));
@@ -580,7 +741,7 @@ mod tests {
     }
 
     fn version(store: &AclStore) -> u64 {
-        store.load().map(|(v, _)| v).unwrap_or(u64::MAX)
+        store.load().map(|p| p.version).unwrap_or(u64::MAX)
     }
 
     #[test]
@@ -619,16 +780,16 @@ mod tests {
                 "no-admin".into(),
             ),
         ];
-        let dry = store.apply(desired.clone(), "ci", true)?;
+        let dry = store.apply(desired.clone(), Vec::new(), "ci", true)?;
         assert_eq!(
             (dry.added.len(), dry.changed.len(), dry.removed.len()),
             (1, 1, 0)
         );
         assert_eq!((dry.version_before, dry.version_after), (3, 3));
         assert_eq!(version(&store), 3, "dry run changes nothing");
-        assert_eq!(store.load()?.1, vec![rule.clone()]);
+        assert_eq!(store.load()?.rules, vec![rule.clone()]);
 
-        let diff = store.apply(desired.clone(), "ci", false)?;
+        let diff = store.apply(desired.clone(), Vec::new(), "ci", false)?;
         assert_eq!((diff.version_before, diff.version_after), (3, 4));
         assert_eq!(
             diff.changed,
@@ -637,11 +798,11 @@ mod tests {
                 new: changed.clone()
             }]
         );
-        let again = store.apply(desired.clone(), "ci", false)?;
+        let again = store.apply(desired.clone(), Vec::new(), "ci", false)?;
         assert!(again.is_empty());
         assert_eq!((again.version_after, version(&store)), (4, 4));
 
-        let removal = store.apply(vec![changed.clone()], "ci", false)?;
+        let removal = store.apply(vec![changed.clone()], Vec::new(), "ci", false)?;
         assert_eq!(removal.removed.len(), 1);
         assert_eq!(version(&store), 5);
 
@@ -669,6 +830,7 @@ mod tests {
                 added_ids: vec!["no-admin".into()],
                 changed_ids: vec!["web-to-billing".into()],
                 removed_ids: vec![],
+                ..ApplySummary::default()
             })
         );
         assert_eq!(
@@ -690,7 +852,7 @@ mod tests {
         // Re-open: everything is still there.
         let store = AclStore::open(&path)?;
         assert_eq!(version(&store), 5);
-        assert_eq!(store.load()?.1, vec![changed]);
+        assert_eq!(store.load()?.rules, vec![changed]);
         assert_eq!(store.audit(100)?.len(), 5);
         Ok(())
     }
@@ -713,6 +875,7 @@ mod tests {
         };
         let diff = store.apply(
             resolve_ids(policy(10_000, Action::Allow))?,
+            Vec::new(),
             "uid:0(root)",
             false,
         )?;
@@ -720,7 +883,12 @@ mod tests {
         // Half changed, half removed, 300 added.
         let mut next = policy(5_000, Action::Deny);
         next.extend((0..300).map(|i| spec(Some(&format!("new{i:03}")), "web", "x", Action::Allow)));
-        store.apply(resolve_ids(next)?, "spiffe://td/admin/alice", false)?;
+        store.apply(
+            resolve_ids(next)?,
+            Vec::new(),
+            "spiffe://td/admin/alice",
+            false,
+        )?;
         let log = store.audit(10)?;
         assert_eq!(log.len(), 2);
         let summary = log[0].summary.clone().unwrap_or_default();

@@ -16,8 +16,6 @@ pub struct BridgeError {
     pub reason: &'static str,
     /// Human-readable detail for the body / grpc-message.
     pub detail: String,
-    /// Extra headers (e.g. `x-hybridge-acl-rule`).
-    pub extra: Vec<(&'static str, String)>,
 }
 
 impl BridgeError {
@@ -26,24 +24,13 @@ impl BridgeError {
             status,
             reason,
             detail: detail.into(),
-            extra: Vec::new(),
         }
-    }
-
-    pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
-        self.extra.push((name, value.into()));
-        self
     }
 
     /// Status, headers and body to send, shaped for a gRPC caller when `grpc` is set.
     pub fn render(&self, grpc: bool) -> (StatusCode, HeaderMap, bytes::Bytes) {
         let mut headers = HeaderMap::new();
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.reason));
-        for (name, value) in &self.extra {
-            if let Ok(v) = HeaderValue::from_str(value) {
-                headers.insert(*name, v);
-            }
-        }
         if grpc {
             headers.insert(
                 http::header::CONTENT_TYPE,
@@ -109,12 +96,11 @@ mod tests {
             StatusCode::FORBIDDEN,
             "acl-denied",
             "web may not call billing",
-        )
-        .with_header("x-hybridge-acl-rule", "default-deny");
+        );
         let (status, headers, body) = e.render(false);
         assert_eq!(status, 403);
         assert_eq!(headers[ERROR_HEADER], "acl-denied");
-        assert_eq!(headers["x-hybridge-acl-rule"], "default-deny");
+        assert!(!headers.contains_key("x-hybridge-acl-rule"));
         assert_eq!(
             &body[..],
             b"hybridge: acl-denied: web may not call billing\n"

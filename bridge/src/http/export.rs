@@ -1,9 +1,10 @@
 //! The export side: a request stream arrives from a peer node and is answered by a local
 //! upstream.
 //!
-//! Owns the authoritative ACL decision (caller identity comes only from the stream header,
-//! written by an mTLS-authenticated peer node), turning frames back into an HTTP request, and
-//! streaming the upstream's answer back. Load balancing, health and retries are `upstream`'s.
+//! Owns the authoritative ACL decision (the caller named in the stream header, qualified by
+//! the site in the mTLS certificate of the peer node that vouches for it — never by anything
+//! in the frame), turning frames back into an HTTP request, and streaming the upstream's
+//! answer back. Load balancing, health and retries are `upstream`'s.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use super::headers;
 use crate::acl::AclService;
 use crate::metrics::{Metrics, Side};
 use crate::tunnel::frame::{self, Frame, RequestHead, ResponseHead};
+use crate::tunnel::peers::PeerNode;
 use crate::tunnel::stream::{RecvHalf, SendHalf, codes, encoded};
 use crate::upstream::Upstream;
 
@@ -36,21 +38,22 @@ pub struct ExportContext {
 pub async fn serve_stream(
     mut send: SendHalf,
     mut recv: RecvHalf,
-    peer: Arc<str>,
+    peer: Arc<PeerNode>,
     ctx: Arc<ExportContext>,
 ) {
+    let peer_id = &peer.id;
     let started = Instant::now();
     let head = match recv.read_frame().await {
         Ok(Some(Frame::Request(head))) => head,
         Ok(None) => return,
         Ok(Some(_)) => {
-            debug!(%peer, "request stream did not start with a REQUEST frame");
+            debug!(peer = %peer_id, "request stream did not start with a REQUEST frame");
             send.reset(codes::PROTOCOL);
             recv.stop(codes::PROTOCOL);
             return;
         }
         Err(e) => {
-            debug!(%peer, error = %e, "unreadable request stream");
+            debug!(peer = %peer_id, error = %e, "unreadable request stream");
             send.reset(codes::PROTOCOL);
             recv.stop(codes::PROTOCOL);
             return;
@@ -67,7 +70,16 @@ pub async fn serve_stream(
     } else {
         (Some(recv), None)
     };
-    let outcome = exchange(&mut send, body_recv, &head, &ctx, &stats, bytes_in.clone()).await;
+    let outcome = exchange(
+        &mut send,
+        body_recv,
+        &head,
+        &peer.site,
+        &ctx,
+        &stats,
+        bytes_in.clone(),
+    )
+    .await;
     let (status, endpoint, rule, bytes_out) = outcome;
     let bytes_in = bytes_in.load(Ordering::Relaxed);
     stats.add_bytes(bytes_in, bytes_out);
@@ -78,7 +90,8 @@ pub async fn serve_stream(
         side = "export",
         request_id = %head.request_id,
         caller = %head.caller,
-        peer = %peer,
+        caller_site = %peer.site,
+        peer = %peer_id,
         service = %head.service,
         method = %head.method,
         path = %head.path,
@@ -115,6 +128,7 @@ async fn exchange(
     send: &mut SendHalf,
     recv: Option<RecvHalf>,
     head: &RequestHead,
+    site: &str,
     ctx: &ExportContext,
     stats: &Arc<crate::metrics::ServiceStats>,
     bytes_in: Arc<AtomicU64>,
@@ -124,21 +138,31 @@ async fn exchange(
         .iter()
         .any(|(n, v)| n.as_ref() == b"content-type" && v.starts_with(b"application/grpc"));
     let path_only = head.path.split('?').next().unwrap_or("/");
-    let decision = ctx
-        .acl
-        .decide(&head.caller, &head.service, &head.method, path_only);
+    // A caller name is a service name; anything else (`*`, an empty or oversized name) is
+    // not a caller the peer can vouch for, whatever a rule would say.
+    let caller_valid = head.caller != "*" && crate::acl::model::check_service(&head.caller).is_ok();
+    let decision = if caller_valid {
+        ctx.acl
+            .decide(site, &head.caller, &head.service, &head.method, path_only)
+    } else {
+        crate::acl::Decision::default_deny()
+    };
     let rule = decision.rule_label().to_owned();
     let fail = |e: BridgeError| (e, rule.clone());
     let result = async {
+        if !caller_valid {
+            return Err(fail(BridgeError::new(
+                StatusCode::FORBIDDEN,
+                "acl-denied",
+                "the caller named by the peer is not a service name",
+            )));
+        }
         if !decision.allowed() {
-            return Err(fail(
-                BridgeError::new(
-                    StatusCode::FORBIDDEN,
-                    "acl-denied",
-                    format!("{} may not call {} ({rule})", head.caller, head.service),
-                )
-                .with_header("x-hybridge-acl-rule", rule.clone()),
-            ));
+            return Err(fail(BridgeError::new(
+                StatusCode::FORBIDDEN,
+                "acl-denied",
+                format!("{}@{site} may not call {}", head.caller, head.service),
+            )));
         }
         let upstream = ctx
             .services

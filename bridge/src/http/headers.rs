@@ -60,11 +60,17 @@ pub fn remove_bridge_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// Headers through which a caller could claim a client identity or origin that an upstream
+/// may trust (Envoy's `forward_client_cert_details: SANITIZE`): removed at the import edge.
+pub const CALLER_TRUST_HEADERS: [&str; 3] = ["x-forwarded-client-cert", "forwarded", "x-real-ip"];
+
 /// Prepares a caller's request headers for the tunnel and returns the request id.
 ///
-/// Appends the caller's address to `x-forwarded-for`, sets `x-forwarded-proto` if the caller
-/// did not (a caller behind its own TLS terminator knows better), keeps a well-formed
-/// `x-request-id` or generates one. `Expect: 100-continue` is answered here, not forwarded.
+/// Removes hop-by-hop headers, every `x-hybridge-*` header and the trust headers in
+/// [`CALLER_TRUST_HEADERS`]; appends the caller's address to `x-forwarded-for`; overwrites
+/// `x-forwarded-proto` with the scheme the caller used to reach this node; keeps a
+/// well-formed `x-request-id` or generates one. `Expect: 100-continue` is answered here, not
+/// forwarded. The README's header table lists the same rules.
 pub fn prepare_request(
     headers: &mut HeaderMap,
     client_ip: std::net::IpAddr,
@@ -72,6 +78,9 @@ pub fn prepare_request(
 ) -> String {
     remove_hop_by_hop(headers);
     remove_bridge_headers(headers);
+    for name in CALLER_TRUST_HEADERS {
+        headers.remove(name);
+    }
     // hyper has already met `Expect: 100-continue` toward the client (it sends the 100 when
     // the body is first read); like Envoy, we do not make the upstream repeat the exchange.
     if headers
@@ -88,9 +97,7 @@ pub fn prepare_request(
     if let Ok(value) = HeaderValue::from_str(&forwarded) {
         headers.insert("x-forwarded-for", value);
     }
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
     let existing = headers
         .get(REQUEST_ID)
         .and_then(|v| v.to_str().ok())
@@ -199,11 +206,22 @@ mod tests {
             ("X-Hybridge-Error", "x"),
             ("x-forwarded-for", "10.1.1.1"),
             ("x-request-id", "abc-123"),
+            (
+                "x-forwarded-client-cert",
+                "By=spiffe://x;URI=spiffe://td/svc/admin",
+            ),
+            ("Forwarded", "for=10.0.0.1;proto=https"),
+            ("x-real-ip", "10.0.0.1"),
+            ("x-forwarded-proto", "https"),
         ]);
         let id = prepare_request(&mut h, "127.0.0.9".parse().unwrap(), "http");
         assert_eq!(id, "abc-123");
         assert!(h.keys().all(|k| !k.as_str().starts_with("x-hybridge-")));
+        for name in CALLER_TRUST_HEADERS {
+            assert!(!h.contains_key(name), "{name} passed through");
+        }
         assert_eq!(h["x-forwarded-for"], "10.1.1.1, 127.0.0.9");
+        assert_eq!(h.get_all("x-forwarded-proto").iter().count(), 1);
         assert_eq!(h["x-forwarded-proto"], "http");
     }
 

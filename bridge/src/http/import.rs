@@ -26,6 +26,7 @@ use crate::config::CallerIdentity;
 use crate::metrics::{Metrics, Side};
 use crate::tunnel::frame::{self, Frame, RequestHead};
 use crate::tunnel::peers::PeerSet;
+use crate::tunnel::serving::ServingPolicy;
 use crate::tunnel::stream::{codes, encoded};
 
 /// What a listener forwards to.
@@ -50,7 +51,11 @@ pub struct ListenerSpec {
 /// Shared state of all import listeners of a node.
 pub struct ImportContext {
     pub peers: Arc<PeerSet>,
+    /// Which peers may serve which services; requests go only to those.
+    pub serving: Arc<ServingPolicy>,
     pub acl: Arc<AclService>,
+    /// This node's site: the site every local caller is qualified by.
+    pub site: Arc<str>,
     pub metrics: Arc<Metrics>,
     /// Tracks request-body pumps so draining waits for them.
     pub tasks: TaskTracker,
@@ -213,6 +218,7 @@ async fn handle(
         side = "import",
         request_id = request_id.as_deref().unwrap_or("-"),
         caller = &*info.caller,
+        caller_site = &*ctx.site,
         client = %info.client,
         service = %service,
         method = %method,
@@ -348,30 +354,26 @@ async fn forward(
     // Early check with the local snapshot: a denied request never crosses the boundary.
     // The export node decides again, authoritatively.
     let decision = ctx.acl.decide(
+        &ctx.site,
         &info.caller,
         service,
         parts.method.as_str(),
         parts.uri.path(),
     );
     if !decision.allowed() {
-        return Err(fail(
-            BridgeError::new(
-                StatusCode::FORBIDDEN,
-                "acl-denied",
-                format!(
-                    "{} may not call {service} ({})",
-                    info.caller,
-                    decision.rule_label()
-                ),
-            )
-            .with_header("x-hybridge-acl-rule", decision.rule_label()),
-        ));
+        return Err(fail(BridgeError::new(
+            StatusCode::FORBIDDEN,
+            "acl-denied",
+            format!("{}@{} may not call {service}", info.caller, ctx.site),
+        )));
     }
-    let Some((link, guard)) = ctx.peers.route(service) else {
+    let may_serve =
+        |link: &crate::tunnel::peers::PeerLink| ctx.serving.permits(service, link.site());
+    let Some((link, guard)) = ctx.peers.route(service, &may_serve) else {
         return Err(fail(BridgeError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no-route",
-            format!("no connected peer exports `{service}`"),
+            format!("no connected peer of a site allowed to serve `{service}` exports it"),
         )));
     };
     let (mut send, mut recv) = link.connection.open_stream().await.map_err(|e| {

@@ -1,6 +1,6 @@
 //! Tunnels between nodes: wire format (`frame`), the transport seam (`connection`,
 //! `stream`), QUIC specifics (`quic`), the control stream (`control`), live links and
-//! routing (`peers`), a connection's life (`session`), dialing out (`dialer`) and the UDP
+//! routing (`peers`), who may serve what (`serving`), a connection's life (`session`), dialing out (`dialer`) and the UDP
 //! socket under quinn (`udp`).
 //!
 //! Nothing here knows HTTP semantics: requests are opaque frames to this module.
@@ -11,6 +11,7 @@ pub mod dialer;
 pub mod frame;
 pub mod peers;
 pub mod quic;
+pub mod serving;
 pub mod session;
 pub mod stream;
 pub mod udp;

@@ -24,6 +24,27 @@ pub enum Direction {
     Accepted,
 }
 
+/// The node at the other end of a link, from its certificate: its SPIFFE id and site.
+#[derive(Debug)]
+pub struct PeerNode {
+    /// `spiffe://TD/site/SITE/node/NAME`.
+    pub id: Arc<str>,
+    pub site: Arc<str>,
+}
+
+impl PeerNode {
+    /// The peer of a node identity; `None` for any other kind of identity.
+    pub fn of(identity: &SpiffeId) -> Option<PeerNode> {
+        match identity {
+            SpiffeId::Node { site, .. } => Some(PeerNode {
+                id: Arc::from(identity.to_string()),
+                site: Arc::from(site.as_str()),
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// One live, handshaken tunnel connection.
 pub struct PeerLink {
     pub connection: TunnelConnection,
@@ -71,6 +92,14 @@ impl PeerLink {
 
     pub fn id(&self) -> usize {
         self.connection.stable_id()
+    }
+
+    /// The peer's site, from its certificate.
+    pub fn site(&self) -> &str {
+        match &self.peer {
+            SpiffeId::Node { site, .. } => site,
+            _ => "",
+        }
     }
 
     pub fn exports(&self) -> Arc<HashSet<String>> {
@@ -222,12 +251,17 @@ impl PeerSet {
         self.links.load_full()
     }
 
-    /// Picks a link for `service` and counts the stream that is about to start on it (see
-    /// `PeerLink::try_stream_guard`). A link that turned out to be draining in between is
-    /// passed over; each pass looks at one link fewer, so this ends.
-    pub fn route(&self, service: &str) -> Option<(Arc<PeerLink>, StreamGuard)> {
+    /// Picks a link for `service` among those whose peer `may_serve` it, and counts the
+    /// stream that is about to start on it (see `PeerLink::try_stream_guard`). A link that
+    /// turned out to be draining in between is passed over; each pass looks at one link
+    /// fewer, so this ends.
+    pub fn route(
+        &self,
+        service: &str,
+        may_serve: &dyn Fn(&PeerLink) -> bool,
+    ) -> Option<(Arc<PeerLink>, StreamGuard)> {
         for _ in 0..=self.links.load().len() {
-            let link = self.pick(service)?;
+            let link = self.pick(service, may_serve)?;
             if let Some(guard) = link.try_stream_guard() {
                 return Some((link, guard));
             }
@@ -239,10 +273,12 @@ impl PeerSet {
     /// of two chosen at random (so one hot connection does not take every request). Links
     /// driven by the calling worker come first, so a request stays on its thread; the
     /// others are used when the worker has none.
-    fn pick(&self, service: &str) -> Option<Arc<PeerLink>> {
+    fn pick(&self, service: &str, may_serve: &dyn Fn(&PeerLink) -> bool) -> Option<Arc<PeerLink>> {
         let links = self.links.load();
         let worker = crate::workers::current();
-        let usable = |l: &&Arc<PeerLink>| !l.is_draining() && l.exports.load().contains(service);
+        let usable = |l: &&Arc<PeerLink>| {
+            !l.is_draining() && l.exports.load().contains(service) && may_serve(l)
+        };
         let mut candidates: Vec<&Arc<PeerLink>> = links
             .iter()
             .filter(|l| l.worker == worker)

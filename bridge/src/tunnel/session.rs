@@ -17,21 +17,26 @@ use tracing::{debug, info, warn};
 
 use super::connection::TunnelConnection;
 use super::control::{self, ControlMessage};
-use super::peers::{Direction, PeerLink, PeerSet};
+use super::peers::{Direction, PeerLink, PeerNode, PeerSet};
+use super::serving::ServingPolicy;
 use super::stream::{RecvHalf, SendHalf, codes};
 use crate::metrics::Metrics;
 
 /// How long a fresh connection may take to exchange hellos.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves one request stream opened by the peer (named by its SPIFFE id).
+/// Serves one request stream opened by the peer node.
 pub type StreamHandler = Box<
-    dyn Fn(SendHalf, RecvHalf, Arc<str>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync,
+    dyn Fn(SendHalf, RecvHalf, Arc<PeerNode>) -> Pin<Box<dyn Future<Output = ()> + Send>>
+        + Send
+        + Sync,
 >;
 
 /// What a session needs from its node.
 pub struct SessionContext {
     pub peers: Arc<PeerSet>,
+    /// Which sites may serve which services, for refusing announcements.
+    pub serving: Arc<ServingPolicy>,
     pub metrics: Arc<Metrics>,
     /// Spawns and tracks request handlers, so draining can wait for them.
     pub tasks: TaskTracker,
@@ -52,7 +57,13 @@ pub async fn run(
         connection.close(codes::PROTOCOL, "no peer identity");
         return "peer presented no usable identity".into();
     };
-    let peer_name: Arc<str> = Arc::from(peer.to_string());
+    // The handshake admits node certificates only; anything else is refused here too, since
+    // the site of every request the peer sends comes from this identity.
+    let Some(peer_node) = PeerNode::of(&peer).map(Arc::new) else {
+        connection.close(codes::PROTOCOL, "not a node identity");
+        return format!("peer {peer} is not a node identity");
+    };
+    let peer_name: Arc<str> = peer_node.id.clone();
     let hello = (ctx.hello)();
     let handshake = async {
         let (mut send, mut recv) = match direction {
@@ -100,6 +111,7 @@ pub async fn run(
         policy_version,
         control_tx,
     ));
+    refuse_unservable(&ctx, &peer_node, &exports);
     ctx.peers.insert(link.clone());
     ctx.metrics.tunnel_connected(&peer_name);
     info!(peer = %peer_name, remote = %connection.remote_address(), ?direction, ?exports, "tunnel up");
@@ -120,6 +132,13 @@ pub async fn run(
                     policy_version,
                 })) => {
                     info!(peer = %peer_name, ?exports, policy_version, "peer exports changed");
+                    let previous = link.exports();
+                    let new: Vec<String> = exports
+                        .iter()
+                        .filter(|s| !previous.contains(*s))
+                        .cloned()
+                        .collect();
+                    refuse_unservable(&ctx, &peer_node, &new);
                     link.set_exports(exports, policy_version);
                     ctx.peers.touch();
                 }
@@ -154,7 +173,7 @@ pub async fn run(
         loop {
             match connection.accept_stream().await {
                 Ok((send, recv)) => {
-                    let handler = (ctx.on_stream)(send, recv, peer_name.clone());
+                    let handler = (ctx.on_stream)(send, recv, peer_node.clone());
                     ctx.tasks.spawn(handler);
                 }
                 Err(reason) => break reason,
@@ -180,4 +199,22 @@ pub async fn run(
     ctx.metrics.tunnel_disconnected(&peer_name, &reason);
     info!(peer = %peer_name, %reason, "tunnel down");
     reason
+}
+
+/// Logs and counts, once per announcement, each announced service the peer's site may not
+/// serve. Routing asks the policy again per request, so a later policy change still counts.
+fn refuse_unservable(ctx: &SessionContext, peer: &PeerNode, announced: &[String]) {
+    for service in announced {
+        let verdict = ctx.serving.verdict(service, &peer.site);
+        if !verdict.permits() {
+            ctx.metrics.export_refused();
+            warn!(
+                peer = %peer.id,
+                site = %peer.site,
+                service = %service,
+                why = verdict.explain(),
+                "ignoring the peer's announcement of a service its site may not serve"
+            );
+        }
+    }
 }
