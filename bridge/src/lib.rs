@@ -4,7 +4,7 @@
 //! TOML into checked types, `tunnel` owns the authenticated peer connections and the
 //! wire format, `http` owns the import listeners and the export side, `upstream` owns
 //! pooled connections to a service's endpoints (load balancing, health, circuit
-//! breaking), `acl` owns policy, `admin` the operator API, `node` composes them, `workers`
+//! breaking), `acl` owns policy, `trust` re-checks live peers' certificates, `admin` the operator API, `node` composes them, `workers`
 //! spreads a node's data plane over threads, `daemon` runs a node as a service, `dev` runs
 //! a whole demo, `cli` is the command line.
 
@@ -20,6 +20,7 @@ pub mod dev;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod trust;
 pub mod tunnel;
 pub mod upstream;
 pub mod workers;

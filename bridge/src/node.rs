@@ -26,6 +26,7 @@ use crate::config::{CallerIdentity, Config};
 use crate::http::export::{self, ExportContext};
 use crate::http::import::{self, ImportContext, ListenerSpec, ListenerTarget};
 use crate::metrics::Metrics;
+use crate::trust::{Trust, TrustUpdates};
 use crate::tunnel::connection::TunnelConnection;
 use crate::tunnel::control::ControlMessage;
 use crate::tunnel::peers::{Direction, PeerSet};
@@ -60,6 +61,8 @@ pub struct NodeState {
     pub peers: Arc<PeerSet>,
     /// Which peer sites may serve which services.
     pub serving: Arc<ServingPolicy>,
+    /// The certificate checks every live tunnel and mTLS connection is held to.
+    pub trust: TrustUpdates,
     pub acl: Arc<AclService>,
     pub export: Arc<ExportContext>,
     pub metrics: Arc<Metrics>,
@@ -101,6 +104,8 @@ pub struct Node {
     admin_remote_tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     /// The admin socket's file, removed when the node is gone.
     admin_socket: SocketFile,
+    /// Import and gateway listeners, whose mTLS configs are swapped on reload.
+    listener_specs: Vec<Arc<ListenerSpec>>,
     tuning: TransportTuning,
 }
 
@@ -164,6 +169,23 @@ fn node_certificate_names(material: &TlsMaterial) -> Vec<String> {
         .map(|name| name.to_ascii_lowercase())
         .chain(ips)
         .collect()
+}
+
+/// The TLS config of `mtls` import and gateway listeners: a service certificate from the CA
+/// is required, and it names the caller.
+fn import_tls_config(
+    material: &TlsMaterial,
+    trust_domain: &str,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let expect = PeerExpectation::AnyService {
+        trust_domain: trust_domain.to_owned(),
+    };
+    Ok(Arc::new(hybridge_ca::tls::server_config(
+        material,
+        expect,
+        &[b"h2", b"http/1.1"],
+        false,
+    )?))
 }
 
 /// Creates the data dir (and missing parents) 0700 whatever the umask: it holds the policy
@@ -321,6 +343,7 @@ impl Node {
 
         let peers = Arc::new(PeerSet::default());
         let serving = Arc::new(ServingPolicy::new(acl.clone(), &config));
+        let trust = TrustUpdates::new(Trust::new(&material, &config.node.trust_domain)?);
         let requests = TaskTracker::new();
         let background = TaskTracker::new();
         let stop_listeners = CancellationToken::new();
@@ -330,22 +353,13 @@ impl Node {
         let import_ctx = Arc::new(ImportContext {
             peers: peers.clone(),
             serving: serving.clone(),
+            trust: trust.subscribe(),
             acl: acl.clone(),
             site: Arc::from(config.node.site.as_str()),
             metrics: metrics.clone(),
             tasks: requests.clone(),
         });
-        let import_tls = || -> anyhow::Result<Arc<rustls::ServerConfig>> {
-            let expect = PeerExpectation::AnyService {
-                trust_domain: config.node.trust_domain.clone(),
-            };
-            Ok(Arc::new(hybridge_ca::tls::server_config(
-                &material,
-                expect,
-                &[b"h2", b"http/1.1"],
-                false,
-            )?))
-        };
+        let import_tls = || import_tls_config(&material, &config.node.trust_domain);
         let mut listeners = Vec::new();
         let mut import_addrs = Vec::new();
         for import in &config.imports {
@@ -366,7 +380,7 @@ impl Node {
             let spec = ListenerSpec {
                 target: ListenerTarget::Service(import.service.clone()),
                 caller: import.caller.clone(),
-                tls,
+                tls: arc_swap::ArcSwapOption::new(tls),
                 request_timeout: import.request_timeout,
                 max_header_bytes: config.limits.max_header_bytes,
             };
@@ -392,7 +406,7 @@ impl Node {
                     suffix: gateway.suffix.clone(),
                 },
                 caller: gateway.caller.clone(),
-                tls,
+                tls: arc_swap::ArcSwapOption::new(tls),
                 request_timeout: gateway.request_timeout,
                 max_header_bytes: config.limits.max_header_bytes,
             };
@@ -451,6 +465,7 @@ impl Node {
             identity: identity.clone(),
             peers: peers.clone(),
             serving: serving.clone(),
+            trust,
             acl: acl.clone(),
             export: export_ctx.clone(),
             metrics: metrics.clone(),
@@ -487,6 +502,7 @@ impl Node {
         let session_ctx = Arc::new(SessionContext {
             peers: peers.clone(),
             serving: serving.clone(),
+            trust: state.trust.subscribe(),
             metrics: metrics.clone(),
             tasks: requests.clone(),
             hello: Box::new(move || {
@@ -555,8 +571,10 @@ impl Node {
                 );
             }
         }
+        let mut listener_specs = Vec::new();
         for (per_worker, spec) in listeners {
             let spec = Arc::new(spec);
+            listener_specs.push(spec.clone());
             for (worker, listener) in per_worker.into_iter().enumerate() {
                 workers.spawn_on(
                     worker,
@@ -615,6 +633,7 @@ impl Node {
             peer_clients,
             admin_remote_tls,
             admin_socket,
+            listener_specs,
             tuning,
         })
     }
@@ -786,11 +805,31 @@ impl Node {
                 }
             }
         }
+        let trust = Trust::new(&material, &new.node.trust_domain)?;
+        let import_tls = if self
+            .listener_specs
+            .iter()
+            .any(|spec| spec.tls.load().is_some())
+        {
+            Some(import_tls_config(&material, &new.node.trust_domain)?)
+        } else {
+            None
+        };
         if let Some(server) = server {
             for endpoint in &self.endpoints {
                 endpoint.set_server_config(Some(server.clone()));
             }
         }
+        if let Some(import_tls) = import_tls {
+            for spec in &self.listener_specs {
+                if spec.tls.load().is_some() {
+                    spec.tls.store(Some(import_tls.clone()));
+                }
+            }
+        }
+        // Live tunnels and mTLS connections check their peers against the new material and
+        // close if it no longer admits them (revoked, expired, another CA).
+        self.state.trust.publish(trust);
         for (slot, client) in clients {
             slot.store(Arc::new(client));
         }
@@ -807,7 +846,7 @@ impl Node {
             policy_version: self.state.acl.version(),
         });
         Ok(format!(
-            "certificates reloaded; {} export(s), {} restarted{}",
+            "certificates, CA bundle and CRL reloaded on every listener and live connection; {} export(s), {} restarted{}",
             config.exports.len(),
             started.len(),
             if exports_changed {

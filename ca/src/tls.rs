@@ -358,11 +358,40 @@ pub fn verify_peer_chain(
     now: UnixTime,
     role: PeerRole,
 ) -> Result<SpiffeId, rustls::Error> {
-    let policy = PeerPolicy::new(m, expect, &provider()).map_err(rustls::Error::General)?;
-    let (leaf, rest) = chain
-        .split_first()
-        .ok_or(rustls::Error::NoCertificatesPresented)?;
-    policy.verify(leaf, rest, now, role)
+    PeerChecker::new(m, expect)
+        .map_err(|e| rustls::Error::General(e.to_string()))?
+        .check(chain, now, role)
+}
+
+/// The checks the verifiers run (chain to the CA bundle, validity at a time, EKU, CRLs,
+/// expected identity), built once from one set of material so live connections can be
+/// checked again when the CA bundle or CRL changes, or when a certificate expires.
+pub struct PeerChecker {
+    policy: PeerPolicy,
+}
+
+impl PeerChecker {
+    pub fn new(m: &TlsMaterial, expect: PeerExpectation) -> Result<Self, TlsError> {
+        let policy =
+            PeerPolicy::new(m, expect, &provider()).map_err(|detail| TlsError::Material {
+                step: "building the peer certificate checker",
+                detail,
+            })?;
+        Ok(Self { policy })
+    }
+
+    /// Checks `chain` (leaf first) at `now`; the error names the failed check.
+    pub fn check(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+        role: PeerRole,
+    ) -> Result<SpiffeId, rustls::Error> {
+        let (leaf, rest) = chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        self.policy.verify(leaf, rest, now, role)
+    }
 }
 
 /// The SPIFFE id in a (peer's) certificate: its single `spiffe://` URI SAN.

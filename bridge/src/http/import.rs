@@ -42,8 +42,8 @@ pub enum ListenerTarget {
 pub struct ListenerSpec {
     pub target: ListenerTarget,
     pub caller: CallerIdentity,
-    /// TLS for `mtls` listeners (client certificate required).
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS for `mtls` listeners (client certificate required); swapped on reload.
+    pub tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
     pub request_timeout: Option<Duration>,
     pub max_header_bytes: usize,
 }
@@ -53,6 +53,9 @@ pub struct ImportContext {
     pub peers: Arc<PeerSet>,
     /// Which peers may serve which services; requests go only to those.
     pub serving: Arc<ServingPolicy>,
+    /// The certificate checks in force; a caller whose certificate stops passing them
+    /// (revoked by a reloaded CRL, expired) loses its connection.
+    pub trust: tokio::sync::watch::Receiver<Arc<crate::trust::Trust>>,
     pub acl: Arc<AclService>,
     /// This node's site: the site every local caller is qualified by.
     pub site: Arc<str>,
@@ -112,8 +115,10 @@ pub async fn serve(
             builder.clone(),
             graceful.watcher(),
         );
+        let trust = ctx.trust.clone();
         ctx.tasks.clone().spawn(async move {
-            let (caller, proto, io): (Arc<str>, &'static str, _) = match (&spec.tls, &spec.caller) {
+            let tls = spec.tls.load_full();
+            let (caller, proto, io): (Arc<str>, &'static str, _) = match (&tls, &spec.caller) {
                 (None, CallerIdentity::Fixed(name)) => (Arc::from(name.as_str()), "http", Io::Plain(stream)),
                 (Some(tls), _) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
@@ -147,7 +152,25 @@ pub async fn serve(
             let service = hyper::service::service_fn(move |req| handle(req, info.clone(), spec.clone(), ctx.clone()));
             let result = match io {
                 Io::Plain(s) => watcher.watch(builder.serve_connection(TokioIo::new(s), service).into_owned()).await,
-                Io::Tls(s) => watcher.watch(builder.serve_connection(TokioIo::new(s), service).into_owned()).await,
+                Io::Tls(s) => {
+                    let chain = s.get_ref().1.peer_certificates().map(<[_]>::to_vec).unwrap_or_default();
+                    let untrusted = crate::trust::lost(
+                        trust,
+                        chain,
+                        crate::trust::PeerKind::Service,
+                        hybridge_ca::tls::PeerRole::Client,
+                    );
+                    let served = watcher.watch(builder.serve_connection(TokioIo::new(s), service).into_owned());
+                    tokio::select! {
+                        result = served => result,
+                        why = untrusted => {
+                            // Dropping the connection closes it, in-flight requests included:
+                            // the caller is no longer who the policy allowed.
+                            warn!(%client, reason = %why, "closing an mTLS import connection: the caller's certificate is no longer trusted");
+                            return;
+                        }
+                    }
+                }
             };
             if let Err(e) = result {
                 debug!(%client, error = %e, "import connection ended with an error");

@@ -59,14 +59,21 @@ impl TunnelConnection {
 
     /// The leaf certificate the peer presented in the handshake.
     fn peer_leaf(&self) -> Option<rustls_pki_types::CertificateDer<'static>> {
+        self.peer_chain().into_iter().next()
+    }
+
+    /// The chain the peer presented in the handshake, leaf first (empty if none).
+    pub fn peer_chain(&self) -> Vec<rustls_pki_types::CertificateDer<'static>> {
         match self {
-            Self::Quic(c) => {
-                let certs = c
-                    .peer_identity()?
-                    .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
-                    .ok()?;
-                certs.into_iter().next()
-            }
+            Self::Quic(c) => c
+                .peer_identity()
+                .and_then(|identity| {
+                    identity
+                        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+                        .ok()
+                })
+                .map(|certs| *certs)
+                .unwrap_or_default(),
         }
     }
 

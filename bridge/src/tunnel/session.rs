@@ -21,6 +21,7 @@ use super::peers::{Direction, PeerLink, PeerNode, PeerSet};
 use super::serving::ServingPolicy;
 use super::stream::{RecvHalf, SendHalf, codes};
 use crate::metrics::Metrics;
+use crate::trust::{self, PeerKind, Trust};
 
 /// How long a fresh connection may take to exchange hellos.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,6 +38,8 @@ pub struct SessionContext {
     pub peers: Arc<PeerSet>,
     /// Which sites may serve which services, for refusing announcements.
     pub serving: Arc<ServingPolicy>,
+    /// The certificate checks in force; a peer that stops passing them is disconnected.
+    pub trust: tokio::sync::watch::Receiver<Arc<Trust>>,
     pub metrics: Arc<Metrics>,
     /// Spawns and tracks request handlers, so draining can wait for them.
     pub tasks: TaskTracker,
@@ -180,8 +183,23 @@ pub async fn run(
             }
         }
     };
+    // A dialled peer is a TLS server to us, an accepting one a TLS client.
+    let role = match direction {
+        Direction::Dialed => hybridge_ca::tls::PeerRole::Server,
+        Direction::Accepted => hybridge_ca::tls::PeerRole::Client,
+    };
+    let untrusted = trust::lost(
+        ctx.trust.clone(),
+        connection.peer_chain(),
+        PeerKind::Node,
+        role,
+    );
     let reason = tokio::select! {
         reason = acceptor => reason,
+        why = untrusted => {
+            close_untrusted(&connection, &link, &ctx, &peer_name, &why).await;
+            UNTRUSTED.to_owned()
+        }
         () = reader => {
             connection.close(codes::PROTOCOL, "control stream closed");
             "peer closed the control stream".to_owned()
@@ -195,10 +213,34 @@ pub async fn run(
             "node shutting down".to_owned()
         }
     };
-    ctx.peers.remove(link.id());
+    // Counted before the link leaves the set, so whoever waits on the set sees the count.
     ctx.metrics.tunnel_disconnected(&peer_name, &reason);
+    ctx.peers.remove(link.id());
     info!(peer = %peer_name, %reason, "tunnel down");
     reason
+}
+
+/// The disconnect reason (and metric label) of a peer whose certificate stopped passing.
+const UNTRUSTED: &str = "peer certificate no longer trusted";
+/// How long a peer that lost trust may take to finish the streams we sent it.
+const UNTRUSTED_GRACE: Duration = Duration::from_secs(2);
+
+/// Disconnects a peer whose certificate was revoked, expired or no longer chains to the CA
+/// bundle: no new request goes to it, our requests to it get a short grace (an honest peer
+/// finishes them), then the connection closes whatever is left. Its own requests to us are
+/// not accepted any more (the acceptor is no longer polled).
+async fn close_untrusted(
+    connection: &TunnelConnection,
+    link: &Arc<PeerLink>,
+    ctx: &SessionContext,
+    peer_name: &str,
+    why: &str,
+) {
+    warn!(peer = %peer_name, reason = %why, "closing the tunnel: the peer's certificate is no longer trusted");
+    link.mark_draining();
+    ctx.peers.touch();
+    let _ = tokio::time::timeout(UNTRUSTED_GRACE, link.streams_finished()).await;
+    connection.close(codes::PROTOCOL, UNTRUSTED);
 }
 
 /// Logs and counts, once per announcement, each announced service the peer's site may not
