@@ -148,16 +148,12 @@ fn setpriv_available() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// One HTTP/1.1 request over TLS with a client certificate.
-async fn https_request(
+/// An HTTP/1.1 connection over TLS with a client certificate, its driver spawned.
+async fn https_connection(
     addr: SocketAddr,
     (cert, key): &(PathBuf, PathBuf),
     ca: &Path,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> Answer {
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>> {
     let material = TlsMaterial::load(ca, cert, key, None).unwrap();
     let expect = PeerExpectation::NodeOfSites {
         trust_domain: TRUST_DOMAIN.into(),
@@ -170,10 +166,21 @@ async fn https_request(
         .connect(name, tcp)
         .await
         .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
     tokio::spawn(connection);
+    sender
+}
+
+/// A request to `addr` (`Host` is its address unless `headers` name one).
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> http::Request<http_body_util::Full<Bytes>> {
     let mut builder = http::Request::builder().method(method).uri(path);
     if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
         builder = builder.header("host", addr.to_string());
@@ -181,9 +188,23 @@ async fn https_request(
     for (n, v) in headers {
         builder = builder.header(*n, *v);
     }
-    let request = builder
+    builder
         .body(http_body_util::Full::new(Bytes::from(body.to_owned())))
-        .unwrap();
+        .unwrap()
+}
+
+/// One HTTP/1.1 request over TLS with a client certificate.
+async fn https_request(
+    addr: SocketAddr,
+    identity: &(PathBuf, PathBuf),
+    ca: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Answer {
+    let mut sender = https_connection(addr, identity, ca).await;
+    let request = request(addr, method, path, headers, body);
     collect(sender.send_request(request).await.unwrap()).await
 }
 
@@ -420,21 +441,55 @@ async fn only_the_socket_its_group_and_administrator_certificates_change_policy(
         );
     }
 
-    // A revoked administrator is refused once the node has the new CRL (SIGHUP).
+    // Revoked administrators are refused once the node has the new CRL (SIGHUP): bob at his
+    // next handshake, carol on the connection she holds open.
     let bob = pki.admin("bob");
     succeeded(
         &run_with(&["acl", "ls"], &bob).await,
         "bob before revocation",
     );
-    pki.ca
-        .revoke_spiffe(
-            &hybridge_ca::SpiffeId::admin(TRUST_DOMAIN, "bob").unwrap(),
-            hybridge_ca::authority::RevocationReason::PrivilegeWithdrawn,
-        )
-        .unwrap();
+    let carol = pki.admin("carol");
+    let mut carol_connection = https_connection(node.remote, &carol, &ca).await;
+    let answer = collect(
+        carol_connection
+            .send_request(request(node.remote, "GET", "/v1/acl/rules", &[], ""))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    for name in ["bob", "carol"] {
+        pki.ca
+            .revoke_spiffe(
+                &hybridge_ca::SpiffeId::admin(TRUST_DOMAIN, name).unwrap(),
+                hybridge_ca::authority::RevocationReason::PrivilegeWithdrawn,
+            )
+            .unwrap();
+    }
     std::fs::write(&node.crl, pki.ca.crl_pem().unwrap()).unwrap();
     node.daemon.signal(libc::SIGHUP);
-    node.log_line("configuration reloaded");
+    // The reload and the connection it ends log in either order.
+    let (closing, reloaded) = (
+        "closing a remote admin connection",
+        "configuration reloaded",
+    );
+    let mut lines = Vec::new();
+    for _ in 0..2 {
+        lines.push(tokio::task::block_in_place(|| {
+            node.daemon
+                .wait_for_line(WAIT, |l| l.contains(closing) || l.contains(reloaded))
+        }));
+    }
+    assert!(lines.iter().any(|l| l.contains(reloaded)), "{lines:?}");
+    let line = lines.iter().find(|l| l.contains(closing)).unwrap();
+    assert!(
+        line.contains("spiffe://test.hybridge/admin/carol") && line.contains("certificate revoked"),
+        "{line}"
+    );
+    let after = carol_connection
+        .send_request(request(node.remote, "GET", "/v1/acl/rules", &[], ""))
+        .await;
+    assert!(after.is_err(), "carol's connection still answers");
     let err = failed(&run_with(&["acl", "ls"], &bob).await, "revoked bob");
     assert!(
         err.contains("this one is spiffe://test.hybridge/admin/bob"),

@@ -3,7 +3,9 @@
 //! through goes to. Refusals are answered 403 with their reason and logged once.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,19 +85,33 @@ impl Connections {
         }
     }
 
-    fn serve<I>(&self, io: I, context: ConnectionContext, permit: OwnedSemaphorePermit)
-    where
+    /// Serves one connection; `revoked`, when given, resolves with a reason once the peer's
+    /// certificate is no longer trusted, and the connection is closed then.
+    fn serve<I>(
+        &self,
+        io: I,
+        context: ConnectionContext,
+        permit: OwnedSemaphorePermit,
+        revoked: Option<Pin<Box<dyn Future<Output = String> + Send>>>,
+    ) where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let context = Arc::new(context);
+        let (listener, caller) = (context.listener.clone(), context.caller.clone());
         let service = hyper::service::service_fn(move |req| route(req, context.clone()));
         let connection = self
             .builder
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
         let watched = self.graceful.watch(connection);
+        let revoked = revoked.unwrap_or_else(|| Box::pin(std::future::pending()));
         self.tasks.spawn(async move {
-            let _ = watched.await;
+            tokio::select! {
+                _ = watched => {}
+                reason = revoked => {
+                    warn!(listener = %listener.name, %caller, %reason, "closing a remote admin connection: the administrator's certificate is no longer trusted");
+                }
+            }
             drop(permit);
         });
     }
@@ -159,7 +175,7 @@ pub(crate) async fn serve_tcp(
                     caller: Caller::Network(peer),
                     local: stream.local_addr().ok(),
                 };
-                connections.serve(stream, context, permit);
+                connections.serve(stream, context, permit, None);
             }
             Err(e) => accept_failed(&listener_info.name, &e, &cancel).await,
         }
@@ -193,7 +209,7 @@ pub(crate) async fn serve_socket(
                         caller: Caller::Local(credentials),
                         local: None,
                     };
-                    connections.serve(stream, context, permit);
+                    connections.serve(stream, context, permit, None);
                 }
                 // Without credentials nobody can be audited: no service.
                 Err(error) => {
@@ -233,14 +249,28 @@ pub(crate) async fn serve_remote(
         tokio::select! {
             () = cancel.cancelled() => break,
             Some(done) = handshakes.join_next(), if !handshakes.is_empty() => {
-                if let Ok(Some((stream, caller, local, permit))) = done {
+                if let Ok(Some((stream, caller, local, permit, trust))) = done {
+                    // A reload that revokes the administrator (or the certificate's expiry)
+                    // ends the connection, not only the next handshake.
+                    let chain = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .map(<[_]>::to_vec)
+                        .unwrap_or_default();
+                    let revoked = crate::trust::lost(
+                        trust,
+                        chain,
+                        crate::trust::PeerKind::Admin,
+                        hybridge_ca::tls::PeerRole::Client,
+                    );
                     let context = ConnectionContext {
                         state: state.clone(),
                         listener: listener_info.clone(),
                         caller,
                         local,
                     };
-                    connections.serve(stream, context, permit);
+                    connections.serve(stream, context, permit, Some(Box::pin(revoked)));
                 }
             }
             acquired = connections.limit.clone().acquire_owned(), if slot.is_none() => {
@@ -261,7 +291,13 @@ pub(crate) async fn serve_remote(
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
                 let name = listener_info.name.clone();
                 let cancel = cancel.clone();
-                handshakes.spawn(handshake(acceptor, stream, peer, permit, name, cancel));
+                // Subscribed before the handshake, so a reload during it is not missed.
+                let trust = state.trust.subscribe();
+                handshakes.spawn(async move {
+                    let (stream, caller, local) =
+                        handshake(acceptor, stream, peer, name, cancel).await?;
+                    Some((stream, caller, local, permit, trust))
+                });
             }
         }
     }
@@ -269,23 +305,30 @@ pub(crate) async fn serve_remote(
     connections.shutdown().await;
 }
 
-/// A remote connection ready to serve: the TLS stream, its administrator, its local address.
+/// A remote connection ready to serve: the TLS stream, its administrator, its local address,
+/// its connection slot, and the trust in force when its handshake began.
 type Handshake = Option<(
     tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     Caller,
     Option<SocketAddr>,
     OwnedSemaphorePermit,
+    TrustReceiver,
 )>;
+
+type TrustReceiver = tokio::sync::watch::Receiver<Arc<crate::trust::Trust>>;
 
 /// Runs one TLS handshake; a refused one is logged once, naming the peer and the failed check.
 async fn handshake(
     acceptor: tokio_rustls::TlsAcceptor,
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
     name: String,
     cancel: CancellationToken,
-) -> Handshake {
+) -> Option<(
+    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    Caller,
+    Option<SocketAddr>,
+)> {
     let local = stream.local_addr().ok();
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
     let result = tokio::select! {
@@ -312,7 +355,7 @@ async fn handshake(
         .map(hybridge_ca::tls::peer_spiffe_id);
     match id {
         Some(Ok(id @ hybridge_ca::SpiffeId::Admin { .. })) => {
-            Some((stream, Caller::Admin(id), local, permit))
+            Some((stream, Caller::Admin(id), local))
         }
         other => {
             let identity = other.map(|r| r.map(|id| id.to_uri()).map_err(|e| e.to_string()));
