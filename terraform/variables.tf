@@ -134,6 +134,6 @@ variable "tags" {
 
 variable "acl_policy" {
   type        = string
-  description = "Contents of an ACL file (hybridge acl apply format) applied to every cloud node before it starts; empty keeps the default deny-all until rules are applied through the admin API."
+  description = "Contents of an ACL file (hybridge acl apply format) applied to every cloud node before it starts; empty keeps the default deny-all until rules are applied on the node through its admin socket (hybridge acl apply)."
   default     = ""
 }

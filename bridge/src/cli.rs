@@ -55,15 +55,17 @@ enum Command {
         #[arg(long, short, default_value = "/etc/hybridge/hybridge.toml")]
         config: PathBuf,
     },
-    /// Show a running node's tunnels, services and policy version.
+    /// Show a running node's tunnels, services and policy version (through the admin socket by
+    /// default; the read-only listener http://127.0.0.1:7180 serves it too).
     Status {
-        #[arg(long, default_value = "http://127.0.0.1:7180")]
-        admin: String,
+        #[command(flatten)]
+        admin: crate::admin::client::AdminArgs,
         /// Print the raw JSON document.
         #[arg(long)]
         json: bool,
     },
-    /// Manage service ACLs (through the admin API, or directly on a stopped node's database).
+    /// Manage service ACLs (through the admin socket or the remote admin listener, or directly
+    /// on a stopped node's database).
     Acl {
         #[command(flatten)]
         target: crate::acl::cli::AclTarget,
@@ -148,10 +150,11 @@ fn init_logging(filter: &str, format: &str) {
     };
 }
 
-async fn status(admin: &str, json: bool) -> anyhow::Result<()> {
-    let body = crate::admin::client::get(admin, "/v1/status").await?;
+async fn status(admin: &crate::admin::client::AdminArgs, json: bool) -> anyhow::Result<()> {
+    let client = admin.client()?;
+    let body = client.get("/v1/status").await?;
     let doc: serde_json::Value = serde_json::from_slice(&body)
-        .with_context(|| format!("{admin}/v1/status did not return JSON"))?;
+        .with_context(|| format!("{}/v1/status did not return JSON", client.endpoint()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());

@@ -106,18 +106,30 @@ pub struct PeerConfig {
     pub connections: u8,
 }
 
+/// The admin API's three doors (README "Admin access model"): a Unix socket serving the whole
+/// API to local administrators, a read-only TCP listener for health, metrics and status, and,
+/// only when configured, a remote mTLS listener for administrator certificates.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
+    /// Read-only HTTP listener: GET/HEAD of `/healthz`, `/readyz`, `/metrics`, `/v1/status`.
     #[serde(default = "default_admin_listen")]
     pub listen: SocketAddr,
-    /// Must be set to listen on anything but loopback: the admin API changes policy.
+    /// Must be set for `listen` to be anything but loopback: even read-only, status and
+    /// metrics describe the node's peers and services. It never enables writes.
     #[serde(default)]
     pub allow_remote: bool,
     /// Optional second listener serving only `/healthz` and `/readyz`, for load balancer
     /// health checks; it exposes nothing else, so it may listen on any address.
     #[serde(default)]
     pub health_listen: Option<SocketAddr>,
+    /// Unix socket serving the whole API (reads and writes) to local processes, mode 0660 in
+    /// the daemon's group (`hybridge` under systemd); the caller's uid is audited.
+    #[serde(default = "default_admin_socket")]
+    pub socket: PathBuf,
+    /// Remote administration (`[admin.remote]`): off unless configured.
+    #[serde(default)]
+    pub remote: Option<AdminRemoteSection>,
 }
 
 impl Default for AdminSection {
@@ -126,8 +138,20 @@ impl Default for AdminSection {
             listen: default_admin_listen(),
             allow_remote: false,
             health_listen: None,
+            socket: default_admin_socket(),
+            remote: None,
         }
     }
+}
+
+/// `[admin.remote]`: an mTLS (TLS 1.3) listener serving the whole API to clients presenting an
+/// administrator certificate (`spiffe://TD/admin/NAME`) from the node's CA, not revoked by its
+/// CRL. Node and service certificates are refused in the handshake.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminRemoteSection {
+    /// TCP address of the listener, e.g. `0.0.0.0:7182`.
+    pub listen: SocketAddr,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -249,6 +273,14 @@ fn default_connections() -> u8 {
 fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7180))
 }
+/// The admin socket when the config names none; also where `hybridge acl` and `hybridge
+/// status` look by default. systemd creates `/run/hybridge` (`RuntimeDirectory=`).
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/hybridge/admin.sock";
+/// Longest Unix socket path: `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_ADMIN_SOCKET)
+}
 fn default_max_header_bytes() -> usize {
     64 * 1024
 }
@@ -271,6 +303,22 @@ fn field_line(text: &str, from: Option<usize>, message: &str) -> Option<usize> {
         })
         .find(|(_, l)| l.split_once('=').is_some_and(|(k, _)| k.trim() == key))
         .map(|(i, _)| i + 1)
+}
+
+/// 1-based line of `key = ...` inside the table `[table]`, for errors about a value that
+/// deserialized fine but fails a check across fields.
+fn key_line(text: &str, table: &str, key: &str) -> Option<usize> {
+    let header = format!("[{table}]");
+    let mut in_table = false;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_table = line == header;
+        } else if in_table && line.split_once('=').is_some_and(|(k, _)| k.trim() == key) {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// 1-based line of byte offset `at` in `text`.
@@ -382,15 +430,50 @@ impl Config {
                 ));
             }
         }
-        let admin = raw.admin;
+        let mut admin = raw.admin;
         if !admin.listen.ip().is_loopback() && !admin.allow_remote {
             return Err(err(
-                None,
+                key_line(text, "admin", "listen"),
                 format!(
-                    "field `admin.listen`: {} is not loopback; the admin API changes policy, set `admin.allow_remote = true` to expose it",
+                    "field `admin.listen`: {} is not loopback; the read-only admin listener shows status and metrics, set `admin.allow_remote = true` to expose it (writes always need `admin.socket` or `[admin.remote]`)",
                     admin.listen
                 ),
             ));
+        }
+        admin.socket = resolve(&admin.socket);
+        let socket_len = admin.socket.as_os_str().len();
+        if admin.socket.file_name().is_none() || admin.socket.as_os_str().is_empty() {
+            return Err(err(
+                key_line(text, "admin", "socket"),
+                format!(
+                    "field `admin.socket`: `{}` names no file",
+                    admin.socket.display()
+                ),
+            ));
+        }
+        if socket_len > MAX_SOCKET_PATH {
+            return Err(err(
+                key_line(text, "admin", "socket"),
+                format!(
+                    "field `admin.socket`: `{}` is {socket_len} bytes long; a Unix socket path holds at most {MAX_SOCKET_PATH}",
+                    admin.socket.display()
+                ),
+            ));
+        }
+        if let Some(remote) = &admin.remote {
+            let taken = [Some(admin.listen), admin.health_listen]
+                .into_iter()
+                .flatten()
+                .any(|a| a == remote.listen && a.port() != 0);
+            if taken {
+                return Err(err(
+                    key_line(text, "admin.remote", "listen"),
+                    format!(
+                        "field `admin.remote.listen`: {} is already used by `admin.listen` or `admin.health_listen`",
+                        remote.listen
+                    ),
+                ));
+            }
         }
 
         let mut exports = Vec::new();
@@ -607,6 +690,50 @@ mtls = true
             (CallerIdentity::Mtls, "hybridge")
         );
         assert_eq!(c.admin.listen, "127.0.0.1:7180".parse().unwrap());
+        assert_eq!(c.admin.socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+        assert_eq!(c.admin.remote, None);
+    }
+
+    #[test]
+    fn admin_socket_and_remote_listener_parse_and_are_checked() {
+        let with_admin = |lines: &str| format!("{GOOD}\n[admin]\n{lines}\n");
+        let c = Config::parse(
+            Path::new("/etc/hybridge/hybridge.toml"),
+            &with_admin("socket = \"run/admin.sock\"\n\n[admin.remote]\nlisten = \"0.0.0.0:7182\""),
+        )
+        .unwrap();
+        assert_eq!(
+            c.admin.socket,
+            PathBuf::from("/etc/hybridge/run/admin.sock")
+        );
+        assert_eq!(
+            c.admin.remote.map(|r| r.listen),
+            Some("0.0.0.0:7182".parse().unwrap())
+        );
+
+        let long = format!("socket = \"/{}\"", "x".repeat(120));
+        let e = error_of(&with_admin(&long));
+        assert!(
+            e.starts_with("/x/h.toml:31: field `admin.socket`: `/xxx")
+                && e.ends_with("is 121 bytes long; a Unix socket path holds at most 107"),
+            "{e}"
+        );
+        let e = error_of(&with_admin(
+            "listen = \"127.0.0.1:7180\"\n\n[admin.remote]\nlisten = \"127.0.0.1:7180\"",
+        ));
+        assert_eq!(
+            e,
+            "/x/h.toml:34: field `admin.remote.listen`: 127.0.0.1:7180 is already used by `admin.listen` or `admin.health_listen`"
+        );
+        let e = error_of(&with_admin(
+            "[admin.remote]\nlisten = \"0.0.0.0:7182\"\nmtls = true",
+        ));
+        assert!(
+            e.starts_with("/x/h.toml:33: ") && e.contains("unknown field `mtls`"),
+            "{e}"
+        );
+        let e = error_of(&with_admin("[admin.remote]\n"));
+        assert!(e.contains("missing field `listen`"), "{e}");
     }
 
     #[test]
@@ -697,7 +824,7 @@ mtls = true
         assert!(e.contains("neither accepts tunnels"), "{e}");
         let e = error_of(&format!("{GOOD}\n[admin]\nlisten = \"0.0.0.0:7180\"\n"));
         assert!(
-            e.contains("field `admin.listen`") && e.contains("allow_remote"),
+            e.starts_with("/x/h.toml:31: field `admin.listen`") && e.contains("allow_remote"),
             "{e}"
         );
         let e = error_of(&GOOD.replace(

@@ -1,8 +1,9 @@
 //! `hybridge dev`: a complete bridge on loopback from one command and no files.
 //!
 //! An in-process CA in a temp dir, a cloud node and an on-prem node joined by a real QUIC
-//! tunnel, a demo upstream on each side, the same sample policy on both nodes, and ready-to-
-//! paste curl commands. Tests start the same environment with `DevEnvironment::start(0)`.
+//! tunnel (each with its admin socket in the temp dir), a demo upstream on each side, the same
+//! sample policy on both nodes, and ready-to-paste curl and `hybridge` commands. Tests start
+//! the same environment with `DevEnvironment::start(0)`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -130,6 +131,7 @@ allowed_sites = ["onprem"]
 
 [admin]
 listen = "{admin}"
+socket = "cloud-admin.sock"
 
 [[export]]
 name = "inventory"
@@ -178,6 +180,7 @@ connections = 2
 
 [admin]
 listen = "{admin}"
+socket = "onprem-admin.sock"
 
 [[export]]
 name = "ledger"
@@ -226,7 +229,8 @@ suffix = "hybridge"
         })
     }
 
-    /// The curl commands `hybridge dev` prints; each goes through the tunnel.
+    /// The commands `hybridge dev` prints: curl through the tunnel, `hybridge` through the admin
+    /// sockets, curl to the read-only metrics listener.
     pub fn curl_commands(&self) -> Vec<(String, String)> {
         let onprem = self.onprem.addresses();
         let cloud = self.cloud.addresses();
@@ -265,14 +269,28 @@ suffix = "hybridge"
             ));
         }
         commands.push((
-            "on-prem node status".into(),
+            "on-prem node status, through its admin socket".into(),
             format!(
-                "cargo run -q -p hybridge -- status --admin http://{}",
-                onprem.admin
+                "cargo run -q -p hybridge -- status --admin unix:{}",
+                onprem.admin_socket.display()
             ),
         ));
         commands.push((
-            "metrics".into(),
+            "the cloud node's rules; change them with acl add/rm/apply on the same socket".into(),
+            format!(
+                "cargo run -q -p hybridge -- acl ls --admin unix:{}",
+                cloud.admin_socket.display()
+            ),
+        ));
+        commands.push((
+            "who changed what (the sample policy was applied by `hybridge dev`)".into(),
+            format!(
+                "cargo run -q -p hybridge -- acl log --admin unix:{}",
+                cloud.admin_socket.display()
+            ),
+        ));
+        commands.push((
+            "metrics, from the read-only TCP listener".into(),
             format!(
                 "curl -sS http://{}/metrics | grep hybridge_requests_total",
                 onprem.admin

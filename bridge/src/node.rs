@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -19,6 +20,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::acl::AclService;
+use crate::admin::ListenerKind;
+use crate::admin::unix::{AdminSocket, SocketFile};
 use crate::config::{CallerIdentity, Config};
 use crate::http::export::{self, ExportContext};
 use crate::http::import::{self, ImportContext, ListenerSpec, ListenerTarget};
@@ -39,7 +42,12 @@ use crate::workers::Workers;
 #[derive(Clone, Debug)]
 pub struct NodeAddresses {
     pub tunnel: Option<SocketAddr>,
+    /// The read-only admin listener (`admin.listen`).
     pub admin: SocketAddr,
+    /// The admin socket (`admin.socket`): the whole API for local administrators.
+    pub admin_socket: PathBuf,
+    /// The remote mTLS admin listener (`[admin.remote]`), if configured.
+    pub admin_remote: Option<SocketAddr>,
     /// The health-only admin listener (`admin.health_listen`), if configured.
     pub health: Option<SocketAddr>,
     /// (service, address) of every import listener, in config order.
@@ -93,6 +101,10 @@ pub struct Node {
     stop_rest: CancellationToken,
     /// Dialing TLS config per peer address, swapped on reload.
     peer_clients: Vec<(String, Arc<ArcSwap<quinn::ClientConfig>>)>,
+    /// The remote admin listener's TLS config (certificate, CA, CRL), swapped on reload.
+    admin_remote_tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    /// The admin socket's file, removed when the node is gone.
+    admin_socket: SocketFile,
     /// Import and gateway listeners, whose mTLS configs are swapped on reload.
     listener_specs: Vec<Arc<ListenerSpec>>,
     tuning: TransportTuning,
@@ -117,6 +129,47 @@ pub fn load_tls(config: &Config) -> anyhow::Result<TlsMaterial> {
         );
     }
     Ok(material)
+}
+
+/// The remote admin listener's TLS: TLS 1.3, administrator certificates of the node's trust
+/// domain only, the node's CA bundle and CRL.
+fn admin_remote_tls(
+    material: &TlsMaterial,
+    config: &Config,
+) -> anyhow::Result<rustls::ServerConfig> {
+    Ok(hybridge_ca::tls::server_config(
+        material,
+        PeerExpectation::AnyAdmin {
+            trust_domain: config.node.trust_domain.clone(),
+        },
+        &[b"h2", b"http/1.1"],
+        true,
+    )?)
+}
+
+/// Names besides its address a client may put in `Host` to reach the remote admin listener:
+/// the DNS and IP SANs of the node certificate (what an administrator dials).
+fn node_certificate_names(material: &TlsMaterial) -> Vec<String> {
+    let Some(summary) = material
+        .chain
+        .first()
+        .and_then(|leaf| hybridge_ca::inspect::summarize(leaf.as_ref()).ok())
+    else {
+        return Vec::new();
+    };
+    let ips = summary.ips.iter().map(|ip| {
+        if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip.clone()
+        }
+    });
+    summary
+        .dns_names
+        .iter()
+        .map(|name| name.to_ascii_lowercase())
+        .chain(ips)
+        .collect()
 }
 
 /// The TLS config of `mtls` import and gateway listeners: a service certificate from the CA
@@ -395,6 +448,29 @@ impl Node {
             .as_ref()
             .map(TcpListener::local_addr)
             .transpose()?;
+        let AdminSocket {
+            listener: socket_listener,
+            file: admin_socket,
+        } = AdminSocket::bind(&config.admin.socket)
+            .with_context(|| format!("{}: admin", config.source.display()))?;
+        let remote = match &config.admin.remote {
+            None => None,
+            Some(remote) => {
+                let listener = TcpListener::bind(remote.listen).await.with_context(|| {
+                    format!(
+                        "{}: admin.remote: binding {}",
+                        config.source.display(),
+                        remote.listen
+                    )
+                })?;
+                let tls = Arc::new(ArcSwap::from_pointee(admin_remote_tls(&material, &config)?));
+                Some((listener, tls))
+            }
+        };
+        let remote_addr = remote
+            .as_ref()
+            .map(|(listener, _)| listener.local_addr())
+            .transpose()?;
 
         let identity = material.own_id.clone();
         let state = Arc::new(NodeState {
@@ -410,6 +486,8 @@ impl Node {
             addresses: NodeAddresses {
                 tunnel: tunnel_addr,
                 admin: admin_addr,
+                admin_socket: admin_socket.path().to_path_buf(),
+                admin_remote: remote_addr,
                 health: health_addr,
                 imports: import_addrs,
                 gateway: gateway_addr,
@@ -523,21 +601,39 @@ impl Node {
                 );
             }
         }
-        background.spawn(crate::admin::serve(
+        background.spawn(crate::admin::serve_tcp(
             admin_listener,
             state.clone(),
-            crate::admin::Scope::Full,
+            ListenerKind::ReadOnly,
             stop_rest.clone(),
         ));
         if let Some(listener) = health_listener {
-            background.spawn(crate::admin::serve(
+            background.spawn(crate::admin::serve_tcp(
                 listener,
                 state.clone(),
-                crate::admin::Scope::HealthOnly,
+                ListenerKind::HealthOnly,
                 stop_rest.clone(),
             ));
         }
-        info!(node = %identity, tunnel = ?tunnel_addr, admin = %admin_addr, workers = workers.count(), tunnel_endpoints = endpoints.len(), "node started");
+        background.spawn(crate::admin::serve_socket(
+            socket_listener,
+            state.clone(),
+            stop_rest.clone(),
+        ));
+        let admin_remote_tls = match remote {
+            None => None,
+            Some((listener, tls)) => {
+                background.spawn(crate::admin::serve_remote(
+                    listener,
+                    tls.clone(),
+                    node_certificate_names(&material),
+                    state.clone(),
+                    stop_rest.clone(),
+                ));
+                Some(tls)
+            }
+        };
+        info!(node = %identity, tunnel = ?tunnel_addr, admin = %admin_addr, admin_socket = %state.addresses.admin_socket.display(), admin_remote = ?remote_addr, workers = workers.count(), tunnel_endpoints = endpoints.len(), "node started");
         Ok(Node {
             state,
             endpoints,
@@ -548,6 +644,8 @@ impl Node {
             stop_tunnels,
             stop_rest,
             peer_clients,
+            admin_remote_tls,
+            admin_socket,
             listener_specs,
             tuning,
         })
@@ -621,8 +719,12 @@ impl Node {
         if new.tunnel.listen != old.tunnel.listen
             || new.admin.listen != old.admin.listen
             || new.admin.health_listen != old.admin.health_listen
+            || new.admin.socket != old.admin.socket
+            || new.admin.remote != old.admin.remote
         {
-            return Err(fixed("a tunnel or admin listen address"));
+            return Err(fixed(
+                "a tunnel or admin listen address (or the admin socket)",
+            ));
         }
         let peer_addresses = |c: &Config| {
             c.peers
@@ -693,6 +795,10 @@ impl Node {
                 quic::client_config(&material, expect, &self.tuning)?,
             ));
         }
+        let admin_remote_tls = match &self.admin_remote_tls {
+            Some(slot) => Some((slot, admin_remote_tls(&material, &new)?)),
+            None => None,
+        };
         let current = self.state.export.services.load_full();
         let mut services = HashMap::new();
         let mut started = Vec::new();
@@ -745,6 +851,9 @@ impl Node {
         self.state.trust.publish(trust);
         for (slot, client) in clients {
             slot.store(Arc::new(client));
+        }
+        if let Some((slot, tls)) = admin_remote_tls {
+            slot.store(Arc::new(tls));
         }
         self.state.export.services.store(Arc::new(services));
         self.state.serving.reconfigure(&new);
@@ -812,6 +921,8 @@ impl Node {
         self.stop_rest.cancel();
         self.background.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.background.wait()).await;
+        // The listener is closed: remove the socket file so nobody mistakes it for a node.
+        drop(self.admin_socket);
         info!(node = %state.identity, "node stopped");
     }
 
@@ -825,6 +936,7 @@ impl Node {
         }
         self.background.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.background.wait()).await;
+        drop(self.admin_socket);
     }
 }
 

@@ -20,12 +20,15 @@ pub enum PeerKind {
     Node,
     /// A service presenting its certificate to an mTLS import or gateway listener.
     Service,
+    /// An administrator on the remote admin listener.
+    Admin,
 }
 
 /// The checks in force, built from one set of TLS material.
 pub struct Trust {
     nodes: PeerChecker,
     services: PeerChecker,
+    admins: PeerChecker,
 }
 
 impl Trust {
@@ -46,6 +49,12 @@ impl Trust {
                     trust_domain: trust_domain.to_owned(),
                 },
             )?,
+            admins: PeerChecker::new(
+                material,
+                PeerExpectation::AnyAdmin {
+                    trust_domain: trust_domain.to_owned(),
+                },
+            )?,
         })
     }
 
@@ -59,6 +68,7 @@ impl Trust {
         let checker = match kind {
             PeerKind::Node => &self.nodes,
             PeerKind::Service => &self.services,
+            PeerKind::Admin => &self.admins,
         };
         checker
             .check(chain, UnixTime::now(), role)

@@ -1,6 +1,7 @@
 //! The on-disk certificate authority: `ca.pem`, `ca.key` (0600) and the `ca.redb` registry.
 //!
-//! Owns key generation, signing of node/service certificates and CRLs; it does no TLS.
+//! Owns key generation, signing of node/service/administrator certificates and CRLs; it
+//! does no TLS.
 
 use std::fs;
 use std::io;
@@ -549,6 +550,18 @@ impl CertificateAuthority {
         self.issue(id, name, dns, &[], validity)
     }
 
+    /// Issues an administrator certificate for `spiffe://TD/admin/NAME`: clientAuth only (an
+    /// administrator never serves TLS), accepted by a node's remote admin listener. Renewal
+    /// and validity as for [`Self::issue_node`].
+    pub fn issue_admin(
+        &self,
+        name: &str,
+        validity: Duration,
+    ) -> Result<IssuedCertificate, CaError> {
+        let id = SpiffeId::admin(&self.trust_domain, name)?;
+        self.issue(id, name, &[], &[], validity)
+    }
+
     fn issuer(&self) -> Result<Issuer<'static, &KeyPair>, CaError> {
         Issuer::from_ca_cert_der(&self.cert_der.clone().into(), &self.key)
             .map_err(signing("loading CA certificate as issuer"))
@@ -594,18 +607,27 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "hybridge");
-        if let SpiffeId::Node { site, .. } = &id {
-            dn.push(DnType::OrganizationalUnitName, site.clone());
+        match &id {
+            SpiffeId::Node { site, .. } => {
+                dn.push(DnType::OrganizationalUnitName, site.clone());
+            }
+            SpiffeId::Admin { .. } => dn.push(DnType::OrganizationalUnitName, "admin"),
+            SpiffeId::Service { .. } => {}
         }
         dn.push(DnType::CommonName, common_name);
         params.distinguished_name = dn;
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = match id {
+            // An administrator only ever connects to a node; a server EKU would let the
+            // certificate impersonate a TLS server to anything trusting the CA.
+            SpiffeId::Admin { .. } => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            SpiffeId::Node { .. } | SpiffeId::Service { .. } => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        };
         params.use_authority_key_identifier_extension = true;
         params.not_before = now - BACKDATE;
         params.not_after = not_after;
@@ -632,6 +654,7 @@ impl CertificateAuthority {
             kind: match id {
                 SpiffeId::Node { .. } => CertKind::Node,
                 SpiffeId::Service { .. } => CertKind::Service,
+                SpiffeId::Admin { .. } => CertKind::Admin,
             },
             not_before: params.not_before,
             not_after,
@@ -855,6 +878,35 @@ mod tests {
                 .unwrap()
                 .starts_with("-----BEGIN X509 CRL-----")
         );
+    }
+
+    #[test]
+    fn admin_certificates_are_client_only_and_listed_as_admin() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca =
+            CertificateAuthority::init(dir.path(), "corp.example", InitOptions::default()).unwrap();
+        let alice = ca.issue_admin("alice", Duration::from_secs(3600)).unwrap();
+        assert_eq!(
+            alice.spiffe_id.to_uri(),
+            "spiffe://corp.example/admin/alice"
+        );
+        let list = ca.list().unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].kind, CertKind::Admin);
+        assert_eq!(list[0].kind.as_str(), "admin");
+        assert_eq!(list[0].subject, "O=hybridge, OU=admin, CN=alice");
+        let pem = pem::parse(&alice.cert_chain_pem).unwrap();
+        let (_, cert) = X509Certificate::from_der(pem.contents()).unwrap();
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth, "{eku:?}");
+        assert!(matches!(
+            ca.issue_admin("Alice Smith", Duration::from_secs(3600)),
+            Err(CaError::InvalidName(_))
+        ));
+        let n = ca
+            .revoke_spiffe(&alice.spiffe_id, RevocationReason::PrivilegeWithdrawn)
+            .unwrap();
+        assert_eq!(n, 1);
     }
 
     #[test]

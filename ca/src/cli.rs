@@ -16,7 +16,8 @@ use crate::registry::IssuedRecord;
 use crate::spiffe::SpiffeId;
 use crate::{duration, inspect};
 
-/// hybridge certificate authority: issue, revoke and inspect node and service certificates.
+/// hybridge certificate authority: issue, revoke and inspect node, service and administrator
+/// certificates.
 #[derive(Debug, Parser)]
 #[command(name = "hybridge-ca", version, about)]
 pub struct Cli {
@@ -30,7 +31,7 @@ pub struct Cli {
 pub enum Command {
     /// Create a new self-signed CA in DIR (refuses to overwrite an existing one).
     Init(InitArgs),
-    /// Issue a node or service certificate.
+    /// Issue a node, service or administrator certificate.
     #[command(subcommand)]
     Issue(IssueCommand),
     /// List every certificate this CA issued.
@@ -130,6 +131,23 @@ pub enum IssueCommand {
         /// DNS SAN (repeatable).
         #[arg(long)]
         dns: Vec<String>,
+        /// Certificate lifetime.
+        #[arg(long, default_value = "30d", value_parser = parse_duration)]
+        validity: Duration,
+        /// Output prefix: writes PREFIX.pem (chain) and PREFIX.key (0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Certificate for an administrator: spiffe://TD/admin/NAME (clientAuth only), for
+    /// `hybridge acl --admin https://NODE:PORT --cert PREFIX.pem --key PREFIX.key --ca ca.pem`
+    /// against a node's remote admin listener (`[admin.remote]`).
+    Admin {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Administrator name, recorded in every audit log entry of the changes made with it.
+        #[arg(long)]
+        name: String,
         /// Certificate lifetime.
         #[arg(long, default_value = "30d", value_parser = parse_duration)]
         validity: Duration,
@@ -237,6 +255,18 @@ pub fn run(cli: Cli) -> Result<()> {
             let issued = ca
                 .issue_service(&name, &dns, validity)
                 .context("issuing service certificate")?;
+            report_issued(&issued, &out)?;
+        }
+        Command::Issue(IssueCommand::Admin {
+            dir,
+            name,
+            validity,
+            out,
+        }) => {
+            let ca = open(&dir)?;
+            let issued = ca
+                .issue_admin(&name, validity)
+                .context("issuing administrator certificate")?;
             report_issued(&issued, &out)?;
         }
         Command::List { dir, json } => {

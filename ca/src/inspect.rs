@@ -33,6 +33,8 @@ pub struct CertificateSummary {
     pub dns_names: Vec<String>,
     /// IP SANs.
     pub ips: Vec<String>,
+    /// Extended key usages by name (`serverAuth`, `clientAuth`, ...); empty when absent.
+    pub extended_key_usage: Vec<String>,
     /// SHA-256 of the DER, colon-separated uppercase hex (as `openssl x509 -fingerprint -sha256`).
     pub sha256_fingerprint: String,
     /// Whether it is a CA certificate.
@@ -73,6 +75,23 @@ pub fn summarize(bytes: &[u8]) -> Result<CertificateSummary, InspectError> {
             }
         }
     }
+    let mut extended_key_usage = Vec::new();
+    if let Ok(Some(eku)) = cert.extended_key_usage() {
+        let eku = eku.value;
+        for (present, name) in [
+            (eku.server_auth, "serverAuth"),
+            (eku.client_auth, "clientAuth"),
+            (eku.code_signing, "codeSigning"),
+            (eku.email_protection, "emailProtection"),
+            (eku.time_stamping, "timeStamping"),
+            (eku.ocsp_signing, "OCSPSigning"),
+            (eku.any, "any"),
+        ] {
+            if present {
+                extended_key_usage.push(name.to_string());
+            }
+        }
+    }
     let digest = Sha256::digest(&der);
     let sha256_fingerprint = digest
         .iter()
@@ -88,6 +107,7 @@ pub fn summarize(bytes: &[u8]) -> Result<CertificateSummary, InspectError> {
         uris,
         dns_names,
         ips,
+        extended_key_usage,
         sha256_fingerprint,
         is_ca: cert.is_ca(),
         certificates_in_file: count,
@@ -131,6 +151,7 @@ impl fmt::Display for CertificateSummary {
         writeln!(f, "URI SANs:    {}", list(&self.uris))?;
         writeln!(f, "DNS SANs:    {}", list(&self.dns_names))?;
         writeln!(f, "IP SANs:     {}", list(&self.ips))?;
+        writeln!(f, "key usage:   {}", list(&self.extended_key_usage))?;
         writeln!(f, "CA:          {}", if self.is_ca { "yes" } else { "no" })?;
         write!(f, "SHA-256:     {}", self.sha256_fingerprint)
     }
@@ -161,6 +182,14 @@ mod tests {
         assert_eq!(s.dns_names, vec!["a.local".to_string()]);
         assert_eq!(s.ips, vec!["127.0.0.1".to_string(), "::1".to_string()]);
         assert_eq!(s.certificates_in_file, 2);
+        assert_eq!(s.extended_key_usage, ["serverAuth", "clientAuth"]);
+        let admin = ca
+            .issue_admin("alice", std::time::Duration::from_secs(3600))
+            .unwrap();
+        let a = summarize(admin.cert_chain_pem.as_bytes()).unwrap();
+        assert_eq!(a.uris, ["spiffe://td/admin/alice"]);
+        assert_eq!(a.extended_key_usage, ["clientAuth"]);
+        assert!(a.to_string().contains("key usage:   clientAuth\n"), "{a}");
         assert!(!s.is_ca);
         assert_eq!(s.issuer, "O=hybridge, CN=hybridge CA td");
         assert_eq!(s.sha256_fingerprint.len(), 32 * 3 - 1);

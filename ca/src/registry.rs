@@ -113,14 +113,17 @@ pub enum CertKind {
     Node,
     /// A service (`spiffe://TD/svc/NAME`).
     Service,
+    /// An administrator (`spiffe://TD/admin/NAME`).
+    Admin,
 }
 
 impl CertKind {
-    /// `"node"` or `"service"`.
+    /// `"node"`, `"service"` or `"admin"`.
     pub fn as_str(self) -> &'static str {
         match self {
             CertKind::Node => "node",
             CertKind::Service => "service",
+            CertKind::Admin => "admin",
         }
     }
 }
@@ -165,7 +168,7 @@ pub struct IssuedRecord {
     pub subject: String,
     /// The URI SAN.
     pub spiffe_id: String,
-    /// Node or service.
+    /// Node, service or administrator.
     pub kind: CertKind,
     /// Start of validity.
     pub not_before: OffsetDateTime,

@@ -1,4 +1,5 @@
-//! SPIFFE identities of hybridge nodes and services: parsing, validation and URI form.
+//! SPIFFE identities of hybridge nodes, services and administrators: parsing, validation
+//! and URI form.
 //!
 //! Pure string handling only; certificates and TLS live in `authority` and `tls`.
 
@@ -7,7 +8,7 @@ use std::fmt;
 /// Why a SPIFFE id or one of its segments was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpiffeError {
-    /// A segment (trust domain, site, node name, service name) is empty or has a
+    /// A segment (trust domain, site, node, service or administrator name) is empty or has a
     /// character outside `[a-z0-9._-]`.
     #[error("invalid {kind} {value:?}: must be non-empty and use only a-z 0-9 . _ -")]
     InvalidSegment {
@@ -16,9 +17,9 @@ pub enum SpiffeError {
         /// The rejected text.
         value: String,
     },
-    /// The URI does not have one of the two hybridge shapes.
+    /// The URI does not have one of the three hybridge shapes.
     #[error(
-        "invalid SPIFFE id {uri:?}: expected spiffe://TD/site/SITE/node/NAME or spiffe://TD/svc/NAME"
+        "invalid SPIFFE id {uri:?}: expected spiffe://TD/site/SITE/node/NAME, spiffe://TD/svc/NAME or spiffe://TD/admin/NAME"
     )]
     Malformed {
         /// The rejected URI.
@@ -26,7 +27,7 @@ pub enum SpiffeError {
     },
 }
 
-/// A hybridge identity: a node at a site, or a service.
+/// A hybridge identity: a node at a site, a service, or an administrator.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum SpiffeId {
     /// `spiffe://TD/site/SITE/node/NAME`
@@ -43,6 +44,14 @@ pub enum SpiffeId {
         /// Trust domain chosen at `hybridge-ca init`.
         trust_domain: String,
         /// Service name.
+        name: String,
+    },
+    /// `spiffe://TD/admin/NAME`: a person (or automation) allowed to change a node's policy
+    /// through the remote admin listener. Never a tunnel peer or a caller of services.
+    Admin {
+        /// Trust domain chosen at `hybridge-ca init`.
+        trust_domain: String,
+        /// Administrator name, as in audit log entries.
         name: String,
     },
 }
@@ -88,7 +97,18 @@ impl SpiffeId {
         })
     }
 
-    /// Parses `spiffe://TD/site/SITE/node/NAME` or `spiffe://TD/svc/NAME`.
+    /// Builds an administrator id after validating every segment.
+    pub fn admin(trust_domain: &str, name: &str) -> Result<Self, SpiffeError> {
+        validate_segment("trust domain", trust_domain)?;
+        validate_segment("administrator name", name)?;
+        Ok(SpiffeId::Admin {
+            trust_domain: trust_domain.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    /// Parses `spiffe://TD/site/SITE/node/NAME`, `spiffe://TD/svc/NAME` or
+    /// `spiffe://TD/admin/NAME`.
     pub fn parse(uri: &str) -> Result<Self, SpiffeError> {
         let malformed = || SpiffeError::Malformed {
             uri: uri.to_string(),
@@ -98,16 +118,17 @@ impl SpiffeId {
         match parts.as_slice() {
             [td, "site", site, "node", name] => SpiffeId::node(td, site, name),
             [td, "svc", name] => SpiffeId::service(td, name),
+            [td, "admin", name] => SpiffeId::admin(td, name),
             _ => Err(malformed()),
         }
     }
 
-    /// The trust domain of either kind of id.
+    /// The trust domain of any kind of id.
     pub fn trust_domain(&self) -> &str {
         match self {
-            SpiffeId::Node { trust_domain, .. } | SpiffeId::Service { trust_domain, .. } => {
-                trust_domain
-            }
+            SpiffeId::Node { trust_domain, .. }
+            | SpiffeId::Service { trust_domain, .. }
+            | SpiffeId::Admin { trust_domain, .. } => trust_domain,
         }
     }
 
@@ -122,14 +143,18 @@ impl SpiffeId {
             SpiffeId::Service { trust_domain, name } => {
                 format!("spiffe://{trust_domain}/svc/{name}")
             }
+            SpiffeId::Admin { trust_domain, name } => {
+                format!("spiffe://{trust_domain}/admin/{name}")
+            }
         }
     }
 
-    /// `"node"` or `"service"`.
+    /// `"node"`, `"service"` or `"admin"`.
     pub fn kind(&self) -> &'static str {
         match self {
             SpiffeId::Node { .. } => "node",
             SpiffeId::Service { .. } => "service",
+            SpiffeId::Admin { .. } => "admin",
         }
     }
 }
@@ -174,6 +199,26 @@ mod tests {
     }
 
     #[test]
+    fn admin_round_trips() {
+        let id = SpiffeId::parse("spiffe://corp.example/admin/alice").unwrap();
+        assert_eq!(
+            id,
+            SpiffeId::Admin {
+                trust_domain: "corp.example".into(),
+                name: "alice".into()
+            }
+        );
+        assert_eq!(id.to_uri(), "spiffe://corp.example/admin/alice");
+        assert_eq!(id.to_string(), id.to_uri());
+        assert_eq!((id.trust_domain(), id.kind()), ("corp.example", "admin"));
+        assert_eq!(SpiffeId::admin("corp.example", "alice").unwrap(), id);
+        assert_eq!(
+            SpiffeId::admin("td", "Alice").unwrap_err().to_string(),
+            "invalid administrator name \"Alice\": must be non-empty and use only a-z 0-9 . _ -"
+        );
+    }
+
+    #[test]
     fn rejects_bad_shapes() {
         for bad in [
             "http://td/svc/a",
@@ -185,9 +230,19 @@ mod tests {
             "spiffe://TD/svc/a",
             "spiffe://td/svc/Bad Name",
             "spiffe://td/other/a",
+            "spiffe://td/admin",
+            "spiffe://td/admin/",
+            "spiffe://td/admin/a/b",
+            "spiffe://td/admin/Bob",
         ] {
             assert!(SpiffeId::parse(bad).is_err(), "{bad} accepted");
         }
+        assert_eq!(
+            SpiffeId::parse("spiffe://td/root/x")
+                .unwrap_err()
+                .to_string(),
+            "invalid SPIFFE id \"spiffe://td/root/x\": expected spiffe://TD/site/SITE/node/NAME, spiffe://TD/svc/NAME or spiffe://TD/admin/NAME"
+        );
     }
 
     #[test]

@@ -291,6 +291,12 @@ pub enum PeerExpectation {
         /// Required trust domain.
         trust_domain: String,
     },
+    /// Any administrator (`spiffe://TD/admin/NAME`) in the trust domain: what a node's remote
+    /// admin listener accepts. Node and service certificates are refused.
+    AnyAdmin {
+        /// Required trust domain.
+        trust_domain: String,
+    },
     /// Exactly this identity.
     Exact(SpiffeId),
 }

@@ -227,6 +227,14 @@ pub(crate) fn check_expectation(expect: &PeerExpectation, id: &SpiffeId) -> Resu
                 "peer is {id} but expected a service in trust domain {trust_domain}"
             )),
         },
+        PeerExpectation::AnyAdmin { trust_domain } => match id {
+            SpiffeId::Admin {
+                trust_domain: td, ..
+            } if td == trust_domain => Ok(()),
+            _ => Err(format!(
+                "peer is {id} but expected an administrator (spiffe://{trust_domain}/admin/NAME)"
+            )),
+        },
         PeerExpectation::Exact(want) => {
             if want == id {
                 Ok(())
@@ -366,6 +374,18 @@ mod tests {
         };
         assert!(check_expectation(&any, &svc).is_ok());
         assert!(check_expectation(&any, &node("x")).is_err());
+        let admin = PeerExpectation::AnyAdmin {
+            trust_domain: "td".into(),
+        };
+        let alice = SpiffeId::admin("td", "alice").unwrap();
+        assert!(check_expectation(&admin, &alice).is_ok());
+        assert_eq!(
+            check_expectation(&admin, &svc).unwrap_err(),
+            "peer is spiffe://td/svc/s but expected an administrator (spiffe://td/admin/NAME)"
+        );
+        assert!(check_expectation(&admin, &node("x")).is_err());
+        assert!(check_expectation(&admin, &SpiffeId::admin("other", "alice").unwrap()).is_err());
+        assert!(check_expectation(&any, &alice).is_err());
         let exact = PeerExpectation::Exact(svc.clone());
         assert!(check_expectation(&exact, &svc).is_ok());
         assert_eq!(

@@ -238,6 +238,93 @@ fn full_lifecycle() {
     assert!(out.contains("CA:          yes"), "{out}");
 }
 
+/// `issue admin` writes a clientAuth-only certificate for spiffe://TD/admin/NAME that
+/// `list`, `inspect` and `revoke --spiffe` all know as an administrator.
+#[test]
+fn administrator_certificates_issue_list_inspect_and_revoke() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca_dir = tmp.path().join("ca");
+    let dir = path_str(&ca_dir);
+    ok(&["init", "--dir", dir, "--trust-domain", "corp.example"]);
+    let prefix = tmp.path().join("alice");
+    let out = ok(&[
+        "issue",
+        "admin",
+        "--dir",
+        dir,
+        "--name",
+        "alice",
+        "--out",
+        path_str(&prefix),
+    ]);
+    assert!(
+        out.starts_with("issued spiffe://corp.example/admin/alice serial "),
+        "{out}"
+    );
+    let pem = tmp.path().join("alice.pem");
+    assert_eq!(mode(&tmp.path().join("alice.key")), 0o600);
+    openssl_ok(&[
+        "verify",
+        "-CAfile",
+        path_str(&ca_dir.join("ca.pem")),
+        "-purpose",
+        "sslclient",
+        path_str(&pem),
+    ]);
+    let text = openssl_ok(&["x509", "-in", path_str(&pem), "-noout", "-text"]);
+    assert!(
+        text.contains("URI:spiffe://corp.example/admin/alice"),
+        "{text}"
+    );
+    assert!(text.contains("TLS Web Client Authentication"), "{text}");
+    assert!(!text.contains("TLS Web Server Authentication"), "{text}");
+
+    let rows = list_json(dir);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["kind"], "admin");
+    assert_eq!(rows[0]["subject"], "O=hybridge, OU=admin, CN=alice");
+    let table = ok(&["list", "--dir", dir]);
+    assert!(table.contains("admin    valid"), "{table}");
+
+    let out = ok(&["inspect", path_str(&pem), "--dir", dir]);
+    assert!(
+        out.contains("URI SANs:    spiffe://corp.example/admin/alice"),
+        "{out}"
+    );
+    assert!(out.contains("key usage:   clientAuth\n"), "{out}");
+    assert!(out.contains("status:      valid"), "{out}");
+
+    let out = ok(&[
+        "revoke",
+        "--dir",
+        dir,
+        "--spiffe",
+        "spiffe://corp.example/admin/alice",
+        "--reason",
+        "privilege-withdrawn",
+    ]);
+    assert!(
+        out.starts_with("revoked 1 certificate(s) of spiffe://corp.example/admin/alice"),
+        "{out}"
+    );
+    assert_eq!(list_json(dir)[0]["status"], "revoked");
+
+    let err = fails(&[
+        "issue",
+        "admin",
+        "--dir",
+        dir,
+        "--name",
+        "Alice Smith",
+        "--out",
+        path_str(&prefix),
+    ]);
+    assert_eq!(
+        err,
+        "error: issuing administrator certificate: invalid administrator name \"Alice Smith\": must be non-empty and use only a-z 0-9 . _ -"
+    );
+}
+
 #[test]
 fn ed25519_init_works() {
     let tmp = tempfile::tempdir().unwrap();

@@ -225,6 +225,85 @@ async fn node_of_the_wrong_site_is_rejected() {
     );
 }
 
+/// The remote admin listener's expectation: administrators of the trust domain, not revoked;
+/// a node or service certificate from the same CA is refused, naming the check.
+#[tokio::test]
+async fn only_unrevoked_administrators_pass_the_admin_expectation() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::new_ca(dir.path(), "td");
+    let node = ca.issue_node("cloud", "n", &[], &[], hour()).unwrap();
+    let alice = ca.issue_admin("alice", hour()).unwrap();
+    let bob = ca.issue_admin("bob", hour()).unwrap();
+    let svc = ca.issue_service("web", &[], hour()).unwrap();
+    let onprem = ca.issue_node("onprem", "o", &[], &[], hour()).unwrap();
+    ca.revoke_serial(&bob.serial_hex, RevocationReason::PrivilegeWithdrawn)
+        .unwrap();
+    let crl = ca.crl_pem().unwrap();
+    let admins = || {
+        server_config(
+            &material(&ca, &node, Some(&crl)),
+            PeerExpectation::AnyAdmin {
+                trust_domain: "td".into(),
+            },
+            &[ALPN],
+            true,
+        )
+        .unwrap()
+    };
+    let client = |leaf: &IssuedCertificate| {
+        client_config(
+            &material(&ca, leaf, None),
+            PeerExpectation::Exact(node.spiffe_id.clone()),
+            &[ALPN],
+        )
+        .unwrap()
+    };
+    let outcome = handshake(admins(), client(&alice)).await;
+    assert_eq!(outcome.server.unwrap().to_uri(), "spiffe://td/admin/alice");
+    assert_eq!(outcome.client.unwrap(), node.spiffe_id);
+
+    for (leaf, expected) in [
+        (
+            &svc,
+            "peer is spiffe://td/svc/web but expected an administrator (spiffe://td/admin/NAME)"
+                .to_string(),
+        ),
+        (
+            &onprem,
+            "peer is spiffe://td/site/onprem/node/o but expected an administrator".to_string(),
+        ),
+        (
+            &bob,
+            format!("certificate revoked (serial {})", bob.serial_hex),
+        ),
+    ] {
+        let outcome = handshake(admins(), client(leaf)).await;
+        let err = outcome.server.unwrap_err();
+        assert!(err.contains(&expected), "{err}");
+        assert!(outcome.client.is_err());
+    }
+
+    // An administrator certificate carries clientAuth only: it cannot pose as a server.
+    let chain = [rustls::pki_types::CertificateDer::from(
+        pem::parse(&alice.cert_chain_pem).unwrap().into_contents(),
+    )];
+    let err = verify_peer_chain(
+        &material(&ca, &node, None),
+        PeerExpectation::AnyAdmin {
+            trust_domain: "td".into(),
+        },
+        &chain,
+        UnixTime::now(),
+        PeerRole::Server,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("certificate lacks the serverAuth extended key usage"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn revoked_client_is_rejected_after_crl_reload() {
     let dir = tempfile::tempdir().unwrap();

@@ -91,6 +91,16 @@ impl Pki {
         }
     }
 
+    /// Issues an administrator certificate (`spiffe://TD/admin/NAME`) and returns (chain pem
+    /// path, key path).
+    pub fn admin(&self, name: &str) -> (PathBuf, PathBuf) {
+        let issued = self
+            .ca
+            .issue_admin(name, Duration::from_secs(86_400))
+            .unwrap();
+        issued.write(&self.path(&format!("admin-{name}"))).unwrap()
+    }
+
     /// Issues a service certificate and returns (chain pem path, key path).
     pub fn service(&self, name: &str) -> (PathBuf, PathBuf) {
         let issued = self
@@ -152,18 +162,26 @@ pub struct NodeOptions {
     /// (service, caller)
     pub imports: Vec<(String, String)>,
     pub gateway: bool,
+    /// The read-only admin listener.
     pub admin: SocketAddr,
+    /// The admin socket (in the node's data dir, so concurrent nodes never share one).
+    pub admin_socket: PathBuf,
+    /// Extra TOML lines inside the `[admin]` table (before any `extra`).
+    pub admin_extra: String,
     pub extra: String,
 }
 
 impl NodeOptions {
     /// A cloud-side node that accepts tunnels from `onprem` nodes.
     pub fn cloud(pki: &Pki, name: &str) -> Self {
+        let data_dir = pki.path(&format!("data-{name}"));
         Self {
             name: name.into(),
             site: "cloud".into(),
             files: pki.node("cloud", name),
-            data_dir: pki.path(&format!("data-{name}")),
+            admin_socket: data_dir.join("admin.sock"),
+            admin_extra: String::new(),
+            data_dir,
             tunnel_listen: Some("127.0.0.1:0".parse().unwrap()),
             allowed_sites: vec!["onprem".into()],
             peers: vec![],
@@ -191,11 +209,14 @@ impl NodeOptions {
 
     /// An on-prem node that dials the given cloud tunnel addresses.
     pub fn onprem(pki: &Pki, name: &str, cloud: &[SocketAddr]) -> Self {
+        let data_dir = pki.path(&format!("data-{name}"));
         Self {
             name: name.into(),
             site: "onprem".into(),
             files: pki.node("onprem", name),
-            data_dir: pki.path(&format!("data-{name}")),
+            admin_socket: data_dir.join("admin.sock"),
+            admin_extra: String::new(),
+            data_dir,
             tunnel_listen: None,
             allowed_sites: vec![],
             peers: cloud.iter().map(|a| (*a, "cloud".to_owned(), 1)).collect(),
@@ -229,7 +250,12 @@ impl NodeOptions {
                 sites.join(", ")
             );
         }
-        t += &format!("\n[admin]\nlisten = \"{}\"\n", self.admin);
+        t += &format!(
+            "\n[admin]\nlisten = \"{}\"\nsocket = {}\n",
+            self.admin,
+            q(&self.admin_socket)
+        );
+        t += &self.admin_extra;
         t += &self.extra;
         for (address, site, connections) in &self.peers {
             t += &format!(
@@ -280,6 +306,19 @@ impl NodeOptions {
             .await
             .unwrap()
     }
+}
+
+/// A client of a node's admin socket (the whole API, as root or the socket's group).
+pub fn admin_socket_client(node: &Node) -> hybridge::admin::client::AdminClient {
+    hybridge::admin::client::AdminClient::plain(hybridge::admin::client::AdminEndpoint::Unix(
+        node.addresses().admin_socket.clone(),
+    ))
+    .unwrap()
+}
+
+/// `unix:PATH` of an admin socket, for `hybridge … --admin`.
+pub fn unix_admin(socket: &Path) -> String {
+    format!("unix:{}", socket.display())
 }
 
 /// Allows `source → destination` on a node (ACLs are default-deny).
@@ -336,6 +375,36 @@ pub async fn http1(
     let mut builder = http::Request::builder().method(method).uri(path);
     if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
         builder = builder.header("host", addr.to_string());
+    }
+    for (n, v) in headers {
+        builder = builder.header(*n, *v);
+    }
+    collect(
+        sender
+            .send_request(builder.body(Full::new(body)).unwrap())
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// Sends one HTTP/1.1 request over a Unix socket (an admin socket) and collects the answer;
+/// `Host: localhost` unless `headers` name one.
+pub async fn unix_http1(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Answer {
+    let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut builder = http::Request::builder().method(method).uri(path);
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        builder = builder.header("host", "localhost");
     }
     for (n, v) in headers {
         builder = builder.header(*n, *v);

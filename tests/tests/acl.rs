@@ -1,5 +1,5 @@
 //! ACLs through real nodes, driven by the real `hybridge acl` command line against each
-//! node's admin API: default deny, allow → 200, `acl rm` → 403 on the very next request with
+//! node's admin socket: default deny, allow → 200, `acl rm` → 403 on the very next request with
 //! no restart, `apply --dry-run` changes nothing, `check` explains, `log` audits; and a real
 //! daemon killed with SIGKILL in the middle of a stream of applies comes back with one whole
 //! policy.
@@ -12,9 +12,10 @@ use hybridge::acl::Action;
 use hybridge_tests::*;
 use tokio_util::sync::CancellationToken;
 
-/// Runs `hybridge acl ARGS --admin URL` off the async runtime; returns (exit code, stdout, stderr).
-async fn acl_cli(admin: std::net::SocketAddr, args: &[&str]) -> (i32, String, String) {
-    let admin = format!("http://{admin}");
+/// Runs `hybridge acl ARGS --admin unix:SOCKET` off the async runtime; returns (exit code,
+/// stdout, stderr).
+async fn acl_cli(socket: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let admin = unix_admin(socket);
     let mut full: Vec<String> = vec!["acl".into()];
     full.extend(args.iter().map(|a| (*a).to_owned()));
     full.extend(["--admin".into(), admin]);
@@ -40,8 +41,8 @@ async fn operator_changes_take_effect_on_the_next_request_without_restart() {
     let onprem = onprem.start().await;
     assert!(onprem.wait_for_route("inventory", WAIT).await);
     let import = import_addr(&onprem, "inventory");
-    let cloud_admin = cloud.addresses().admin;
-    let onprem_admin = onprem.addresses().admin;
+    let cloud_admin = &cloud.addresses().admin_socket;
+    let onprem_admin = &onprem.addresses().admin_socket;
     let get = || http1(import, "GET", "/echo/x", &[], Bytes::new());
 
     // Default deny: a fresh pair forwards nothing.
@@ -148,6 +149,16 @@ async fn operator_changes_take_effect_on_the_next_request_without_restart() {
     let lines: Vec<&str> = stdout.lines().filter(|l| l.contains("web-to-")).collect();
     assert!(lines.len() >= 3, "{stdout}");
     assert!(lines[0].contains("remove"), "{stdout}");
+    // Every change names the local user who made it, from the socket's peer credentials.
+    let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap());
+    let changes: Vec<&str> = stdout.lines().filter(|l| l.contains(" by ")).collect();
+    assert_eq!(changes.len(), 3, "{stdout}");
+    assert!(
+        changes
+            .iter()
+            .all(|l| l.contains(&format!(" by uid:{uid}"))),
+        "{stdout}"
+    );
 
     onprem.shutdown().await;
     cloud.shutdown().await;
@@ -176,7 +187,7 @@ fn a_daemon_killed_during_applies_restarts_with_one_whole_policy() {
         path
     };
     let policies = [policy(0), policy(1)];
-    let admin = format!("http://{}", options.admin);
+    let admin = unix_admin(&options.admin_socket);
     let mut daemon = start();
     // A client applies the two policies alternately, back to back, from its own thread; the
     // daemon is killed (SIGKILL) right after the 5th success, so the next apply is in flight.
@@ -207,6 +218,8 @@ fn a_daemon_killed_during_applies_restarts_with_one_whole_policy() {
     drop(done_rx);
     applier.join().unwrap();
 
+    // The killed daemon left its socket file behind; the restarted one replaces it.
+    assert!(options.admin_socket.exists());
     // The file is readable offline, holds exactly one of the two whole policies, and a
     // restarted daemon serves it.
     let db = options.data_dir.join("hybridge.redb");

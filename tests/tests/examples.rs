@@ -113,6 +113,7 @@ fn substitute(text: &str, pairs: &[(&str, String)], out: &Path) -> PathBuf {
     for leftover in [
         "/etc/hybridge",
         "/var/lib/hybridge",
+        "/run/hybridge",
         "\"10.",
         "corp.example:",
     ] {
@@ -160,6 +161,7 @@ async fn the_example_configs_start_a_working_pair() {
             ("/etc/hybridge/node.key", q(&cloud_files.key)),
             ("/etc/hybridge/crl.pem", q(&crl)),
             ("/var/lib/hybridge", q(&pki.path("data-cloud"))),
+            ("/run/hybridge/admin.sock", q(&pki.path("cloud-admin.sock"))),
             ("0.0.0.0:7443", tunnel.clone()),
             ("127.0.0.1:7180", "127.0.0.1:0".into()),
             ("0.0.0.0:7181", "127.0.0.1:0".into()),
@@ -179,6 +181,10 @@ async fn the_example_configs_start_a_working_pair() {
             ("/etc/hybridge/node.key", q(&onprem_files.key)),
             ("/etc/hybridge/crl.pem", q(&crl)),
             ("/var/lib/hybridge", q(&pki.path("data-onprem"))),
+            (
+                "/run/hybridge/admin.sock",
+                q(&pki.path("onprem-admin.sock")),
+            ),
             ("hybridge-tunnel.aws.corp.example:7443", tunnel.clone()),
             ("127.0.0.1:7180", "127.0.0.1:0".into()),
             ("10.1.4.21:8080", up(3)),
@@ -256,6 +262,26 @@ async fn the_example_configs_start_a_working_pair() {
         let answer = http1(health, "GET", path, &[], Bytes::new()).await;
         assert_eq!(answer.status, 404, "{path} on the health listener");
     }
+
+    // The policy is read (and changed) through the admin socket, never the TCP listener.
+    let rules = admin_socket_client(&cloud)
+        .get("/v1/acl/rules")
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&rules).contains("checkout-to-billing"),
+        "{rules:?}"
+    );
+    let refused = http1(
+        cloud.addresses().admin,
+        "GET",
+        "/v1/acl/rules",
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(refused.header("x-hybridge-error"), Some("not-authorised"));
 
     // Every metric the Grafana dashboard queries is exported, with every label it groups by.
     let mut exported = String::new();

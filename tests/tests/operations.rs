@@ -477,13 +477,15 @@ async fn metrics_parse_and_count_exactly_what_was_sent() {
     assert_eq!(missing.status, 404);
     // An oversized body is refused from its Content-Length, before it is read. The request
     // goes out head first and the answer is read before any body byte, as a client that
-    // honours early responses does: a client still writing 2 MiB when the refusal closes the
+    // honours early responses does: a client still writing 17 MiB when the refusal closes the
     // connection would see EPIPE instead of the 413, by timing alone.
     let head = format!(
-        "POST /v1/acl/apply HTTP/1.1\r\nhost: {admin}\r\ncontent-type: application/toml\r\ncontent-length: {}\r\n\r\n",
-        2 << 20
+        "POST /v1/acl/apply HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/toml\r\ncontent-length: {}\r\n\r\n",
+        17 << 20
     );
-    let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let mut stream = tokio::net::UnixStream::connect(&onprem.addresses().admin_socket)
+        .await
+        .unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut stream, head.as_bytes())
         .await
         .unwrap();
@@ -502,6 +504,17 @@ async fn metrics_parse_and_count_exactly_what_was_sent() {
     .expect("no response head to an oversized body");
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    // The TCP listener is read-only: the same write is refused before its body matters.
+    let refused = http1(
+        admin,
+        "POST",
+        "/v1/acl/apply",
+        &[("content-type", "application/toml")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(refused.header("x-hybridge-error"), Some("not-authorised"));
     let status = admin_get(admin, "/v1/status").await.json();
     assert_eq!(
         status["peers"][0]["peer"],

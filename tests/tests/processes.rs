@@ -75,6 +75,40 @@ fn dev_demo_works(worker_threads: Option<&str>) {
             assert!(stdout.contains("x-demo-upstream: "), "{curl}: {stdout}");
         }
     }
+    // The printed `hybridge` commands reach the nodes through their admin sockets.
+    let hybridge_commands: Vec<Vec<String>> = dev
+        .seen
+        .iter()
+        .filter_map(|l| l.strip_prefix("cargo run -q -p hybridge -- "))
+        .map(|args| args.split_whitespace().map(str::to_owned).collect())
+        .collect();
+    assert!(
+        hybridge_commands.len() >= 3,
+        "dev printed too few hybridge commands: {:?}",
+        dev.seen
+    );
+    let mut sockets = Vec::new();
+    for args in &hybridge_commands {
+        let admin = args.iter().skip_while(|a| *a != "--admin").nth(1).unwrap();
+        assert!(admin.starts_with("unix:/"), "{args:?}");
+        sockets.push(std::path::PathBuf::from(&admin["unix:".len()..]));
+        let output = Command::new(binary("hybridge"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "hybridge {args:?} failed: {stdout} {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let expected = match args[0].as_str() {
+            "status" => "spiffe://dev.hybridge/site/onprem/node/onprem-1",
+            _ if args[1] == "ls" => "web-to-inventory",
+            _ => "by hybridge dev",
+        };
+        assert!(stdout.contains(expected), "hybridge {args:?}: {stdout}");
+    }
     // Ctrl-C stops everything cleanly.
     dev.signal(libc::SIGINT);
     assert_eq!(
@@ -83,6 +117,9 @@ fn dev_demo_works(worker_threads: Option<&str>) {
         "{:?}",
         dev.drain()
     );
+    for socket in sockets {
+        assert!(!socket.exists(), "{} left behind", socket.display());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

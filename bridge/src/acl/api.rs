@@ -1,5 +1,6 @@
-//! Admin HTTP routes under `/v1/acl/…`, called by the daemon's admin server: JSON in and out,
-//! 1 MiB body limit, actor `admin-api`. It owns no listener and no policy logic.
+//! Admin HTTP routes under `/v1/acl/…`, called by the daemon's admin server for the callers it
+//! let through (`admin::access`): JSON in and out, 16 MiB body limit, changes audited under the
+//! actor the server names. It owns no listener, no authorisation and no policy logic.
 
 use std::path::Path;
 
@@ -16,12 +17,11 @@ use super::service::AclService;
 use super::store::AuditEntry;
 use crate::http::path::decision_path;
 
-/// Largest request body accepted (413 beyond).
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Largest request body accepted (413 beyond): room for a policy of ~100,000 rules (10,000
+/// rules are ~1.4 MB of TOML).
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// Audit entries returned by `GET /v1/acl/log` without `limit`.
 pub const DEFAULT_LOG_LIMIT: usize = 50;
-/// Actor recorded in the audit log for changes made through these routes.
-pub const ACTOR: &str = "admin-api";
 
 /// `GET /v1/acl/rules` response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,8 +54,9 @@ pub struct ErrorBody {
 
 type AdminResponse = Response<Full<Bytes>>;
 
-/// Serves the ACL admin routes; `None` for paths this module does not own, so the admin
-/// server can try its other routes.
+/// Serves the ACL admin routes, recording changes under `actor` (`uid:1000(alice)`,
+/// `spiffe://TD/admin/alice`); `None` for paths this module does not own, so the admin server
+/// can try its other routes.
 ///
 /// - `GET /v1/acl/rules` → [`RuleList`]
 /// - `POST /v1/acl/rules` (JSON [`RuleSpec`]) → 201 [`RuleChanged`]
@@ -63,12 +64,20 @@ type AdminResponse = Response<Full<Bytes>>;
 /// - `POST /v1/acl/apply?dry_run=true&file=NAME` (TOML body) → `ApplyDiff`; 400 names the line
 /// - `GET /v1/acl/check?from=&site=&to=&method=&path=` → `Explanation`
 /// - `GET /v1/acl/log?limit=` → [`AuditLog`]
-pub async fn handle_admin(svc: &AclService, req: Request<Incoming>) -> Option<AdminResponse> {
-    handle_admin_request(svc, req).await
+pub async fn handle_admin(
+    svc: &AclService,
+    req: Request<Incoming>,
+    actor: &str,
+) -> Option<AdminResponse> {
+    handle_admin_request(svc, req, actor).await
 }
 
 /// [`handle_admin`] over any body type (tests use `Full<Bytes>`).
-pub async fn handle_admin_request<B>(svc: &AclService, req: Request<B>) -> Option<AdminResponse>
+pub async fn handle_admin_request<B>(
+    svc: &AclService,
+    req: Request<B>,
+    actor: &str,
+) -> Option<AdminResponse>
 where
     B: Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -90,7 +99,7 @@ where
             Err(response) => response,
             Ok(body) => match serde_json::from_slice::<RuleSpec>(&body) {
                 Err(e) => error(StatusCode::BAD_REQUEST, format!("rule JSON: {e}")),
-                Ok(spec) => match blocking(|| svc.add(spec, ACTOR)) {
+                Ok(spec) => match blocking(|| svc.add(spec, actor)) {
                     Ok(rule) => json(
                         StatusCode::CREATED,
                         &RuleChanged {
@@ -111,7 +120,7 @@ where
                     Err(_) => error(StatusCode::BAD_REQUEST, format!("{file}: not UTF-8")),
                     Ok(text) => match parse_acl_file(Path::new(&file), text) {
                         Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
-                        Ok(policy) => match blocking(|| svc.apply(policy, ACTOR, dry_run)) {
+                        Ok(policy) => match blocking(|| svc.apply(policy, actor, dry_run)) {
                             Ok(diff) => json(StatusCode::OK, &diff),
                             Err(e) => acl_error(&e),
                         },
@@ -166,7 +175,7 @@ where
         ),
         (other, &Method::DELETE) if other.starts_with("rules/") => {
             let id = percent_decode(&other["rules/".len()..]);
-            match blocking(|| svc.remove(&id, ACTOR)) {
+            match blocking(|| svc.remove(&id, actor)) {
                 Ok(rule) => json(
                     StatusCode::OK,
                     &RuleChanged {
@@ -357,7 +366,7 @@ mod tests {
             .uri(uri)
             .body(Full::new(Bytes::from(body.to_string())))
             .ok()?;
-        let response = handle_admin_request(svc, req).await?;
+        let response = handle_admin_request(svc, req, "uid:1000(alice)").await?;
         let status = response.status();
         let bytes = response.into_body().collect().await.ok()?.to_bytes();
         Some((status, serde_json::from_slice(&bytes).ok()?))
@@ -502,6 +511,11 @@ mod tests {
             .map(|e| e["op"].as_str())
             .collect();
         assert_eq!(ops, vec![Some("remove"), Some("apply")]);
+        let entries = body["entries"].as_array().cloned().unwrap_or_default();
+        assert!(
+            entries.iter().all(|e| e["actor"] == "uid:1000(alice)"),
+            "{body}"
+        );
 
         let (status, _) = call(svc, Method::PUT, "/v1/acl/rules", "")
             .await

@@ -1,41 +1,37 @@
 //! `hybridge acl …`: clap arguments and human output, either straight on the redb file
-//! (`--db`) or through a running node's admin API (`--admin`). No policy logic of its own.
+//! (`--db`) or through a running node's admin API (`--admin`, by default the admin socket).
+//! No policy logic and no HTTP of its own (`admin::client` speaks to the node).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use bytes::Bytes;
 use clap::{Args, Subcommand};
-use http::{Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use serde::de::DeserializeOwned;
+use http::Method;
 
-use super::api::{AuditLog, ErrorBody, RuleChanged, RuleList, percent_encode};
+use super::api::{AuditLog, RuleChanged, RuleList, percent_encode};
 use super::file::parse_acl_file;
 use super::model::{Action, ExportDeclaration, Rule, RuleSpec};
 use super::service::AclService;
 use super::snapshot::{Explanation, Reason};
-use super::store::ApplyDiff;
+use super::store::{ApplyDiff, AuditEntry};
+use crate::admin::client::{AdminArgs, AdminClient, JSON, TOML};
 use crate::http::path::decision_path;
 
-/// The admin API address used when neither `--db` nor `--admin` is given.
-pub const DEFAULT_ADMIN: &str = "http://127.0.0.1:7180";
-/// Actor recorded for changes made with `--db`.
-pub const CLI_ACTOR: &str = "cli";
+/// Ids `acl log` prints per kind of change of an apply (the entry keeps more; `--json`).
+const LOG_IDS_SHOWN: usize = 10;
 
-/// Where `hybridge acl` acts: a node's admin API (default) or the redb file directly.
+/// Where `hybridge acl` acts: a node's admin API (default: its admin socket) or the redb
+/// file directly.
 #[derive(Debug, Clone, Args)]
 pub struct AclTarget {
     /// Operate directly on this redb file (the daemon using it must be stopped).
     #[arg(long, value_name = "PATH", conflicts_with = "admin", global = true)]
     pub db: Option<PathBuf>,
-    /// Base URL of the node's admin API.
-    #[arg(long, value_name = "URL", default_value = DEFAULT_ADMIN, global = true)]
-    pub admin: String,
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 /// `hybridge acl` subcommands.
@@ -103,6 +99,9 @@ pub enum AclCommand {
     Log {
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        /// Print JSON (every id an apply entry kept) instead of lines.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -120,7 +119,7 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Stri
             AclService::open(path)
                 .with_context(|| format!("opening acl database {}", path.display()))?,
         ),
-        None => Backend::Remote(Box::new(AdminClient::new(&target.admin))),
+        None => Backend::Remote(Box::new(target.admin.client()?)),
     };
     let mut out = String::new();
     match cmd {
@@ -211,19 +210,14 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Stri
                 )?;
             }
         }
-        AclCommand::Log { limit } => {
+        AclCommand::Log { limit, json } => {
             let log = backend.log(limit).await?;
-            for e in &log.entries {
-                writeln!(
-                    out,
-                    "{:>5}  {}  v{}  {:<6} {:<24} by {}",
-                    e.seq,
-                    e.time,
-                    e.version,
-                    e.op.as_str(),
-                    e.rule_id,
-                    e.actor
-                )?;
+            if json {
+                out = serde_json::to_string_pretty(&log)? + "\n";
+            } else {
+                for entry in &log.entries {
+                    print_audit_entry(&mut out, entry)?;
+                }
             }
         }
     }
@@ -250,15 +244,17 @@ impl Backend {
     async fn add(&self, spec: RuleSpec) -> anyhow::Result<RuleChanged> {
         match self {
             Backend::Local(svc) => {
-                let rule = svc.add(spec, CLI_ACTOR)?;
+                let rule = svc.add(spec, &process_actor())?;
                 Ok(RuleChanged {
                     version: svc.version(),
                     rule,
                 })
             }
             Backend::Remote(client) => {
-                let body = serde_json::to_vec(&spec)?;
-                client.call(Method::POST, "/v1/acl/rules", Some(body)).await
+                let body = Bytes::from(serde_json::to_vec(&spec)?);
+                client
+                    .call(Method::POST, "/v1/acl/rules", Some((JSON, body)))
+                    .await
             }
         }
     }
@@ -266,7 +262,7 @@ impl Backend {
     async fn remove(&self, id: &str) -> anyhow::Result<RuleChanged> {
         match self {
             Backend::Local(svc) => {
-                let rule = svc.remove(id, CLI_ACTOR)?;
+                let rule = svc.remove(id, &process_actor())?;
                 Ok(RuleChanged {
                     version: svc.version(),
                     rule,
@@ -283,16 +279,15 @@ impl Backend {
         match self {
             Backend::Local(svc) => {
                 let specs = parse_acl_file(file, text)?;
-                Ok(svc.apply(specs, CLI_ACTOR, dry_run)?)
+                Ok(svc.apply(specs, &process_actor(), dry_run)?)
             }
             Backend::Remote(client) => {
                 let path = format!(
                     "/v1/acl/apply?dry_run={dry_run}&file={}",
                     percent_encode(&file.display().to_string())
                 );
-                client
-                    .call(Method::POST, &path, Some(text.as_bytes().to_vec()))
-                    .await
+                let body = Bytes::copy_from_slice(text.as_bytes());
+                client.call(Method::POST, &path, Some((TOML, body))).await
             }
         }
     }
@@ -341,55 +336,60 @@ impl Backend {
     }
 }
 
-/// A small HTTP/1 JSON client for the admin API.
-struct AdminClient {
-    base: String,
-    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+/// The actor `--db` changes are recorded under.
+fn process_actor() -> String {
+    crate::admin::unix::process_actor()
 }
 
-impl AdminClient {
-    fn new(base: &str) -> AdminClient {
-        AdminClient {
-            base: base.trim_end_matches('/').to_string(),
-            client: Client::builder(TokioExecutor::new()).build_http(),
-        }
-    }
-
-    async fn call<T: DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> anyhow::Result<T> {
-        let url = format!("{}{path}", self.base);
-        let mut builder = Request::builder().method(method).uri(&url);
-        if body.is_some() {
-            builder = builder.header(header::CONTENT_TYPE, "application/json");
-        }
-        let request = builder
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .with_context(|| format!("building request to {url}"))?;
-        let response = self.client.request(request).await.with_context(|| {
+/// One audit entry: a line, and for an apply a line per kind of change naming its first ids.
+fn print_audit_entry(out: &mut String, e: &AuditEntry) -> std::fmt::Result {
+    let what = match &e.summary {
+        Some(s) => format!("+{} ~{} -{}", s.added, s.changed, s.removed),
+        None => e.rule_id.clone(),
+    };
+    let exports = e
+        .summary
+        .as_ref()
+        .filter(|s| s.exports_added + s.exports_changed + s.exports_removed > 0)
+        .map(|s| {
             format!(
-                "talking to the hybridge admin API at {} (is the daemon running? use --db PATH to work on the database file directly)",
-                self.base
+                ", exports +{} ~{} -{} ({})",
+                s.exports_added,
+                s.exports_changed,
+                s.exports_removed,
+                s.export_services.join(", ")
             )
-        })?;
-        let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .with_context(|| format!("reading response from {url}"))?
-            .to_bytes();
-        if status != StatusCode::OK && status != StatusCode::CREATED {
-            let message = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            bail!("{message} (admin API answered {status})");
+        })
+        .unwrap_or_default();
+    writeln!(
+        out,
+        "{:>5}  {}  v{}  {:<6} {:<24} by {}{exports}",
+        e.seq,
+        e.time,
+        e.version,
+        e.op.as_str(),
+        what,
+        e.actor
+    )?;
+    if let Some(s) = &e.summary {
+        for (sign, count, ids) in [
+            ('+', s.added, &s.added_ids),
+            ('~', s.changed, &s.changed_ids),
+            ('-', s.removed, &s.removed_ids),
+        ] {
+            if count == 0 {
+                continue;
+            }
+            let shown: Vec<&str> = ids.iter().take(LOG_IDS_SHOWN).map(String::as_str).collect();
+            let more = count.saturating_sub(shown.len());
+            write!(out, "       {sign} {}", shown.join(", "))?;
+            if more > 0 {
+                write!(out, " … and {more} more")?;
+            }
+            writeln!(out)?;
         }
-        serde_json::from_slice(&bytes).with_context(|| format!("decoding response from {url}"))
     }
+    Ok(())
 }
 
 /// One line per rule: `id: allow web -> billing GET,POST /api "description"`.
@@ -685,7 +685,7 @@ action = "deny"
         let db = db.to_string_lossy().to_string();
         let outputs = script(&["--db", &db], &policy).await?;
         check_outputs(&outputs, &policy);
-        assert!(outputs[8].contains("by cli"));
+        assert!(outputs[8].contains("by cli:uid:"), "{}", outputs[8]);
 
         // A path a listener would refuse is an error saying why.
         let cli = parse(&[
@@ -733,13 +733,13 @@ action = "deny"
 
     // Multi-threaded so the routes' redb calls go through `block_in_place`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn admin_target_talks_to_the_routes() -> anyhow::Result<()> {
+    async fn admin_target_talks_to_the_routes_over_a_socket() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let policy = dir.path().join("acl.toml");
         std::fs::write(&policy, POLICY)?;
         let svc = AclService::open(&dir.path().join("hybridge.redb"))?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let base = format!("http://{}", listener.local_addr()?);
+        let socket = dir.path().join("admin.sock");
+        let listener = tokio::net::UnixListener::bind(&socket)?;
         let server_svc = svc.clone();
         let server = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -748,11 +748,13 @@ action = "deny"
                     let service = service_fn(move |req| {
                         let svc = svc.clone();
                         async move {
-                            let response = crate::acl::handle_admin(&svc, req)
+                            let response = crate::acl::handle_admin(&svc, req, "uid:1000(alice)")
                                 .await
                                 .unwrap_or_else(|| {
-                                    let mut r = http::Response::new(Full::new(Bytes::new()));
-                                    *r.status_mut() = StatusCode::NOT_FOUND;
+                                    let mut r = http::Response::new(http_body_util::Full::new(
+                                        Bytes::new(),
+                                    ));
+                                    *r.status_mut() = http::StatusCode::NOT_FOUND;
                                     r
                                 });
                             Ok::<_, std::convert::Infallible>(response)
@@ -764,29 +766,77 @@ action = "deny"
                 });
             }
         });
-        let outputs = script(&["--admin", &base], &policy).await;
+        let admin = format!("unix:{}", socket.display());
+        let outputs = script(&["--admin", &admin], &policy).await;
         server.abort();
         let outputs = outputs?;
         check_outputs(&outputs, &policy);
-        assert!(outputs[8].contains("by admin-api"));
+        assert!(outputs[8].contains("by uid:1000(alice)"), "{}", outputs[8]);
         assert_eq!(svc.version(), 3);
 
-        // Nothing listening: the message says what to do.
-        let cli = parse(&["--admin", "http://127.0.0.1:1", "ls"])?;
+        // Nothing there: the message says where it looked and what to do.
+        let missing = dir.path().join("absent.sock");
+        let cli = parse(&["--admin", &format!("unix:{}", missing.display()), "ls"])?;
         let err = execute(&cli.target, cli.cmd)
             .await
             .err()
-            .map(|e| e.to_string());
-        assert!(err.is_some_and(|e| e.contains("use --db PATH")));
+            .map(|e| format!("{e:#}"));
+        assert!(
+            err.as_ref().is_some_and(|e| e.contains(&format!(
+                "no admin socket at {}: is the node running",
+                missing.display()
+            ))),
+            "{err:?}"
+        );
         Ok(())
+    }
+
+    #[test]
+    fn apply_entries_print_counts_and_the_first_ids() {
+        let entry = AuditEntry {
+            seq: 7,
+            time: "2025-01-01T00:00:00Z".into(),
+            actor: "uid:0(root)".into(),
+            op: crate::acl::AuditOp::Apply,
+            rule_id: String::new(),
+            old: None,
+            new: None,
+            version: 4,
+            summary: Some(crate::acl::ApplySummary {
+                added: 12,
+                changed: 1,
+                removed: 0,
+                added_ids: (0..12).map(|i| format!("r{i:02}")).collect(),
+                changed_ids: vec!["x".into()],
+                removed_ids: vec![],
+                exports_changed: 1,
+                export_services: vec!["billing".into()],
+                ..crate::acl::ApplySummary::default()
+            }),
+        };
+        let mut out = String::new();
+        print_audit_entry(&mut out, &entry).unwrap();
+        assert_eq!(
+            out,
+            "    7  2025-01-01T00:00:00Z  v4  apply  +12 ~1 -0                by uid:0(root), exports +0 ~1 -0 (billing)\n       + r00, r01, r02, r03, r04, r05, r06, r07, r08, r09 … and 2 more\n       ~ x\n"
+        );
     }
 
     #[test]
     fn add_requires_an_action() {
         assert!(parse(&["add", "--from", "a", "--to", "b"]).is_err());
         assert!(parse(&["add", "--from", "a", "--to", "b", "--allow", "--deny"]).is_err());
-        assert!(parse(&["--db", "x", "--admin", "http://h", "ls"]).is_err());
+        assert!(parse(&["--db", "x", "--admin", "http://h:1", "ls"]).is_err());
         let cli = parse(&["ls"]);
-        assert!(cli.is_ok_and(|c| c.target.admin == DEFAULT_ADMIN && c.target.db.is_none()));
+        assert!(cli.is_ok_and(|c| { c.target.admin.admin.is_none() && c.target.db.is_none() }));
+        let err = parse(&["ls", "--admin", "localhost:7180"])
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.as_ref().is_some_and(|e| e.contains(
+                "invalid value 'localhost:7180' for '--admin <ADDRESS>': invalid admin address `localhost:7180`: expected unix:/PATH, http://HOST:PORT or https://HOST:PORT"
+            )),
+            "{err:?}"
+        );
     }
 }

@@ -58,5 +58,6 @@ pub use model::{Action, ExportDeclaration, PolicySpec, Rule, RuleSpec};
 pub use service::AclService;
 pub use snapshot::{AclSnapshot, Decision, Explanation, Field, Reason, RuleVerdict};
 pub use store::{
-    AclStore, ApplyDiff, AuditEntry, AuditOp, ExportChange, ExportsDiff, RuleChange, StoredPolicy,
+    AclStore, ApplyDiff, ApplySummary, AuditEntry, AuditOp, ExportChange, ExportsDiff, RuleChange,
+    StoredPolicy,
 };

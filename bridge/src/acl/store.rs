@@ -1,7 +1,7 @@
 //! Durable ACL state in redb: the rules table, the policy version counter and the append-only
 //! audit log. Every change is one write transaction. It never decides requests (see snapshot).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -23,8 +23,13 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("acl_meta");
 const AUDIT: TableDefinition<u64, &str> = TableDefinition::new("acl_audit");
 const VERSION_KEY: &str = "version";
 
-/// The kind of change an audit entry records. `apply` writes `apply` for rules it adds or
-/// removes and `update` for rules whose content it changes.
+/// Rule ids an `apply` audit entry lists per kind of change (added, changed, removed); the
+/// counts are always complete. Keeps one entry bounded whatever the size of the policy.
+pub const AUDIT_IDS_PER_KIND: usize = 100;
+
+/// The kind of change an audit entry records: `add` and `remove` one rule each; `apply` one
+/// whole declarative apply, with an [`ApplySummary`] (databases written before that also hold
+/// one `apply` or `update` entry per rule).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuditOp {
@@ -45,19 +50,83 @@ impl AuditOp {
     }
 }
 
-/// One audit log entry. All entries of one transaction share `version`.
+/// One audit log entry: one per committed change, so one per policy version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
     pub seq: u64,
     /// RFC 3339, UTC.
     pub time: String,
+    /// Who made the change: `uid:1000(alice)` (admin socket), `spiffe://TD/admin/alice`
+    /// (remote admin listener), `cli:uid:0(root)` (`--db`).
     pub actor: String,
     pub op: AuditOp,
+    /// The rule of an `add` or `remove`; empty for an `apply` (see `summary`).
     pub rule_id: String,
     pub old: Option<Rule>,
     pub new: Option<Rule>,
     /// The policy version this change produced.
     pub version: u64,
+    /// What an `apply` changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<ApplySummary>,
+}
+
+/// The diff of one `apply`, as its audit entry keeps it: complete counts, and the ids of the
+/// first [`AUDIT_IDS_PER_KIND`] rules of each kind (sorted); likewise for export declarations,
+/// named by service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplySummary {
+    pub added: usize,
+    pub changed: usize,
+    pub removed: usize,
+    pub added_ids: Vec<String>,
+    pub changed_ids: Vec<String>,
+    pub removed_ids: Vec<String>,
+    /// Export declarations added, changed and removed.
+    #[serde(default)]
+    pub exports_added: usize,
+    #[serde(default)]
+    pub exports_changed: usize,
+    #[serde(default)]
+    pub exports_removed: usize,
+    /// The services of those declarations (first [`AUDIT_IDS_PER_KIND`], sorted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub export_services: Vec<String>,
+}
+
+impl ApplySummary {
+    fn of(diff: &ApplyDiff) -> ApplySummary {
+        let first = |ids: &mut dyn Iterator<Item = &String>| {
+            let mut ids: Vec<String> = ids.take(AUDIT_IDS_PER_KIND).cloned().collect();
+            ids.sort();
+            ids
+        };
+        // `added` is sorted by id, `removed` comes from a BTreeMap: the first ids are the
+        // smallest. `changed` follows the file; sort all of it before cutting.
+        let mut changed: Vec<&String> = diff.changed.iter().map(|c| &c.new.id).collect();
+        changed.sort();
+        let exports = &diff.exports;
+        let mut services: Vec<&String> = exports
+            .added
+            .iter()
+            .chain(&exports.removed)
+            .map(|d| &d.service)
+            .chain(exports.changed.iter().map(|c| &c.new.service))
+            .collect();
+        services.sort();
+        ApplySummary {
+            added: diff.added.len(),
+            changed: diff.changed.len(),
+            removed: diff.removed.len(),
+            added_ids: first(&mut diff.added.iter().map(|r| &r.id)),
+            changed_ids: first(&mut changed.into_iter()),
+            removed_ids: first(&mut diff.removed.iter().map(|r| &r.id)),
+            exports_added: exports.added.len(),
+            exports_changed: exports.changed.len(),
+            exports_removed: exports.removed.len(),
+            export_services: first(&mut services.into_iter()),
+        }
+    }
 }
 
 /// A rule whose content `apply` changed.
@@ -210,11 +279,14 @@ impl AclStore {
             let version = bump_version(&txn)?;
             append_audit(
                 &txn,
-                actor,
-                AuditOp::Add,
-                &rule.id,
-                None,
-                Some(&rule),
+                AuditRecord {
+                    actor,
+                    op: AuditOp::Add,
+                    rule_id: &rule.id,
+                    old: None,
+                    new: Some(&rule),
+                    summary: None,
+                },
                 version,
             )?;
             (rule, version)
@@ -233,7 +305,18 @@ impl AclStore {
                 None => return Err(AclError::NotFound(id.to_string())),
             };
             let version = bump_version(&txn)?;
-            append_audit(&txn, actor, AuditOp::Remove, id, Some(&old), None, version)?;
+            append_audit(
+                &txn,
+                AuditRecord {
+                    actor,
+                    op: AuditOp::Remove,
+                    rule_id: id,
+                    old: Some(&old),
+                    new: None,
+                    summary: None,
+                },
+                version,
+            )?;
             (old, version)
         };
         txn.commit()?;
@@ -241,8 +324,9 @@ impl AclStore {
     }
 
     /// Makes the rules and export declarations equal `desired` and `desired_exports` (ids
-    /// resolved and unique, one declaration per service) in one transaction. Nothing is
-    /// written when the diff is empty or `dry_run` is set.
+    /// resolved and unique, one declaration per service) in one transaction, with one audit
+    /// entry summarising the diff. Nothing is written when the diff is empty or `dry_run` is
+    /// set. O(n log n) in the number of rules.
     pub fn apply(
         &self,
         desired: Vec<Rule>,
@@ -312,27 +396,9 @@ impl AclStore {
             let version = bump_version(&txn)?;
             for rule in &diff.added {
                 rules.insert(rule.id.as_str(), to_json(rule)?.as_str())?;
-                append_audit(
-                    &txn,
-                    actor,
-                    AuditOp::Apply,
-                    &rule.id,
-                    None,
-                    Some(rule),
-                    version,
-                )?;
             }
             for change in &diff.changed {
                 rules.insert(change.new.id.as_str(), to_json(&change.new)?.as_str())?;
-                append_audit(
-                    &txn,
-                    actor,
-                    AuditOp::Update,
-                    &change.new.id,
-                    Some(&change.old),
-                    Some(&change.new),
-                    version,
-                )?;
             }
             for declaration in &diff.exports.added {
                 exports.insert(declaration.service.as_str(), to_json(declaration)?.as_str())?;
@@ -345,16 +411,19 @@ impl AclStore {
             }
             for rule in &diff.removed {
                 rules.remove(rule.id.as_str())?;
-                append_audit(
-                    &txn,
-                    actor,
-                    AuditOp::Apply,
-                    &rule.id,
-                    Some(rule),
-                    None,
-                    version,
-                )?;
             }
+            append_audit(
+                &txn,
+                AuditRecord {
+                    actor,
+                    op: AuditOp::Apply,
+                    rule_id: "",
+                    old: None,
+                    new: None,
+                    summary: Some(ApplySummary::of(&diff)),
+                },
+                version,
+            )?;
             diff.version_after = version;
             diff
         };
@@ -390,14 +459,28 @@ pub fn resolve_ids(specs: Vec<RuleSpec>) -> Result<Vec<Rule>, AclError> {
             return Err(AclError::DuplicateId(id.clone()));
         }
     }
+    // Next suffix to try per slug base: a policy of many rules between the same two services
+    // would otherwise probe base, base-2, … from the start for each (quadratic). Every
+    // candidate below the counter is taken (it was then, and ids are never freed here).
+    let mut next_suffix: HashMap<String, u64> = HashMap::new();
     let mut out = Vec::with_capacity(specs.len());
     for spec in specs {
         let id = match &spec.id {
             Some(id) => id.clone(),
             None => {
-                let id = first_free_id(&slug_base(&spec.source, &spec.destination), |id| {
-                    taken.contains(id)
-                });
+                let base = slug_base(&spec.source, &spec.destination);
+                let suffix = next_suffix.entry(base.clone()).or_insert(1);
+                let id = loop {
+                    let candidate = if *suffix == 1 {
+                        base.clone()
+                    } else {
+                        format!("{base}-{suffix}")
+                    };
+                    *suffix += 1;
+                    if !taken.contains(&candidate) {
+                        break candidate;
+                    }
+                };
                 taken.insert(id.clone());
                 id
             }
@@ -456,13 +539,19 @@ fn bump_version(txn: &redb::WriteTransaction) -> Result<u64, AclError> {
     Ok(next)
 }
 
+/// What one audit entry says, before it gets its sequence number and time.
+struct AuditRecord<'a> {
+    actor: &'a str,
+    op: AuditOp,
+    rule_id: &'a str,
+    old: Option<&'a Rule>,
+    new: Option<&'a Rule>,
+    summary: Option<ApplySummary>,
+}
+
 fn append_audit(
     txn: &redb::WriteTransaction,
-    actor: &str,
-    op: AuditOp,
-    rule_id: &str,
-    old: Option<&Rule>,
-    new: Option<&Rule>,
+    record: AuditRecord<'_>,
     version: u64,
 ) -> Result<(), AclError> {
     let mut audit = txn.open_table(AUDIT)?;
@@ -472,12 +561,13 @@ fn append_audit(
         time: OffsetDateTime::now_utc()
             .format(&Rfc3339)
             .unwrap_or_else(|_| "unknown".into()),
-        actor: actor.to_string(),
-        op,
-        rule_id: rule_id.to_string(),
-        old: old.cloned(),
-        new: new.cloned(),
+        actor: record.actor.to_string(),
+        op: record.op,
+        rule_id: record.rule_id.to_string(),
+        old: record.old.cloned(),
+        new: record.new.cloned(),
         version,
+        summary: record.summary,
     };
     audit.insert(seq, to_json(&entry)?.as_str())?;
     Ok(())
@@ -724,22 +814,37 @@ mod tests {
         assert_eq!(
             summary,
             vec![
-                (6, AuditOp::Apply, "no-admin", 5, "ci"),
-                (5, AuditOp::Update, "web-to-billing", 4, "ci"),
-                (4, AuditOp::Apply, "no-admin", 4, "ci"),
+                (5, AuditOp::Apply, "", 5, "ci"),
+                (4, AuditOp::Apply, "", 4, "ci"),
                 (3, AuditOp::Remove, "web-to-billing-2", 3, "bob"),
                 (2, AuditOp::Add, "web-to-billing-2", 2, "alice"),
                 (1, AuditOp::Add, "web-to-billing", 1, "alice"),
             ]
         );
         assert_eq!(
-            (log[1].old.as_ref(), log[1].new.as_ref()),
-            (Some(&rule), Some(&changed))
+            log[1].summary,
+            Some(ApplySummary {
+                added: 1,
+                changed: 1,
+                removed: 0,
+                added_ids: vec!["no-admin".into()],
+                changed_ids: vec!["web-to-billing".into()],
+                removed_ids: vec![],
+                ..ApplySummary::default()
+            })
         );
         assert_eq!(
-            (log[3].old.as_ref(), log[3].new.as_ref()),
+            log[0]
+                .summary
+                .as_ref()
+                .map(|s| (s.removed, s.removed_ids.clone())),
+            Some((1, vec!["no-admin".to_string()]))
+        );
+        assert_eq!(
+            (log[2].old.as_ref(), log[2].new.as_ref()),
             (Some(&rule2), None)
         );
+        assert_eq!(log[2].summary, None);
         assert!(time::OffsetDateTime::parse(&log[0].time, &Rfc3339).is_ok());
         assert_eq!(store.audit(2)?.len(), 2);
         drop(store);
@@ -748,7 +853,85 @@ mod tests {
         let store = AclStore::open(&path)?;
         assert_eq!(version(&store), 5);
         assert_eq!(store.load()?.rules, vec![changed]);
-        assert_eq!(store.audit(100)?.len(), 6);
+        assert_eq!(store.audit(100)?.len(), 5);
+        Ok(())
+    }
+
+    #[test]
+    fn a_large_apply_is_one_bounded_audit_entry() -> Result<(), AclError> {
+        let dir = tempfile::tempdir().map_err(redb::StorageError::from)?;
+        let store = AclStore::open(&dir.path().join("hybridge.redb"))?;
+        let policy = |n: usize, action: Action| {
+            (0..n)
+                .map(|i| {
+                    spec(
+                        Some(&format!("r{i:05}")),
+                        &format!("svc-{i}"),
+                        "billing",
+                        action,
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let diff = store.apply(
+            resolve_ids(policy(10_000, Action::Allow))?,
+            Vec::new(),
+            "uid:0(root)",
+            false,
+        )?;
+        assert_eq!((diff.added.len(), diff.version_after), (10_000, 1));
+        // Half changed, half removed, 300 added.
+        let mut next = policy(5_000, Action::Deny);
+        next.extend((0..300).map(|i| spec(Some(&format!("new{i:03}")), "web", "x", Action::Allow)));
+        store.apply(
+            resolve_ids(next)?,
+            Vec::new(),
+            "spiffe://td/admin/alice",
+            false,
+        )?;
+        let log = store.audit(10)?;
+        assert_eq!(log.len(), 2);
+        let summary = log[0].summary.clone().unwrap_or_default();
+        assert_eq!(
+            (summary.added, summary.changed, summary.removed),
+            (300, 5_000, 5_000)
+        );
+        assert_eq!(log[0].actor, "spiffe://td/admin/alice");
+        for ids in [
+            &summary.added_ids,
+            &summary.changed_ids,
+            &summary.removed_ids,
+        ] {
+            assert_eq!(ids.len(), AUDIT_IDS_PER_KIND);
+            assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        }
+        assert_eq!(summary.changed_ids[0], "r00000");
+        assert_eq!(summary.removed_ids[0], "r05000");
+        assert_eq!(summary.added_ids[0], "new000");
+        let encoded = serde_json::to_string(&log[0]).unwrap_or_default();
+        assert!(encoded.len() < 16 * 1024, "{} bytes", encoded.len());
+        Ok(())
+    }
+
+    #[test]
+    fn generated_ids_skip_explicit_ones_without_rescanning() -> Result<(), AclError> {
+        let mut specs = vec![spec(Some("a-to-b-3"), "x", "y", Action::Allow)];
+        specs.extend((0..4).map(|_| spec(None, "a", "b", Action::Allow)));
+        specs.push(spec(None, "*", "b", Action::Deny));
+        let ids: Vec<String> = resolve_ids(specs)?.into_iter().map(|r| r.id).collect();
+        assert_eq!(
+            ids,
+            [
+                "a-to-b-3", "a-to-b", "a-to-b-2", "a-to-b-4", "a-to-b-5", "any-to-b"
+            ]
+        );
+        // Many rules between one pair of services: linear, ids in order.
+        let many = resolve_ids(
+            (0..20_000)
+                .map(|_| spec(None, "a", "b", Action::Allow))
+                .collect(),
+        )?;
+        assert_eq!(many[19_999].id, "a-to-b-20000");
         Ok(())
     }
 }

@@ -1,67 +1,399 @@
-//! A minimal client for a node's admin API, used by `hybridge status` (and tests):
-//! one HTTP/1.1 request over a fresh loopback connection, plus the status table rendering.
+//! The one client of a node's admin API, for `hybridge status`, `hybridge acl` and tests:
+//! `unix:/PATH` (the admin socket), `http://HOST:PORT` (the read-only listener) or
+//! `https://HOST:PORT` with an administrator certificate (the remote listener). One HTTP/1.1
+//! request per connection; plus the status table rendering.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
+use clap::Args;
+use http::{HeaderMap, Method, StatusCode, header};
 use http_body_util::{BodyExt, Full};
+use hybridge_ca::SpiffeId;
+use hybridge_ca::tls::{PeerExpectation, TlsMaterial};
 use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
 
-/// Splits `http://host:port` into `host:port`.
-pub fn authority_of(admin: &str) -> anyhow::Result<String> {
-    let rest = admin.strip_prefix("http://").with_context(|| {
-        format!(
-            "admin URL `{admin}` must start with http:// (the admin API is plain HTTP on loopback)"
-        )
-    })?;
-    let authority = rest.trim_end_matches('/');
-    if authority.is_empty() || authority.contains('/') {
-        bail!("admin URL `{admin}` must be http://HOST:PORT");
-    }
-    Ok(authority.to_owned())
+use crate::config::DEFAULT_ADMIN_SOCKET;
+
+/// Content type of the policy file `acl apply` sends.
+pub const TOML: &str = "application/toml";
+/// Content type of every other write.
+pub const JSON: &str = "application/json";
+
+/// Where a node's admin API is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminEndpoint {
+    /// The admin socket: the whole API, for root and the socket's group.
+    Unix(PathBuf),
+    /// The read-only TCP listener (`admin.listen`): status, metrics, health.
+    Http { authority: String },
+    /// The remote mTLS listener (`[admin.remote]`), with an administrator certificate.
+    Https { authority: String },
 }
 
-/// Sends one request and returns the status and body.
-pub async fn request(
-    admin: &str,
-    method: http::Method,
-    path: &str,
-    body: Bytes,
-) -> anyhow::Result<(http::StatusCode, Bytes)> {
-    let authority = authority_of(admin)?;
-    let stream = tokio::net::TcpStream::connect(&authority)
-        .await
-        .with_context(|| {
-            format!("connecting to the admin API at {admin} (is the node running?)")
-        })?;
+/// A malformed `--admin` value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid admin address `{0}`: expected unix:/PATH, http://HOST:PORT or https://HOST:PORT")]
+pub struct InvalidEndpoint(pub String);
+
+impl FromStr for AdminEndpoint {
+    type Err = InvalidEndpoint;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let invalid = || InvalidEndpoint(text.to_string());
+        if let Some(path) = text.strip_prefix("unix:") {
+            let path = PathBuf::from(path);
+            if !path.is_absolute() || path.file_name().is_none() {
+                return Err(invalid());
+            }
+            return Ok(AdminEndpoint::Unix(path));
+        }
+        let (https, rest) = match (text.strip_prefix("http://"), text.strip_prefix("https://")) {
+            (Some(rest), _) => (false, rest),
+            (_, Some(rest)) => (true, rest),
+            _ => return Err(invalid()),
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        let valid = authority.parse::<http::uri::Authority>().is_ok_and(|a| {
+            a.port_u16().is_some() && !a.host().is_empty() && !a.as_str().contains('@')
+        });
+        if !valid {
+            return Err(invalid());
+        }
+        let authority = authority.to_string();
+        Ok(if https {
+            AdminEndpoint::Https { authority }
+        } else {
+            AdminEndpoint::Http { authority }
+        })
+    }
+}
+
+impl fmt::Display for AdminEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminEndpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+            AdminEndpoint::Http { authority } => write!(f, "http://{authority}"),
+            AdminEndpoint::Https { authority } => write!(f, "https://{authority}"),
+        }
+    }
+}
+
+impl Default for AdminEndpoint {
+    fn default() -> Self {
+        AdminEndpoint::Unix(PathBuf::from(DEFAULT_ADMIN_SOCKET))
+    }
+}
+
+/// `--admin` and the administrator certificate, shared by `hybridge status` and `hybridge acl`.
+#[derive(Clone, Debug, Default, Args)]
+pub struct AdminArgs {
+    /// The node's admin API: unix:/PATH (the admin socket), http://HOST:PORT (the read-only
+    /// listener: status only) or https://HOST:PORT (the remote listener, with --cert, --key
+    /// and --ca). Default: $HYBRIDGE_ADMIN, else unix:/run/hybridge/admin.sock.
+    #[arg(long, value_name = "ADDRESS", global = true)]
+    pub admin: Option<AdminEndpoint>,
+    /// Administrator certificate chain for https:// (`hybridge-ca issue admin`).
+    #[arg(long, value_name = "PEM", env = "HYBRIDGE_ADMIN_CERT", global = true)]
+    pub cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, value_name = "PEM", env = "HYBRIDGE_ADMIN_KEY", global = true)]
+    pub key: Option<PathBuf>,
+    /// The hybridge CA bundle the node's certificate must chain to.
+    #[arg(long, value_name = "PEM", env = "HYBRIDGE_ADMIN_CA", global = true)]
+    pub ca: Option<PathBuf>,
+}
+
+/// Names the admin endpoint when `--admin` is not given. Read by hand rather than by clap so
+/// that a value in the environment does not conflict with `hybridge acl --db`.
+pub const ADMIN_ENV: &str = "HYBRIDGE_ADMIN";
+
+impl AdminArgs {
+    /// `--admin`, else `$HYBRIDGE_ADMIN`, else the default admin socket.
+    pub fn endpoint(&self) -> anyhow::Result<AdminEndpoint> {
+        if let Some(endpoint) = &self.admin {
+            return Ok(endpoint.clone());
+        }
+        match std::env::var(ADMIN_ENV) {
+            Ok(value) if !value.is_empty() => value
+                .parse()
+                .with_context(|| format!("environment variable {ADMIN_ENV}")),
+            Ok(_) | Err(std::env::VarError::NotPresent) => Ok(AdminEndpoint::default()),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                bail!("environment variable {ADMIN_ENV} is not UTF-8")
+            }
+        }
+    }
+
+    /// A client for the chosen endpoint; https:// loads the certificate now, so a missing or
+    /// mismatched file is reported before anything is sent.
+    pub fn client(&self) -> anyhow::Result<AdminClient> {
+        let endpoint = self.endpoint()?;
+        let tls = match &endpoint {
+            AdminEndpoint::Https { .. } => {
+                let (Some(cert), Some(key), Some(ca)) = (&self.cert, &self.key, &self.ca) else {
+                    bail!(
+                        "--admin {endpoint} needs --cert, --key and --ca: an administrator certificate (`hybridge-ca issue admin`) and the CA bundle"
+                    );
+                };
+                Some(ClientTls::load(cert, key, ca)?)
+            }
+            AdminEndpoint::Unix(_) | AdminEndpoint::Http { .. } => None,
+        };
+        Ok(AdminClient { endpoint, tls })
+    }
+}
+
+/// The administrator certificate a https:// client presents.
+#[derive(Clone)]
+struct ClientTls {
+    config: Arc<rustls::ClientConfig>,
+    identity: SpiffeId,
+}
+
+impl ClientTls {
+    fn load(cert: &Path, key: &Path, ca: &Path) -> anyhow::Result<ClientTls> {
+        let material = TlsMaterial::load(ca, cert, key, None)?;
+        // The server must be a node of our trust domain; any site (names are not checked).
+        let expect = PeerExpectation::NodeOfSites {
+            trust_domain: material.own_id.trust_domain().to_string(),
+            sites: Vec::new(),
+        };
+        let config = hybridge_ca::tls::client_config(&material, expect, &[b"http/1.1"])?;
+        Ok(ClientTls {
+            config: Arc::new(config),
+            identity: material.own_id,
+        })
+    }
+}
+
+/// A response: status, headers and the whole body.
+#[derive(Debug)]
+pub struct AdminResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl AdminResponse {
+    /// The `error` of a JSON error body, or the body as text.
+    fn message(&self) -> String {
+        #[derive(serde::Deserialize)]
+        struct ErrorBody {
+            error: String,
+        }
+        serde_json::from_slice::<ErrorBody>(&self.body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&self.body).trim().to_string())
+    }
+
+    /// Fails with the node's reason unless the answer is 2xx.
+    fn success(self, what: &str) -> anyhow::Result<AdminResponse> {
+        if self.status.is_success() {
+            return Ok(self);
+        }
+        let code = self
+            .headers
+            .get("x-hybridge-error")
+            .and_then(|v| v.to_str().ok())
+            .map(|c| format!(", {c}"))
+            .unwrap_or_default();
+        bail!("{}: {} ({}{code})", what, self.message(), self.status);
+    }
+}
+
+/// A client of one admin endpoint.
+#[derive(Clone)]
+pub struct AdminClient {
+    endpoint: AdminEndpoint,
+    tls: Option<ClientTls>,
+}
+
+impl fmt::Debug for AdminClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminClient")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminClient {
+    /// A client of the socket or the read-only listener (https:// needs [`AdminArgs::client`]).
+    pub fn plain(endpoint: AdminEndpoint) -> anyhow::Result<AdminClient> {
+        if matches!(endpoint, AdminEndpoint::Https { .. }) {
+            bail!("--admin {endpoint} needs an administrator certificate");
+        }
+        Ok(AdminClient {
+            endpoint,
+            tls: None,
+        })
+    }
+
+    pub fn endpoint(&self) -> &AdminEndpoint {
+        &self.endpoint
+    }
+
+    /// Sends one request (`body` with its content type) and returns whatever the node answered.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&'static str, Bytes)>,
+    ) -> anyhow::Result<AdminResponse> {
+        let host = match &self.endpoint {
+            // What curl --unix-socket sends; the socket refuses any other name.
+            AdminEndpoint::Unix(_) => "localhost".to_string(),
+            AdminEndpoint::Http { authority } | AdminEndpoint::Https { authority } => {
+                authority.clone()
+            }
+        };
+        let write = method != Method::GET && method != Method::HEAD;
+        let mut builder = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, host);
+        let body = match body {
+            Some((content_type, bytes)) => {
+                builder = builder.header(header::CONTENT_TYPE, content_type);
+                bytes
+            }
+            None => {
+                if write {
+                    builder = builder.header(header::CONTENT_TYPE, JSON);
+                }
+                Bytes::new()
+            }
+        };
+        let request = builder
+            .body(Full::new(body))
+            .with_context(|| format!("building a request for {}{path}", self.endpoint))?;
+        let response = match &self.endpoint {
+            AdminEndpoint::Unix(socket) => {
+                let stream = tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map_err(|e| unix_connect_error(socket, &e))?;
+                send(stream, request).await
+            }
+            AdminEndpoint::Http { authority } => {
+                let stream = tokio::net::TcpStream::connect(authority.as_str())
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "connecting to the admin listener at {} (is the node running?)",
+                            self.endpoint
+                        )
+                    })?;
+                send(stream, request).await
+            }
+            AdminEndpoint::Https { authority } => {
+                let tls = self
+                    .tls
+                    .as_ref()
+                    .context("https:// needs an administrator certificate (--cert, --key, --ca)")?;
+                let stream = tokio::net::TcpStream::connect(authority.as_str())
+                    .await
+                    .with_context(|| {
+                        format!("connecting to the remote admin listener at {} (is `[admin.remote]` configured?)", self.endpoint)
+                    })?;
+                let host = authority
+                    .parse::<http::uri::Authority>()
+                    .map(|a| a.host().trim_matches(|c| c == '[' || c == ']').to_string())
+                    .unwrap_or_default();
+                // The node is checked by its SPIFFE id, not its name; SNI only needs a valid one.
+                let name = rustls::pki_types::ServerName::try_from(host).unwrap_or_else(|_| {
+                    rustls::pki_types::ServerName::from(std::net::IpAddr::from(
+                        std::net::Ipv4Addr::LOCALHOST,
+                    ))
+                });
+                let refused = |e: &dyn fmt::Display| {
+                    anyhow::anyhow!(
+                        "the remote admin listener at {} refused this client ({e}); it accepts only administrator certificates (spiffe://{}/admin/NAME) from its CA that are not revoked, and this one is {}",
+                        self.endpoint,
+                        tls.identity.trust_domain(),
+                        tls.identity
+                    )
+                };
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let stream = connector
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| refused(&e))?;
+                // In TLS 1.3 the server judges the client certificate after the client's
+                // handshake is done: a refusal arrives as an alert in place of the answer.
+                return send(stream, request)
+                    .await
+                    .map_err(|e| refused(&format_args!("{e:#}")));
+            }
+        };
+        response.with_context(|| format!("{}{path}", self.endpoint))
+    }
+
+    /// GET that fails unless the answer is 2xx.
+    pub async fn get(&self, path: &str) -> anyhow::Result<Bytes> {
+        let response = self.request(Method::GET, path, None).await?;
+        Ok(response.success(&format!("{}{path}", self.endpoint))?.body)
+    }
+
+    /// A JSON call: fails with the node's reason unless 2xx, else decodes the body.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&'static str, Bytes)>,
+    ) -> anyhow::Result<T> {
+        let response = self
+            .request(method, path, body)
+            .await?
+            .success("the admin API refused")?;
+        serde_json::from_slice(&response.body)
+            .with_context(|| format!("decoding the answer of {}{path}", self.endpoint))
+    }
+}
+
+fn unix_connect_error(socket: &Path, error: &std::io::Error) -> anyhow::Error {
+    let socket = socket.display();
+    match error.kind() {
+        std::io::ErrorKind::NotFound => anyhow::anyhow!(
+            "no admin socket at {socket}: is the node running, and is that its `admin.socket`? (choose another with --admin unix:PATH or HYBRIDGE_ADMIN)"
+        ),
+        std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
+            "permission denied on the admin socket {socket}: it admits root and members of its group (hybridge); join it (usermod -aG hybridge USER) or use --admin https://NODE:PORT with an administrator certificate"
+        ),
+        std::io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
+            "nothing answers on the admin socket {socket} (left by a node that did not stop cleanly?)"
+        ),
+        _ => anyhow::anyhow!("connecting to the admin socket {socket}: {error}"),
+    }
+}
+
+async fn send<S>(stream: S, request: http::Request<Full<Bytes>>) -> anyhow::Result<AdminResponse>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let request = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header(http::header::HOST, authority)
-        .body(Full::new(body))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .with_context(|| format!("{admin}{path}"))?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, body))
-}
-
-/// GET that fails unless the answer is 2xx.
-pub async fn get(admin: &str, path: &str) -> anyhow::Result<Bytes> {
-    let (status, body) = request(admin, http::Method::GET, path, Bytes::new()).await?;
-    if !status.is_success() {
-        bail!(
-            "{admin}{path} answered {status}: {}",
-            String::from_utf8_lossy(&body).trim()
-        );
+    let driver = tokio::spawn(connection);
+    let response = sender.send_request(request).await;
+    let result = async {
+        let response = response?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok(AdminResponse {
+            status,
+            headers,
+            body,
+        })
     }
-    Ok(body)
+    .await;
+    drop(sender);
+    let _ = driver.await;
+    result
 }
 
 /// Renders `/v1/status` as the human-readable `hybridge status` output.
@@ -170,6 +502,68 @@ pub fn render_status(doc: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_addresses_parse_or_name_the_mistake() {
+        assert_eq!(
+            "unix:/run/hybridge/admin.sock".parse(),
+            Ok(AdminEndpoint::Unix("/run/hybridge/admin.sock".into()))
+        );
+        assert_eq!(
+            "http://127.0.0.1:7180".parse(),
+            Ok(AdminEndpoint::Http {
+                authority: "127.0.0.1:7180".into()
+            })
+        );
+        assert_eq!(
+            "https://cloud-1.corp.example:7182/".parse(),
+            Ok(AdminEndpoint::Https {
+                authority: "cloud-1.corp.example:7182".into()
+            })
+        );
+        assert_eq!(
+            "https://[::1]:7182"
+                .parse::<AdminEndpoint>()
+                .map(|e| e.to_string()),
+            Ok("https://[::1]:7182".into())
+        );
+        for bad in [
+            "127.0.0.1:7180",
+            "http://127.0.0.1",
+            "http://127.0.0.1:7180/v1",
+            "http://user@host:1",
+            "unix:relative.sock",
+            "unix:",
+            "ftp://h:1",
+            "",
+        ] {
+            assert_eq!(
+                bad.parse::<AdminEndpoint>().map_err(|e| e.to_string()),
+                Err(format!(
+                    "invalid admin address `{bad}`: expected unix:/PATH, http://HOST:PORT or https://HOST:PORT"
+                )),
+            );
+        }
+        assert_eq!(
+            AdminEndpoint::default().to_string(),
+            "unix:/run/hybridge/admin.sock"
+        );
+    }
+
+    #[test]
+    fn https_needs_a_certificate() {
+        let args = AdminArgs {
+            admin: Some("https://h:1".parse().unwrap()),
+            ..AdminArgs::default()
+        };
+        let err = args.client().err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some(
+                "--admin https://h:1 needs --cert, --key and --ca: an administrator certificate (`hybridge-ca issue admin`) and the CA bundle"
+            )
+        );
+    }
 
     #[test]
     fn status_renders_tunnels_per_worker_and_one_row_per_upstream_endpoint() {
