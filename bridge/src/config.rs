@@ -163,6 +163,14 @@ pub struct LimitsSection {
     /// How long SIGTERM waits for in-flight requests before closing tunnels anyway.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Most connections each import and gateway listener holds open; a new one over it is
+    /// closed at once (and counted). Sized well under the unit's `LimitNOFILE` (65536).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A caller connection with no request in flight for this long is closed (HTTP/1.1
+    /// keep-alive, HTTP/2, and a connection that never sends a whole request).
+    #[serde(default = "default_connection_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for LimitsSection {
@@ -170,6 +178,8 @@ impl Default for LimitsSection {
         Self {
             max_header_bytes: default_max_header_bytes(),
             drain_timeout: default_drain_timeout(),
+            max_connections: default_max_connections(),
+            idle_timeout: default_connection_idle_timeout(),
         }
     }
 }
@@ -286,6 +296,12 @@ fn default_max_header_bytes() -> usize {
 }
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_connection_idle_timeout() -> Duration {
+    Duration::from_secs(120)
 }
 
 /// The line of the key an error message names (`unknown field `x``, `missing field`...),
@@ -615,6 +631,18 @@ impl Config {
                 })
             }
         };
+        if raw.limits.max_connections == 0 {
+            return Err(err(
+                None,
+                "field `limits.max_connections`: must be at least 1".into(),
+            ));
+        }
+        if raw.limits.idle_timeout < Duration::from_secs(1) {
+            return Err(err(
+                None,
+                "field `limits.idle_timeout`: must be at least 1s".into(),
+            ));
+        }
         Ok(Config {
             source: path.to_owned(),
             node,

@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod demo;
 pub mod dev;
 pub mod http;
+pub mod listener;
 pub mod metrics;
 pub mod node;
 pub mod trust;

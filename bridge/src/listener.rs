@@ -240,17 +240,23 @@ mod tests {
         let limits = Arc::new(ListenerLimits::new("import:x", 1, Duration::from_secs(10)));
         let first_client = TcpStream::connect(addr).await.unwrap();
         let first = limits.accept(&listener).await;
-        let _second_client = TcpStream::connect(addr).await.unwrap();
-        let third_client = TcpStream::connect(addr).await.unwrap();
-        // The second is refused while the first holds the only place; the third gets the
-        // place once the first is gone.
+        assert_eq!(first.peer, first_client.local_addr().unwrap());
+        // While the first holds the only place, the second is accepted and closed at once.
+        let mut second_client = TcpStream::connect(addr).await.unwrap();
         let accepting = tokio::spawn({
             let limits = limits.clone();
             async move { limits.accept(&listener).await.peer }
         });
-        tokio::task::yield_now().await;
+        let mut byte = [0u8; 1];
+        let read = tokio::io::AsyncReadExt::read(&mut second_client, &mut byte).await;
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "the second connection was kept"
+        );
+        assert_eq!(limits.counts().refused, 1);
+        // Once the first is gone, the next connection gets the place.
         drop(first);
-        drop(first_client);
+        let third_client = TcpStream::connect(addr).await.unwrap();
         let third = accepting.await.unwrap();
         assert_eq!(third, third_client.local_addr().unwrap());
         let counts = limits.counts();

@@ -124,6 +124,8 @@ pub struct Metrics {
     handshake_failures: tokio::sync::watch::Sender<u64>,
     /// Services peers announced that their site may not serve (ignored, never routed to).
     exports_refused: std::sync::atomic::AtomicU64,
+    /// The caller-facing listeners, for their connection counts.
+    listeners: Mutex<Vec<Arc<crate::listener::ListenerLimits>>>,
 }
 
 impl Default for Metrics {
@@ -133,6 +135,7 @@ impl Default for Metrics {
             tunnel: Mutex::default(),
             handshake_failures: tokio::sync::watch::channel(0).0,
             exports_refused: std::sync::atomic::AtomicU64::new(0),
+            listeners: Mutex::default(),
         }
     }
 }
@@ -170,6 +173,18 @@ impl Metrics {
                 .entry((peer.to_owned(), short_reason(reason)))
                 .or_default() += 1;
         }
+    }
+
+    /// Registers a listener's limits so `/metrics` shows its connections; returns them shared.
+    pub fn listener(
+        &self,
+        limits: crate::listener::ListenerLimits,
+    ) -> Arc<crate::listener::ListenerLimits> {
+        let limits = Arc::new(limits);
+        if let Ok(mut listeners) = self.listeners.lock() {
+            listeners.push(limits.clone());
+        }
+        limits
     }
 
     /// A peer announced a service its site may not serve.
@@ -364,6 +379,49 @@ impl Metrics {
             "hybridge_tunnel_exports_refused_total {}",
             self.exports_refused()
         );
+        let listeners: Vec<crate::listener::ListenerCounts> = self
+            .listeners
+            .lock()
+            .map(|l| l.iter().map(|l| l.counts()).collect())
+            .unwrap_or_default();
+        for (name, kind, help, value) in [
+            (
+                "hybridge_listener_connections",
+                "gauge",
+                "Caller connections open, by listener.",
+                (|c: &crate::listener::ListenerCounts| c.open as u64)
+                    as fn(&crate::listener::ListenerCounts) -> u64,
+            ),
+            (
+                "hybridge_listener_connections_refused_total",
+                "counter",
+                "Connections closed on accept because the listener held its maximum.",
+                |c| c.refused,
+            ),
+            (
+                "hybridge_listener_accept_errors_total",
+                "counter",
+                "Failed accepts (such as running out of file descriptors), by listener.",
+                |c| c.accept_errors,
+            ),
+            (
+                "hybridge_listener_idle_closed_total",
+                "counter",
+                "Connections closed after the idle timeout with no request in flight.",
+                |c| c.idle_closed,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for counts in &listeners {
+                let _ = writeln!(
+                    out,
+                    "{name}{{listener=\"{}\"}} {}",
+                    escape(&counts.name),
+                    value(counts)
+                );
+            }
+        }
     }
 }
 

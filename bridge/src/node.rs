@@ -26,6 +26,7 @@ use crate::config::{CallerIdentity, Config};
 use crate::http::export::{self, ExportContext};
 use crate::http::import::{self, ImportContext, ListenerSpec, ListenerTarget};
 use crate::http::path::EscapedSlashes;
+use crate::listener::ListenerLimits;
 use crate::metrics::Metrics;
 use crate::trust::{Trust, TrustUpdates};
 use crate::tunnel::connection::TunnelConnection;
@@ -395,6 +396,11 @@ impl Node {
                 request_timeout: import.request_timeout,
                 max_header_bytes: config.limits.max_header_bytes,
                 escaped_slashes: import.escaped_slashes,
+                limits: metrics.listener(ListenerLimits::new(
+                    format!("import:{}@{local}", import.service),
+                    config.limits.max_connections,
+                    config.limits.idle_timeout,
+                )),
             };
             listeners.push((listener, spec));
         }
@@ -422,6 +428,11 @@ impl Node {
                 request_timeout: gateway.request_timeout,
                 max_header_bytes: config.limits.max_header_bytes,
                 escaped_slashes: gateway.escaped_slashes,
+                limits: metrics.listener(ListenerLimits::new(
+                    format!("gateway@{local}"),
+                    config.limits.max_connections,
+                    config.limits.idle_timeout,
+                )),
             };
             listeners.push((listener, spec));
         }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use hybridge::demo::DemoUpstream;
 use hybridge::node::Node;
 use hybridge_tests::*;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 /// Waits (at most `WAIT`) until `condition` holds, checking it every few milliseconds; the
@@ -137,4 +137,182 @@ async fn callers_that_abandon_uploads_do_not_get_a_healthy_upstream_ejected() {
     onprem.shutdown().await;
     cloud.shutdown().await;
     cancel.cancel();
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// One line of `/metrics` from a node's read-only admin listener.
+async fn process_metric(admin: std::net::SocketAddr, line_prefix: &str) -> u64 {
+    let answer = http1(admin, "GET", "/metrics", &[], Bytes::new()).await;
+    String::from_utf8_lossy(&answer.body)
+        .lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_excess_connections_cannot_crowd_out_a_well_behaved_client() {
+    const MAX_CONNECTIONS: usize = 2_000;
+    const IDLE: usize = 5_000;
+    const STALLED_PREFACES: usize = 500;
+    const GOOD_REQUESTS: usize = 1_000;
+    // The node's resident memory under the attack stays under this (idle it is ~15 MiB).
+    const RSS_BOUND_KIB: u64 = 64 * 1024;
+
+    let pki = Pki::new();
+    let cancel = CancellationToken::new();
+    let inventory = DemoUpstream::start(
+        "inventory",
+        "127.0.0.1:0".parse().unwrap(),
+        cancel.child_token(),
+    )
+    .await
+    .unwrap();
+    let mut cloud = NodeOptions::cloud(&pki, "cloud-1");
+    cloud
+        .exports
+        .push(ExportSpec::http1("inventory", &[inventory.local_addr()]));
+    let cloud = cloud.start().await;
+    hybridge_tests::allow(&cloud, "web", "inventory");
+
+    // The on-prem node runs as its own process, so its memory and descriptors are its own.
+    let base = free_port_block();
+    let import = std::net::SocketAddr::from(([127, 0, 0, 1], base));
+    let mut onprem = NodeOptions::onprem(&pki, "onprem-1", &[cloud.addresses().tunnel.unwrap()]);
+    onprem.admin = std::net::SocketAddr::from(([127, 0, 0, 1], base + 1));
+    preallow(&onprem.data_dir, "web", "inventory");
+    let config = onprem.write();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text += &format!(
+        "\n[[import]]\nservice = \"inventory\"\nlisten = \"{import}\"\ncaller = \"web\"\n\n[limits]\nmax_connections = {MAX_CONNECTIONS}\nidle_timeout = \"3s\"\n"
+    );
+    std::fs::write(&config, text).unwrap();
+    let process = run_daemon(&config);
+    let pid = process.child.id();
+    let admin = onprem.admin;
+    wait_until_async("the on-prem node's tunnel is up", || async {
+        http1(admin, "GET", "/readyz", &[], Bytes::new())
+            .await
+            .status
+            == 200
+    })
+    .await;
+    let good = tokio::spawn(async move {
+        // A well-behaved client: one keep-alive connection, opened before the attack.
+        let mut sender = http1_conn::<http_body_util::Full<Bytes>>(import).await;
+        let mut failures = 0;
+        for i in 0..GOOD_REQUESTS {
+            let request = http::Request::get(format!("/echo/{i}"))
+                .header("host", "inventory")
+                .body(http_body_util::Full::new(Bytes::new()))
+                .unwrap();
+            match sender.send_request(request).await {
+                Ok(response) if response.status() == 200 => {
+                    let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+                }
+                Ok(response) => {
+                    eprintln!(
+                        "good request {i}: {} {:?}",
+                        response.status(),
+                        response.headers().get("x-hybridge-error")
+                    );
+                    failures += 1
+                }
+                Err(e) => {
+                    eprintln!("good request {i}: {e}");
+                    failures += 1
+                }
+            }
+        }
+        failures
+    });
+    // Wait until the good client holds its connection, then attack.
+    wait_until_async("the well-behaved client is connected", || async {
+        process_metric(
+            admin,
+            &format!("hybridge_listener_connections{{listener=\"import:inventory@{import}\"}}"),
+        )
+        .await
+            >= 1
+    })
+    .await;
+    let mut attackers = Vec::with_capacity(IDLE + STALLED_PREFACES);
+    for i in 0..IDLE + STALLED_PREFACES {
+        let Ok(mut stream) = tokio::net::TcpStream::connect(import).await else {
+            continue;
+        };
+        if i >= IDLE {
+            // Half an HTTP/2 preface, then nothing.
+            let _ = stream.write_all(b"PRI * HTTP/2.0\r\n").await;
+        }
+        attackers.push(stream);
+    }
+    let peak_rss = rss_kib(pid);
+    let failures = good.await.unwrap();
+    assert_eq!(failures, 0, "the well-behaved client's requests failed");
+
+    let listener = format!("{{listener=\"import:inventory@{import}\"}}");
+    let refused = process_metric(
+        admin,
+        &format!("hybridge_listener_connections_refused_total{listener}"),
+    )
+    .await;
+    assert!(
+        refused as usize >= IDLE + STALLED_PREFACES - MAX_CONNECTIONS,
+        "only {refused} connections over the cap were refused"
+    );
+    // Every attacking connection is closed: refused at once, or idle after the timeout.
+    let closed = tokio::time::timeout(WAIT, async {
+        for stream in &mut attackers {
+            let mut byte = [0u8; 1];
+            let _ = stream.read(&mut byte).await;
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "attacking connections were left open");
+    let idle_closed = process_metric(
+        admin,
+        &format!("hybridge_listener_idle_closed_total{listener}"),
+    )
+    .await;
+    assert!(
+        idle_closed as usize >= MAX_CONNECTIONS - 1,
+        "{idle_closed} idle connections closed"
+    );
+    assert!(
+        peak_rss < RSS_BOUND_KIB,
+        "the node used {peak_rss} KiB under the attack"
+    );
+    eprintln!(
+        "peak RSS under {} open connections: {peak_rss} KiB",
+        MAX_CONNECTIONS
+    );
+    // The listener takes new connections again.
+    let answer = http1(import, "GET", "/echo/after", &[], Bytes::new()).await;
+    assert_eq!(answer.status, 200);
+    drop(process);
+    cloud.shutdown().await;
+    cancel.cancel();
+}
+
+/// [`wait_until`] for a condition that has to be fetched.
+async fn wait_until_async<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut condition: impl FnMut() -> F,
+) {
+    let waited = tokio::time::timeout(WAIT, async {
+        while !condition().await {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "timed out waiting until {what}");
 }

@@ -25,6 +25,7 @@ use super::headers;
 use super::path::{self, EscapedSlashes};
 use crate::acl::AclService;
 use crate::config::CallerIdentity;
+use crate::listener::{AcceptedConnection, ConnectionActivity, ListenerLimits};
 use crate::metrics::{Metrics, Side};
 use crate::tunnel::frame::{self, Frame, RequestHead};
 use crate::tunnel::peers::PeerSet;
@@ -50,6 +51,8 @@ pub struct ListenerSpec {
     pub max_header_bytes: usize,
     /// Whether `%2F`/`%5C` in a path is refused or kept.
     pub(crate) escaped_slashes: EscapedSlashes,
+    /// Open-connection cap and idle timeout, shared by the workers accepting on the port.
+    pub limits: Arc<ListenerLimits>,
 }
 
 /// Shared state of all import listeners of a node.
@@ -73,6 +76,8 @@ struct ConnectionInfo {
     client: SocketAddr,
     caller: Arc<str>,
     proto: &'static str,
+    /// Requests in flight on the connection, for its idle timeout.
+    activity: Arc<ConnectionActivity>,
 }
 
 /// Accepts connections on `listener` until `shutdown` fires, then lets open connections
@@ -100,17 +105,13 @@ pub async fn serve(
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
     loop {
-        let (stream, client) = tokio::select! {
+        let AcceptedConnection {
+            stream,
+            peer: client,
+            permit,
+        } = tokio::select! {
             () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly instead of spinning.
-                    warn!(error = %e, "accepting an import connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = spec.limits.accept(&listener) => accepted,
         };
         let _ = stream.set_nodelay(true);
         let (spec, ctx, builder, watcher) = (
@@ -121,6 +122,8 @@ pub async fn serve(
         );
         let trust = ctx.trust.clone();
         ctx.tasks.clone().spawn(async move {
+            // The connection's place under the listener's cap, until the task ends.
+            let _permit = permit;
             let tls = spec.tls.load_full();
             let (caller, proto, io): (Arc<str>, &'static str, _) = match (&tls, &spec.caller) {
                 (None, CallerIdentity::Fixed(name)) => (Arc::from(name.as_str()), "http", Io::Plain(stream)),
@@ -152,9 +155,13 @@ pub async fn serve(
                     return;
                 }
             };
-            let info = Arc::new(ConnectionInfo { client, caller, proto });
+            let activity = Arc::new(ConnectionActivity::default());
+            let info = Arc::new(ConnectionInfo { client, caller, proto, activity: activity.clone() });
+            let limits = spec.limits.clone();
+            let idle = limits.idle(&activity);
             let service = hyper::service::service_fn(move |req| handle(req, info.clone(), spec.clone(), ctx.clone()));
-            let result = match io {
+            let served = async {
+                match io {
                 Io::Plain(s) => watcher.watch(builder.serve_connection(TokioIo::new(s), service).into_owned()).await,
                 Io::Tls(s) => {
                     let chain = s.get_ref().1.peer_certificates().map(<[_]>::to_vec).unwrap_or_default();
@@ -171,10 +178,17 @@ pub async fn serve(
                             // Dropping the connection closes it, in-flight requests included:
                             // the caller is no longer who the policy allowed.
                             warn!(%client, reason = %why, "closing an mTLS import connection: the caller's certificate is no longer trusted");
-                            return;
+                            Ok(())
                         }
                     }
                 }
+                }
+            };
+            // A connection with no request in flight for the idle timeout is dropped, which
+            // closes it: an idle keep-alive, or one that never sent a whole request.
+            let result = tokio::select! {
+                result = served => result,
+                () = idle => Ok(()),
             };
             if let Err(e) = result {
                 debug!(%client, error = %e, "import connection ended with an error");
@@ -212,6 +226,7 @@ async fn handle(
     ctx: Arc<ImportContext>,
 ) -> Result<Response<BoxBody>, Infallible> {
     let started = Instant::now();
+    let _in_flight = info.activity.request();
     let grpc = is_grpc(req.headers());
     let method = req.method().clone();
     let (mut parts, body) = req.into_parts();
@@ -618,12 +633,15 @@ async fn forward(
         ))
     })?;
     let response_bytes = Arc::new(AtomicU64::new(0));
+    // The response body keeps the tunnel stream counted, reports its bytes when done, and
+    // keeps the caller's connection from being idle while it streams.
     let keep = (
         guard,
         ByteReport {
             stats: stats.clone(),
             bytes: response_bytes.clone(),
         },
+        info.activity.request(),
     );
     let response_body = if head.end_stream {
         body::empty()
