@@ -1,19 +1,34 @@
-//! Counters and histograms the data path records, rendered as Prometheus text by `admin`.
+//! Counters and histograms the data path records, and their encoding for `/metrics`.
 //!
-//! The request path touches only atomics behind a read lock that is uncontended once a
-//! service has been seen; rare events (tunnel connects, handshake failures) use a mutex.
-//! This module records and renders; it never decides anything.
+//! Every label value comes from a closed set or from the node's own configuration: per-service
+//! series exist only for configured services (any other name a peer or caller sends is
+//! counted under `service="unknown"` and creates nothing), reasons are enums, and tunnel
+//! counters are keyed by the peer's site. The request path touches only atomics behind an
+//! `ArcSwap` load; the encoding (prometheus-client) escapes whatever it is given.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, LabelValueEncoder, MetricEncoder,
+    NoLabelSet,
+};
+use prometheus_client::metrics::MetricType;
+
+use crate::http::error::Reason;
+use crate::listener::{ListenerCounts, ListenerLimits};
+use crate::tunnel::outcome::{DisconnectReason, HandshakeFailure};
 
 /// Upper bounds (seconds) of the request latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// The `service` label of every request for a service this node is not configured with.
+pub const UNKNOWN_SERVICE: &str = "unknown";
 
 /// Which side of the bridge handled a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -33,19 +48,106 @@ impl Side {
     }
 }
 
+impl EncodeLabelValue for Side {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.label())
+    }
+}
+
+/// Status classes counted per service, as labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StatusClass(u8);
+
+impl EncodeLabelValue for StatusClass {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(
+            encoder,
+            match self.0 {
+                1 => "1xx",
+                2 => "2xx",
+                3 => "3xx",
+                4 => "4xx",
+                _ => "5xx",
+            },
+        )
+    }
+}
+
+/// `{side, service}`: the per-service families.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub side: Side,
+    pub service: Arc<str>,
+}
+
+/// `{side, service, class}`: `hybridge_requests_total`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct StatusClassLabels {
+    pub side: Side,
+    pub service: Arc<str>,
+    pub class: StatusClass,
+}
+
+/// `{side, service, reason}`: `hybridge_bridge_errors_total`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct BridgeErrorLabels {
+    pub side: Side,
+    pub service: Arc<str>,
+    pub reason: Reason,
+}
+
+/// `{reason}`: `hybridge_tunnel_handshake_failures_total`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub reason: HandshakeFailure,
+}
+
+/// `{site}`: `hybridge_tunnel_connects_total`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SiteLabels {
+    pub site: Arc<str>,
+}
+
+/// `{site, reason}`: `hybridge_tunnel_disconnects_total`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DisconnectLabels {
+    pub site: Arc<str>,
+    pub reason: DisconnectReason,
+}
+
+/// `{listener}`: the listener families.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: Arc<str>,
+}
+
 /// Per (side, service) request statistics.
-#[derive(Default)]
 pub struct ServiceStats {
     /// Responses by status class 1xx..5xx (index 0..4).
     by_class: [AtomicU64; 5],
-    /// Requests answered by the bridge itself, by reason.
-    bridge_errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// Requests answered by the bridge itself, by `Reason::index`.
+    bridge_errors: [AtomicU64; Reason::ALL.len()],
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     active: AtomicI64,
+}
+
+impl Default for ServiceStats {
+    fn default() -> Self {
+        Self {
+            by_class: Default::default(),
+            bridge_errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency_buckets: Default::default(),
+            latency_count: AtomicU64::new(0),
+            latency_sum_micros: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            active: AtomicI64::new(0),
+        }
+    }
 }
 
 /// Counts one request as active until dropped, whoever drops it: a handler future that hyper
@@ -83,10 +185,14 @@ impl ServiceStats {
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
-    pub fn bridge_error(&self, reason: &'static str) {
-        if let Ok(mut m) = self.bridge_errors.lock() {
-            *m.entry(reason).or_default() += 1;
-        }
+    /// Counts a response the bridge produced itself.
+    pub fn bridge_error(&self, reason: Reason) {
+        self.bridge_errors[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Responses the bridge produced itself for `reason` so far.
+    pub fn bridge_errors(&self, reason: Reason) -> u64 {
+        self.bridge_errors[reason.index()].load(Ordering::Relaxed)
     }
 
     pub fn add_bytes(&self, inbound: u64, outbound: u64) {
@@ -103,29 +209,87 @@ impl ServiceStats {
     }
 }
 
-/// Tunnel lifecycle counters, by peer and reason.
-#[derive(Default)]
-struct TunnelCounters {
-    connects: BTreeMap<String, u64>,
-    disconnects: BTreeMap<(String, String), u64>,
-    handshake_failures: BTreeMap<String, u64>,
+/// The stats of one side: one entry per configured service, and one shared by every other
+/// name. Lookups are lock-free; registering copies the map (configuration changes only).
+struct ServiceTable {
+    known: ArcSwap<HashMap<Arc<str>, Arc<ServiceStats>>>,
+    unknown: Arc<ServiceStats>,
+    register_lock: Mutex<()>,
 }
 
-/// One row of the per-service table: (side, service name) and its stats.
-type ServiceEntry = ((Side, Arc<str>), Arc<ServiceStats>);
+impl Default for ServiceTable {
+    fn default() -> Self {
+        Self {
+            known: ArcSwap::from_pointee(HashMap::new()),
+            unknown: Arc::new(ServiceStats::default()),
+            register_lock: Mutex::new(()),
+        }
+    }
+}
+
+impl ServiceTable {
+    fn get(&self, service: &str) -> Option<Arc<ServiceStats>> {
+        self.known.load().get(service).cloned()
+    }
+
+    fn register<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        let _guard = lock(&self.register_lock);
+        let current = self.known.load_full();
+        let new: Vec<&str> = names
+            .into_iter()
+            .filter(|n| !current.contains_key(*n))
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        let mut next = (*current).clone();
+        for name in new {
+            next.entry(Arc::from(name)).or_default();
+        }
+        self.known.store(Arc::new(next));
+    }
+
+    /// Every series: configured services sorted by name, then `unknown`.
+    fn entries(&self) -> Vec<(Arc<str>, Arc<ServiceStats>)> {
+        let mut entries: Vec<_> = self
+            .known
+            .load()
+            .iter()
+            .map(|(name, stats)| (name.clone(), stats.clone()))
+            .collect();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries.push((Arc::from(UNKNOWN_SERVICE), self.unknown.clone()));
+        entries
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Tunnel lifecycle counters: connects by peer site, disconnects by site and reason.
+#[derive(Default)]
+struct TunnelCounters {
+    connects: BTreeMap<Arc<str>, u64>,
+    disconnects: BTreeMap<(Arc<str>, DisconnectReason), u64>,
+}
 
 /// All metrics of one node.
 pub struct Metrics {
-    /// Per-service stats, one map per side (indexed by `Side as usize`), keyed by service name
-    /// so the hot-path lookup borrows the name instead of allocating a key.
-    services: [RwLock<HashMap<Arc<str>, Arc<ServiceStats>>>; 2],
+    /// Per-service stats, one table per side (indexed by `Side as usize`).
+    services: [ServiceTable; 2],
     tunnel: Mutex<TunnelCounters>,
+    /// Refused tunnel handshakes, by `HandshakeFailure::index`.
+    handshake_failures: [AtomicU64; HandshakeFailure::ALL.len()],
     /// Total handshake failures, observable without polling.
-    handshake_failures: tokio::sync::watch::Sender<u64>,
+    handshake_total: tokio::sync::watch::Sender<u64>,
     /// Services peers announced that their site may not serve (ignored, never routed to).
-    exports_refused: std::sync::atomic::AtomicU64,
+    exports_refused: AtomicU64,
     /// The caller-facing listeners, for their connection counts.
-    listeners: Mutex<Vec<Arc<crate::listener::ListenerLimits>>>,
+    listeners: Mutex<Vec<Arc<ListenerLimits>>>,
 }
 
 impl Default for Metrics {
@@ -133,57 +297,83 @@ impl Default for Metrics {
         Self {
             services: Default::default(),
             tunnel: Mutex::default(),
-            handshake_failures: tokio::sync::watch::channel(0).0,
-            exports_refused: std::sync::atomic::AtomicU64::new(0),
+            handshake_failures: std::array::from_fn(|_| AtomicU64::new(0)),
+            handshake_total: tokio::sync::watch::channel(0).0,
+            exports_refused: AtomicU64::new(0),
             listeners: Mutex::default(),
         }
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
     }
 }
 
 impl Metrics {
     /// A receiver that sees the total number of refused tunnel handshakes change.
     pub fn watch_handshake_failures(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.handshake_failures.subscribe()
+        self.handshake_total.subscribe()
     }
 
-    /// The stats of `service` on `side`, created on first use.
+    /// Gives `names` their own series on `side` (kept for the node's life, so counters never
+    /// go back when a reload removes a service). Only names from the node's configuration
+    /// or policy belong here, never one a peer or caller sent.
+    pub fn register_services<'a>(&self, side: Side, names: impl IntoIterator<Item = &'a str>) {
+        self.services[side as usize].register(names);
+    }
+
+    /// The stats of `service` on `side`: its own if configured, else the shared `unknown` ones.
     pub fn service(&self, side: Side, service: &str) -> Arc<ServiceStats> {
-        let lock = &self.services[side as usize];
-        if let Ok(map) = lock.read()
-            && let Some(s) = map.get(service)
-        {
-            return s.clone();
-        }
-        let mut map = match lock.write() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        map.entry(Arc::from(service)).or_default().clone()
+        let table = &self.services[side as usize];
+        table.get(service).unwrap_or_else(|| table.unknown.clone())
     }
 
-    pub fn tunnel_connected(&self, peer: &str) {
-        if let Ok(mut t) = self.tunnel.lock() {
-            *t.connects.entry(peer.to_owned()).or_default() += 1;
+    /// Like [`Metrics::service`], but a name not registered yet is registered first when
+    /// `configured` says the node's configuration names it (asked only on a miss).
+    pub fn service_if(
+        &self,
+        side: Side,
+        service: &str,
+        configured: impl FnOnce() -> bool,
+    ) -> Arc<ServiceStats> {
+        let table = &self.services[side as usize];
+        if let Some(stats) = table.get(service) {
+            return stats;
+        }
+        if configured() {
+            table.register([service]);
+            if let Some(stats) = table.get(service) {
+                return stats;
+            }
+        }
+        table.unknown.clone()
+    }
+
+    /// A tunnel to a node of `site` came up.
+    pub fn tunnel_connected(&self, site: &str) {
+        let mut t = lock(&self.tunnel);
+        match t.connects.get_mut(site) {
+            Some(n) => *n += 1,
+            None => {
+                t.connects.insert(Arc::from(site), 1);
+            }
         }
     }
 
-    pub fn tunnel_disconnected(&self, peer: &str, reason: &str) {
-        if let Ok(mut t) = self.tunnel.lock() {
-            *t.disconnects
-                .entry((peer.to_owned(), short_reason(reason)))
-                .or_default() += 1;
-        }
+    /// A tunnel to a node of `site` went down.
+    pub fn tunnel_disconnected(&self, site: &str, reason: DisconnectReason) {
+        let mut t = lock(&self.tunnel);
+        *t.disconnects
+            .entry((Arc::from(site), reason))
+            .or_default() += 1;
     }
 
     /// Registers a listener's limits so `/metrics` shows its connections; returns them shared.
-    pub fn listener(
-        &self,
-        limits: crate::listener::ListenerLimits,
-    ) -> Arc<crate::listener::ListenerLimits> {
+    pub fn listener(&self, limits: ListenerLimits) -> Arc<ListenerLimits> {
         let limits = Arc::new(limits);
-        if let Ok(mut listeners) = self.listeners.lock() {
-            listeners.push(limits.clone());
-        }
+        lock(&self.listeners).push(limits.clone());
         limits
     }
 
@@ -196,291 +386,312 @@ impl Metrics {
         self.exports_refused.load(Ordering::Relaxed)
     }
 
-    pub fn handshake_failed(&self, reason: &str) {
-        if let Ok(mut t) = self.tunnel.lock() {
-            *t.handshake_failures
-                .entry(short_reason(reason))
-                .or_default() += 1;
-        }
-        self.handshake_failures.send_modify(|n| *n += 1);
+    /// Counts a refused tunnel handshake under its reason (the detail goes to the log).
+    pub fn handshake_failed(&self, reason: HandshakeFailure) {
+        self.handshake_failures[reason.index()].fetch_add(1, Ordering::Relaxed);
+        self.handshake_total.send_modify(|n| *n += 1);
     }
 
-    /// Renders the request and tunnel metrics as Prometheus text exposition.
-    pub fn render(&self, out: &mut String) {
-        let mut services: Vec<ServiceEntry> = Vec::new();
+    /// Refused tunnel handshakes counted under `reason` so far.
+    pub fn handshake_failures(&self, reason: HandshakeFailure) -> u64 {
+        self.handshake_failures[reason.index()].load(Ordering::Relaxed)
+    }
+
+    /// Encodes the request, tunnel and listener families.
+    pub fn encode(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let mut services: Vec<(ServiceLabels, Arc<ServiceStats>)> = Vec::new();
         for side in [Side::Import, Side::Export] {
-            if let Ok(m) = self.services[side as usize].read() {
-                services.extend(m.iter().map(|(k, v)| ((side, k.clone()), v.clone())));
+            for (service, stats) in self.services[side as usize].entries() {
+                services.push((ServiceLabels { side, service }, stats));
             }
         }
-        services.sort_by(|a, b| a.0.cmp(&b.0));
-        let _ = writeln!(
-            out,
-            "# HELP hybridge_requests_total Requests answered, by side, service and status class."
-        );
-        let _ = writeln!(out, "# TYPE hybridge_requests_total counter");
-        for ((side, service), s) in &services {
-            for (i, c) in s.by_class.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "hybridge_requests_total{{side=\"{}\",service=\"{}\",class=\"{}xx\"}} {}",
-                    side.label(),
-                    service,
-                    i + 1,
-                    c.load(Ordering::Relaxed)
-                );
-            }
+        counter(
+            encoder,
+            "hybridge_requests_total",
+            "Requests answered, by side, service and status class.",
+            services.iter().flat_map(|(labels, stats)| {
+                stats.by_class.iter().zip(1u8..).map(|(count, class)| {
+                    (
+                        StatusClassLabels {
+                            side: labels.side,
+                            service: labels.service.clone(),
+                            class: StatusClass(class),
+                        },
+                        count.load(Ordering::Relaxed),
+                    )
+                })
+            }),
+        )?;
+        // Only reasons that happened: 18 zero series per service would drown the real ones.
+        counter(
+            encoder,
+            "hybridge_bridge_errors_total",
+            "Responses produced by the bridge itself, by reason.",
+            services.iter().flat_map(|(labels, stats)| {
+                Reason::ALL.into_iter().filter_map(|reason| {
+                    let n = stats.bridge_errors(reason);
+                    (n > 0).then(|| {
+                        (
+                            BridgeErrorLabels {
+                                side: labels.side,
+                                service: labels.service.clone(),
+                                reason,
+                            },
+                            n,
+                        )
+                    })
+                })
+            }),
+        )?;
+        let mut latency = encoder.encode_descriptor(
+            "hybridge_request_duration_seconds",
+            "Time to response head.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (labels, stats) in &services {
+            let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+                .iter()
+                .zip(&stats.latency_buckets)
+                .map(|(bound, count)| (*bound, count.load(Ordering::Relaxed)))
+                .collect();
+            latency.encode_family(labels)?.encode_histogram::<NoLabelSet>(
+                stats.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+                stats.latency_count.load(Ordering::Relaxed),
+                &buckets,
+                None,
+            )?;
         }
-        let _ = writeln!(
-            out,
-            "# HELP hybridge_bridge_errors_total Responses produced by the bridge itself, by reason."
-        );
-        let _ = writeln!(out, "# TYPE hybridge_bridge_errors_total counter");
-        for ((side, service), s) in &services {
-            if let Ok(m) = s.bridge_errors.lock() {
-                for (reason, n) in m.iter() {
-                    let _ = writeln!(
-                        out,
-                        "hybridge_bridge_errors_total{{side=\"{}\",service=\"{}\",reason=\"{}\"}} {}",
-                        side.label(),
-                        service,
-                        reason,
-                        n
-                    );
-                }
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP hybridge_request_duration_seconds Time to response head."
-        );
-        let _ = writeln!(out, "# TYPE hybridge_request_duration_seconds histogram");
-        for ((side, service), s) in &services {
-            let mut cumulative = 0;
-            for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-                cumulative += s.latency_buckets[i].load(Ordering::Relaxed);
-                let _ = writeln!(
-                    out,
-                    "hybridge_request_duration_seconds_bucket{{side=\"{}\",service=\"{}\",le=\"{}\"}} {}",
-                    side.label(),
-                    service,
-                    bound,
-                    cumulative
-                );
-            }
-            let count = s.latency_count.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "hybridge_request_duration_seconds_bucket{{side=\"{}\",service=\"{}\",le=\"+Inf\"}} {}",
-                side.label(),
-                service,
-                count
-            );
-            let _ = writeln!(
-                out,
-                "hybridge_request_duration_seconds_sum{{side=\"{}\",service=\"{}\"}} {}",
-                side.label(),
-                service,
-                s.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-            );
-            let _ = writeln!(
-                out,
-                "hybridge_request_duration_seconds_count{{side=\"{}\",service=\"{}\"}} {}",
-                side.label(),
-                service,
-                count
-            );
-        }
-        for (name, help, pick) in [
-            (
-                "hybridge_request_bytes_total",
-                "Request body bytes received from callers or the tunnel.",
-                0,
-            ),
-            (
-                "hybridge_response_bytes_total",
-                "Response body bytes sent back.",
-                1,
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} counter");
-            for ((side, service), s) in &services {
-                let v = if pick == 0 { &s.bytes_in } else { &s.bytes_out };
-                let _ = writeln!(
-                    out,
-                    "{name}{{side=\"{}\",service=\"{}\"}} {}",
-                    side.label(),
-                    service,
-                    v.load(Ordering::Relaxed)
-                );
-            }
-        }
-        let _ = writeln!(out, "# HELP hybridge_active_requests Requests in flight.");
-        let _ = writeln!(out, "# TYPE hybridge_active_requests gauge");
-        for ((side, service), s) in &services {
-            let _ = writeln!(
-                out,
-                "hybridge_active_requests{{side=\"{}\",service=\"{}\"}} {}",
-                side.label(),
-                service,
-                s.active.load(Ordering::Relaxed)
-            );
-        }
-        if let Ok(t) = self.tunnel.lock() {
-            let _ = writeln!(
-                out,
-                "# HELP hybridge_tunnel_connects_total Tunnel connections established, by peer."
-            );
-            let _ = writeln!(out, "# TYPE hybridge_tunnel_connects_total counter");
-            for (peer, n) in &t.connects {
-                let _ = writeln!(
-                    out,
-                    "hybridge_tunnel_connects_total{{peer=\"{}\"}} {n}",
-                    escape(peer)
-                );
-            }
-            let _ = writeln!(
-                out,
-                "# HELP hybridge_tunnel_disconnects_total Tunnel connections lost, by peer and reason."
-            );
-            let _ = writeln!(out, "# TYPE hybridge_tunnel_disconnects_total counter");
-            for ((peer, reason), n) in &t.disconnects {
-                let _ = writeln!(
-                    out,
-                    "hybridge_tunnel_disconnects_total{{peer=\"{}\",reason=\"{}\"}} {n}",
-                    escape(peer),
-                    escape(reason)
-                );
-            }
-            let _ = writeln!(
-                out,
-                "# HELP hybridge_tunnel_handshake_failures_total Failed tunnel handshakes, by reason."
-            );
-            let _ = writeln!(
-                out,
-                "# TYPE hybridge_tunnel_handshake_failures_total counter"
-            );
-            for (reason, n) in &t.handshake_failures {
-                let _ = writeln!(
-                    out,
-                    "hybridge_tunnel_handshake_failures_total{{reason=\"{}\"}} {n}",
-                    escape(reason)
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP hybridge_tunnel_exports_refused_total Service announcements ignored because the peer's site may not serve the service."
-        );
-        let _ = writeln!(out, "# TYPE hybridge_tunnel_exports_refused_total counter");
-        let _ = writeln!(
-            out,
-            "hybridge_tunnel_exports_refused_total {}",
-            self.exports_refused()
-        );
-        let listeners: Vec<crate::listener::ListenerCounts> = self
-            .listeners
-            .lock()
-            .map(|l| l.iter().map(|l| l.counts()).collect())
-            .unwrap_or_default();
-        for (name, kind, help, value) in [
-            (
-                "hybridge_listener_connections",
-                "gauge",
-                "Caller connections open, by listener.",
-                (|c: &crate::listener::ListenerCounts| c.open as u64)
-                    as fn(&crate::listener::ListenerCounts) -> u64,
-            ),
-            (
-                "hybridge_listener_connections_refused_total",
-                "counter",
-                "Connections closed on accept because the listener held its maximum.",
-                |c| c.refused,
-            ),
-            (
-                "hybridge_listener_accept_errors_total",
-                "counter",
-                "Failed accepts (such as running out of file descriptors), by listener.",
-                |c| c.accept_errors,
-            ),
-            (
-                "hybridge_listener_idle_closed_total",
-                "counter",
-                "Connections closed after the idle timeout with no request in flight.",
-                |c| c.idle_closed,
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            for counts in &listeners {
-                let _ = writeln!(
-                    out,
-                    "{name}{{listener=\"{}\"}} {}",
-                    escape(&counts.name),
-                    value(counts)
-                );
-            }
-        }
+        counter(
+            encoder,
+            "hybridge_request_bytes_total",
+            "Request body bytes received from callers or the tunnel.",
+            services
+                .iter()
+                .map(|(l, s)| (l.clone(), s.bytes_in.load(Ordering::Relaxed))),
+        )?;
+        counter(
+            encoder,
+            "hybridge_response_bytes_total",
+            "Response body bytes sent back.",
+            services
+                .iter()
+                .map(|(l, s)| (l.clone(), s.bytes_out.load(Ordering::Relaxed))),
+        )?;
+        gauge(
+            encoder,
+            "hybridge_active_requests",
+            "Requests in flight.",
+            services.iter().map(|(l, s)| (l.clone(), s.active())),
+        )?;
+        let (connects, disconnects) = {
+            let t = lock(&self.tunnel);
+            (t.connects.clone(), t.disconnects.clone())
+        };
+        counter(
+            encoder,
+            "hybridge_tunnel_connects_total",
+            "Tunnel connections established, by the peer's site.",
+            connects
+                .into_iter()
+                .map(|(site, n)| (SiteLabels { site }, n)),
+        )?;
+        counter(
+            encoder,
+            "hybridge_tunnel_disconnects_total",
+            "Tunnel connections lost, by the peer's site and reason.",
+            disconnects
+                .into_iter()
+                .map(|((site, reason), n)| (DisconnectLabels { site, reason }, n)),
+        )?;
+        // Every reason, zero or not: the set is small and fixed, and an attack then changes
+        // values, never the series.
+        counter(
+            encoder,
+            "hybridge_tunnel_handshake_failures_total",
+            "Failed tunnel handshakes, by reason.",
+            HandshakeFailure::ALL
+                .into_iter()
+                .map(|reason| (HandshakeLabels { reason }, self.handshake_failures(reason))),
+        )?;
+        let mut refused = encoder.encode_descriptor(
+            "hybridge_tunnel_exports_refused",
+            "Service announcements ignored because the peer's site may not serve the service.",
+            None,
+            MetricType::Counter,
+        )?;
+        refused.encode_counter::<NoLabelSet, u64, u64>(&self.exports_refused(), None)?;
+        let listeners: Vec<ListenerCounts> =
+            lock(&self.listeners).iter().map(|l| l.counts()).collect();
+        let by_listener = |pick: fn(&ListenerCounts) -> u64| {
+            listeners.iter().map(move |c| {
+                (
+                    ListenerLabels {
+                        listener: Arc::from(c.name.as_str()),
+                    },
+                    pick(c),
+                )
+            })
+        };
+        gauge(
+            encoder,
+            "hybridge_listener_connections",
+            "Caller connections open, by listener.",
+            by_listener(|c| c.open as u64),
+        )?;
+        counter(
+            encoder,
+            "hybridge_listener_connections_refused_total",
+            "Connections closed on accept because the listener held its maximum.",
+            by_listener(|c| c.refused),
+        )?;
+        counter(
+            encoder,
+            "hybridge_listener_accept_errors_total",
+            "Failed accepts (such as running out of file descriptors), by listener.",
+            by_listener(|c| c.accept_errors),
+        )?;
+        counter(
+            encoder,
+            "hybridge_listener_idle_closed_total",
+            "Connections closed after the idle timeout with no request in flight.",
+            by_listener(|c| c.idle_closed),
+        )?;
+        Ok(())
     }
 }
 
-/// Escapes a Prometheus label value.
-pub fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// Encodes one counter family. `name` is the sample name (`…_total`), as dashboards query it.
+pub fn counter<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &'static str,
+    help: &str,
+    series: impl IntoIterator<Item = (L, u64)>,
+) -> Result<(), std::fmt::Error> {
+    // The encoder appends `_total` to a counter's name.
+    let family_name = name.strip_suffix("_total").unwrap_or(name);
+    let mut family = encoder.encode_descriptor(family_name, help, None, MetricType::Counter)?;
+    for (labels, value) in series {
+        family
+            .encode_family(&labels)?
+            .encode_counter::<NoLabelSet, u64, u64>(&value, None)?;
+    }
+    Ok(())
 }
 
-/// Keeps label values readable and bounded: the innermost reason of a nested rustls/quinn
-/// error (`… invalid peer certificate: Other(OtherError(certificate revoked …))` becomes
-/// `certificate revoked …`), at most 120 characters.
-pub fn short_reason(reason: &str) -> String {
-    let inner = match reason.rfind("OtherError(") {
-        Some(at) => {
-            let rest = &reason[at + "OtherError(".len()..];
-            rest.strip_suffix("))").unwrap_or(rest)
-        }
-        None => reason.rsplit(": ").next().unwrap_or(reason),
-    };
-    inner.chars().take(120).collect()
+/// Encodes one gauge family.
+pub fn gauge<L: EncodeLabelSet, V: prometheus_client::encoding::EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &'static str,
+    help: &str,
+    series: impl IntoIterator<Item = (L, V)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in series {
+        family.encode_family(&labels)?.encode_gauge(&value)?;
+    }
+    Ok(())
+}
+
+/// Encodes one gauge without labels.
+pub fn single_gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &'static str,
+    help: &str,
+    value: V,
+) -> Result<(), std::fmt::Error> {
+    let mut family: MetricEncoder<'_> =
+        encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    family.encode_gauge(&value)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn reasons_are_reduced_to_their_core() {
-        assert_eq!(
-            short_reason(
-                "the cryptographic handshake failed: error 46: invalid peer certificate: Other(OtherError(certificate not issued by the hybridge CA))"
-            ),
-            "certificate not issued by the hybridge CA"
-        );
-        assert_eq!(short_reason("timed out"), "timed out");
-        assert_eq!(
-            short_reason("handshake with 1.2.3.4:5: aborted by peer: error 46"),
-            "error 46"
-        );
+    /// The families of `metrics` as Prometheus text.
+    fn text(metrics: &Arc<Metrics>) -> String {
+        #[derive(Debug)]
+        struct Only(Arc<Metrics>);
+        impl prometheus_client::collector::Collector for Only {
+            fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+                self.0.encode(&mut encoder)
+            }
+        }
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(Only(metrics.clone())));
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+            .expect("encoding into a String cannot fail");
+        out
     }
 
     #[test]
     fn histogram_and_classes_are_rendered() {
-        let m = Metrics::default();
+        let m = Arc::new(Metrics::default());
+        m.register_services(Side::Import, ["billing"]);
         let s = m.service(Side::Import, "billing");
         s.responded(200, Duration::from_micros(700));
         s.responded(503, Duration::from_secs(20));
-        let mut out = String::new();
-        m.render(&mut out);
+        s.bridge_error(Reason::NoRoute);
+        let out = text(&m);
+        for line in [
+            "hybridge_requests_total{side=\"import\",service=\"billing\",class=\"2xx\"} 1",
+            "hybridge_requests_total{side=\"import\",service=\"billing\",class=\"5xx\"} 1",
+            "hybridge_request_duration_seconds_bucket{side=\"import\",service=\"billing\",le=\"0.001\"} 1",
+            "hybridge_request_duration_seconds_bucket{side=\"import\",service=\"billing\",le=\"10\"} 1",
+            "hybridge_request_duration_seconds_bucket{side=\"import\",service=\"billing\",le=\"+Inf\"} 2",
+            "hybridge_bridge_errors_total{side=\"import\",service=\"billing\",reason=\"no-route\"} 1",
+            "hybridge_tunnel_handshake_failures_total{reason=\"expired\"} 0",
+            "hybridge_tunnel_exports_refused_total 0",
+            "# TYPE hybridge_requests_total counter",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing from:\n{out}");
+        }
+    }
+
+    #[test]
+    fn names_that_are_not_configured_share_one_series() {
+        let m = Arc::new(Metrics::default());
+        m.register_services(Side::Export, ["inventory"]);
+        for hostile in ["a\"b", "x\ny", "back\\slash", "inventory2"] {
+            m.service(Side::Export, hostile)
+                .responded(403, Duration::ZERO);
+        }
+        m.service(Side::Export, "inventory")
+            .responded(200, Duration::ZERO);
+        let out = text(&m);
+        assert!(!out.contains("a\\\"b") && !out.contains("x\\ny") && !out.contains("inventory2"));
         assert!(out.contains(
-            "hybridge_requests_total{side=\"import\",service=\"billing\",class=\"2xx\"} 1"
+            "hybridge_requests_total{side=\"export\",service=\"unknown\",class=\"4xx\"} 4"
         ));
         assert!(out.contains(
-            "hybridge_requests_total{side=\"import\",service=\"billing\",class=\"5xx\"} 1"
+            "hybridge_requests_total{side=\"export\",service=\"inventory\",class=\"2xx\"} 1"
         ));
-        assert!(out.contains("hybridge_request_duration_seconds_bucket{side=\"import\",service=\"billing\",le=\"0.001\"} 1"));
-        assert!(out.contains("hybridge_request_duration_seconds_bucket{side=\"import\",service=\"billing\",le=\"10\"} 1"));
-        assert!(out.contains("hybridge_request_duration_seconds_bucket{side=\"import\",service=\"billing\",le=\"+Inf\"} 2"));
+        // A name the configuration names is registered on first use, and only then.
+        let stats = m.service_if(Side::Import, "ledger", || true);
+        stats.responded(200, Duration::ZERO);
+        m.service_if(Side::Import, "nope", || false)
+            .responded(200, Duration::ZERO);
+        let out = text(&m);
+        assert!(out.contains(
+            "hybridge_requests_total{side=\"import\",service=\"ledger\",class=\"2xx\"} 1"
+        ));
+        assert!(out.contains(
+            "hybridge_requests_total{side=\"import\",service=\"unknown\",class=\"2xx\"} 1"
+        ));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Arc::new(Metrics::default());
+        m.register_services(Side::Import, ["we\"ird\\name\n"]);
+        m.tunnel_connected("si\"te");
+        let out = text(&m);
+        assert!(
+            out.contains("service=\"we\\\"ird\\\\name\\n\""),
+            "unescaped label in:\n{out}"
+        );
+        assert!(out.contains("hybridge_tunnel_connects_total{site=\"si\\\"te\"} 1"));
     }
 }

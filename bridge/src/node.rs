@@ -27,10 +27,12 @@ use crate::http::export::{self, ExportContext};
 use crate::http::import::{self, ImportContext, ListenerSpec, ListenerTarget};
 use crate::http::path::EscapedSlashes;
 use crate::listener::ListenerLimits;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Side};
 use crate::trust::{Trust, TrustUpdates};
 use crate::tunnel::connection::TunnelConnection;
 use crate::tunnel::control::ControlMessage;
+use crate::tunnel::handshake::{RejectionSlot, observed_server};
+use crate::tunnel::outcome::HandshakeFailure;
 use crate::tunnel::peers::{Direction, PeerSet};
 use crate::tunnel::quic::{self, TransportTuning};
 use crate::tunnel::serving::ServingPolicy;
@@ -101,7 +103,10 @@ pub struct Node {
     stop_tunnels: CancellationToken,
     stop_rest: CancellationToken,
     /// Dialing TLS config per peer address, swapped on reload.
-    peer_clients: Vec<(String, Arc<ArcSwap<quinn::ClientConfig>>)>,
+    peer_clients: Vec<(String, Arc<ArcSwap<quic::DialConfig>>)>,
+    /// The tunnel listener's config, from which each incoming connection gets its own
+    /// (see `tunnel::handshake`); swapped on reload.
+    tunnel_server: Option<Arc<ArcSwap<quinn::ServerConfig>>>,
     /// The remote admin listener's TLS config (certificate, CA, CRL), swapped on reload.
     admin_remote_tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     /// The admin socket's file, removed when the node is gone.
@@ -277,6 +282,7 @@ impl Node {
             format!("opening policy store {}", config.database_path().display())
         })?;
         let metrics = Arc::new(Metrics::default());
+        count_configured_services(&metrics, &acl, &config);
         let stop_rest = CancellationToken::new();
 
         let mut services = HashMap::new();
@@ -541,13 +547,17 @@ impl Node {
             }),
         });
 
-        if tunnel_addr.is_some() {
+        let tunnel_server = server_config
+            .clone()
+            .map(|config| Arc::new(ArcSwap::from_pointee(config)));
+        if let (Some(_), Some(tunnel_server)) = (tunnel_addr, &tunnel_server) {
             for (worker, endpoint) in endpoints.iter().enumerate() {
                 workers.spawn_on(
                     worker,
                     &background,
                     accept_loop(
                         endpoint.clone(),
+                        Arc::clone(tunnel_server),
                         session_ctx.clone(),
                         metrics.clone(),
                         stop_tunnels.clone(),
@@ -571,7 +581,7 @@ impl Node {
                     sites: expected_sites,
                 },
             };
-            let client = Arc::new(ArcSwap::from_pointee(quic::client_config(
+            let client = Arc::new(ArcSwap::from_pointee(quic::DialConfig::new(
                 &material, expect, &tuning,
             )?));
             peer_clients.push((peer.address.clone(), client.clone()));
@@ -655,6 +665,7 @@ impl Node {
             stop_tunnels,
             stop_rest,
             peer_clients,
+            tunnel_server,
             admin_remote_tls,
             admin_socket,
             listener_specs,
@@ -803,7 +814,7 @@ impl Node {
             };
             clients.push((
                 slot.clone(),
-                quic::client_config(&material, expect, &self.tuning)?,
+                quic::DialConfig::new(&material, expect, &self.tuning)?,
             ));
         }
         let admin_remote_tls = match &self.admin_remote_tls {
@@ -849,6 +860,9 @@ impl Node {
             for endpoint in &self.endpoints {
                 endpoint.set_server_config(Some(server.clone()));
             }
+            if let Some(current) = &self.tunnel_server {
+                current.store(Arc::new(server));
+            }
         }
         if let Some(import_tls) = import_tls {
             for spec in &self.listener_specs {
@@ -866,6 +880,7 @@ impl Node {
         if let Some((slot, tls)) = admin_remote_tls {
             slot.store(Arc::new(tls));
         }
+        count_configured_services(&self.state.metrics, &self.state.acl, &new);
         self.state.export.services.store(Arc::new(services));
         self.state.serving.reconfigure(&new);
         self.state
@@ -951,8 +966,19 @@ impl Node {
     }
 }
 
+/// Gives the services `config` names their own metric series and ACL decision counters; any
+/// other name a peer or caller sends is counted as `unknown` (see `metrics`).
+fn count_configured_services(metrics: &Metrics, acl: &AclService, config: &Config) {
+    let exports = || config.exports.iter().map(|e| e.name.as_str());
+    let imports = || config.imports.iter().map(|i| i.service.as_str());
+    metrics.register_services(Side::Export, exports());
+    metrics.register_services(Side::Import, imports());
+    acl.count_destinations(exports().chain(imports()));
+}
+
 async fn accept_loop(
     endpoint: quinn::Endpoint,
+    server_config: Arc<ArcSwap<quinn::ServerConfig>>,
     ctx: Arc<SessionContext>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
@@ -967,9 +993,19 @@ async fn accept_loop(
             () = cancel.cancelled() => break,
         };
         let (ctx, metrics, cancel) = (ctx.clone(), metrics.clone(), cancel.clone());
+        let remote = incoming.remote_address();
+        let rejection = RejectionSlot::default();
+        let connecting =
+            match incoming.accept_with(Arc::new(observed_server(&server_config.load(), &rejection))) {
+                Ok(connecting) => connecting,
+                Err(e) => {
+                    metrics.handshake_failed(HandshakeFailure::Protocol);
+                    warn!(%remote, error = %e, "tunnel connection refused before its handshake");
+                    continue;
+                }
+            };
         tasks.spawn(async move {
-            let remote = incoming.remote_address();
-            match incoming.await {
+            match connecting.await {
                 Ok(connection) => {
                     session::run(
                         TunnelConnection::Quic(connection),
@@ -980,8 +1016,16 @@ async fn accept_loop(
                     .await;
                 }
                 Err(e) => {
-                    metrics.handshake_failed(&e.to_string());
-                    warn!(%remote, error = %e, "tunnel handshake refused");
+                    // The count takes the reason; the detail (serial, dates) goes to the log.
+                    let rejected = rejection.take();
+                    let reason = HandshakeFailure::of_connection_error(&e, rejected.as_ref());
+                    metrics.handshake_failed(reason);
+                    match rejected {
+                        Some(rejected) => {
+                            warn!(%remote, %reason, error = %rejected, "tunnel handshake refused")
+                        }
+                        None => warn!(%remote, %reason, error = %e, "tunnel handshake refused"),
+                    }
                 }
             }
         });

@@ -31,29 +31,117 @@ pub enum PeerRole {
     Server,
 }
 
-/// A failed peer check; its text names the check. Debug prints the same text, because
-/// rustls renders `CertificateError::Other` with `{:?}`.
+/// Which check a peer's certificate failed: a closed set a caller can count and act on
+/// without reading the message (which carries details such as the serial).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RejectionKind {
+    /// Not issued by a CA in the bundle (unknown issuer, or a signature the CA key does not
+    /// verify).
+    UnknownCa,
+    /// Past its notAfter.
+    Expired,
+    /// Before its notBefore.
+    NotYetValid,
+    /// Listed by a CRL in force.
+    Revoked,
+    /// Lacks the extended key usage for its side of the handshake.
+    BadEku,
+    /// No usable SPIFFE id, or one of the wrong kind or trust domain.
+    WrongIdentity,
+    /// A node certificate of the right trust domain, but of a site this side does not accept.
+    WrongSite,
+    /// Unparseable, or refused by the chain check for another reason.
+    Malformed,
+}
+
+impl RejectionKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [RejectionKind; 8] = [
+        Self::UnknownCa,
+        Self::Expired,
+        Self::NotYetValid,
+        Self::Revoked,
+        Self::BadEku,
+        Self::WrongIdentity,
+        Self::WrongSite,
+        Self::Malformed,
+    ];
+}
+
+/// A failed peer check: which one (`kind`) and a message naming it with its details. Debug
+/// prints the message, because rustls renders `CertificateError::Other` with `{:?}`.
 #[derive(Clone)]
-pub struct PeerRejected(pub String);
+pub struct PeerRejected {
+    /// The check that failed.
+    pub kind: RejectionKind,
+    /// What failed, for logs (may name the certificate's serial and dates).
+    pub message: String,
+}
+
+impl PeerRejected {
+    /// A rejection of `kind`, described by `message`.
+    pub fn new(kind: RejectionKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
 
 impl fmt::Display for PeerRejected {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
 impl fmt::Debug for PeerRejected {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
 impl std::error::Error for PeerRejected {}
 
-fn reject(message: String) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(PeerRejected(
-        message,
-    )))))
+/// The rejection inside a rustls error, if a hybridge verifier made it.
+pub fn rejection_of(error: &rustls::Error) -> Option<&PeerRejected> {
+    match error {
+        rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
+            other.0.downcast_ref::<PeerRejected>()
+        }
+        _ => None,
+    }
+}
+
+thread_local! {
+    /// Set while [`capture_rejection`] runs on this thread: where verifiers report.
+    static CAPTURE: std::cell::RefCell<Option<Option<PeerRejected>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` and returns what it returned with the last rejection a hybridge verifier made
+/// while it ran on this thread. rustls runs verifiers synchronously inside the call that
+/// processes the peer's handshake message, so wrapping that call attributes a rejection to
+/// exactly the handshake that caused it, which the error rustls returns (a TLS alert and a
+/// text) no longer can.
+pub fn capture_rejection<R>(f: impl FnOnce() -> R) -> (R, Option<PeerRejected>) {
+    let outer = CAPTURE.with(|slot| slot.borrow_mut().replace(None));
+    let result = f();
+    let captured = CAPTURE.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        let captured = slot.take().flatten();
+        *slot = outer;
+        captured
+    });
+    (result, captured)
+}
+
+fn reject(rejection: PeerRejected) -> rustls::Error {
+    CAPTURE.with(|slot| {
+        if let Some(captured) = slot.borrow_mut().as_mut() {
+            *captured = Some(rejection.clone());
+        }
+    });
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(rejection))))
 }
 
 fn unix_to_text(secs: u64) -> String {
@@ -125,9 +213,8 @@ impl PeerPolicy {
     ) -> Result<SpiffeId, rustls::Error> {
         let serial = X509Certificate::from_der(end_entity.as_ref())
             .map(|(_, c)| hex::encode(c.raw_serial()))
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        let cert = EndEntityCert::try_from(end_entity)
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+            .map_err(|_| malformed())?;
+        let cert = EndEntityCert::try_from(end_entity).map_err(|_| malformed())?;
         let crl_refs: Vec<&CertRevocationList<'_>> = self.crls.iter().collect();
         let revocation = match RevocationOptionsBuilder::new(&crl_refs) {
             // Every certificate hybridge issues is a leaf directly under the CA, so only the
@@ -160,44 +247,76 @@ impl PeerPolicy {
         )
         .map_err(|e| reject(describe_webpki_error(e, &serial, role)))?;
 
-        let id = spiffe_id_of(end_entity).map_err(|e| reject(e.to_string()))?;
+        let id = spiffe_id_of(end_entity)
+            .map_err(|e| reject(PeerRejected::new(RejectionKind::WrongIdentity, e.to_string())))?;
         check_expectation(&self.expect, &id).map_err(reject)?;
         Ok(id)
     }
 }
 
-fn describe_webpki_error(e: webpki::Error, serial: &str, role: PeerRole) -> String {
+fn malformed() -> rustls::Error {
+    reject(PeerRejected::new(
+        RejectionKind::Malformed,
+        "certificate is not valid X.509",
+    ))
+}
+
+fn describe_webpki_error(e: webpki::Error, serial: &str, role: PeerRole) -> PeerRejected {
     use webpki::Error as E;
-    match e {
-        E::UnknownIssuer => "certificate not issued by the hybridge CA".into(),
-        E::CertRevoked => format!("certificate revoked (serial {serial})"),
-        E::CertExpired { not_after, .. } => format!(
-            "certificate expired (serial {serial}, not valid after {})",
-            unix_to_text(not_after.as_secs())
+    let (kind, message) = match e {
+        E::UnknownIssuer => (
+            RejectionKind::UnknownCa,
+            "certificate not issued by the hybridge CA".to_owned(),
         ),
-        E::CertNotValidYet { not_before, .. } => format!(
-            "certificate not valid yet (serial {serial}, not valid before {})",
-            unix_to_text(not_before.as_secs())
+        E::CertRevoked => (
+            RejectionKind::Revoked,
+            format!("certificate revoked (serial {serial})"),
         ),
-        E::RequiredEkuNotFoundContext(_) => format!(
-            "certificate lacks the {} extended key usage",
-            match role {
-                PeerRole::Client => "clientAuth",
-                PeerRole::Server => "serverAuth",
-            }
+        E::CertExpired { not_after, .. } => (
+            RejectionKind::Expired,
+            format!(
+                "certificate expired (serial {serial}, not valid after {})",
+                unix_to_text(not_after.as_secs())
+            ),
+        ),
+        E::CertNotValidYet { not_before, .. } => (
+            RejectionKind::NotYetValid,
+            format!(
+                "certificate not valid yet (serial {serial}, not valid before {})",
+                unix_to_text(not_before.as_secs())
+            ),
+        ),
+        E::RequiredEkuNotFoundContext(_) => (
+            RejectionKind::BadEku,
+            format!(
+                "certificate lacks the {} extended key usage",
+                match role {
+                    PeerRole::Client => "clientAuth",
+                    PeerRole::Server => "serverAuth",
+                }
+            ),
         ),
         // An issuer with the CA's name but another key (e.g. a second CA for the same
         // trust domain) fails here rather than with UnknownIssuer.
-        E::InvalidSignatureForPublicKey => {
+        E::InvalidSignatureForPublicKey => (
+            RejectionKind::UnknownCa,
             "certificate not issued by the hybridge CA (signature does not verify with the CA key)"
-                .into()
-        }
-        other => format!("certificate chain check failed: {other}"),
-    }
+                .to_owned(),
+        ),
+        other => (
+            RejectionKind::Malformed,
+            format!("certificate chain check failed: {other}"),
+        ),
+    };
+    PeerRejected::new(kind, message)
 }
 
 /// Compares a verified peer id with what this connection expects.
-pub(crate) fn check_expectation(expect: &PeerExpectation, id: &SpiffeId) -> Result<(), String> {
+pub(crate) fn check_expectation(
+    expect: &PeerExpectation,
+    id: &SpiffeId,
+) -> Result<(), PeerRejected> {
+    let wrong = |message: String| Err(PeerRejected::new(RejectionKind::WrongIdentity, message));
     match expect {
         PeerExpectation::NodeOfSites {
             trust_domain,
@@ -214,7 +333,13 @@ pub(crate) fn check_expectation(expect: &PeerExpectation, id: &SpiffeId) -> Resu
                     site,
                     ..
                 } if td == trust_domain && (sites.is_empty() || sites.contains(site)) => Ok(()),
-                _ => Err(format!(
+                SpiffeId::Node {
+                    trust_domain: td, ..
+                } if td == trust_domain => Err(PeerRejected::new(
+                    RejectionKind::WrongSite,
+                    format!("peer is {id} but expected {wanted} in trust domain {trust_domain}"),
+                )),
+                _ => wrong(format!(
                     "peer is {id} but expected {wanted} in trust domain {trust_domain}"
                 )),
             }
@@ -223,7 +348,7 @@ pub(crate) fn check_expectation(expect: &PeerExpectation, id: &SpiffeId) -> Resu
             SpiffeId::Service {
                 trust_domain: td, ..
             } if td == trust_domain => Ok(()),
-            _ => Err(format!(
+            _ => wrong(format!(
                 "peer is {id} but expected a service in trust domain {trust_domain}"
             )),
         },
@@ -231,7 +356,7 @@ pub(crate) fn check_expectation(expect: &PeerExpectation, id: &SpiffeId) -> Resu
             SpiffeId::Admin {
                 trust_domain: td, ..
             } if td == trust_domain => Ok(()),
-            _ => Err(format!(
+            _ => wrong(format!(
                 "peer is {id} but expected an administrator (spiffe://{trust_domain}/admin/NAME)"
             )),
         },
@@ -239,7 +364,7 @@ pub(crate) fn check_expectation(expect: &PeerExpectation, id: &SpiffeId) -> Resu
             if want == id {
                 Ok(())
             } else {
-                Err(format!("peer is {id} but expected {want}"))
+                wrong(format!("peer is {id} but expected {want}"))
             }
         }
     }
@@ -356,14 +481,40 @@ mod tests {
             sites: vec!["onprem".into()],
         };
         assert!(check_expectation(&expect, &node("onprem")).is_ok());
+        let other_site = check_expectation(&expect, &node("cloud")).unwrap_err();
         assert_eq!(
-            check_expectation(&expect, &node("cloud")).unwrap_err(),
+            other_site.to_string(),
             "peer is spiffe://td/site/cloud/node/a but expected a node of site onprem in trust domain td"
         );
+        assert_eq!(other_site.kind, RejectionKind::WrongSite);
         let svc = SpiffeId::service("td", "s").unwrap();
-        assert!(check_expectation(&expect, &svc).is_err());
+        assert_eq!(
+            check_expectation(&expect, &svc).unwrap_err().kind,
+            RejectionKind::WrongIdentity
+        );
         let other_td = SpiffeId::node("other", "onprem", "a").unwrap();
-        assert!(check_expectation(&expect, &other_td).is_err());
+        assert_eq!(
+            check_expectation(&expect, &other_td).unwrap_err().kind,
+            RejectionKind::WrongIdentity
+        );
+    }
+
+    #[test]
+    fn rejections_are_captured_on_the_thread_that_made_them() {
+        let (error, captured) = capture_rejection(malformed);
+        assert_eq!(
+            rejection_of(&error).map(|r| r.kind),
+            Some(RejectionKind::Malformed)
+        );
+        assert_eq!(captured.map(|r| r.kind), Some(RejectionKind::Malformed));
+        // Outside a capture nothing is kept; a nested capture leaves the outer one intact.
+        drop(malformed());
+        let ((), outer) = capture_rejection(|| {
+            drop(reject(PeerRejected::new(RejectionKind::Revoked, "r")));
+            let ((), inner) = capture_rejection(|| ());
+            assert!(inner.is_none());
+        });
+        assert_eq!(outer.map(|r| r.kind), Some(RejectionKind::Revoked));
     }
 
     #[test]
@@ -380,7 +531,7 @@ mod tests {
         let alice = SpiffeId::admin("td", "alice").unwrap();
         assert!(check_expectation(&admin, &alice).is_ok());
         assert_eq!(
-            check_expectation(&admin, &svc).unwrap_err(),
+            check_expectation(&admin, &svc).unwrap_err().to_string(),
             "peer is spiffe://td/svc/s but expected an administrator (spiffe://td/admin/NAME)"
         );
         assert!(check_expectation(&admin, &node("x")).is_err());
@@ -389,7 +540,9 @@ mod tests {
         let exact = PeerExpectation::Exact(svc.clone());
         assert!(check_expectation(&exact, &svc).is_ok());
         assert_eq!(
-            check_expectation(&exact, &SpiffeId::service("td", "t").unwrap()).unwrap_err(),
+            check_expectation(&exact, &SpiffeId::service("td", "t").unwrap())
+                .unwrap_err()
+                .to_string(),
             "peer is spiffe://td/svc/t but expected spiffe://td/svc/s"
         );
     }

@@ -15,66 +15,90 @@ use super::error::AclError;
 use super::model::{Action, ExportDeclaration, PolicySpec, Rule, RuleSpec};
 use super::snapshot::{AclSnapshot, Decision, Explanation};
 use super::store::{AclStore, ApplyDiff, AuditEntry, resolve_ids};
-
-/// Destinations counted separately before the rest share [`OTHER_DESTINATIONS`]; keeps the
-/// metrics label set bounded whatever names callers send.
-const MAX_COUNTED_DESTINATIONS: usize = 1024;
-/// Label under which destinations beyond the cap are counted.
-pub const OTHER_DESTINATIONS: &str = "_other";
+use crate::metrics::UNKNOWN_SERVICE;
 
 type CounterMap = HashMap<Arc<str>, Arc<[AtomicU64; 2]>>;
 
-/// Allow/deny counters per destination. Reads and increments are lock-free; a destination seen
-/// for the first time copies the map under a mutex (rare).
-#[derive(Default)]
+/// Allow/deny counters: a pair per destination the node is configured with or its policy
+/// names, and one pair shared by every other name a request carries ([`UNKNOWN_SERVICE`]),
+/// so a caller or peer sending made-up names adds no series. Reads and increments are
+/// lock-free; a newly counted destination copies the map under a mutex (rare, and bounded by
+/// what operators configure).
 struct DecisionCounters {
     map: ArcSwap<CounterMap>,
+    unknown: [AtomicU64; 2],
     insert_lock: Mutex<()>,
 }
 
+impl Default for DecisionCounters {
+    fn default() -> Self {
+        Self {
+            map: ArcSwap::from_pointee(HashMap::new()),
+            unknown: [AtomicU64::new(0), AtomicU64::new(0)],
+            insert_lock: Mutex::new(()),
+        }
+    }
+}
+
+fn slot(action: Action) -> usize {
+    match action {
+        Action::Allow => 0,
+        Action::Deny => 1,
+    }
+}
+
 impl DecisionCounters {
-    fn record(&self, destination: &str, action: Action) {
-        let slot = match action {
-            Action::Allow => 0,
-            Action::Deny => 1,
-        };
+    /// Counts a decision; `named` says whether the policy deciding it names the destination
+    /// (asked only for a destination not counted yet).
+    fn record(&self, destination: &str, action: Action, named: impl FnOnce() -> bool) {
         if let Some(counters) = self.map.load().get(destination) {
-            counters[slot].fetch_add(1, Ordering::Relaxed);
+            counters[slot(action)].fetch_add(1, Ordering::Relaxed);
             return;
         }
+        if !named() {
+            self.unknown[slot(action)].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.add([destination]);
+        match self.map.load().get(destination) {
+            Some(counters) => counters[slot(action)].fetch_add(1, Ordering::Relaxed),
+            None => self.unknown[slot(action)].fetch_add(1, Ordering::Relaxed),
+        };
+    }
+
+    /// Counts `destinations` under their own names from now on.
+    fn add<'a>(&self, destinations: impl IntoIterator<Item = &'a str>) {
         let _guard = lock(&self.insert_lock);
         let current = self.map.load_full();
-        let key: &str =
-            if current.contains_key(destination) || current.len() < MAX_COUNTED_DESTINATIONS {
-                destination
-            } else {
-                OTHER_DESTINATIONS
-            };
-        let counters = match current.get(key) {
-            Some(counters) => counters.clone(),
-            None => {
-                let counters: Arc<[AtomicU64; 2]> =
-                    Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
-                let mut next = (*current).clone();
-                next.insert(Arc::from(key), counters.clone());
-                self.map.store(Arc::new(next));
-                counters
-            }
-        };
-        counters[slot].fetch_add(1, Ordering::Relaxed);
+        let new: Vec<&str> = destinations
+            .into_iter()
+            .filter(|d| !current.contains_key(*d))
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        let mut next = (*current).clone();
+        for destination in new {
+            next.entry(Arc::from(destination))
+                .or_insert_with(|| Arc::new([AtomicU64::new(0), AtomicU64::new(0)]));
+        }
+        self.map.store(Arc::new(next));
     }
 
     fn snapshot(&self) -> Vec<((String, Action), u64)> {
         let mut out = Vec::new();
-        for (destination, counters) in self.map.load().iter() {
-            out.push((
-                (destination.to_string(), Action::Allow),
-                counters[0].load(Ordering::Relaxed),
-            ));
-            out.push((
-                (destination.to_string(), Action::Deny),
-                counters[1].load(Ordering::Relaxed),
-            ));
+        let counted = self.map.load();
+        let pairs = counted
+            .iter()
+            .map(|(destination, counters)| (destination.to_string(), &counters[..]))
+            .chain([(UNKNOWN_SERVICE.to_owned(), &self.unknown[..])]);
+        for (destination, counters) in pairs {
+            for action in [Action::Allow, Action::Deny] {
+                out.push((
+                    (destination.clone(), action),
+                    counters[slot(action)].load(Ordering::Relaxed),
+                ));
+            }
         }
         out.sort();
         out
@@ -143,11 +167,11 @@ impl AclService {
         method: &str,
         path: &str,
     ) -> Decision {
-        let decision = self
-            .current
-            .load()
-            .decide(site, source, destination, method, path);
-        self.counters.record(destination, decision.action);
+        let snapshot = self.current.load();
+        let decision = snapshot.decide(site, source, destination, method, path);
+        self.counters.record(destination, decision.action, || {
+            snapshot.names_destination(destination)
+        });
         if !decision.allowed()
             && let Some(suppressed) =
                 self.deny_log
@@ -280,6 +304,13 @@ impl AclService {
         self.current
             .load()
             .explain(site, source, destination, method, path)
+    }
+
+    /// Counts decisions on `destinations` (the node's configured imports and exports) under
+    /// their own names; others are counted under their name only while a policy names them,
+    /// and under [`UNKNOWN_SERVICE`] otherwise.
+    pub fn count_destinations<'a>(&self, destinations: impl IntoIterator<Item = &'a str>) {
+        self.counters.add(destinations);
     }
 
     /// Decisions so far per (destination, action), sorted, for `/metrics`.
@@ -419,13 +450,16 @@ action = "deny"
         assert_eq!(svc.version(), 2);
         assert_eq!(before.version(), 1, "old snapshots are immutable");
         assert_eq!(svc.list().len(), 1);
+        // The first decision came before any policy named `billing`: counted as unknown.
         assert_eq!(
             svc.decision_counts(),
             vec![
                 (("billing".to_string(), Action::Allow), 1),
-                (("billing".to_string(), Action::Deny), 2),
+                (("billing".to_string(), Action::Deny), 1),
                 (("payments-admin".to_string(), Action::Allow), 0),
                 (("payments-admin".to_string(), Action::Deny), 1),
+                (("unknown".to_string(), Action::Allow), 0),
+                (("unknown".to_string(), Action::Deny), 1),
             ]
         );
         Ok(())
@@ -457,13 +491,25 @@ action = "deny"
     }
 
     #[test]
-    fn counters_cap_distinct_destinations() {
+    fn destinations_neither_configured_nor_named_share_one_pair() {
         let counters = DecisionCounters::default();
-        for i in 0..MAX_COUNTED_DESTINATIONS + 10 {
-            counters.record(&format!("svc-{i}"), Action::Deny);
+        counters.add(["inventory"]);
+        for i in 0..1_000 {
+            counters.record(&format!("svc-{i}"), Action::Deny, || false);
         }
-        let counts = counters.snapshot();
-        assert_eq!(counts.len(), 2 * (MAX_COUNTED_DESTINATIONS + 1));
-        assert!(counts.contains(&((OTHER_DESTINATIONS.to_string(), Action::Deny), 10)));
+        counters.record("a\"b", Action::Allow, || false);
+        counters.record("inventory", Action::Allow, || false);
+        counters.record("ledger", Action::Allow, || true);
+        assert_eq!(
+            counters.snapshot(),
+            vec![
+                (("inventory".to_string(), Action::Allow), 1),
+                (("inventory".to_string(), Action::Deny), 0),
+                (("ledger".to_string(), Action::Allow), 1),
+                (("ledger".to_string(), Action::Deny), 0),
+                ((UNKNOWN_SERVICE.to_string(), Action::Allow), 1),
+                ((UNKNOWN_SERVICE.to_string(), Action::Deny), 1_000),
+            ]
+        );
     }
 }

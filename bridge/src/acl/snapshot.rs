@@ -185,6 +185,12 @@ impl AclSnapshot {
         out
     }
 
+    /// Whether a rule names `service` as its destination or an export declaration names it:
+    /// names that come from the operator, not from a request.
+    pub fn names_destination(&self, service: &str) -> bool {
+        self.by_destination.contains_key(service) || self.exports.contains_key(service)
+    }
+
     /// Whether a node of `site` may serve `service`: `Some(answer)` when the policy declares
     /// the service, `None` when it does not (the node's configuration then decides).
     pub fn may_serve(&self, service: &str, site: &str) -> Option<bool> {

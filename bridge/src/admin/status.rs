@@ -2,11 +2,14 @@
 //!
 //! Read-only views over node state; formatting only.
 
-use std::fmt::Write as _;
+use std::sync::Arc;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, prometheus_text};
+use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 
-use crate::metrics::escape;
+use crate::metrics::{counter, gauge, single_gauge};
 use crate::node::NodeState;
 
 /// The `/v1/status` JSON document.
@@ -77,163 +80,204 @@ pub fn status_json(state: &NodeState) -> Value {
     })
 }
 
-/// The `/metrics` Prometheus text.
+/// The `/metrics` Prometheus text (format 0.0.4), encoded by prometheus-client.
 pub fn metrics_text(state: &NodeState) -> String {
-    let mut out = String::with_capacity(8192);
-    state.metrics.render(&mut out);
-    let _ = writeln!(
-        out,
-        "# HELP hybridge_tunnel_rtt_seconds Smoothed round-trip time of each tunnel connection."
-    );
-    let _ = writeln!(out, "# TYPE hybridge_tunnel_rtt_seconds gauge");
-    let links = state.peers.links();
-    for l in links.iter() {
-        let _ = writeln!(
-            out,
-            "hybridge_tunnel_rtt_seconds{{peer=\"{}\",connection=\"{}\"}} {}",
-            escape(&l.peer.to_string()),
-            l.id(),
-            l.connection.stats().rtt.as_secs_f64()
-        );
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(NodeCollector {
+        metrics: state.metrics.clone(),
+        peers: state.peers.clone(),
+        acl: state.acl.clone(),
+        export: state.export.clone(),
+    }));
+    let mut out = String::with_capacity(16 * 1024);
+    if let Err(e) = prometheus_text::encode(&mut out, &registry) {
+        // Writing into a String fails only if an encoder reports an error; say so instead of
+        // serving half a scrape.
+        tracing::warn!(error = %e, "encoding /metrics failed");
+        out.clear();
     }
-    let _ = writeln!(
-        out,
-        "# HELP hybridge_tunnel_lost_packets_total Packets declared lost on each tunnel connection."
-    );
-    let _ = writeln!(out, "# TYPE hybridge_tunnel_lost_packets_total counter");
-    for l in links.iter() {
-        let _ = writeln!(
-            out,
-            "hybridge_tunnel_lost_packets_total{{peer=\"{}\",connection=\"{}\"}} {}",
-            escape(&l.peer.to_string()),
-            l.id(),
-            l.connection.stats().lost_packets
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP hybridge_tunnel_active_streams Open request streams on each tunnel connection."
-    );
-    let _ = writeln!(out, "# TYPE hybridge_tunnel_active_streams gauge");
-    for l in links.iter() {
-        let _ = writeln!(
-            out,
-            "hybridge_tunnel_active_streams{{peer=\"{}\",connection=\"{}\"}} {}",
-            escape(&l.peer.to_string()),
-            l.id(),
-            l.active_streams()
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP hybridge_tunnels_up Tunnel connections currently up."
-    );
-    let _ = writeln!(out, "# TYPE hybridge_tunnels_up gauge");
-    let _ = writeln!(out, "hybridge_tunnels_up {}", links.len());
-    let _ = writeln!(
-        out,
-        "# HELP hybridge_policy_version Version of the ACL policy in force."
-    );
-    let _ = writeln!(out, "# TYPE hybridge_policy_version gauge");
-    let _ = writeln!(out, "hybridge_policy_version {}", state.acl.version());
-    let _ = writeln!(
-        out,
-        "# HELP hybridge_acl_decisions_total ACL decisions on this node, by destination and action."
-    );
-    let _ = writeln!(out, "# TYPE hybridge_acl_decisions_total counter");
-    for ((destination, action), n) in state.acl.decision_counts() {
-        let _ = writeln!(
-            out,
-            "hybridge_acl_decisions_total{{destination=\"{}\",action=\"{}\"}} {n}",
-            escape(&destination),
-            action_label(&action)
-        );
-    }
-    upstream_metrics(state, &mut out);
     out
 }
 
-/// Per-service and per-endpoint upstream health and protection counters of the exports.
-fn upstream_metrics(state: &NodeState, out: &mut String) {
-    let mut stats: Vec<_> = state
-        .export
-        .services
-        .load()
-        .values()
-        .map(|u| u.stats())
-        .collect();
-    stats.sort_by(|a, b| a.service.cmp(&b.service));
-    type EndpointPick = fn(&crate::upstream::EndpointStats) -> u64;
-    let per_endpoint: [(&str, &str, &str, EndpointPick); 3] = [
-        (
-            "hybridge_upstream_endpoint_healthy",
-            "gauge",
-            "1 when the endpoint takes requests (active checks pass and not ejected), else 0.",
-            |e| u64::from(e.healthy && !e.ejected),
-        ),
-        (
-            "hybridge_upstream_endpoint_requests_total",
-            "counter",
-            "Requests sent to the endpoint.",
-            |e| e.total_requests,
-        ),
-        (
-            "hybridge_upstream_endpoint_failures_total",
-            "counter",
-            "Connect errors, resets and 5xx answers from the endpoint.",
-            |e| e.failures,
-        ),
-    ];
-    for (name, kind, help, pick) in per_endpoint {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for s in &stats {
-            for e in &s.endpoints {
-                let _ = writeln!(
-                    out,
-                    "{name}{{service=\"{}\",endpoint=\"{}\"}} {}",
-                    escape(&s.service),
-                    e.addr,
-                    pick(e)
-                );
-            }
-        }
-    }
-    type ServicePick = fn(&crate::upstream::UpstreamStats) -> u64;
-    let per_service: [(&str, &str, &str, ServicePick); 3] = [
-        (
-            "hybridge_upstream_circuit_breaker_trips_total",
-            "counter",
-            "Requests refused with 503 overloaded by the circuit breaker.",
-            |s| s.circuit_breaker_trips,
-        ),
-        (
-            "hybridge_upstream_retries_total",
-            "counter",
-            "Retries of idempotent requests.",
-            |s| s.retries,
-        ),
-        (
-            "hybridge_upstream_pending_requests",
-            "gauge",
-            "Requests waiting for an upstream connection.",
-            |s| s.pending_requests as u64,
-        ),
-    ];
-    for (name, kind, help, pick) in per_service {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for s in &stats {
-            let _ = writeln!(
-                out,
-                "{name}{{service=\"{}\"}} {}",
-                escape(&s.service),
-                pick(s)
-            );
-        }
+/// `{peer, connection}`: per tunnel connection (live links only, so bounded by them).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct LinkLabels {
+    peer: Arc<str>,
+    connection: u64,
+}
+
+/// `{destination, action}`: `hybridge_acl_decisions_total`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DecisionLabels {
+    destination: Arc<str>,
+    action: &'static str,
+}
+
+/// `{service}`: per exported service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct UpstreamLabels {
+    service: Arc<str>,
+}
+
+/// `{service, endpoint}`: per upstream endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EndpointLabels {
+    service: Arc<str>,
+    endpoint: String,
+}
+
+/// Everything `/metrics` shows, read at scrape time.
+struct NodeCollector {
+    metrics: Arc<crate::metrics::Metrics>,
+    peers: Arc<crate::tunnel::peers::PeerSet>,
+    acl: Arc<crate::acl::AclService>,
+    export: Arc<crate::http::export::ExportContext>,
+}
+
+impl std::fmt::Debug for NodeCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCollector").finish_non_exhaustive()
     }
 }
 
-fn action_label(action: &crate::acl::Action) -> String {
-    format!("{action:?}").to_lowercase()
+impl Collector for NodeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        self.metrics.encode(&mut encoder)?;
+        let links = self.peers.links();
+        let link_labels = |l: &crate::tunnel::peers::PeerLink| LinkLabels {
+            peer: Arc::from(l.peer.to_string()),
+            connection: l.id() as u64,
+        };
+        gauge(
+            &mut encoder,
+            "hybridge_tunnel_rtt_seconds",
+            "Smoothed round-trip time of each tunnel connection.",
+            links
+                .iter()
+                .map(|l| (link_labels(l), l.connection.stats().rtt.as_secs_f64())),
+        )?;
+        counter(
+            &mut encoder,
+            "hybridge_tunnel_lost_packets_total",
+            "Packets declared lost on each tunnel connection.",
+            links
+                .iter()
+                .map(|l| (link_labels(l), l.connection.stats().lost_packets)),
+        )?;
+        gauge(
+            &mut encoder,
+            "hybridge_tunnel_active_streams",
+            "Open request streams on each tunnel connection.",
+            links
+                .iter()
+                .map(|l| (link_labels(l), l.active_streams() as u64)),
+        )?;
+        single_gauge(
+            &mut encoder,
+            "hybridge_tunnels_up",
+            "Tunnel connections currently up.",
+            links.len() as u64,
+        )?;
+        single_gauge(
+            &mut encoder,
+            "hybridge_policy_version",
+            "Version of the ACL policy in force.",
+            self.acl.version(),
+        )?;
+        counter(
+            &mut encoder,
+            "hybridge_acl_decisions_total",
+            "ACL decisions on this node, by destination (configured or named by the policy, else unknown) and action.",
+            self.acl
+                .decision_counts()
+                .into_iter()
+                .map(|((destination, action), n)| {
+                    (
+                        DecisionLabels {
+                            destination: Arc::from(destination),
+                            action: action.as_str(),
+                        },
+                        n,
+                    )
+                }),
+        )?;
+        self.encode_upstreams(&mut encoder)
+    }
+}
+
+impl NodeCollector {
+    /// Per-service and per-endpoint upstream health and protection counters of the exports.
+    fn encode_upstreams(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let mut stats: Vec<_> = self
+            .export
+            .services
+            .load()
+            .values()
+            .map(|u| u.stats())
+            .collect();
+        stats.sort_by(|a, b| a.service.cmp(&b.service));
+        let services: Vec<(Arc<str>, &crate::upstream::UpstreamStats)> = stats
+            .iter()
+            .map(|s| (Arc::from(s.service.as_str()), s))
+            .collect();
+        let endpoints = |pick: fn(&crate::upstream::EndpointStats) -> u64| {
+            services.iter().flat_map(move |(service, s)| {
+                s.endpoints.iter().map(move |e| {
+                    (
+                        EndpointLabels {
+                            service: service.clone(),
+                            endpoint: e.addr.to_string(),
+                        },
+                        pick(e),
+                    )
+                })
+            })
+        };
+        gauge(
+            encoder,
+            "hybridge_upstream_endpoint_healthy",
+            "1 when the endpoint takes requests (active checks pass and not ejected), else 0.",
+            endpoints(|e| u64::from(e.healthy && !e.ejected)),
+        )?;
+        counter(
+            encoder,
+            "hybridge_upstream_endpoint_requests_total",
+            "Requests sent to the endpoint.",
+            endpoints(|e| e.total_requests),
+        )?;
+        counter(
+            encoder,
+            "hybridge_upstream_endpoint_failures_total",
+            "Connect errors, resets and 5xx answers from the endpoint.",
+            endpoints(|e| e.failures),
+        )?;
+        let per_service = |pick: fn(&crate::upstream::UpstreamStats) -> u64| {
+            services.iter().map(move |(service, s)| {
+                (
+                    UpstreamLabels {
+                        service: service.clone(),
+                    },
+                    pick(s),
+                )
+            })
+        };
+        counter(
+            encoder,
+            "hybridge_upstream_circuit_breaker_trips_total",
+            "Requests refused with 503 overloaded by the circuit breaker.",
+            per_service(|s| s.circuit_breaker_trips),
+        )?;
+        counter(
+            encoder,
+            "hybridge_upstream_retries_total",
+            "Retries of idempotent requests.",
+            per_service(|s| s.retries),
+        )?;
+        gauge(
+            encoder,
+            "hybridge_upstream_pending_requests",
+            "Requests waiting for an upstream connection.",
+            per_service(|s| s.pending_requests as u64),
+        )
+    }
 }

@@ -14,11 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::{HeaderValue, Method, Request, StatusCode, Uri};
+use http::{HeaderValue, Method, Request, Uri};
 use tracing::{debug, info};
 
 use super::body;
-use super::error::{BridgeError, INVALID_PATH};
+use super::error::{BridgeError, Reason};
 use super::headers;
 use super::path::{self, EscapedSlashes, PathError};
 use crate::acl::AclService;
@@ -102,7 +102,7 @@ pub async fn serve_stream(
             .await
         }
         Err(e) => {
-            stats.bridge_error(INVALID_PATH);
+            stats.bridge_error(Reason::InvalidPath);
             let status =
                 write_error(&mut send, &BridgeError::invalid_path(&e), is_grpc(&head)).await;
             (status, None, "-".to_owned(), 0)
@@ -192,15 +192,13 @@ async fn exchange(
     let result = async {
         if !caller_valid {
             return Err(fail(BridgeError::new(
-                StatusCode::FORBIDDEN,
-                "acl-denied",
+                Reason::AclDenied,
                 "the caller named by the peer is not a service name",
             )));
         }
         if !decision.allowed() {
             return Err(fail(BridgeError::new(
-                StatusCode::FORBIDDEN,
-                "acl-denied",
+                Reason::AclDenied,
                 format!("{}@{site} may not call {}", head.caller, head.service),
             )));
         }
@@ -211,13 +209,12 @@ async fn exchange(
             .cloned()
             .ok_or_else(|| {
                 fail(BridgeError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no-route",
+                    Reason::NoRoute,
                     format!("`{}` is not exported by this node", head.service),
                 ))
             })?;
         let request = build_request(head, recv, bytes_in)
-            .map_err(|e| fail(BridgeError::new(StatusCode::BAD_REQUEST, "bad-request", e)))?;
+            .map_err(|e| fail(BridgeError::new(Reason::BadRequest, e)))?;
         let upstream_answer = upstream.send(request);
         // A caller that goes away while the upstream works (its node stops reading the
         // stream) ends the upstream request too, instead of holding it to completion.
@@ -234,15 +231,14 @@ async fn exchange(
             let limit = Duration::from_millis(u64::from(head.deadline_ms));
             tokio::time::timeout(limit, sent).await.map_err(|_| {
                 fail(BridgeError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "timeout",
+                    Reason::Timeout,
                     format!("no upstream response within {limit:?}"),
                 ))
             })?
         } else {
             sent.await
         };
-        outcome.map_err(|e| fail(BridgeError::new(e.status(), e.reason(), e.to_string())))
+        outcome.map_err(|e| fail(BridgeError::new(e.reason(), e.to_string())))
     }
     .await;
 

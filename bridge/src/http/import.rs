@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::body::{self, BoxBody};
-use super::error::{BridgeError, is_grpc};
+use super::error::{BridgeError, Reason, is_grpc};
 use super::headers;
 use super::path::{self, EscapedSlashes};
 use crate::acl::AclService;
@@ -242,10 +242,23 @@ async fn handle(
         Ok(s) => s,
         Err(e) => {
             linger(expects_continue, body, &ctx.tasks);
+            // No service named: counted with every other name this node does not know.
+            let stats = ctx
+                .metrics
+                .service(Side::Import, crate::metrics::UNKNOWN_SERVICE);
+            stats.bridge_error(e.reason);
+            stats.responded(e.status().as_u16(), started.elapsed());
             return Ok(render(&e, grpc, None));
         }
     };
-    let stats = ctx.metrics.service(Side::Import, &service);
+    // Series only for configured services: a gateway's services are those its policy names
+    // (operator-controlled); a made-up host shares the `unknown` series.
+    let stats = match spec.target {
+        ListenerTarget::Service(_) => ctx.metrics.service(Side::Import, &service),
+        ListenerTarget::Gateway { .. } => ctx.metrics.service_if(Side::Import, &service, || {
+            ctx.acl.snapshot().names_destination(&service)
+        }),
+    };
     let active = stats.start();
     let mut unanswered = Unanswered {
         stats: &stats,
@@ -315,9 +328,9 @@ impl Drop for Unanswered<'_> {
         if self.answered {
             return;
         }
-        self.stats.bridge_error(CLIENT_ABORTED);
-        self.stats
-            .responded(CLIENT_ABORTED_STATUS, self.started.elapsed());
+        let status = Reason::ClientAborted.status().as_u16();
+        self.stats.bridge_error(Reason::ClientAborted);
+        self.stats.responded(status, self.started.elapsed());
         info!(
             target: "hybridge::access",
             side = "import",
@@ -328,16 +341,12 @@ impl Drop for Unanswered<'_> {
             service = self.service,
             method = %self.method,
             path = self.path,
-            status = CLIENT_ABORTED_STATUS,
-            bridge_error = CLIENT_ABORTED,
+            status,
+            bridge_error = Reason::ClientAborted.as_str(),
             duration_us = self.started.elapsed().as_micros() as u64,
         );
     }
 }
-
-/// Reason and status recorded for a caller that went away before its answer (nginx's 499).
-const CLIENT_ABORTED: &str = "client-aborted";
-const CLIENT_ABORTED_STATUS: u16 = 499;
 
 /// At most this much of a refused request's body is read and discarded.
 const LINGER_BYTES: u64 = 1024 * 1024;
@@ -406,8 +415,7 @@ fn resolve_service(
                 .unwrap_or_default();
             service_from_host(host, suffix).ok_or_else(|| {
                 BridgeError::new(
-                    StatusCode::NOT_FOUND,
-                    "unknown-host",
+                    Reason::UnknownHost,
                     format!(
                         "host `{host}` is not SERVICE.{suffix}; the gateway routes by host name"
                     ),
@@ -445,8 +453,7 @@ async fn forward(
     if headers::header_block_size(&parts.headers) > spec.max_header_bytes {
         return Err((
             BridgeError::new(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "headers-too-large",
+                Reason::HeadersTooLarge,
                 format!("request headers exceed {} bytes", spec.max_header_bytes),
             ),
             None,
@@ -471,8 +478,7 @@ async fn forward(
     );
     if !decision.allowed() {
         return Err(fail(BridgeError::new(
-            StatusCode::FORBIDDEN,
-            "acl-denied",
+            Reason::AclDenied,
             format!("{}@{} may not call {service}", info.caller, ctx.site),
         )));
     }
@@ -480,15 +486,13 @@ async fn forward(
         |link: &crate::tunnel::peers::PeerLink| ctx.serving.permits(service, link.site());
     let Some((link, guard)) = ctx.peers.route(service, &may_serve) else {
         return Err(fail(BridgeError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no-route",
+            Reason::NoRoute,
             format!("no connected peer of a site allowed to serve `{service}` exports it"),
         )));
     };
     let (mut send, mut recv) = link.connection.open_stream().await.map_err(|e| {
         fail(BridgeError::new(
-            StatusCode::BAD_GATEWAY,
-            "tunnel-unavailable",
+            Reason::TunnelUnavailable,
             format!("opening a tunnel stream failed: {e}"),
         ))
     })?;
@@ -507,8 +511,7 @@ async fn forward(
         .unwrap_or_default();
     let Some(mut body) = body.take() else {
         return Err(fail(BridgeError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            Reason::Internal,
             "request body already taken",
         )));
     };
@@ -533,15 +536,13 @@ async fn forward(
     };
     let encoded_head = encoded(|b| frame::encode_request(&head, b)).map_err(|e| {
         fail(BridgeError::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "headers-too-large",
+            Reason::HeadersTooLarge,
             e.to_string(),
         ))
     })?;
     send.write_encoded(encoded_head).await.map_err(|e| {
         fail(BridgeError::new(
-            StatusCode::BAD_GATEWAY,
-            "tunnel-stream-failed",
+            Reason::TunnelStreamFailed,
             e.to_string(),
         ))
     })?;
@@ -586,8 +587,7 @@ async fn forward(
             .map_err(|_| {
                 recv.stop(codes::CANCELLED);
                 fail(BridgeError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "timeout",
+                    Reason::Timeout,
                     format!("no response within {limit:?}"),
                 ))
             })?,
@@ -597,38 +597,33 @@ async fn forward(
         Ok(Some(Frame::Response(head))) => head,
         Ok(Some(_)) => {
             return Err(fail(BridgeError::new(
-                StatusCode::BAD_GATEWAY,
-                "tunnel-protocol",
+                Reason::TunnelProtocol,
                 "peer answered with an unexpected frame",
             )));
         }
         Ok(None) => {
             return Err(fail(BridgeError::new(
-                StatusCode::BAD_GATEWAY,
-                "tunnel-stream-failed",
+                Reason::TunnelStreamFailed,
                 "peer closed the stream without answering",
             )));
         }
         Err(e) => {
             return Err(fail(BridgeError::new(
-                StatusCode::BAD_GATEWAY,
-                "tunnel-stream-failed",
+                Reason::TunnelStreamFailed,
                 e.to_string(),
             )));
         }
     };
     let mut response_headers = headers::from_pairs(head.headers).map_err(|e| {
         fail(BridgeError::new(
-            StatusCode::BAD_GATEWAY,
-            "tunnel-protocol",
+            Reason::TunnelProtocol,
             e,
         ))
     })?;
     headers::remove_hop_by_hop(&mut response_headers);
     let status = StatusCode::from_u16(head.status).map_err(|_| {
         fail(BridgeError::new(
-            StatusCode::BAD_GATEWAY,
-            "tunnel-protocol",
+            Reason::TunnelProtocol,
             "invalid status",
         ))
     })?;

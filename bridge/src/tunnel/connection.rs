@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use hybridge_ca::spiffe::SpiffeId;
 
+use super::outcome::{DisconnectReason, HandshakeFailure};
 use super::stream::{RecvHalf, SendHalf};
 
 /// A live tunnel connection to one peer node.
@@ -31,24 +32,54 @@ pub struct ConnectionStats {
     pub streams_reset: u64,
 }
 
+/// Why a tunnel connection is gone.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ConnectionLost {
+    #[error("{0}")]
+    Quic(quinn::ConnectionError),
+}
+
+impl ConnectionLost {
+    /// The reason counted for a connection that ended this way.
+    pub fn disconnect_reason(&self) -> DisconnectReason {
+        match self {
+            Self::Quic(e) => DisconnectReason::of_connection_error(e),
+        }
+    }
+
+    /// The reason counted for a handshake that ended this way.
+    pub fn handshake_failure(&self) -> HandshakeFailure {
+        match self {
+            Self::Quic(e) => HandshakeFailure::of_connection_error(e, None),
+        }
+    }
+}
+
 impl TunnelConnection {
     /// Opens a new bidirectional stream.
-    pub async fn open_stream(&self) -> Result<(SendHalf, RecvHalf), String> {
+    pub async fn open_stream(&self) -> Result<(SendHalf, RecvHalf), ConnectionLost> {
         match self {
             Self::Quic(c) => {
-                let (send, recv) = c.open_bi().await.map_err(|e| e.to_string())?;
+                let (send, recv) = c.open_bi().await.map_err(ConnectionLost::Quic)?;
                 Ok((SendHalf::Quic(send), RecvHalf::quic(recv)))
             }
         }
     }
 
     /// Waits for the peer to open a stream; `Err` once the connection is gone.
-    pub async fn accept_stream(&self) -> Result<(SendHalf, RecvHalf), String> {
+    pub async fn accept_stream(&self) -> Result<(SendHalf, RecvHalf), ConnectionLost> {
         match self {
             Self::Quic(c) => {
-                let (send, recv) = c.accept_bi().await.map_err(|e| e.to_string())?;
+                let (send, recv) = c.accept_bi().await.map_err(ConnectionLost::Quic)?;
                 Ok((SendHalf::Quic(send), RecvHalf::quic(recv)))
             }
+        }
+    }
+
+    /// Why the connection is gone, or `None` while it is up.
+    pub fn lost(&self) -> Option<ConnectionLost> {
+        match self {
+            Self::Quic(c) => c.close_reason().map(ConnectionLost::Quic),
         }
     }
 

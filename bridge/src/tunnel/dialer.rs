@@ -11,7 +11,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::connection::TunnelConnection;
+use super::handshake::RejectionSlot;
+use super::outcome::HandshakeFailure;
 use super::peers::Direction;
+use super::quic::DialConfig;
 use super::session::{self, SessionContext};
 use crate::config::PeerConfig;
 
@@ -22,7 +25,7 @@ pub async fn run(
     endpoint: quinn::Endpoint,
     peer: PeerConfig,
     slot: usize,
-    client_config: Arc<ArcSwap<quinn::ClientConfig>>,
+    client_config: Arc<ArcSwap<DialConfig>>,
     max_backoff: Duration,
     ctx: Arc<SessionContext>,
     cancel: CancellationToken,
@@ -54,9 +57,9 @@ pub async fn run(
                 }
                 info!(peer = %peer.address, slot, %reason, "tunnel connection ended; reconnecting");
             }
-            Err(reason) => {
-                ctx.metrics.handshake_failed(&reason);
-                warn!(peer = %peer.address, slot, %reason, retry_in_ms = backoff.as_millis() as u64, "tunnel connect failed");
+            Err((failure, detail)) => {
+                ctx.metrics.handshake_failed(failure);
+                warn!(peer = %peer.address, slot, reason = %failure, error = %detail, retry_in_ms = backoff.as_millis() as u64, "tunnel connect failed");
             }
         }
         // Full jitter in [backoff/2, backoff]: many on-prem nodes must not reconnect in lockstep.
@@ -69,25 +72,31 @@ pub async fn run(
     }
 }
 
+/// Resolves and dials `address`; a failure comes with the reason it is counted under and
+/// the detail it is logged with.
 async fn connect(
     endpoint: &quinn::Endpoint,
     address: &str,
     server_name: &str,
-    config: &ArcSwap<quinn::ClientConfig>,
-) -> Result<quinn::Connection, String> {
+    config: &ArcSwap<DialConfig>,
+) -> Result<quinn::Connection, (HandshakeFailure, String)> {
+    let other = |detail: String| (HandshakeFailure::Other, detail);
     let addr = tokio::net::lookup_host(address)
         .await
-        .map_err(|e| format!("resolving {address}: {e}"))?
+        .map_err(|e| other(format!("resolving {address}: {e}")))?
         .next()
-        .ok_or_else(|| format!("resolving {address}: no addresses"))?;
+        .ok_or_else(|| other(format!("resolving {address}: no addresses")))?;
+    let rejection = RejectionSlot::default();
     let connecting = endpoint
-        .connect_with(
-            quinn::ClientConfig::clone(&config.load()),
-            addr,
-            server_name,
-        )
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    connecting
-        .await
-        .map_err(|e| format!("handshake with {addr}: {e}"))
+        .connect_with(config.load().for_attempt(&rejection), addr, server_name)
+        .map_err(|e| other(format!("connecting to {addr}: {e}")))?;
+    connecting.await.map_err(|e| {
+        let rejected = rejection.take();
+        let failure = HandshakeFailure::of_connection_error(&e, rejected.as_ref());
+        let detail = match rejected {
+            Some(rejected) => format!("handshake with {addr}: {rejected}"),
+            None => format!("handshake with {addr}: {e}"),
+        };
+        (failure, detail)
+    })
 }

@@ -9,6 +9,8 @@ pub mod connection;
 pub mod control;
 pub mod dialer;
 pub mod frame;
+pub mod handshake;
+pub mod outcome;
 pub mod peers;
 pub mod quic;
 pub mod serving;

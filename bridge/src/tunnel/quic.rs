@@ -86,7 +86,38 @@ pub fn server_config(
     Ok(config)
 }
 
-/// Builds the dialing config for one peer.
+/// The dialing config of one peer, from which each connection attempt gets its own quinn
+/// config (see [`DialConfig::for_attempt`]).
+pub struct DialConfig {
+    crypto: Arc<dyn quinn::crypto::ClientConfig>,
+    transport: Arc<quinn::TransportConfig>,
+}
+
+impl DialConfig {
+    /// Builds the dialing config for one peer.
+    pub fn new(
+        material: &TlsMaterial,
+        expect: PeerExpectation,
+        tuning: &TransportTuning,
+    ) -> anyhow::Result<DialConfig> {
+        let tls = tls::client_config(material, expect, &[ALPN])?;
+        Ok(DialConfig {
+            crypto: Arc::new(QuicClientConfig::try_from(Arc::new(tls))?),
+            transport: transport_config(tuning),
+        })
+    }
+
+    /// The quinn config of one connection attempt; a rejection of the peer's certificate by
+    /// our verifier lands in `rejection`.
+    pub fn for_attempt(&self, rejection: &super::handshake::RejectionSlot) -> quinn::ClientConfig {
+        let mut config =
+            quinn::ClientConfig::new(super::handshake::observed_client(self.crypto.clone(), rejection));
+        config.transport_config(self.transport.clone());
+        config
+    }
+}
+
+/// Builds a plain dialing config for one peer (tools and tests that dial a node themselves).
 pub fn client_config(
     material: &TlsMaterial,
     expect: PeerExpectation,

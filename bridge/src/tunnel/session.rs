@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use super::connection::TunnelConnection;
 use super::control::{self, ControlMessage};
+use super::outcome::{DisconnectReason, HandshakeFailure};
 use super::peers::{Direction, PeerLink, PeerNode, PeerSet};
 use super::serving::ServingPolicy;
 use super::stream::{RecvHalf, SendHalf, codes};
@@ -58,49 +59,61 @@ pub async fn run(
 ) -> String {
     let Some(peer) = connection.peer_id() else {
         connection.close(codes::PROTOCOL, "no peer identity");
+        ctx.metrics.handshake_failed(HandshakeFailure::WrongIdentity);
         return "peer presented no usable identity".into();
     };
     // The handshake admits node certificates only; anything else is refused here too, since
     // the site of every request the peer sends comes from this identity.
     let Some(peer_node) = PeerNode::of(&peer).map(Arc::new) else {
         connection.close(codes::PROTOCOL, "not a node identity");
+        ctx.metrics.handshake_failed(HandshakeFailure::WrongIdentity);
         return format!("peer {peer} is not a node identity");
     };
     let peer_name: Arc<str> = peer_node.id.clone();
     let hello = (ctx.hello)();
     let handshake = async {
         let (mut send, mut recv) = match direction {
-            Direction::Dialed => connection.open_stream().await?,
-            Direction::Accepted => connection.accept_stream().await?,
+            Direction::Dialed => connection.open_stream().await,
+            Direction::Accepted => connection.accept_stream().await,
+        }
+        .map_err(|e| (e.handshake_failure(), e.to_string()))?;
+        // A control stream that fails because the connection went (a peer that refused our
+        // certificate closes it right after the TLS handshake) is counted by why it went.
+        let control_failed = |e: String| match connection.lost() {
+            Some(lost) => (lost.handshake_failure(), format!("{e} ({lost})")),
+            None => (HandshakeFailure::Protocol, e),
         };
         if direction == Direction::Dialed {
             control::send(&mut send, &hello)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| control_failed(e.to_string()))?;
         }
         let theirs = control::receive(&mut recv)
             .await
-            .map_err(|e| e.to_string())?
-            .ok_or("peer closed the control stream")?;
-        let (exports, policy_version) = control::check_hello(theirs)?;
+            .map_err(|e| control_failed(e.to_string()))?
+            .ok_or_else(|| control_failed("peer closed the control stream".into()))?;
+        let (exports, policy_version) =
+            control::check_hello(theirs).map_err(|e| (HandshakeFailure::Protocol, e))?;
         if direction == Direction::Accepted {
             control::send(&mut send, &hello)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| control_failed(e.to_string()))?;
         }
-        Ok::<_, String>((send, recv, exports, policy_version))
+        Ok::<_, (HandshakeFailure, String)>((send, recv, exports, policy_version))
     };
     let (mut control_send, mut control_recv, exports, policy_version) =
         match tokio::time::timeout(HELLO_TIMEOUT, handshake).await {
             Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
+            Ok(Err((failure, e))) => {
                 connection.close(codes::PROTOCOL, "control handshake failed");
-                ctx.metrics.handshake_failed(&format!("control: {e}"));
+                ctx.metrics.handshake_failed(failure);
+                warn!(peer = %peer_name, remote = %connection.remote_address(), reason = %failure, error = %e, "tunnel control handshake failed");
                 return format!("control handshake failed: {e}");
             }
             Err(_) => {
                 connection.close(codes::PROTOCOL, "control handshake timed out");
-                ctx.metrics.handshake_failed("control: timeout");
+                ctx.metrics.handshake_failed(HandshakeFailure::Timeout);
+                warn!(peer = %peer_name, remote = %connection.remote_address(), "tunnel control handshake timed out");
                 return "control handshake timed out".into();
             }
         };
@@ -116,7 +129,7 @@ pub async fn run(
     ));
     refuse_unservable(&ctx, &peer_node, &exports);
     ctx.peers.insert(link.clone());
-    ctx.metrics.tunnel_connected(&peer_name);
+    ctx.metrics.tunnel_connected(&peer_node.site);
     info!(peer = %peer_name, remote = %connection.remote_address(), ?direction, ?exports, "tunnel up");
 
     let writer = async {
@@ -179,7 +192,7 @@ pub async fn run(
                     let handler = (ctx.on_stream)(send, recv, peer_node.clone());
                     ctx.tasks.spawn(handler);
                 }
-                Err(reason) => break reason,
+                Err(lost) => break lost,
             }
         }
     };
@@ -194,33 +207,33 @@ pub async fn run(
         PeerKind::Node,
         role,
     );
-    let reason = tokio::select! {
-        reason = acceptor => reason,
+    let (reason, detail) = tokio::select! {
+        lost = acceptor => (lost.disconnect_reason(), lost.to_string()),
         why = untrusted => {
             close_untrusted(&connection, &link, &ctx, &peer_name, &why).await;
-            UNTRUSTED.to_owned()
+            (DisconnectReason::Untrusted, UNTRUSTED.to_owned())
         }
         () = reader => {
             connection.close(codes::PROTOCOL, "control stream closed");
-            "peer closed the control stream".to_owned()
+            (DisconnectReason::ControlClosed, "peer closed the control stream".to_owned())
         }
         () = writer => {
             connection.close(codes::PROTOCOL, "control stream failed");
-            "control stream write failed".to_owned()
+            (DisconnectReason::ControlFailed, "control stream write failed".to_owned())
         }
         () = cancel.cancelled() => {
             connection.close(codes::GOING_AWAY, "node shutting down");
-            "node shutting down".to_owned()
+            (DisconnectReason::ShuttingDown, "node shutting down".to_owned())
         }
     };
     // Counted before the link leaves the set, so whoever waits on the set sees the count.
-    ctx.metrics.tunnel_disconnected(&peer_name, &reason);
+    ctx.metrics.tunnel_disconnected(&peer_node.site, reason);
     ctx.peers.remove(link.id());
-    info!(peer = %peer_name, %reason, "tunnel down");
-    reason
+    info!(peer = %peer_name, %reason, %detail, "tunnel down");
+    detail
 }
 
-/// The disconnect reason (and metric label) of a peer whose certificate stopped passing.
+/// The disconnect detail of a peer whose certificate stopped passing.
 const UNTRUSTED: &str = "peer certificate no longer trusted";
 /// How long a peer that lost trust may take to finish the streams we sent it.
 const UNTRUSTED_GRACE: Duration = Duration::from_secs(2);

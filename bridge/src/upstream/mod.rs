@@ -17,6 +17,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use http::StatusCode;
+
+use crate::http::error::Reason;
 use hyper::body::Incoming;
 use rand::Rng;
 use tokio::sync::watch;
@@ -54,8 +56,8 @@ pub struct UpstreamResponse {
     pub attempts: u32,
 }
 
-/// Why a request got no response from the upstream. `status()` and `reason()` give what
-/// the bridge answers the caller (`x-hybridge-error: <reason>`).
+/// Why a request got no response from the upstream. `reason()` gives what the bridge answers
+/// the caller (status, gRPC code and `x-hybridge-error`).
 #[derive(thiserror::Error, Debug)]
 pub enum UpstreamError {
     #[error("service {service}: overloaded, circuit_breaker.{limit} reached")]
@@ -111,31 +113,16 @@ fn body_aborted<'a>(
 }
 
 impl UpstreamError {
-    /// Status the bridge answers the caller with.
-    pub fn status(&self) -> StatusCode {
+    /// What the bridge answers the caller with: status, gRPC code and `x-hybridge-error`.
+    pub fn reason(&self) -> Reason {
         match self {
-            Self::Overloaded { .. }
-            | Self::NoHealthyEndpoint { .. }
-            | Self::ShuttingDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Connect { .. } | Self::Reset { .. } => StatusCode::BAD_GATEWAY,
-            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            // nginx's 499: recorded in logs and metrics; the caller is gone.
-            Self::ClientAborted { .. } => {
-                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
-            }
-        }
-    }
-
-    /// Value of the `x-hybridge-error` header.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Overloaded { .. } => "overloaded",
-            Self::NoHealthyEndpoint { .. } => "no-healthy-upstream",
-            Self::Connect { .. } => "upstream-connect-failed",
-            Self::Timeout { .. } => "upstream-timeout",
-            Self::Reset { .. } => "upstream-reset",
-            Self::ShuttingDown { .. } => "shutting-down",
-            Self::ClientAborted { .. } => "client-aborted",
+            Self::Overloaded { .. } => Reason::Overloaded,
+            Self::NoHealthyEndpoint { .. } => Reason::NoHealthyUpstream,
+            Self::Connect { .. } => Reason::UpstreamConnectFailed,
+            Self::Timeout { .. } => Reason::UpstreamTimeout,
+            Self::Reset { .. } => Reason::UpstreamReset,
+            Self::ShuttingDown { .. } => Reason::ShuttingDown,
+            Self::ClientAborted { .. } => Reason::ClientAborted,
         }
     }
 
