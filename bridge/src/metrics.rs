@@ -365,9 +365,7 @@ impl Metrics {
     /// A tunnel to a node of `site` went down.
     pub fn tunnel_disconnected(&self, site: &str, reason: DisconnectReason) {
         let mut t = lock(&self.tunnel);
-        *t.disconnects
-            .entry((Arc::from(site), reason))
-            .or_default() += 1;
+        *t.disconnects.entry((Arc::from(site), reason)).or_default() += 1;
     }
 
     /// Registers a listener's limits so `/metrics` shows its connections; returns them shared.
@@ -455,12 +453,14 @@ impl Metrics {
                 .zip(&stats.latency_buckets)
                 .map(|(bound, count)| (*bound, count.load(Ordering::Relaxed)))
                 .collect();
-            latency.encode_family(labels)?.encode_histogram::<NoLabelSet>(
-                stats.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
-                stats.latency_count.load(Ordering::Relaxed),
-                &buckets,
-                None,
-            )?;
+            latency
+                .encode_family(labels)?
+                .encode_histogram::<NoLabelSet>(
+                    stats.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+                    stats.latency_count.load(Ordering::Relaxed),
+                    &buckets,
+                    None,
+                )?;
         }
         counter(
             encoder,
@@ -646,7 +646,10 @@ mod tests {
             "hybridge_tunnel_exports_refused_total 0",
             "# TYPE hybridge_requests_total counter",
         ] {
-            assert!(out.lines().any(|l| l == line), "{line} missing from:\n{out}");
+            assert!(
+                out.lines().any(|l| l == line),
+                "{line} missing from:\n{out}"
+            );
         }
     }
 

@@ -995,15 +995,16 @@ async fn accept_loop(
         let (ctx, metrics, cancel) = (ctx.clone(), metrics.clone(), cancel.clone());
         let remote = incoming.remote_address();
         let rejection = RejectionSlot::default();
-        let connecting =
-            match incoming.accept_with(Arc::new(observed_server(&server_config.load(), &rejection))) {
-                Ok(connecting) => connecting,
-                Err(e) => {
-                    metrics.handshake_failed(HandshakeFailure::Protocol);
-                    warn!(%remote, error = %e, "tunnel connection refused before its handshake");
-                    continue;
-                }
-            };
+        let connecting = match incoming
+            .accept_with(Arc::new(observed_server(&server_config.load(), &rejection)))
+        {
+            Ok(connecting) => connecting,
+            Err(e) => {
+                metrics.handshake_failed(HandshakeFailure::Protocol);
+                warn!(%remote, error = %e, "tunnel connection refused before its handshake");
+                continue;
+            }
+        };
         tasks.spawn(async move {
             match connecting.await {
                 Ok(connection) => {

@@ -15,9 +15,7 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::spiffe::SpiffeId;
 use crate::verify::{HybridgeClientVerifier, HybridgeServerVerifier, PeerPolicy};
-pub use crate::verify::{
-    PeerRejected, PeerRole, RejectionKind, capture_rejection, rejection_of,
-};
+pub use crate::verify::{PeerRejected, PeerRole, RejectionKind, capture_rejection, rejection_of};
 
 /// Errors loading material or building configs; each names the file (when there is one) and the step.
 #[derive(Debug, thiserror::Error)]

@@ -247,8 +247,12 @@ impl PeerPolicy {
         )
         .map_err(|e| reject(describe_webpki_error(e, &serial, role)))?;
 
-        let id = spiffe_id_of(end_entity)
-            .map_err(|e| reject(PeerRejected::new(RejectionKind::WrongIdentity, e.to_string())))?;
+        let id = spiffe_id_of(end_entity).map_err(|e| {
+            reject(PeerRejected::new(
+                RejectionKind::WrongIdentity,
+                e.to_string(),
+            ))
+        })?;
         check_expectation(&self.expect, &id).map_err(reject)?;
         Ok(id)
     }

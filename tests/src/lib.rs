@@ -13,12 +13,18 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
 use hybridge::config::Config;
 use hybridge::node::Node;
+use hybridge::tunnel::connection::TunnelConnection;
+use hybridge::tunnel::control::{self, ControlMessage};
+use hybridge::tunnel::frame::{self, Frame, RequestHead};
+use hybridge::tunnel::quic::{self, TransportTuning};
+use hybridge::tunnel::stream::{RecvHalf, SendHalf};
 use hybridge::workers::Workers;
 use hybridge_ca::authority::{CertificateAuthority, InitOptions};
+use hybridge_ca::tls::{PeerExpectation, TlsMaterial};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 pub const TRUST_DOMAIN: &str = "test.hybridge";
@@ -742,4 +748,153 @@ pub fn preallow(data_dir: &Path, source: &str, destination: &str) {
     {
         acl.add(rule, "test").unwrap();
     }
+}
+
+/// A tunnel peer under the test's control: it completes the mTLS handshake with a real node
+/// certificate and the control hello, then sends whatever frames the test writes.
+pub struct RawPeer {
+    _endpoint: quinn::Endpoint,
+    connection: TunnelConnection,
+    /// The control stream stays open for as long as the peer lives.
+    _control: (SendHalf, RecvHalf),
+}
+
+impl RawPeer {
+    pub async fn connect(pki: &Pki, site: &str, name: &str, cloud: SocketAddr) -> RawPeer {
+        Self::announcing(pki, site, name, cloud, Vec::new()).await
+    }
+
+    pub async fn announcing(
+        pki: &Pki,
+        site: &str,
+        name: &str,
+        cloud: SocketAddr,
+        exports: Vec<String>,
+    ) -> RawPeer {
+        let files = pki.node(site, name);
+        let material = TlsMaterial::load(&files.ca, &files.cert, &files.key, None).unwrap();
+        let expect = PeerExpectation::NodeOfSites {
+            trust_domain: TRUST_DOMAIN.into(),
+            sites: vec!["cloud".into()],
+        };
+        let client = quic::client_config(&material, expect, &TransportTuning::default()).unwrap();
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connection = endpoint
+            .connect_with(client, cloud, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        let connection = TunnelConnection::Quic(connection);
+        let (mut send, mut recv) = connection.open_stream().await.unwrap();
+        let id = format!("spiffe://{TRUST_DOMAIN}/site/{site}/node/{name}");
+        control::send(&mut send, &ControlMessage::hello(&id, exports, 0))
+            .await
+            .unwrap();
+        let theirs = control::receive(&mut recv).await.unwrap();
+        assert!(
+            matches!(theirs, Some(ControlMessage::Hello { .. })),
+            "{theirs:?}"
+        );
+        RawPeer {
+            _endpoint: endpoint,
+            connection,
+            _control: (send, recv),
+        }
+    }
+
+    /// Closes the connection (the peer never acknowledges a drain, so a node shutting down
+    /// would otherwise wait out its drain deadline for it).
+    pub fn close(&self) {
+        self.connection.close(0, "test finished");
+    }
+
+    /// Sends one bodiless GET for `service` as `caller`; returns the status, the
+    /// `x-hybridge-error` header and the body.
+    pub async fn get(
+        &self,
+        service: &str,
+        caller: &str,
+        path: &str,
+    ) -> (u16, Option<String>, Bytes) {
+        let (mut send, mut recv) = self.connection.open_stream().await.unwrap();
+        let head = RequestHead {
+            service: service.into(),
+            caller: caller.into(),
+            request_id: "raw-peer".into(),
+            deadline_ms: 10_000,
+            method: "GET".into(),
+            authority: "raw".into(),
+            path: path.into(),
+            version: 11,
+            end_stream: true,
+            headers: Vec::new(),
+        };
+        let mut encoded = BytesMut::new();
+        frame::encode_request(&head, &mut encoded).unwrap();
+        send.write_encoded(encoded.freeze()).await.unwrap();
+        send.finish();
+        let Some(Frame::Response(response)) = recv.read_frame().await.unwrap() else {
+            panic!("the node did not answer with a RESPONSE frame");
+        };
+        let error = response
+            .headers
+            .iter()
+            .find(|(n, _)| n.as_ref() == b"x-hybridge-error")
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+        let mut body = BytesMut::new();
+        if !response.end_stream {
+            while let Some(frame) = recv.read_frame().await.unwrap() {
+                if let Frame::Data(data) = frame {
+                    body.extend_from_slice(&data);
+                }
+            }
+        }
+        (response.status, error, body.freeze())
+    }
+}
+
+/// Fetches `/metrics` from a node's read-only admin listener.
+pub async fn scrape(node: &Node) -> String {
+    let answer = http1(node.addresses().admin, "GET", "/metrics", &[], Bytes::new()).await;
+    assert_eq!(answer.status, 200);
+    String::from_utf8(answer.body.to_vec()).unwrap()
+}
+
+/// Every series in Prometheus text, parsed by `prometheus-parse` (a histogram is one series
+/// per label set), as `name{k="v",…}` with sorted labels.
+pub fn series(text: &str) -> std::collections::BTreeSet<String> {
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("/metrics does not parse ({e}):\n{text}"));
+    scrape
+        .samples
+        .iter()
+        .map(|s| {
+            let mut labels: Vec<String> =
+                s.labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+            labels.sort();
+            format!("{}{{{}}}", s.metric, labels.join(","))
+        })
+        .collect()
+}
+
+/// The value of the one sample of `metric` whose labels include `labels`.
+pub fn sample_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let matching: Vec<f64> = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            other => panic!("{metric} is not a plain sample: {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        matching.len(),
+        1,
+        "{metric} {labels:?}: {matching:?}\n{text}"
+    );
+    matching[0]
 }

@@ -25,8 +25,7 @@ async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
 }
 
 fn metric(node: &Node, line_prefix: &str) -> u64 {
-    let mut text = String::new();
-    node.state.metrics.render(&mut text);
+    let text = hybridge::admin::status::metrics_text(&node.state);
     text.lines()
         .find_map(|l| l.strip_prefix(line_prefix))
         .map_or(0, |v| v.trim().parse().unwrap())

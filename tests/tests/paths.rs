@@ -640,8 +640,7 @@ async fn http2_and_grpc_requests_are_decided_on_the_canonical_path() {
 
 /// One line of a node's `/metrics`, or `None`.
 fn metric(node: &Node, line_start: &str) -> Option<String> {
-    let mut out = String::new();
-    node.state.metrics.render(&mut out);
+    let out = hybridge::admin::status::metrics_text(&node.state);
     out.lines()
         .find(|l| l.starts_with(line_start))
         .map(str::to_owned)

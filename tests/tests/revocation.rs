@@ -220,10 +220,10 @@ async fn a_crl_reload_closes_the_revoked_peers_live_connections_and_nothing_else
         sent.load(Ordering::Relaxed)
     );
     assert!(has_link_to(&cloud, &b_id));
-    let mut metrics = String::new();
-    cloud.state.metrics.render(&mut metrics);
+    let metrics = hybridge::admin::status::metrics_text(&cloud.state);
     assert!(
-        metrics.contains("peer certificate no longer trusted"),
+        metrics
+            .contains("hybridge_tunnel_disconnects_total{site=\"onprem\",reason=\"untrusted\"} 1"),
         "{metrics}"
     );
 
@@ -278,10 +278,10 @@ async fn a_node_certificate_that_expires_during_a_session_loses_its_tunnel() {
     )
     .await;
     assert!(closed.is_ok(), "the tunnel outlived its node certificate");
-    let mut metrics = String::new();
-    cloud.state.metrics.render(&mut metrics);
+    let metrics = hybridge::admin::status::metrics_text(&cloud.state);
     assert!(
-        metrics.contains("peer certificate no longer trusted"),
+        metrics
+            .contains("hybridge_tunnel_disconnects_total{site=\"onprem\",reason=\"untrusted\"} 1"),
         "{metrics}"
     );
     onprem.abort().await;

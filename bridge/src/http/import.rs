@@ -534,18 +534,11 @@ async fn forward(
         },
         headers: headers::to_pairs(&parts.headers),
     };
-    let encoded_head = encoded(|b| frame::encode_request(&head, b)).map_err(|e| {
-        fail(BridgeError::new(
-            Reason::HeadersTooLarge,
-            e.to_string(),
-        ))
-    })?;
-    send.write_encoded(encoded_head).await.map_err(|e| {
-        fail(BridgeError::new(
-            Reason::TunnelStreamFailed,
-            e.to_string(),
-        ))
-    })?;
+    let encoded_head = encoded(|b| frame::encode_request(&head, b))
+        .map_err(|e| fail(BridgeError::new(Reason::HeadersTooLarge, e.to_string())))?;
+    send.write_encoded(encoded_head)
+        .await
+        .map_err(|e| fail(BridgeError::new(Reason::TunnelStreamFailed, e.to_string())))?;
 
     let request_bytes = Arc::new(AtomicU64::new(0));
     // A small body that has already arrived whole (most API calls) goes out right behind the
@@ -614,19 +607,11 @@ async fn forward(
             )));
         }
     };
-    let mut response_headers = headers::from_pairs(head.headers).map_err(|e| {
-        fail(BridgeError::new(
-            Reason::TunnelProtocol,
-            e,
-        ))
-    })?;
+    let mut response_headers = headers::from_pairs(head.headers)
+        .map_err(|e| fail(BridgeError::new(Reason::TunnelProtocol, e)))?;
     headers::remove_hop_by_hop(&mut response_headers);
-    let status = StatusCode::from_u16(head.status).map_err(|_| {
-        fail(BridgeError::new(
-            Reason::TunnelProtocol,
-            "invalid status",
-        ))
-    })?;
+    let status = StatusCode::from_u16(head.status)
+        .map_err(|_| fail(BridgeError::new(Reason::TunnelProtocol, "invalid status")))?;
     let response_bytes = Arc::new(AtomicU64::new(0));
     // The response body keeps the tunnel stream counted, reports its bytes when done, and
     // keeps the caller's connection from being idle while it streams.

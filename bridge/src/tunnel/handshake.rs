@@ -11,7 +11,9 @@ use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 use hybridge_ca::tls::{PeerRejected, capture_rejection};
-use quinn::crypto::{self, ExportKeyingMaterialError, KeyPair, Keys, PacketKey, UnsupportedVersion};
+use quinn::crypto::{
+    self, ExportKeyingMaterialError, KeyPair, Keys, PacketKey, UnsupportedVersion,
+};
 use quinn::{ConnectError, ConnectionId, Side};
 use quinn_proto::TransportError;
 use quinn_proto::transport_parameters::TransportParameters;

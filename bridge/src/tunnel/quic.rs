@@ -110,8 +110,10 @@ impl DialConfig {
     /// The quinn config of one connection attempt; a rejection of the peer's certificate by
     /// our verifier lands in `rejection`.
     pub fn for_attempt(&self, rejection: &super::handshake::RejectionSlot) -> quinn::ClientConfig {
-        let mut config =
-            quinn::ClientConfig::new(super::handshake::observed_client(self.crypto.clone(), rejection));
+        let mut config = quinn::ClientConfig::new(super::handshake::observed_client(
+            self.crypto.clone(),
+            rejection,
+        ));
         config.transport_config(self.transport.clone());
         config
     }

@@ -59,14 +59,16 @@ pub async fn run(
 ) -> String {
     let Some(peer) = connection.peer_id() else {
         connection.close(codes::PROTOCOL, "no peer identity");
-        ctx.metrics.handshake_failed(HandshakeFailure::WrongIdentity);
+        ctx.metrics
+            .handshake_failed(HandshakeFailure::WrongIdentity);
         return "peer presented no usable identity".into();
     };
     // The handshake admits node certificates only; anything else is refused here too, since
     // the site of every request the peer sends comes from this identity.
     let Some(peer_node) = PeerNode::of(&peer).map(Arc::new) else {
         connection.close(codes::PROTOCOL, "not a node identity");
-        ctx.metrics.handshake_failed(HandshakeFailure::WrongIdentity);
+        ctx.metrics
+            .handshake_failed(HandshakeFailure::WrongIdentity);
         return format!("peer {peer} is not a node identity");
     };
     let peer_name: Arc<str> = peer_node.id.clone();
@@ -101,22 +103,26 @@ pub async fn run(
         }
         Ok::<_, (HandshakeFailure, String)>((send, recv, exports, policy_version))
     };
-    let (mut control_send, mut control_recv, exports, policy_version) =
-        match tokio::time::timeout(HELLO_TIMEOUT, handshake).await {
-            Ok(Ok(v)) => v,
-            Ok(Err((failure, e))) => {
-                connection.close(codes::PROTOCOL, "control handshake failed");
-                ctx.metrics.handshake_failed(failure);
-                warn!(peer = %peer_name, remote = %connection.remote_address(), reason = %failure, error = %e, "tunnel control handshake failed");
-                return format!("control handshake failed: {e}");
-            }
-            Err(_) => {
-                connection.close(codes::PROTOCOL, "control handshake timed out");
-                ctx.metrics.handshake_failed(HandshakeFailure::Timeout);
-                warn!(peer = %peer_name, remote = %connection.remote_address(), "tunnel control handshake timed out");
-                return "control handshake timed out".into();
-            }
-        };
+    let (mut control_send, mut control_recv, exports, policy_version) = match tokio::time::timeout(
+        HELLO_TIMEOUT,
+        handshake,
+    )
+    .await
+    {
+        Ok(Ok(v)) => v,
+        Ok(Err((failure, e))) => {
+            connection.close(codes::PROTOCOL, "control handshake failed");
+            ctx.metrics.handshake_failed(failure);
+            warn!(peer = %peer_name, remote = %connection.remote_address(), reason = %failure, error = %e, "tunnel control handshake failed");
+            return format!("control handshake failed: {e}");
+        }
+        Err(_) => {
+            connection.close(codes::PROTOCOL, "control handshake timed out");
+            ctx.metrics.handshake_failed(HandshakeFailure::Timeout);
+            warn!(peer = %peer_name, remote = %connection.remote_address(), "tunnel control handshake timed out");
+            return "control handshake timed out".into();
+        }
+    };
 
     let (control_tx, mut control_rx) = mpsc::channel::<ControlMessage>(16);
     let link = Arc::new(PeerLink::new(

@@ -413,7 +413,10 @@ async fn breaker_refuses_past_max_active_requests_at_once() {
                 ..
             }
         ));
-        assert_eq!(error.reason().status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            error.reason().status(),
+            http::StatusCode::SERVICE_UNAVAILABLE
+        );
         assert_eq!(error.reason().as_str(), "overloaded");
         assert_eq!(upstream.stats().circuit_breaker_trips, 1);
 
