@@ -234,6 +234,7 @@ impl Backend {
         match self {
             Backend::Local(svc) => Ok(RuleList {
                 version: svc.version(),
+                digest: svc.digest(),
                 rules: svc.list(),
                 exports: svc.exports(),
             }),
@@ -419,7 +420,8 @@ fn describe(rule: &Rule) -> String {
 fn print_list(out: &mut String, list: &RuleList) -> std::fmt::Result {
     writeln!(
         out,
-        "policy version {}, {} rule(s)",
+        "policy {} (local revision {}), {} rule(s)",
+        list.digest,
         list.version,
         list.rules.len()
     )?;
