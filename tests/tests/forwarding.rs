@@ -775,6 +775,7 @@ async fn a_draining_peer_is_acknowledged_only_after_the_requests_sent_to_it_fini
     link.send_control(ControlMessage::Exports {
         exports: vec!["marker".into()],
         policy_version: 0,
+        policy_digest: String::new(),
     });
     tokio::time::timeout(
         WAIT,
