@@ -30,7 +30,7 @@ use crate::listener::ListenerLimits;
 use crate::metrics::{Metrics, Side};
 use crate::trust::{Trust, TrustUpdates};
 use crate::tunnel::connection::TunnelConnection;
-use crate::tunnel::control::ControlMessage;
+use crate::tunnel::control::{ControlMessage, PeerAnnouncement};
 use crate::tunnel::handshake::{RejectionSlot, observed_server};
 use crate::tunnel::outcome::HandshakeFailure;
 use crate::tunnel::peers::{Direction, PeerSet};
@@ -80,6 +80,21 @@ pub struct NodeState {
 impl NodeState {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// What this node tells its peers about itself: its exports and its policy.
+    pub fn announcement(&self) -> PeerAnnouncement {
+        PeerAnnouncement {
+            exports: self.config.load().export_names(),
+            policy_version: self.acl.version(),
+            policy_digest: self.acl.digest(),
+        }
+    }
+
+    /// Peers whose announced policy digest differs from this node's (peers that send none
+    /// are not counted).
+    pub fn peers_disagreeing(&self) -> usize {
+        peers_disagreeing(&self.peers, &self.acl)
     }
 
     /// Ready: not draining and at least one tunnel is up.
@@ -536,11 +551,11 @@ impl Node {
             metrics: metrics.clone(),
             tasks: requests.clone(),
             hello: Box::new(move || {
-                let (exports, version) = hello_state
+                let announcement = hello_state
                     .upgrade()
-                    .map(|s| (s.config.load().export_names(), s.acl.version()))
+                    .map(|s| s.announcement())
                     .unwrap_or_default();
-                ControlMessage::hello(&hello_id, exports, version)
+                ControlMessage::hello(&hello_id, announcement)
             }),
             on_stream: Box::new(move |send, recv, peer| {
                 Box::pin(export::serve_stream(send, recv, peer, export_ctx.clone()))
@@ -622,6 +637,11 @@ impl Node {
                 );
             }
         }
+        background.spawn(announce_policy_changes(
+            Arc::downgrade(&state),
+            acl.subscribe_changes(),
+            stop_rest.clone(),
+        ));
         background.spawn(crate::admin::serve_tcp(
             admin_listener,
             state.clone(),
@@ -890,10 +910,9 @@ impl Node {
         let exports_changed = new.export_names() != old.export_names();
         self.state.config.store(Arc::new(new));
         let config = self.state.config.load();
-        self.state.peers.broadcast(&ControlMessage::Exports {
-            exports: config.export_names(),
-            policy_version: self.state.acl.version(),
-        });
+        self.state
+            .peers
+            .broadcast(&ControlMessage::update(self.state.announcement()));
         Ok(format!(
             "certificates, CA bundle and CRL reloaded on every listener and live connection; {} export(s), {} restarted{}",
             config.exports.len(),
@@ -966,6 +985,19 @@ impl Node {
     }
 }
 
+/// Connected peers that announced a policy digest other than `acl`'s.
+pub(crate) fn peers_disagreeing(peers: &PeerSet, acl: &AclService) -> usize {
+    let ours = acl.digest();
+    peers
+        .links()
+        .iter()
+        .filter(|l| {
+            let theirs = l.policy_digest();
+            !theirs.is_empty() && *theirs != ours
+        })
+        .count()
+}
+
 /// Gives the services `config` names their own metric series and ACL decision counters; any
 /// other name a peer or caller sends is counted as `unknown` (see `metrics`).
 fn count_configured_services(metrics: &Metrics, acl: &AclService, config: &Config) {
@@ -974,6 +1006,29 @@ fn count_configured_services(metrics: &Metrics, acl: &AclService, config: &Confi
     metrics.register_services(Side::Export, exports());
     metrics.register_services(Side::Import, imports());
     acl.count_destinations(exports().chain(imports()));
+}
+
+/// Tells every peer this node's new policy digest after each committed policy change, so
+/// their `status` shows whether the nodes agree.
+async fn announce_policy_changes(
+    state: std::sync::Weak<NodeState>,
+    mut changes: tokio::sync::watch::Receiver<u64>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+        let Some(state) = state.upgrade() else { return };
+        state
+            .peers
+            .broadcast(&ControlMessage::update(state.announcement()));
+    }
 }
 
 async fn accept_loop(

@@ -419,9 +419,27 @@ pub fn render_status(doc: &serde_json::Value) -> String {
         doc["policy_version"],
         doc["workers"]
     );
+    let short = |v: &serde_json::Value| {
+        v.as_str()
+            .unwrap_or_default()
+            .chars()
+            .take(12)
+            .collect::<String>()
+    };
+    let disagreeing = doc["peers_disagreeing"].as_u64().unwrap_or_default();
     let _ = writeln!(
         out,
-        "\nPEER                                             REMOTE                 DIR       WORKER  RTT(ms)  STREAMS  EXPORTS"
+        "policy    {}{}",
+        short(&doc["policy_digest"]),
+        if disagreeing > 0 {
+            format!("   {disagreeing} peer(s) DISAGREE")
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        out,
+        "\nPEER                                             REMOTE                 DIR       WORKER  RTT(ms)  STREAMS  POLICY                   EXPORTS"
     );
     for p in doc["peers"].as_array().into_iter().flatten() {
         let exports: Vec<String> = p["exports"]
@@ -432,13 +450,18 @@ pub fn render_status(doc: &serde_json::Value) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "{:<48} {:<22} {:<9} {:>6}  {:>7.2}  {:>7}  {}{}",
+            "{:<48} {:<22} {:<9} {:>6}  {:>7.2}  {:>7}  {:<23}  {}{}",
             s(&p["peer"]),
             s(&p["remote"]),
             s(&p["direction"]),
             s(&p["worker"]),
             p["rtt_ms"].as_f64().unwrap_or_default(),
             s(&p["active_streams"]),
+            match p["policy_agrees"].as_bool() {
+                Some(true) => format!("{} agrees", short(&p["policy_digest"])),
+                Some(false) => format!("{} DIFFERS", short(&p["policy_digest"])),
+                None => "-".to_owned(),
+            },
             exports.join(","),
             if p["draining"].as_bool() == Some(true) {
                 " (draining)"

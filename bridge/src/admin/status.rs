@@ -15,6 +15,9 @@ use crate::node::NodeState;
 /// The `/v1/status` JSON document.
 pub fn status_json(state: &NodeState) -> Value {
     let config = state.config.load();
+    let digest = state.acl.digest();
+    // `None` for a peer that does not announce a digest.
+    let agrees = |theirs: &str| (!theirs.is_empty()).then(|| theirs == digest);
     let peers: Vec<Value> = state
         .peers
         .links()
@@ -46,6 +49,8 @@ pub fn status_json(state: &NodeState) -> Value {
                 "active_streams": l.active_streams(),
                 "total_streams": l.total_streams(),
                 "policy_version": l.policy_version(),
+                "policy_digest": l.policy_digest().as_str(),
+                "policy_agrees": agrees(&l.policy_digest()),
                 "certificate": certificate,
             })
         })
@@ -72,6 +77,8 @@ pub fn status_json(state: &NodeState) -> Value {
         "ready": state.is_ready(),
         "draining": state.is_draining(),
         "policy_version": state.acl.version(),
+        "policy_digest": digest,
+        "peers_disagreeing": state.peers_disagreeing(),
         "tunnel_listen": state.addresses.tunnel.map(|a| a.to_string()),
         "gateway": state.addresses.gateway.map(|a| a.to_string()),
         "peers": peers,
@@ -104,6 +111,12 @@ pub fn metrics_text(state: &NodeState) -> String {
 struct LinkLabels {
     peer: Arc<str>,
     connection: u64,
+}
+
+/// `{digest}`: `hybridge_policy_info` (one series, the policy in force).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PolicyLabels {
+    digest: Arc<str>,
 }
 
 /// `{destination, action}`: `hybridge_acl_decisions_total`.
@@ -183,6 +196,23 @@ impl Collector for NodeCollector {
             "hybridge_policy_version",
             "Version of the ACL policy in force.",
             self.acl.version(),
+        )?;
+        gauge(
+            &mut encoder,
+            "hybridge_policy_info",
+            "The policy in force, by digest (equal on nodes that agree).",
+            [(
+                PolicyLabels {
+                    digest: Arc::from(self.acl.digest().as_str()),
+                },
+                1u64,
+            )],
+        )?;
+        single_gauge(
+            &mut encoder,
+            "hybridge_policy_peers_disagreeing",
+            "Connected peers whose policy digest differs from this node's.",
+            crate::node::peers_disagreeing(&self.peers, &self.acl) as u64,
         )?;
         counter(
             &mut encoder,
