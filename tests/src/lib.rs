@@ -820,6 +820,17 @@ impl RawPeer {
         caller: &str,
         path: &str,
     ) -> (u16, Option<String>, Bytes) {
+        self.get_with(service, caller, path, &[]).await
+    }
+
+    /// [`RawPeer::get`] with request headers of the peer's choosing.
+    pub async fn get_with(
+        &self,
+        service: &str,
+        caller: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, Option<String>, Bytes) {
         let (mut send, mut recv) = self.connection.open_stream().await.unwrap();
         let head = RequestHead {
             service: service.into(),
@@ -831,7 +842,15 @@ impl RawPeer {
             path: path.into(),
             version: 11,
             end_stream: true,
-            headers: Vec::new(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        Bytes::copy_from_slice(n.as_bytes()),
+                        Bytes::copy_from_slice(v.as_bytes()),
+                    )
+                })
+                .collect(),
         };
         let mut encoded = BytesMut::new();
         frame::encode_request(&head, &mut encoded).unwrap();

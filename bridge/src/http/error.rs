@@ -60,7 +60,8 @@ pub enum Reason {
     UnknownHost,
     /// The request head exceeds the listener's limit or a frame's.
     HeadersTooLarge,
-    /// The export node could not rebuild the request from the stream header.
+    /// The request is malformed: its target and `Host` name different hosts, it has two
+    /// `Host` headers, or the export node could not rebuild it from the stream header.
     BadRequest,
     /// No connected peer of a site allowed to serve the service exports it, or the export
     /// node does not export it.
@@ -165,7 +166,7 @@ impl Reason {
     pub fn grpc_code(self) -> GrpcCode {
         match self {
             Self::AclDenied => GrpcCode::PermissionDenied,
-            Self::InvalidPath => GrpcCode::InvalidArgument,
+            Self::InvalidPath | Self::BadRequest => GrpcCode::InvalidArgument,
             Self::UnknownHost => GrpcCode::Unimplemented,
             Self::HeadersTooLarge => GrpcCode::ResourceExhausted,
             Self::NoRoute
@@ -178,7 +179,7 @@ impl Reason {
             | Self::ShuttingDown => GrpcCode::Unavailable,
             Self::Timeout | Self::UpstreamTimeout => GrpcCode::DeadlineExceeded,
             Self::ClientAborted => GrpcCode::Cancelled,
-            Self::BadRequest | Self::TunnelProtocol | Self::Internal => GrpcCode::Internal,
+            Self::TunnelProtocol | Self::Internal => GrpcCode::Internal,
         }
     }
 

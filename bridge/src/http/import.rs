@@ -238,14 +238,19 @@ async fn handle(
     // is drained after the answer (see `linger`).
     let mut body = Some(body);
     let expects_continue = parts.headers.contains_key(http::header::EXPECT);
-    let service = match resolve_service(&spec.target, &parts) {
+    let service = match consistent_host(&parts).and_then(|()| resolve_service(&spec.target, &parts))
+    {
         Ok(s) => s,
         Err(e) => {
             linger(expects_continue, body, &ctx.tasks);
-            // No service named: counted with every other name this node does not know.
-            let stats = ctx
-                .metrics
-                .service(Side::Import, crate::metrics::UNKNOWN_SERVICE);
+            // A listener bound to a service counts under it; a gateway that could not tell
+            // the service counts with every other name this node does not know.
+            let stats = match &spec.target {
+                ListenerTarget::Service(service) => ctx.metrics.service(Side::Import, service),
+                ListenerTarget::Gateway { .. } => ctx
+                    .metrics
+                    .service(Side::Import, crate::metrics::UNKNOWN_SERVICE),
+            };
             stats.bridge_error(e.reason);
             stats.responded(e.status().as_u16(), started.elapsed());
             return Ok(render(&e, grpc, None));
@@ -394,6 +399,30 @@ fn render(e: &BridgeError, grpc: bool, request_id: Option<&str>) -> Response<Box
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
+}
+
+/// Refuses a request whose target names one host and whose `Host` header another, or that
+/// has several `Host` headers (RFC 9112 §3.2, RFC 9113 §8.3.1): the gateway routes and the
+/// policy decides on one of them, and an upstream behind a host-routing ingress would serve
+/// the other.
+fn consistent_host(req: &http::request::Parts) -> Result<(), BridgeError> {
+    let refuse = |detail: String| BridgeError::new(Reason::BadRequest, detail);
+    let mut hosts = req.headers.get_all(http::header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(refuse("more than one Host header".into()));
+    }
+    if let (Some(authority), Some(host)) = (req.uri.authority(), host)
+        && !authority
+            .as_str()
+            .as_bytes()
+            .eq_ignore_ascii_case(host.as_bytes())
+    {
+        return Err(refuse(format!(
+            "the request target names {authority} but the Host header names another host"
+        )));
+    }
+    Ok(())
 }
 
 /// Which remote service a request is for.
