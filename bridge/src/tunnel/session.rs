@@ -225,14 +225,22 @@ pub async fn run(
             close_untrusted(&connection, &link, &ctx, &peer_name, &why).await;
             (DisconnectReason::Untrusted, UNTRUSTED.to_owned())
         }
-        () = reader => {
-            connection.close(codes::PROTOCOL, "control stream closed");
-            (DisconnectReason::ControlClosed, "peer closed the control stream".to_owned())
-        }
-        () = writer => {
-            connection.close(codes::PROTOCOL, "control stream failed");
-            (DisconnectReason::ControlFailed, "control stream write failed".to_owned())
-        }
+        // A control stream ends with its connection too: then the connection's end is the
+        // reason, whichever of the two this node noticed first.
+        () = reader => match connection.lost() {
+            Some(lost) => (lost.disconnect_reason(), lost.to_string()),
+            None => {
+                connection.close(codes::PROTOCOL, "control stream closed");
+                (DisconnectReason::ControlClosed, "peer closed the control stream".to_owned())
+            }
+        },
+        () = writer => match connection.lost() {
+            Some(lost) => (lost.disconnect_reason(), lost.to_string()),
+            None => {
+                connection.close(codes::PROTOCOL, "control stream failed");
+                (DisconnectReason::ControlFailed, "control stream write failed".to_owned())
+            }
+        },
         () = cancel.cancelled() => {
             connection.close(codes::GOING_AWAY, "node shutting down");
             (DisconnectReason::ShuttingDown, "node shutting down".to_owned())
