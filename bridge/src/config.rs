@@ -14,6 +14,10 @@ use serde::Deserialize;
 use crate::http::path::EscapedSlashes;
 use crate::upstream::UpstreamSettings;
 
+pub use hybridge_ca::tls::CrlStale;
+
+pub mod reload;
+
 /// A configuration mistake, displayed as `FILE:LINE: message`.
 #[derive(Debug, thiserror::Error)]
 #[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
@@ -56,6 +60,10 @@ pub struct TlsSection {
     pub key: PathBuf,
     #[serde(default)]
     pub crl: Option<PathBuf>,
+    /// A CRL past its nextUpdate: warn and keep checking against it (default, fail-open), or
+    /// refuse every peer until a current one is loaded.
+    #[serde(default)]
+    pub crl_stale: CrlStale,
 }
 
 #[derive(Clone, Debug, Deserialize)]

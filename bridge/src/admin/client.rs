@@ -182,7 +182,7 @@ pub struct AdminResponse {
 
 impl AdminResponse {
     /// The `error` of a JSON error body, or the body as text.
-    fn message(&self) -> String {
+    pub fn message(&self) -> String {
         #[derive(serde::Deserialize)]
         struct ErrorBody {
             error: String,

@@ -47,12 +47,22 @@ pub struct ListenerSpec {
     pub caller: CallerIdentity,
     /// TLS for `mtls` listeners (client certificate required); swapped on reload.
     pub tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
-    pub request_timeout: Option<Duration>,
-    pub max_header_bytes: usize,
-    /// Whether `%2F`/`%5C` in a path is refused or kept.
-    pub(crate) escaped_slashes: EscapedSlashes,
+    /// Read per connection and per request; swapped on reload.
+    pub settings: arc_swap::ArcSwap<ListenerSettings>,
     /// Open-connection cap and idle timeout, shared by the workers accepting on the port.
     pub limits: Arc<ListenerLimits>,
+}
+
+/// The settings of a listener a reload may change while it runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerSettings {
+    /// Deadline for the response head.
+    pub request_timeout: Option<Duration>,
+    /// Largest request header block (431 beyond it); new connections get parser limits to
+    /// match.
+    pub max_header_bytes: usize,
+    /// Whether `%2F`/`%5C` in a path is refused or kept.
+    pub escaped_slashes: EscapedSlashes,
 }
 
 /// Shared state of all import listeners of a node.
@@ -89,21 +99,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .max_buf_size(spec.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(spec.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(1024)
-        .initial_stream_window_size(1024 * 1024)
-        .initial_connection_window_size(8 * 1024 * 1024)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
-    let builder = Arc::new(builder);
+    let mut max_header_bytes = spec.settings.load().max_header_bytes;
+    let mut builder = connection_builder(max_header_bytes);
     loop {
         let AcceptedConnection {
             stream,
@@ -114,6 +111,12 @@ pub async fn serve(
             accepted = spec.limits.accept(&listener) => accepted,
         };
         let _ = stream.set_nodelay(true);
+        // A reloaded header limit applies to the parsers of connections accepted from now on.
+        let configured = spec.settings.load().max_header_bytes;
+        if configured != max_header_bytes {
+            max_header_bytes = configured;
+            builder = connection_builder(max_header_bytes);
+        }
         let (spec, ctx, builder, watcher) = (
             spec.clone(),
             ctx.clone(),
@@ -199,6 +202,27 @@ pub async fn serve(
     graceful.shutdown().await;
 }
 
+/// The HTTP/1.1 and HTTP/2 server settings of a listener's connections.
+fn connection_builder(
+    max_header_bytes: usize,
+) -> Arc<hyper_util::server::conn::auto::Builder<TokioExecutor>> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(1024)
+        .initial_stream_window_size(1024 * 1024)
+        .initial_connection_window_size(8 * 1024 * 1024)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    Arc::new(builder)
+}
+
 enum Io {
     Plain(tokio::net::TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
@@ -232,7 +256,9 @@ async fn handle(
     let (mut parts, body) = req.into_parts();
     // The one canonical path: the ACL pre-check, the frame (so the export's decision and
     // the upstream request) and the access log all see it. A refused target stays as sent.
-    let canonical = path::canonicalise_uri(&mut parts.uri, spec.escaped_slashes);
+    // One reading of the settings for the whole request, even across a reload.
+    let settings = spec.settings.load_full();
+    let canonical = path::canonicalise_uri(&mut parts.uri, settings.escaped_slashes);
     let path = parts.uri.path().to_owned();
     // The body stays here until the request is really forwarded; a refused request's body
     // is drained after the answer (see `linger`).
@@ -258,7 +284,7 @@ async fn handle(
         answered: false,
     };
     let outcome = match canonical {
-        Ok(()) => forward(parts, &mut body, &info, &spec, &ctx, &service, &stats).await,
+        Ok(()) => forward(parts, &mut body, &info, &settings, &ctx, &service, &stats).await,
         Err(e) => Err((BridgeError::invalid_path(&e), None)),
     };
     unanswered.answered();
@@ -437,17 +463,17 @@ async fn forward(
     mut parts: http::request::Parts,
     body: &mut Option<Incoming>,
     info: &ConnectionInfo,
-    spec: &ListenerSpec,
+    settings: &ListenerSettings,
     ctx: &ImportContext,
     service: &str,
     stats: &Arc<crate::metrics::ServiceStats>,
 ) -> Result<(Response<BoxBody>, String), Failure> {
-    if headers::header_block_size(&parts.headers) > spec.max_header_bytes {
+    if headers::header_block_size(&parts.headers) > settings.max_header_bytes {
         return Err((
             BridgeError::new(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "headers-too-large",
-                format!("request headers exceed {} bytes", spec.max_header_bytes),
+                format!("request headers exceed {} bytes", settings.max_header_bytes),
             ),
             None,
         ));
@@ -518,7 +544,7 @@ async fn forward(
         end_stream,
         caller: info.caller.to_string(),
         request_id: request_id.clone(),
-        deadline_ms: spec
+        deadline_ms: settings
             .request_timeout
             .map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
         method: parts.method.as_str().to_owned(),
@@ -580,7 +606,7 @@ async fn forward(
         });
     }
 
-    let first = match spec.request_timeout {
+    let first = match settings.request_timeout {
         Some(limit) => tokio::time::timeout(limit, recv.read_frame())
             .await
             .map_err(|_| {
