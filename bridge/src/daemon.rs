@@ -71,8 +71,35 @@ pub fn check_config(path: &Path) -> anyhow::Result<String> {
             remaining.whole_days()
         );
     }
+    let mut stale_crls = String::new();
+    let now = time::OffsetDateTime::now_utc();
+    for (i, der) in material.crls.iter().enumerate() {
+        let crl = hybridge_ca::inspect::summarize_crl(der.as_ref())
+            .map_err(|e| anyhow::anyhow!("CRL #{} of {:?}: {e}", i + 1, config.tls.crl))?;
+        if let Some(left) = crl.seconds_to_next_update(now).filter(|_| crl.is_stale(now)) {
+            let crl_file = config
+                .tls
+                .crl
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let stale = format!(
+                "CRL #{} of {crl_file} is past its nextUpdate by {}s",
+                i + 1,
+                left.saturating_neg()
+            );
+            if config.tls.crl_stale == crate::config::CrlStale::Refuse {
+                anyhow::bail!(
+                    "{stale} and tls.crl_stale = \"refuse\" would refuse every peer; issue a current one with `hybridge-ca crl`"
+                );
+            }
+            stale_crls += &format!(
+                "; warning: {stale} (tls.crl_stale = \"warn\": still applied; issue a current one with `hybridge-ca crl`)"
+            );
+        }
+    }
     Ok(format!(
-        "{}: ok — node {} ({} exports, {} imports, {} peers), certificate valid for {} more days",
+        "{}: ok — node {} ({} exports, {} imports, {} peers), certificate valid for {} more days{stale_crls}",
         path.display(),
         material.own_id,
         config.exports.len(),

@@ -74,7 +74,35 @@ pub fn status_json(state: &NodeState) -> Value {
         "peers": peers,
         "exports": exports,
         "imports": imports,
+        "crl_stale": state.trust.current().crl_stale().as_str(),
+        "crls": crl_status(state, time::OffsetDateTime::now_utc()),
     })
+}
+
+/// Each CRL in force and how far it is from its nextUpdate at `now` (negative: stale).
+fn crl_status(state: &NodeState, now: time::OffsetDateTime) -> Vec<Value> {
+    let text = |at: time::OffsetDateTime| {
+        at.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| at.unix_timestamp().to_string())
+    };
+    let trust = state.trust.current();
+    trust
+        .crls()
+        .iter()
+        .enumerate()
+        .map(|(i, crl)| {
+            json!({
+                "position": i + 1,
+                "issuer": crl.issuer,
+                "number": crl.number,
+                "revoked": crl.revoked,
+                "this_update": text(crl.this_update),
+                "next_update": crl.next_update.map(text),
+                "next_update_seconds": crl.seconds_to_next_update(now),
+                "stale": crl.is_stale(now),
+            })
+        })
+        .collect()
 }
 
 /// The `/metrics` Prometheus text.
@@ -136,6 +164,22 @@ pub fn metrics_text(state: &NodeState) -> String {
     );
     let _ = writeln!(out, "# TYPE hybridge_policy_version gauge");
     let _ = writeln!(out, "hybridge_policy_version {}", state.acl.version());
+    let _ = writeln!(
+        out,
+        "# HELP hybridge_crl_next_update_seconds Seconds until each CRL in force passes its nextUpdate; negative once it has (the CRL is stale)."
+    );
+    let _ = writeln!(out, "# TYPE hybridge_crl_next_update_seconds gauge");
+    let now = time::OffsetDateTime::now_utc();
+    for (i, crl) in state.trust.current().crls().iter().enumerate() {
+        if let Some(seconds) = crl.seconds_to_next_update(now) {
+            let _ = writeln!(
+                out,
+                "hybridge_crl_next_update_seconds{{crl=\"{}\",issuer=\"{}\"}} {seconds}",
+                i + 1,
+                escape(&crl.issuer)
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP hybridge_acl_decisions_total ACL decisions on this node, by destination and action."
