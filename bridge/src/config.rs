@@ -641,13 +641,13 @@ impl Config {
         };
         if raw.limits.max_connections == 0 {
             return Err(err(
-                None,
+                key_line(text, "limits", "max_connections"),
                 "field `limits.max_connections`: must be at least 1".into(),
             ));
         }
         if raw.limits.idle_timeout < Duration::from_secs(1) {
             return Err(err(
-                None,
+                key_line(text, "limits", "idle_timeout"),
                 "field `limits.idle_timeout`: must be at least 1s".into(),
             ));
         }
@@ -858,6 +858,16 @@ mtls = true
             "",
         ));
         assert!(e.contains("neither accepts tunnels"), "{e}");
+        let e = error_of(&format!("{GOOD}\n[limits]\nmax_connections = 0\n"));
+        assert_eq!(
+            e,
+            "/x/h.toml:31: field `limits.max_connections`: must be at least 1"
+        );
+        let e = error_of(&format!("{GOOD}\n[limits]\nidle_timeout = \"10ms\"\n"));
+        assert_eq!(
+            e,
+            "/x/h.toml:31: field `limits.idle_timeout`: must be at least 1s"
+        );
         let e = error_of(&format!("{GOOD}\n[admin]\nlisten = \"0.0.0.0:7180\"\n"));
         assert!(
             e.starts_with("/x/h.toml:31: field `admin.listen`") && e.contains("allow_remote"),

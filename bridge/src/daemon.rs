@@ -76,7 +76,10 @@ pub fn check_config(path: &Path) -> anyhow::Result<String> {
     for (i, der) in material.crls.iter().enumerate() {
         let crl = hybridge_ca::inspect::summarize_crl(der.as_ref())
             .map_err(|e| anyhow::anyhow!("CRL #{} of {:?}: {e}", i + 1, config.tls.crl))?;
-        if let Some(left) = crl.seconds_to_next_update(now).filter(|_| crl.is_stale(now)) {
+        if let Some(left) = crl
+            .seconds_to_next_update(now)
+            .filter(|_| crl.is_stale(now))
+        {
             let crl_file = config
                 .tls
                 .crl
