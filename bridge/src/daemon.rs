@@ -194,3 +194,43 @@ fn admin_socket_in(config: &Path) -> Result<std::path::PathBuf, String> {
             .unwrap_or(socket)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reload_command_finds_the_socket_the_config_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("hybridge.toml");
+        let socket_of = |text: &str| {
+            std::fs::write(&config, text).unwrap();
+            admin_socket_in(&config)
+        };
+        assert_eq!(
+            socket_of("[admin]\nsocket = \"/run/x/admin.sock\"\n"),
+            Ok("/run/x/admin.sock".into())
+        );
+        assert_eq!(
+            socket_of("[admin]\nsocket = \"run/admin.sock\"\n"),
+            Ok(dir.path().join("run/admin.sock"))
+        );
+        // A file the node would refuse for other reasons still names its socket.
+        assert_eq!(
+            socket_of("[node]\nname = 3\n[admin]\nlisten_typo = 1\nsocket = \"/s.sock\"\n"),
+            Ok("/s.sock".into())
+        );
+        assert_eq!(
+            socket_of("[node]\n"),
+            Ok(crate::config::DEFAULT_ADMIN_SOCKET.into())
+        );
+        let unparsable = socket_of("[admin\n").unwrap_err();
+        assert!(
+            unparsable.starts_with(&format!(
+                "admin.socket not read from {}: ",
+                config.display()
+            )),
+            "{unparsable}"
+        );
+    }
+}

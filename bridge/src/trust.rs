@@ -331,3 +331,61 @@ pub async fn watch_crl_freshness(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hybridge_ca::authority::{CertificateAuthority, InitOptions};
+
+    fn material(ca: &CertificateAuthority, site: &str, crl: Option<&str>) -> TlsMaterial {
+        let leaf = ca
+            .issue_node(site, "n", &[], &[], Duration::from_secs(3600))
+            .unwrap();
+        TlsMaterial::from_pem(&ca.ca_cert_pem(), &leaf.cert_chain_pem, &leaf.key_pem, crl).unwrap()
+    }
+
+    #[test]
+    fn accepted_tunnels_are_held_to_the_allowed_sites_and_dialled_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::init(dir.path(), "td", InitOptions::default()).unwrap();
+        let ours = material(&ca, "cloud", None);
+        let lab = material(&ca, "lab", None).chain;
+        let trust = Trust::new(&ours, "td", &["onprem".to_string()], None).unwrap();
+        let refused = trust
+            .check(PeerKind::Node, &lab, PeerRole::Client)
+            .unwrap_err();
+        assert!(
+            refused.contains("expected a node of site onprem"),
+            "{refused}"
+        );
+        assert_eq!(trust.check(PeerKind::Node, &lab, PeerRole::Server), Ok(()));
+        let widened = Trust::new(&ours, "td", &["onprem".into(), "lab".into()], None).unwrap();
+        assert_eq!(
+            widened.check(PeerKind::Node, &lab, PeerRole::Client),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn only_the_refuse_policy_has_a_moment_from_which_every_peer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::init(dir.path(), "td", InitOptions::default()).unwrap();
+        let crl = ca.crl_pem_valid_for(Duration::from_secs(600)).unwrap();
+        let mut with_crl = material(&ca, "cloud", Some(&crl));
+        let warn = Trust::new(&with_crl, "td", &[], None).unwrap();
+        assert_eq!(warn.crl_stale(), CrlStale::Warn);
+        assert_eq!(warn.refuses_from(), None);
+        with_crl.crl_stale = CrlStale::Refuse;
+        let refuse = Trust::new(&with_crl, "td", &[], None).unwrap();
+        assert_eq!(refuse.crls().len(), 1);
+        assert_eq!(refuse.refuses_from(), refuse.crls()[0].next_update);
+        let mut without = material(&ca, "cloud", None);
+        without.crl_stale = CrlStale::Refuse;
+        assert_eq!(
+            Trust::new(&without, "td", &[], None)
+                .unwrap()
+                .refuses_from(),
+            None
+        );
+    }
+}
