@@ -118,31 +118,44 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // A script reads `acl check`'s exit code as the decision, so its errors are 2, not 1.
+    let error_code = match &cli.command {
+        Command::Acl {
+            command: crate::acl::cli::AclCommand::Check { .. },
+            ..
+        } => crate::acl::cli::EXIT_CHECK_ERROR,
+        _ => 1,
+    };
     let result = runtime.block_on(dispatch(cli.command, workers.clone()));
     drop(runtime);
     workers.stop();
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(error_code)
         }
     }
 }
 
-async fn dispatch(command: Command, workers: Arc<Workers>) -> anyhow::Result<()> {
+/// Exit code of `hybridge status` when the node answers but is not ready (like `systemctl
+/// status` for a unit that is not running); 1 is an error, such as an unreachable node.
+pub const EXIT_NOT_READY: u8 = 3;
+
+/// Runs the command; `Ok` carries its exit code (0, or a documented negative result).
+async fn dispatch(command: Command, workers: Arc<Workers>) -> anyhow::Result<u8> {
     match command {
-        Command::Run { config } => crate::daemon::run(&config, workers).await,
-        Command::Dev { base_port } => crate::dev::run(base_port, workers).await,
+        Command::Run { config } => crate::daemon::run(&config, workers).await.map(|()| 0),
+        Command::Dev { base_port } => crate::dev::run(base_port, workers).await.map(|()| 0),
         Command::Reload { config, admin } => {
             let report = crate::daemon::reload(&admin, config.as_deref()).await?;
             println!("{report}");
-            Ok(())
+            Ok(0)
         }
         Command::CheckConfig { config } => {
             let report = crate::daemon::check_config(&config)?;
             println!("{report}");
-            Ok(())
+            Ok(0)
         }
         Command::Status { admin, json } => status(&admin, json).await,
         Command::Acl { target, command } => crate::acl::cli::run(target, command).await,
@@ -167,15 +180,16 @@ fn init_logging(filter: &str, format: &str) {
     };
 }
 
-async fn status(admin: &crate::admin::client::AdminArgs, json: bool) -> anyhow::Result<()> {
+async fn status(admin: &crate::admin::client::AdminArgs, json: bool) -> anyhow::Result<u8> {
     let client = admin.client()?;
     let body = client.get("/v1/status").await?;
     let doc: serde_json::Value = serde_json::from_slice(&body)
         .with_context(|| format!("{}/v1/status did not return JSON", client.endpoint()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
-        return Ok(());
+    } else {
+        print!("{}", crate::admin::client::render_status(&doc));
     }
-    print!("{}", crate::admin::client::render_status(&doc));
-    Ok(())
+    let ready = doc["ready"].as_bool() == Some(true);
+    Ok(if ready { 0 } else { EXIT_NOT_READY })
 }

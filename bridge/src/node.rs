@@ -30,7 +30,7 @@ use crate::listener::ListenerLimits;
 use crate::metrics::Metrics;
 use crate::trust::{Trust, TrustUpdates};
 use crate::tunnel::connection::TunnelConnection;
-use crate::tunnel::control::ControlMessage;
+use crate::tunnel::control::{ControlMessage, PeerAnnouncement};
 use crate::tunnel::peers::{Direction, PeerSet};
 use crate::tunnel::quic::{self, TransportTuning};
 use crate::tunnel::serving::ServingPolicy;
@@ -85,6 +85,29 @@ pub struct NodeState {
 impl NodeState {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// What this node tells its peers about itself: its exports and its policy.
+    pub fn announcement(&self) -> PeerAnnouncement {
+        PeerAnnouncement {
+            exports: self.config.load().export_names(),
+            policy_version: self.acl.version(),
+            policy_digest: self.acl.digest(),
+        }
+    }
+
+    /// Peers whose announced policy digest differs from this node's (peers that send none
+    /// are not counted).
+    pub fn peers_disagreeing(&self) -> usize {
+        let ours = self.acl.digest();
+        self.peers
+            .links()
+            .iter()
+            .filter(|l| {
+                let theirs = l.policy_digest();
+                !theirs.is_empty() && *theirs != ours
+            })
+            .count()
     }
 
     /// Ready: not draining and at least one tunnel is up.
@@ -613,11 +636,11 @@ impl Node {
             metrics: metrics.clone(),
             tasks: requests.clone(),
             hello: Box::new(move || {
-                let (exports, version) = hello_state
+                let announcement = hello_state
                     .upgrade()
-                    .map(|s| (s.config.load().export_names(), s.acl.version()))
+                    .map(|s| s.announcement())
                     .unwrap_or_default();
-                ControlMessage::hello(&hello_id, exports, version)
+                ControlMessage::hello(&hello_id, announcement)
             }),
             on_stream: Box::new(move |send, recv, peer| {
                 Box::pin(export::serve_stream(send, recv, peer, export_ctx.clone()))
@@ -687,6 +710,11 @@ impl Node {
                 );
             }
         }
+        background.spawn(announce_policy_changes(
+            Arc::downgrade(&state),
+            acl.subscribe_changes(),
+            stop_rest.clone(),
+        ));
         background.spawn(crate::admin::serve_tcp(
             admin_listener,
             state.clone(),
@@ -863,6 +891,29 @@ impl Node {
         self.background.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.background.wait()).await;
         drop(self.admin_socket);
+    }
+}
+
+/// Tells every peer this node's new policy digest after each committed policy change, so
+/// their `status` shows whether the nodes agree.
+async fn announce_policy_changes(
+    state: std::sync::Weak<NodeState>,
+    mut changes: tokio::sync::watch::Receiver<u64>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+        let Some(state) = state.upgrade() else { return };
+        state
+            .peers
+            .broadcast(&ControlMessage::update(state.announcement()));
     }
 }
 

@@ -102,7 +102,7 @@ async fn operator_changes_take_effect_on_the_next_request_without_restart() {
         &["apply", "-f", empty.to_str().unwrap(), "--dry-run"],
     )
     .await;
-    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(code, 2, "changes pending: {stdout}{stderr}");
     assert!(stdout.contains("web-to-inventory"), "{stdout}");
     assert!(stdout.to_lowercase().contains("remove"), "{stdout}");
     assert_eq!(cloud.state.acl.version(), version);
@@ -336,4 +336,83 @@ fn the_example_policy_loads_and_decides_as_documented() {
     );
     assert_eq!(unknown.action, Action::Deny);
     assert!(unknown.default_deny);
+}
+
+/// The exit codes scripts rely on: `acl check` 0 allow / 1 deny / 2 error, `acl apply
+/// --dry-run` 0 no change / 2 changes pending / 1 error, and JSON where asked.
+#[test]
+fn acl_commands_tell_scripts_their_result_by_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("hybridge.redb");
+    let db = db.to_str().unwrap();
+    let policy = repo_root().join("config-examples/acl.toml");
+    let policy = policy.to_str().unwrap();
+
+    let (code, stdout, stderr) =
+        hybridge_cli(&["acl", "apply", "-f", policy, "--dry-run", "--db", db]);
+    assert_eq!(code, 2, "changes pending: {stdout}{stderr}");
+    let (code, stdout, _) = hybridge_cli(&["acl", "apply", "-f", policy, "--db", db]);
+    assert_eq!(code, 0, "{stdout}");
+    let (code, stdout, _) = hybridge_cli(&[
+        "acl",
+        "apply",
+        "-f",
+        policy,
+        "--dry-run",
+        "--json",
+        "--db",
+        db,
+    ]);
+    assert_eq!(code, 0, "nothing pending: {stdout}");
+    let diff: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(diff["added"].as_array().map(Vec::len), Some(0));
+    let (code, _, stderr) = hybridge_cli(&[
+        "acl",
+        "apply",
+        "-f",
+        "/nonexistent.toml",
+        "--dry-run",
+        "--db",
+        db,
+    ]);
+    assert_eq!(code, 1, "an error is not 'changes pending': {stderr}");
+
+    let check = |args: &[&str]| {
+        let mut full = vec!["acl", "check", "--db", db];
+        full.extend_from_slice(args);
+        hybridge_cli(&full)
+    };
+    let allowed = [
+        "--from",
+        "web",
+        "--from-site",
+        "aws",
+        "--to",
+        "billing",
+        "GET",
+        "/api/x",
+    ];
+    let (code, stdout, _) = check(&allowed);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.starts_with("allow"), "{stdout}");
+    let (code, stdout, _) = check(&[
+        "--from",
+        "web",
+        "--from-site",
+        "aws",
+        "--to",
+        "billing",
+        "GET",
+        "/api/internal/x",
+    ]);
+    assert_eq!(code, 1, "denied: {stdout}");
+    let mut json = allowed.to_vec();
+    json.push("--json");
+    let (code, stdout, _) = check(&json);
+    assert_eq!(code, 0);
+    let explanation: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(explanation["action"], "allow");
+    assert_eq!(explanation["rule"], "web-to-billing");
+    let (code, _, stderr) = check(&["--from", "web", "--to", "billing", "GET", "/api/a%2fb"]);
+    assert_eq!(code, 2, "an error is neither allow nor deny: {stderr}");
 }

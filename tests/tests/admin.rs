@@ -282,7 +282,9 @@ async fn only_the_socket_its_group_and_administrator_certificates_change_policy(
 
         // The TCP listener answers, read-only: status yes, rules and writes no.
         let out = hybridge_as_nobody(&bin, None, &["status", "--admin", &http]).await;
-        let status = succeeded(&out, "nobody reading status over TCP");
+        // Answered; the node has no tunnel, which `status` reports with exit code 3.
+        assert_eq!(out.status.code(), Some(3), "nobody reading status over TCP");
+        let status = text(&out).0;
         assert!(status.contains("spiffe://test.hybridge/site/cloud/node/cloud-1"));
         let out =
             hybridge_as_nobody(&bin, None, &[&everything[..], &["--admin", &http]].concat()).await;
@@ -408,7 +410,15 @@ async fn only_the_socket_its_group_and_administrator_certificates_change_policy(
             && log.contains("by spiffe://test.hybridge/admin/alice"),
         "{log}"
     );
-    let status = succeeded(&run_with(&["status"], &alice).await, "alice: status");
+    // Answered over mTLS; the node has no tunnel, which `status` reports with exit code 3.
+    let out = run_with(&["status"], &alice).await;
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "alice: status: {:?}",
+        text(&out)
+    );
+    let status = text(&out).0;
     assert!(status.contains("policy version"), "{status}");
 
     // A service and a node certificate of the same CA are refused in the handshake, each

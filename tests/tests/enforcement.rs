@@ -57,7 +57,11 @@ impl RawPeer {
         let connection = TunnelConnection::Quic(connection);
         let (mut send, mut recv) = connection.open_stream().await.unwrap();
         let id = format!("spiffe://{TRUST_DOMAIN}/site/{site}/node/{name}");
-        control::send(&mut send, &ControlMessage::hello(&id, exports, 0))
+        let announcement = control::PeerAnnouncement {
+            exports,
+            ..Default::default()
+        };
+        control::send(&mut send, &ControlMessage::hello(&id, announcement))
             .await
             .unwrap();
         let theirs = control::receive(&mut recv).await.unwrap();

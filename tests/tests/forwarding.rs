@@ -775,6 +775,7 @@ async fn a_draining_peer_is_acknowledged_only_after_the_requests_sent_to_it_fini
     link.send_control(ControlMessage::Exports {
         exports: vec!["marker".into()],
         policy_version: 0,
+        policy_digest: String::new(),
     });
     tokio::time::timeout(
         WAIT,
@@ -798,6 +799,11 @@ async fn a_draining_peer_is_acknowledged_only_after_the_requests_sent_to_it_fini
         }
     }
     assert_eq!(received, SIZE);
+    // The import lets go of the stream just after the last byte reaches the caller (hyper
+    // drops the body once it has sent the declared length); wait for that, not for time.
+    tokio::time::timeout(WAIT, link.streams_finished())
+        .await
+        .expect("the finished download releases its tunnel stream");
     assert_eq!(link.active_streams(), 0);
     tokio::time::timeout(WAIT, draining)
         .await

@@ -55,8 +55,14 @@ fn build_deb(out: &Path) -> PathBuf {
             "-o",
         ])
         .arg(out);
+    // Cargo's per-package variables for this test would make cargo-deb see another package;
+    // where the build output lives (CARGO_TARGET_DIR, a shared cache) must stay.
     for (key, _) in std::env::vars() {
-        if key.starts_with("CARGO_") && key != "CARGO_HOME" {
+        if key.starts_with("CARGO_")
+            && key != "CARGO_HOME"
+            && key != "CARGO_TARGET_DIR"
+            && !key.starts_with("CARGO_BUILD_")
+        {
             command.env_remove(key);
         }
     }

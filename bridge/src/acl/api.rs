@@ -26,7 +26,11 @@ pub const DEFAULT_LOG_LIMIT: usize = 50;
 /// `GET /v1/acl/rules` response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleList {
+    /// This node's local revision: counts changes, differs between nodes.
     pub version: u64,
+    /// The policy's identity: equal on every node holding the same policy.
+    #[serde(default)]
+    pub digest: String,
     pub rules: Vec<Rule>,
     /// Which sites may serve which services.
     #[serde(default)]
@@ -91,6 +95,7 @@ where
             StatusCode::OK,
             &RuleList {
                 version: svc.version(),
+                digest: svc.digest(),
                 rules: svc.list(),
                 exports: svc.exports(),
             },

@@ -73,27 +73,38 @@ pub enum AclCommand {
     },
     /// Remove a rule by id.
     Rm { id: String },
-    /// Make the rules equal a declarative TOML file.
+    /// Make the rules and export declarations equal a declarative TOML file. With
+    /// `--dry-run` the exit code says whether anything would change: 0 no change, 2 changes
+    /// pending (1 is an error), like `terraform plan -detailed-exitcode`.
     Apply {
+        /// The policy file.
         #[arg(short = 'f', long)]
         file: PathBuf,
         /// Show the diff without changing anything.
         #[arg(long)]
         dry_run: bool,
+        /// Print the diff as JSON.
+        #[arg(long)]
+        json: bool,
     },
-    /// Explain the decision for a request.
+    /// Explain the decision for a request. Exit code: 0 allowed, 1 denied, 2 error.
     Check {
+        /// Calling service.
         #[arg(long)]
         from: String,
         /// Site of the node the caller enters through (rules with `source_site` need it).
         #[arg(long = "from-site", value_name = "SITE")]
         from_site: Option<String>,
+        /// Called service.
         #[arg(long)]
         to: String,
         /// HTTP method, e.g. GET.
         method: Option<String>,
         /// Request path, e.g. /api/invoices.
         path: Option<String>,
+        /// Print the explanation as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the audit log, newest first.
     Log {
@@ -105,15 +116,31 @@ pub enum AclCommand {
     },
 }
 
-/// Runs one command and prints its human output.
-pub async fn run(target: AclTarget, cmd: AclCommand) -> anyhow::Result<()> {
-    let output = execute(&target, cmd).await?;
-    print!("{output}");
-    Ok(())
+/// What a command printed and the exit code that tells a script its result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub text: String,
+    /// 0, or the command's documented code for a negative result (`check`: 1 denied;
+    /// `apply --dry-run`: 2 changes pending). Errors are not reports.
+    pub exit_code: u8,
 }
 
-/// Runs one command and returns what [`run`] prints.
-pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<String> {
+/// Exit code of `acl check` when the request would be denied.
+pub const EXIT_DENIED: u8 = 1;
+/// Exit code of `acl apply --dry-run` when the file differs from the node's policy.
+pub const EXIT_CHANGES_PENDING: u8 = 2;
+/// Exit code of `acl check` when it could not decide (any error).
+pub const EXIT_CHECK_ERROR: u8 = 2;
+
+/// Runs one command, prints its output and returns its exit code.
+pub async fn run(target: AclTarget, cmd: AclCommand) -> anyhow::Result<u8> {
+    let report = execute(&target, cmd).await?;
+    print!("{}", report.text);
+    Ok(report.exit_code)
+}
+
+/// Runs one command and returns what [`run`] prints and its exit code.
+pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Report> {
     let backend = match &target.db {
         Some(path) => Backend::Local(
             AclService::open(path)
@@ -122,6 +149,7 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Stri
         None => Backend::Remote(Box::new(target.admin.client()?)),
     };
     let mut out = String::new();
+    let mut exit_code = 0;
     match cmd {
         AclCommand::Ls { json } => {
             let list = backend.list().await?;
@@ -169,11 +197,22 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Stri
                 changed.version
             )?;
         }
-        AclCommand::Apply { file, dry_run } => {
+        AclCommand::Apply {
+            file,
+            dry_run,
+            json,
+        } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading acl file {}", file.display()))?;
             let diff = backend.apply(&file, &text, dry_run).await?;
-            print_diff(&mut out, &diff)?;
+            if json {
+                out = serde_json::to_string_pretty(&diff)? + "\n";
+            } else {
+                print_diff(&mut out, &diff)?;
+            }
+            if dry_run && !diff.is_empty() {
+                exit_code = EXIT_CHANGES_PENDING;
+            }
         }
         AclCommand::Check {
             from,
@@ -181,6 +220,7 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Stri
             to,
             method,
             path,
+            json,
         } => {
             // Decided on the canonical path, as a listener would; one a listener refuses is
             // an error saying why.
@@ -200,8 +240,15 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Stri
                     path.as_deref(),
                 )
                 .await?;
-            print_explanation(&mut out, &explanation)?;
-            if let (Some(typed), Some(canonical)) = (&typed, &path)
+            if !explanation.action.eq(&Action::Allow) {
+                exit_code = EXIT_DENIED;
+            }
+            if json {
+                out = serde_json::to_string_pretty(&explanation)? + "\n";
+            } else {
+                print_explanation(&mut out, &explanation)?;
+            }
+            if let (false, Some(typed), Some(canonical)) = (json, &typed, &path)
                 && typed != canonical
             {
                 writeln!(
@@ -221,7 +268,10 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Stri
             }
         }
     }
-    Ok(out)
+    Ok(Report {
+        text: out,
+        exit_code,
+    })
 }
 
 enum Backend {
@@ -234,6 +284,7 @@ impl Backend {
         match self {
             Backend::Local(svc) => Ok(RuleList {
                 version: svc.version(),
+                digest: svc.digest(),
                 rules: svc.list(),
                 exports: svc.exports(),
             }),
@@ -419,7 +470,8 @@ fn describe(rule: &Rule) -> String {
 fn print_list(out: &mut String, list: &RuleList) -> std::fmt::Result {
     writeln!(
         out,
-        "policy version {}, {} rule(s)",
+        "policy {} (local revision {}), {} rule(s)",
+        list.digest,
         list.version,
         list.rules.len()
     )?;
@@ -613,7 +665,7 @@ action = "deny"
         for command in commands {
             let args: Vec<&str> = target_args.iter().copied().chain(command).collect();
             let cli = parse(&args)?;
-            outputs.push(execute(&cli.target, cli.cmd).await?);
+            outputs.push(execute(&cli.target, cli.cmd).await?.text);
         }
         Ok(outputs)
     }
@@ -655,7 +707,8 @@ action = "deny"
             outputs[6]
         );
         assert!(
-            outputs[7].starts_with("policy version 3, 2 rule(s)\n"),
+            outputs[7].starts_with("policy ")
+                && outputs[7].contains(" (local revision 3), 2 rule(s)\n"),
             "{}",
             outputs[7]
         );

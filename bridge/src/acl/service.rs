@@ -97,6 +97,9 @@ pub struct AclService {
     counters: DecisionCounters,
     deny_log: DenyLogLimiter,
     known_services: Mutex<Option<KnownServices>>,
+    /// The version of the snapshot in force, for whoever must act on a change (peers are
+    /// told the new digest).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl AclService {
@@ -124,7 +127,18 @@ impl AclService {
             counters: DecisionCounters::default(),
             deny_log: DenyLogLimiter::default(),
             known_services: Mutex::new(None),
+            changes: tokio::sync::watch::channel(stored.version).0,
         }))
+    }
+
+    /// The policy's identity (see [`AclSnapshot::digest`]).
+    pub fn digest(&self) -> String {
+        self.current.load().digest().to_owned()
+    }
+
+    /// Sees the policy version change after every committed change.
+    pub fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The current snapshot; an `Arc` clone.
@@ -295,11 +309,13 @@ impl AclService {
 
     fn reload_locked(&self) -> Result<(), AclError> {
         let stored = self.store.load()?;
+        let version = stored.version;
         self.current.store(Arc::new(AclSnapshot::new(
             stored.version,
             stored.rules,
             stored.exports,
         )));
+        self.changes.send_replace(version);
         Ok(())
     }
 

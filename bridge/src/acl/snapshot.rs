@@ -127,6 +127,8 @@ pub struct AclSnapshot {
     rules: Vec<Rule>,
     /// Export declarations by service.
     exports: HashMap<String, ExportDeclaration>,
+    /// The policy's identity: see [`AclSnapshot::digest`].
+    digest: String,
 }
 
 impl AclSnapshot {
@@ -166,6 +168,9 @@ impl AclSnapshot {
                     .push(compiled);
             }
         }
+        let mut exports = exports;
+        exports.sort_by(|a, b| a.service.cmp(&b.service));
+        let digest = policy_digest(&rules, &exports);
         AclSnapshot {
             version,
             by_destination,
@@ -175,7 +180,16 @@ impl AclSnapshot {
                 .into_iter()
                 .map(|d| (d.service.clone(), d))
                 .collect(),
+            digest,
         }
+    }
+
+    /// The policy's identity: a SHA-256 of its canonical content (rules sorted by id and
+    /// export declarations sorted by service, each in its normalised form), hex. Equal on
+    /// every node holding the same policy, whatever order it was written in; the local
+    /// `version` counter is not part of it.
+    pub fn digest(&self) -> &str {
+        &self.digest
     }
 
     /// Every export declaration, sorted by service.
@@ -301,6 +315,25 @@ struct RequestFacts<'a> {
     destination: &'a str,
     method: Option<&'a str>,
     path: Option<&'a str>,
+}
+
+/// See [`AclSnapshot::digest`]. `rules` sorted by id, `exports` by service.
+fn policy_digest(rules: &[Rule], exports: &[ExportDeclaration]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(b"hybridge policy v1\n");
+    // serde_json writes struct fields in declaration order and these types hold no maps, so
+    // the encoding of equal values is equal.
+    for rule in rules {
+        hasher.update(serde_json::to_vec(rule).unwrap_or_default());
+        hasher.update(b"\n");
+    }
+    hasher.update(b"exports\n");
+    for declaration in exports {
+        hasher.update(serde_json::to_vec(declaration).unwrap_or_default());
+        hasher.update(b"\n");
+    }
+    hex::encode(hasher.finalize())
 }
 
 /// The first field of `rule` that does not match the request, in the order a reader checks.
@@ -727,6 +760,38 @@ mod tests {
                 ..
             }
         )));
+    }
+
+    #[test]
+    fn the_digest_is_the_content_whatever_its_order_or_version() {
+        let a = rule("a", "web", "billing", Action::Allow, None);
+        let b = rule("b", "*", "billing", Action::Deny, Some((&["GET"], "/x")));
+        let ledger = ExportDeclaration {
+            service: "ledger".into(),
+            sites: vec!["dc1".into()],
+            description: String::new(),
+        };
+        let billing = ExportDeclaration {
+            service: "billing".into(),
+            sites: vec!["dc2".into()],
+            description: String::new(),
+        };
+        let one = AclSnapshot::new(
+            1,
+            vec![a.clone(), b.clone()],
+            vec![ledger.clone(), billing.clone()],
+        );
+        let two = AclSnapshot::new(7, vec![b.clone(), a.clone()], vec![billing, ledger]);
+        assert_eq!(one.digest(), two.digest());
+        assert_eq!(one.digest().len(), 64);
+        let mut changed = b;
+        changed.action = Action::Allow;
+        let three = AclSnapshot::new(1, vec![a, changed], Vec::new());
+        assert_ne!(one.digest(), three.digest());
+        assert_ne!(
+            AclSnapshot::new(0, Vec::new(), Vec::new()).digest(),
+            three.digest()
+        );
     }
 
     #[test]

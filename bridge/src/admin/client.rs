@@ -419,12 +419,30 @@ pub fn render_status(doc: &serde_json::Value) -> String {
         doc["policy_version"],
         doc["workers"]
     );
+    let short = |v: &serde_json::Value| {
+        v.as_str()
+            .unwrap_or_default()
+            .chars()
+            .take(12)
+            .collect::<String>()
+    };
+    let disagreeing = doc["peers_disagreeing"].as_u64().unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "policy    {}{}",
+        short(&doc["policy_digest"]),
+        if disagreeing > 0 {
+            format!("   {disagreeing} peer(s) DISAGREE")
+        } else {
+            String::new()
+        }
+    );
     for crl in doc["crls"].as_array().into_iter().flatten() {
         let _ = writeln!(out, "{}", crl_line(crl, s(&doc["crl_stale"]).as_str()));
     }
     let _ = writeln!(
         out,
-        "\nPEER                                             REMOTE                 DIR       WORKER  RTT(ms)  STREAMS  EXPORTS"
+        "\nPEER                                             REMOTE                 DIR       WORKER  RTT(ms)  STREAMS  POLICY                   EXPORTS"
     );
     for p in doc["peers"].as_array().into_iter().flatten() {
         let exports: Vec<String> = p["exports"]
@@ -435,13 +453,18 @@ pub fn render_status(doc: &serde_json::Value) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "{:<48} {:<22} {:<9} {:>6}  {:>7.2}  {:>7}  {}{}",
+            "{:<48} {:<22} {:<9} {:>6}  {:>7.2}  {:>7}  {:<23}  {}{}",
             s(&p["peer"]),
             s(&p["remote"]),
             s(&p["direction"]),
             s(&p["worker"]),
             p["rtt_ms"].as_f64().unwrap_or_default(),
             s(&p["active_streams"]),
+            match p["policy_agrees"].as_bool() {
+                Some(true) => format!("{} agrees", short(&p["policy_digest"])),
+                Some(false) => format!("{} DIFFERS", short(&p["policy_digest"])),
+                None => "-".to_owned(),
+            },
             exports.join(","),
             if p["draining"].as_bool() == Some(true) {
                 " (draining)"
@@ -642,12 +665,13 @@ mod tests {
         let text = render_status(&doc);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[1].ends_with("policy version 3   workers 2"), "{text}");
+        assert!(lines[2].starts_with("policy    "), "{text}");
         assert_eq!(
-            lines[2],
+            lines[3],
             "crl       #1 (number 3, 2 revoked)   next update in 3599s"
         );
         assert_eq!(
-            lines[3],
+            lines[4],
             "crl       #2 (0 revoked)   STALE: past its nextUpdate by 12s (tls.crl_stale = warn: still applied)"
         );
         let tunnel = lines.iter().find(|l| l.contains("10.0.0.5:40000")).unwrap();

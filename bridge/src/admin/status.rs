@@ -12,6 +12,9 @@ use crate::node::NodeState;
 /// The `/v1/status` JSON document.
 pub fn status_json(state: &NodeState) -> Value {
     let config = state.config.load();
+    let digest = state.acl.digest();
+    // `None` for a peer that does not announce a digest.
+    let agrees = |theirs: &str| (!theirs.is_empty()).then(|| theirs == digest);
     let peers: Vec<Value> = state
         .peers
         .links()
@@ -43,6 +46,8 @@ pub fn status_json(state: &NodeState) -> Value {
                 "active_streams": l.active_streams(),
                 "total_streams": l.total_streams(),
                 "policy_version": l.policy_version(),
+                "policy_digest": l.policy_digest().as_str(),
+                "policy_agrees": agrees(&l.policy_digest()),
                 "certificate": certificate,
             })
         })
@@ -69,6 +74,8 @@ pub fn status_json(state: &NodeState) -> Value {
         "ready": state.is_ready(),
         "draining": state.is_draining(),
         "policy_version": state.acl.version(),
+        "policy_digest": digest,
+        "peers_disagreeing": state.peers_disagreeing(),
         "tunnel_listen": state.addresses.tunnel.map(|a| a.to_string()),
         "gateway": state.addresses.gateway.map(|a| a.to_string()),
         "peers": peers,
@@ -164,6 +171,26 @@ pub fn metrics_text(state: &NodeState) -> String {
     );
     let _ = writeln!(out, "# TYPE hybridge_policy_version gauge");
     let _ = writeln!(out, "hybridge_policy_version {}", state.acl.version());
+    let _ = writeln!(
+        out,
+        "# HELP hybridge_policy_info The policy in force, by digest (equal on nodes that agree)."
+    );
+    let _ = writeln!(out, "# TYPE hybridge_policy_info gauge");
+    let _ = writeln!(
+        out,
+        "hybridge_policy_info{{digest=\"{}\"}} 1",
+        state.acl.digest()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP hybridge_policy_peers_disagreeing Connected peers whose policy digest differs from this node's."
+    );
+    let _ = writeln!(out, "# TYPE hybridge_policy_peers_disagreeing gauge");
+    let _ = writeln!(
+        out,
+        "hybridge_policy_peers_disagreeing {}",
+        state.peers_disagreeing()
+    );
     let _ = writeln!(
         out,
         "# HELP hybridge_crl_next_update_seconds Seconds until each CRL in force passes its nextUpdate; negative once it has (the CRL is stale)."

@@ -278,10 +278,9 @@ impl Reloadable {
         let exports_changed = config.export_names() != running.export_names();
         let export_count = config.exports.len();
         state.config.store(Arc::new(config));
-        state.peers.broadcast(&ControlMessage::Exports {
-            exports: state.config.load().export_names(),
-            policy_version: state.acl.version(),
-        });
+        state
+            .peers
+            .broadcast(&ControlMessage::update(state.announcement()));
         let summary = format!(
             "certificates, CA bundle and CRL re-read and in force on every listener and live connection; {export_count} export(s), {} upstream(s) started anew{}",
             upstreams_restarted.len(),

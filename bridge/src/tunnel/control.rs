@@ -1,7 +1,8 @@
 //! The control stream: the first stream of every tunnel connection.
 //!
-//! Carries the versioned hello (who I am, which services I export, my policy version), later
-//! export updates after a reload, and GOAWAY when a node drains. Messages are JSON inside
+//! Carries the versioned hello (who I am, which services I export, my policy version and
+//! digest), later updates when the exports or the policy change, and GOAWAY when a node
+//! drains. Messages are JSON inside
 //! CONTROL frames: rare, small and easy to extend (unknown fields are ignored so a newer peer
 //! can add some). It does not route or forward requests.
 
@@ -20,11 +21,16 @@ pub enum ControlMessage {
         node: String,
         exports: Vec<String>,
         policy_version: u64,
+        /// The sender's policy digest (empty from a peer that predates it).
+        #[serde(default)]
+        policy_digest: String,
     },
-    /// The sender's exported services changed (config reload) or its policy version moved.
+    /// The sender's exported services changed (config reload) or its policy changed.
     Exports {
         exports: Vec<String>,
         policy_version: u64,
+        #[serde(default)]
+        policy_digest: String,
     },
     /// The sender is draining: open no new streams to it; in-flight streams finish.
     GoAway { reason: String },
@@ -33,13 +39,31 @@ pub enum ControlMessage {
     DrainAck,
 }
 
+/// What a peer says about itself in its hello and in later updates.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerAnnouncement {
+    pub exports: Vec<String>,
+    pub policy_version: u64,
+    pub policy_digest: String,
+}
+
 impl ControlMessage {
-    pub fn hello(node: &str, exports: Vec<String>, policy_version: u64) -> Self {
+    pub fn hello(node: &str, announcement: PeerAnnouncement) -> Self {
         Self::Hello {
             version: PROTOCOL_VERSION,
             node: node.to_owned(),
-            exports,
-            policy_version,
+            exports: announcement.exports,
+            policy_version: announcement.policy_version,
+            policy_digest: announcement.policy_digest,
+        }
+    }
+
+    /// The update a node sends when its exports or its policy change.
+    pub fn update(announcement: PeerAnnouncement) -> Self {
+        Self::Exports {
+            exports: announcement.exports,
+            policy_version: announcement.policy_version,
+            policy_digest: announcement.policy_digest,
         }
     }
 }
@@ -64,15 +88,20 @@ pub async fn receive(input: &mut RecvHalf) -> Result<Option<ControlMessage>, Str
     }
 }
 
-/// Checks a peer's hello and returns its exports and policy version.
-pub fn check_hello(message: ControlMessage) -> Result<(Vec<String>, u64), String> {
+/// Checks a peer's hello and returns what it announced.
+pub fn check_hello(message: ControlMessage) -> Result<PeerAnnouncement, String> {
     match message {
         ControlMessage::Hello {
             version,
             exports,
             policy_version,
+            policy_digest,
             ..
-        } if version == PROTOCOL_VERSION => Ok((exports, policy_version)),
+        } if version == PROTOCOL_VERSION => Ok(PeerAnnouncement {
+            exports,
+            policy_version,
+            policy_digest,
+        }),
         ControlMessage::Hello { version, .. } => Err(format!(
             "peer speaks tunnel protocol version {version}, this node speaks {PROTOCOL_VERSION}"
         )),
@@ -88,11 +117,25 @@ mod tests {
 
     #[test]
     fn hello_is_stable_json_and_ignores_unknown_fields() {
-        let hello = ControlMessage::hello("spiffe://td/site/a/node/n", vec!["billing".into()], 7);
+        let hello = ControlMessage::hello(
+            "spiffe://td/site/a/node/n",
+            PeerAnnouncement {
+                exports: vec!["billing".into()],
+                policy_version: 7,
+                policy_digest: "ab".into(),
+            },
+        );
         let json = serde_json::to_string(&hello).unwrap();
         assert_eq!(
             json,
-            r#"{"type":"hello","version":1,"node":"spiffe://td/site/a/node/n","exports":["billing"],"policy_version":7}"#
+            r#"{"type":"hello","version":1,"node":"spiffe://td/site/a/node/n","exports":["billing"],"policy_version":7,"policy_digest":"ab"}"#
+        );
+        // A peer that predates the digest still says hello.
+        let older = r#"{"type":"hello","version":1,"node":"n","exports":[],"policy_version":3}"#;
+        let older = check_hello(serde_json::from_str(older).unwrap()).unwrap();
+        assert_eq!(
+            (older.policy_version, older.policy_digest.as_str()),
+            (3, "")
         );
         let newer = r#"{"type":"go_away","reason":"drain","future_field":1}"#;
         assert_eq!(
@@ -110,6 +153,7 @@ mod tests {
             node: "n".into(),
             exports: vec![],
             policy_version: 0,
+            policy_digest: String::new(),
         };
         assert!(check_hello(hello).unwrap_err().contains("version 9"));
     }

@@ -14,7 +14,7 @@ use hybridge_ca::spiffe::SpiffeId;
 use tokio::sync::mpsc;
 
 use super::connection::TunnelConnection;
-use super::control::ControlMessage;
+use super::control::{ControlMessage, PeerAnnouncement};
 
 /// Which side opened the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -61,6 +61,8 @@ pub struct PeerLink {
     streams_idle: tokio::sync::Notify,
     total_streams: AtomicU64,
     policy_version: AtomicU64,
+    /// The peer's policy digest, as it last announced it.
+    policy_digest: ArcSwap<String>,
     control: mpsc::Sender<ControlMessage>,
 }
 
@@ -69,8 +71,7 @@ impl PeerLink {
         connection: TunnelConnection,
         peer: SpiffeId,
         direction: Direction,
-        exports: Vec<String>,
-        policy_version: u64,
+        announcement: PeerAnnouncement,
         control: mpsc::Sender<ControlMessage>,
     ) -> Self {
         Self {
@@ -79,13 +80,14 @@ impl PeerLink {
             direction,
             established: Instant::now(),
             worker: crate::workers::current(),
-            exports: ArcSwap::from_pointee(exports.into_iter().collect()),
+            exports: ArcSwap::from_pointee(announcement.exports.into_iter().collect()),
             draining: AtomicBool::new(false),
             drain_acknowledged: AtomicBool::new(false),
             active_streams: AtomicUsize::new(0),
             streams_idle: tokio::sync::Notify::new(),
             total_streams: AtomicU64::new(0),
-            policy_version: AtomicU64::new(policy_version),
+            policy_version: AtomicU64::new(announcement.policy_version),
+            policy_digest: ArcSwap::from_pointee(announcement.policy_digest),
             control,
         }
     }
@@ -106,9 +108,19 @@ impl PeerLink {
         self.exports.load_full()
     }
 
-    pub fn set_exports(&self, exports: Vec<String>, policy_version: u64) {
-        self.exports.store(Arc::new(exports.into_iter().collect()));
-        self.policy_version.store(policy_version, Ordering::Relaxed);
+    /// Takes what the peer announced in an update.
+    pub fn announce(&self, announcement: PeerAnnouncement) {
+        self.exports
+            .store(Arc::new(announcement.exports.into_iter().collect()));
+        self.policy_version
+            .store(announcement.policy_version, Ordering::Relaxed);
+        self.policy_digest
+            .store(Arc::new(announcement.policy_digest));
+    }
+
+    /// The peer's policy digest (empty if it does not send one).
+    pub fn policy_digest(&self) -> Arc<String> {
+        self.policy_digest.load_full()
     }
 
     pub fn policy_version(&self) -> u64 {

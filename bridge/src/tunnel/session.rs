@@ -43,7 +43,7 @@ pub struct SessionContext {
     pub metrics: Arc<Metrics>,
     /// Spawns and tracks request handlers, so draining can wait for them.
     pub tasks: TaskTracker,
-    /// Our hello, built fresh for every connection (exports and policy version change).
+    /// Our hello, built fresh for every connection (exports and policy change).
     pub hello: Box<dyn Fn() -> ControlMessage + Send + Sync>,
     /// Serves one request stream from the peer.
     pub on_stream: StreamHandler,
@@ -82,15 +82,15 @@ pub async fn run(
             .await
             .map_err(|e| e.to_string())?
             .ok_or("peer closed the control stream")?;
-        let (exports, policy_version) = control::check_hello(theirs)?;
+        let announcement = control::check_hello(theirs)?;
         if direction == Direction::Accepted {
             control::send(&mut send, &hello)
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        Ok::<_, String>((send, recv, exports, policy_version))
+        Ok::<_, String>((send, recv, announcement))
     };
-    let (mut control_send, mut control_recv, exports, policy_version) =
+    let (mut control_send, mut control_recv, announcement) =
         match tokio::time::timeout(HELLO_TIMEOUT, handshake).await {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
@@ -106,18 +106,19 @@ pub async fn run(
         };
 
     let (control_tx, mut control_rx) = mpsc::channel::<ControlMessage>(16);
+    refuse_unservable(&ctx, &peer_node, &announcement.exports);
+    let exports = announcement.exports.clone();
+    let policy_digest = announcement.policy_digest.clone();
     let link = Arc::new(PeerLink::new(
         connection.clone(),
         peer.clone(),
         direction,
-        exports.clone(),
-        policy_version,
+        announcement,
         control_tx,
     ));
-    refuse_unservable(&ctx, &peer_node, &exports);
     ctx.peers.insert(link.clone());
     ctx.metrics.tunnel_connected(&peer_name);
-    info!(peer = %peer_name, remote = %connection.remote_address(), ?direction, ?exports, "tunnel up");
+    info!(peer = %peer_name, remote = %connection.remote_address(), ?direction, ?exports, %policy_digest, "tunnel up");
 
     let writer = async {
         while let Some(message) = control_rx.recv().await {
@@ -133,8 +134,9 @@ pub async fn run(
                 Ok(Some(ControlMessage::Exports {
                     exports,
                     policy_version,
+                    policy_digest,
                 })) => {
-                    info!(peer = %peer_name, ?exports, policy_version, "peer exports changed");
+                    info!(peer = %peer_name, ?exports, policy_version, %policy_digest, "peer exports or policy changed");
                     let previous = link.exports();
                     let new: Vec<String> = exports
                         .iter()
@@ -142,7 +144,11 @@ pub async fn run(
                         .cloned()
                         .collect();
                     refuse_unservable(&ctx, &peer_node, &new);
-                    link.set_exports(exports, policy_version);
+                    link.announce(control::PeerAnnouncement {
+                        exports,
+                        policy_version,
+                        policy_digest,
+                    });
                     ctx.peers.touch();
                 }
                 Ok(Some(ControlMessage::GoAway { reason })) => {
