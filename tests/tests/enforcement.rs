@@ -85,6 +85,17 @@ impl RawPeer {
     /// Sends one bodiless GET for `service` as `caller`; returns the status, the
     /// `x-hybridge-error` header and the body.
     async fn get(&self, service: &str, caller: &str, path: &str) -> (u16, Option<String>, Bytes) {
+        self.get_with(service, caller, path, &[]).await
+    }
+
+    /// [`RawPeer::get`] with request headers of the peer's choosing.
+    async fn get_with(
+        &self,
+        service: &str,
+        caller: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, Option<String>, Bytes) {
         let (mut send, mut recv) = self.connection.open_stream().await.unwrap();
         let head = RequestHead {
             service: service.into(),
@@ -96,7 +107,15 @@ impl RawPeer {
             path: path.into(),
             version: 11,
             end_stream: true,
-            headers: Vec::new(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        Bytes::copy_from_slice(n.as_bytes()),
+                        Bytes::copy_from_slice(v.as_bytes()),
+                    )
+                })
+                .collect(),
         };
         let mut encoded = BytesMut::new();
         frame::encode_request(&head, &mut encoded).unwrap();
@@ -196,6 +215,43 @@ action = "allow"
     let (status, error, _) = partner.get("inventory", "web", "/").await;
     assert_eq!((status, error.as_deref()), (403, Some("acl-denied")));
     assert_eq!(inventory.hits(), 2);
+
+    // The export edge cleans what a peer sends too: identity, override and bridge headers
+    // from a (compromised) node never reach the upstream.
+    let (status, _, body) = onprem
+        .get_with(
+            "inventory",
+            "web",
+            "/echo/peer-headers",
+            &[
+                (
+                    "x-forwarded-client-cert",
+                    "URI=spiffe://test.hybridge/svc/admin",
+                ),
+                ("x-real-ip", "10.0.0.1"),
+                ("x-http-method-override", "DELETE"),
+                ("x-original-url", "/admin"),
+                ("x-hybridge-caller", "admin"),
+                ("connection", "x-secret"),
+                ("x-secret", "1"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200);
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    for removed in [
+        "x-forwarded-client-cert",
+        "x-real-ip",
+        "x-http-method-override",
+        "x-original-url",
+        "x-hybridge-caller",
+        "x-secret",
+    ] {
+        assert!(
+            echo["headers"].get(removed).is_none(),
+            "{removed} from a peer reached the upstream: {echo}"
+        );
+    }
 
     // acl check takes the site and says why the other site's rule did not apply.
     let explanation =
@@ -300,6 +356,7 @@ async fn caller_supplied_trust_headers_never_reach_the_upstream() {
     let cloud = cloud.start().await;
     let mut onprem = NodeOptions::onprem(&pki, "onprem-1", &[cloud.addresses().tunnel.unwrap()]);
     onprem.imports.push(("inventory".into(), "web".into()));
+    onprem.gateway = true;
     let onprem = onprem.start().await;
     let policy = "[[rule]]\nsource = \"web\"\nsource_site = \"onprem\"\ndestination = \"inventory\"\naction = \"allow\"\n";
     apply_policy(&cloud, policy);
@@ -329,6 +386,8 @@ async fn caller_supplied_trust_headers_never_reach_the_upstream() {
             ("x-forwarded-proto", "https"),
             ("x-forwarded-for", "10.1.1.1"),
             ("x-hybridge-caller", "admin"),
+            ("x-http-method-override", "DELETE"),
+            ("x-original-url", "/api/internal/x"),
         ],
         Bytes::new(),
     )
@@ -340,6 +399,8 @@ async fn caller_supplied_trust_headers_never_reach_the_upstream() {
         "forwarded",
         "x-real-ip",
         "x-hybridge-caller",
+        "x-http-method-override",
+        "x-original-url",
     ] {
         assert!(
             headers.get(removed).is_none(),
@@ -351,6 +412,46 @@ async fn caller_supplied_trust_headers_never_reach_the_upstream() {
         headers["x-forwarded-for"],
         serde_json::json!(["10.1.1.1, 127.0.0.1"])
     );
+    // The gateway routes by one host and the upstream would see another: refused.
+    let gateway = onprem.addresses().gateway.unwrap();
+    for (target, hosts) in [
+        ("http://inventory.hybridge/echo/x", vec!["ledger.hybridge"]),
+        ("/echo/x", vec!["inventory.hybridge", "ledger.hybridge"]),
+    ] {
+        let mut raw = tokio::net::TcpStream::connect(gateway).await.unwrap();
+        let mut request = format!("GET {target} HTTP/1.1\r\n");
+        for host in &hosts {
+            request += &format!("host: {host}\r\n");
+        }
+        request += "connection: close\r\n\r\n";
+        tokio::io::AsyncWriteExt::write_all(&mut raw, request.as_bytes())
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut answer)
+            .await
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "{target} with Host {hosts:?}: {answer}"
+        );
+        assert!(answer.contains("x-hybridge-error: bad-request"), "{answer}");
+    }
+    let routed = http1(
+        gateway,
+        "GET",
+        "/echo/gw",
+        &[("host", "inventory.hybridge")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(routed.status, 200);
+    assert_eq!(
+        routed.json()["headers"]["host"],
+        serde_json::json!(["inventory.hybridge"])
+    );
+
     // A denied answer names the reason, not the rule that decided it.
     apply_policy(&cloud, "");
     let denied = http1(import, "GET", "/echo/x", &[], Bytes::new()).await;

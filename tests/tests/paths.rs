@@ -379,6 +379,12 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Expect)> {
             upstream("/api/caf%C3%A9"),
         ),
         ("GET", b"/api/a%25b".to_vec(), upstream("/api/a%25b")),
+        // An escaped escape: decoded twice (some frameworks do) it is /api/internal/x.
+        (
+            "GET",
+            b"/api/%2569nternal/x".to_vec(),
+            Invalid("doubly escaped `%2569`"),
+        ),
         // Escaped slashes and backslashes: refused (the default).
         ("GET", b"/api/internal%2fx".to_vec(), Invalid(SLASH)),
         ("GET", b"/api/internal%2Fx".to_vec(), Invalid(SLASH)),

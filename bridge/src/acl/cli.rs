@@ -610,6 +610,7 @@ mod tests {
     const POLICY: &str = r#"
 [[rule]]
 source = "web"
+source_site = "dc1"
 destination = "billing"
 action = "allow"
 methods = ["GET", "POST"]
@@ -642,6 +643,8 @@ action = "deny"
                 "check",
                 "--from",
                 "web",
+                "--from-site",
+                "dc1",
                 "--to",
                 "billing",
                 "GET",
@@ -655,6 +658,8 @@ action = "deny"
                 "check",
                 "--from",
                 "web",
+                "--from-site",
+                "dc1",
                 "--to",
                 "billing",
                 "GET",
@@ -692,7 +697,7 @@ action = "deny"
         );
         assert_eq!(
             outputs[4],
-            "allow\nrule web-to-billing\nother rules:\n  \
+            "allow\ncaller web@dc1 -> billing\nrule web-to-billing\nother rules:\n  \
              any-to-billing (deny): matched but lost to web-to-billing: exact source beats *\n  \
              reporting-to-billing (allow): did not match source: rule is for source reporting, not web\n"
         );
@@ -723,7 +728,7 @@ action = "deny"
         );
         assert_eq!(
             outputs[9],
-            "allow\nrule web-to-billing\nother rules:\n  \
+            "allow\ncaller web@dc1 -> billing\nrule web-to-billing\nother rules:\n  \
              any-to-billing (deny): matched but lost to web-to-billing: exact source beats *\n\
              path /x/../api//invoices was decided as its canonical form /api/invoices\n"
         );
@@ -766,7 +771,7 @@ action = "deny"
         assert_eq!(
             err,
             Some(format!(
-                "{}:7: rule 1: field `path_prefix`: path prefix \"api\" must start with '/'",
+                "{}:8: rule 1: field `path_prefix`: path prefix \"api\" must start with '/'",
                 policy.display()
             ))
         );

@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Entries kept before stale ones are swept; bounds memory under many distinct callers.
-const SWEEP_AT: usize = 4096;
+/// Most keys with a window of their own: denies of further keys (a caller cycling through
+/// names) share one window, so neither memory nor the log grows with what callers send.
+const MAX_KEYS: usize = 4096;
 
 #[derive(Debug)]
 struct Window {
@@ -15,11 +16,41 @@ struct Window {
     suppressed: u64,
 }
 
+impl Window {
+    fn new(now: Instant) -> Window {
+        Window {
+            started: now,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(suppressed)` when a line is due at `now` (and starts a new window).
+    fn due(&mut self, now: Instant, interval: Duration) -> Option<u64> {
+        if now.saturating_duration_since(self.started) < interval {
+            self.suppressed += 1;
+            return None;
+        }
+        let suppressed = self.suppressed;
+        *self = Window::new(now);
+        Some(suppressed)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Windows {
+    by_key: HashMap<(String, String, String), Window>,
+    /// Shared by denies whose key found no room.
+    overflow: Option<Window>,
+    /// When stale keys were last swept: at most once per interval, so a full table does
+    /// not cost a scan per deny.
+    swept: Option<Instant>,
+}
+
 /// Decides which denies are logged. Only the deny path takes its lock.
 #[derive(Debug)]
 pub struct DenyLogLimiter {
     interval: Duration,
-    windows: Mutex<HashMap<(String, String, String), Window>>,
+    windows: Mutex<Windows>,
 }
 
 impl Default for DenyLogLimiter {
@@ -32,46 +63,47 @@ impl DenyLogLimiter {
     pub fn new(interval: Duration) -> DenyLogLimiter {
         DenyLogLimiter {
             interval,
-            windows: Mutex::new(HashMap::new()),
+            windows: Mutex::new(Windows::default()),
         }
     }
 
     /// Records a deny at `now`. Returns `Some(suppressed)` when this deny should be logged,
-    /// `suppressed` being how many denies of the same key were not logged since the last line;
-    /// `None` when it falls inside the current interval.
+    /// `suppressed` being how many denies of the same key (or, past [`MAX_KEYS`] keys, of
+    /// every key without a window) were not logged since the last line; `None` when it falls
+    /// inside the current interval.
     pub fn check(&self, source: &str, destination: &str, rule: &str, now: Instant) -> Option<u64> {
         let mut windows = match self.windows.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
+        let interval = self.interval;
         let key = (
             source.to_string(),
             destination.to_string(),
             rule.to_string(),
         );
-        if let Some(window) = windows.get_mut(&key) {
-            if now.saturating_duration_since(window.started) < self.interval {
-                window.suppressed += 1;
-                return None;
-            }
-            let suppressed = window.suppressed;
-            *window = Window {
-                started: now,
-                suppressed: 0,
+        if let Some(window) = windows.by_key.get_mut(&key) {
+            return window.due(now, interval);
+        }
+        let sweep_due = windows
+            .swept
+            .is_none_or(|at| now.saturating_duration_since(at) >= interval);
+        if windows.by_key.len() >= MAX_KEYS && sweep_due {
+            windows
+                .by_key
+                .retain(|_, w| now.saturating_duration_since(w.started) < interval);
+            windows.swept = Some(now);
+        }
+        if windows.by_key.len() >= MAX_KEYS {
+            return match &mut windows.overflow {
+                Some(window) => window.due(now, interval),
+                None => {
+                    windows.overflow = Some(Window::new(now));
+                    Some(0)
+                }
             };
-            return Some(suppressed);
         }
-        if windows.len() >= SWEEP_AT {
-            let interval = self.interval;
-            windows.retain(|_, w| now.saturating_duration_since(w.started) < interval);
-        }
-        windows.insert(
-            key,
-            Window {
-                started: now,
-                suppressed: 0,
-            },
-        );
+        windows.by_key.insert(key, Window::new(now));
         Some(0)
     }
 }
@@ -104,7 +136,7 @@ mod tests {
     fn sweeps_stale_windows() {
         let limiter = DenyLogLimiter::new(Duration::from_secs(60));
         let t0 = Instant::now();
-        for i in 0..SWEEP_AT {
+        for i in 0..MAX_KEYS {
             assert!(limiter.check(&format!("s{i}"), "d", "r", t0).is_some());
         }
         let later = t0 + Duration::from_secs(120);
@@ -112,8 +144,31 @@ mod tests {
         let size = limiter
             .windows
             .lock()
-            .map(|w| w.len())
+            .map(|w| w.by_key.len())
             .unwrap_or(usize::MAX);
         assert_eq!(size, 1);
+    }
+
+    #[test]
+    fn keys_past_the_cap_share_one_window() {
+        let limiter = DenyLogLimiter::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        for i in 0..MAX_KEYS {
+            assert!(limiter.check(&format!("s{i}"), "d", "r", t0).is_some());
+        }
+        // A caller cycling through new names within the interval: one line, then silence.
+        assert_eq!(limiter.check("x0", "d", "r", t0), Some(0));
+        for i in 1..10_000 {
+            assert_eq!(limiter.check(&format!("x{i}"), "d", "r", t0), None);
+        }
+        let size = limiter
+            .windows
+            .lock()
+            .map(|w| w.by_key.len())
+            .unwrap_or(usize::MAX);
+        assert_eq!(size, MAX_KEYS, "memory does not grow with the names sent");
+        // Next interval: the stale keys are swept and the shared window reports its count.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(limiter.check("y", "d", "r", later), Some(0));
     }
 }

@@ -246,7 +246,8 @@ impl AclService {
             .map(|(i, spec)| validate(spec, i + 1))
             .collect::<Result<Vec<_>, _>>()?;
         let desired = resolve_ids(specs)?;
-        let warnings = self.unknown_service_warnings(&desired);
+        let mut warnings = self.unknown_service_warnings(&desired);
+        warnings.extend(site_warnings(&desired));
         let _guard = lock(&self.write_lock);
         let mut diff = self.store.apply(desired, exports, actor, dry_run)?;
         diff.warnings = warnings;
@@ -343,6 +344,55 @@ impl AclService {
     }
 }
 
+/// At most this many warnings of one kind are listed; the rest are counted.
+const MAX_WARNINGS_PER_KIND: usize = 20;
+
+/// Warnings about callers that are not bound to sites, for `apply`:
+/// - an allow naming a source with no `source_site` lets a node of any connected site call
+///   as that source;
+/// - a deny without `source_site` is outranked by a site-bound allow for the same source and
+///   destination (site-bound is more specific), so it no longer applies to that site's
+///   callers: give the deny the same `source_site`.
+fn site_warnings(rules: &[Rule]) -> Vec<String> {
+    let mut unbound = Vec::new();
+    let mut shadowed = Vec::new();
+    for rule in rules {
+        if rule.source_site.is_some() || rule.source == "*" {
+            continue;
+        }
+        match rule.action {
+            Action::Allow => unbound.push(format!(
+                "rule {}: allows {} from any site; add source_site so a node of another site cannot call as {}",
+                rule.id, rule.source, rule.source
+            )),
+            Action::Deny => {
+                for allow in rules.iter().filter(|a| {
+                    a.action == Action::Allow
+                        && a.source == rule.source
+                        && a.destination == rule.destination
+                        && a.source_site.is_some()
+                }) {
+                    shadowed.push(format!(
+                        "rule {}: this deny does not apply to callers from {} — site-bound rule {} outranks it; give it source_site too",
+                        rule.id,
+                        allow.source_site.as_deref().unwrap_or_default().join(","),
+                        allow.id
+                    ));
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for list in [shadowed, unbound] {
+        let more = list.len().saturating_sub(MAX_WARNINGS_PER_KIND);
+        out.extend(list.into_iter().take(MAX_WARNINGS_PER_KIND));
+        if more > 0 {
+            out.push(format!("… and {more} more like the one above"));
+        }
+    }
+    out
+}
+
 /// Where `apply` learns which service names exist, for its warnings.
 #[derive(Clone)]
 struct KnownServices {
@@ -366,6 +416,7 @@ mod tests {
     const POLICY: &str = r#"
 [[rule]]
 source = "web"
+source_site = "dc1"
 destination = "billing"
 action = "allow"
 methods = ["GET"]
@@ -469,6 +520,42 @@ action = "deny"
             Some("rule 2: field `path_prefix`: path prefix \"nope\" must start with '/'")
         );
         assert_eq!(svc.version(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn apply_warns_about_callers_not_bound_to_sites() -> Result<(), Box<dyn std::error::Error>> {
+        let (_dir, svc) = open()?;
+        let text = r#"
+[[rule]]
+id = "web-any-site"
+source = "web"
+destination = "billing"
+action = "allow"
+
+[[rule]]
+id = "web-aws"
+source = "web"
+source_site = "aws"
+destination = "billing"
+action = "allow"
+
+[[rule]]
+id = "no-internal"
+source = "web"
+destination = "billing"
+action = "deny"
+path_prefix = "/internal"
+"#;
+        let policy = parse_acl_file(Path::new("acl.toml"), text)?;
+        let diff = svc.apply(policy, "test", true)?;
+        assert_eq!(
+            diff.warnings,
+            vec![
+                "rule no-internal: this deny does not apply to callers from aws — site-bound rule web-aws outranks it; give it source_site too".to_string(),
+                "rule web-any-site: allows web from any site; add source_site so a node of another site cannot call as web".to_string(),
+            ]
+        );
         Ok(())
     }
 

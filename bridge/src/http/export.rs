@@ -332,6 +332,7 @@ fn build_request(
         .parse()
         .map_err(|_| format!("invalid path `{}`", head.path))?;
     let mut headers = headers::from_pairs(head.headers.clone())?;
+    headers::remove_untrusted(&mut headers);
     if !headers.contains_key(http::header::HOST) && !head.authority.is_empty() {
         let host =
             HeaderValue::from_str(&head.authority).map_err(|_| "invalid authority".to_owned())?;

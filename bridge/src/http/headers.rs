@@ -61,13 +61,36 @@ pub fn remove_bridge_headers(headers: &mut HeaderMap) {
 }
 
 /// Headers through which a caller could claim a client identity or origin that an upstream
-/// may trust (Envoy's `forward_client_cert_details: SANITIZE`): removed at the import edge.
+/// may trust (Envoy's `forward_client_cert_details: SANITIZE`): removed at both edges.
 pub const CALLER_TRUST_HEADERS: [&str; 3] = ["x-forwarded-client-cert", "forwarded", "x-real-ip"];
+
+/// Headers that make common frameworks route a request as another method or path than the
+/// one decided on (Symfony, Laravel and Express method overrides; `X-Original-URL` and
+/// `X-Rewrite-URL` of IIS-fronted and older Symfony/Zend apps): removed at both edges, so an
+/// allow for `POST /api/` cannot become a `DELETE` or another path upstream.
+pub const REQUEST_REWRITE_HEADERS: [&str; 5] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+];
+
+/// Removes what neither a caller nor a peer node may pass on to an upstream: hop-by-hop
+/// headers, `x-hybridge-*`, [`CALLER_TRUST_HEADERS`] and [`REQUEST_REWRITE_HEADERS`]. The
+/// import edge runs it on the caller's request and the export edge again on the peer's, so
+/// the authoritative side does not depend on the other being honest.
+pub fn remove_untrusted(headers: &mut HeaderMap) {
+    remove_hop_by_hop(headers);
+    remove_bridge_headers(headers);
+    for name in CALLER_TRUST_HEADERS.iter().chain(&REQUEST_REWRITE_HEADERS) {
+        headers.remove(*name);
+    }
+}
 
 /// Prepares a caller's request headers for the tunnel and returns the request id.
 ///
-/// Removes hop-by-hop headers, every `x-hybridge-*` header and the trust headers in
-/// [`CALLER_TRUST_HEADERS`]; appends the caller's address to `x-forwarded-for`; overwrites
+/// Removes what [`remove_untrusted`] removes; appends the caller's address to `x-forwarded-for`; overwrites
 /// `x-forwarded-proto` with the scheme the caller used to reach this node; keeps a
 /// well-formed `x-request-id` or generates one. `Expect: 100-continue` is answered here, not
 /// forwarded. The README's header table lists the same rules.
@@ -76,11 +99,7 @@ pub fn prepare_request(
     client_ip: std::net::IpAddr,
     proto: &'static str,
 ) -> String {
-    remove_hop_by_hop(headers);
-    remove_bridge_headers(headers);
-    for name in CALLER_TRUST_HEADERS {
-        headers.remove(name);
-    }
+    remove_untrusted(headers);
     // hyper has already met `Expect: 100-continue` toward the client (it sends the 100 when
     // the body is first read); like Envoy, we do not make the upstream repeat the exchange.
     if headers
@@ -213,12 +232,14 @@ mod tests {
             ("Forwarded", "for=10.0.0.1;proto=https"),
             ("x-real-ip", "10.0.0.1"),
             ("x-forwarded-proto", "https"),
+            ("x-http-method-override", "DELETE"),
+            ("X-Original-URL", "/api/internal/x"),
         ]);
         let id = prepare_request(&mut h, "127.0.0.9".parse().unwrap(), "http");
         assert_eq!(id, "abc-123");
         assert!(h.keys().all(|k| !k.as_str().starts_with("x-hybridge-")));
-        for name in CALLER_TRUST_HEADERS {
-            assert!(!h.contains_key(name), "{name} passed through");
+        for name in CALLER_TRUST_HEADERS.iter().chain(&REQUEST_REWRITE_HEADERS) {
+            assert!(!h.contains_key(*name), "{name} passed through");
         }
         assert_eq!(h["x-forwarded-for"], "10.1.1.1, 127.0.0.9");
         assert_eq!(h.get_all("x-forwarded-proto").iter().count(), 1);

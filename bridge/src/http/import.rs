@@ -264,7 +264,8 @@ async fn handle(
     // is drained after the answer (see `linger`).
     let mut body = Some(body);
     let expects_continue = parts.headers.contains_key(http::header::EXPECT);
-    let service = match resolve_service(&spec.target, &parts) {
+    let service = match consistent_host(&parts).and_then(|()| resolve_service(&spec.target, &parts))
+    {
         Ok(s) => s,
         Err(e) => {
             linger(expects_continue, body, &ctx.tasks);
@@ -411,6 +412,30 @@ fn render(e: &BridgeError, grpc: bool, request_id: Option<&str>) -> Response<Box
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
+}
+
+/// Refuses a request whose target names one host and whose `Host` header another, or that
+/// has several `Host` headers (RFC 9112 §3.2, RFC 9113 §8.3.1): the gateway routes and the
+/// policy decides on one of them, and an upstream behind a host-routing ingress would serve
+/// the other.
+fn consistent_host(req: &http::request::Parts) -> Result<(), BridgeError> {
+    let refuse = |detail: String| BridgeError::new(StatusCode::BAD_REQUEST, "bad-request", detail);
+    let mut hosts = req.headers.get_all(http::header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(refuse("more than one Host header".into()));
+    }
+    if let (Some(authority), Some(host)) = (req.uri.authority(), host)
+        && !authority
+            .as_str()
+            .as_bytes()
+            .eq_ignore_ascii_case(host.as_bytes())
+    {
+        return Err(refuse(format!(
+            "the request target names {authority} but the Host header names another host"
+        )));
+    }
+    Ok(())
 }
 
 /// Which remote service a request is for.

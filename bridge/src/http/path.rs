@@ -55,6 +55,10 @@ pub enum PathError {
     #[error("escaped control byte `{escape}` in the path")]
     EscapedControl { escape: String },
     #[error(
+        "doubly escaped `{escape}` in the path: a server that decodes twice would see another path than the ACL decided on"
+    )]
+    DoubleEscape { escape: String },
+    #[error(
         "malformed percent-escape `{escape}` in the path: `%` must be followed by two hex digits"
     )]
     MalformedEscape { escape: String },
@@ -286,7 +290,11 @@ fn is_canonical(rest: &str, escaped_slashes: EscapedSlashes) -> bool {
                     }
                     _ => false,
                 };
-                if !canonical_escape {
+                // `%25` before two hex digits is refused by the full path (an escaped escape).
+                let escaped_escape = bytes.get(i + 1..i + 3) == Some(b"25".as_slice())
+                    && bytes.get(i + 3).copied().and_then(hex_value).is_some()
+                    && bytes.get(i + 4).copied().and_then(hex_value).is_some();
+                if !canonical_escape || escaped_escape {
                     return false;
                 }
                 i += 3;
@@ -346,6 +354,16 @@ fn canonical_segment(
                         return Err(PathError::EscapedControl { escape: escape() });
                     }
                     b';' => return Err(PathError::PathParameter { found: "%3B" }),
+                    // `%25` followed by two hex digits is an escape of an escape: decoded
+                    // once more (some frameworks do) it becomes another character, `%2569`
+                    // an `i`, so the path decided on is not the path served.
+                    b'%' if bytes.get(i + 3).copied().and_then(hex_value).is_some()
+                        && bytes.get(i + 4).copied().and_then(hex_value).is_some() =>
+                    {
+                        return Err(PathError::DoubleEscape {
+                            escape: raw[i..].chars().take(5).collect(),
+                        });
+                    }
                     _ => push_escape(out, decoded),
                 }
                 i += 3;
@@ -447,7 +465,7 @@ mod tests {
             ("/a%3fb", "/a%3Fb"),
             ("/a%3Fb", "/a%3Fb"),
             ("/a%25b", "/a%25b"),
-            ("/a%252fb", "/a%252fb"),
+            ("/50%25", "/50%25"),
             ("/a%20b", "/a%20b"),
             ("/caf%c3%a9", "/caf%C3%A9"),
             ("/%40%3a%2b", "/%40%3A%2B"),
@@ -531,6 +549,18 @@ mod tests {
                 "/api/%7f",
                 PathError::EscapedControl {
                     escape: "%7f".into(),
+                },
+            ),
+            (
+                "/api/%2569nternal/x",
+                PathError::DoubleEscape {
+                    escape: "%2569".into(),
+                },
+            ),
+            (
+                "/a%252fb",
+                PathError::DoubleEscape {
+                    escape: "%252f".into(),
                 },
             ),
             ("/api/%", PathError::MalformedEscape { escape: "%".into() }),

@@ -81,13 +81,16 @@ impl ServingPolicy {
     }
 }
 
-/// Sites trusted to serve services the policy does not declare: every `[[peer]]`'s site of
-/// a dialling node (it dials them on purpose), and the one site a listening node accepts
-/// when it accepts exactly one. A listener that accepts several sites cannot tell which of
-/// them should serve a service, so it routes only declared services.
+/// Sites trusted to serve services the policy does not declare: the `[[peer]]` sites of a
+/// node that dials (it dials them on purpose), or else the one site a listening node accepts
+/// when it accepts exactly one. A node that dials and also accepts, or accepts several sites,
+/// cannot tell which of them should serve a service it was never told about, so the sites it
+/// merely accepts serve only declared services.
 fn default_sites(config: &Config) -> Vec<String> {
     let mut sites: Vec<String> = config.peers.iter().map(|p| p.site.clone()).collect();
-    if let [only] = config.tunnel.allowed_sites.as_slice() {
+    if sites.is_empty()
+        && let [only] = config.tunnel.allowed_sites.as_slice()
+    {
         sites.push(only.clone());
     }
     sites.sort();
