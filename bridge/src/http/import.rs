@@ -264,14 +264,15 @@ async fn handle(
     // is drained after the answer (see `linger`).
     let mut body = Some(body);
     let expects_continue = parts.headers.contains_key(http::header::EXPECT);
-    let service = match consistent_host(&parts).and_then(|()| resolve_service(&spec.target, &parts))
-    {
-        Ok(s) => s,
-        Err(e) => {
-            linger(expects_continue, body, &ctx.tasks);
-            return Ok(render(&e, grpc, None));
-        }
-    };
+    let mut parts = parts;
+    let service =
+        match reconcile_host(&mut parts).and_then(|()| resolve_service(&spec.target, &parts)) {
+            Ok(s) => s,
+            Err(e) => {
+                linger(expects_continue, body, &ctx.tasks);
+                return Ok(render(&e, grpc, None));
+            }
+        };
     let stats = ctx.metrics.service(Side::Import, &service);
     let active = stats.start();
     let mut unanswered = Unanswered {
@@ -414,26 +415,41 @@ fn render(e: &BridgeError, grpc: bool, request_id: Option<&str>) -> Response<Box
     response
 }
 
-/// Refuses a request whose target names one host and whose `Host` header another, or that
-/// has several `Host` headers (RFC 9112 §3.2, RFC 9113 §8.3.1): the gateway routes and the
-/// policy decides on one of them, and an upstream behind a host-routing ingress would serve
-/// the other.
-fn consistent_host(req: &http::request::Parts) -> Result<(), BridgeError> {
+/// Makes the host a request is routed and decided on the one it is forwarded with. Two
+/// `Host` headers are refused (RFC 9112 §3.2). An HTTP/1.1 absolute-form target names the
+/// host and its `Host` header is replaced (RFC 9112 §3.2.2: the server ignores the received
+/// one); an HTTP/2 request whose `host` header differs from `:authority` is malformed (RFC
+/// 9113 §8.3.1) and refused. Otherwise a gateway would route on one host while an upstream
+/// behind a host-routing ingress served the other.
+fn reconcile_host(req: &mut http::request::Parts) -> Result<(), BridgeError> {
     let refuse = |detail: String| BridgeError::new(StatusCode::BAD_REQUEST, "bad-request", detail);
-    let mut hosts = req.headers.get_all(http::header::HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
+    if req
+        .headers
+        .get_all(http::header::HOST)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
         return Err(refuse("more than one Host header".into()));
     }
-    if let (Some(authority), Some(host)) = (req.uri.authority(), host)
-        && !authority
-            .as_str()
+    let Some(authority) = req.uri.authority().filter(|_| req.uri.scheme().is_some()) else {
+        return Ok(());
+    };
+    let differs = req.headers.get(http::header::HOST).is_some_and(|host| {
+        !host
             .as_bytes()
-            .eq_ignore_ascii_case(host.as_bytes())
-    {
-        return Err(refuse(format!(
-            "the request target names {authority} but the Host header names another host"
-        )));
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
+    });
+    if req.version == http::Version::HTTP_2 {
+        if differs {
+            return Err(refuse(format!(
+                "the host header names another host than :authority {authority}"
+            )));
+        }
+        return Ok(());
+    }
+    if let Ok(value) = http::HeaderValue::from_str(authority.as_str()) {
+        req.headers.insert(http::header::HOST, value);
     }
     Ok(())
 }
