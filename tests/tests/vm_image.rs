@@ -680,9 +680,11 @@ async fn the_image_boots_as_a_cloud_node_that_an_onprem_node_reaches_through_its
         "only hybridge (and the test's upstream) may listen"
     );
 
-    // The load balancer's health check, through the forwarded health port.
+    // The load balancer's health check, through the forwarded health port; like the NLB it
+    // names the instance's own address (10.0.2.15 under QEMU's user networking) as Host.
     let health = SocketAddr::from(([127, 0, 0, 1], forwards.health));
-    let ready = http1(health, "GET", "/readyz", &[], Bytes::new()).await;
+    let host = format!("10.0.2.15:{HEALTH_PORT}");
+    let ready = http1(health, "GET", "/readyz", &[("host", &host)], Bytes::new()).await;
     assert_eq!(ready.status, 200, "{:?}", ready.body);
 
     // An on-prem node on the host dials the VM's tunnel port; web → inventory goes host →
