@@ -685,7 +685,11 @@ async fn the_image_boots_as_a_cloud_node_that_an_onprem_node_reaches_through_its
     let health = SocketAddr::from(([127, 0, 0, 1], forwards.health));
     let host = format!("10.0.2.15:{HEALTH_PORT}");
     let ready = http1(health, "GET", "/readyz", &[("host", &host)], Bytes::new()).await;
-    assert_eq!(ready.status, 200, "{:?}", ready.body);
+    assert_eq!(
+        (ready.status, &ready.body[..]),
+        (503, &b"no tunnel is up\n"[..]),
+        "a cloud node is ready only once a tunnel is up"
+    );
 
     // An on-prem node on the host dials the VM's tunnel port; web → inventory goes host →
     // VM → upstream in the VM and back.
@@ -700,6 +704,8 @@ async fn the_image_boots_as_a_cloud_node_that_an_onprem_node_reaches_through_its
             .await,
         "the on-prem node got no tunnel to the VM"
     );
+    let ready = http1(health, "GET", "/readyz", &[("host", &host)], Bytes::new()).await;
+    assert_eq!(ready.status, 200, "{:?}", ready.body);
     let answer = http1(
         import_addr(&onprem, "inventory"),
         "GET",
