@@ -138,7 +138,7 @@ data "aws_iam_policy_document" "secrets" {
   }
 
   dynamic "statement" {
-    for_each = var.deb_bucket_arn == "" ? [] : [var.deb_bucket_arn]
+    for_each = var.deb_bucket_arn == "" || var.image_id != "" ? [] : [var.deb_bucket_arn]
     content {
       sid       = "ReadPackage"
       actions   = ["s3:GetObject"]
@@ -162,9 +162,17 @@ resource "aws_iam_instance_profile" "node" {
 # ---------------------------------------------------------------- instances
 
 resource "aws_launch_template" "node" {
-  name_prefix   = "${var.name}-node-"
-  image_id      = var.ami_id
+  name_prefix = "${var.name}-node-"
+  # The hybridge VM image when given (package baked in), else stock Debian plus the .deb.
+  image_id      = var.image_id != "" ? var.image_id : var.ami_id
   instance_type = var.instance_type
+
+  lifecycle {
+    precondition {
+      condition     = var.image_id != "" || (var.ami_id != "" && var.deb_url != "")
+      error_message = "Set image_id (the hybridge VM image), or ami_id and deb_url (Debian plus the .deb installed at boot)."
+    }
+  }
 
   iam_instance_profile {
     arn = aws_iam_instance_profile.node.arn
@@ -198,7 +206,8 @@ resource "aws_instance" "node" {
     node_name       = each.key
     site            = var.site
     region          = data.aws_region.current.name
-    deb_url         = var.deb_url
+    # Empty with the VM image: the set-up script then installs nothing.
+    deb_url         = var.image_id == "" ? var.deb_url : ""
     ca_secret_arn   = var.ca_secret_arn
     crl_secret_arn  = var.crl_secret_arn
     cert_secret_arn = each.value.cert_secret_arn

@@ -36,7 +36,14 @@ variable "instance_type" {
 
 variable "ami_id" {
   type        = string
-  description = "AMI of the nodes: Debian 12 (bookworm) or later, matching the architecture of instance_type and of the .deb at deb_url."
+  description = "Stock Debian 12 (bookworm) or later AMI for the .deb-at-boot path (used when image_id is empty), matching the architecture of instance_type and of the .deb at deb_url."
+  default     = ""
+}
+
+variable "image_id" {
+  type        = string
+  description = "AMI imported from the hybridge VM image (terraform/image/build, x86_64, UEFI). With it, instances boot the image, which has the package baked in, and install nothing at boot (ami_id and deb_url are then unused; choose an x86_64 instance_type). Empty: ami_id plus the .deb from deb_url, installed at boot."
+  default     = ""
 }
 
 variable "trust_domain" {
@@ -97,7 +104,8 @@ variable "tunnel_port" {
 
 variable "deb_url" {
   type        = string
-  description = "Where the instances fetch the hybridge .deb: an https:// URL or an s3:// object the instance role may read."
+  description = "Where the instances fetch the hybridge .deb when image_id is empty: an https:// URL or an s3:// object the instance role may read."
+  default     = ""
 }
 
 variable "deb_bucket_arn" {

@@ -1,4 +1,4 @@
-//! The operator command line: `run`, `dev`, `check-config`, `status`, `acl …`.
+//! The operator command line: `run`, `reload`, `dev`, `check-config`, `status`, `acl …`.
 //!
 //! Parses arguments, sets up logging and the runtime, and calls into the library; every
 //! failure ends as one line `error: …` naming the file and the step, and a non-zero exit.
@@ -43,6 +43,18 @@ enum Command {
     Run {
         #[arg(long, short, default_value = "/etc/hybridge/hybridge.toml")]
         config: PathBuf,
+    },
+    /// Ask the running node to reload its configuration file, certificates, CA bundle and CRL
+    /// (as SIGHUP does) and wait for the outcome: exits non-zero, with the node's reason, when
+    /// the node refused the new configuration; names every change left for a restart.
+    /// `systemctl reload hybridge` runs this.
+    Reload {
+        /// The node's config file: its `admin.socket` is where the node is asked (unless
+        /// --admin or HYBRIDGE_ADMIN say otherwise). The node re-reads the file it runs from.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        admin: crate::admin::client::AdminArgs,
     },
     /// Start a complete demo on loopback: CA, on-prem and cloud node, demo upstreams, sample ACLs.
     Dev {
@@ -135,6 +147,11 @@ async fn dispatch(command: Command, workers: Arc<Workers>) -> anyhow::Result<u8>
     match command {
         Command::Run { config } => crate::daemon::run(&config, workers).await.map(|()| 0),
         Command::Dev { base_port } => crate::dev::run(base_port, workers).await.map(|()| 0),
+        Command::Reload { config, admin } => {
+            let report = crate::daemon::reload(&admin, config.as_deref()).await?;
+            println!("{report}");
+            Ok(0)
+        }
         Command::CheckConfig { config } => {
             let report = crate::daemon::check_config(&config)?;
             println!("{report}");

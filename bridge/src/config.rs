@@ -14,6 +14,10 @@ use serde::Deserialize;
 use crate::http::path::EscapedSlashes;
 use crate::upstream::UpstreamSettings;
 
+pub use hybridge_ca::tls::CrlStale;
+
+pub mod reload;
+
 /// A configuration mistake, displayed as `FILE:LINE: message`.
 #[derive(Debug, thiserror::Error)]
 #[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
@@ -56,6 +60,10 @@ pub struct TlsSection {
     pub key: PathBuf,
     #[serde(default)]
     pub crl: Option<PathBuf>,
+    /// A CRL past its nextUpdate: warn and keep checking against it (default, fail-open), or
+    /// refuse every peer until a current one is loaded.
+    #[serde(default)]
+    pub crl_stale: CrlStale,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -633,13 +641,13 @@ impl Config {
         };
         if raw.limits.max_connections == 0 {
             return Err(err(
-                None,
+                key_line(text, "limits", "max_connections"),
                 "field `limits.max_connections`: must be at least 1".into(),
             ));
         }
         if raw.limits.idle_timeout < Duration::from_secs(1) {
             return Err(err(
-                None,
+                key_line(text, "limits", "idle_timeout"),
                 "field `limits.idle_timeout`: must be at least 1s".into(),
             ));
         }
@@ -850,6 +858,16 @@ mtls = true
             "",
         ));
         assert!(e.contains("neither accepts tunnels"), "{e}");
+        let e = error_of(&format!("{GOOD}\n[limits]\nmax_connections = 0\n"));
+        assert_eq!(
+            e,
+            "/x/h.toml:31: field `limits.max_connections`: must be at least 1"
+        );
+        let e = error_of(&format!("{GOOD}\n[limits]\nidle_timeout = \"10ms\"\n"));
+        assert_eq!(
+            e,
+            "/x/h.toml:31: field `limits.idle_timeout`: must be at least 1s"
+        );
         let e = error_of(&format!("{GOOD}\n[admin]\nlisten = \"0.0.0.0:7180\"\n"));
         assert!(
             e.starts_with("/x/h.toml:31: field `admin.listen`") && e.contains("allow_remote"),

@@ -3,6 +3,10 @@
 //! working), back-off with a rate-limited log line when accepting fails (out of file
 //! descriptors), and an idle timeout that closes a connection with no request in flight.
 //!
+//! The cap and the idle timeout can be changed while the listener runs (a reload): a lower cap
+//! refuses new connections until enough of the open ones close, and waiting idle timers
+//! re-arm with the new timeout.
+//!
 //! It owns no protocol: the HTTP servers above it mark requests in flight.
 
 use std::net::SocketAddr;
@@ -11,7 +15,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::warn;
 
@@ -25,9 +29,13 @@ const LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub struct ListenerLimits {
     /// Names the listener in metrics and logs: `import:SERVICE`, `gateway`, `admin`.
     name: String,
-    max_connections: usize,
-    idle_timeout: Duration,
-    open: Arc<Semaphore>,
+    max_connections: AtomicUsize,
+    /// The idle timeout in milliseconds.
+    idle_timeout_ms: AtomicU64,
+    /// Wakes idle timers when the idle timeout changes.
+    idle_timeout_changed: Notify,
+    /// Connections open now (each held by a [`ConnectionPermit`]).
+    open: Arc<AtomicUsize>,
     refused: AtomicU64,
     accept_errors: AtomicU64,
     idle_closed: AtomicU64,
@@ -49,9 +57,10 @@ impl ListenerLimits {
     pub fn new(name: impl Into<String>, max_connections: usize, idle_timeout: Duration) -> Self {
         Self {
             name: name.into(),
-            max_connections,
-            idle_timeout,
-            open: Arc::new(Semaphore::new(max_connections)),
+            max_connections: AtomicUsize::new(max_connections),
+            idle_timeout_ms: AtomicU64::new(millis(idle_timeout)),
+            idle_timeout_changed: Notify::new(),
+            open: Arc::new(AtomicUsize::new(0)),
             refused: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
             idle_closed: AtomicU64::new(0),
@@ -60,27 +69,58 @@ impl ListenerLimits {
         }
     }
 
+    /// Changes the cap and the idle timeout of a running listener. Open connections stay
+    /// open under a lower cap; new ones are refused until the count is below it.
+    pub fn reconfigure(&self, max_connections: usize, idle_timeout: Duration) {
+        self.max_connections
+            .store(max_connections, Ordering::Relaxed);
+        self.idle_timeout_ms
+            .store(millis(idle_timeout), Ordering::Relaxed);
+        self.idle_timeout_changed.notify_waiters();
+    }
+
+    /// The cap on open connections in force.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections.load(Ordering::Relaxed)
+    }
+
+    /// The idle timeout in force.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// A place under the cap, if there is one.
+    fn permit(&self) -> Option<ConnectionPermit> {
+        let max = self.max_connections();
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < max).then_some(open + 1)
+            })
+            .ok()
+            .map(|_| ConnectionPermit(self.open.clone()))
+    }
+
     /// Accepts the next connection there is room for. A connection over the cap is closed
     /// as soon as it is accepted; an accept error is waited out with growing pauses.
     pub async fn accept(&self, listener: &TcpListener) -> AcceptedConnection {
         let mut backoff = ACCEPT_BACKOFF_START;
         loop {
             match listener.accept().await {
-                Ok((stream, peer)) => match self.open.clone().try_acquire_owned() {
-                    Ok(permit) => {
+                Ok((stream, peer)) => match self.permit() {
+                    Some(permit) => {
                         return AcceptedConnection {
                             stream,
                             peer,
                             permit,
                         };
                     }
-                    Err(_) => {
+                    None => {
                         self.refused.fetch_add(1, Ordering::Relaxed);
                         if let Some(suppressed) = self.refusal_log.due() {
                             warn!(
                                 listener = %self.name,
                                 %peer,
-                                max_connections = self.max_connections,
+                                max_connections = self.max_connections(),
                                 refused_since_last_log = suppressed,
                                 "connection refused: the listener holds its maximum of open connections"
                             );
@@ -106,17 +146,24 @@ impl ListenerLimits {
         }
     }
 
-    /// Resolves once `activity` has had no request in flight for the idle timeout.
+    /// Resolves once `activity` has had no request in flight for the idle timeout (the one
+    /// in force at that moment).
     pub async fn idle(&self, activity: &ConnectionActivity) {
         loop {
-            let quiet_for = activity.quiet_for();
-            match quiet_for {
-                Some(quiet) if quiet >= self.idle_timeout => {
+            // Registered before the timeout is read, so a change in between is not missed.
+            let changed = self.idle_timeout_changed.notified();
+            let idle_timeout = self.idle_timeout();
+            let wait = match activity.quiet_for() {
+                Some(quiet) if quiet >= idle_timeout => {
                     self.idle_closed.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                Some(quiet) => tokio::time::sleep(self.idle_timeout - quiet).await,
-                None => tokio::time::sleep(self.idle_timeout).await,
+                Some(quiet) => idle_timeout - quiet,
+                None => idle_timeout,
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = changed => {}
             }
         }
     }
@@ -124,7 +171,7 @@ impl ListenerLimits {
     pub fn counts(&self) -> ListenerCounts {
         ListenerCounts {
             name: self.name.clone(),
-            open: self.max_connections - self.open.available_permits(),
+            open: self.open.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
             accept_errors: self.accept_errors.load(Ordering::Relaxed),
             idle_closed: self.idle_closed.load(Ordering::Relaxed),
@@ -136,7 +183,20 @@ impl ListenerLimits {
 pub struct AcceptedConnection {
     pub stream: TcpStream,
     pub peer: SocketAddr,
-    pub permit: OwnedSemaphorePermit,
+    pub permit: ConnectionPermit,
+}
+
+/// One open connection counted under its listener's cap, until dropped.
+pub struct ConnectionPermit(Arc<AtomicUsize>);
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Whether a connection is doing anything: the requests in flight on it (counted from the
@@ -261,5 +321,54 @@ mod tests {
         assert_eq!(third, third_client.local_addr().unwrap());
         let counts = limits.counts();
         assert_eq!((counts.open, counts.refused), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn a_lower_cap_refuses_new_connections_until_open_ones_close() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ListenerLimits::new("import:x", 2, Duration::from_secs(10));
+        let mut clients = Vec::new();
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+            open.push(limits.accept(&listener).await);
+        }
+        assert_eq!(limits.counts().open, 2);
+        // Lowered to 1 with 2 open: both stay; a third is refused even after one closes.
+        limits.reconfigure(1, Duration::from_secs(10));
+        assert_eq!(limits.permit().map(drop), None);
+        drop(open.pop());
+        assert_eq!(limits.counts().open, 1);
+        assert!(limits.permit().is_none());
+        drop(open.pop());
+        let permit = limits.permit();
+        assert!(permit.is_some());
+        assert_eq!(limits.counts().open, 1);
+        // Raised again: room for more.
+        limits.reconfigure(3, Duration::from_secs(10));
+        let more = (limits.permit(), limits.permit());
+        assert!(more.0.is_some() && more.1.is_some());
+        assert!(limits.permit().is_none());
+        assert_eq!(limits.counts().open, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shorter_idle_timeout_applies_to_connections_already_waiting() {
+        let limits = ListenerLimits::new("import:x", 4, Duration::from_secs(120));
+        let activity = Arc::new(ConnectionActivity::default());
+        let started = Instant::now();
+        let idle = limits.idle(&activity);
+        tokio::pin!(idle);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), idle.as_mut())
+                .await
+                .is_err()
+        );
+        // Quiet for 5 s when the timeout drops to 8 s: closed 3 s later, not at 120 s.
+        limits.reconfigure(4, Duration::from_secs(8));
+        idle.await;
+        assert_eq!(started.elapsed(), Duration::from_secs(8));
+        assert_eq!(limits.idle_timeout(), Duration::from_secs(8));
     }
 }

@@ -24,7 +24,7 @@ use crate::admin::ListenerKind;
 use crate::admin::unix::{AdminSocket, SocketFile};
 use crate::config::{CallerIdentity, Config};
 use crate::http::export::{self, ExportContext};
-use crate::http::import::{self, ImportContext, ListenerSpec, ListenerTarget};
+use crate::http::import::{self, ImportContext, ListenerSettings, ListenerSpec, ListenerTarget};
 use crate::http::path::EscapedSlashes;
 use crate::listener::ListenerLimits;
 use crate::metrics::{Metrics, Side};
@@ -40,6 +40,11 @@ use crate::tunnel::session::{self, SessionContext};
 use crate::tunnel::udp::Handoff;
 use crate::upstream::Upstream;
 use crate::workers::Workers;
+
+mod reload;
+
+pub use reload::ReloadReport;
+use reload::{ReloadRequest, Reloadable};
 
 /// Where a started node listens.
 #[derive(Clone, Debug)]
@@ -74,6 +79,8 @@ pub struct NodeState {
     pub addresses: NodeAddresses,
     /// Worker threads running the data plane (1: all on the main runtime).
     pub workers: usize,
+    /// Where `POST /v1/reload` hands its reload to the node (see [`NodeState::reload`]).
+    reload_requests: tokio::sync::mpsc::Sender<ReloadRequest>,
     draining: AtomicBool,
 }
 
@@ -101,13 +108,40 @@ impl NodeState {
     pub fn is_ready(&self) -> bool {
         !self.is_draining() && !self.peers.links().is_empty()
     }
+
+    /// Reloads the node's configuration file on behalf of `by` (who asked, for the log) and
+    /// waits for the outcome: the same reload as SIGHUP, run by the node to completion even
+    /// if the caller goes away. On `Err` the running configuration stays in force.
+    pub async fn reload(&self, by: String) -> Result<ReloadReport, ReloadFailed> {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        self.reload_requests
+            .send(ReloadRequest { by, reply })
+            .await
+            .map_err(|_| ReloadFailed::Stopping)?;
+        outcome
+            .await
+            .map_err(|_| ReloadFailed::Stopping)?
+            .map_err(ReloadFailed::Refused)
+    }
+}
+
+/// Why a reload asked for over the admin API did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReloadFailed {
+    /// The new configuration or TLS material is invalid; the reason names the file, line and
+    /// field, or the file and step.
+    #[error("{0}")]
+    Refused(String),
+    /// The node is stopping and reloads no more.
+    #[error("the node is stopping")]
+    Stopping,
 }
 
 /// A running node.
 pub struct Node {
     pub state: Arc<NodeState>,
-    /// One tunnel endpoint per worker when the tunnel can be shared out, else one.
-    endpoints: Vec<quinn::Endpoint>,
+    /// What a reload swaps: TLS configs, listener settings, dial settings.
+    live: Arc<Reloadable>,
     /// Keeps the worker threads up for as long as the node runs on them.
     workers: Arc<Workers>,
     /// Listeners, dialers, the accept loop and the admin server.
@@ -117,24 +151,16 @@ pub struct Node {
     stop_listeners: CancellationToken,
     stop_tunnels: CancellationToken,
     stop_rest: CancellationToken,
-    /// Dialing TLS config per peer address, swapped on reload.
-    peer_clients: Vec<(String, Arc<ArcSwap<quic::DialConfig>>)>,
-    /// The tunnel listener's config, from which each incoming connection gets its own
-    /// (see `tunnel::handshake`); swapped on reload.
-    tunnel_server: Option<Arc<ArcSwap<quinn::ServerConfig>>>,
-    /// The remote admin listener's TLS config (certificate, CA, CRL), swapped on reload.
-    admin_remote_tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     /// The admin socket's file, removed when the node is gone.
     admin_socket: SocketFile,
-    /// Import and gateway listeners, whose mTLS configs are swapped on reload.
-    listener_specs: Vec<Arc<ListenerSpec>>,
-    tuning: TransportTuning,
 }
 
-/// Loads and checks the node's TLS material against its configured identity.
+/// Loads and checks the node's TLS material against its configured identity, with the
+/// configured handling of a stale CRL.
 pub fn load_tls(config: &Config) -> anyhow::Result<TlsMaterial> {
     let tls = &config.tls;
-    let material = TlsMaterial::load(&tls.ca, &tls.cert, &tls.key, tls.crl.as_deref())?;
+    let mut material = TlsMaterial::load(&tls.ca, &tls.cert, &tls.key, tls.crl.as_deref())?;
+    material.crl_stale = tls.crl_stale;
     let expected = SpiffeId::Node {
         trust_domain: config.node.trust_domain.clone(),
         site: config.node.site.clone(),
@@ -234,6 +260,48 @@ fn tunnel_per_worker(config: &Config, workers: &Workers) -> bool {
             Some(_) => config.peers.is_empty(),
             None => config.tunnel.bind.port() == 0,
         }
+}
+
+/// The settings of each import listener, then of the gateway: the order of `listener_specs`.
+fn listener_settings(config: &Config) -> Vec<ListenerSettings> {
+    let max_header_bytes = config.limits.max_header_bytes;
+    config
+        .imports
+        .iter()
+        .map(|i| (i.request_timeout, i.escaped_slashes))
+        .chain(
+            config
+                .gateway
+                .iter()
+                .map(|g| (g.request_timeout, g.escaped_slashes)),
+        )
+        .map(|(request_timeout, escaped_slashes)| ListenerSettings {
+            request_timeout,
+            max_header_bytes,
+            escaped_slashes,
+        })
+        .collect()
+}
+
+/// The dialing config for `peer`: its site's nodes, or exactly the named one.
+fn peer_client_config(
+    material: &TlsMaterial,
+    trust_domain: &str,
+    peer: &crate::config::PeerConfig,
+    tuning: &TransportTuning,
+) -> anyhow::Result<quic::DialConfig> {
+    let expect = match &peer.name {
+        Some(name) => PeerExpectation::Exact(SpiffeId::Node {
+            trust_domain: trust_domain.to_owned(),
+            site: peer.site.clone(),
+            name: name.clone(),
+        }),
+        None => PeerExpectation::NodeOfSites {
+            trust_domain: trust_domain.to_owned(),
+            sites: vec![peer.site.clone()],
+        },
+    };
+    quic::DialConfig::new(material, expect, tuning)
 }
 
 /// Each export's `escaped_slashes`, as the export side looks it up per request.
@@ -376,7 +444,13 @@ impl Node {
 
         let peers = Arc::new(PeerSet::default());
         let serving = Arc::new(ServingPolicy::new(acl.clone(), &config));
-        let trust = TrustUpdates::new(Trust::new(&material, &config.node.trust_domain)?);
+        let trust = TrustUpdates::new(Trust::new(
+            &material,
+            &config.node.trust_domain,
+            &config.tunnel.allowed_sites,
+            config.tls.crl.as_deref(),
+        )?);
+        crate::trust::warn_stale_crls(&trust.current());
         let requests = TaskTracker::new();
         let background = TaskTracker::new();
         let stop_listeners = CancellationToken::new();
@@ -395,6 +469,13 @@ impl Node {
         let import_tls = || import_tls_config(&material, &config.node.trust_domain);
         let mut listeners = Vec::new();
         let mut import_addrs = Vec::new();
+        let mut settings = listener_settings(&config).into_iter();
+        let mut next_settings = || {
+            settings
+                .next()
+                .map(arc_swap::ArcSwap::from_pointee)
+                .context("a listener without settings")
+        };
         for import in &config.imports {
             let (local, listener) = bind_tcp(&workers, import.listen).with_context(|| {
                 format!(
@@ -414,9 +495,7 @@ impl Node {
                 target: ListenerTarget::Service(import.service.clone()),
                 caller: import.caller.clone(),
                 tls: arc_swap::ArcSwapOption::new(tls),
-                request_timeout: import.request_timeout,
-                max_header_bytes: config.limits.max_header_bytes,
-                escaped_slashes: import.escaped_slashes,
+                settings: next_settings()?,
                 limits: metrics.listener(ListenerLimits::new(
                     format!("import:{}@{local}", import.service),
                     config.limits.max_connections,
@@ -446,9 +525,7 @@ impl Node {
                 },
                 caller: gateway.caller.clone(),
                 tls: arc_swap::ArcSwapOption::new(tls),
-                request_timeout: gateway.request_timeout,
-                max_header_bytes: config.limits.max_header_bytes,
-                escaped_slashes: gateway.escaped_slashes,
+                settings: next_settings()?,
                 limits: metrics.listener(ListenerLimits::new(
                     format!("gateway@{local}"),
                     config.limits.max_connections,
@@ -505,6 +582,8 @@ impl Node {
             .transpose()?;
 
         let identity = material.own_id.clone();
+        // Few callers reload at once; one more waits for room.
+        let (reload_requests, reload_queue) = tokio::sync::mpsc::channel(4);
         let state = Arc::new(NodeState {
             config: ArcSwap::from_pointee(config.clone()),
             identity: identity.clone(),
@@ -525,6 +604,7 @@ impl Node {
                 gateway: gateway_addr,
             },
             workers: workers.count(),
+            reload_requests,
             draining: AtomicBool::new(false),
         });
 
@@ -582,22 +662,14 @@ impl Node {
             }
         }
         let mut peer_clients = Vec::new();
+        let (dial_backoff, max_backoff) =
+            tokio::sync::watch::channel(config.tunnel.reconnect_max_backoff);
         for peer in &config.peers {
-            let mut expected_sites = vec![peer.site.clone()];
-            expected_sites.dedup();
-            let expect = match &peer.name {
-                Some(name) => PeerExpectation::Exact(SpiffeId::Node {
-                    trust_domain: config.node.trust_domain.clone(),
-                    site: peer.site.clone(),
-                    name: name.clone(),
-                }),
-                None => PeerExpectation::NodeOfSites {
-                    trust_domain: config.node.trust_domain.clone(),
-                    sites: expected_sites,
-                },
-            };
-            let client = Arc::new(ArcSwap::from_pointee(quic::DialConfig::new(
-                &material, expect, &tuning,
+            let client = Arc::new(ArcSwap::from_pointee(peer_client_config(
+                &material,
+                &config.node.trust_domain,
+                peer,
+                &tuning,
             )?));
             peer_clients.push((peer.address.clone(), client.clone()));
             // The configured number of connections, spread over the workers' endpoints,
@@ -613,7 +685,7 @@ impl Node {
                         peer.clone(),
                         slot,
                         client.clone(),
-                        config.tunnel.reconnect_max_backoff,
+                        max_backoff.clone(),
                         session_ctx.clone(),
                         stop_tunnels.clone(),
                     ),
@@ -674,22 +746,38 @@ impl Node {
                 Some(tls)
             }
         };
+        background.spawn(crate::trust::watch_crl_freshness(
+            state.trust.subscribe(),
+            stop_rest.clone(),
+        ));
         info!(node = %identity, tunnel = ?tunnel_addr, admin = %admin_addr, admin_socket = %state.addresses.admin_socket.display(), admin_remote = ?remote_addr, workers = workers.count(), tunnel_endpoints = endpoints.len(), "node started");
+        let live = Arc::new(Reloadable {
+            state: state.clone(),
+            endpoints,
+            peer_clients,
+            tunnel_server,
+            admin_remote_tls,
+            listener_specs,
+            dial_backoff,
+            tuning,
+            stop_rest: stop_rest.clone(),
+            one_at_a_time: tokio::sync::Mutex::new(()),
+        });
+        background.spawn(reload::serve_requests(
+            reload_queue,
+            live.clone(),
+            stop_rest.clone(),
+        ));
         Ok(Node {
             state,
-            endpoints,
+            live,
             workers,
             background,
             requests,
             stop_listeners,
             stop_tunnels,
             stop_rest,
-            peer_clients,
-            tunnel_server,
-            admin_remote_tls,
             admin_socket,
-            listener_specs,
-            tuning,
         })
     }
 
@@ -707,7 +795,7 @@ impl Node {
             "a listening node keeps its tunnel port"
         );
         let bind = SocketAddr::new(config.tunnel.bind.ip(), 0);
-        for (worker, endpoint) in self.endpoints.iter().enumerate() {
+        for (worker, endpoint) in self.live.endpoints.iter().enumerate() {
             let socket = quic::bind_socket(bind, false)?;
             let socket = self
                 .workers
@@ -735,194 +823,14 @@ impl Node {
         .is_ok()
     }
 
-    /// Re-reads the config file, certificates, CA bundle and CRL without dropping tunnels or
-    /// in-flight requests. New handshakes use the new material; exports are swapped and
-    /// announced to peers. Anything invalid refuses the whole reload and changes nothing.
-    pub async fn reload(&self, path: &std::path::Path) -> anyhow::Result<String> {
-        let new = Config::load(path)?;
-        let material = load_tls(&new)?;
-        let old = self.state.config.load_full();
-        let fixed = |what: &str| {
-            anyhow::anyhow!("{what} changed; that needs a restart (systemctl restart hybridge)")
-        };
-        if (
-            &new.node.name,
-            &new.node.site,
-            &new.node.trust_domain,
-            &new.node.data_dir,
-        ) != (
-            &old.node.name,
-            &old.node.site,
-            &old.node.trust_domain,
-            &old.node.data_dir,
-        ) {
-            return Err(fixed("[node]"));
-        }
-        if new.tunnel.listen != old.tunnel.listen
-            || new.admin.listen != old.admin.listen
-            || new.admin.health_listen != old.admin.health_listen
-            || new.admin.socket != old.admin.socket
-            || new.admin.remote != old.admin.remote
-        {
-            return Err(fixed(
-                "a tunnel or admin listen address (or the admin socket)",
-            ));
-        }
-        let peer_addresses = |c: &Config| {
-            c.peers
-                .iter()
-                .map(|p| {
-                    (
-                        p.address.clone(),
-                        p.site.clone(),
-                        p.name.clone(),
-                        p.connections,
-                    )
-                })
-                .collect::<Vec<_>>()
-        };
-        if peer_addresses(&new) != peer_addresses(&old) {
-            return Err(fixed("[[peer]]"));
-        }
-        let listeners = |c: &Config| {
-            let mut v: Vec<String> = c
-                .imports
-                .iter()
-                .map(|i| {
-                    format!(
-                        "{}@{}:{:?}:{:?}",
-                        i.service, i.listen, i.caller, i.escaped_slashes
-                    )
-                })
-                .collect();
-            v.extend(c.gateway.iter().map(|g| {
-                format!(
-                    "gateway@{}:{:?}:{}:{:?}",
-                    g.listen, g.caller, g.suffix, g.escaped_slashes
-                )
-            }));
-            v
-        };
-        if listeners(&new) != listeners(&old) {
-            return Err(fixed("an import or gateway listener"));
-        }
-        // Build everything first; swap only when all of it succeeded.
-        let server = match new.tunnel.listen {
-            Some(_) => Some(quic::server_config(
-                &material,
-                PeerExpectation::NodeOfSites {
-                    trust_domain: new.node.trust_domain.clone(),
-                    sites: new.tunnel.allowed_sites.clone(),
-                },
-                &self.tuning,
-            )?),
-            None => None,
-        };
-        let mut clients = Vec::new();
-        for (peer, (address, slot)) in new.peers.iter().zip(&self.peer_clients) {
-            debug_assert_eq!(&peer.address, address);
-            let expect = match &peer.name {
-                Some(name) => PeerExpectation::Exact(SpiffeId::Node {
-                    trust_domain: new.node.trust_domain.clone(),
-                    site: peer.site.clone(),
-                    name: name.clone(),
-                }),
-                None => PeerExpectation::NodeOfSites {
-                    trust_domain: new.node.trust_domain.clone(),
-                    sites: vec![peer.site.clone()],
-                },
-            };
-            clients.push((
-                slot.clone(),
-                quic::DialConfig::new(&material, expect, &self.tuning)?,
-            ));
-        }
-        let admin_remote_tls = match &self.admin_remote_tls {
-            Some(slot) => Some((slot, admin_remote_tls(&material, &new)?)),
-            None => None,
-        };
-        let current = self.state.export.services.load_full();
-        let mut services = HashMap::new();
-        let mut started = Vec::new();
-        for export in &new.exports {
-            let unchanged = old
-                .exports
-                .iter()
-                .any(|e| e.name == export.name && e.upstream == export.upstream);
-            match current.get(&export.name) {
-                Some(upstream) if unchanged => {
-                    services.insert(export.name.clone(), upstream.clone());
-                }
-                _ => {
-                    let upstream = Upstream::start(
-                        &export.name,
-                        &export.upstream,
-                        self.stop_rest.child_token(),
-                    )
-                    .await
-                    .with_context(|| format!("{}: export `{}`", path.display(), export.name))?;
-                    started.push(export.name.clone());
-                    services.insert(export.name.clone(), upstream);
-                }
-            }
-        }
-        let trust = Trust::new(&material, &new.node.trust_domain)?;
-        let import_tls = if self
-            .listener_specs
-            .iter()
-            .any(|spec| spec.tls.load().is_some())
-        {
-            Some(import_tls_config(&material, &new.node.trust_domain)?)
-        } else {
-            None
-        };
-        if let Some(server) = server {
-            for endpoint in &self.endpoints {
-                endpoint.set_server_config(Some(server.clone()));
-            }
-            if let Some(current) = &self.tunnel_server {
-                current.store(Arc::new(server));
-            }
-        }
-        if let Some(import_tls) = import_tls {
-            for spec in &self.listener_specs {
-                if spec.tls.load().is_some() {
-                    spec.tls.store(Some(import_tls.clone()));
-                }
-            }
-        }
-        // Live tunnels and mTLS connections check their peers against the new material and
-        // close if it no longer admits them (revoked, expired, another CA).
-        self.state.trust.publish(trust);
-        for (slot, client) in clients {
-            slot.store(Arc::new(client));
-        }
-        if let Some((slot, tls)) = admin_remote_tls {
-            slot.store(Arc::new(tls));
-        }
-        count_configured_services(&self.state.metrics, &self.state.acl, &new);
-        self.state.export.services.store(Arc::new(services));
-        self.state.serving.reconfigure(&new);
-        self.state
-            .export
-            .escaped_slashes
-            .store(Arc::new(escaped_slashes_by_export(&new)));
-        let exports_changed = new.export_names() != old.export_names();
-        self.state.config.store(Arc::new(new));
-        let config = self.state.config.load();
-        self.state
-            .peers
-            .broadcast(&ControlMessage::update(self.state.announcement()));
-        Ok(format!(
-            "certificates, CA bundle and CRL reloaded on every listener and live connection; {} export(s), {} restarted{}",
-            config.exports.len(),
-            started.len(),
-            if exports_changed {
-                ", export list announced to peers"
-            } else {
-                ""
-            }
-        ))
+    /// Re-reads the config file the node runs from, with its certificates, CA bundle and CRL,
+    /// and applies what a running node can (`config::reload`) without dropping tunnels or
+    /// in-flight requests; what needs a restart keeps its running value and is named in the
+    /// report. Invalid input refuses the whole reload and changes nothing. `by` names who
+    /// asked, for the log line every reload writes. SIGHUP and `POST /v1/reload` both end
+    /// here.
+    pub async fn reload(&self, by: &str) -> anyhow::Result<ReloadReport> {
+        self.live.reload(by).await
     }
 
     /// Drains and stops: tell peers we are going away and wait for them to acknowledge,
@@ -954,14 +862,15 @@ impl Node {
             warn!("drain deadline reached with requests still in flight");
         }
         self.stop_tunnels.cancel();
-        for endpoint in &self.endpoints {
+        for endpoint in &self.live.endpoints {
             endpoint.close(
                 quinn::VarInt::from_u32(crate::tunnel::stream::codes::GOING_AWAY),
                 b"node shutting down",
             );
         }
-        let idle =
-            futures_util::future::join_all(self.endpoints.iter().map(quinn::Endpoint::wait_idle));
+        let idle = futures_util::future::join_all(
+            self.live.endpoints.iter().map(quinn::Endpoint::wait_idle),
+        );
         let _ = tokio::time::timeout(Duration::from_secs(2), idle).await;
         self.stop_rest.cancel();
         self.background.close();
@@ -976,7 +885,7 @@ impl Node {
         self.stop_listeners.cancel();
         self.stop_tunnels.cancel();
         self.stop_rest.cancel();
-        for endpoint in &self.endpoints {
+        for endpoint in &self.live.endpoints {
             endpoint.close(quinn::VarInt::from_u32(0), b"aborted");
         }
         self.background.close();

@@ -114,6 +114,50 @@ pub fn summarize(bytes: &[u8]) -> Result<CertificateSummary, InspectError> {
     })
 }
 
+/// The facts about a CRL a node reports: who made it, which one it is and until when it is
+/// current.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CrlSummary {
+    /// Issuer DN.
+    pub issuer: String,
+    /// The CRL number (decimal), when the CRL carries one.
+    pub number: Option<String>,
+    /// When it was made (thisUpdate).
+    pub this_update: OffsetDateTime,
+    /// When the next one is due (nextUpdate); after it the CRL is stale. `None` when absent
+    /// (RFC 5280 requires it; a CRL without one never goes stale).
+    pub next_update: Option<OffsetDateTime>,
+    /// How many certificates it revokes.
+    pub revoked: usize,
+}
+
+impl CrlSummary {
+    /// Signed seconds from `now` to nextUpdate: positive while current, negative (or zero)
+    /// once stale; `None` without a nextUpdate.
+    pub fn seconds_to_next_update(&self, now: OffsetDateTime) -> Option<i64> {
+        self.next_update.map(|at| (at - now).whole_seconds())
+    }
+
+    /// Whether the CRL is past its nextUpdate at `now` (stale from that instant on, as
+    /// webpki's expiration check counts it).
+    pub fn is_stale(&self, now: OffsetDateTime) -> bool {
+        self.next_update.is_some_and(|at| now >= at)
+    }
+}
+
+/// Summarises one DER-encoded CRL.
+pub fn summarize_crl(der: &[u8]) -> Result<CrlSummary, InspectError> {
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
+        .map_err(|e| InspectError(format!("not a DER X.509 CRL: {e}")))?;
+    Ok(CrlSummary {
+        issuer: crl.issuer().to_string(),
+        number: crl.crl_number().map(ToString::to_string),
+        this_update: crl.last_update().to_datetime(),
+        next_update: crl.next_update().map(|t| t.to_datetime()),
+        revoked: crl.iter_revoked_certificates().count(),
+    })
+}
+
 fn ip_text(raw: &[u8]) -> String {
     match raw.len() {
         4 => {
@@ -194,5 +238,32 @@ mod tests {
         assert_eq!(s.issuer, "O=hybridge, CN=hybridge CA td");
         assert_eq!(s.sha256_fingerprint.len(), 32 * 3 - 1);
         assert!(summarize(b"nonsense").is_err());
+    }
+
+    #[test]
+    fn a_crl_is_stale_from_its_next_update_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::init(dir.path(), "td", InitOptions::default()).unwrap();
+        let before = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        let pem = ca
+            .crl_pem_valid_for(std::time::Duration::from_secs(3600))
+            .unwrap();
+        let der = pem::parse(pem.as_bytes()).unwrap().into_contents();
+        let crl = summarize_crl(&der).unwrap();
+        assert_eq!(crl.issuer, "O=hybridge, CN=hybridge CA td");
+        assert_eq!(crl.revoked, 0);
+        assert!(crl.number.is_some());
+        let next = crl.next_update.unwrap();
+        assert!(next >= before + time::Duration::hours(1), "{next} {before}");
+        assert!(crl.this_update < next);
+        // Counted against an explicit clock: current before, stale at and after nextUpdate.
+        let second = time::Duration::seconds(1);
+        assert_eq!(crl.seconds_to_next_update(next - 90 * second), Some(90));
+        assert!(!crl.is_stale(next - second));
+        assert_eq!(crl.seconds_to_next_update(next), Some(0));
+        assert!(crl.is_stale(next));
+        assert_eq!(crl.seconds_to_next_update(next + 12 * second), Some(-12));
+        assert!(crl.is_stale(next + 12 * second));
+        assert!(summarize_crl(b"nonsense").is_err());
     }
 }

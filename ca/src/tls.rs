@@ -96,6 +96,33 @@ pub struct TlsMaterial {
     pub crls: Vec<CertificateRevocationListDer<'static>>,
     /// The SPIFFE id in our own certificate.
     pub own_id: SpiffeId,
+    /// What peer checks do once a CRL is past its nextUpdate; [`CrlStale::Warn`] as loaded.
+    pub crl_stale: CrlStale,
+}
+
+/// What peer checks built from [`TlsMaterial`] do with a CRL past its nextUpdate
+/// (`tls.crl_stale` in the node config).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CrlStale {
+    /// Keep checking peers against it (fail-open): an outdated CRL still lists everything
+    /// revoked before it was made, and refusing every peer because a refresh was late would
+    /// turn a missed chore into an outage. The node warns.
+    #[default]
+    Warn,
+    /// Refuse every peer while any CRL in force is past its nextUpdate (fail-closed): a
+    /// revocation made since cannot be known.
+    Refuse,
+}
+
+impl CrlStale {
+    /// `"warn"` or `"refuse"`, as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CrlStale::Warn => "warn",
+            CrlStale::Refuse => "refuse",
+        }
+    }
 }
 
 impl fmt::Debug for TlsMaterial {
@@ -106,6 +133,7 @@ impl fmt::Debug for TlsMaterial {
             .field("ca_certs", &self.ca_certs.len())
             .field("chain", &self.chain.len())
             .field("crls", &self.crls.len())
+            .field("crl_stale", &self.crl_stale)
             .finish_non_exhaustive()
     }
 }
@@ -118,6 +146,7 @@ impl Clone for TlsMaterial {
             key: self.key.clone_key(),
             crls: self.crls.clone(),
             own_id: self.own_id.clone(),
+            crl_stale: self.crl_stale,
         }
     }
 }
@@ -236,6 +265,9 @@ impl TlsMaterial {
             key,
             crls,
             own_id,
+            // Our own certificate is checked below whatever the policy: a stale CRL must not
+            // stop a node from loading its material (the node reports and applies staleness).
+            crl_stale: CrlStale::Warn,
         };
         // Catch a certificate from another CA, or an expired one, at load time with a
         // message naming the file, instead of at the first handshake.

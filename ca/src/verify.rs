@@ -20,7 +20,7 @@ use webpki::{
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::spiffe::SpiffeId;
-use crate::tls::{PeerExpectation, TlsMaterial, spiffe_id_of};
+use crate::tls::{CrlStale, PeerExpectation, TlsMaterial, spiffe_id_of};
 
 /// Which side of the handshake the peer is on; selects the EKU to require.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,11 +52,13 @@ pub enum RejectionKind {
     WrongSite,
     /// Unparseable, or refused by the chain check for another reason.
     Malformed,
+    /// Not the peer's fault: our CRL is past its nextUpdate and `tls.crl_stale = "refuse"`.
+    StaleCrl,
 }
 
 impl RejectionKind {
     /// Every kind, in declaration order.
-    pub const ALL: [RejectionKind; 8] = [
+    pub const ALL: [RejectionKind; 9] = [
         Self::UnknownCa,
         Self::Expired,
         Self::NotYetValid,
@@ -65,6 +67,7 @@ impl RejectionKind {
         Self::WrongIdentity,
         Self::WrongSite,
         Self::Malformed,
+        Self::StaleCrl,
     ];
 }
 
@@ -161,8 +164,19 @@ pub(crate) struct PeerPolicy {
     roots: Vec<rustls::pki_types::TrustAnchor<'static>>,
     root_hints: Vec<DistinguishedName>,
     crls: Vec<CertRevocationList<'static>>,
+    /// With `tls.crl_stale = "refuse"`: the earliest nextUpdate of the CRLs, from which on
+    /// every peer is refused.
+    refuse_from: Option<StaleCrl>,
     expect: PeerExpectation,
     algorithms: WebPkiSupportedAlgorithms,
+}
+
+/// The first CRL to go stale, for the refusal message.
+#[derive(Clone, Copy, Debug)]
+struct StaleCrl {
+    /// 1-based position of the CRL in its file.
+    position: usize,
+    next_update: u64,
 }
 
 impl PeerPolicy {
@@ -189,15 +203,32 @@ impl PeerPolicy {
             return Err("no CA certificates to trust".into());
         }
         let mut crls = Vec::new();
+        let mut refuse_from: Option<StaleCrl> = None;
         for (i, crl) in material.crls.iter().enumerate() {
             let owned = webpki::OwnedCertRevocationList::from_der(crl.as_ref())
                 .map_err(|e| format!("CRL #{} is invalid: {e}", i + 1))?;
             crls.push(CertRevocationList::from(owned));
+            if material.crl_stale == CrlStale::Refuse {
+                let summary = crate::inspect::summarize_crl(crl.as_ref())
+                    .map_err(|e| format!("CRL #{} is invalid: {e}", i + 1))?;
+                let next_update = summary
+                    .next_update
+                    .map(|t| u64::try_from(t.unix_timestamp()).unwrap_or(0));
+                if let Some(next_update) = next_update
+                    && refuse_from.is_none_or(|first| next_update < first.next_update)
+                {
+                    refuse_from = Some(StaleCrl {
+                        position: i + 1,
+                        next_update,
+                    });
+                }
+            }
         }
         Ok(PeerPolicy {
             roots,
             root_hints,
             crls,
+            refuse_from,
             expect,
             algorithms: provider.signature_verification_algorithms,
         })
@@ -211,6 +242,18 @@ impl PeerPolicy {
         now: UnixTime,
         role: PeerRole,
     ) -> Result<SpiffeId, rustls::Error> {
+        if let Some(stale) = self.refuse_from
+            && now.as_secs() >= stale.next_update
+        {
+            return Err(reject(PeerRejected::new(
+                RejectionKind::StaleCrl,
+                format!(
+                    "the CRL in force (#{} of its file) is past its nextUpdate {} and tls.crl_stale = \"refuse\" refuses every peer until a current CRL is loaded",
+                    stale.position,
+                    unix_to_text(stale.next_update)
+                ),
+            )));
+        }
         let serial = X509Certificate::from_der(end_entity.as_ref())
             .map(|(_, c)| hex::encode(c.raw_serial()))
             .map_err(|_| malformed())?;
@@ -218,11 +261,11 @@ impl PeerPolicy {
         let crl_refs: Vec<&CertRevocationList<'_>> = self.crls.iter().collect();
         let revocation = match RevocationOptionsBuilder::new(&crl_refs) {
             // Every certificate hybridge issues is a leaf directly under the CA, so only the
-            // end entity can be revoked. A CRL past its nextUpdate is still applied: an
-            // outdated CRL still lists everything revoked before it was made, and refusing
-            // every peer because the operator was late refreshing it would turn a missed
-            // chore into an outage. Unknown status (no CRL from this issuer) is allowed so a
-            // node works before its first CRL exists.
+            // end entity can be revoked. A CRL past its nextUpdate is still applied here
+            // (`CrlStale::Warn`, the default: an outdated CRL still lists everything revoked
+            // before it was made); `CrlStale::Refuse` refuses every peer above instead.
+            // Unknown status (no CRL from this issuer) is allowed so a node works before its
+            // first CRL exists.
             Ok(builder) => Some(
                 builder
                     .with_depth(RevocationCheckDepth::EndEntity)

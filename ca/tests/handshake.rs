@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hybridge_ca::authority::RevocationReason;
 use hybridge_ca::tls::{
-    PeerExpectation, PeerRole, TlsMaterial, client_config, peer_spiffe_id, server_config,
+    CrlStale, PeerExpectation, PeerRole, TlsMaterial, client_config, peer_spiffe_id, server_config,
     verify_peer_chain,
 };
 use hybridge_ca::{CertificateAuthority, IssuedCertificate, SpiffeId};
@@ -412,6 +412,49 @@ fn outdated_crl_still_applies_and_expiry_is_reported() {
     )
     .unwrap();
     assert_eq!(id, peer.spiffe_id);
+}
+
+#[test]
+fn a_stale_crl_refuses_every_peer_only_under_the_refuse_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::new_ca(dir.path(), "td");
+    let verifier_leaf = ca.issue_node("cloud", "s", &[], &[], hour()).unwrap();
+    let peer = ca.issue_node("onprem", "p", &[], &[], hour()).unwrap();
+    let crl = ca.crl_pem_valid_for(Duration::from_secs(60)).unwrap();
+    let mut m = material(&ca, &verifier_leaf, Some(&crl));
+    assert_eq!(
+        m.crl_stale,
+        CrlStale::Warn,
+        "material loads with the fail-open default"
+    );
+    let peer_chain = material(&ca, &peer, None).chain;
+    let at = |from_now: u64| {
+        UnixTime::since_unix_epoch(Duration::from_secs(UnixTime::now().as_secs() + from_now))
+    };
+    let check = |m: &TlsMaterial, when| {
+        verify_peer_chain(
+            m,
+            nodes_of("td", "onprem"),
+            &peer_chain,
+            when,
+            PeerRole::Client,
+        )
+        .map_err(|e| e.to_string())
+    };
+    // Warn: a peer the stale CRL does not list still passes.
+    assert_eq!(check(&m, at(120)), Ok(peer.spiffe_id.clone()));
+    // Refuse: passes while the CRL is current, refused once it is stale, naming why.
+    m.crl_stale = CrlStale::Refuse;
+    assert_eq!(check(&m, at(0)), Ok(peer.spiffe_id.clone()));
+    let err = check(&m, at(120)).unwrap_err();
+    assert!(
+        err.contains("past its nextUpdate") && err.contains("tls.crl_stale = \"refuse\""),
+        "{err}"
+    );
+    // Without a CRL there is nothing to go stale.
+    let mut without = material(&ca, &verifier_leaf, None);
+    without.crl_stale = CrlStale::Refuse;
+    assert_eq!(check(&without, at(120)), Ok(peer.spiffe_id));
 }
 
 #[test]

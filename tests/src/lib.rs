@@ -750,6 +750,114 @@ pub fn preallow(data_dir: &Path, source: &str, destination: &str) {
     }
 }
 
+/// Renders `terraform/templates/TEMPLATE` with `vars`, as Terraform's `templatefile` does.
+pub fn render_terraform_template(template: &str, vars: &serde_json::Value) -> String {
+    use hcl::eval::{Context, Evaluate};
+    use std::str::FromStr;
+    let path = repo_root().join("terraform/templates").join(template);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let template_ast = hcl::Template::from_str(&text)
+        .unwrap_or_else(|e| panic!("{template} is not a valid Terraform template: {e}"));
+    let mut ctx = Context::new();
+    for (k, v) in vars.as_object().unwrap() {
+        ctx.declare_var(k.as_str(), hcl::to_value(v).unwrap());
+    }
+    template_ast
+        .evaluate(&ctx)
+        .unwrap_or_else(|e| panic!("rendering {template}: {e}"))
+}
+
+/// A stand-in for the `aws` command the cloud-init set-up script calls: it answers
+/// `secretsmanager get-secret-value --secret-id ARN` with the file `$STUB_SECRETS/NAME`
+/// (NAME from [`stub_secret_name`]; the folder defaults to /run/hybridge-test-secrets) and
+/// fails, as Secrets Manager does, for a secret it does not have.
+pub const AWS_SECRETS_STUB: &str = r#"#!/bin/sh
+id=""
+while [ $# -gt 0 ]; do
+  case "$1" in --secret-id) id="$2"; shift ;; esac
+  shift
+done
+f="${STUB_SECRETS:-/run/hybridge-test-secrets}/$(printf %s "$id" | tr -c 'A-Za-z0-9-' _)"
+if [ -f "$f" ]; then cat "$f"; exit 0; fi
+echo "An error occurred (ResourceNotFoundException) when calling the GetSecretValue operation: Secrets Manager can't find the specified secret." >&2
+exit 254
+"#;
+
+/// The file name [`AWS_SECRETS_STUB`] looks the secret `arn` up under.
+pub fn stub_secret_name(arn: &str) -> String {
+    arn.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Runs `command` to success and returns its output; panics with what it printed otherwise.
+pub fn run_checked(command: &mut Command) -> std::process::Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e} (installed by .ci/run)"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Builds the hybridge .deb with `cargo deb` into `out` from the binaries of this test build
+/// (same profile, so nothing is recompiled) and returns its path.
+pub fn build_deb(out: &Path) -> PathBuf {
+    let hybridge = binary("hybridge");
+    binary("hybridge-ca");
+    let profile = match hybridge
+        .parent()
+        .and_then(Path::file_name)
+        .and_then(|n| n.to_str())
+    {
+        Some("debug") | None => "dev".to_owned(),
+        Some(other) => other.to_owned(),
+    };
+    let mut command = Command::new("cargo");
+    command
+        .current_dir(repo_root())
+        .args([
+            "deb",
+            "-p",
+            "hybridge",
+            "--no-build",
+            "--fast",
+            "--profile",
+            &profile,
+            "-o",
+        ])
+        .arg(out);
+    // Cargo's per-package variables for this test would make cargo-deb see another package;
+    // where the build output lives (CARGO_TARGET_DIR, a shared cache) must stay.
+    for (key, _) in std::env::vars() {
+        if key.starts_with("CARGO_")
+            && key != "CARGO_HOME"
+            && key != "CARGO_TARGET_DIR"
+            && !key.starts_with("CARGO_BUILD_")
+        {
+            command.env_remove(key);
+        }
+    }
+    let output = run_checked(&mut command);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let deb = PathBuf::from(stdout.lines().last().unwrap().trim());
+    assert!(
+        deb.extension().is_some_and(|e| e == "deb"),
+        "cargo deb printed {stdout}"
+    );
+    deb
+}
+
 /// A tunnel peer under the test's control: it completes the mTLS handshake with a real node
 /// certificate and the control hello, then sends whatever frames the test writes.
 pub struct RawPeer {

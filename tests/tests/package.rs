@@ -7,73 +7,13 @@
 
 use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use hybridge_tests::*;
 
 fn run(command: &mut Command) -> Output {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("{command:?}: {e} (installed by .ci/run)"));
-    assert!(
-        output.status.success(),
-        "{command:?} failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-/// Builds the .deb with `cargo deb` from the binaries of this test build (same profile, so
-/// nothing is recompiled) and returns its path.
-fn build_deb(out: &Path) -> PathBuf {
-    let hybridge = binary("hybridge");
-    binary("hybridge-ca");
-    let profile = match hybridge
-        .parent()
-        .unwrap()
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-    {
-        "debug" => "dev".to_owned(),
-        other => other.to_owned(),
-    };
-    let mut command = Command::new("cargo");
-    command
-        .current_dir(repo_root())
-        .args([
-            "deb",
-            "-p",
-            "hybridge",
-            "--no-build",
-            "--fast",
-            "--profile",
-            &profile,
-            "-o",
-        ])
-        .arg(out);
-    // Cargo's per-package variables for this test would make cargo-deb see another package;
-    // where the build output lives (CARGO_TARGET_DIR, a shared cache) must stay.
-    for (key, _) in std::env::vars() {
-        if key.starts_with("CARGO_")
-            && key != "CARGO_HOME"
-            && key != "CARGO_TARGET_DIR"
-            && !key.starts_with("CARGO_BUILD_")
-        {
-            command.env_remove(key);
-        }
-    }
-    let output = run(&mut command);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let deb = PathBuf::from(stdout.lines().last().unwrap().trim());
-    assert!(
-        deb.extension().is_some_and(|e| e == "deb"),
-        "cargo deb printed {stdout}"
-    );
-    deb
+    run_checked(command)
 }
 
 /// `name → (uid, gid)` from a root's /etc/passwd.

@@ -115,7 +115,7 @@ async fn a_crl_reload_closes_the_revoked_peers_live_connections_and_nothing_else
     cloud
         .exports
         .push(ExportSpec::http1("inventory", &[inventory.local_addr()]));
-    let (cloud, cloud_config) = start_with_crl(&cloud, &crl).await;
+    let (cloud, _) = start_with_crl(&cloud, &crl).await;
     let tunnel = cloud.addresses().tunnel.unwrap();
     // onprem-a will be revoked; onprem-b keeps serving, and has an mTLS import.
     let mut a = NodeOptions::onprem(&pki, "onprem-a", &[tunnel]);
@@ -125,7 +125,7 @@ async fn a_crl_reload_closes_the_revoked_peers_live_connections_and_nothing_else
     b.imports.push(("inventory".into(), "web".into()));
     b.extra =
         "\n[[import]]\nservice = \"inventory\"\nlisten = \"127.0.0.1:0\"\nmtls = true\n".into();
-    let (b, b_config) = start_with_crl(&b, &crl).await;
+    let (b, _) = start_with_crl(&b, &crl).await;
     assert!(a.wait_for_route("inventory", WAIT).await);
     assert!(b.wait_for_route("inventory", WAIT).await);
     let a_id = SpiffeId::node(TRUST_DOMAIN, "onprem", "onprem-a").unwrap();
@@ -173,8 +173,8 @@ async fn a_crl_reload_closes_the_revoked_peers_live_connections_and_nothing_else
         )
         .unwrap();
     std::fs::write(&crl, pki.ca.crl_pem().unwrap()).unwrap();
-    cloud.reload(&cloud_config).await.unwrap();
-    b.reload(&b_config).await.unwrap();
+    cloud.reload("test").await.unwrap();
+    b.reload("test").await.unwrap();
 
     // The revoked node's open tunnel is closed (and its redials are refused).
     let closed = tokio::time::timeout(

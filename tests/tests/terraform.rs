@@ -9,10 +9,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::str::FromStr;
 
 use base64::Engine as _;
-use hcl::eval::{Context, Evaluate};
 use hcl::{Body, Expression, ObjectKey};
 use hybridge_tests::*;
 
@@ -236,6 +234,55 @@ fn every_terraform_file_parses_is_documented_and_references_what_exists() {
     );
     assert!(network.contains("cidr_ipv4         = each.value"));
 
+    // The VM image: with image_id the instances boot it and the user data installs nothing;
+    // without it, ami_id plus the .deb at deb_url, and one of the two must be complete.
+    let main = &files
+        .iter()
+        .find(|(p, _, _)| p.ends_with("main.tf"))
+        .unwrap()
+        .2;
+    let resource = |kind: &str, name: &str| {
+        main.blocks()
+            .find(|b| {
+                b.identifier() == "resource"
+                    && b.labels()[0].as_str() == kind
+                    && b.labels()[1].as_str() == name
+            })
+            .unwrap_or_else(|| panic!("main.tf has no {kind}.{name}"))
+    };
+    let attribute = |block: &hcl::Block, key: &str| {
+        block
+            .body()
+            .attributes()
+            .find(|a| a.key() == key)
+            .map(|a| a.expr().to_string())
+            .unwrap_or_else(|| panic!("no attribute {key}"))
+    };
+    let template = resource("aws_launch_template", "node");
+    assert_eq!(
+        attribute(template, "image_id"),
+        "var.image_id != \"\" ? var.image_id : var.ami_id"
+    );
+    let precondition = template
+        .body()
+        .blocks()
+        .find(|b| b.identifier() == "lifecycle")
+        .and_then(|l| l.body().blocks().find(|b| b.identifier() == "precondition"))
+        .expect("the launch template checks that image_id or ami_id + deb_url are set");
+    assert_eq!(
+        attribute(precondition, "condition"),
+        "var.image_id != \"\" || (var.ami_id != \"\" && var.deb_url != \"\")"
+    );
+    let user_data = attribute(resource("aws_instance", "node"), "user_data");
+    assert!(
+        user_data.contains("deb_url = var.image_id == \"\" ? var.deb_url : \"\""),
+        "{user_data}"
+    );
+    assert!(
+        d.variables.get("image_id") == Some(&true),
+        "image_id is optional"
+    );
+
     // The README documents every input and output.
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     for name in d.variables.keys() {
@@ -292,19 +339,6 @@ fn templatefile_calls(expr: &Expression, out: &mut BTreeMap<String, BTreeSet<Str
         }
         _ => {}
     }
-}
-
-fn render(template: &str, vars: &serde_json::Value) -> String {
-    let text = std::fs::read_to_string(terraform_dir().join("templates").join(template)).unwrap();
-    let template_ast = hcl::Template::from_str(&text)
-        .unwrap_or_else(|e| panic!("{template} is not a valid Terraform template: {e}"));
-    let mut ctx = Context::new();
-    for (k, v) in vars.as_object().unwrap() {
-        ctx.declare_var(k.as_str(), hcl::to_value(v).unwrap());
-    }
-    template_ast
-        .evaluate(&ctx)
-        .unwrap_or_else(|e| panic!("rendering {template}: {e}"))
 }
 
 /// The variables main.tf passes each template, checked against the ones this test renders
@@ -371,23 +405,28 @@ fn cloud_init_renders_passes_its_schema_and_configures_a_node_that_checks_out() 
     );
 
     // The production rendering, wrapped into cloud-init exactly as main.tf does.
-    let toml = render(
+    let toml = render_terraform_template(
         "hybridge.toml.tftpl",
         &toml_vars(Path::new("/etc/hybridge")),
     );
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    for (crl, acl) in [
-        ("", ""),
+    // deb_url is what main.tf passes: the .deb's URL without image_id, empty with it (the
+    // VM image has the package baked in).
+    let deb = "https://packages.example.com/hybridge_0.1.0_arm64.deb";
+    for (crl, acl, deb_url) in [
+        ("", "", deb),
         (
             "arn:aws:secretsmanager:eu-west-1:123456789012:secret:hybridge/crl-AbCdEf",
             "[[rule]]\nsource = \"web\"\ndestination = \"catalog\"\naction = \"allow\"\n",
+            deb,
         ),
+        ("", "", ""),
     ] {
         let init_vars = serde_json::json!({
             "node_name": "cloud-1",
             "site": "aws",
             "region": "eu-west-1",
-            "deb_url": "https://packages.example.com/hybridge_0.1.0_arm64.deb",
+            "deb_url": deb_url,
             "ca_secret_arn": "arn:aws:secretsmanager:eu-west-1:123456789012:secret:hybridge/ca-AbCdEf",
             "crl_secret_arn": crl,
             "cert_secret_arn": "arn:aws:secretsmanager:eu-west-1:123456789012:secret:hybridge/node/cloud-1-AbCdEf",
@@ -399,7 +438,7 @@ fn cloud_init_renders_passes_its_schema_and_configures_a_node_that_checks_out() 
             Some(&keys(&init_vars)),
             "main.tf passes cloud-init.yaml.tftpl other variables than this test renders it with"
         );
-        let cloud_init = render("cloud-init.yaml.tftpl", &init_vars);
+        let cloud_init = render_terraform_template("cloud-init.yaml.tftpl", &init_vars);
         assert!(cloud_init.starts_with("#cloud-config\n"));
         let file = pki.path("user-data.yaml");
         std::fs::write(&file, &cloud_init).unwrap();
@@ -444,6 +483,20 @@ fn cloud_init_renders_passes_its_schema_and_configures_a_node_that_checks_out() 
             cloud_init.contains("/run/hybridge-setup/acl.toml"),
             !acl.is_empty()
         );
+        // From the VM image nothing is installed at boot: no package step, no download.
+        let installs = ["package_update:", "packages:", "apt-get install", "curl "]
+            .iter()
+            .filter(|step| cloud_init.contains(*step))
+            .count();
+        if deb_url.is_empty() {
+            assert_eq!(
+                installs, 0,
+                "the image path installs at boot:\n{cloud_init}"
+            );
+            assert!(script.contains("from the image"), "{script}");
+        } else {
+            assert_eq!(installs, 4, "{cloud_init}");
+        }
     }
 
     // What cloud-init installs: with the right certificate it checks out (the setup script
@@ -458,7 +511,7 @@ fn cloud_init_renders_passes_its_schema_and_configures_a_node_that_checks_out() 
     let config = config_dir.join("hybridge.toml");
     std::fs::write(
         &config,
-        render("hybridge.toml.tftpl", &toml_vars(&config_dir)),
+        render_terraform_template("hybridge.toml.tftpl", &toml_vars(&config_dir)),
     )
     .unwrap();
     let check = || hybridge_cli(&["check-config", "--config", config.to_str().unwrap()]);
@@ -496,20 +549,7 @@ const NODE_ARN: &str =
 fn stub_bin(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     let stubs = [
-        (
-            "aws",
-            r#"#!/bin/sh
-id=""
-while [ $# -gt 0 ]; do
-  case "$1" in --secret-id) id="$2"; shift ;; esac
-  shift
-done
-f="$STUB_SECRETS/$(printf %s "$id" | tr -c 'A-Za-z0-9-' _)"
-if [ -f "$f" ]; then cat "$f"; exit 0; fi
-echo "An error occurred (ResourceNotFoundException) when calling the GetSecretValue operation: Secrets Manager can't find the specified secret." >&2
-exit 254
-"#,
-        ),
+        ("aws", AWS_SECRETS_STUB),
         (
             "apt-get",
             "#!/bin/sh\necho \"apt-get $*\" >> \"$HYBRIDGE_SETUP_ROOT/calls.log\"\n",
@@ -543,46 +583,60 @@ exit 254
 
 struct SetupRun {
     code: i32,
+    /// What the script printed (cloud-init sends it to the console).
     console: String,
     calls: String,
     root: PathBuf,
 }
 
+/// Which way the instance gets the package.
+#[derive(Clone, Copy, PartialEq)]
+enum Boot {
+    /// A stock Debian AMI: the .deb is downloaded and installed at boot.
+    DebAtBoot,
+    /// The hybridge VM image (`image_id`): main.tf passes an empty deb_url.
+    Image { package_installed: bool },
+}
+
 /// Runs the rendered set-up script in a scratch root, as cloud-init would after writing
 /// its files, with `secrets` (ARN → value) in the stub secret store.
-fn run_setup(work: &Path, name: &str, secrets: &[(&str, String)]) -> SetupRun {
+fn run_setup(work: &Path, name: &str, boot: Boot, secrets: &[(&str, String)]) -> SetupRun {
     let root = work.join(name);
     let stage = root.join("run/hybridge-setup");
     std::fs::create_dir_all(&stage).unwrap();
-    std::fs::create_dir_all(root.join("dev")).unwrap();
+    let dpkg = root.join("var/lib/dpkg");
+    std::fs::create_dir_all(&dpkg).unwrap();
+    let status = if boot
+        == (Boot::Image {
+            package_installed: true,
+        }) {
+        "Package: hybridge\nStatus: install ok installed\nArchitecture: amd64\nVersion: 0.1.0-1\n\n"
+    } else {
+        ""
+    };
+    std::fs::write(dpkg.join("status"), status).unwrap();
     let store = work.join(format!("{name}-secrets"));
     std::fs::create_dir_all(&store).unwrap();
     for (arn, value) in secrets {
-        let file: String = arn
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        std::fs::write(store.join(file), value).unwrap();
+        std::fs::write(store.join(stub_secret_name(arn)), value).unwrap();
     }
     // What write_files puts in place before runcmd.
-    let toml = render("hybridge.toml.tftpl", &production_toml_vars());
+    let toml = render_terraform_template("hybridge.toml.tftpl", &production_toml_vars());
     std::fs::write(stage.join("hybridge.toml"), &toml).unwrap();
     let acl = "[[rule]]\nsource = \"web\"\ndestination = \"catalog\"\naction = \"allow\"\n";
     std::fs::write(stage.join("acl.toml"), acl).unwrap();
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    let cloud_init = render(
+    let deb_url = match boot {
+        Boot::DebAtBoot => "https://packages.example.com/hybridge_0.1.0_amd64.deb",
+        Boot::Image { .. } => "",
+    };
+    let cloud_init = render_terraform_template(
         "cloud-init.yaml.tftpl",
         &serde_json::json!({
             "node_name": "cloud-1",
             "site": "aws",
             "region": "eu-west-1",
-            "deb_url": "https://packages.example.com/hybridge_0.1.0_amd64.deb",
+            "deb_url": deb_url,
             "ca_secret_arn": CA_ARN,
             "crl_secret_arn": "",
             "cert_secret_arn": NODE_ARN,
@@ -605,7 +659,8 @@ fn run_setup(work: &Path, name: &str, secrets: &[(&str, String)]) -> SetupRun {
         .unwrap();
     SetupRun {
         code: output.status.code().unwrap_or(-1),
-        console: std::fs::read_to_string(root.join("dev/console")).unwrap_or_default(),
+        console: String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr),
         calls: std::fs::read_to_string(root.join("calls.log")).unwrap_or_default(),
         root,
     }
@@ -644,6 +699,7 @@ fn the_setup_script_installs_only_a_checked_node_and_fails_loudly_otherwise() {
     let good = run_setup(
         &work,
         "good",
+        Boot::DebAtBoot,
         &[
             (CA_ARN, ca.clone()),
             (NODE_ARN, node_secret(&pki.node("aws", "cloud-1"))),
@@ -688,12 +744,18 @@ fn the_setup_script_installs_only_a_checked_node_and_fails_loudly_otherwise() {
     );
 
     // A missing secret: the console names it and the reason; nothing is installed or started.
-    let missing = run_setup(&work, "missing", &[(CA_ARN, ca.clone())]);
+    let missing = run_setup(&work, "missing", Boot::DebAtBoot, &[(CA_ARN, ca.clone())]);
     assert_ne!(missing.code, 0);
     assert!(
         missing.console.contains(&format!(
             "hybridge-setup: FAILED: cannot read secret {NODE_ARN} (certificate of node cloud-1): An error occurred (ResourceNotFoundException)"
         )),
+        "{}",
+        missing.console
+    );
+    assert_eq!(
+        missing.console.matches("hybridge-setup: FAILED").count(),
+        1,
         "{}",
         missing.console
     );
@@ -704,6 +766,7 @@ fn the_setup_script_installs_only_a_checked_node_and_fails_loudly_otherwise() {
     let wrong = run_setup(
         &work,
         "wrong-site",
+        Boot::DebAtBoot,
         &[
             (CA_ARN, ca),
             (NODE_ARN, node_secret(&pki.node("dc1", "cloud-1"))),
@@ -727,4 +790,48 @@ fn the_setup_script_installs_only_a_checked_node_and_fails_loudly_otherwise() {
         wrong.root
     );
     assert!(!wrong.calls.contains("systemctl"), "{}", wrong.calls);
+
+    // From the VM image: nothing is downloaded or installed, the same checks and the same
+    // order apply, and an image without the package says so instead of half-starting.
+    let secrets = [
+        (CA_ARN, std::fs::read_to_string(pki.path("ca.pem")).unwrap()),
+        (NODE_ARN, node_secret(&pki.node("aws", "cloud-1"))),
+    ];
+    let image = run_setup(
+        &work,
+        "image",
+        Boot::Image {
+            package_installed: true,
+        },
+        &secrets,
+    );
+    assert_eq!(image.code, 0, "{}", image.console);
+    assert!(
+        image
+            .console
+            .contains("hybridge-setup: using hybridge 0.1.0-1 from the image"),
+        "{}",
+        image.console
+    );
+    assert!(image.root.join("etc/hybridge/node.key").exists());
+    assert_eq!(
+        image.calls.trim(),
+        "systemctl enable --now hybridge.service",
+        "the image path must install nothing"
+    );
+    let bare = run_setup(
+        &work,
+        "image-without-package",
+        Boot::Image {
+            package_installed: false,
+        },
+        &secrets,
+    );
+    assert_ne!(bare.code, 0);
+    assert_eq!(
+        bare.console.trim(),
+        "hybridge-setup: FAILED: this image has no hybridge package: boot the hybridge VM image, or set deb_url"
+    );
+    assert!(!bare.root.join("etc/hybridge").exists());
+    assert!(bare.calls.is_empty(), "{}", bare.calls);
 }

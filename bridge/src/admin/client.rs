@@ -182,7 +182,7 @@ pub struct AdminResponse {
 
 impl AdminResponse {
     /// The `error` of a JSON error body, or the body as text.
-    fn message(&self) -> String {
+    pub fn message(&self) -> String {
         #[derive(serde::Deserialize)]
         struct ErrorBody {
             error: String,
@@ -437,6 +437,9 @@ pub fn render_status(doc: &serde_json::Value) -> String {
             String::new()
         }
     );
+    for crl in doc["crls"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "{}", crl_line(crl, s(&doc["crl_stale"]).as_str()));
+    }
     let _ = writeln!(
         out,
         "\nPEER                                             REMOTE                 DIR       WORKER  RTT(ms)  STREAMS  POLICY                   EXPORTS"
@@ -520,6 +523,34 @@ pub fn render_status(doc: &serde_json::Value) -> String {
         let _ = writeln!(out, "(gateway)           {g}");
     }
     out
+}
+
+/// `crl       #1 (number 3, 2 revoked)   next update in 3599s` or, once past it, when it
+/// became stale and what the node does about it.
+fn crl_line(crl: &serde_json::Value, policy: &str) -> String {
+    let number = crl["number"]
+        .as_str()
+        .map(|n| format!("number {n}, "))
+        .unwrap_or_default();
+    let head = format!(
+        "crl       #{} ({number}{} revoked)",
+        crl["position"], crl["revoked"]
+    );
+    match crl["next_update_seconds"].as_i64() {
+        None => format!("{head}   no nextUpdate"),
+        Some(left) if crl["stale"].as_bool() == Some(true) => {
+            let effect = if policy == "refuse" {
+                "every peer refused"
+            } else {
+                "still applied"
+            };
+            format!(
+                "{head}   STALE: past its nextUpdate by {}s (tls.crl_stale = {policy}: {effect})",
+                left.saturating_neg()
+            )
+        }
+        Some(left) => format!("{head}   next update in {left}s"),
+    }
 }
 
 #[cfg(test)]
@@ -625,10 +656,24 @@ mod tests {
             }],
             "imports": [],
             "gateway": null,
+            "crl_stale": "warn",
+            "crls": [
+                {"position": 1, "number": "3", "revoked": 2, "next_update_seconds": 3599, "stale": false},
+                {"position": 2, "number": null, "revoked": 0, "next_update_seconds": -12, "stale": true},
+            ],
         });
         let text = render_status(&doc);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[1].ends_with("policy version 3   workers 2"), "{text}");
+        assert!(lines[2].starts_with("policy    "), "{text}");
+        assert_eq!(
+            lines[3],
+            "crl       #1 (number 3, 2 revoked)   next update in 3599s"
+        );
+        assert_eq!(
+            lines[4],
+            "crl       #2 (0 revoked)   STALE: past its nextUpdate by 12s (tls.crl_stale = warn: still applied)"
+        );
         let tunnel = lines.iter().find(|l| l.contains("10.0.0.5:40000")).unwrap();
         let columns: Vec<&str> = tunnel.split_whitespace().collect();
         assert_eq!(columns[2..6], ["accepted", "2", "1.50", "4"], "{text}");

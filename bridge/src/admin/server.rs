@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use super::access::{self, Caller, ListenerKind, ListenerPolicy, NOT_AUTHORISED, RequestHead};
 use super::status;
 use super::unix::PeerCredentials;
-use crate::node::NodeState;
+use crate::node::{NodeState, ReloadFailed};
 
 /// Connections one admin listener serves at once; more wait in the kernel's backlog. An
 /// operator needs a handful; this keeps a flood from taking the control plane's memory.
@@ -367,6 +367,48 @@ async fn handshake(
 
 type AdminResponse = Response<Full<Bytes>>;
 
+/// `POST /v1/reload` (socket and remote listeners only): the same reload as SIGHUP, answered
+/// when it is done with the report (200), or the reason the configuration was refused (422,
+/// `reload-refused`); audited with the caller like every admin write.
+async fn reload(method: &Method, context: &ConnectionContext) -> AdminResponse {
+    if method != Method::POST {
+        return failure(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            "POST /v1/reload\n",
+        );
+    }
+    let outcome = context.state.reload(context.caller.actor()).await;
+    let (status, code, body) = match &outcome {
+        Ok(report) => (StatusCode::OK, None, serde_json::to_vec(report)),
+        Err(failed @ ReloadFailed::Refused(_)) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("reload-refused"),
+            serde_json::to_vec(&serde_json::json!({ "error": failed.to_string() })),
+        ),
+        Err(failed @ ReloadFailed::Stopping) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("node-stopping"),
+            serde_json::to_vec(&serde_json::json!({ "error": failed.to_string() })),
+        ),
+    };
+    info!(
+        listener = %context.listener.name,
+        caller = %context.caller,
+        method = %method,
+        path = "/v1/reload",
+        status = status.as_u16(),
+        "admin write"
+    );
+    let mut response = text(status, "application/json", body.unwrap_or_default());
+    if let Some(code) = code {
+        response
+            .headers_mut()
+            .insert("x-hybridge-error", HeaderValue::from_static(code));
+    }
+    response
+}
+
 fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> AdminResponse {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
@@ -437,6 +479,9 @@ async fn route(
             );
         }
         return Ok(response);
+    }
+    if kind.is_full() && path == "/v1/reload" {
+        return Ok(reload(req.method(), &context).await);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(failure(

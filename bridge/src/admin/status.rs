@@ -84,7 +84,35 @@ pub fn status_json(state: &NodeState) -> Value {
         "peers": peers,
         "exports": exports,
         "imports": imports,
+        "crl_stale": state.trust.current().crl_stale().as_str(),
+        "crls": crl_status(state, time::OffsetDateTime::now_utc()),
     })
+}
+
+/// Each CRL in force and how far it is from its nextUpdate at `now` (negative: stale).
+fn crl_status(state: &NodeState, now: time::OffsetDateTime) -> Vec<Value> {
+    let text = |at: time::OffsetDateTime| {
+        at.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| at.unix_timestamp().to_string())
+    };
+    let trust = state.trust.current();
+    trust
+        .crls()
+        .iter()
+        .enumerate()
+        .map(|(i, crl)| {
+            json!({
+                "position": i + 1,
+                "issuer": crl.issuer,
+                "number": crl.number,
+                "revoked": crl.revoked,
+                "this_update": text(crl.this_update),
+                "next_update": crl.next_update.map(text),
+                "next_update_seconds": crl.seconds_to_next_update(now),
+                "stale": crl.is_stale(now),
+            })
+        })
+        .collect()
 }
 
 /// The `/metrics` Prometheus text (format 0.0.4), encoded by prometheus-client.
@@ -95,6 +123,7 @@ pub fn metrics_text(state: &NodeState) -> String {
         peers: state.peers.clone(),
         acl: state.acl.clone(),
         export: state.export.clone(),
+        trust: state.trust.current(),
     }));
     let mut out = String::with_capacity(16 * 1024);
     if let Err(e) = prometheus_text::encode(&mut out, &registry) {
@@ -117,6 +146,14 @@ struct LinkLabels {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct PolicyLabels {
     digest: Arc<str>,
+}
+
+/// `{crl, issuer}`: per CRL in force (its position in the CRL file and its issuer, both
+/// from the node's own files).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CrlLabels {
+    crl: u64,
+    issuer: Arc<str>,
 }
 
 /// `{destination, action}`: `hybridge_acl_decisions_total`.
@@ -145,6 +182,7 @@ struct NodeCollector {
     peers: Arc<crate::tunnel::peers::PeerSet>,
     acl: Arc<crate::acl::AclService>,
     export: Arc<crate::http::export::ExportContext>,
+    trust: Arc<crate::trust::Trust>,
 }
 
 impl std::fmt::Debug for NodeCollector {
@@ -213,6 +251,26 @@ impl Collector for NodeCollector {
             "hybridge_policy_peers_disagreeing",
             "Connected peers whose policy digest differs from this node's.",
             crate::node::peers_disagreeing(&self.peers, &self.acl) as u64,
+        )?;
+        let now = time::OffsetDateTime::now_utc();
+        gauge(
+            &mut encoder,
+            "hybridge_crl_next_update_seconds",
+            "Seconds until each CRL in force passes its nextUpdate; negative once it has (the CRL is stale).",
+            self.trust
+                .crls()
+                .iter()
+                .zip(1u64..)
+                .filter_map(|(crl, position)| {
+                    let seconds = crl.seconds_to_next_update(now)?;
+                    Some((
+                        CrlLabels {
+                            crl: position,
+                            issuer: Arc::from(crl.issuer.as_str()),
+                        },
+                        seconds,
+                    ))
+                }),
         )?;
         counter(
             &mut encoder,

@@ -122,12 +122,16 @@ impl AdminSocket {
         };
         // bind(2) applied the umask (0077 under systemd); set the mode and group the access
         // model promises. The directory is the daemon's, so nobody else can swap the file in
-        // between; lchown never follows a link anyway.
+        // between; lchown never follows a link anyway. bind(2) already gave the socket the
+        // daemon's group unless the directory is set-group-ID, and only then is chown called:
+        // the unit's system-call filter (~@privileged) refuses chown.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
             .map_err(io("setting mode 0660"))?;
         let group = rustix::process::getegid().as_raw();
-        std::os::unix::fs::lchown(path, None, Some(group))
-            .map_err(io("setting the group to the daemon's"))?;
+        if meta.gid() != group {
+            std::os::unix::fs::lchown(path, None, Some(group))
+                .map_err(io("setting the group to the daemon's"))?;
+        }
         Ok(AdminSocket { listener, file })
     }
 }

@@ -47,12 +47,22 @@ pub struct ListenerSpec {
     pub caller: CallerIdentity,
     /// TLS for `mtls` listeners (client certificate required); swapped on reload.
     pub tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
-    pub request_timeout: Option<Duration>,
-    pub max_header_bytes: usize,
-    /// Whether `%2F`/`%5C` in a path is refused or kept.
-    pub(crate) escaped_slashes: EscapedSlashes,
+    /// Read per connection and per request; swapped on reload.
+    pub settings: arc_swap::ArcSwap<ListenerSettings>,
     /// Open-connection cap and idle timeout, shared by the workers accepting on the port.
     pub limits: Arc<ListenerLimits>,
+}
+
+/// The settings of a listener a reload may change while it runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerSettings {
+    /// Deadline for the response head.
+    pub request_timeout: Option<Duration>,
+    /// Largest request header block (431 beyond it); new connections get parser limits to
+    /// match.
+    pub max_header_bytes: usize,
+    /// Whether `%2F`/`%5C` in a path is refused or kept.
+    pub escaped_slashes: EscapedSlashes,
 }
 
 /// Shared state of all import listeners of a node.
@@ -89,21 +99,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .max_buf_size(spec.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(spec.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(1024)
-        .initial_stream_window_size(1024 * 1024)
-        .initial_connection_window_size(8 * 1024 * 1024)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
-    let builder = Arc::new(builder);
+    let mut max_header_bytes = spec.settings.load().max_header_bytes;
+    let mut builder = connection_builder(max_header_bytes);
     loop {
         let AcceptedConnection {
             stream,
@@ -114,6 +111,12 @@ pub async fn serve(
             accepted = spec.limits.accept(&listener) => accepted,
         };
         let _ = stream.set_nodelay(true);
+        // A reloaded header limit applies to the parsers of connections accepted from now on.
+        let configured = spec.settings.load().max_header_bytes;
+        if configured != max_header_bytes {
+            max_header_bytes = configured;
+            builder = connection_builder(max_header_bytes);
+        }
         let (spec, ctx, builder, watcher) = (
             spec.clone(),
             ctx.clone(),
@@ -199,6 +202,27 @@ pub async fn serve(
     graceful.shutdown().await;
 }
 
+/// The HTTP/1.1 and HTTP/2 server settings of a listener's connections.
+fn connection_builder(
+    max_header_bytes: usize,
+) -> Arc<hyper_util::server::conn::auto::Builder<TokioExecutor>> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(1024)
+        .initial_stream_window_size(1024 * 1024)
+        .initial_connection_window_size(8 * 1024 * 1024)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    Arc::new(builder)
+}
+
 enum Io {
     Plain(tokio::net::TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
@@ -232,30 +256,33 @@ async fn handle(
     let (mut parts, body) = req.into_parts();
     // The one canonical path: the ACL pre-check, the frame (so the export's decision and
     // the upstream request) and the access log all see it. A refused target stays as sent.
-    let canonical = path::canonicalise_uri(&mut parts.uri, spec.escaped_slashes);
+    // One reading of the settings for the whole request, even across a reload.
+    let settings = spec.settings.load_full();
+    let canonical = path::canonicalise_uri(&mut parts.uri, settings.escaped_slashes);
     let path = parts.uri.path().to_owned();
     // The body stays here until the request is really forwarded; a refused request's body
     // is drained after the answer (see `linger`).
     let mut body = Some(body);
     let expects_continue = parts.headers.contains_key(http::header::EXPECT);
-    let service = match consistent_host(&parts).and_then(|()| resolve_service(&spec.target, &parts))
-    {
-        Ok(s) => s,
-        Err(e) => {
-            linger(expects_continue, body, &ctx.tasks);
-            // A listener bound to a service counts under it; a gateway that could not tell
-            // the service counts with every other name this node does not know.
-            let stats = match &spec.target {
-                ListenerTarget::Service(service) => ctx.metrics.service(Side::Import, service),
-                ListenerTarget::Gateway { .. } => ctx
-                    .metrics
-                    .service(Side::Import, crate::metrics::UNKNOWN_SERVICE),
-            };
-            stats.bridge_error(e.reason);
-            stats.responded(e.status().as_u16(), started.elapsed());
-            return Ok(render(&e, grpc, None));
-        }
-    };
+    let mut parts = parts;
+    let service =
+        match reconcile_host(&mut parts).and_then(|()| resolve_service(&spec.target, &parts)) {
+            Ok(s) => s,
+            Err(e) => {
+                linger(expects_continue, body, &ctx.tasks);
+                // A listener bound to a service counts under it; a gateway that could not
+                // tell the service counts with every other name this node does not know.
+                let stats = match &spec.target {
+                    ListenerTarget::Service(service) => ctx.metrics.service(Side::Import, service),
+                    ListenerTarget::Gateway { .. } => ctx
+                        .metrics
+                        .service(Side::Import, crate::metrics::UNKNOWN_SERVICE),
+                };
+                stats.bridge_error(e.reason);
+                stats.responded(e.status().as_u16(), started.elapsed());
+                return Ok(render(&e, grpc, None));
+            }
+        };
     // Series only for configured services: a gateway's services are those its policy names
     // (operator-controlled); a made-up host shares the `unknown` series.
     let stats = match spec.target {
@@ -276,7 +303,7 @@ async fn handle(
         answered: false,
     };
     let outcome = match canonical {
-        Ok(()) => forward(parts, &mut body, &info, &spec, &ctx, &service, &stats).await,
+        Ok(()) => forward(parts, &mut body, &info, &settings, &ctx, &service, &stats).await,
         Err(e) => Err((BridgeError::invalid_path(&e), None)),
     };
     unanswered.answered();
@@ -401,26 +428,41 @@ fn render(e: &BridgeError, grpc: bool, request_id: Option<&str>) -> Response<Box
     response
 }
 
-/// Refuses a request whose target names one host and whose `Host` header another, or that
-/// has several `Host` headers (RFC 9112 §3.2, RFC 9113 §8.3.1): the gateway routes and the
-/// policy decides on one of them, and an upstream behind a host-routing ingress would serve
-/// the other.
-fn consistent_host(req: &http::request::Parts) -> Result<(), BridgeError> {
+/// Makes the host a request is routed and decided on the one it is forwarded with. Two
+/// `Host` headers are refused (RFC 9112 §3.2). An HTTP/1.1 absolute-form target names the
+/// host and its `Host` header is replaced (RFC 9112 §3.2.2: the server ignores the received
+/// one); an HTTP/2 request whose `host` header differs from `:authority` is malformed (RFC
+/// 9113 §8.3.1) and refused. Otherwise a gateway would route on one host while an upstream
+/// behind a host-routing ingress served the other.
+fn reconcile_host(req: &mut http::request::Parts) -> Result<(), BridgeError> {
     let refuse = |detail: String| BridgeError::new(Reason::BadRequest, detail);
-    let mut hosts = req.headers.get_all(http::header::HOST).iter();
-    let host = hosts.next();
-    if hosts.next().is_some() {
+    if req
+        .headers
+        .get_all(http::header::HOST)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
         return Err(refuse("more than one Host header".into()));
     }
-    if let (Some(authority), Some(host)) = (req.uri.authority(), host)
-        && !authority
-            .as_str()
+    let Some(authority) = req.uri.authority().filter(|_| req.uri.scheme().is_some()) else {
+        return Ok(());
+    };
+    let differs = req.headers.get(http::header::HOST).is_some_and(|host| {
+        !host
             .as_bytes()
-            .eq_ignore_ascii_case(host.as_bytes())
-    {
-        return Err(refuse(format!(
-            "the request target names {authority} but the Host header names another host"
-        )));
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
+    });
+    if req.version == http::Version::HTTP_2 {
+        if differs {
+            return Err(refuse(format!(
+                "the host header names another host than :authority {authority}"
+            )));
+        }
+        return Ok(());
+    }
+    if let Ok(value) = http::HeaderValue::from_str(authority.as_str()) {
+        req.headers.insert(http::header::HOST, value);
     }
     Ok(())
 }
@@ -474,16 +516,16 @@ async fn forward(
     mut parts: http::request::Parts,
     body: &mut Option<Incoming>,
     info: &ConnectionInfo,
-    spec: &ListenerSpec,
+    settings: &ListenerSettings,
     ctx: &ImportContext,
     service: &str,
     stats: &Arc<crate::metrics::ServiceStats>,
 ) -> Result<(Response<BoxBody>, String), Failure> {
-    if headers::header_block_size(&parts.headers) > spec.max_header_bytes {
+    if headers::header_block_size(&parts.headers) > settings.max_header_bytes {
         return Err((
             BridgeError::new(
                 Reason::HeadersTooLarge,
-                format!("request headers exceed {} bytes", spec.max_header_bytes),
+                format!("request headers exceed {} bytes", settings.max_header_bytes),
             ),
             None,
         ));
@@ -550,7 +592,7 @@ async fn forward(
         end_stream,
         caller: info.caller.to_string(),
         request_id: request_id.clone(),
-        deadline_ms: spec
+        deadline_ms: settings
             .request_timeout
             .map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
         method: parts.method.as_str().to_owned(),
@@ -603,7 +645,7 @@ async fn forward(
         });
     }
 
-    let first = match spec.request_timeout {
+    let first = match settings.request_timeout {
         Some(limit) => tokio::time::timeout(limit, recv.read_frame())
             .await
             .map_err(|_| {

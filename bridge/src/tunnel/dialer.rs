@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -20,13 +21,14 @@ use crate::config::PeerConfig;
 
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Keeps one connection to `peer` up until `cancel` fires.
+/// Keeps one connection to `peer` up until `cancel` fires. `max_backoff` is read before each
+/// wait, so a reload changes it from the next redial on.
 pub async fn run(
     endpoint: quinn::Endpoint,
     peer: PeerConfig,
     slot: usize,
     client_config: Arc<ArcSwap<DialConfig>>,
-    max_backoff: Duration,
+    max_backoff: watch::Receiver<Duration>,
     ctx: Arc<SessionContext>,
     cancel: CancellationToken,
 ) {
@@ -52,7 +54,7 @@ pub async fn run(
                 // is done, so a peer that refuses us looks like a session that ends at once.
                 // Only a session that stayed up resets the backoff; otherwise a refused node
                 // would redial ten times a second forever.
-                if started.elapsed() >= max_backoff {
+                if started.elapsed() >= *max_backoff.borrow() {
                     backoff = INITIAL_BACKOFF;
                 }
                 info!(peer = %peer.address, slot, %reason, "tunnel connection ended; reconnecting");
@@ -63,12 +65,14 @@ pub async fn run(
             }
         }
         // Full jitter in [backoff/2, backoff]: many on-prem nodes must not reconnect in lockstep.
+        let limit = *max_backoff.borrow();
+        backoff = backoff.min(limit);
         let wait = backoff.mul_f64(rand::random_range(0.5..=1.0));
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = cancel.cancelled() => break,
         }
-        backoff = (backoff * 2).min(max_backoff);
+        backoff = (backoff * 2).min(limit);
     }
 }
 

@@ -26,6 +26,8 @@ pub enum HandshakeFailure {
     BadEku,
     /// The peer's certificate could not be parsed or checked.
     BadCertificate,
+    /// Our CRL is past its nextUpdate and `tls.crl_stale = "refuse"` refuses every peer.
+    StaleCrl,
     /// The peer closed the connection during the handshake: it refused us (in TLS 1.3 a
     /// server checks the client's certificate after the client is done).
     RefusedByPeer,
@@ -39,7 +41,7 @@ pub enum HandshakeFailure {
 
 impl HandshakeFailure {
     /// Every reason, in declaration order.
-    pub const ALL: [HandshakeFailure; 12] = [
+    pub const ALL: [HandshakeFailure; 13] = [
         Self::UnknownCa,
         Self::Expired,
         Self::NotYetValid,
@@ -48,6 +50,7 @@ impl HandshakeFailure {
         Self::WrongSite,
         Self::BadEku,
         Self::BadCertificate,
+        Self::StaleCrl,
         Self::RefusedByPeer,
         Self::Protocol,
         Self::Timeout,
@@ -65,6 +68,7 @@ impl HandshakeFailure {
             Self::WrongSite => "wrong-site",
             Self::BadEku => "bad-eku",
             Self::BadCertificate => "bad-certificate",
+            Self::StaleCrl => "stale-crl",
             Self::RefusedByPeer => "refused-by-peer",
             Self::Protocol => "protocol",
             Self::Timeout => "timeout",
@@ -88,6 +92,7 @@ impl HandshakeFailure {
             RejectionKind::WrongIdentity => Self::WrongIdentity,
             RejectionKind::WrongSite => Self::WrongSite,
             RejectionKind::Malformed => Self::BadCertificate,
+            RejectionKind::StaleCrl => Self::StaleCrl,
         }
     }
 

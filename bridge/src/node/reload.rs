@@ -1,0 +1,308 @@
+//! Applying a reload to a running node: re-read the config file and TLS material, classify
+//! the changes (`config::reload::diff`), build everything new, then swap it in.
+//!
+//! One reload runs at a time and always to completion, whoever asked (SIGHUP, or
+//! `POST /v1/reload` from `hybridge reload`, which `systemctl reload` runs). It never stops
+//! listeners or tunnels: what cannot change live keeps its running value and is named.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::{
+    NodeState, admin_remote_tls, count_configured_services, escaped_slashes_by_export,
+    import_tls_config, listener_settings, load_tls, peer_client_config,
+};
+use crate::config::Config;
+use crate::http::import::ListenerSpec;
+use crate::trust::Trust;
+use crate::tunnel::control::ControlMessage;
+use crate::tunnel::quic::{self, TransportTuning};
+use crate::upstream::Upstream;
+
+/// What a reload did, as `POST /v1/reload` answers it and `hybridge reload` prints it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    /// The file re-read.
+    pub config: String,
+    /// Changed fields now in force, e.g. `limits.max_header_bytes`.
+    pub applied: Vec<String>,
+    /// Changed fields not applied: their running value stays until a restart.
+    pub needs_restart: Vec<String>,
+    /// Exports whose upstream was started anew (added or changed).
+    pub upstreams_restarted: Vec<String>,
+    /// One line for people: what was re-read and swapped.
+    pub summary: String,
+}
+
+impl ReloadReport {
+    /// `tunnel.keepalive (needs a restart), …`: the ignored fields as the log line and
+    /// `hybridge reload` name them.
+    pub fn not_applied(&self) -> String {
+        self.needs_restart
+            .iter()
+            .map(|field| format!("{field} (needs a restart)"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// A reload asked for over the admin API.
+pub(crate) struct ReloadRequest {
+    /// Who asked, for the log line (`uid:1000(alice)`, `spiffe://TD/admin/alice`).
+    pub by: String,
+    pub reply: tokio::sync::oneshot::Sender<Result<ReloadReport, String>>,
+}
+
+/// Everything built at start that a reload swaps.
+pub(crate) struct Reloadable {
+    pub state: Arc<NodeState>,
+    /// One tunnel endpoint per worker when the tunnel can be shared out, else one.
+    pub endpoints: Vec<quinn::Endpoint>,
+    /// Dialing TLS config per peer address.
+    pub peer_clients: Vec<(String, Arc<ArcSwap<quic::DialConfig>>)>,
+    /// The tunnel listener's config, from which each incoming connection gets its own (see
+    /// `tunnel::handshake`).
+    pub tunnel_server: Option<Arc<ArcSwap<quinn::ServerConfig>>>,
+    /// The remote admin listener's TLS config (certificate, CA, CRL).
+    pub admin_remote_tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    /// Import listeners, then the gateway: mTLS configs, settings and limits.
+    pub listener_specs: Vec<Arc<ListenerSpec>>,
+    /// `tunnel.reconnect_max_backoff`, read by every dialer before each wait.
+    pub dial_backoff: tokio::sync::watch::Sender<std::time::Duration>,
+    /// QUIC transport settings of the running tunnels (`tunnel.keepalive`, `idle_timeout`).
+    pub tuning: TransportTuning,
+    /// Parent of the tokens of upstreams a reload starts.
+    pub stop_rest: CancellationToken,
+    pub one_at_a_time: tokio::sync::Mutex<()>,
+}
+
+/// Serves `POST /v1/reload` requests until `cancel` fires; each reload runs here, so a caller
+/// that goes away cannot leave one half applied.
+pub(crate) async fn serve_requests(
+    mut requests: tokio::sync::mpsc::Receiver<ReloadRequest>,
+    live: Arc<Reloadable>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let request = tokio::select! {
+            () = cancel.cancelled() => break,
+            request = requests.recv() => match request {
+                Some(request) => request,
+                None => break,
+            },
+        };
+        let outcome = live.reload(&request.by).await.map_err(|e| format!("{e:#}"));
+        // The caller may have gone; the reload is done either way.
+        let _ = request.reply.send(outcome);
+    }
+}
+
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    // Outside systemd NOTIFY_SOCKET is unset and this is a no-op.
+    let _ = sd_notify::notify(states);
+}
+
+impl Reloadable {
+    /// Runs one reload: systemd hears RELOADING=1 before and READY=1 after, and one log line
+    /// tells the outcome, naming every field left for a restart.
+    pub async fn reload(&self, by: &str) -> anyhow::Result<ReloadReport> {
+        let _one = self.one_at_a_time.lock().await;
+        notify(&[sd_notify::NotifyState::Reloading]);
+        let outcome = self.apply().await;
+        match &outcome {
+            Ok(report) if report.needs_restart.is_empty() => {
+                info!(by, config = %report.config, applied = %report.applied.join(", "), summary = %report.summary, "configuration reloaded");
+                notify(&[
+                    sd_notify::NotifyState::Ready,
+                    sd_notify::NotifyState::Status("running; configuration reloaded"),
+                ]);
+            }
+            Ok(report) => {
+                let not_applied = report.not_applied();
+                warn!(by, config = %report.config, applied = %report.applied.join(", "), not_applied = %not_applied, summary = %report.summary, "configuration reloaded except what needs a restart");
+                let status =
+                    format!("running; reloaded, not applied until a restart: {not_applied}");
+                notify(&[
+                    sd_notify::NotifyState::Ready,
+                    sd_notify::NotifyState::Status(&status),
+                ]);
+            }
+            Err(e) => {
+                error!(by, error = %format!("{e:#}"), "reload refused; the running configuration stays in force");
+                notify(&[
+                    sd_notify::NotifyState::Ready,
+                    sd_notify::NotifyState::Status("running; last reload refused (see the log)"),
+                ]);
+            }
+        }
+        outcome
+    }
+
+    /// Re-reads and applies; on any error nothing has been swapped.
+    async fn apply(&self) -> anyhow::Result<ReloadReport> {
+        let state = &self.state;
+        let running = state.config.load_full();
+        let path = running.source.clone();
+        let new = Config::load(&path)?;
+        let plan = crate::config::reload::diff(&running, &new);
+        // From here on, the configuration this node will run with: the new one, with every
+        // field that needs a restart at its running value.
+        let config = plan.in_force;
+        let identity_kept = plan
+            .needs_restart
+            .iter()
+            .any(|field| ["node.name", "node.site", "node.trust_domain"].contains(&field.as_str()));
+        let material = load_tls(&config).map_err(|e| {
+            if identity_kept {
+                e.context("the node keeps its running identity until a restart (node.name, node.site and node.trust_domain need one), so its certificate must still name it")
+            } else {
+                e
+            }
+        })?;
+        let trust_domain = &config.node.trust_domain;
+
+        // Build everything first; swap only when all of it succeeded.
+        let server = match config.tunnel.listen {
+            Some(_) => Some(quic::server_config(
+                &material,
+                hybridge_ca::tls::PeerExpectation::NodeOfSites {
+                    trust_domain: trust_domain.clone(),
+                    sites: config.tunnel.allowed_sites.clone(),
+                },
+                &self.tuning,
+            )?),
+            None => None,
+        };
+        let mut clients = Vec::new();
+        for (peer, (address, slot)) in config.peers.iter().zip(&self.peer_clients) {
+            anyhow::ensure!(
+                &peer.address == address,
+                "internal: peer {address} is dialled but the configuration in force has {}",
+                peer.address
+            );
+            clients.push((
+                slot,
+                peer_client_config(&material, trust_domain, peer, &self.tuning)?,
+            ));
+        }
+        let admin_remote_tls = match &self.admin_remote_tls {
+            Some(slot) => Some((slot, admin_remote_tls(&material, &config)?)),
+            None => None,
+        };
+        let current = state.export.services.load_full();
+        let mut services = HashMap::new();
+        let mut upstreams_restarted = Vec::new();
+        for export in &config.exports {
+            let unchanged = running
+                .exports
+                .iter()
+                .any(|e| e.name == export.name && e.upstream == export.upstream);
+            match current.get(&export.name) {
+                Some(upstream) if unchanged => {
+                    services.insert(export.name.clone(), upstream.clone());
+                }
+                _ => {
+                    let upstream = Upstream::start(
+                        &export.name,
+                        &export.upstream,
+                        self.stop_rest.child_token(),
+                    )
+                    .await
+                    .with_context(|| format!("{}: export `{}`", path.display(), export.name))?;
+                    upstreams_restarted.push(export.name.clone());
+                    services.insert(export.name.clone(), upstream);
+                }
+            }
+        }
+        let trust = Trust::new(
+            &material,
+            trust_domain,
+            &config.tunnel.allowed_sites,
+            config.tls.crl.as_deref(),
+        )?;
+        let import_tls = if self
+            .listener_specs
+            .iter()
+            .any(|spec| spec.tls.load().is_some())
+        {
+            Some(import_tls_config(&material, trust_domain)?)
+        } else {
+            None
+        };
+        let settings = listener_settings(&config);
+        anyhow::ensure!(
+            settings.len() == self.listener_specs.len(),
+            "internal: {} listeners run but the configuration in force has {}",
+            self.listener_specs.len(),
+            settings.len()
+        );
+
+        // Swap.
+        if let Some(server) = server {
+            for endpoint in &self.endpoints {
+                endpoint.set_server_config(Some(server.clone()));
+            }
+            if let Some(current) = &self.tunnel_server {
+                current.store(Arc::new(server));
+            }
+        }
+        for (spec, settings) in self.listener_specs.iter().zip(settings) {
+            if let Some(import_tls) = &import_tls
+                && spec.tls.load().is_some()
+            {
+                spec.tls.store(Some(import_tls.clone()));
+            }
+            spec.settings.store(Arc::new(settings));
+            spec.limits
+                .reconfigure(config.limits.max_connections, config.limits.idle_timeout);
+        }
+        crate::trust::warn_stale_crls(&trust);
+        // Live tunnels and mTLS connections check their peers against the new material and
+        // sites, and close if they no longer admit them (revoked, expired, another CA, a site
+        // no longer allowed, a stale CRL under `tls.crl_stale = "refuse"`).
+        state.trust.publish(trust);
+        for (slot, client) in clients {
+            slot.store(Arc::new(client));
+        }
+        if let Some((slot, tls)) = admin_remote_tls {
+            slot.store(Arc::new(tls));
+        }
+        self.dial_backoff
+            .send_replace(config.tunnel.reconnect_max_backoff);
+        count_configured_services(&state.metrics, &state.acl, &config);
+        state.export.services.store(Arc::new(services));
+        state.serving.reconfigure(&config);
+        state
+            .export
+            .escaped_slashes
+            .store(Arc::new(escaped_slashes_by_export(&config)));
+        let exports_changed = config.export_names() != running.export_names();
+        let export_count = config.exports.len();
+        state.config.store(Arc::new(config));
+        state
+            .peers
+            .broadcast(&ControlMessage::update(state.announcement()));
+        let summary = format!(
+            "certificates, CA bundle and CRL re-read and in force on every listener and live connection; {export_count} export(s), {} upstream(s) started anew{}",
+            upstreams_restarted.len(),
+            if exports_changed {
+                ", export list announced to peers"
+            } else {
+                ""
+            }
+        );
+        Ok(ReloadReport {
+            config: path.display().to_string(),
+            applied: plan.applied,
+            needs_restart: plan.needs_restart,
+            upstreams_restarted,
+            summary,
+        })
+    }
+}
