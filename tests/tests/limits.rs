@@ -315,3 +315,32 @@ async fn wait_until_async<F: std::future::Future<Output = bool>>(
     .await;
     assert!(waited.is_ok(), "timed out waiting until {what}");
 }
+
+/// An admin listener holds at most 64 connections; ones that send nothing are closed after
+/// the admin idle timeout (10 s), so a load balancer's health check gets through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_hold_an_admin_listener() {
+    let pki = Pki::new();
+    let cloud = NodeOptions::cloud(&pki, "cloud-1").start().await;
+    let admin = cloud.addresses().admin;
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    let health = tokio::time::timeout(
+        Duration::from_secs(40),
+        http1(admin, "GET", "/healthz", &[], Bytes::new()),
+    )
+    .await
+    .expect("the health check never got a connection");
+    assert_eq!(health.status, 200);
+    for mut stream in idle {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(WAIT, stream.read(&mut byte)).await;
+        assert!(
+            matches!(read, Ok(Ok(0) | Err(_))),
+            "an idle admin connection was kept: {read:?}"
+        );
+    }
+    cloud.shutdown().await;
+}

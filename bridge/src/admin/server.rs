@@ -27,11 +27,15 @@ use tracing::{info, warn};
 use super::access::{self, Caller, ListenerKind, ListenerPolicy, NOT_AUTHORISED, RequestHead};
 use super::status;
 use super::unix::PeerCredentials;
+use crate::listener::{ConnectionActivity, ListenerLimits};
 use crate::node::{NodeState, ReloadFailed};
 
 /// Connections one admin listener serves at once; more wait in the kernel's backlog. An
 /// operator needs a handful; this keeps a flood from taking the control plane's memory.
 const MAX_CONNECTIONS: usize = 64;
+/// An admin connection with no request in flight for this long is closed, so connections
+/// that send nothing (or stop half-way into an HTTP/2 preface) cannot hold every slot.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a remote client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (out of file descriptors), so the loop does not spin.
@@ -60,10 +64,12 @@ struct Connections {
     graceful: GracefulShutdown,
     tasks: TaskTracker,
     limit: Arc<Semaphore>,
+    /// The idle timeout of this listener's connections.
+    idle: Arc<ListenerLimits>,
 }
 
 impl Connections {
-    fn new() -> Connections {
+    fn new(name: &str) -> Connections {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -74,6 +80,11 @@ impl Connections {
             graceful: GracefulShutdown::new(),
             tasks: TaskTracker::new(),
             limit: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            idle: Arc::new(ListenerLimits::new(
+                format!("admin {name}"),
+                MAX_CONNECTIONS,
+                IDLE_TIMEOUT,
+            )),
         }
     }
 
@@ -98,19 +109,32 @@ impl Connections {
     {
         let context = Arc::new(context);
         let (listener, caller) = (context.listener.clone(), context.caller.clone());
-        let service = hyper::service::service_fn(move |req| route(req, context.clone()));
+        let activity = Arc::new(ConnectionActivity::default());
+        let requests = activity.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let in_flight = requests.request();
+            let answered = route(req, context.clone());
+            async move {
+                let response = answered.await;
+                drop(in_flight);
+                response
+            }
+        });
         let connection = self
             .builder
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
         let watched = self.graceful.watch(connection);
         let revoked = revoked.unwrap_or_else(|| Box::pin(std::future::pending()));
+        let idle = self.idle.clone();
         self.tasks.spawn(async move {
             tokio::select! {
                 _ = watched => {}
                 reason = revoked => {
                     warn!(listener = %listener.name, %caller, %reason, "closing a remote admin connection: the administrator's certificate is no longer trusted");
                 }
+                // Dropping the connection closes it: nothing was asked of it for a while.
+                () = idle.idle(&activity) => {}
             }
             drop(permit);
         });
@@ -161,7 +185,7 @@ pub(crate) async fn serve_tcp(
         ),
         policy: policy(&state, kind, Vec::new()),
     });
-    let connections = Connections::new();
+    let connections = Connections::new(&listener_info.name);
     while let Some(permit) = connections.slot(&cancel).await {
         let accepted = tokio::select! {
             () = cancel.cancelled() => break,
@@ -194,7 +218,7 @@ pub(crate) async fn serve_socket(
         name: format!("socket {}", state.addresses.admin_socket.display()),
         policy: policy(&state, ListenerKind::Socket, Vec::new()),
     });
-    let connections = Connections::new();
+    let connections = Connections::new(&listener_info.name);
     while let Some(permit) = connections.slot(&cancel).await {
         let accepted = tokio::select! {
             () = cancel.cancelled() => break,
@@ -240,7 +264,7 @@ pub(crate) async fn serve_remote(
         ),
         policy: policy(&state, ListenerKind::Remote, extra_hosts),
     });
-    let connections = Connections::new();
+    let connections = Connections::new(&listener_info.name);
     let mut handshakes: JoinSet<Handshake> = JoinSet::new();
     // A connection slot is taken before accepting, so a full listener leaves clients in the
     // backlog instead of accepting and dropping them.
