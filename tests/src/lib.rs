@@ -1029,3 +1029,23 @@ pub fn sample_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
     );
     matching[0]
 }
+
+/// Applies a policy file's text to a node in-process, as `hybridge acl apply` would.
+pub fn apply_policy(node: &Node, text: &str) {
+    let policy = hybridge::acl::parse_acl_file(Path::new("policy.toml"), text).unwrap();
+    node.state.acl.apply(policy, "test", false).unwrap();
+}
+
+/// A demo `inventory` upstream on loopback and the options of a cloud node that exports it
+/// over HTTP/1.1 (start them, or change them first).
+pub async fn inventory_cloud(
+    pki: &Pki,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> (hybridge::demo::DemoUpstream, NodeOptions) {
+    let inventory = demo_upstream("inventory", cancel).await;
+    let mut cloud = NodeOptions::cloud(pki, "cloud-1");
+    cloud
+        .exports
+        .push(ExportSpec::http1("inventory", &[inventory.local_addr()]));
+    (inventory, cloud)
+}

@@ -10,14 +10,8 @@ use std::path::Path;
 
 use bytes::Bytes;
 use hybridge::demo::DemoUpstream;
-use hybridge::node::Node;
 use hybridge_tests::*;
 use tokio_util::sync::CancellationToken;
-
-fn apply_policy(node: &Node, text: &str) {
-    let policy = hybridge::acl::parse_acl_file(Path::new("policy.toml"), text).unwrap();
-    node.state.acl.apply(policy, "test", false).unwrap();
-}
 
 async fn demo(name: &str, cancel: &CancellationToken) -> DemoUpstream {
     DemoUpstream::start(name, "127.0.0.1:0".parse().unwrap(), cancel.child_token())

@@ -3,8 +3,6 @@
 //! disagreeing in its peers' `status` and `/metrics`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
-
 use hybridge::node::Node;
 use hybridge_tests::*;
 
@@ -47,11 +45,6 @@ service = "inventory"
 sites = "cloud"
 "#;
 
-fn apply(node: &Node, text: &str) {
-    let policy = hybridge::acl::parse_acl_file(Path::new("policy.toml"), text).unwrap();
-    node.state.acl.apply(policy, "test", false).unwrap();
-}
-
 /// Waits until every link of `node` shows the digest `expected` for its peer.
 async fn peers_show(node: &Node, expected: &str) {
     let seen = tokio::time::timeout(
@@ -79,16 +72,16 @@ async fn nodes_with_one_policy_agree_and_a_changed_node_is_shown_disagreeing() {
         .await
         .unwrap();
 
-    apply(&cloud, POLICY);
-    apply(&a, SAME_POLICY_REORDERED);
-    apply(&b, POLICY);
+    apply_policy(&cloud, POLICY);
+    apply_policy(&a, SAME_POLICY_REORDERED);
+    apply_policy(&b, POLICY);
     let digest = cloud.state.acl.digest();
     assert_eq!(digest.len(), 64);
     assert_eq!(a.state.acl.digest(), digest, "same policy, another order");
     assert_eq!(b.state.acl.digest(), digest);
     // The local revision is not the identity: a node that applied twice counts higher.
-    apply(&b, "");
-    apply(&b, POLICY);
+    apply_policy(&b, "");
+    apply_policy(&b, POLICY);
     assert_ne!(b.state.acl.version(), cloud.state.acl.version());
     assert_eq!(b.state.acl.digest(), digest);
 
@@ -112,7 +105,7 @@ async fn nodes_with_one_policy_agree_and_a_changed_node_is_shown_disagreeing() {
     changed.push_str(
         "\n[[rule]]\nsource = \"cron\"\ndestination = \"inventory\"\naction = \"allow\"\n",
     );
-    apply(&b, &changed);
+    apply_policy(&b, &changed);
     let b_digest = b.state.acl.digest();
     assert_ne!(b_digest, digest);
     tokio::time::timeout(
@@ -147,12 +140,15 @@ async fn nodes_with_one_policy_agree_and_a_changed_node_is_shown_disagreeing() {
     );
 
     // Applied again, it agrees again.
-    apply(&b, POLICY);
+    apply_policy(&b, POLICY);
     peers_show(&cloud, &digest).await;
     assert_eq!(cloud.state.peers_disagreeing(), 0);
 
     a.shutdown().await;
     b.shutdown().await;
+    tokio::time::timeout(WAIT, cloud.state.peers.wait_until(|links| links.is_empty()))
+        .await
+        .unwrap();
     cloud.shutdown().await;
 }
 
@@ -182,6 +178,9 @@ async fn status_exits_non_zero_when_the_node_is_not_ready_or_unreachable() {
     let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(doc["ready"], true);
     onprem.shutdown().await;
+    tokio::time::timeout(WAIT, cloud.state.peers.wait_until(|links| links.is_empty()))
+        .await
+        .unwrap();
     cloud.shutdown().await;
     let (code, _, stderr) =
         tokio::task::block_in_place(|| hybridge_cli(&["status", "--admin", &admin]));

@@ -2,11 +2,9 @@
 //! abandoning uploads, or leave requests counted as active forever.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hybridge::demo::DemoUpstream;
 use hybridge::node::Node;
 use hybridge_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,25 +33,14 @@ fn metric(node: &Node, line_prefix: &str) -> u64 {
 async fn callers_that_abandon_uploads_do_not_get_a_healthy_upstream_ejected() {
     let pki = Pki::new();
     let cancel = CancellationToken::new();
-    let inventory = DemoUpstream::start(
-        "inventory",
-        "127.0.0.1:0".parse().unwrap(),
-        cancel.child_token(),
-    )
-    .await
-    .unwrap();
-    let mut cloud = NodeOptions::cloud(&pki, "cloud-1");
-    cloud
-        .exports
-        .push(ExportSpec::http1("inventory", &[inventory.local_addr()]));
+    let (inventory, cloud) = inventory_cloud(&pki, &cancel).await;
     let cloud = cloud.start().await;
     let mut onprem = NodeOptions::onprem(&pki, "onprem-1", &[cloud.addresses().tunnel.unwrap()]);
     onprem.imports.push(("inventory".into(), "web".into()));
     let onprem = onprem.start().await;
     let policy = "[[rule]]\nsource = \"web\"\nsource_site = \"onprem\"\ndestination = \"inventory\"\naction = \"allow\"\n";
     for node in [&cloud, &onprem] {
-        let policy = hybridge::acl::parse_acl_file(Path::new("policy.toml"), policy).unwrap();
-        node.state.acl.apply(policy, "test", false).unwrap();
+        apply_policy(node, policy);
     }
     assert!(onprem.wait_for_route("inventory", WAIT).await);
     let import = import_addr(&onprem, "inventory");
@@ -168,17 +155,7 @@ async fn idle_and_excess_connections_cannot_crowd_out_a_well_behaved_client() {
 
     let pki = Pki::new();
     let cancel = CancellationToken::new();
-    let inventory = DemoUpstream::start(
-        "inventory",
-        "127.0.0.1:0".parse().unwrap(),
-        cancel.child_token(),
-    )
-    .await
-    .unwrap();
-    let mut cloud = NodeOptions::cloud(&pki, "cloud-1");
-    cloud
-        .exports
-        .push(ExportSpec::http1("inventory", &[inventory.local_addr()]));
+    let (_inventory, cloud) = inventory_cloud(&pki, &cancel).await;
     let cloud = cloud.start().await;
     hybridge_tests::allow(&cloud, "web", "inventory");
 

@@ -4,10 +4,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use hybridge::demo::DemoUpstream;
 use hybridge_ca::tls::{PeerExpectation, TlsMaterial};
 use hybridge_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -123,25 +122,14 @@ fn client(pki: &Pki, service: &str) -> Client {
 async fn openssl_python_and_rustls_clients_complete_mtls_and_are_identified() {
     let pki = Pki::new();
     let cancel = CancellationToken::new();
-    let inventory = DemoUpstream::start(
-        "inventory",
-        "127.0.0.1:0".parse().unwrap(),
-        cancel.child_token(),
-    )
-    .await
-    .unwrap();
-    let mut cloud = NodeOptions::cloud(&pki, "cloud-1");
-    cloud
-        .exports
-        .push(ExportSpec::http1("inventory", &[inventory.local_addr()]));
+    let (inventory, cloud) = inventory_cloud(&pki, &cancel).await;
     let cloud = cloud.start().await;
     let mut onprem = NodeOptions::onprem(&pki, "onprem-1", &[cloud.addresses().tunnel.unwrap()]);
     onprem.extra = "\n[[import]]\nservice = \"inventory\"\nlisten = \"127.0.0.1:0\"\nmtls = true\n\n[gateway]\nlisten = \"127.0.0.1:0\"\nsuffix = \"hybridge\"\nmtls = true\n".into();
     let onprem = onprem.start().await;
     let policy = "[[rule]]\nsource = \"web\"\nsource_site = \"onprem\"\ndestination = \"inventory\"\naction = \"allow\"\n";
     for node in [&cloud, &onprem] {
-        let policy = hybridge::acl::parse_acl_file(Path::new("policy.toml"), policy).unwrap();
-        node.state.acl.apply(policy, "test", false).unwrap();
+        apply_policy(node, policy);
     }
     assert!(onprem.wait_for_route("inventory", WAIT).await);
     let import = import_addr(&onprem, "inventory");

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hybridge::demo::DemoUpstream;
 use hybridge::node::Node;
 use hybridge_ca::SpiffeId;
 use hybridge_ca::registry::RevocationReason;
@@ -101,20 +100,9 @@ async fn get(
 async fn a_crl_reload_closes_the_revoked_peers_live_connections_and_nothing_else() {
     let pki = Pki::new();
     let cancel = CancellationToken::new();
-    let inventory = DemoUpstream::start(
-        "inventory",
-        "127.0.0.1:0".parse().unwrap(),
-        cancel.child_token(),
-    )
-    .await
-    .unwrap();
+    let (_inventory, cloud) = inventory_cloud(&pki, &cancel).await;
     let crl = pki.path("ca.crl");
     std::fs::write(&crl, pki.ca.crl_pem().unwrap()).unwrap();
-
-    let mut cloud = NodeOptions::cloud(&pki, "cloud-1");
-    cloud
-        .exports
-        .push(ExportSpec::http1("inventory", &[inventory.local_addr()]));
     let (cloud, _) = start_with_crl(&cloud, &crl).await;
     let tunnel = cloud.addresses().tunnel.unwrap();
     // onprem-a will be revoked; onprem-b keeps serving, and has an mTLS import.
@@ -237,17 +225,7 @@ async fn a_crl_reload_closes_the_revoked_peers_live_connections_and_nothing_else
 async fn a_node_certificate_that_expires_during_a_session_loses_its_tunnel() {
     let pki = Pki::new();
     let cancel = CancellationToken::new();
-    let inventory = DemoUpstream::start(
-        "inventory",
-        "127.0.0.1:0".parse().unwrap(),
-        cancel.child_token(),
-    )
-    .await
-    .unwrap();
-    let mut cloud = NodeOptions::cloud(&pki, "cloud-1");
-    cloud
-        .exports
-        .push(ExportSpec::http1("inventory", &[inventory.local_addr()]));
+    let (_inventory, cloud) = inventory_cloud(&pki, &cancel).await;
     let cloud = cloud.start().await;
     let mut onprem = NodeOptions::onprem(&pki, "onprem-1", &[cloud.addresses().tunnel.unwrap()]);
     // Issued for 12 s: valid when the node starts, expired while its tunnel is up.
