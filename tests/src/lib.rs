@@ -1011,6 +1011,16 @@ pub fn series(text: &str) -> std::collections::BTreeSet<String> {
 /// The value of the one sample of `metric` whose labels include `labels`.
 pub fn sample_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    scrape_sample(&scrape, metric, labels)
+}
+
+/// The value of the one sample of `metric` in a parsed scrape whose labels include all of
+/// `labels`.
+pub fn scrape_sample(
+    scrape: &prometheus_parse::Scrape,
+    metric: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
     let matching: Vec<f64> = scrape
         .samples
         .iter()
@@ -1022,11 +1032,7 @@ pub fn sample_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
             other => panic!("{metric} is not a plain sample: {other:?}"),
         })
         .collect();
-    assert_eq!(
-        matching.len(),
-        1,
-        "{metric} {labels:?}: {matching:?}\n{text}"
-    );
+    assert_eq!(matching.len(), 1, "{metric} {labels:?}: {matching:?}");
     matching[0]
 }
 

@@ -278,23 +278,6 @@ fn parse_metrics(text: &str) -> prometheus_parse::Scrape {
     prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap()
 }
 
-/// The value of the sample `metric` whose labels include all of `labels`.
-fn sample(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    let matching: Vec<f64> = scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match &s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => *v,
-            other => panic!("{metric} is not a plain sample: {other:?}"),
-        })
-        .collect();
-    assert_eq!(matching.len(), 1, "{metric} {labels:?}: {matching:?}");
-    matching[0]
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_and_count_exactly_what_was_sent() {
     let pki = Pki::new();
@@ -367,31 +350,31 @@ async fn metrics_parse_and_count_exactly_what_was_sent() {
     let import = |service, class| [("side", "import"), ("service", service), ("class", class)];
     let export = |service, class| [("side", "export"), ("service", service), ("class", class)];
     assert_eq!(
-        sample(&onprem_metrics, requests, &import("inventory", "2xx")),
+        scrape_sample(&onprem_metrics, requests, &import("inventory", "2xx")),
         ALLOWED as f64
     );
     assert_eq!(
-        sample(&onprem_metrics, requests, &import("inventory", "4xx")),
+        scrape_sample(&onprem_metrics, requests, &import("inventory", "4xx")),
         DENIED as f64
     );
     assert_eq!(
-        sample(&onprem_metrics, requests, &import("dead", "5xx")),
+        scrape_sample(&onprem_metrics, requests, &import("dead", "5xx")),
         DEAD as f64
     );
     assert_eq!(
-        sample(&cloud_metrics, requests, &export("inventory", "2xx")),
+        scrape_sample(&cloud_metrics, requests, &export("inventory", "2xx")),
         ALLOWED as f64
     );
     assert_eq!(
-        sample(&cloud_metrics, requests, &export("inventory", "4xx")),
+        scrape_sample(&cloud_metrics, requests, &export("inventory", "4xx")),
         0.0
     );
     assert_eq!(
-        sample(&cloud_metrics, requests, &export("dead", "5xx")),
+        scrape_sample(&cloud_metrics, requests, &export("dead", "5xx")),
         DEAD as f64
     );
     assert_eq!(
-        sample(
+        scrape_sample(
             &onprem_metrics,
             "hybridge_request_duration_seconds_count",
             &[("side", "import"), ("service", "inventory")]
@@ -399,7 +382,7 @@ async fn metrics_parse_and_count_exactly_what_was_sent() {
         (ALLOWED + DENIED) as f64
     );
     assert_eq!(
-        sample(
+        scrape_sample(
             &onprem_metrics,
             "hybridge_request_bytes_total",
             &[("side", "import"), ("service", "inventory")]
@@ -408,7 +391,7 @@ async fn metrics_parse_and_count_exactly_what_was_sent() {
     );
     let decisions = "hybridge_acl_decisions_total";
     assert_eq!(
-        sample(
+        scrape_sample(
             &onprem_metrics,
             decisions,
             &[("destination", "inventory"), ("action", "deny")]
@@ -416,7 +399,7 @@ async fn metrics_parse_and_count_exactly_what_was_sent() {
         DENIED as f64
     );
     assert_eq!(
-        sample(
+        scrape_sample(
             &onprem_metrics,
             decisions,
             &[("destination", "inventory"), ("action", "allow")]
@@ -424,7 +407,7 @@ async fn metrics_parse_and_count_exactly_what_was_sent() {
         ALLOWED as f64
     );
     assert_eq!(
-        sample(
+        scrape_sample(
             &cloud_metrics,
             decisions,
             &[("destination", "inventory"), ("action", "allow")]
@@ -432,7 +415,7 @@ async fn metrics_parse_and_count_exactly_what_was_sent() {
         ALLOWED as f64
     );
     assert_eq!(
-        sample(
+        scrape_sample(
             &onprem_metrics,
             "hybridge_bridge_errors_total",
             &[
@@ -443,9 +426,12 @@ async fn metrics_parse_and_count_exactly_what_was_sent() {
         ),
         DENIED as f64
     );
-    assert_eq!(sample(&onprem_metrics, "hybridge_tunnels_up", &[]), 1.0);
     assert_eq!(
-        sample(
+        scrape_sample(&onprem_metrics, "hybridge_tunnels_up", &[]),
+        1.0
+    );
+    assert_eq!(
+        scrape_sample(
             &cloud_metrics,
             "hybridge_upstream_endpoint_healthy",
             &[("service", "inventory")]
@@ -453,7 +439,7 @@ async fn metrics_parse_and_count_exactly_what_was_sent() {
         1.0
     );
     assert_eq!(
-        sample(
+        scrape_sample(
             &cloud_metrics,
             "hybridge_upstream_endpoint_requests_total",
             &[("service", "inventory")]
@@ -461,7 +447,7 @@ async fn metrics_parse_and_count_exactly_what_was_sent() {
         ALLOWED as f64
     );
     assert_eq!(
-        sample(
+        scrape_sample(
             &cloud_metrics,
             "hybridge_upstream_circuit_breaker_trips_total",
             &[("service", "inventory")]
