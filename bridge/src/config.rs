@@ -84,6 +84,40 @@ pub struct TunnelSection {
     pub idle_timeout: Duration,
     #[serde(default = "default_backoff_max", with = "humantime_serde")]
     pub reconnect_max_backoff: Duration,
+    /// Which carrier tunnels use: `auto` (QUIC, with TLS/TCP when QUIC does not come up),
+    /// `quic` or `tcp`. A listening node accepts TLS/TCP tunnels unless this is `quic`.
+    #[serde(default)]
+    pub transport: Transport,
+    /// TCP address to accept TLS/TCP tunnels on; the same address as `listen` by default.
+    #[serde(default)]
+    pub listen_tcp: Option<SocketAddr>,
+    /// `auto`: how long a QUIC handshake may go unanswered before TLS/TCP is tried beside it.
+    #[serde(default = "default_tcp_fallback_after", with = "humantime_serde")]
+    pub tcp_fallback_after: Duration,
+    /// `auto`: while a link runs on TLS/TCP, how often QUIC is tried again.
+    #[serde(default = "default_quic_reprobe_interval", with = "humantime_serde")]
+    pub quic_reprobe_interval: Duration,
+}
+
+/// The tunnel carrier (`tunnel.transport`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// QUIC first; TLS/TCP when QUIC does not come up, and back to QUIC once it does.
+    #[default]
+    Auto,
+    Quic,
+    Tcp,
+}
+
+impl TunnelSection {
+    /// The TCP address TLS/TCP tunnels are accepted on, if this node accepts them.
+    pub fn tcp_listen_address(&self) -> Option<SocketAddr> {
+        match (self.listen, self.transport) {
+            (None, _) | (_, Transport::Quic) => None,
+            (Some(listen), _) => Some(self.listen_tcp.unwrap_or(listen)),
+        }
+    }
 }
 
 impl Default for TunnelSection {
@@ -95,6 +129,10 @@ impl Default for TunnelSection {
             keepalive: default_keepalive(),
             idle_timeout: default_idle_timeout(),
             reconnect_max_backoff: default_backoff_max(),
+            transport: Transport::default(),
+            listen_tcp: None,
+            tcp_fallback_after: default_tcp_fallback_after(),
+            quic_reprobe_interval: default_quic_reprobe_interval(),
         }
     }
 }
@@ -282,6 +320,14 @@ fn default_idle_timeout() -> Duration {
     // few seconds of packet loss on a healthy WAN path does not drop the tunnel.
     Duration::from_secs(5)
 }
+fn default_tcp_fallback_after() -> Duration {
+    // A QUIC handshake takes one round trip; a second without an answer means UDP is lost or
+    // blocked, and TLS/TCP raced beside it then costs a blocked network about one second.
+    Duration::from_secs(1)
+}
+fn default_quic_reprobe_interval() -> Duration {
+    Duration::from_secs(120)
+}
 fn default_backoff_max() -> Duration {
     Duration::from_secs(2)
 }
@@ -430,6 +476,20 @@ impl Config {
             return Err(err(
                 None,
                 "field `tunnel.idle_timeout`: must be longer than `tunnel.keepalive`".into(),
+            ));
+        }
+        if tunnel.tcp_fallback_after.is_zero()
+            || tunnel.tcp_fallback_after > Duration::from_secs(60)
+        {
+            return Err(err(
+                None,
+                "field `tunnel.tcp_fallback_after`: must be between 1ms and 60s".into(),
+            ));
+        }
+        if tunnel.quic_reprobe_interval < Duration::from_secs(1) {
+            return Err(err(
+                None,
+                "field `tunnel.quic_reprobe_interval`: must be at least 1s".into(),
             ));
         }
         for (i, peer) in raw.peers.iter().enumerate() {

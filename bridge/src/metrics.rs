@@ -20,6 +20,7 @@ use prometheus_client::metrics::MetricType;
 
 use crate::http::error::Reason;
 use crate::listener::{ListenerCounts, ListenerLimits};
+use crate::tunnel::connection::Carrier;
 use crate::tunnel::outcome::{DisconnectReason, HandshakeFailure};
 
 /// Upper bounds (seconds) of the request latency histogram buckets.
@@ -106,6 +107,12 @@ pub struct HandshakeLabels {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct SiteLabels {
     pub site: Arc<str>,
+}
+
+/// `{carrier}`: the tunnel carrier families.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CarrierLabels {
+    pub carrier: Carrier,
 }
 
 /// `{site, reason}`: `hybridge_tunnel_disconnects_total`.
@@ -275,6 +282,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 struct TunnelCounters {
     connects: BTreeMap<Arc<str>, u64>,
     disconnects: BTreeMap<(Arc<str>, DisconnectReason), u64>,
+    /// Dialled connections, by the carrier they came up on.
+    carriers: BTreeMap<Carrier, u64>,
+    /// Links moved to another carrier (TCP to QUIC after a re-probe), by the new carrier.
+    switches: BTreeMap<Carrier, u64>,
 }
 
 /// All metrics of one node.
@@ -360,6 +371,16 @@ impl Metrics {
                 t.connects.insert(Arc::from(site), 1);
             }
         }
+    }
+
+    /// A dialled tunnel came up on `carrier`.
+    pub fn tunnel_carrier_chosen(&self, carrier: Carrier) {
+        *lock(&self.tunnel).carriers.entry(carrier).or_default() += 1;
+    }
+
+    /// A link moved to `carrier` (a re-probe found QUIC working again).
+    pub fn tunnel_carrier_switched(&self, carrier: Carrier) {
+        *lock(&self.tunnel).switches.entry(carrier).or_default() += 1;
     }
 
     /// A tunnel to a node of `site` went down.
@@ -484,10 +505,36 @@ impl Metrics {
             "Requests in flight.",
             services.iter().map(|(l, s)| (l.clone(), s.active())),
         )?;
-        let (connects, disconnects) = {
+        let (connects, disconnects, carriers, switches) = {
             let t = lock(&self.tunnel);
-            (t.connects.clone(), t.disconnects.clone())
+            (
+                t.connects.clone(),
+                t.disconnects.clone(),
+                t.carriers.clone(),
+                t.switches.clone(),
+            )
         };
+        // Both carriers always, so a dashboard sees a fallback start from zero.
+        let by_carrier = |counts: &BTreeMap<Carrier, u64>| {
+            [Carrier::Quic, Carrier::Tcp].map(|carrier| {
+                (
+                    CarrierLabels { carrier },
+                    counts.get(&carrier).copied().unwrap_or(0),
+                )
+            })
+        };
+        counter(
+            encoder,
+            "hybridge_tunnel_dials_total",
+            "Tunnel connections this node dialled that came up, by carrier.",
+            by_carrier(&carriers),
+        )?;
+        counter(
+            encoder,
+            "hybridge_tunnel_carrier_switches_total",
+            "Links moved to another carrier (TLS/TCP to QUIC once a re-probe succeeded), by the carrier moved to.",
+            by_carrier(&switches),
+        )?;
         counter(
             encoder,
             "hybridge_tunnel_connects_total",

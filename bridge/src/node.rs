@@ -31,12 +31,14 @@ use crate::metrics::{Metrics, Side};
 use crate::trust::{Trust, TrustUpdates};
 use crate::tunnel::connection::TunnelConnection;
 use crate::tunnel::control::{ControlMessage, PeerAnnouncement};
+use crate::tunnel::dialer::CarrierChoice;
 use crate::tunnel::handshake::{RejectionSlot, observed_server};
 use crate::tunnel::outcome::HandshakeFailure;
 use crate::tunnel::peers::{Direction, PeerSet};
 use crate::tunnel::quic::{self, TransportTuning};
 use crate::tunnel::serving::ServingPolicy;
 use crate::tunnel::session::{self, SessionContext};
+use crate::tunnel::tcp;
 use crate::tunnel::udp::Handoff;
 use crate::upstream::Upstream;
 use crate::workers::Workers;
@@ -50,6 +52,8 @@ use reload::{ReloadRequest, Reloadable};
 #[derive(Clone, Debug)]
 pub struct NodeAddresses {
     pub tunnel: Option<SocketAddr>,
+    /// The TCP listener for TLS/TCP tunnels, if this node accepts them.
+    pub tunnel_tcp: Option<SocketAddr>,
     /// The read-only admin listener (`admin.listen`).
     pub admin: SocketAddr,
     /// The admin socket (`admin.socket`): the whole API for local administrators.
@@ -392,10 +396,7 @@ impl Node {
         let server_config = match config.tunnel.listen {
             Some(_) => Some(quic::server_config(
                 &material,
-                PeerExpectation::NodeOfSites {
-                    trust_domain: config.node.trust_domain.clone(),
-                    sites: config.tunnel.allowed_sites.clone(),
-                },
+                tunnel_expectation(&config),
                 &tuning,
             )?),
             None => None,
@@ -441,6 +442,34 @@ impl Node {
             ),
             None => None,
         };
+
+        // TLS/TCP tunnels: on the UDP listener's port unless configured otherwise.
+        let tcp_tunnel = match config.tunnel.tcp_listen_address() {
+            None => None,
+            Some(addr) => {
+                let addr = match (config.tunnel.listen_tcp, tunnel_addr) {
+                    (None, Some(udp)) => udp,
+                    _ => addr,
+                };
+                let (local, listeners) = bind_tcp(&workers, addr).with_context(|| {
+                    format!(
+                        "{}: tunnel: binding the tunnel TCP listener {addr}",
+                        config.source.display()
+                    )
+                })?;
+                let tls = Arc::new(ArcSwap::new(tcp::server_config(
+                    &material,
+                    tunnel_expectation(&config),
+                )?));
+                let limits = metrics.listener(ListenerLimits::new(
+                    format!("tunnel-tcp@{local}"),
+                    config.limits.max_connections,
+                    config.limits.idle_timeout,
+                ));
+                Some((local, listeners, tls, limits))
+            }
+        };
+        let tunnel_tcp_addr = tcp_tunnel.as_ref().map(|(local, ..)| *local);
 
         let peers = Arc::new(PeerSet::default());
         let serving = Arc::new(ServingPolicy::new(acl.clone(), &config));
@@ -596,6 +625,7 @@ impl Node {
             started: Instant::now(),
             addresses: NodeAddresses {
                 tunnel: tunnel_addr,
+                tunnel_tcp: tunnel_tcp_addr,
                 admin: admin_addr,
                 admin_socket: admin_socket.path().to_path_buf(),
                 admin_remote: remote_addr,
@@ -661,6 +691,32 @@ impl Node {
                 );
             }
         }
+        let tunnel_tcp_server = match tcp_tunnel {
+            None => None,
+            Some((_, listeners, tls, limits)) => {
+                for (worker, listener) in listeners.into_iter().enumerate() {
+                    workers.spawn_on(
+                        worker,
+                        &background,
+                        tcp_accept_loop(
+                            listener,
+                            tls.clone(),
+                            limits.clone(),
+                            tuning.clone(),
+                            session_ctx.clone(),
+                            stop_tunnels.clone(),
+                            background.clone(),
+                        ),
+                    );
+                }
+                Some(tls)
+            }
+        };
+        let carrier_choice = CarrierChoice {
+            transport: config.tunnel.transport,
+            tcp_fallback_after: config.tunnel.tcp_fallback_after,
+            quic_reprobe_interval: config.tunnel.quic_reprobe_interval,
+        };
         let mut peer_clients = Vec::new();
         let (dial_backoff, max_backoff) =
             tokio::sync::watch::channel(config.tunnel.reconnect_max_backoff);
@@ -685,6 +741,7 @@ impl Node {
                         peer.clone(),
                         slot,
                         client.clone(),
+                        carrier_choice,
                         max_backoff.clone(),
                         session_ctx.clone(),
                         stop_tunnels.clone(),
@@ -756,6 +813,7 @@ impl Node {
             endpoints,
             peer_clients,
             tunnel_server,
+            tunnel_tcp_server,
             admin_remote_tls,
             listener_specs,
             dial_backoff,
@@ -977,6 +1035,7 @@ async fn accept_loop(
                         Direction::Accepted,
                         ctx,
                         cancel,
+                        CancellationToken::new(),
                     )
                     .await;
                 }
@@ -994,5 +1053,55 @@ async fn accept_loop(
                 }
             }
         });
+    }
+}
+
+/// Accepts TLS/TCP tunnels on one worker's listener until `cancel` fires. Handshakes run
+/// in their own tasks, each bounded by `tcp::HANDSHAKE_TIMEOUT`, and every connection,
+/// handshaking or up, counts under the listener's connection cap.
+async fn tcp_accept_loop(
+    listener: TcpListener,
+    tls: Arc<ArcSwap<rustls::ServerConfig>>,
+    limits: Arc<ListenerLimits>,
+    tuning: TransportTuning,
+    ctx: Arc<SessionContext>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = limits.accept(&listener) => accepted,
+            () = cancel.cancelled() => break,
+        };
+        let (ctx, cancel, tuning) = (ctx.clone(), cancel.clone(), tuning.clone());
+        let config = tls.load_full();
+        tasks.spawn(async move {
+            let remote = accepted.peer;
+            let _permit = accepted.permit;
+            match tcp::accept(accepted.stream, remote, config, &tuning).await {
+                Ok(connection) => {
+                    session::run(
+                        TunnelConnection::Tcp(connection),
+                        Direction::Accepted,
+                        ctx,
+                        cancel,
+                        CancellationToken::new(),
+                    )
+                    .await;
+                }
+                Err((reason, detail)) => {
+                    ctx.metrics.handshake_failed(reason);
+                    warn!(%remote, %reason, error = %detail, "tunnel TCP handshake refused");
+                }
+            }
+        });
+    }
+}
+
+/// Which peers may open tunnels to this node: nodes of the allowed sites.
+fn tunnel_expectation(config: &Config) -> PeerExpectation {
+    PeerExpectation::NodeOfSites {
+        trust_domain: config.node.trust_domain.clone(),
+        sites: config.tunnel.allowed_sites.clone(),
     }
 }

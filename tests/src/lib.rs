@@ -174,6 +174,8 @@ pub struct NodeOptions {
     pub admin_socket: PathBuf,
     /// Extra TOML lines inside the `[admin]` table (before any `extra`).
     pub admin_extra: String,
+    /// Extra TOML lines inside the `[tunnel]` table.
+    pub tunnel_extra: String,
     pub extra: String,
 }
 
@@ -187,6 +189,7 @@ impl NodeOptions {
             files: pki.node("cloud", name),
             admin_socket: data_dir.join("admin.sock"),
             admin_extra: String::new(),
+            tunnel_extra: String::new(),
             data_dir,
             tunnel_listen: Some("127.0.0.1:0".parse().unwrap()),
             allowed_sites: vec!["onprem".into()],
@@ -222,6 +225,7 @@ impl NodeOptions {
             files: pki.node("onprem", name),
             admin_socket: data_dir.join("admin.sock"),
             admin_extra: String::new(),
+            tunnel_extra: String::new(),
             data_dir,
             tunnel_listen: None,
             allowed_sites: vec![],
@@ -256,6 +260,7 @@ impl NodeOptions {
                 sites.join(", ")
             );
         }
+        t += &self.tunnel_extra;
         t += &format!(
             "\n[admin]\nlisten = \"{}\"\nsocket = {}\n",
             self.admin,

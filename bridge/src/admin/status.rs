@@ -35,6 +35,7 @@ pub fn status_json(state: &NodeState) -> Value {
             json!({
                 "peer": l.peer.to_string(),
                 "remote": l.connection.remote_address().to_string(),
+                "carrier": l.connection.carrier(),
                 "direction": l.direction,
                 "worker": l.worker,
                 "connected_seconds": l.established.elapsed().as_secs(),
@@ -80,6 +81,7 @@ pub fn status_json(state: &NodeState) -> Value {
         "policy_digest": digest,
         "peers_disagreeing": state.peers_disagreeing(),
         "tunnel_listen": state.addresses.tunnel.map(|a| a.to_string()),
+        "tunnel_listen_tcp": state.addresses.tunnel_tcp.map(|a| a.to_string()),
         "gateway": state.addresses.gateway.map(|a| a.to_string()),
         "peers": peers,
         "exports": exports,
@@ -140,6 +142,7 @@ pub fn metrics_text(state: &NodeState) -> String {
 struct LinkLabels {
     peer: Arc<str>,
     connection: u64,
+    carrier: crate::tunnel::connection::Carrier,
 }
 
 /// `{digest}`: `hybridge_policy_info` (one series, the policy in force).
@@ -198,6 +201,7 @@ impl Collector for NodeCollector {
         let link_labels = |l: &crate::tunnel::peers::PeerLink| LinkLabels {
             peer: Arc::from(l.peer.to_string()),
             connection: l.id() as u64,
+            carrier: l.connection.carrier(),
         };
         gauge(
             &mut encoder,

@@ -182,6 +182,10 @@ fn tunnel_section(d: &mut Decisions, old: TunnelSection, new: TunnelSection) -> 
         keepalive,
         idle_timeout,
         reconnect_max_backoff,
+        transport,
+        listen_tcp,
+        tcp_fallback_after,
+        quic_reprobe_interval,
     } = old;
     let TunnelSection {
         listen: new_listen,
@@ -190,6 +194,10 @@ fn tunnel_section(d: &mut Decisions, old: TunnelSection, new: TunnelSection) -> 
         keepalive: new_keepalive,
         idle_timeout: new_idle_timeout,
         reconnect_max_backoff: new_reconnect_max_backoff,
+        transport: new_transport,
+        listen_tcp: new_listen_tcp,
+        tcp_fallback_after: new_tcp_fallback_after,
+        quic_reprobe_interval: new_quic_reprobe_interval,
     } = new;
     // The tunnel sockets are bound once.
     let listen = d.restart("tunnel.listen", listen, new_listen);
@@ -213,6 +221,19 @@ fn tunnel_section(d: &mut Decisions, old: TunnelSection, new: TunnelSection) -> 
             "tunnel.reconnect_max_backoff",
             reconnect_max_backoff,
             new_reconnect_max_backoff,
+        ),
+        // Dialers and the TCP listener take these when they start.
+        transport: d.restart("tunnel.transport", transport, new_transport),
+        listen_tcp: d.restart("tunnel.listen_tcp", listen_tcp, new_listen_tcp),
+        tcp_fallback_after: d.restart(
+            "tunnel.tcp_fallback_after",
+            tcp_fallback_after,
+            new_tcp_fallback_after,
+        ),
+        quic_reprobe_interval: d.restart(
+            "tunnel.quic_reprobe_interval",
+            quic_reprobe_interval,
+            new_quic_reprobe_interval,
         ),
     }
 }

@@ -69,6 +69,8 @@ pub(crate) struct Reloadable {
     /// The tunnel listener's config, from which each incoming connection gets its own (see
     /// `tunnel::handshake`).
     pub tunnel_server: Option<Arc<ArcSwap<quinn::ServerConfig>>>,
+    /// The TLS/TCP tunnel listener's config, taken by each connection it accepts.
+    pub tunnel_tcp_server: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     /// The remote admin listener's TLS config (certificate, CA, CRL).
     pub admin_remote_tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     /// Import listeners, then the gateway: mTLS configs, settings and limits.
@@ -179,6 +181,16 @@ impl Reloadable {
             )?),
             None => None,
         };
+        let tcp_server = match &self.tunnel_tcp_server {
+            Some(_) => Some(crate::tunnel::tcp::server_config(
+                &material,
+                hybridge_ca::tls::PeerExpectation::NodeOfSites {
+                    trust_domain: trust_domain.clone(),
+                    sites: config.tunnel.allowed_sites.clone(),
+                },
+            )?),
+            None => None,
+        };
         let mut clients = Vec::new();
         for (peer, (address, slot)) in config.peers.iter().zip(&self.peer_clients) {
             anyhow::ensure!(
@@ -251,6 +263,9 @@ impl Reloadable {
             if let Some(current) = &self.tunnel_server {
                 current.store(Arc::new(server));
             }
+        }
+        if let (Some(current), Some(tcp_server)) = (&self.tunnel_tcp_server, tcp_server) {
+            current.store(tcp_server);
         }
         for (spec, settings) in self.listener_specs.iter().zip(settings) {
             if let Some(import_tls) = &import_tls

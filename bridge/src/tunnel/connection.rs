@@ -1,7 +1,7 @@
 //! An authenticated connection to a peer node that opens and accepts bidirectional streams.
 //!
-//! The other half of the transport seam (see `stream`). It owns no routing or HTTP logic;
-//! QUIC is the only variant today, a TLS-over-TCP fallback slots in beside it.
+//! The other half of the transport seam (see `stream`). It owns no routing or HTTP logic.
+//! Two carriers: QUIC, and TLS 1.3 over TCP (`tcp`) where UDP does not get through.
 
 use std::time::Duration;
 
@@ -9,11 +9,45 @@ use hybridge_ca::spiffe::SpiffeId;
 
 use super::outcome::{DisconnectReason, HandshakeFailure};
 use super::stream::{RecvHalf, SendHalf};
+use super::tcp::{TcpConnection, TcpLost};
 
 /// A live tunnel connection to one peer node.
 #[derive(Clone)]
 pub enum TunnelConnection {
     Quic(quinn::Connection),
+    Tcp(TcpConnection),
+}
+
+/// Which carrier a tunnel connection runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Carrier {
+    Quic,
+    Tcp,
+}
+
+impl Carrier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Quic => "quic",
+            Self::Tcp => "tcp",
+        }
+    }
+}
+
+impl std::fmt::Display for Carrier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl prometheus_client::encoding::EncodeLabelValue for Carrier {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
 }
 
 /// Counters a connection can report for metrics and status.
@@ -37,6 +71,8 @@ pub struct ConnectionStats {
 pub enum ConnectionLost {
     #[error("{0}")]
     Quic(quinn::ConnectionError),
+    #[error("{0}")]
+    Tcp(TcpLost),
 }
 
 impl ConnectionLost {
@@ -44,6 +80,7 @@ impl ConnectionLost {
     pub fn disconnect_reason(&self) -> DisconnectReason {
         match self {
             Self::Quic(e) => DisconnectReason::of_connection_error(e),
+            Self::Tcp(e) => e.reason,
         }
     }
 
@@ -51,6 +88,7 @@ impl ConnectionLost {
     pub fn handshake_failure(&self) -> HandshakeFailure {
         match self {
             Self::Quic(e) => HandshakeFailure::of_connection_error(e, None),
+            Self::Tcp(e) => e.handshake_failure(),
         }
     }
 }
@@ -63,6 +101,7 @@ impl TunnelConnection {
                 let (send, recv) = c.open_bi().await.map_err(ConnectionLost::Quic)?;
                 Ok((SendHalf::Quic(send), RecvHalf::quic(recv)))
             }
+            Self::Tcp(c) => c.open_stream().await.map_err(ConnectionLost::Tcp),
         }
     }
 
@@ -73,6 +112,7 @@ impl TunnelConnection {
                 let (send, recv) = c.accept_bi().await.map_err(ConnectionLost::Quic)?;
                 Ok((SendHalf::Quic(send), RecvHalf::quic(recv)))
             }
+            Self::Tcp(c) => c.accept_stream().await.map_err(ConnectionLost::Tcp),
         }
     }
 
@@ -80,6 +120,7 @@ impl TunnelConnection {
     pub fn lost(&self) -> Option<ConnectionLost> {
         match self {
             Self::Quic(c) => c.close_reason().map(ConnectionLost::Quic),
+            Self::Tcp(c) => c.lost().map(ConnectionLost::Tcp),
         }
     }
 
@@ -105,6 +146,7 @@ impl TunnelConnection {
                 })
                 .map(|certs| *certs)
                 .unwrap_or_default(),
+            Self::Tcp(c) => c.peer_chain(),
         }
     }
 
@@ -122,6 +164,7 @@ impl TunnelConnection {
     pub fn remote_address(&self) -> std::net::SocketAddr {
         match self {
             Self::Quic(c) => c.remote_address(),
+            Self::Tcp(c) => c.remote_address(),
         }
     }
 
@@ -139,6 +182,18 @@ impl TunnelConnection {
                     streams_reset: s.frame_tx.reset_stream,
                 }
             }
+            // Loss and MTU are the kernel's business on TCP.
+            Self::Tcp(c) => ConnectionStats {
+                rtt: c.rtt(),
+                ..ConnectionStats::default()
+            },
+        }
+    }
+
+    pub fn carrier(&self) -> Carrier {
+        match self {
+            Self::Quic(_) => Carrier::Quic,
+            Self::Tcp(_) => Carrier::Tcp,
         }
     }
 
@@ -146,6 +201,13 @@ impl TunnelConnection {
     pub fn close(&self, code: u32, reason: &str) {
         match self {
             Self::Quic(c) => c.close(quinn::VarInt::from_u32(code), reason.as_bytes()),
+            Self::Tcp(c) => c.close(
+                matches!(
+                    code,
+                    super::stream::codes::CLOSED | super::stream::codes::GOING_AWAY
+                ),
+                reason,
+            ),
         }
     }
 
@@ -153,6 +215,7 @@ impl TunnelConnection {
     pub async fn closed(&self) -> String {
         match self {
             Self::Quic(c) => c.closed().await.to_string(),
+            Self::Tcp(c) => c.closed().await.to_string(),
         }
     }
 
@@ -160,6 +223,7 @@ impl TunnelConnection {
     pub fn stable_id(&self) -> usize {
         match self {
             Self::Quic(c) => c.stable_id(),
+            Self::Tcp(c) => c.stable_id(),
         }
     }
 }

@@ -16,4 +16,5 @@ pub mod quic;
 pub mod serving;
 pub mod session;
 pub mod stream;
+pub mod tcp;
 pub mod udp;

@@ -146,11 +146,13 @@ pub enum DisconnectReason {
     ShuttingDown,
     /// This node closed the connection for another reason.
     ClosedLocally,
+    /// A link on another carrier took over (TCP retired once QUIC worked again).
+    Replaced,
 }
 
 impl DisconnectReason {
     /// Every reason, in declaration order.
-    pub const ALL: [DisconnectReason; 8] = [
+    pub const ALL: [DisconnectReason; 9] = [
         Self::PeerClosed,
         Self::IdleTimeout,
         Self::ConnectionError,
@@ -159,6 +161,7 @@ impl DisconnectReason {
         Self::Untrusted,
         Self::ShuttingDown,
         Self::ClosedLocally,
+        Self::Replaced,
     ];
 
     /// The metric label.
@@ -172,6 +175,7 @@ impl DisconnectReason {
             Self::Untrusted => "untrusted",
             Self::ShuttingDown => "shutting-down",
             Self::ClosedLocally => "closed-locally",
+            Self::Replaced => "replaced",
         }
     }
 

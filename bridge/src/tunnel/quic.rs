@@ -86,11 +86,13 @@ pub fn server_config(
     Ok(config)
 }
 
-/// The dialing config of one peer, from which each connection attempt gets its own quinn
-/// config (see [`DialConfig::for_attempt`]).
+/// The dialing config of one peer, for both carriers: each QUIC attempt gets its own quinn
+/// config (see [`DialConfig::for_attempt`]); TLS/TCP attempts share `tcp`.
 pub struct DialConfig {
     crypto: Arc<dyn quinn::crypto::ClientConfig>,
     transport: Arc<quinn::TransportConfig>,
+    pub tcp: Arc<rustls::ClientConfig>,
+    pub tuning: TransportTuning,
 }
 
 impl DialConfig {
@@ -100,10 +102,12 @@ impl DialConfig {
         expect: PeerExpectation,
         tuning: &TransportTuning,
     ) -> anyhow::Result<DialConfig> {
-        let tls = tls::client_config(material, expect, &[ALPN])?;
+        let tls = tls::client_config(material, expect.clone(), &[ALPN])?;
         Ok(DialConfig {
             crypto: Arc::new(QuicClientConfig::try_from(Arc::new(tls))?),
             transport: transport_config(tuning),
+            tcp: super::tcp::client_config(material, expect)?,
+            tuning: tuning.clone(),
         })
     }
 

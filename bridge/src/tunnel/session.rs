@@ -51,11 +51,17 @@ pub struct SessionContext {
 }
 
 /// Runs a session until the connection closes or `cancel` fires; returns why it ended.
+///
+/// `retire` hands the link over without failing a request: once it fires, no new request
+/// goes to the link, the peer is told to send none either (GOAWAY), and the connection
+/// closes when both sides' requests on it are done (the dialer retires a TCP link this
+/// way once QUIC works again).
 pub async fn run(
     connection: TunnelConnection,
     direction: Direction,
     ctx: Arc<SessionContext>,
     cancel: CancellationToken,
+    retire: CancellationToken,
 ) -> String {
     let Some(peer) = connection.peer_id() else {
         connection.close(codes::PROTOCOL, "no peer identity");
@@ -137,7 +143,7 @@ pub async fn run(
     ));
     ctx.peers.insert(link.clone());
     ctx.metrics.tunnel_connected(&peer_node.site);
-    info!(peer = %peer_name, remote = %connection.remote_address(), ?direction, ?exports, %policy_digest, "tunnel up");
+    info!(peer = %peer_name, remote = %connection.remote_address(), carrier = %connection.carrier(), ?direction, ?exports, %policy_digest, "tunnel up");
 
     let writer = async {
         while let Some(message) = control_rx.recv().await {
@@ -219,8 +225,16 @@ pub async fn run(
         PeerKind::Node,
         role,
     );
+    let retirement = async {
+        retire.cancelled().await;
+        retire_link(&connection, &link, &ctx).await;
+    };
     let (reason, detail) = tokio::select! {
         lost = acceptor => (lost.disconnect_reason(), lost.to_string()),
+        // The acceptor and the control reader keep running while the link drains: the peer
+        // may still send requests until it reads our GOAWAY, and its DrainAck comes on the
+        // control stream.
+        () = retirement => (DisconnectReason::Replaced, "replaced by a link on another carrier".to_owned()),
         why = untrusted => {
             close_untrusted(&connection, &link, &ctx, &peer_name, &why).await;
             (DisconnectReason::Untrusted, UNTRUSTED.to_owned())
@@ -249,8 +263,34 @@ pub async fn run(
     // Counted before the link leaves the set, so whoever waits on the set sees the count.
     ctx.metrics.tunnel_disconnected(&peer_node.site, reason);
     ctx.peers.remove(link.id());
-    info!(peer = %peer_name, %reason, %detail, "tunnel down");
+    info!(peer = %peer_name, carrier = %connection.carrier(), %reason, %detail, "tunnel down");
+    // A TLS/TCP connection writes what it has buffered before its socket goes; give it the
+    // moment (a QUIC connection's endpoint does the same on its own).
+    let _ = tokio::time::timeout(CLOSE_WAIT, connection.closed()).await;
     detail
+}
+
+/// How long a closing session waits for its connection to be gone.
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
+/// How long a retired link may take to finish its requests before it closes anyway.
+const RETIRE_GRACE: Duration = Duration::from_secs(30);
+
+/// Drains a link that another link replaces: stop routing to it, ask the peer to do the
+/// same, wait for both sides' requests on it to end (bounded), then close it.
+async fn retire_link(connection: &TunnelConnection, link: &Arc<PeerLink>, ctx: &SessionContext) {
+    link.mark_draining();
+    ctx.peers.touch();
+    link.send_control(ControlMessage::GoAway {
+        reason: "link replaced by one on another carrier".into(),
+    });
+    let finished = async {
+        link.streams_finished().await;
+        ctx.peers
+            .wait_until(|_| link.drain_acknowledged() || connection.lost().is_some())
+            .await;
+    };
+    let _ = tokio::time::timeout(RETIRE_GRACE, finished).await;
+    connection.close(codes::CLOSED, "link replaced");
 }
 
 /// The disconnect detail of a peer whose certificate stopped passing.

@@ -1,11 +1,12 @@
 //! One tunnel stream: the two halves of a bidirectional byte stream and frame I/O over them.
 //!
 //! This is half of the transport seam: HTTP code sees `SendHalf`/`RecvHalf` and frames, never
-//! quinn. A TLS-over-TCP fallback adds a variant here and in `connection`, nothing else.
+//! quinn or h2. Each carrier (QUIC, TLS/TCP) is a variant here and in `connection`.
 
 use bytes::{Bytes, BytesMut};
 
 use super::frame::{self, FRAME_HEADER_LEN, Frame, FrameError, FrameType, MAX_DATA_FRAME};
+use super::tcp::Piece;
 
 /// Application error codes used when resetting a stream or closing a connection.
 pub mod codes {
@@ -37,9 +38,14 @@ pub enum StreamError {
 /// The sending half of a tunnel stream.
 pub enum SendHalf {
     Quic(quinn::SendStream),
+    Tcp(h2::SendStream<Piece>),
 }
 
 impl SendHalf {
+    pub(crate) fn tcp(stream: h2::SendStream<Piece>) -> Self {
+        Self::Tcp(stream)
+    }
+
     /// Writes already-encoded frame bytes.
     pub async fn write_encoded(&mut self, bytes: Bytes) -> Result<(), StreamError> {
         match self {
@@ -47,6 +53,7 @@ impl SendHalf {
                 .write_chunk(bytes)
                 .await
                 .map_err(|e| StreamError::Write(e.to_string())),
+            Self::Tcp(s) => send_h2(s, Piece::new(bytes, Bytes::new())).await,
         }
     }
 
@@ -61,6 +68,7 @@ impl SendHalf {
                     .write_all_chunks(&mut [head, chunk])
                     .await
                     .map_err(|e| StreamError::Write(e.to_string()))?,
+                Self::Tcp(s) => send_h2(s, Piece::new(head, chunk)).await?,
             }
         }
         Ok(())
@@ -72,17 +80,23 @@ impl SendHalf {
             Self::Quic(s) => {
                 let _ = s.finish();
             }
+            Self::Tcp(s) => {
+                let _ = s.send_data(Piece::default(), true);
+            }
         }
     }
 
     /// Waits until the peer has acknowledged everything written, FIN included (or stopped
     /// reading, or the connection is gone). Closing a connection discards data the peer has
     /// not acknowledged, so a draining node waits on this before it closes its tunnels.
+    /// TCP delivers what the connection has written; a closing TLS/TCP connection writes
+    /// what is buffered before its socket goes, so there is nothing to wait for per stream.
     pub async fn delivered(&mut self) {
         match self {
             Self::Quic(s) => {
                 let _ = s.stopped().await;
             }
+            Self::Tcp(_) => {}
         }
     }
 
@@ -97,6 +111,11 @@ impl SendHalf {
                     std::future::pending::<()>().await;
                 }
             }
+            // Pending while the stream is open or ended cleanly; ready on a reset or when
+            // the connection is gone.
+            Self::Tcp(s) => {
+                let _ = std::future::poll_fn(|cx| s.poll_reset(cx)).await;
+            }
         }
     }
 
@@ -106,8 +125,29 @@ impl SendHalf {
             Self::Quic(s) => {
                 let _ = s.reset(quinn::VarInt::from_u32(code));
             }
+            Self::Tcp(s) => s.send_reset(h2::Reason::from(code)),
         }
     }
+}
+
+/// Sends `piece` on an HTTP/2 stream as the peer's flow-control window allows: waiting
+/// for capacity is the backpressure (h2 would otherwise buffer without bound).
+async fn send_h2(stream: &mut h2::SendStream<Piece>, mut piece: Piece) -> Result<(), StreamError> {
+    use bytes::Buf;
+    let write = |e: h2::Error| StreamError::Write(e.to_string());
+    while piece.has_remaining() {
+        stream.reserve_capacity(piece.remaining());
+        let granted = match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+            Some(granted) => granted.map_err(write)?,
+            None => return Err(StreamError::Write("tunnel stream closed".into())),
+        };
+        if granted == 0 {
+            continue;
+        }
+        let now = piece.split_to(granted.min(piece.remaining()));
+        stream.send_data(now, false).map_err(write)?;
+    }
+    Ok(())
 }
 
 /// The receiving half of a tunnel stream, decoding frames.
@@ -135,18 +175,122 @@ impl Drop for RecvHalf {
             RecvInner::Quic(s) => {
                 let _ = futures_util::FutureExt::now_or_never(s.read_chunk(1, true));
             }
+            RecvInner::Tcp(r) => r.linger(),
         }
     }
 }
 
 enum RecvInner {
     Quic(quinn::RecvStream),
+    Tcp(H2Recv),
+}
+
+/// How long a dropped HTTP/2 body waits for the peer's END_STREAM.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The receiving side of an HTTP/2 stream, with the bytes of the last DATA frame not yet
+/// handed out.
+struct H2Recv {
+    /// The response whose body this is, until it arrives (a stream this side opened).
+    response: Option<h2::client::ResponseFuture>,
+    body: Option<h2::RecvStream>,
+    buffer: Bytes,
+}
+
+impl H2Recv {
+    /// Keeps the body until the peer's END_STREAM. h2 resets a stream whose handles are all
+    /// gone before the peer finished it, and the peer may then lose the end of a response
+    /// it had already received (a reset overrides what is buffered). The END_STREAM
+    /// follows the last frame at once, so it is usually here already; otherwise a small
+    /// task waits for it, bounded.
+    fn linger(&mut self) {
+        use futures_util::FutureExt;
+        let Some(mut body) = self.body.take() else {
+            return;
+        };
+        loop {
+            match body.data().now_or_never() {
+                Some(Some(Ok(data))) => {
+                    let _ = body.flow_control().release_capacity(data.len());
+                }
+                Some(Some(Err(_)) | None) => return,
+                None => break,
+            }
+        }
+        if body.is_end_stream() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let drain = async {
+                    while let Some(Ok(data)) = body.data().await {
+                        let _ = body.flow_control().release_capacity(data.len());
+                    }
+                };
+                let _ = tokio::time::timeout(LINGER, drain).await;
+            });
+        }
+    }
+
+    /// Up to `max` bytes; `Ok(None)` at a clean end.
+    async fn chunk(&mut self, max: usize) -> Result<Option<Bytes>, StreamError> {
+        let read = |e: h2::Error| StreamError::Read(e.to_string());
+        while self.buffer.is_empty() {
+            if let Some(response) = self.response.take() {
+                let response = response.await.map_err(read)?;
+                if response.status() != http::StatusCode::OK {
+                    return Err(StreamError::Read(format!(
+                        "peer refused the stream ({})",
+                        response.status()
+                    )));
+                }
+                self.body = Some(response.into_body());
+            }
+            let Some(body) = self.body.as_mut() else {
+                return Err(StreamError::Read("tunnel stream stopped".into()));
+            };
+            match body.data().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(read(e)),
+                Some(Ok(data)) => {
+                    // Our reader is the backpressure: window is given back as bytes are
+                    // taken out of h2, not before.
+                    let _ = body.flow_control().release_capacity(data.len());
+                    self.buffer = data;
+                }
+            }
+        }
+        let n = max.min(self.buffer.len());
+        Ok(Some(self.buffer.split_to(n)))
+    }
 }
 
 impl RecvHalf {
     pub fn quic(stream: quinn::RecvStream) -> Self {
+        Self::new(RecvInner::Quic(stream))
+    }
+
+    /// The request body of a stream the peer opened (or of an offer it took).
+    pub(crate) fn tcp(body: h2::RecvStream) -> Self {
+        Self::new(RecvInner::Tcp(H2Recv {
+            response: None,
+            body: Some(body),
+            buffer: Bytes::new(),
+        }))
+    }
+
+    /// The response body of a stream this side opened, once the peer answers.
+    pub(crate) fn tcp_response(response: h2::client::ResponseFuture) -> Self {
+        Self::new(RecvInner::Tcp(H2Recv {
+            response: Some(response),
+            body: None,
+            buffer: Bytes::new(),
+        }))
+    }
+
+    fn new(inner: RecvInner) -> Self {
         Self {
-            inner: RecvInner::Quic(stream),
+            inner,
             data_remaining: 0,
             ended: false,
         }
@@ -184,6 +328,13 @@ impl RecvHalf {
             RecvInner::Quic(s) => {
                 let _ = s.stop(quinn::VarInt::from_u32(code));
             }
+            // HTTP/2 has no STOP_SENDING: dropping the body makes h2 discard what arrives
+            // and give the window back, and the stream is reset once both halves are gone.
+            RecvInner::Tcp(r) => {
+                r.response = None;
+                r.body = None;
+                r.buffer = Bytes::new();
+            }
         }
     }
 
@@ -196,6 +347,13 @@ impl RecvHalf {
                     Err(StreamError::Truncated)
                 }
                 Err(e) => Err(StreamError::Read(e.to_string())),
+            },
+            RecvInner::Tcp(r) => match r.chunk(max).await? {
+                Some(chunk) => Ok(chunk),
+                None => {
+                    self.ended = true;
+                    Err(StreamError::Truncated)
+                }
             },
         }
     }
@@ -218,6 +376,26 @@ impl RecvHalf {
                 }
                 Err(quinn::ReadExactError::ReadError(e)) => Err(StreamError::Read(e.to_string())),
             },
+            RecvInner::Tcp(r) => {
+                let mut filled = 0;
+                while filled < buf.len() {
+                    match r.chunk(buf.len() - filled).await? {
+                        Some(chunk) => {
+                            buf[filled..filled + chunk.len()].copy_from_slice(&chunk);
+                            filled += chunk.len();
+                        }
+                        None => {
+                            self.ended = true;
+                            return if filled == 0 {
+                                Ok(false)
+                            } else {
+                                Err(StreamError::Truncated)
+                            };
+                        }
+                    }
+                }
+                Ok(true)
+            }
         }
     }
 }
