@@ -6,6 +6,8 @@
 //! line, a LISTENING line), bounded by a timeout, never on sleeps.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod impair;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
