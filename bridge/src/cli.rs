@@ -66,8 +66,9 @@ enum Command {
         #[command(flatten)]
         serve: ServeArgs,
     },
-    /// Ask the running node to reload its configuration file, certificates, CA bundle and CRL
-    /// (as SIGHUP does) and wait for the outcome: exits non-zero, with the node's reason, when
+    /// Ask the running node to reload its config, certificates, CA bundle and CRL.
+    ///
+    /// Does what SIGHUP does and waits for the outcome: exits non-zero, with the node's reason, when
     /// the node refused the new configuration; names every change left for a restart.
     /// `systemctl reload hybridge` runs this.
     Reload {
@@ -86,9 +87,10 @@ enum Command {
         #[command(flatten)]
         serve: ServeArgs,
     },
-    /// Check a config file and the files it references with the checks `run` makes before it
-    /// starts, then exit: 0 when `run` would start (warnings, such as a certificate expiring
-    /// within 14 days or a port already in use, go to stderr), 1 when it would refuse.
+    /// Check a config file and the files it references with the checks `run` makes.
+    ///
+    /// Exit code: 0 when `run` would start (warnings, such as a certificate expiring within
+    /// 14 days or a port already in use, go to stderr), 1 when it would refuse.
     CheckConfig {
         /// The config file to check.
         #[arg(long, short, value_name = "FILE", env = CONFIG_ENV, default_value = DEFAULT_CONFIG)]
@@ -97,9 +99,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show a running node's tunnels, services and policy version (through the admin socket by
-    /// default; the read-only listener http://127.0.0.1:7180 serves it too). Exit code: 0
-    /// ready, 3 not ready, 1 error.
+    /// Show a running node's tunnels, services and policy version.
+    ///
+    /// Asks through the admin socket by default; the read-only listener
+    /// http://127.0.0.1:7180 serves it too. Exit code: 0 ready, 3 not ready, 1 error.
     Status {
         /// The node's config file: its `admin.socket` is where the node is asked (unless
         /// --admin or HYBRIDGE_ADMIN say otherwise).
@@ -111,16 +114,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Manage service ACLs (through the admin socket or the remote admin listener, or directly
-    /// on a stopped node's database).
+    /// Manage service ACLs.
+    ///
+    /// Through the admin socket or the remote admin listener, or directly on a stopped node's
+    /// database (`--db`).
     Acl {
         #[command(flatten)]
         target: crate::acl::cli::AclTarget,
         #[command(subcommand)]
         command: crate::acl::cli::AclCommand,
     },
-    /// Print a shell completion script for hybridge to stdout, e.g.
-    /// `hybridge completions bash > /etc/bash_completion.d/hybridge`.
+    /// Print a shell completion script for hybridge to stdout.
+    ///
+    /// E.g. `hybridge completions bash > ~/.local/share/bash-completion/completions/hybridge`;
+    /// the .deb installs them for bash, zsh and fish.
     Completions {
         /// The shell to complete for.
         #[arg(value_enum)]

@@ -158,9 +158,10 @@ pub enum IssueCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Certificate for an administrator: spiffe://TD/admin/NAME (clientAuth only), for
-    /// `hybridge acl --admin https://NODE:PORT --cert PREFIX.pem --key PREFIX.key --ca ca.pem`
-    /// against a node's remote admin listener (`[admin.remote]`).
+    /// Certificate for an administrator: spiffe://TD/admin/NAME (clientAuth only).
+    ///
+    /// For `hybridge acl --admin https://NODE:PORT --cert PREFIX.pem --key PREFIX.key --ca
+    /// ca.pem` against a node's remote admin listener (`[admin.remote]`).
     Admin {
         /// CA directory.
         #[arg(long, env = CA_DIR_ENV)]

@@ -619,3 +619,81 @@ async fn a_second_stop_signal_during_a_drain_exits_at_once() {
     onprem.shutdown().await;
     holder.abort();
 }
+
+/// The completion scripts and man pages the .deb ships (`bridge/debian/completions`,
+/// `bridge/debian/man`) are what the binaries generate from their clap definitions now.
+/// `HYBRIDGE_UPDATE_GENERATED=1 cargo test -p hybridge-tests --test cli generated` rewrites
+/// them after a change to a flag or its help.
+#[test]
+fn the_shipped_completions_and_man_pages_are_generated_from_the_current_binaries() {
+    let update = std::env::var_os("HYBRIDGE_UPDATE_GENERATED").is_some();
+    let shipped = repo_root().join("bridge/debian");
+    let mut stale = Vec::new();
+    for name in ["hybridge", "hybridge-ca"] {
+        for (shell, file) in [
+            ("bash", format!("{name}.bash")),
+            ("zsh", format!("_{name}")),
+            ("fish", format!("{name}.fish")),
+        ] {
+            let (code, script, stderr) = run_with_env(name, &["completions", shell], &[]);
+            assert_eq!(code, 0, "{name} completions {shell}: {stderr}");
+            assert!(script.contains(name), "{name} {shell}: {script}");
+            let path = shipped.join("completions").join(&file);
+            if update {
+                std::fs::write(&path, &script).unwrap();
+            } else if std::fs::read_to_string(&path).ok().as_deref() != Some(script.as_str()) {
+                stale.push(path.display().to_string());
+            }
+        }
+    }
+    let generated = tempfile::tempdir().unwrap();
+    for name in ["hybridge", "hybridge-ca"] {
+        let (code, stdout, stderr) =
+            run_with_env(name, &["man", generated.path().to_str().unwrap()], &[]);
+        assert_eq!(code, 0, "{name} man: {stderr}");
+        assert!(stdout.starts_with("wrote "), "{stdout}");
+    }
+    let pages = |dir: &Path| -> std::collections::BTreeMap<String, String> {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .map(|e| e.unwrap().path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "1"))
+                    .map(|p| {
+                        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                        (name, std::fs::read_to_string(&p).unwrap())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let fresh = pages(generated.path());
+    for page in [
+        "hybridge.1",
+        "hybridge-acl-apply.1",
+        "hybridge-check-config.1",
+        "hybridge-ca.1",
+        "hybridge-ca-issue-node.1",
+    ] {
+        assert!(
+            fresh.contains_key(page),
+            "{page} not generated: {:?}",
+            fresh.keys()
+        );
+    }
+    let man_dir = shipped.join("man");
+    if update {
+        let _ = std::fs::remove_dir_all(&man_dir);
+        std::fs::create_dir_all(&man_dir).unwrap();
+        for (name, text) in &fresh {
+            std::fs::write(man_dir.join(name), text).unwrap();
+        }
+    } else if pages(&man_dir) != fresh {
+        stale.push(man_dir.display().to_string());
+    }
+    assert!(
+        stale.is_empty(),
+        "{stale:?} differ from what the binaries generate: rerun with HYBRIDGE_UPDATE_GENERATED=1 \
+         cargo test -p hybridge-tests --test cli generated, and commit the result"
+    );
+}

@@ -85,11 +85,12 @@ pub enum AclCommand {
         /// The rule's id, as `acl list` shows it.
         id: String,
     },
-    /// Make the rules and export declarations equal a declarative TOML file, on one node or on
-    /// several (`--admin A --admin B`, or `--admin A,B`): each node is applied to even when
-    /// another fails, and reported on its own line. Exit code: 0 every node done (or, with
-    /// `--dry-run`, no node would change), 2 with `--dry-run` when a node would change (like
-    /// `terraform plan -detailed-exitcode`), 1 when any node failed, named on stderr.
+    /// Make the rules and export declarations equal a policy file, on one node or several.
+    ///
+    /// Several nodes: `--admin A --admin B`, or `--admin A,B`. Each node is applied to even
+    /// when another fails, and reported on its own line. Exit code: 0 every node done (or,
+    /// with `--dry-run`, no node would change), 2 with `--dry-run` when a node would change
+    /// (like `terraform plan -detailed-exitcode`), 1 when any node failed, named on stderr.
     Apply {
         /// The policy file.
         #[arg(short = 'f', long, value_name = "FILE")]
