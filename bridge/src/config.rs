@@ -375,6 +375,38 @@ fn field_line(text: &str, from: Option<usize>, message: &str) -> Option<usize> {
         .map(|(i, _)| i + 1)
 }
 
+/// An upstream setting `UpstreamSettings::validate` refused, as a `ConfigError` naming the
+/// export, the field and, when it is written as `key = value` under the export, its line.
+fn upstream_error(
+    text: &str,
+    export_line: Option<usize>,
+    name: &str,
+    error: crate::upstream::UpstreamConfigError,
+) -> ConfigError {
+    use crate::upstream::UpstreamConfigError as E;
+    let (field, message) = match error {
+        E::NoEndpoints { .. } => (
+            "endpoints".to_owned(),
+            "must list at least one \"host:port\"".to_owned(),
+        ),
+        E::InvalidEndpoint {
+            endpoint, reason, ..
+        } => (
+            "endpoints".to_owned(),
+            format!("{endpoint:?} is invalid: {reason}"),
+        ),
+        E::InvalidSetting { field, reason, .. } => (field.to_owned(), reason),
+        // Not produced by validation (it does no I/O); kept whole if it ever is.
+        other @ E::Resolve { .. } => ("endpoints".to_owned(), other.to_string()),
+    };
+    let key = field.rsplit('.').next().unwrap_or(&field);
+    ConfigError {
+        path: PathBuf::new(),
+        line: field_line(text, export_line, &format!("`{key}`")).or(export_line),
+        message: format!("export `{name}`: field `{field}`: {message}"),
+    }
+}
+
 /// 1-based line of `key = ...` inside the table `[table]`, for errors about a value that
 /// deserialized fine but fails a check across fields.
 fn key_line(text: &str, table: &str, key: &str) -> Option<usize> {
@@ -459,7 +491,10 @@ impl Config {
 
         let tunnel = raw.tunnel;
         if tunnel.listen.is_some() && tunnel.allowed_sites.is_empty() {
-            return Err(err(None, "field `tunnel.allowed_sites`: must name at least one site when `tunnel.listen` is set".into()));
+            return Err(err(
+                key_line(text, "tunnel", "listen"),
+                "field `tunnel.allowed_sites`: must name at least one site when `tunnel.listen` is set".into(),
+            ));
         }
         if tunnel.listen.is_none() && raw.peers.is_empty() {
             return Err(err(
@@ -474,7 +509,8 @@ impl Config {
         }
         if tunnel.idle_timeout <= tunnel.keepalive {
             return Err(err(
-                None,
+                key_line(text, "tunnel", "idle_timeout")
+                    .or_else(|| key_line(text, "tunnel", "keepalive")),
                 "field `tunnel.idle_timeout`: must be longer than `tunnel.keepalive`".into(),
             ));
         }
@@ -596,6 +632,24 @@ impl Config {
                             format!("export `{name}`: {message}"),
                         )
                     })?;
+            // The checks the upstream makes when it starts, made here so that `check-config`
+            // and a reload refuse what `run` would (one validation path).
+            upstream.validate(&name).map_err(|e| ConfigError {
+                path: path.to_owned(),
+                ..upstream_error(text, line, &name, e)
+            })?;
+            if let Some(endpoint) = upstream
+                .endpoints
+                .iter()
+                .find(|e| e.parse::<http::uri::Authority>().is_err())
+            {
+                return Err(err(
+                    field_line(text, line, "`endpoints`").or(line),
+                    format!(
+                        "export `{name}`: field `endpoints`: {endpoint:?} is not a valid \"host:port\""
+                    ),
+                ));
+            }
             exports.push(ExportConfig {
                 name,
                 upstream,

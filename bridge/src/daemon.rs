@@ -1,13 +1,14 @@
 //! `hybridge run`, `hybridge reload` and `hybridge check-config`: the process around a node —
-//! systemd notification, signals (SIGHUP reload, SIGTERM/SIGINT drain), asking a running node
-//! to reload and waiting for its answer, and config checking.
+//! systemd notification, signals (SIGHUP reload, SIGTERM/SIGINT drain, a second one exits),
+//! asking a running node to reload and waiting for its answer, and the checks `run` makes
+//! before it starts, which `check-config` shares.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::node::{self, Node};
@@ -19,9 +20,15 @@ fn notify(state: sd_notify::NotifyState<'_>) {
 }
 
 /// Runs a node until SIGTERM/SIGINT, reloading on SIGHUP (the reload tells systemd and logs its
-/// outcome itself, as it does for `hybridge reload`).
-pub async fn run(path: &Path, workers: Arc<Workers>) -> anyhow::Result<()> {
+/// outcome itself, as it does for `hybridge reload`). A second SIGTERM/SIGINT while the node
+/// drains ends the process at once, with 128 + the signal's number (130 for Ctrl-C), like a
+/// shell's child killed by it: the operator asked twice, so requests still in flight are cut.
+/// `Ok` is the exit code.
+pub async fn run(path: &Path, workers: Arc<Workers>) -> anyhow::Result<u8> {
     let config = Config::load(path)?;
+    // Its warnings are `check-config`'s business: the node reports a stale CRL itself, and
+    // status and metrics show the certificate's end.
+    preflight(&config).await?;
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -41,14 +48,79 @@ pub async fn run(path: &Path, workers: Arc<Workers>) -> anyhow::Result<()> {
     }
     notify(sd_notify::NotifyState::Stopping);
     info!("draining");
-    node.shutdown().await;
-    Ok(())
+    let signal_number = tokio::select! {
+        () = node.shutdown() => return Ok(0),
+        _ = terminate.recv() => libc::SIGTERM,
+        _ = interrupt.recv() => libc::SIGINT,
+    };
+    exit_on_second_signal(signal_number)
 }
 
-/// Checks the config and every file it references; returns a short report.
-pub fn check_config(path: &Path) -> anyhow::Result<String> {
-    let config = Config::load(path)?;
-    let material = node::load_tls(&config)?;
+/// Ends the process now (no destructor waits on requests still in flight), logging why.
+pub(crate) fn exit_on_second_signal(signal_number: i32) -> ! {
+    let code = 128 + signal_number;
+    warn!(
+        signal = signal_number,
+        exit_code = code,
+        "second stop signal while draining: exiting now, requests still in flight are cut"
+    );
+    std::process::exit(code)
+}
+
+/// Days before a certificate's end from which `check-config` warns (and still exits 0): a
+/// replacement instance must boot while its certificate is being renewed.
+pub const EXPIRY_WARNING_DAYS: i64 = 14;
+
+/// What the checks `run` makes before it starts found, besides errors.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConfigCheck {
+    /// The config file.
+    pub config: String,
+    /// The node's SPIFFE id, from its certificate.
+    pub node: String,
+    pub exports: usize,
+    /// Import listeners, the gateway counted as one.
+    pub imports: usize,
+    pub peers: usize,
+    /// End of the node certificate (RFC 3339) and whole days left until then.
+    pub certificate_not_after: String,
+    pub certificate_days_left: i64,
+    /// Things that do not stop `run` but need the operator: a certificate expiring soon, a
+    /// stale CRL it still applies, a port something already holds.
+    pub warnings: Vec<String>,
+}
+
+/// The checks `run` makes before it starts a node; `check-config` makes exactly these and adds
+/// warnings of its own ([`check_config`]). The config is already parsed and validated
+/// (`Config::load`, upstream settings included); this loads the TLS material as the node
+/// does (the key matches, the certificate chains to the CA, is in date and names this node)
+/// and resolves every upstream endpoint as the upstreams do at start.
+pub async fn preflight(config: &Config) -> anyhow::Result<ConfigCheck> {
+    let material = node::load_tls(config)?;
+    for export in &config.exports {
+        for endpoint in &export.upstream.endpoints {
+            let resolved = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                tokio::net::lookup_host(endpoint.as_str()),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("DNS lookup timed out"))
+            .and_then(|r| r.map_err(anyhow::Error::from))
+            .and_then(|mut addrs| {
+                addrs
+                    .next()
+                    .map(|_| ())
+                    .ok_or_else(|| anyhow::anyhow!("no address"))
+            });
+            resolved.with_context(|| {
+                format!(
+                    "{}: export `{}`: upstream endpoint {endpoint:?} did not resolve",
+                    config.source.display(),
+                    export.name
+                )
+            })?;
+        }
+    }
     let leaf = material
         .chain
         .first()
@@ -62,17 +134,17 @@ pub fn check_config(path: &Path) -> anyhow::Result<String> {
             )
         })?
         .not_after;
-    let remaining = not_after - time::OffsetDateTime::now_utc();
-    if remaining < time::Duration::days(14) {
-        anyhow::bail!(
-            "node certificate {} expires {} (in {} days); renew it with `hybridge-ca issue node`",
+    let now = time::OffsetDateTime::now_utc();
+    let remaining = not_after - now;
+    let mut warnings = Vec::new();
+    if remaining < time::Duration::days(EXPIRY_WARNING_DAYS) {
+        warnings.push(format!(
+            "node certificate {} expires {} (in {} days); renew it with `hybridge-ca issue node` and reload",
             config.tls.cert.display(),
             not_after,
             remaining.whole_days()
-        );
+        ));
     }
-    let mut stale_crls = String::new();
-    let now = time::OffsetDateTime::now_utc();
     for (i, der) in material.crls.iter().enumerate() {
         let crl = hybridge_ca::inspect::summarize_crl(der.as_ref())
             .map_err(|e| anyhow::anyhow!("CRL #{} of {:?}: {e}", i + 1, config.tls.crl))?;
@@ -96,20 +168,111 @@ pub fn check_config(path: &Path) -> anyhow::Result<String> {
                     "{stale} and tls.crl_stale = \"refuse\" would refuse every peer; issue a current one with `hybridge-ca crl`"
                 );
             }
-            stale_crls += &format!(
-                "; warning: {stale} (tls.crl_stale = \"warn\": still applied; issue a current one with `hybridge-ca crl`)"
-            );
+            warnings.push(format!(
+                "{stale} (tls.crl_stale = \"warn\": still applied; issue a current one with `hybridge-ca crl`)"
+            ));
         }
     }
-    Ok(format!(
-        "{}: ok — node {} ({} exports, {} imports, {} peers), certificate valid for {} more days{stale_crls}",
-        path.display(),
-        material.own_id,
-        config.exports.len(),
-        config.imports.len() + usize::from(config.gateway.is_some()),
-        config.peers.len(),
-        remaining.whole_days()
-    ))
+    Ok(ConfigCheck {
+        config: config.source.display().to_string(),
+        node: material.own_id.to_string(),
+        exports: config.exports.len(),
+        imports: config.imports.len() + usize::from(config.gateway.is_some()),
+        peers: config.peers.len(),
+        certificate_not_after: not_after
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| not_after.to_string()),
+        certificate_days_left: remaining.whole_days(),
+        warnings,
+    })
+}
+
+/// `hybridge check-config`: the checks of [`preflight`], plus a warning for every address the
+/// node would listen on that something already holds (the node itself, when it runs: so a
+/// warning, not an error).
+pub async fn check_config(path: &Path) -> anyhow::Result<ConfigCheck> {
+    let config = Config::load(path)?;
+    let mut checked = preflight(&config).await?;
+    checked.warnings.extend(ports_in_use(&config));
+    Ok(checked)
+}
+
+/// Runs `check-config` and prints its result; `Ok` is the exit code (0 `run` would start, with
+/// warnings on stderr; 1 it would not, the reason on stderr and, with `--json`, on stdout).
+pub async fn check_config_command(path: &Path, json: bool) -> anyhow::Result<u8> {
+    match check_config(path).await {
+        Ok(checked) => {
+            for warning in &checked.warnings {
+                eprintln!("warning: {warning}");
+            }
+            if json {
+                let mut doc = serde_json::to_value(&checked)?;
+                doc["ok"] = serde_json::Value::Bool(true);
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                println!(
+                    "{}: ok — node {} ({} exports, {} imports, {} peers), certificate valid for {} more days{}",
+                    checked.config,
+                    checked.node,
+                    checked.exports,
+                    checked.imports,
+                    checked.peers,
+                    checked.certificate_days_left,
+                    match checked.warnings.len() {
+                        0 => String::new(),
+                        n => format!(", {n} warning(s)"),
+                    }
+                );
+            }
+            Ok(0)
+        }
+        Err(error) if json => {
+            let doc = serde_json::json!({
+                "ok": false,
+                "config": path.display().to_string(),
+                "error": format!("{error:#}"),
+            });
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+            eprintln!("error: {error:#}");
+            Ok(1)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// A warning for each address of `config` that cannot be bound now (port 0 is never taken).
+fn ports_in_use(config: &Config) -> Vec<String> {
+    let mut tcp: Vec<(String, std::net::SocketAddr)> = Vec::new();
+    for import in &config.imports {
+        tcp.push((format!("import `{}`", import.service), import.listen));
+    }
+    if let Some(gateway) = &config.gateway {
+        tcp.push(("gateway".into(), gateway.listen));
+    }
+    tcp.push(("admin.listen".into(), config.admin.listen));
+    if let Some(health) = config.admin.health_listen {
+        tcp.push(("admin.health_listen".into(), health));
+    }
+    if let Some(remote) = &config.admin.remote {
+        tcp.push(("admin.remote.listen".into(), remote.listen));
+    }
+    let mut warnings = Vec::new();
+    let taken = |what: &str, addr: std::net::SocketAddr, protocol: &str, e: std::io::Error| {
+        format!(
+            "{what}: {protocol} {addr} is not free ({e}): `run` would fail to bind it, unless it is this node's own, running"
+        )
+    };
+    for (what, addr) in tcp.into_iter().filter(|(_, a)| a.port() != 0) {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            warnings.push(taken(&what, addr, "TCP", e));
+        }
+    }
+    if let Some(listen) = config.tunnel.listen.filter(|a| a.port() != 0)
+        && let Err(e) = std::net::UdpSocket::bind(listen)
+    {
+        warnings.push(taken("tunnel.listen", listen, "UDP", e));
+    }
+    warnings
 }
 
 /// `hybridge reload`: asks the running node to reload its configuration file (the same reload
@@ -123,20 +286,8 @@ pub async fn reload(
     admin: &crate::admin::client::AdminArgs,
     config: Option<&Path>,
 ) -> anyhow::Result<String> {
-    use crate::admin::client::{ADMIN_ENV, AdminArgs, AdminEndpoint};
-    let mut admin = admin.clone();
-    // Why the socket could not be taken from `config`, for a failed connection's message.
-    let mut socket_note = None;
-    if admin.admin.is_none()
-        && std::env::var_os(ADMIN_ENV).is_none_or(|v| v.is_empty())
-        && let Some(config) = config
-    {
-        match admin_socket_in(config) {
-            Ok(socket) => admin.admin = Some(AdminEndpoint::Unix(socket)),
-            Err(why) => socket_note = Some(why),
-        }
-    }
-    let client = AdminArgs::client(&admin)?;
+    let (admin, socket_note) = admin_of_config(admin, config);
+    let client = admin.client()?;
     let response = client
         .request(http::Method::POST, "/v1/reload", None)
         .await
@@ -163,6 +314,28 @@ pub async fn reload(
         );
     }
     Ok(out)
+}
+
+/// `admin` with the admin socket `config` names filled in, when neither `--admin` nor
+/// `HYBRIDGE_ADMIN` says where the node is; and, when the file could not be read, why (for
+/// the message of a failed connection).
+pub(crate) fn admin_of_config(
+    admin: &crate::admin::client::AdminArgs,
+    config: Option<&Path>,
+) -> (crate::admin::client::AdminArgs, Option<String>) {
+    use crate::admin::client::{ADMIN_ENV, AdminEndpoint};
+    let mut admin = admin.clone();
+    let mut socket_note = None;
+    if admin.admin.is_empty()
+        && std::env::var_os(ADMIN_ENV).is_none_or(|v| v.is_empty())
+        && let Some(config) = config
+    {
+        match admin_socket_in(config) {
+            Ok(socket) => admin.admin = vec![AdminEndpoint::Unix(socket)],
+            Err(why) => socket_note = Some(why),
+        }
+    }
+    (admin, socket_note)
 }
 
 /// The admin socket a config file names (`admin.socket`, relative to the file's folder), or

@@ -232,6 +232,10 @@ suffix = "hybridge"
     /// The commands `hybridge dev` prints: curl through the tunnel, `hybridge` through the admin
     /// sockets, curl to the read-only metrics listener.
     pub fn curl_commands(&self) -> Vec<(String, String)> {
+        let hybridge = hybridge_command(
+            std::env::current_exe().ok().as_deref(),
+            std::env::var_os("CARGO_MANIFEST_DIR").is_some(),
+        );
         let onprem = self.onprem.addresses();
         let cloud = self.cloud.addresses();
         let inventory = onprem.imports[0].1;
@@ -271,21 +275,21 @@ suffix = "hybridge"
         commands.push((
             "on-prem node status, through its admin socket".into(),
             format!(
-                "cargo run -q -p hybridge -- status --admin unix:{}",
+                "{hybridge} status --admin unix:{}",
                 onprem.admin_socket.display()
             ),
         ));
         commands.push((
             "the cloud node's rules; change them with acl add/rm/apply on the same socket".into(),
             format!(
-                "cargo run -q -p hybridge -- acl ls --admin unix:{}",
+                "{hybridge} acl list --admin unix:{}",
                 cloud.admin_socket.display()
             ),
         ));
         commands.push((
             "who changed what (the sample policy was applied by `hybridge dev`)".into(),
             format!(
-                "cargo run -q -p hybridge -- acl log --admin unix:{}",
+                "{hybridge} acl log --admin unix:{}",
                 cloud.admin_socket.display()
             ),
         ));
@@ -315,8 +319,30 @@ suffix = "hybridge"
     }
 }
 
-/// `hybridge dev`: start, print the commands, wait for Ctrl-C, stop cleanly.
-pub async fn run(base_port: u16, workers: Arc<Workers>) -> anyhow::Result<()> {
+/// How the printed commands run `hybridge`: the binary that is running, by its absolute path
+/// (quoted for the shell when it needs it), so they work whatever is on PATH. Under `cargo
+/// run` (`cargo` sets CARGO_MANIFEST_DIR for the process it runs) the path is cargo's build
+/// output, which the next build replaces, so `cargo run` is printed instead.
+pub fn hybridge_command(current_exe: Option<&Path>, under_cargo: bool) -> String {
+    match current_exe {
+        Some(exe) if !under_cargo => {
+            let text = exe.display().to_string();
+            if text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c))
+            {
+                text
+            } else {
+                format!("'{}'", text.replace('\'', r"'\''"))
+            }
+        }
+        _ => "cargo run -q -p hybridge --".to_owned(),
+    }
+}
+
+/// `hybridge dev`: start, print the commands, wait for Ctrl-C, stop cleanly; a second Ctrl-C
+/// while stopping exits at once (130). `Ok` is the exit code.
+pub async fn run(base_port: u16, workers: Arc<Workers>) -> anyhow::Result<u8> {
     let env = DevEnvironment::start_on(base_port, workers).await?;
     println!(
         "hybridge dev: CA, on-prem node and cloud node are up in {}",
@@ -331,6 +357,30 @@ pub async fn run(base_port: u16, workers: Arc<Workers>) -> anyhow::Result<()> {
         .await
         .context("waiting for Ctrl-C")?;
     println!("stopping…");
-    env.shutdown().await;
-    Ok(())
+    tokio::select! {
+        () = env.shutdown() => Ok(0),
+        _ = tokio::signal::ctrl_c() => crate::daemon::exit_on_second_signal(libc::SIGINT),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_commands_name_the_running_binary() {
+        assert_eq!(
+            hybridge_command(Some(Path::new("/usr/bin/hybridge")), false),
+            "/usr/bin/hybridge"
+        );
+        assert_eq!(
+            hybridge_command(Some(Path::new("/opt/my tools/hybridge")), false),
+            "'/opt/my tools/hybridge'"
+        );
+        assert_eq!(
+            hybridge_command(Some(Path::new("/repo/target/debug/hybridge")), true),
+            "cargo run -q -p hybridge --"
+        );
+        assert_eq!(hybridge_command(None, false), "cargo run -q -p hybridge --");
+    }
 }

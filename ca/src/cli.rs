@@ -37,7 +37,7 @@ pub enum Command {
     /// List every certificate this CA issued.
     List {
         /// CA directory.
-        #[arg(long)]
+        #[arg(long, env = CA_DIR_ENV)]
         dir: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -48,7 +48,7 @@ pub enum Command {
     /// Write a signed CRL listing every revoked certificate.
     Crl {
         /// CA directory.
-        #[arg(long)]
+        #[arg(long, env = CA_DIR_ENV)]
         dir: PathBuf,
         /// Where to write the CRL (PEM).
         #[arg(long)]
@@ -62,8 +62,22 @@ pub enum Command {
         /// Certificate file (PEM chain or DER); the first certificate is shown.
         file: PathBuf,
         /// CA directory: also report whether the certificate is revoked.
-        #[arg(long)]
+        #[arg(long, env = CA_DIR_ENV)]
         dir: Option<PathBuf>,
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script for hybridge-ca to stdout.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for hybridge-ca and each of its subcommands into DIR.
+    Man {
+        /// Folder to write hybridge-ca.1, hybridge-ca-issue.1, ... into (created if missing).
+        dir: PathBuf,
     },
 }
 
@@ -71,7 +85,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct InitArgs {
     /// CA directory (created 0700 if missing).
-    #[arg(long)]
+    #[arg(long, env = CA_DIR_ENV)]
     pub dir: PathBuf,
     /// Trust domain, e.g. corp.example ([a-z0-9._-]+).
     #[arg(long)]
@@ -99,7 +113,7 @@ pub enum IssueCommand {
     /// Certificate for a bridge node: spiffe://TD/site/SITE/node/NAME.
     Node {
         /// CA directory.
-        #[arg(long)]
+        #[arg(long, env = CA_DIR_ENV)]
         dir: PathBuf,
         /// Site of the node.
         #[arg(long)]
@@ -119,11 +133,14 @@ pub enum IssueCommand {
         /// Output prefix: writes PREFIX.pem (chain) and PREFIX.key (0600).
         #[arg(long)]
         out: PathBuf,
+        /// Print JSON instead of a line.
+        #[arg(long)]
+        json: bool,
     },
     /// Certificate for a service: spiffe://TD/svc/NAME.
     Service {
         /// CA directory.
-        #[arg(long)]
+        #[arg(long, env = CA_DIR_ENV)]
         dir: PathBuf,
         /// Service name.
         #[arg(long)]
@@ -137,13 +154,17 @@ pub enum IssueCommand {
         /// Output prefix: writes PREFIX.pem (chain) and PREFIX.key (0600).
         #[arg(long)]
         out: PathBuf,
+        /// Print JSON instead of a line.
+        #[arg(long)]
+        json: bool,
     },
-    /// Certificate for an administrator: spiffe://TD/admin/NAME (clientAuth only), for
-    /// `hybridge acl --admin https://NODE:PORT --cert PREFIX.pem --key PREFIX.key --ca ca.pem`
-    /// against a node's remote admin listener (`[admin.remote]`).
+    /// Certificate for an administrator: spiffe://TD/admin/NAME (clientAuth only).
+    ///
+    /// For `hybridge acl --admin https://NODE:PORT --cert PREFIX.pem --key PREFIX.key --ca
+    /// ca.pem` against a node's remote admin listener (`[admin.remote]`).
     Admin {
         /// CA directory.
-        #[arg(long)]
+        #[arg(long, env = CA_DIR_ENV)]
         dir: PathBuf,
         /// Administrator name, recorded in every audit log entry of the changes made with it.
         #[arg(long)]
@@ -154,6 +175,9 @@ pub enum IssueCommand {
         /// Output prefix: writes PREFIX.pem (chain) and PREFIX.key (0600).
         #[arg(long)]
         out: PathBuf,
+        /// Print JSON instead of a line.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -161,7 +185,7 @@ pub enum IssueCommand {
 #[derive(Debug, Args)]
 pub struct RevokeArgs {
     /// CA directory.
-    #[arg(long)]
+    #[arg(long, env = CA_DIR_ENV)]
     pub dir: PathBuf,
     /// Serial number (hex) to revoke.
     #[arg(required_unless_present = "spiffe", conflicts_with = "spiffe")]
@@ -173,7 +197,13 @@ pub struct RevokeArgs {
     /// superseded, cessation-of-operation, privilege-withdrawn.
     #[arg(long, default_value = "unspecified")]
     pub reason: RevocationReason,
+    /// Print JSON instead of lines.
+    #[arg(long)]
+    pub json: bool,
 }
+
+/// The environment variable naming the CA directory when `--dir` is not given.
+pub const CA_DIR_ENV: &str = "HYBRIDGE_CA_DIR";
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     duration::parse(s).map_err(|e| e.to_string())
@@ -201,7 +231,17 @@ pub fn error_line(err: &anyhow::Error) -> String {
 }
 
 fn open(dir: &Path) -> Result<CertificateAuthority> {
-    CertificateAuthority::open(dir).with_context(|| format!("opening CA in {}", dir.display()))
+    // A folder that came from the environment says so: the operator may not know it is set.
+    let typed = std::env::args().any(|a| a == "--dir" || a.starts_with("--dir="));
+    let from_env = !typed && std::env::var_os(CA_DIR_ENV).is_some_and(|v| Path::new(&v) == dir);
+    CertificateAuthority::open(dir).with_context(|| {
+        let source = if from_env {
+            format!(" (from {CA_DIR_ENV})")
+        } else {
+            String::new()
+        };
+        format!("opening CA in {}{source}", dir.display())
+    })
 }
 
 fn time_text(t: OffsetDateTime) -> String {
@@ -237,12 +277,13 @@ pub fn run(cli: Cli) -> Result<()> {
             ip,
             validity,
             out,
+            json,
         }) => {
             let ca = open(&dir)?;
             let issued = ca
                 .issue_node(&site, &name, &dns, &ip, validity)
                 .context("issuing node certificate")?;
-            report_issued(&issued, &out)?;
+            report_issued(&issued, &out, json)?;
         }
         Command::Issue(IssueCommand::Service {
             dir,
@@ -250,24 +291,26 @@ pub fn run(cli: Cli) -> Result<()> {
             dns,
             validity,
             out,
+            json,
         }) => {
             let ca = open(&dir)?;
             let issued = ca
                 .issue_service(&name, &dns, validity)
                 .context("issuing service certificate")?;
-            report_issued(&issued, &out)?;
+            report_issued(&issued, &out, json)?;
         }
         Command::Issue(IssueCommand::Admin {
             dir,
             name,
             validity,
             out,
+            json,
         }) => {
             let ca = open(&dir)?;
             let issued = ca
                 .issue_admin(&name, validity)
                 .context("issuing administrator certificate")?;
-            report_issued(&issued, &out)?;
+            report_issued(&issued, &out, json)?;
         }
         Command::List { dir, json } => {
             let ca = open(&dir)?;
@@ -294,14 +337,14 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Revoke(args) => {
             let ca = open(&args.dir)?;
-            match (args.serial, args.spiffe) {
+            let (count, what) = match (&args.serial, &args.spiffe) {
                 (Some(serial), _) => {
-                    ca.revoke_serial(&serial, args.reason)
+                    ca.revoke_serial(serial, args.reason)
                         .with_context(|| format!("revoking serial {serial}"))?;
-                    println!("revoked {serial} ({})", args.reason);
+                    (1, serial.clone())
                 }
                 (None, Some(uri)) => {
-                    let id = SpiffeId::parse(&uri).context("--spiffe")?;
+                    let id = SpiffeId::parse(uri).context("--spiffe")?;
                     let n = ca
                         .revoke_spiffe(&id, args.reason)
                         .with_context(|| format!("revoking {id}"))?;
@@ -311,11 +354,26 @@ pub fn run(cli: Cli) -> Result<()> {
                             args.dir.display()
                         );
                     }
-                    println!("revoked {n} certificate(s) of {id} ({})", args.reason);
+                    (n, id.to_string())
                 }
                 (None, None) => bail!("give a SERIAL or --spiffe ID"),
+            };
+            if args.json {
+                let doc = serde_json::json!({
+                    "serial": args.serial,
+                    "spiffe_id": args.spiffe,
+                    "revoked": count,
+                    "reason": args.reason.as_str(),
+                });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                if args.serial.is_some() {
+                    println!("revoked {what} ({})", args.reason);
+                } else {
+                    println!("revoked {count} certificate(s) of {what} ({})", args.reason);
+                }
+                println!("run `hybridge-ca crl` and distribute the CRL so nodes reject it");
             }
-            println!("run `hybridge-ca crl` and distribute the CRL so nodes reject it");
         }
         Command::Crl {
             dir,
@@ -334,33 +392,79 @@ pub fn run(cli: Cli) -> Result<()> {
                 out.display()
             );
         }
-        Command::Inspect { file, dir } => {
+        Command::Inspect { file, dir, json } => {
             let bytes = std::fs::read(&file)
                 .with_context(|| format!("reading certificate {}", file.display()))?;
             let summary = inspect::summarize(&bytes)
                 .with_context(|| format!("inspecting {}", file.display()))?;
-            println!("{summary}");
-            if let Some(dir) = dir {
-                let ca = open(&dir)?;
-                let line = match ca.find_serial(&summary.serial_hex)? {
-                    None => "not issued by this CA".to_string(),
-                    Some(IssuedRecord {
-                        revocation: Some(rev),
-                        ..
-                    }) => format!("REVOKED at {} ({})", time_text(rev.at), rev.reason),
-                    Some(record) => record.status().as_str().to_string(),
-                };
-                println!("status:      {line}");
+            let status = match dir {
+                Some(dir) => {
+                    let ca = open(&dir)?;
+                    Some(match ca.find_serial(&summary.serial_hex)? {
+                        None => ("not issued by this CA".to_string(), None),
+                        Some(IssuedRecord {
+                            revocation: Some(rev),
+                            ..
+                        }) => (
+                            "revoked".to_string(),
+                            Some(format!("REVOKED at {} ({})", time_text(rev.at), rev.reason)),
+                        ),
+                        Some(record) => (record.status().as_str().to_string(), None),
+                    })
+                }
+                None => None,
+            };
+            if json {
+                let mut doc = summary_json(&summary);
+                if let Some((status, _)) = &status {
+                    doc["status"] = serde_json::Value::from(status.as_str());
+                }
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                println!("{summary}");
+                if let Some((status, revoked)) = status {
+                    println!("status:      {}", revoked.unwrap_or(status));
+                }
             }
+        }
+        Command::Completions { shell } => {
+            crate::command_line::write_completion(
+                <Cli as clap::CommandFactory>::command(),
+                shell,
+                &mut std::io::stdout(),
+            );
+        }
+        Command::Man { dir } => {
+            let pages = crate::command_line::write_man_pages(
+                <Cli as clap::CommandFactory>::command(),
+                &dir,
+            )
+            .with_context(|| format!("writing man pages into {}", dir.display()))?;
+            println!("wrote {} man page(s) into {}", pages.len(), dir.display());
         }
     }
     Ok(())
 }
 
-fn report_issued(issued: &crate::authority::IssuedCertificate, out: &Path) -> Result<()> {
+fn report_issued(
+    issued: &crate::authority::IssuedCertificate,
+    out: &Path,
+    json: bool,
+) -> Result<()> {
     let (pem, key) = issued
         .write(out)
         .with_context(|| format!("writing certificate for {}", issued.spiffe_id))?;
+    if json {
+        let doc = serde_json::json!({
+            "spiffe_id": issued.spiffe_id.to_string(),
+            "serial": issued.serial_hex,
+            "not_after": time_text(issued.not_after),
+            "certificate": pem,
+            "key": key,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
     println!(
         "issued {} serial {} valid until {}: {} {}",
         issued.spiffe_id,
@@ -370,6 +474,23 @@ fn report_issued(issued: &crate::authority::IssuedCertificate, out: &Path) -> Re
         key.display()
     );
     Ok(())
+}
+
+fn summary_json(s: &inspect::CertificateSummary) -> serde_json::Value {
+    serde_json::json!({
+        "subject": s.subject,
+        "issuer": s.issuer,
+        "serial": s.serial_hex,
+        "not_before": time_text(s.not_before),
+        "not_after": time_text(s.not_after),
+        "uris": s.uris,
+        "dns_names": s.dns_names,
+        "ips": s.ips,
+        "extended_key_usage": s.extended_key_usage,
+        "sha256_fingerprint": s.sha256_fingerprint,
+        "is_ca": s.is_ca,
+        "certificates_in_file": s.certificates_in_file,
+    })
 }
 
 fn record_json(r: &IssuedRecord) -> serde_json::Value {
@@ -394,6 +515,12 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_argument_and_subcommand_has_help() {
+        let missing = crate::command_line::undocumented_arguments(&Cli::command());
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
     }
 
     #[test]

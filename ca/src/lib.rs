@@ -6,6 +6,7 @@
 
 pub mod authority;
 pub mod cli;
+pub mod command_line;
 pub mod duration;
 pub mod files;
 pub mod inspect;

@@ -27,7 +27,11 @@ fn main() -> ExitCode {
             };
         }
         Err(e) => {
-            eprintln!("{}", cli::clap_error_line(&e.render().to_string()));
+            let args: Vec<_> = std::env::args_os().collect();
+            let command = <Cli as clap::CommandFactory>::command();
+            let line = hybridge_ca::command_line::env_error_line(&e, &command, &args)
+                .unwrap_or_else(|| cli::clap_error_line(&e.render().to_string()));
+            eprintln!("{line}");
             return ExitCode::from(2);
         }
     };

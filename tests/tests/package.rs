@@ -72,6 +72,36 @@ fn the_deb_has_what_an_operator_needs_and_installs_into_a_throwaway_root() {
             "-rw-r--r--",
         ),
         ("./usr/share/doc/hybridge/copyright", "-rw-r--r--"),
+        // Completions and man pages generated from the clap definitions (cargo-deb gzips
+        // man pages, as Debian policy asks).
+        (
+            "./usr/share/bash-completion/completions/hybridge",
+            "-rw-r--r--",
+        ),
+        (
+            "./usr/share/bash-completion/completions/hybridge-ca",
+            "-rw-r--r--",
+        ),
+        ("./usr/share/zsh/vendor-completions/_hybridge", "-rw-r--r--"),
+        (
+            "./usr/share/zsh/vendor-completions/_hybridge-ca",
+            "-rw-r--r--",
+        ),
+        (
+            "./usr/share/fish/vendor_completions.d/hybridge.fish",
+            "-rw-r--r--",
+        ),
+        (
+            "./usr/share/fish/vendor_completions.d/hybridge-ca.fish",
+            "-rw-r--r--",
+        ),
+        ("./usr/share/man/man1/hybridge.1.gz", "-rw-r--r--"),
+        ("./usr/share/man/man1/hybridge-acl-apply.1.gz", "-rw-r--r--"),
+        ("./usr/share/man/man1/hybridge-ca.1.gz", "-rw-r--r--"),
+        (
+            "./usr/share/man/man1/hybridge-ca-issue-node.1.gz",
+            "-rw-r--r--",
+        ),
     ] {
         let line = listing
             .lines()
@@ -152,6 +182,30 @@ fn the_deb_has_what_an_operator_needs_and_installs_into_a_throwaway_root() {
     // The installed binary runs.
     let version = run(Command::new(root.join("usr/bin/hybridge")).arg("--version"));
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("hybridge "));
+    // Every man page the binaries generate is installed, and bash loads the completion.
+    let pages = std::fs::read_dir(root.join("usr/share/man/man1"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("hybridge")
+        })
+        .count();
+    let shipped = std::fs::read_dir(repo_root().join("bridge/debian/man"))
+        .unwrap()
+        .count();
+    assert_eq!(pages, shipped);
+    let completion = root.join("usr/share/bash-completion/completions/hybridge");
+    let loaded = run(Command::new("bash").arg("-c").arg(format!(
+        "source {} && complete -p hybridge",
+        completion.display()
+    )));
+    assert!(
+        String::from_utf8_lossy(&loaded.stdout).contains("hybridge"),
+        "{loaded:?}"
+    );
 
     // Upgrade (reinstall) keeps the operator's conffile edits and their state.
     let default = root.join("etc/default/hybridge");

@@ -26,7 +26,9 @@ fn dev_demo_works(worker_threads: Option<&str>) {
     let mut command = Command::new(binary("hybridge"));
     command
         .args(["dev", "--base-port", &base.to_string()])
-        .env("HYBRIDGE_LOG", "warn");
+        .env("HYBRIDGE_LOG", "warn")
+        // As an installed binary runs: not under `cargo run` (which sets this for its child).
+        .env_remove("CARGO_MANIFEST_DIR");
     if let Some(threads) = worker_threads {
         command.args(["--worker-threads", threads]);
     }
@@ -75,12 +77,19 @@ fn dev_demo_works(worker_threads: Option<&str>) {
             assert!(stdout.contains("x-demo-upstream: "), "{curl}: {stdout}");
         }
     }
-    // The printed `hybridge` commands reach the nodes through their admin sockets.
-    let hybridge_commands: Vec<Vec<String>> = dev
+    // The printed `hybridge` commands name the running binary and reach the nodes through
+    // their admin sockets, pasted into a shell as they are.
+    let prefix = format!("{} ", binary("hybridge").display());
+    let hybridge_commands: Vec<(String, Vec<String>)> = dev
         .seen
         .iter()
-        .filter_map(|l| l.strip_prefix("cargo run -q -p hybridge -- "))
-        .map(|args| args.split_whitespace().map(str::to_owned).collect())
+        .filter_map(|l| {
+            let args = l.strip_prefix(&prefix)?;
+            Some((
+                l.clone(),
+                args.split_whitespace().map(str::to_owned).collect(),
+            ))
+        })
         .collect();
     assert!(
         hybridge_commands.len() >= 3,
@@ -88,14 +97,11 @@ fn dev_demo_works(worker_threads: Option<&str>) {
         dev.seen
     );
     let mut sockets = Vec::new();
-    for args in &hybridge_commands {
+    for (line, args) in &hybridge_commands {
         let admin = args.iter().skip_while(|a| *a != "--admin").nth(1).unwrap();
         assert!(admin.starts_with("unix:/"), "{args:?}");
         sockets.push(std::path::PathBuf::from(&admin["unix:".len()..]));
-        let output = Command::new(binary("hybridge"))
-            .args(args)
-            .output()
-            .unwrap();
+        let output = Command::new("sh").args(["-c", line]).output().unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
             output.status.success(),
@@ -104,7 +110,7 @@ fn dev_demo_works(worker_threads: Option<&str>) {
         );
         let expected = match args[0].as_str() {
             "status" => "spiffe://dev.hybridge/site/onprem/node/onprem-1",
-            _ if args[1] == "ls" => "web-to-inventory",
+            _ if args[1] == "list" => "web-to-inventory",
             _ => "by hybridge dev",
         };
         assert!(stdout.contains(expected), "hybridge {args:?}: {stdout}");

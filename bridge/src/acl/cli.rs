@@ -27,18 +27,22 @@ const LOG_IDS_SHOWN: usize = 10;
 /// file directly.
 #[derive(Debug, Clone, Args)]
 pub struct AclTarget {
-    /// Operate directly on this redb file (the daemon using it must be stopped).
+    /// Operate directly on this redb file (the daemon using it must be stopped) instead of
+    /// through a node's admin API.
     #[arg(long, value_name = "PATH", conflicts_with = "admin", global = true)]
     pub db: Option<PathBuf>,
     #[command(flatten)]
     pub admin: AdminArgs,
 }
 
-/// `hybridge acl` subcommands.
+/// `hybridge acl` subcommands. Flags use the policy file's words (`--source`,
+/// `--source-site`, `--destination`); the older `--from`, `--from-site` and `--to` still
+/// parse, unshown, so scripts written against them keep working.
 #[derive(Debug, Clone, Subcommand)]
 pub enum AclCommand {
-    /// List the rules and the policy version.
-    Ls {
+    /// List the rules, export declarations and the policy version.
+    #[command(visible_alias = "ls")]
+    List {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -46,58 +50,69 @@ pub enum AclCommand {
     /// Add one rule.
     #[command(group = clap::ArgGroup::new("action").required(true).args(["allow", "deny"]))]
     Add {
-        /// Calling service, or "*".
-        #[arg(long)]
-        from: String,
-        /// Only callers entering through a node of this site (repeatable; default any site).
-        #[arg(long = "from-site", value_name = "SITE")]
-        from_sites: Vec<String>,
-        /// Called service, or "*".
-        #[arg(long)]
-        to: String,
+        /// Calling service, or "*" (the policy file's `source`).
+        #[arg(long, alias = "from", value_name = "SERVICE")]
+        source: String,
+        /// Only callers entering through a node of this site (repeatable; default any site;
+        /// the policy file's `source_site`).
+        #[arg(long = "source-site", alias = "from-site", value_name = "SITE")]
+        source_sites: Vec<String>,
+        /// Called service, or "*" (the policy file's `destination`).
+        #[arg(long, alias = "to", value_name = "SERVICE")]
+        destination: String,
+        /// The rule allows the calls it matches.
         #[arg(long)]
         allow: bool,
+        /// The rule denies the calls it matches.
         #[arg(long)]
         deny: bool,
         /// Restrict to this HTTP method (repeatable).
         #[arg(long = "method", value_name = "METHOD")]
         methods: Vec<String>,
-        /// Restrict to paths starting with this prefix.
-        #[arg(long)]
+        /// Restrict to paths starting with this prefix (on segment boundaries).
+        #[arg(long, value_name = "PATH")]
         path_prefix: Option<String>,
-        #[arg(long)]
+        /// Free text kept with the rule and shown by `acl list`.
+        #[arg(long, value_name = "TEXT")]
         description: Option<String>,
         /// Rule id (default: SOURCE-to-DESTINATION[-N]).
         #[arg(long)]
         id: Option<String>,
     },
     /// Remove a rule by id.
-    Rm { id: String },
-    /// Make the rules and export declarations equal a declarative TOML file. With
-    /// `--dry-run` the exit code says whether anything would change: 0 no change, 2 changes
-    /// pending (1 is an error), like `terraform plan -detailed-exitcode`.
+    #[command(visible_alias = "rm")]
+    Remove {
+        /// The rule's id, as `acl list` shows it.
+        id: String,
+    },
+    /// Make the rules and export declarations equal a policy file, on one node or several.
+    ///
+    /// Several nodes: `--admin A --admin B`, or `--admin A,B`. Each node is applied to even
+    /// when another fails, and reported on its own line. Exit code: 0 every node done (or,
+    /// with `--dry-run`, no node would change), 2 with `--dry-run` when a node would change
+    /// (like `terraform plan -detailed-exitcode`), 1 when any node failed, named on stderr.
     Apply {
         /// The policy file.
-        #[arg(short = 'f', long)]
+        #[arg(short = 'f', long, value_name = "FILE")]
         file: PathBuf,
         /// Show the diff without changing anything.
         #[arg(long)]
         dry_run: bool,
-        /// Print the diff as JSON.
+        /// Print the diff as JSON (an array of one object per node when several are given).
         #[arg(long)]
         json: bool,
     },
     /// Explain the decision for a request. Exit code: 0 allowed, 1 denied, 2 error.
     Check {
-        /// Calling service.
-        #[arg(long)]
-        from: String,
+        /// Calling service (the policy file's `source`).
+        #[arg(long, alias = "from", value_name = "SERVICE")]
+        source: String,
         /// Site of the node the caller enters through (rules with `source_site` need it).
-        #[arg(long = "from-site", value_name = "SITE")]
-        from_site: Option<String>,
-        /// Called service.
-        #[arg(long)]
-        to: String,
+        #[arg(long = "source-site", alias = "from-site", value_name = "SITE")]
+        source_site: Option<String>,
+        /// Called service (the policy file's `destination`).
+        #[arg(long, alias = "to", value_name = "SERVICE")]
+        destination: String,
         /// HTTP method, e.g. GET.
         method: Option<String>,
         /// Request path, e.g. /api/invoices.
@@ -108,7 +123,8 @@ pub enum AclCommand {
     },
     /// Show the audit log, newest first.
     Log {
-        #[arg(long, default_value_t = 20)]
+        /// How many entries to show.
+        #[arg(long, value_name = "N", default_value_t = 20)]
         limit: usize,
         /// Print JSON (every id an apply entry kept) instead of lines.
         #[arg(long)]
@@ -120,6 +136,8 @@ pub enum AclCommand {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
     pub text: String,
+    /// What goes to stderr (a multi-node apply names the nodes that failed).
+    pub errors: String,
     /// 0, or the command's documented code for a negative result (`check`: 1 denied;
     /// `apply --dry-run`: 2 changes pending). Errors are not reports.
     pub exit_code: u8,
@@ -136,11 +154,24 @@ pub const EXIT_CHECK_ERROR: u8 = 2;
 pub async fn run(target: AclTarget, cmd: AclCommand) -> anyhow::Result<u8> {
     let report = execute(&target, cmd).await?;
     print!("{}", report.text);
+    eprint!("{}", report.errors);
     Ok(report.exit_code)
 }
 
 /// Runs one command and returns what [`run`] prints and its exit code.
 pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Report> {
+    if let AclCommand::Apply {
+        file,
+        dry_run,
+        json,
+    } = &cmd
+        && target.db.is_none()
+    {
+        let clients = target.admin.clients()?;
+        if clients.len() > 1 {
+            return apply_to_nodes(clients, file, *dry_run, *json).await;
+        }
+    }
     let backend = match &target.db {
         Some(path) => Backend::Local(
             AclService::open(path)
@@ -151,7 +182,7 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Repo
     let mut out = String::new();
     let mut exit_code = 0;
     match cmd {
-        AclCommand::Ls { json } => {
+        AclCommand::List { json } => {
             let list = backend.list().await?;
             if json {
                 out = serde_json::to_string_pretty(&list)? + "\n";
@@ -160,9 +191,9 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Repo
             }
         }
         AclCommand::Add {
-            from,
-            from_sites,
-            to,
+            source,
+            source_sites,
+            destination,
             allow: _,
             deny,
             methods,
@@ -172,9 +203,9 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Repo
         } => {
             let spec = RuleSpec {
                 id,
-                source: from,
-                source_site: (!from_sites.is_empty()).then_some(from_sites),
-                destination: to,
+                source,
+                source_site: (!source_sites.is_empty()).then_some(source_sites),
+                destination,
                 action: if deny { Action::Deny } else { Action::Allow },
                 methods: (!methods.is_empty()).then_some(methods),
                 path_prefix,
@@ -188,7 +219,7 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Repo
                 changed.version
             )?;
         }
-        AclCommand::Rm { id } => {
+        AclCommand::Remove { id } => {
             let changed = backend.remove(&id).await?;
             writeln!(
                 out,
@@ -215,9 +246,9 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Repo
             }
         }
         AclCommand::Check {
-            from,
-            from_site,
-            to,
+            source,
+            source_site,
+            destination,
             method,
             path,
             json,
@@ -233,9 +264,9 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Repo
             };
             let explanation = backend
                 .check(
-                    from_site.as_deref(),
-                    &from,
-                    &to,
+                    source_site.as_deref(),
+                    &source,
+                    &destination,
                     method.as_deref(),
                     path.as_deref(),
                 )
@@ -270,8 +301,158 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Repo
     }
     Ok(Report {
         text: out,
+        errors: String::new(),
         exit_code,
     })
+}
+
+/// One node's part of a multi-node `acl apply`.
+#[derive(Debug, Clone, serde::Serialize)]
+struct NodeApply {
+    /// The admin address the node was asked at, as given.
+    node: String,
+    /// `applied`, `unchanged`, `pending` (a dry run that would change it) or `failed`.
+    result: &'static str,
+    /// The node's policy digest after the apply (before it, for a dry run).
+    digest: Option<String>,
+    diff: Option<ApplyDiff>,
+    error: Option<String>,
+}
+
+/// Applies the file to every node at once; one failing node does not stop the others.
+async fn apply_to_nodes(
+    clients: Vec<AdminClient>,
+    file: &Path,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<Report> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading acl file {}", file.display()))?;
+    // A file the node would refuse is refused here once, not once per node.
+    parse_acl_file(file, &text)?;
+    let applies = clients.into_iter().map(|client| {
+        let text = &text;
+        async move {
+            let node = client.endpoint().to_string();
+            let backend = Backend::Remote(Box::new(client));
+            let outcome = async {
+                let diff = backend.apply(file, text, dry_run).await?;
+                let digest = backend.list().await?.digest;
+                anyhow::Ok((diff, digest))
+            }
+            .await;
+            match outcome {
+                Ok((diff, digest)) => NodeApply {
+                    node,
+                    result: match (diff.is_empty(), dry_run) {
+                        (true, _) => "unchanged",
+                        (false, true) => "pending",
+                        (false, false) => "applied",
+                    },
+                    digest: Some(digest),
+                    diff: Some(diff),
+                    error: None,
+                },
+                Err(e) => NodeApply {
+                    node,
+                    result: "failed",
+                    digest: None,
+                    diff: None,
+                    error: Some(format!("{e:#}")),
+                },
+            }
+        }
+    });
+    let nodes = futures_util::future::join_all(applies).await;
+    let failed: Vec<&NodeApply> = nodes.iter().filter(|n| n.error.is_some()).collect();
+    let mut out = String::new();
+    if json {
+        out = serde_json::to_string_pretty(&nodes)? + "\n";
+    } else {
+        for node in &nodes {
+            print_node_apply(&mut out, node)?;
+        }
+        let mut digests: Vec<&str> = nodes.iter().filter_map(|n| n.digest.as_deref()).collect();
+        digests.sort_unstable();
+        digests.dedup();
+        let count = |result| nodes.iter().filter(|n| n.result == result).count();
+        writeln!(
+            out,
+            "{} node(s): {} applied, {} unchanged, {} pending, {} failed{}",
+            nodes.len(),
+            count("applied"),
+            count("unchanged"),
+            count("pending"),
+            failed.len(),
+            match digests.as_slice() {
+                [one] => format!("; policy {one} on every node that answered"),
+                [] => String::new(),
+                _ => "; the nodes' policies differ".into(),
+            }
+        )?;
+    }
+    let mut errors = String::new();
+    if !failed.is_empty() {
+        let names: Vec<&str> = failed.iter().map(|n| n.node.as_str()).collect();
+        writeln!(
+            errors,
+            "error: acl apply failed on {} of {} node(s): {} (the others were {})",
+            failed.len(),
+            nodes.len(),
+            names.join(", "),
+            if dry_run { "checked" } else { "applied" }
+        )?;
+    }
+    let exit_code = if !failed.is_empty() {
+        1
+    } else if nodes.iter().any(|n| n.result == "pending") {
+        EXIT_CHANGES_PENDING
+    } else {
+        0
+    };
+    Ok(Report {
+        text: out,
+        errors,
+        exit_code,
+    })
+}
+
+/// `NODE: applied 1 added, 0 changed, 0 removed (policy version 3 -> 4); policy DIGEST`, the
+/// node's warnings under it.
+fn print_node_apply(out: &mut String, node: &NodeApply) -> std::fmt::Result {
+    let digest = node
+        .digest
+        .as_deref()
+        .map(|d| format!("; policy {d}"))
+        .unwrap_or_default();
+    match (&node.diff, &node.error) {
+        (_, Some(error)) => writeln!(out, "{}: failed: {error}", node.node)?,
+        (Some(diff), None) if diff.is_empty() => writeln!(
+            out,
+            "{}: unchanged (policy version {}){digest}",
+            node.node, diff.version_before
+        )?,
+        (Some(diff), None) if diff.dry_run => writeln!(
+            out,
+            "{}: would change: {} (policy version {}){digest}",
+            node.node,
+            diff_counts(diff),
+            diff.version_before
+        )?,
+        (Some(diff), None) => writeln!(
+            out,
+            "{}: applied {} (policy version {} -> {}){digest}",
+            node.node,
+            diff_counts(diff),
+            diff.version_before,
+            diff.version_after
+        )?,
+        (None, None) => writeln!(out, "{}: no answer", node.node)?,
+    }
+    for warning in node.diff.iter().flat_map(|d| &d.warnings) {
+        writeln!(out, "  warning: {warning}")?;
+    }
+    Ok(())
 }
 
 enum Backend {
@@ -524,20 +705,7 @@ fn print_diff(out: &mut String, diff: &ApplyDiff) -> std::fmt::Result {
     for warning in &diff.warnings {
         writeln!(out, "warning: {warning}")?;
     }
-    let mut counts = format!(
-        "{} added, {} changed, {} removed",
-        diff.added.len(),
-        diff.changed.len(),
-        diff.removed.len()
-    );
-    if !diff.exports.is_empty() {
-        counts.push_str(&format!(
-            "; export declarations {} added, {} changed, {} removed",
-            diff.exports.added.len(),
-            diff.exports.changed.len(),
-            diff.exports.removed.len()
-        ));
-    }
+    let counts = diff_counts(diff);
     if diff.is_empty() {
         writeln!(out, "no changes (policy version {})", diff.version_before)
     } else if diff.dry_run {
@@ -553,6 +721,25 @@ fn print_diff(out: &mut String, diff: &ApplyDiff) -> std::fmt::Result {
             diff.version_before, diff.version_after
         )
     }
+}
+
+/// `2 added, 0 changed, 1 removed[; export declarations ...]`.
+fn diff_counts(diff: &ApplyDiff) -> String {
+    let mut counts = format!(
+        "{} added, {} changed, {} removed",
+        diff.added.len(),
+        diff.changed.len(),
+        diff.removed.len()
+    );
+    if !diff.exports.is_empty() {
+        counts.push_str(&format!(
+            "; export declarations {} added, {} changed, {} removed",
+            diff.exports.added.len(),
+            diff.exports.changed.len(),
+            diff.exports.removed.len()
+        ));
+    }
+    counts
 }
 
 fn print_explanation(out: &mut String, e: &Explanation) -> std::fmt::Result {
@@ -886,7 +1073,7 @@ action = "deny"
         assert!(parse(&["add", "--from", "a", "--to", "b", "--allow", "--deny"]).is_err());
         assert!(parse(&["--db", "x", "--admin", "http://h:1", "ls"]).is_err());
         let cli = parse(&["ls"]);
-        assert!(cli.is_ok_and(|c| { c.target.admin.admin.is_none() && c.target.db.is_none() }));
+        assert!(cli.is_ok_and(|c| { c.target.admin.admin.is_empty() && c.target.db.is_none() }));
         let err = parse(&["ls", "--admin", "localhost:7180"])
             .err()
             .map(|e| e.to_string());

@@ -95,9 +95,11 @@ impl Default for AdminEndpoint {
 pub struct AdminArgs {
     /// The node's admin API: unix:/PATH (the admin socket), http://HOST:PORT (the read-only
     /// listener: status only) or https://HOST:PORT (the remote listener, with --cert, --key
-    /// and --ca). Default: $HYBRIDGE_ADMIN, else unix:/run/hybridge/admin.sock.
-    #[arg(long, value_name = "ADDRESS", global = true)]
-    pub admin: Option<AdminEndpoint>,
+    /// and --ca). Default: $HYBRIDGE_ADMIN, else unix:/run/hybridge/admin.sock. `acl apply`
+    /// takes several (repeat --admin, or separate them with commas, here or in
+    /// HYBRIDGE_ADMIN) and applies the file to each.
+    #[arg(long, value_name = "ADDRESS", global = true, action = clap::ArgAction::Append, value_delimiter = ',')]
+    pub admin: Vec<AdminEndpoint>,
     /// Administrator certificate chain for https:// (`hybridge-ca issue admin`).
     #[arg(long, value_name = "PEM", env = "HYBRIDGE_ADMIN_CERT", global = true)]
     pub cert: Option<PathBuf>,
@@ -114,16 +116,41 @@ pub struct AdminArgs {
 pub const ADMIN_ENV: &str = "HYBRIDGE_ADMIN";
 
 impl AdminArgs {
-    /// `--admin`, else `$HYBRIDGE_ADMIN`, else the default admin socket.
+    /// The one node asked: `--admin`, else `$HYBRIDGE_ADMIN`, else the default admin socket.
+    /// Several are an error: only `acl apply` acts on several nodes ([`Self::endpoints`]).
     pub fn endpoint(&self) -> anyhow::Result<AdminEndpoint> {
-        if let Some(endpoint) = &self.admin {
-            return Ok(endpoint.clone());
+        let mut endpoints = self.endpoints()?;
+        if endpoints.len() > 1 {
+            bail!(
+                "{} admin addresses given ({}); this command asks one node (only `acl apply` takes several)",
+                endpoints.len(),
+                endpoints
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(endpoints.remove(0))
+    }
+
+    /// Every node asked, in order and at least one: `--admin` (repeated or comma-separated),
+    /// else `$HYBRIDGE_ADMIN` (comma-separated), else the default admin socket. A malformed
+    /// value in the environment is an error naming the variable and the value.
+    pub fn endpoints(&self) -> anyhow::Result<Vec<AdminEndpoint>> {
+        if !self.admin.is_empty() {
+            return Ok(self.admin.clone());
         }
         match std::env::var(ADMIN_ENV) {
-            Ok(value) if !value.is_empty() => value
-                .parse()
-                .with_context(|| format!("environment variable {ADMIN_ENV}")),
-            Ok(_) | Err(std::env::VarError::NotPresent) => Ok(AdminEndpoint::default()),
+            Ok(value) if !value.trim().is_empty() => value
+                .split(',')
+                .map(|one| {
+                    one.trim()
+                        .parse::<AdminEndpoint>()
+                        .with_context(|| format!("environment variable {ADMIN_ENV}={value:?}"))
+                })
+                .collect(),
+            Ok(_) | Err(std::env::VarError::NotPresent) => Ok(vec![AdminEndpoint::default()]),
             Err(std::env::VarError::NotUnicode(_)) => {
                 bail!("environment variable {ADMIN_ENV} is not UTF-8")
             }
@@ -133,7 +160,18 @@ impl AdminArgs {
     /// A client for the chosen endpoint; https:// loads the certificate now, so a missing or
     /// mismatched file is reported before anything is sent.
     pub fn client(&self) -> anyhow::Result<AdminClient> {
-        let endpoint = self.endpoint()?;
+        self.client_of(self.endpoint()?)
+    }
+
+    /// A client for each of [`Self::endpoints`].
+    pub fn clients(&self) -> anyhow::Result<Vec<AdminClient>> {
+        self.endpoints()?
+            .into_iter()
+            .map(|endpoint| self.client_of(endpoint))
+            .collect()
+    }
+
+    fn client_of(&self, endpoint: AdminEndpoint) -> anyhow::Result<AdminClient> {
         let tls = match &endpoint {
             AdminEndpoint::Https { .. } => {
                 let (Some(cert), Some(key), Some(ca)) = (&self.cert, &self.key, &self.ca) else {
@@ -607,7 +645,7 @@ mod tests {
     #[test]
     fn https_needs_a_certificate() {
         let args = AdminArgs {
-            admin: Some("https://h:1".parse().unwrap()),
+            admin: vec!["https://h:1".parse().unwrap()],
             ..AdminArgs::default()
         };
         let err = args.client().err().map(|e| e.to_string());
