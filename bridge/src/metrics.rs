@@ -293,6 +293,8 @@ pub struct Metrics {
     /// Per-service stats, one table per side (indexed by `Side as usize`).
     services: [ServiceTable; 2],
     tunnel: Mutex<TunnelCounters>,
+    tunnel_silences: AtomicU64,
+    tunnel_retries: AtomicU64,
     /// Refused tunnel handshakes, by `HandshakeFailure::index`.
     handshake_failures: [AtomicU64; HandshakeFailure::ALL.len()],
     /// Total handshake failures, observable without polling.
@@ -308,6 +310,8 @@ impl Default for Metrics {
         Self {
             services: Default::default(),
             tunnel: Mutex::default(),
+            tunnel_silences: AtomicU64::new(0),
+            tunnel_retries: AtomicU64::new(0),
             handshake_failures: std::array::from_fn(|_| AtomicU64::new(0)),
             handshake_total: tokio::sync::watch::channel(0).0,
             exports_refused: AtomicU64::new(0),
@@ -381,6 +385,17 @@ impl Metrics {
     /// A link moved to `carrier` (a re-probe found QUIC working again).
     pub fn tunnel_carrier_switched(&self, carrier: Carrier) {
         *lock(&self.tunnel).switches.entry(carrier).or_default() += 1;
+    }
+
+    /// A link went silent (see `tunnel::session::watch_silence`).
+    pub fn tunnel_silent(&self) {
+        self.tunnel_silences.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request waiting on a silent link was sent again on another link (the peer never
+    /// acknowledged it).
+    pub fn tunnel_retried(&self) {
+        self.tunnel_retries.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A tunnel to a node of `site` went down.
@@ -560,6 +575,26 @@ impl Metrics {
             HandshakeFailure::ALL
                 .into_iter()
                 .map(|reason| (HandshakeLabels { reason }, self.handshake_failures(reason))),
+        )?;
+        let mut silences = encoder.encode_descriptor(
+            "hybridge_tunnel_silences",
+            "Times a tunnel link went silent (nothing from the peer for a keepalive interval plus two round trips) and stopped getting new requests.",
+            None,
+            MetricType::Counter,
+        )?;
+        silences.encode_counter::<NoLabelSet, u64, u64>(
+            &self.tunnel_silences.load(Ordering::Relaxed),
+            None,
+        )?;
+        let mut retries = encoder.encode_descriptor(
+            "hybridge_tunnel_retries",
+            "Requests sent again on another link because the link they waited on went silent before the peer acknowledged them.",
+            None,
+            MetricType::Counter,
+        )?;
+        retries.encode_counter::<NoLabelSet, u64, u64>(
+            &self.tunnel_retries.load(Ordering::Relaxed),
+            None,
         )?;
         let mut refused = encoder.encode_descriptor(
             "hybridge_tunnel_exports_refused",

@@ -31,7 +31,7 @@ use crate::metrics::{Metrics, Side};
 use crate::trust::{Trust, TrustUpdates};
 use crate::tunnel::connection::TunnelConnection;
 use crate::tunnel::control::{ControlMessage, PeerAnnouncement};
-use crate::tunnel::dialer::CarrierChoice;
+use crate::tunnel::dialer::{CarrierChoice, DialEndpoints, DialSource};
 use crate::tunnel::handshake::{RejectionSlot, observed_server};
 use crate::tunnel::outcome::HandshakeFailure;
 use crate::tunnel::peers::{Direction, PeerSet};
@@ -670,6 +670,7 @@ impl Node {
             on_stream: Box::new(move |send, recv, peer| {
                 Box::pin(export::serve_stream(send, recv, peer, export_ctx.clone()))
             }),
+            keepalive: config.tunnel.keepalive,
         });
 
         let tunnel_server = server_config
@@ -717,6 +718,11 @@ impl Node {
             tcp_fallback_after: config.tunnel.tcp_fallback_after,
             quic_reprobe_interval: config.tunnel.quic_reprobe_interval,
         };
+        // A dial-only node on an ephemeral port dials each QUIC connection from a port of its
+        // own (see `tunnel::dialer`); otherwise dialers share the node's endpoints.
+        let dial_endpoints = Arc::new(DialEndpoints::default());
+        let fresh_ports = config.tunnel.listen.is_none() && config.tunnel.bind.port() == 0;
+        let reset_key_seed: Arc<[u8]> = Arc::from(material.key.secret_der());
         let mut peer_clients = Vec::new();
         let (dial_backoff, max_backoff) =
             tokio::sync::watch::channel(config.tunnel.reconnect_max_backoff);
@@ -737,7 +743,15 @@ impl Node {
                     worker,
                     &background,
                     crate::tunnel::dialer::run(
-                        endpoints[worker].clone(),
+                        if fresh_ports {
+                            DialSource::Fresh {
+                                bind: config.tunnel.bind,
+                                reset_key_seed: reset_key_seed.clone(),
+                                registry: dial_endpoints.clone(),
+                            }
+                        } else {
+                            DialSource::Shared(endpoints[worker].clone())
+                        },
                         peer.clone(),
                         slot,
                         client.clone(),
@@ -811,6 +825,7 @@ impl Node {
         let live = Arc::new(Reloadable {
             state: state.clone(),
             endpoints,
+            dial_endpoints,
             peer_clients,
             tunnel_server,
             tunnel_tcp_server,
@@ -858,6 +873,14 @@ impl Node {
             let socket = self
                 .workers
                 .enter(worker, || crate::tunnel::udp::TunnelSocket::new(socket))?;
+            endpoint.rebind_abstract(Arc::new(socket))?;
+        }
+        for (runtime, endpoint) in self.live.dial_endpoints.all() {
+            let socket = quic::bind_socket(bind, false)?;
+            let socket = {
+                let _runtime = runtime.enter();
+                crate::tunnel::udp::TunnelSocket::new(socket)?
+            };
             endpoint.rebind_abstract(Arc::new(socket))?;
         }
         Ok(())
@@ -920,15 +943,16 @@ impl Node {
             warn!("drain deadline reached with requests still in flight");
         }
         self.stop_tunnels.cancel();
-        for endpoint in &self.live.endpoints {
+        let endpoints: Vec<quinn::Endpoint> = (self.live.endpoints.iter().cloned())
+            .chain(self.live.dial_endpoints.all().into_iter().map(|(_, e)| e))
+            .collect();
+        for endpoint in &endpoints {
             endpoint.close(
                 quinn::VarInt::from_u32(crate::tunnel::stream::codes::GOING_AWAY),
                 b"node shutting down",
             );
         }
-        let idle = futures_util::future::join_all(
-            self.live.endpoints.iter().map(quinn::Endpoint::wait_idle),
-        );
+        let idle = futures_util::future::join_all(endpoints.iter().map(quinn::Endpoint::wait_idle));
         let _ = tokio::time::timeout(Duration::from_secs(2), idle).await;
         self.stop_rest.cancel();
         self.background.close();

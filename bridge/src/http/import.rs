@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -30,7 +31,7 @@ use crate::metrics::{Metrics, Side};
 use crate::tunnel::frame::{self, Frame, RequestHead};
 use crate::tunnel::peers::PeerSet;
 use crate::tunnel::serving::ServingPolicy;
-use crate::tunnel::stream::{codes, encoded};
+use crate::tunnel::stream::{RecvHalf, SendHalf, codes, encoded};
 
 /// What a listener forwards to.
 #[derive(Clone, Debug)]
@@ -555,12 +556,14 @@ async fn forward(
     }
     let may_serve =
         |link: &crate::tunnel::peers::PeerLink| ctx.serving.permits(service, link.site());
-    let Some((link, guard)) = ctx.peers.route(service, &may_serve) else {
+    let Some((mut link, mut guard)) = ctx.peers.route(service, &may_serve) else {
         return Err(fail(BridgeError::new(
             Reason::NoRoute,
             format!("no connected peer of a site allowed to serve `{service}` exports it"),
         )));
     };
+    // Anything that arrives on the link after this point may acknowledge the request.
+    let mut heard_before = link.connection.received();
     let (mut send, mut recv) = link.connection.open_stream().await.map_err(|e| {
         fail(BridgeError::new(
             Reason::TunnelUnavailable,
@@ -607,22 +610,34 @@ async fn forward(
     };
     let encoded_head = encoded(|b| frame::encode_request(&head, b))
         .map_err(|e| fail(BridgeError::new(Reason::HeadersTooLarge, e.to_string())))?;
-    send.write_encoded(encoded_head)
+    send.write_encoded(encoded_head.clone())
         .await
         .map_err(|e| fail(BridgeError::new(Reason::TunnelStreamFailed, e.to_string())))?;
 
     let request_bytes = Arc::new(AtomicU64::new(0));
-    // A small body that has already arrived whole (most API calls) goes out right behind the
-    // head, without a pump task; otherwise a task streams it while we wait for the answer.
+    // A request whose body had arrived whole when it was sent (most API calls) can be sent
+    // again if its link goes silent before the peer acknowledged it.
+    let mut replay: Option<Bytes> = None;
+    // A small body that has already arrived whole goes out right behind the head, without a
+    // pump task; otherwise a task streams it while we wait for the answer.
     let body_done = if end_stream {
         send.finish();
+        replay = Some(Bytes::new());
         true
     } else if let Some(first) =
         futures_util::FutureExt::now_or_never(http_body_util::BodyExt::frame(&mut body))
     {
+        let whole = match &first {
+            None => Some(Bytes::new()),
+            Some(Ok(frame)) if http_body::Body::is_end_stream(&body) => frame.data_ref().cloned(),
+            Some(_) => None,
+        };
         match body::forward_frame(first, &body, &mut send, &request_bytes).await {
             Ok(body::Forwarded::More) => false,
-            Ok(body::Forwarded::End) => true,
+            Ok(body::Forwarded::End) => {
+                replay = whole;
+                true
+            }
             Err(e) => {
                 debug!(error = %e, "request body did not reach the tunnel");
                 true
@@ -645,17 +660,70 @@ async fn forward(
         });
     }
 
-    let first = match settings.request_timeout {
-        Some(limit) => tokio::time::timeout(limit, recv.read_frame())
+    // Wait for the answer. A link that goes silent meanwhile is not waited on until the
+    // idle timeout: a request the peer cannot have acknowledged (nothing arrived on the
+    // link since it was sent) and that can be sent again goes to another link; any other
+    // fails now with the reason.
+    let deadline = settings
+        .request_timeout
+        .map(|limit| (tokio::time::Instant::now() + limit, limit));
+    let mut retries = 0;
+    let first = loop {
+        let answer = async {
+            match deadline {
+                Some((at, limit)) => tokio::time::timeout_at(at, recv.read_frame())
+                    .await
+                    .map_err(|_| limit),
+                None => Ok(recv.read_frame().await),
+            }
+        };
+        tokio::select! {
+            answer = answer => match answer {
+                Ok(first) => break first,
+                Err(limit) => {
+                    recv.stop(codes::CANCELLED);
+                    return Err(fail(BridgeError::new(
+                        Reason::Timeout,
+                        format!("no response within {limit:?}"),
+                    )));
+                }
+            },
+            () = link.went_silent() => {}
+        }
+        recv.stop(codes::CANCELLED);
+        let unacknowledged = link.connection.received() == heard_before;
+        let retry = match (&replay, unacknowledged) {
+            (Some(whole), true) if retries < MAX_SILENT_RETRIES => ctx
+                .peers
+                .reroute(service, &may_serve, link.id())
+                .map(|next| (whole.clone(), next)),
+            _ => None,
+        };
+        let Some((whole, (next, next_guard))) = retry else {
+            let why = if !unacknowledged {
+                "the request may have reached it, so it is not sent again"
+            } else if replay.is_none() {
+                "its body was streaming, so it cannot be sent again"
+            } else {
+                "no other link can take it"
+            };
+            return Err(fail(BridgeError::new(
+                Reason::TunnelStreamFailed,
+                format!(
+                    "nothing heard from peer {} for over a keepalive interval; {why}",
+                    link.peer
+                ),
+            )));
+        };
+        retries += 1;
+        ctx.metrics.tunnel_retried();
+        debug!(from = %link.peer, to = %next.peer, retries, "link went silent before the peer acknowledged the request; sending it again");
+        (link, guard) = (next, next_guard);
+        heard_before = link.connection.received();
+        // The request went out whole: its sending half has nothing left to do.
+        (_, recv) = resend(&link, encoded_head.clone(), whole)
             .await
-            .map_err(|_| {
-                recv.stop(codes::CANCELLED);
-                fail(BridgeError::new(
-                    Reason::Timeout,
-                    format!("no response within {limit:?}"),
-                ))
-            })?,
-        None => recv.read_frame().await,
+            .map_err(fail)?;
     };
     let head = match first {
         Ok(Some(Frame::Response(head))) => head,
@@ -703,6 +771,32 @@ async fn forward(
     *response.status_mut() = status;
     *response.headers_mut() = response_headers;
     Ok((response, request_id))
+}
+
+/// How many times a request that never reached its peer is sent again on another link.
+const MAX_SILENT_RETRIES: u32 = 2;
+
+/// Sends a request whose body arrived whole on a fresh stream of `link`.
+async fn resend(
+    link: &crate::tunnel::peers::PeerLink,
+    head: Bytes,
+    body: Bytes,
+) -> Result<(SendHalf, RecvHalf), BridgeError> {
+    let (mut send, recv) = link.connection.open_stream().await.map_err(|e| {
+        BridgeError::new(
+            Reason::TunnelUnavailable,
+            format!("opening a tunnel stream failed: {e}"),
+        )
+    })?;
+    let write = |e: crate::tunnel::stream::StreamError| {
+        BridgeError::new(Reason::TunnelStreamFailed, e.to_string())
+    };
+    send.write_encoded(head).await.map_err(write)?;
+    if !body.is_empty() {
+        send.write_data(body).await.map_err(write)?;
+    }
+    send.finish();
+    Ok((send, recv))
 }
 
 /// Adds the response body's byte count to the service stats when the body is done.

@@ -64,6 +64,8 @@ pub(crate) struct Reloadable {
     pub state: Arc<NodeState>,
     /// One tunnel endpoint per worker when the tunnel can be shared out, else one.
     pub endpoints: Vec<quinn::Endpoint>,
+    /// Endpoints dialers opened for their connections (dial-only nodes, see `tunnel::dialer`).
+    pub dial_endpoints: Arc<crate::tunnel::dialer::DialEndpoints>,
     /// Dialing TLS config per peer address.
     pub peer_clients: Vec<(String, Arc<ArcSwap<quic::DialConfig>>)>,
     /// The tunnel listener's config, from which each incoming connection gets its own (see

@@ -190,6 +190,16 @@ impl TunnelConnection {
         }
     }
 
+    /// A count that grows whenever anything arrives from the peer (QUIC datagrams, TCP
+    /// reads). Acknowledgements arrive this way too, so a request written when the count
+    /// was N cannot have been acknowledged while it is still N.
+    pub fn received(&self) -> u64 {
+        match self {
+            Self::Quic(c) => c.stats().udp_rx.datagrams,
+            Self::Tcp(c) => c.received(),
+        }
+    }
+
     pub fn carrier(&self) -> Carrier {
         match self {
             Self::Quic(_) => Carrier::Quic,

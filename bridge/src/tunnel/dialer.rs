@@ -8,10 +8,17 @@
 //! `quic_reprobe_interval`; once it works, the QUIC link takes new requests and the TCP link
 //! drains (nothing in flight fails).
 //!
+//! A dial-only node dials every QUIC connection from a fresh local port (`DialSource::Fresh`)
+//! and every TCP connection from a fresh ephemeral port, so after a failure a flow-hashing
+//! load balancer in front of several cloud nodes hashes the redial anew instead of sending
+//! it back to the dead node.
+//!
 //! One dialer task per (peer, connection slot). It owns no routing; sessions register links.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -44,11 +51,73 @@ pub struct CarrierChoice {
 /// A failed dial: the reason it is counted under and the detail it is logged with.
 type DialError = (HandshakeFailure, String);
 
+/// Where a dialer's QUIC connections come from.
+#[derive(Clone)]
+pub enum DialSource {
+    /// The node's own endpoint (a node that also listens, or dials from a fixed port).
+    Shared(quinn::Endpoint),
+    /// A fresh endpoint, on a fresh port of `bind`, for every connection.
+    Fresh {
+        bind: SocketAddr,
+        reset_key_seed: Arc<[u8]>,
+        registry: Arc<DialEndpoints>,
+    },
+}
+
+/// The endpoints dialers opened for their live connections, so that moving the node's
+/// tunnels to new ports (`Node::rebind_tunnels`) and shutting down reach them.
+#[derive(Default)]
+pub struct DialEndpoints {
+    live: Mutex<HashMap<u64, (tokio::runtime::Handle, quinn::Endpoint)>>,
+    next: AtomicU64,
+}
+
+impl DialEndpoints {
+    fn register(self: &Arc<Self>, endpoint: quinn::Endpoint) -> EndpointGuard {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let runtime = tokio::runtime::Handle::current();
+        lock(&self.live).insert(id, (runtime, endpoint));
+        EndpointGuard {
+            registry: self.clone(),
+            id,
+        }
+    }
+
+    /// Each live dial endpoint with the runtime that drives it.
+    pub fn all(&self) -> Vec<(tokio::runtime::Handle, quinn::Endpoint)> {
+        lock(&self.live).values().cloned().collect()
+    }
+}
+
+/// Keeps a dial endpoint listed while its connection is in use.
+struct EndpointGuard {
+    registry: Arc<DialEndpoints>,
+    id: u64,
+}
+
+impl Drop for EndpointGuard {
+    fn drop(&mut self) {
+        lock(&self.registry.live).remove(&self.id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A dialled connection and what must live as long as it.
+struct Dialled {
+    connection: TunnelConnection,
+    /// Why this carrier.
+    why: String,
+    _endpoint: Option<EndpointGuard>,
+}
+
 /// Keeps one connection to `peer` up until `cancel` fires. `max_backoff` is read before each
 /// wait, so a reload changes it from the next redial on.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
-    endpoint: quinn::Endpoint,
+    source: DialSource,
     peer: PeerConfig,
     slot: usize,
     client_config: Arc<ArcSwap<DialConfig>>,
@@ -64,7 +133,7 @@ pub async fn run(
     let server_name =
         super::quic::server_name_for(host.trim_start_matches('[').trim_end_matches(']'));
     let dialer = Dialer {
-        endpoint,
+        source,
         address: peer.address.clone(),
         server_name,
         config: client_config,
@@ -78,24 +147,32 @@ pub async fn run(
             () = cancel.cancelled() => break,
         };
         match dialled {
-            Ok((connection, why)) => {
+            Ok(Dialled {
+                connection,
+                why,
+                _endpoint,
+            }) => {
                 let carrier = connection.carrier();
                 ctx.metrics.tunnel_carrier_chosen(carrier);
                 info!(peer = %peer.address, slot, %carrier, why, "tunnel carrier chosen");
                 let started = tokio::time::Instant::now();
-                let reason = if carrier == Carrier::Tcp && choice.transport == Transport::Auto {
+                let mut session = Session::spawn(connection, &ctx, &cancel);
+                let ended = if carrier == Carrier::Tcp && choice.transport == Transport::Auto {
                     dialer
-                        .run_tcp_until_quic(connection, &ctx, &cancel, &mut quic_failures)
+                        .run_tcp_until_quic(session, &ctx, &cancel, &mut quic_failures)
                         .await
                 } else {
-                    session::run(
-                        connection,
-                        Direction::Dialed,
-                        ctx.clone(),
-                        cancel.clone(),
-                        CancellationToken::new(),
-                    )
-                    .await
+                    session.ended_or_silent(&ctx).await
+                };
+                let reason = match ended {
+                    Ended::Closed(reason) => reason,
+                    Ended::Silent => {
+                        // Dial a replacement now, from a fresh port: the silent link drains
+                        // (or goes at its idle timeout) on its own.
+                        warn!(peer = %peer.address, slot, "tunnel link went silent; dialling a replacement");
+                        backoff = INITIAL_BACKOFF;
+                        continue;
+                    }
                 };
                 // In TLS 1.3 the server checks our certificate after our side of the handshake
                 // is done, so a peer that refuses us looks like a session that ends at once.
@@ -125,7 +202,7 @@ pub async fn run(
 
 /// What one dialer slot dials with.
 struct Dialer {
-    endpoint: quinn::Endpoint,
+    source: DialSource,
     address: String,
     server_name: String,
     config: Arc<ArcSwap<DialConfig>>,
@@ -134,30 +211,25 @@ struct Dialer {
 
 impl Dialer {
     /// Dials the peer on the configured carrier(s); on success, says why that carrier.
-    async fn connect(
-        &self,
-        quic_failures: &mut u32,
-    ) -> Result<(TunnelConnection, String), DialError> {
+    async fn connect(&self, quic_failures: &mut u32) -> Result<Dialled, DialError> {
         let addr = resolve(&self.address).await?;
         match self.choice.transport {
             Transport::Quic => {
-                let connection = self.quic(addr).await?;
-                Ok((
-                    TunnelConnection::Quic(connection),
-                    "tunnel.transport = quic".into(),
+                let (connection, endpoint) = self.quic(addr).await?;
+                Ok(Dialled::quic(
+                    connection,
+                    endpoint,
+                    "tunnel.transport = quic",
                 ))
             }
             Transport::Tcp => {
                 let connection = self.tcp(addr).await?;
-                Ok((
-                    TunnelConnection::Tcp(connection),
-                    "tunnel.transport = tcp".into(),
-                ))
+                Ok(Dialled::tcp(connection, "tunnel.transport = tcp"))
             }
             Transport::Auto if *quic_failures >= QUIC_FAILURES_BEFORE_TCP_FIRST => {
                 let connection = self.tcp(addr).await?;
-                Ok((
-                    TunnelConnection::Tcp(connection),
+                Ok(Dialled::tcp(
+                    connection,
                     format!(
                         "QUIC did not come up {quic_failures}× in a row — UDP may be blocked; \
                          using TCP and trying QUIC again every {}s",
@@ -171,18 +243,14 @@ impl Dialer {
 
     /// Happy eyeballs: QUIC first, TLS/TCP beside it once QUIC is late or failed; the first
     /// to come up wins.
-    async fn race(
-        &self,
-        addr: SocketAddr,
-        quic_failures: &mut u32,
-    ) -> Result<(TunnelConnection, String), DialError> {
+    async fn race(&self, addr: SocketAddr, quic_failures: &mut u32) -> Result<Dialled, DialError> {
         let quic = self.quic(addr);
         tokio::pin!(quic);
         let quic_error = tokio::select! {
             result = &mut quic => match result {
-                Ok(connection) => {
+                Ok((connection, endpoint)) => {
                     *quic_failures = 0;
-                    return Ok((TunnelConnection::Quic(connection), "QUIC handshake completed".into()));
+                    return Ok(Dialled::quic(connection, endpoint, "QUIC handshake completed"));
                 }
                 Err(e) => Some(e),
             },
@@ -194,21 +262,21 @@ impl Dialer {
             // QUIC is late: race it against TCP.
             return tokio::select! {
                 result = &mut quic => match result {
-                    Ok(connection) => {
+                    Ok((connection, endpoint)) => {
                         *quic_failures = 0;
-                        Ok((TunnelConnection::Quic(connection), "QUIC handshake completed".into()))
+                        Ok(Dialled::quic(connection, endpoint, "QUIC handshake completed"))
                     }
                     Err((_, quic_detail)) => {
                         *quic_failures += 1;
                         let connection = tcp.await?;
-                        Ok((TunnelConnection::Tcp(connection), format!("QUIC failed ({quic_detail}); using TCP")))
+                        Ok(Dialled::tcp(connection, format!("QUIC failed ({quic_detail}); using TCP")))
                     }
                 },
                 result = &mut tcp => {
                     *quic_failures += 1;
                     let connection = result?;
-                    Ok((
-                        TunnelConnection::Tcp(connection),
+                    Ok(Dialled::tcp(
+                        connection,
                         format!(
                             "QUIC handshake unanswered after {} ms (attempt {quic_failures}) — UDP may be blocked; using TCP",
                             self.choice.tcp_fallback_after.as_millis()
@@ -223,16 +291,35 @@ impl Dialer {
         }
         *quic_failures += 1;
         let connection = tcp.await?;
-        Ok((
-            TunnelConnection::Tcp(connection),
+        Ok(Dialled::tcp(
+            connection,
             format!("QUIC failed ({quic_detail}); using TCP"),
         ))
     }
 
-    async fn quic(&self, addr: SocketAddr) -> Result<quinn::Connection, DialError> {
+    /// Dials QUIC; a fresh endpoint comes back with its registration, to keep as long as
+    /// the connection.
+    async fn quic(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(quinn::Connection, Option<EndpointGuard>), DialError> {
+        let other = |e: anyhow::Error| (HandshakeFailure::Other, format!("{e:#}"));
+        let (endpoint, guard) = match &self.source {
+            DialSource::Shared(endpoint) => (endpoint.clone(), None),
+            DialSource::Fresh {
+                bind,
+                reset_key_seed,
+                registry,
+            } => {
+                let socket = super::quic::bind_socket(*bind, false).map_err(other)?;
+                let endpoint =
+                    super::quic::endpoint(socket, None, reset_key_seed, None).map_err(other)?;
+                let guard = registry.register(endpoint.clone());
+                (endpoint, Some(guard))
+            }
+        };
         let rejection = RejectionSlot::default();
-        let connecting = self
-            .endpoint
+        let connecting = endpoint
             .connect_with(
                 self.config.load().for_attempt(&rejection),
                 addr,
@@ -244,7 +331,7 @@ impl Dialer {
                     format!("connecting to {addr}: {e}"),
                 )
             })?;
-        connecting.await.map_err(|e| {
+        let connection = connecting.await.map_err(|e| {
             let rejected = rejection.take();
             let failure = HandshakeFailure::of_connection_error(&e, rejected.as_ref());
             let detail = match rejected {
@@ -252,7 +339,8 @@ impl Dialer {
                 None => format!("QUIC handshake with {addr}: {e}"),
             };
             (failure, detail)
-        })
+        })?;
+        Ok((connection, guard))
     }
 
     async fn tcp(&self, addr: SocketAddr) -> Result<tcp::TcpConnection, DialError> {
@@ -262,27 +350,17 @@ impl Dialer {
 
     /// Runs a session on a TLS/TCP link and tries QUIC every re-probe interval; once QUIC
     /// comes up, the TCP link is retired (it drains in the background) and the session
-    /// moves to QUIC. Returns why the last session ended.
+    /// moves to QUIC. Returns how the last session ended.
     async fn run_tcp_until_quic(
         &self,
-        connection: TunnelConnection,
+        mut tcp_session: Session,
         ctx: &Arc<SessionContext>,
         cancel: &CancellationToken,
         quic_failures: &mut u32,
-    ) -> String {
-        let retire = CancellationToken::new();
-        let mut tcp_session = tokio::spawn(session::run(
-            connection,
-            Direction::Dialed,
-            ctx.clone(),
-            cancel.clone(),
-            retire.clone(),
-        ));
+    ) -> Ended {
         loop {
             tokio::select! {
-                ended = &mut tcp_session => {
-                    return ended.unwrap_or_else(|e| format!("tunnel session task failed: {e}"));
-                }
+                ended = tcp_session.ended_or_silent(ctx) => return ended,
                 () = tokio::time::sleep(self.choice.quic_reprobe_interval) => {}
             }
             let probe = async {
@@ -291,54 +369,143 @@ impl Dialer {
             };
             let probed = tokio::select! {
                 probed = probe => probed,
-                ended = &mut tcp_session => {
-                    return ended.unwrap_or_else(|e| format!("tunnel session task failed: {e}"));
-                }
+                ended = tcp_session.ended_or_silent(ctx) => return ended,
             };
-            match probed {
-                Ok(quic) => {
-                    // The QUIC link must be routable before the TCP link stops taking
-                    // requests, or requests in between would find no route.
-                    let quic = TunnelConnection::Quic(quic);
-                    let quic_id = quic.stable_id();
-                    let mut quic_session = tokio::spawn(session::run(
-                        quic,
-                        Direction::Dialed,
-                        ctx.clone(),
-                        cancel.clone(),
-                        CancellationToken::new(),
-                    ));
-                    let up = ctx.peers.wait_until(|links| {
-                        links.iter().any(|l| l.id() == quic_id && !l.is_draining())
-                    });
-                    tokio::select! {
-                        () = up => {}
-                        ended = &mut quic_session => {
-                            let reason = ended.unwrap_or_else(|e| format!("tunnel session task failed: {e}"));
-                            debug!(peer = %self.address, %reason, "QUIC re-probe connected but its session ended; staying on TCP");
-                            continue;
-                        }
-                        ended = &mut tcp_session => {
-                            // The QUIC session goes on by itself; the TCP one is what ended.
-                            let reason = ended.unwrap_or_else(|e| format!("tunnel session task failed: {e}"));
-                            return quic_session.await.unwrap_or(reason);
-                        }
-                    }
-                    *quic_failures = 0;
-                    ctx.metrics.tunnel_carrier_switched(Carrier::Quic);
-                    ctx.metrics.tunnel_carrier_chosen(Carrier::Quic);
-                    info!(peer = %self.address, "QUIC works again: new requests move to it and the TCP link drains");
-                    retire.cancel();
-                    // The TCP session ends by itself once drained; it is not waited for.
-                    drop(tcp_session);
-                    return quic_session
-                        .await
-                        .unwrap_or_else(|e| format!("tunnel session task failed: {e}"));
-                }
+            let (quic, _endpoint) = match probed {
+                Ok(probed) => probed,
                 Err((failure, detail)) => {
                     debug!(peer = %self.address, reason = %failure, error = %detail, "QUIC re-probe failed; staying on TCP");
+                    continue;
+                }
+            };
+            // The QUIC link must be routable before the TCP link stops taking requests, or
+            // requests in between would find no route.
+            let mut quic_session = Session::spawn(TunnelConnection::Quic(quic), ctx, cancel);
+            tokio::select! {
+                up = quic_session.up(ctx) => if !up {
+                    debug!(peer = %self.address, "QUIC re-probe connected but its session ended; staying on TCP");
+                    continue;
+                },
+                ended = tcp_session.ended_or_silent(ctx) => {
+                    // The TCP link is gone; the QUIC one carries on in its place.
+                    drop(ended);
+                    return quic_session.ended_or_silent(ctx).await;
                 }
             }
+            *quic_failures = 0;
+            ctx.metrics.tunnel_carrier_switched(Carrier::Quic);
+            ctx.metrics.tunnel_carrier_chosen(Carrier::Quic);
+            info!(peer = %self.address, "QUIC works again: new requests move to it and the TCP link drains");
+            // The TCP session ends by itself once drained; it is not waited for.
+            tcp_session.retire();
+            return quic_session.ended_or_silent(ctx).await;
+        }
+    }
+}
+
+/// How a dialled session ended, as far as its dialer is concerned.
+enum Ended {
+    /// The connection is gone, for this reason.
+    Closed(String),
+    /// Its link went silent: it is retired, and the slot dials a replacement.
+    Silent,
+}
+
+/// A session running in its own task, so its dialer can act while it runs.
+struct Session {
+    id: usize,
+    task: tokio::task::JoinHandle<String>,
+    retire: CancellationToken,
+}
+
+impl Session {
+    fn spawn(
+        connection: TunnelConnection,
+        ctx: &Arc<SessionContext>,
+        cancel: &CancellationToken,
+    ) -> Self {
+        let retire = CancellationToken::new();
+        Self {
+            id: connection.stable_id(),
+            task: tokio::spawn(session::run(
+                connection,
+                Direction::Dialed,
+                ctx.clone(),
+                cancel.clone(),
+                retire.clone(),
+            )),
+            retire,
+        }
+    }
+
+    /// The link of session `id`, once the hello exchange has registered it.
+    async fn link(id: usize, ctx: &SessionContext) -> Arc<super::peers::PeerLink> {
+        let mut found = None;
+        ctx.peers
+            .wait_until(|links| {
+                found = links.iter().find(|l| l.id() == id).cloned();
+                found.is_some()
+            })
+            .await;
+        match found {
+            Some(link) => link,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Whether the link came up (registered, not draining) before the session ended.
+    async fn up(&mut self, ctx: &SessionContext) -> bool {
+        let id = self.id;
+        let up = ctx
+            .peers
+            .wait_until(|links| links.iter().any(|l| l.id() == id && !l.is_draining()));
+        tokio::select! {
+            () = up => true,
+            _ = &mut self.task => false,
+        }
+    }
+
+    /// Waits until the session ends, or its link goes silent (then retires it).
+    async fn ended_or_silent(&mut self, ctx: &SessionContext) -> Ended {
+        let id = self.id;
+        let silent = async {
+            Self::link(id, ctx).await.went_silent().await;
+        };
+        tokio::select! {
+            ended = &mut self.task => Ended::Closed(
+                ended.unwrap_or_else(|e| format!("tunnel session task failed: {e}")),
+            ),
+            () = silent => {
+                self.retire.cancel();
+                Ended::Silent
+            }
+        }
+    }
+
+    /// Drains the link; the session ends by itself.
+    fn retire(self) {
+        self.retire.cancel();
+    }
+}
+
+impl Dialled {
+    fn quic(
+        connection: quinn::Connection,
+        endpoint: Option<EndpointGuard>,
+        why: impl Into<String>,
+    ) -> Self {
+        Self {
+            connection: TunnelConnection::Quic(connection),
+            why: why.into(),
+            _endpoint: endpoint,
+        }
+    }
+
+    fn tcp(connection: tcp::TcpConnection, why: impl Into<String>) -> Self {
+        Self {
+            connection: TunnelConnection::Tcp(connection),
+            why: why.into(),
+            _endpoint: None,
         }
     }
 }

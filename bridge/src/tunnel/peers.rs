@@ -55,6 +55,10 @@ pub struct PeerLink {
     pub worker: usize,
     exports: ArcSwap<HashSet<String>>,
     draining: AtomicBool,
+    /// Nothing has arrived from the peer for longer than a healthy link is ever quiet.
+    silent: AtomicBool,
+    /// Woken when the link goes silent, for requests waiting on it.
+    silence: tokio::sync::Notify,
     drain_acknowledged: AtomicBool,
     active_streams: AtomicUsize,
     /// Woken when the last active stream ends (see `streams_finished`).
@@ -82,6 +86,8 @@ impl PeerLink {
             worker: crate::workers::current(),
             exports: ArcSwap::from_pointee(announcement.exports.into_iter().collect()),
             draining: AtomicBool::new(false),
+            silent: AtomicBool::new(false),
+            silence: tokio::sync::Notify::new(),
             drain_acknowledged: AtomicBool::new(false),
             active_streams: AtomicUsize::new(0),
             streams_idle: tokio::sync::Notify::new(),
@@ -129,6 +135,32 @@ impl PeerLink {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn is_silent(&self) -> bool {
+        self.silent.load(Ordering::SeqCst)
+    }
+
+    /// Marks the link silent (routing prefers other links; requests waiting on it are
+    /// retried or failed) or heard again.
+    pub fn set_silent(&self, silent: bool) {
+        self.silent.store(silent, Ordering::SeqCst);
+        if silent {
+            self.silence.notify_waiters();
+        }
+    }
+
+    /// Resolves once the link is silent (at once if it is already).
+    pub async fn went_silent(&self) {
+        loop {
+            let silence = self.silence.notified();
+            tokio::pin!(silence);
+            silence.as_mut().enable();
+            if self.is_silent() {
+                return;
+            }
+            silence.await;
+        }
     }
 
     /// The peer sent GOAWAY: no new stream starts on this link from now on. Streams already
@@ -281,6 +313,18 @@ impl PeerSet {
         None
     }
 
+    /// Like [`PeerSet::route`], for a retry: never `avoid`, and no silent link.
+    pub fn reroute(
+        &self,
+        service: &str,
+        may_serve: &dyn Fn(&PeerLink) -> bool,
+        avoid: usize,
+    ) -> Option<(Arc<PeerLink>, StreamGuard)> {
+        self.route(service, &|l: &PeerLink| {
+            l.id() != avoid && !l.is_silent() && may_serve(l)
+        })
+    }
+
     /// Picks a link for `service`: among non-draining links that export it, the less busy
     /// of two chosen at random (so one hot connection does not take every request). Links
     /// driven by the calling worker come first, so a request stays on its thread; the
@@ -291,11 +335,18 @@ impl PeerSet {
         let usable = |l: &&Arc<PeerLink>| {
             !l.is_draining() && l.exports.load().contains(service) && may_serve(l)
         };
+        let heard = |l: &&Arc<PeerLink>| !l.is_silent();
+        // This worker's heard links, then any heard link, then (rather than no route) a
+        // silent one: it may only be slow.
         let mut candidates: Vec<&Arc<PeerLink>> = links
             .iter()
             .filter(|l| l.worker == worker)
             .filter(usable)
+            .filter(heard)
             .collect();
+        if candidates.is_empty() {
+            candidates = links.iter().filter(usable).filter(heard).collect();
+        }
         if candidates.is_empty() {
             candidates = links.iter().filter(usable).collect();
         }

@@ -48,6 +48,8 @@ pub struct SessionContext {
     pub hello: Box<dyn Fn() -> ControlMessage + Send + Sync>,
     /// Serves one request stream from the peer.
     pub on_stream: StreamHandler,
+    /// The keepalive interval: a healthy link is never quiet much longer.
+    pub keepalive: Duration,
 }
 
 /// Runs a session until the connection closes or `cancel` fires; returns why it ended.
@@ -229,12 +231,14 @@ pub async fn run(
         retire.cancelled().await;
         retire_link(&connection, &link, &ctx).await;
     };
+    let watchdog = watch_silence(&connection, &link, &ctx);
     let (reason, detail) = tokio::select! {
         lost = acceptor => (lost.disconnect_reason(), lost.to_string()),
         // The acceptor and the control reader keep running while the link drains: the peer
         // may still send requests until it reads our GOAWAY, and its DrainAck comes on the
         // control stream.
         () = retirement => (DisconnectReason::Replaced, "replaced by a link on another carrier".to_owned()),
+        never = watchdog => match never {},
         why = untrusted => {
             close_untrusted(&connection, &link, &ctx, &peer_name, &why).await;
             (DisconnectReason::Untrusted, UNTRUSTED.to_owned())
@@ -268,6 +272,53 @@ pub async fn run(
     // moment (a QUIC connection's endpoint does the same on its own).
     let _ = tokio::time::timeout(CLOSE_WAIT, connection.closed()).await;
     detail
+}
+
+/// How often a link's watchdog looks for news from the peer.
+const WATCH_TICK: Duration = Duration::from_millis(100);
+
+/// Marks the link silent when nothing has arrived from the peer for longer than a healthy
+/// link is ever quiet — a keepalive interval (the peer's keepalives and its acknowledgements
+/// of ours arrive at least that often) plus two round trips and a margin — and heard again
+/// when something arrives. Silent links get no new requests, and requests waiting on one
+/// are retried elsewhere or failed (see `http::import`), long before the idle timeout
+/// closes the connection. A watchdog that itself ran late (the process was starved of
+/// CPU) takes that as news, so a busy node does not declare its peers silent.
+async fn watch_silence(
+    connection: &TunnelConnection,
+    link: &PeerLink,
+    ctx: &SessionContext,
+) -> std::convert::Infallible {
+    let mut count = connection.received();
+    let mut heard = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(WATCH_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut previous = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        let now = tokio::time::Instant::now();
+        let late = now.duration_since(previous) > WATCH_TICK * 3;
+        previous = now;
+        let received = connection.received();
+        if received != count || late {
+            count = received;
+            heard = now;
+            if link.is_silent() {
+                link.set_silent(false);
+                ctx.peers.touch();
+                info!(peer = %link.peer, "tunnel link heard from again");
+            }
+            continue;
+        }
+        let limit = ctx.keepalive + connection.stats().rtt * 2 + Duration::from_millis(100);
+        let quiet = now.duration_since(heard);
+        if quiet >= limit && !link.is_silent() {
+            link.set_silent(true);
+            ctx.peers.touch();
+            ctx.metrics.tunnel_silent();
+            warn!(peer = %link.peer, carrier = %connection.carrier(), quiet_ms = quiet.as_millis() as u64, "nothing heard on the tunnel link; routing new requests to other links");
+        }
+    }
 }
 
 /// How long a closing session waits for its connection to be gone.

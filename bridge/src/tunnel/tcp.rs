@@ -172,6 +172,7 @@ struct Shared {
     close: watch::Sender<Option<bool>>,
     /// Smoothed round-trip time from pings, in microseconds.
     rtt_micros: AtomicU64,
+    heard: Arc<HeardState>,
 }
 
 enum Opener {
@@ -241,23 +242,31 @@ impl Offers {
     }
 }
 
-/// Counts bytes read from the socket as proof the peer is alive.
+/// When the peer was last heard from, and how often: every read from the socket counts.
+#[derive(Default)]
+struct HeardState {
+    /// Milliseconds since the connection's epoch.
+    last_ms: AtomicU64,
+    reads: AtomicU64,
+}
+
+/// Counts reads from the socket as proof the peer is alive.
 struct Heard<T> {
     io: T,
-    last: Arc<AtomicU64>,
+    state: Arc<HeardState>,
     epoch: Instant,
 }
 
 impl<T> Heard<T> {
-    fn new(io: T, epoch: Instant) -> (Self, Arc<AtomicU64>) {
-        let last = Arc::new(AtomicU64::new(0));
+    fn new(io: T, epoch: Instant) -> (Self, Arc<HeardState>) {
+        let state = Arc::new(HeardState::default());
         (
             Self {
                 io,
-                last: last.clone(),
+                state: state.clone(),
                 epoch,
             },
-            last,
+            state,
         )
     }
 }
@@ -272,7 +281,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Heard<T> {
         let result = Pin::new(&mut self.io).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             let now = self.epoch.elapsed().as_millis() as u64;
-            self.last.store(now, Ordering::Relaxed);
+            self.state.last_ms.store(now, Ordering::Relaxed);
+            self.state.reads.fetch_add(1, Ordering::Relaxed);
         }
         result
     }
@@ -310,7 +320,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Heard<T> {
 
 /// What the driver needs to watch the link.
 struct Liveness {
-    heard: Arc<AtomicU64>,
+    heard: Arc<HeardState>,
     epoch: Instant,
     keepalive: Duration,
     idle_timeout: Duration,
@@ -318,7 +328,7 @@ struct Liveness {
 
 impl Liveness {
     fn silent_for(&self) -> Duration {
-        let last = Duration::from_millis(self.heard.load(Ordering::Relaxed));
+        let last = Duration::from_millis(self.heard.last_ms.load(Ordering::Relaxed));
         self.epoch.elapsed().saturating_sub(last)
     }
 }
@@ -371,6 +381,7 @@ impl TcpConnection {
             finished,
             close,
             rtt_micros: AtomicU64::new(0),
+            heard: heard.clone(),
         });
         let liveness = Liveness {
             heard,
@@ -435,6 +446,7 @@ impl TcpConnection {
             finished,
             close,
             rtt_micros: AtomicU64::new(0),
+            heard: heard.clone(),
         });
         let liveness = Liveness {
             heard,
@@ -554,6 +566,11 @@ impl TcpConnection {
 
     pub fn remote_address(&self) -> SocketAddr {
         self.shared.remote
+    }
+
+    /// A count that grows whenever anything arrives from the peer.
+    pub fn received(&self) -> u64 {
+        self.shared.heard.reads.load(Ordering::Relaxed)
     }
 
     pub fn rtt(&self) -> Duration {
