@@ -86,6 +86,8 @@ pub struct NodeState {
     /// Where `POST /v1/reload` hands its reload to the node (see [`NodeState::reload`]).
     reload_requests: tokio::sync::mpsc::Sender<ReloadRequest>,
     draining: AtomicBool,
+    /// What each dialer slot is doing, for status.
+    pub dial_states: Arc<crate::tunnel::dialer::DialStates>,
 }
 
 impl NodeState {
@@ -634,6 +636,7 @@ impl Node {
                 gateway: gateway_addr,
             },
             workers: workers.count(),
+            dial_states: Arc::default(),
             reload_requests,
             draining: AtomicBool::new(false),
         });
@@ -671,6 +674,7 @@ impl Node {
                 Box::pin(export::serve_stream(send, recv, peer, export_ctx.clone()))
             }),
             keepalive: config.tunnel.keepalive,
+            dial_states: state.dial_states.clone(),
         });
 
         let tunnel_server = server_config

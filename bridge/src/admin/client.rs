@@ -480,7 +480,7 @@ pub fn render_status(doc: &serde_json::Value) -> String {
     }
     let _ = writeln!(
         out,
-        "\nPEER                                             REMOTE                 DIR       WORKER  RTT(ms)  STREAMS  POLICY                   EXPORTS"
+        "\nPEER                                             REMOTE                 CARRIER  DIR       WORKER  RTT(ms)  STREAMS  POLICY                   EXPORTS"
     );
     for p in doc["peers"].as_array().into_iter().flatten() {
         let exports: Vec<String> = p["exports"]
@@ -491,9 +491,10 @@ pub fn render_status(doc: &serde_json::Value) -> String {
             .collect();
         let _ = writeln!(
             out,
-            "{:<48} {:<22} {:<9} {:>6}  {:>7.2}  {:>7}  {:<23}  {}{}",
+            "{:<48} {:<22} {:<8} {:<9} {:>6}  {:>7.2}  {:>7}  {:<23}  {}{}",
             s(&p["peer"]),
             s(&p["remote"]),
+            s(&p["carrier"]),
             s(&p["direction"]),
             s(&p["worker"]),
             p["rtt_ms"].as_f64().unwrap_or_default(),
@@ -510,6 +511,36 @@ pub fn render_status(doc: &serde_json::Value) -> String {
                 ""
             }
         );
+    }
+    let dialing = doc["dialing"].as_array().into_iter().flatten();
+    let mut dialing = dialing.peekable();
+    if dialing.peek().is_some() {
+        let _ = writeln!(
+            out,
+            "\nDIALING                        SLOT  STATE       FOR   CARRIER  WHY / LAST ERROR"
+        );
+        for d in dialing {
+            let carrier = d["carrier"].as_str().unwrap_or("-");
+            let mut detail = Vec::new();
+            if d["state"] == "up" {
+                detail.push(s(&d["carrier_reason"]));
+            } else if let Some(error) = d["last_error"].as_str() {
+                detail.push(error.to_owned());
+            }
+            if let Some(ms) = d["next_retry_ms"].as_u64() {
+                detail.push(format!("retry in {ms} ms"));
+            }
+            let _ = writeln!(
+                out,
+                "{:<30} {:>4}  {:<10} {:>4}s  {:<7}  {}",
+                format!("{} ({})", s(&d["address"]), s(&d["site"])),
+                s(&d["slot"]),
+                s(&d["state"]),
+                s(&d["state_seconds"]),
+                carrier,
+                detail.join("; ")
+            );
+        }
     }
     let _ = writeln!(
         out,

@@ -56,6 +56,21 @@ pub fn status_json(state: &NodeState) -> Value {
             })
         })
         .collect();
+    let now = tokio::time::Instant::now();
+    let configured: Vec<Value> = state
+        .dial_states
+        .all()
+        .into_iter()
+        .map(|slot| {
+            let mut v = json!(slot);
+            v["state_seconds"] = json!(now.duration_since(slot.since).as_secs());
+            v["next_retry_ms"] = json!(
+                slot.next_retry
+                    .map(|at| at.saturating_duration_since(now).as_millis() as u64)
+            );
+            v
+        })
+        .collect();
     let exports: Vec<Value> = state
         .export
         .services
@@ -84,6 +99,7 @@ pub fn status_json(state: &NodeState) -> Value {
         "tunnel_listen_tcp": state.addresses.tunnel_tcp.map(|a| a.to_string()),
         "gateway": state.addresses.gateway.map(|a| a.to_string()),
         "peers": peers,
+        "dialing": configured,
         "exports": exports,
         "imports": imports,
         "crl_stale": state.trust.current().crl_stale().as_str(),

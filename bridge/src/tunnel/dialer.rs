@@ -105,6 +105,61 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// What each dialer slot is doing, for `/v1/status`: every configured peer is listed with
+/// its state, carrier, last error and next retry, whether or not a link is up.
+#[derive(Default)]
+pub struct DialStates {
+    slots: Mutex<std::collections::BTreeMap<(String, usize), SlotState>>,
+}
+
+/// One dialer slot as status shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SlotState {
+    pub address: String,
+    pub site: String,
+    pub slot: usize,
+    /// `connecting`, `up`, `silent` or `failed` (waiting to retry).
+    pub state: &'static str,
+    pub carrier: Option<Carrier>,
+    /// Why this carrier (`tunnel.transport`, a fallback, a re-probe).
+    pub carrier_reason: Option<String>,
+    pub last_error: Option<String>,
+    /// When the next attempt starts (`failed` only).
+    #[serde(skip)]
+    pub next_retry: Option<tokio::time::Instant>,
+    #[serde(skip)]
+    pub since: tokio::time::Instant,
+}
+
+impl DialStates {
+    fn update(&self, peer: &PeerConfig, slot: usize, change: impl FnOnce(&mut SlotState)) {
+        let mut slots = lock(&self.slots);
+        let entry = slots
+            .entry((peer.address.clone(), slot))
+            .or_insert_with(|| SlotState {
+                address: peer.address.clone(),
+                site: peer.site.clone(),
+                slot,
+                state: "connecting",
+                carrier: None,
+                carrier_reason: None,
+                last_error: None,
+                next_retry: None,
+                since: tokio::time::Instant::now(),
+            });
+        let before = entry.state;
+        change(entry);
+        if entry.state != before {
+            entry.since = tokio::time::Instant::now();
+        }
+    }
+
+    /// Every slot, by peer address and slot number.
+    pub fn all(&self) -> Vec<SlotState> {
+        lock(&self.slots).values().cloned().collect()
+    }
+}
+
 /// A dialled connection and what must live as long as it.
 struct Dialled {
     connection: TunnelConnection,
@@ -133,6 +188,8 @@ pub async fn run(
     let server_name =
         super::quic::server_name_for(host.trim_start_matches('[').trim_end_matches(']'));
     let dialer = Dialer {
+        peer: peer.clone(),
+        slot,
         source,
         address: peer.address.clone(),
         server_name,
@@ -141,7 +198,12 @@ pub async fn run(
     };
     let mut quic_failures = 0;
     let mut backoff = INITIAL_BACKOFF;
+    let states = ctx.dial_states.clone();
     while !cancel.is_cancelled() {
+        states.update(&peer, slot, |s| {
+            s.state = "connecting";
+            s.next_retry = None;
+        });
         let dialled = tokio::select! {
             dialled = dialer.connect(&mut quic_failures) => dialled,
             () = cancel.cancelled() => break,
@@ -155,6 +217,11 @@ pub async fn run(
                 let carrier = connection.carrier();
                 ctx.metrics.tunnel_carrier_chosen(carrier);
                 info!(peer = %peer.address, slot, %carrier, why, "tunnel carrier chosen");
+                states.update(&peer, slot, |s| {
+                    s.state = "up";
+                    s.carrier = Some(carrier);
+                    s.carrier_reason = Some(why.clone());
+                });
                 let started = tokio::time::Instant::now();
                 let mut session = Session::spawn(connection, &ctx, &cancel);
                 let ended = if carrier == Carrier::Tcp && choice.transport == Transport::Auto {
@@ -170,6 +237,11 @@ pub async fn run(
                         // Dial a replacement now, from a fresh port: the silent link drains
                         // (or goes at its idle timeout) on its own.
                         warn!(peer = %peer.address, slot, "tunnel link went silent; dialling a replacement");
+                        states.update(&peer, slot, |s| {
+                            s.state = "silent";
+                            s.last_error =
+                                Some("nothing heard from the peer; dialling a replacement".into());
+                        });
                         backoff = INITIAL_BACKOFF;
                         continue;
                     }
@@ -182,9 +254,11 @@ pub async fn run(
                     backoff = INITIAL_BACKOFF;
                 }
                 info!(peer = %peer.address, slot, %reason, "tunnel connection ended; reconnecting");
+                states.update(&peer, slot, |s| s.last_error = Some(reason));
             }
             Err((failure, detail)) => {
                 ctx.metrics.handshake_failed(failure);
+                states.update(&peer, slot, |s| s.last_error = Some(detail.clone()));
                 warn!(peer = %peer.address, slot, reason = %failure, error = %detail, retry_in_ms = backoff.as_millis() as u64, "tunnel connect failed");
             }
         }
@@ -192,6 +266,10 @@ pub async fn run(
         let limit = *max_backoff.borrow();
         backoff = backoff.min(limit);
         let wait = backoff.mul_f64(rand::random_range(0.5..=1.0));
+        states.update(&peer, slot, |s| {
+            s.state = "failed";
+            s.next_retry = Some(tokio::time::Instant::now() + wait);
+        });
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = cancel.cancelled() => break,
@@ -202,6 +280,8 @@ pub async fn run(
 
 /// What one dialer slot dials with.
 struct Dialer {
+    peer: PeerConfig,
+    slot: usize,
     source: DialSource,
     address: String,
     server_name: String,
@@ -395,6 +475,13 @@ impl Dialer {
             *quic_failures = 0;
             ctx.metrics.tunnel_carrier_switched(Carrier::Quic);
             ctx.metrics.tunnel_carrier_chosen(Carrier::Quic);
+            ctx.dial_states.update(&self.peer, self.slot, |s| {
+                s.carrier = Some(Carrier::Quic);
+                s.carrier_reason = Some(format!(
+                    "QUIC re-probe succeeded after {}s on TCP",
+                    s.since.elapsed().as_secs()
+                ));
+            });
             info!(peer = %self.address, "QUIC works again: new requests move to it and the TCP link drains");
             // The TCP session ends by itself once drained; it is not waited for.
             tcp_session.retire();

@@ -50,6 +50,8 @@ pub struct SessionContext {
     pub on_stream: StreamHandler,
     /// The keepalive interval: a healthy link is never quiet much longer.
     pub keepalive: Duration,
+    /// What each dialer slot is doing (status).
+    pub dial_states: Arc<super::dialer::DialStates>,
 }
 
 /// Runs a session until the connection closes or `cancel` fires; returns why it ended.
