@@ -840,14 +840,22 @@ impl Node {
         let state = &self.state;
         state.draining.store(true, Ordering::Release);
         let deadline = Instant::now() + state.config.load().limits.drain_timeout;
-        state.peers.broadcast(&ControlMessage::GoAway {
-            reason: "node shutting down".into(),
-        });
+        // Every link is told, including one whose handshake finishes during the drain (a
+        // dialer's second connection): untold, it would never acknowledge, and the drain
+        // would wait out its deadline.
+        let mut told = std::collections::HashSet::new();
         let acknowledged = tokio::time::timeout_at(
             deadline.into(),
-            state
-                .peers
-                .wait_until(|links| links.iter().all(|l| l.drain_acknowledged())),
+            state.peers.wait_until(|links| {
+                for link in links {
+                    if told.insert(link.id()) {
+                        link.send_control(ControlMessage::GoAway {
+                            reason: "node shutting down".into(),
+                        });
+                    }
+                }
+                links.iter().all(|l| l.drain_acknowledged())
+            }),
         )
         .await;
         if acknowledged.is_err() {
