@@ -41,8 +41,10 @@ use crate::tunnel::udp::Handoff;
 use crate::upstream::Upstream;
 use crate::workers::Workers;
 
+mod readiness;
 mod reload;
 
+pub use readiness::Readiness;
 pub use reload::ReloadReport;
 use reload::{ReloadRequest, Reloadable};
 
@@ -104,9 +106,9 @@ impl NodeState {
         peers_disagreeing(&self.peers, &self.acl)
     }
 
-    /// Ready: not draining and at least one tunnel is up.
+    /// Ready by the node's role: see [`NodeState::readiness`].
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && !self.peers.links().is_empty()
+        self.readiness().is_ready()
     }
 
     /// Reloads the node's configuration file on behalf of `by` (who asked, for the log) and

@@ -297,12 +297,14 @@ fn limits_section(d: &mut Decisions, old: LimitsSection, new: LimitsSection) -> 
         drain_timeout,
         max_connections,
         idle_timeout,
+        ready_timeout,
     } = old;
     let LimitsSection {
         max_header_bytes: new_max_header_bytes,
         drain_timeout: new_drain_timeout,
         max_connections: new_max_connections,
         idle_timeout: new_idle_timeout,
+        ready_timeout: new_ready_timeout,
     } = new;
     // Listeners read these per connection and request; draining reads the config in force.
     LimitsSection {
@@ -318,6 +320,8 @@ fn limits_section(d: &mut Decisions, old: LimitsSection, new: LimitsSection) -> 
             new_max_connections,
         ),
         idle_timeout: d.live("limits.idle_timeout", idle_timeout, new_idle_timeout),
+        // Read once, at start, before READY=1.
+        ready_timeout: d.restart("limits.ready_timeout", ready_timeout, new_ready_timeout),
     }
 }
 

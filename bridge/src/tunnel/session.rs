@@ -248,6 +248,7 @@ pub async fn run(
     };
     // Counted before the link leaves the set, so whoever waits on the set sees the count.
     ctx.metrics.tunnel_disconnected(&peer_node.site, reason);
+    ctx.peers.record_down(&peer_node.site, reason, &detail);
     ctx.peers.remove(link.id());
     info!(peer = %peer_name, %reason, %detail, "tunnel down");
     detail
