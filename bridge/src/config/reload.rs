@@ -384,6 +384,7 @@ fn upstream_settings(
         health_check,
         connect_timeout,
         request_timeout,
+        request_body_idle_timeout,
         circuit_breaker,
         retry,
         passive_health,
@@ -394,6 +395,7 @@ fn upstream_settings(
         health_check: new_health_check,
         connect_timeout: new_connect_timeout,
         request_timeout: new_request_timeout,
+        request_body_idle_timeout: new_request_body_idle_timeout,
         circuit_breaker: new_circuit_breaker,
         retry: new_retry,
         passive_health: new_passive_health,
@@ -419,6 +421,11 @@ fn upstream_settings(
             field("request_timeout"),
             request_timeout,
             new_request_timeout,
+        ),
+        request_body_idle_timeout: d.live(
+            field("request_body_idle_timeout"),
+            request_body_idle_timeout,
+            new_request_body_idle_timeout,
         ),
         circuit_breaker: circuit_breaker_settings(
             d,

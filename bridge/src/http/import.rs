@@ -631,9 +631,13 @@ async fn forward(
     } else {
         false
     };
-    if body_done {
+    // The request timeout starts once the whole request is in the tunnel: the time a slow
+    // upload takes is the export's `request_body_idle_timeout`'s to bound.
+    let body_sent = if body_done {
         stats.add_bytes(request_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
+        None
     } else {
+        let (sent, body_sent) = tokio::sync::oneshot::channel::<()>();
         let request_bytes = request_bytes.clone();
         let stats = stats.clone();
         ctx.tasks.spawn(async move {
@@ -641,20 +645,38 @@ async fn forward(
             if let Err(e) = body::pump_to_tunnel(None, &mut body, &mut send, &request_bytes).await {
                 debug!(error = %e, "request body did not reach the tunnel");
             }
+            // A failed body also starts the clock (dropping `sent` does): the answer, an
+            // error, is due all the same.
+            let _ = sent.send(());
             stats.add_bytes(request_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
         });
-    }
+        Some(body_sent)
+    };
 
     let first = match settings.request_timeout {
-        Some(limit) => tokio::time::timeout(limit, recv.read_frame())
-            .await
-            .map_err(|_| {
-                recv.stop(codes::CANCELLED);
-                fail(BridgeError::new(
-                    Reason::Timeout,
-                    format!("no response within {limit:?}"),
-                ))
-            })?,
+        Some(limit) => {
+            let expired = async {
+                if let Some(body_sent) = body_sent {
+                    let _ = body_sent.await;
+                }
+                tokio::time::sleep(limit).await;
+            };
+            let answer = tokio::select! {
+                biased;
+                first = recv.read_frame() => Some(first),
+                () = expired => None,
+            };
+            match answer {
+                Some(first) => first,
+                None => {
+                    recv.stop(codes::CANCELLED);
+                    return Err(fail(BridgeError::new(
+                        Reason::Timeout,
+                        format!("no response within {limit:?} of the request being sent"),
+                    )));
+                }
+            }
+        }
         None => recv.read_frame().await,
     };
     let head = match first {
