@@ -64,6 +64,9 @@ resource "aws_lb_target_group" "tunnel" {
   deregistration_delay = 45
   # QUIC connection migration is not used; stickiness by 5-tuple (the default) keeps each
   # connection on one node.
+  # /readyz is 200 as soon as a node can accept tunnels (listeners bound, certificate valid),
+  # before any on-prem node has dialled it, so a new node enters the group and gets tunnels;
+  # 503 while it drains, so a stopping node leaves before it exits.
   health_check {
     protocol            = "HTTP"
     port                = "7181"

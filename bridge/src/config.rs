@@ -217,6 +217,12 @@ pub struct LimitsSection {
     /// keep-alive, HTTP/2, and a connection that never sends a whole request).
     #[serde(default = "default_connection_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// How long `hybridge run` holds back systemd's `READY=1` at start while a dialling node
+    /// is not ready (a tunnel to a peer site missing); then READY=1 goes anyway, with
+    /// `STATUS=` naming what is missing, so a WAN outage at boot neither fails the start nor
+    /// restarts the service in a loop. `"0s"`: READY=1 as soon as the listeners are bound.
+    #[serde(default = "default_ready_timeout", with = "humantime_serde")]
+    pub ready_timeout: Duration,
 }
 
 impl Default for LimitsSection {
@@ -226,6 +232,7 @@ impl Default for LimitsSection {
             drain_timeout: default_drain_timeout(),
             max_connections: default_max_connections(),
             idle_timeout: default_connection_idle_timeout(),
+            ready_timeout: default_ready_timeout(),
         }
     }
 }
@@ -356,6 +363,9 @@ fn default_max_connections() -> usize {
 }
 fn default_connection_idle_timeout() -> Duration {
     Duration::from_secs(120)
+}
+fn default_ready_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// The line of the key an error message names (`unknown field `x``, `missing field`...),

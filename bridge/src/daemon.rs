@@ -14,9 +14,9 @@ use crate::config::Config;
 use crate::node::{self, Node};
 use crate::workers::Workers;
 
-fn notify(state: sd_notify::NotifyState<'_>) {
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
     // Outside systemd NOTIFY_SOCKET is unset and this is a no-op.
-    let _ = sd_notify::notify(&[state]);
+    let _ = sd_notify::notify(states);
 }
 
 /// Runs a node until SIGTERM/SIGINT, reloading on SIGHUP (the reload tells systemd and logs its
@@ -24,29 +24,73 @@ fn notify(state: sd_notify::NotifyState<'_>) {
 /// drains ends the process at once, with 128 + the signal's number (130 for Ctrl-C), like a
 /// shell's child killed by it: the operator asked twice, so requests still in flight are cut.
 /// `Ok` is the exit code.
+///
+/// systemd hears `READY=1` once the node is ready (`NodeState::readiness`: a listening node as
+/// soon as its listeners are bound, a dialling node once every peer site has a tunnel), or
+/// after `limits.ready_timeout` if it is not ready by then, with `STATUS=` saying what is
+/// missing: a WAN outage at boot must neither fail the start nor restart the service in a loop.
 pub async fn run(path: &Path, workers: Arc<Workers>) -> anyhow::Result<u8> {
     let config = Config::load(path)?;
     // Its warnings are `check-config`'s business: the node reports a stale CRL itself, and
     // status and metrics show the certificate's end.
     preflight(&config).await?;
+    let ready_timeout = config.limits.ready_timeout;
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let node = Node::start_on(config, workers).await?;
-    notify(sd_notify::NotifyState::Ready);
     info!(config = %path.display(), "hybridge running");
-    loop {
+    let state = node.state.clone();
+    let ready = || state.readiness();
+    let became_ready = state.peers.wait_until(|_| ready().is_ready());
+    tokio::pin!(became_ready);
+    let mut waiting = !ready().is_ready();
+    let mut stopping = false;
+    if waiting {
+        let status = format!("starting, not ready: {}", ready().summary());
+        notify(&[sd_notify::NotifyState::Status(&status)]);
+        let bound = tokio::time::sleep(ready_timeout);
         tokio::select! {
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            () = &mut became_ready => waiting = false,
+            () = bound => {}
+            _ = terminate.recv() => stopping = true,
+            _ = interrupt.recv() => stopping = true,
+        }
+    }
+    if !stopping {
+        if waiting {
+            let summary = ready().summary();
+            let status = format!("running, not ready: {summary}");
+            notify(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status(&status),
+            ]);
+            warn!(waited = ?ready_timeout, reason = %summary, "not ready within limits.ready_timeout; told systemd READY=1 anyway");
+        } else {
+            notify(&[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status("running, ready"),
+            ]);
+            info!("ready");
+        }
+    }
+    while !stopping {
+        tokio::select! {
+            _ = terminate.recv() => stopping = true,
+            _ = interrupt.recv() => stopping = true,
             _ = hangup.recv() => {
                 // Refused or not, the outcome is logged by the reload; nothing more to do.
                 let _ = node.reload("SIGHUP").await;
             }
+            () = &mut became_ready, if waiting => {
+                waiting = false;
+                notify(&[sd_notify::NotifyState::Status("running, ready")]);
+                info!("ready");
+            }
         }
     }
-    notify(sd_notify::NotifyState::Stopping);
+    notify(&[sd_notify::NotifyState::Stopping]);
     info!("draining");
     let signal_number = tokio::select! {
         () = node.shutdown() => return Ok(0),

@@ -43,8 +43,10 @@ use crate::tunnel::udp::Handoff;
 use crate::upstream::Upstream;
 use crate::workers::Workers;
 
+mod readiness;
 mod reload;
 
+pub use readiness::Readiness;
 pub use reload::ReloadReport;
 use reload::{ReloadRequest, Reloadable};
 
@@ -110,9 +112,9 @@ impl NodeState {
         peers_disagreeing(&self.peers, &self.acl)
     }
 
-    /// Ready: not draining and at least one tunnel is up.
+    /// Ready by the node's role: see [`NodeState::readiness`].
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && !self.peers.links().is_empty()
+        self.readiness().is_ready()
     }
 
     /// Reloads the node's configuration file on behalf of `by` (who asked, for the log) and
@@ -925,14 +927,22 @@ impl Node {
         let state = &self.state;
         state.draining.store(true, Ordering::Release);
         let deadline = Instant::now() + state.config.load().limits.drain_timeout;
-        state.peers.broadcast(&ControlMessage::GoAway {
-            reason: "node shutting down".into(),
-        });
+        // Every link is told, including one whose handshake finishes during the drain (a
+        // dialer's second connection): untold, it would never acknowledge, and the drain
+        // would wait out its deadline.
+        let mut told = std::collections::HashSet::new();
         let acknowledged = tokio::time::timeout_at(
             deadline.into(),
-            state
-                .peers
-                .wait_until(|links| links.iter().all(|l| l.drain_acknowledged())),
+            state.peers.wait_until(|links| {
+                for link in links {
+                    if told.insert(link.id()) {
+                        link.send_control(ControlMessage::GoAway {
+                            reason: "node shutting down".into(),
+                        });
+                    }
+                }
+                links.iter().all(|l| l.drain_acknowledged())
+            }),
         )
         .await;
         if acknowledged.is_err() {

@@ -38,6 +38,17 @@ pub struct Trust {
     crls: Vec<CrlSummary>,
     crl_file: Option<std::path::PathBuf>,
     crl_stale: CrlStale,
+    /// The validity window of the node's own certificate (`None` if it could not be read).
+    node_certificate: Option<Validity>,
+    /// How many CA certificates the bundle in force holds.
+    ca_certificates: usize,
+}
+
+/// When a certificate starts and stops being valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: time::OffsetDateTime,
+    pub not_after: time::OffsetDateTime,
 }
 
 impl Trust {
@@ -70,6 +81,15 @@ impl Trust {
             crls,
             crl_file: crl_file.map(std::path::Path::to_path_buf),
             crl_stale: material.crl_stale,
+            node_certificate: material
+                .chain
+                .first()
+                .and_then(|leaf| hybridge_ca::inspect::summarize(leaf.as_ref()).ok())
+                .map(|summary| Validity {
+                    not_before: summary.not_before,
+                    not_after: summary.not_after,
+                }),
+            ca_certificates: material.ca_certs.len(),
             nodes: PeerChecker::new(
                 material,
                 PeerExpectation::NodeOfSites {
@@ -123,6 +143,16 @@ impl Trust {
 
     pub fn crl_stale(&self) -> CrlStale {
         self.crl_stale
+    }
+
+    /// The validity window of the node's own certificate in force.
+    pub fn node_certificate(&self) -> Option<Validity> {
+        self.node_certificate
+    }
+
+    /// How many CA certificates the bundle in force holds.
+    pub fn ca_certificates(&self) -> usize {
+        self.ca_certificates
     }
 
     /// Under `tls.crl_stale = "refuse"`, when the first CRL goes stale and every peer check

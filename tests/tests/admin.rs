@@ -282,8 +282,8 @@ async fn only_the_socket_its_group_and_administrator_certificates_change_policy(
 
         // The TCP listener answers, read-only: status yes, rules and writes no.
         let out = hybridge_as_nobody(&bin, None, &["status", "--admin", &http]).await;
-        // Answered; the node has no tunnel, which `status` reports with exit code 3.
-        assert_eq!(out.status.code(), Some(3), "nobody reading status over TCP");
+        // Answered; a listening node is ready without a tunnel, so `status` exits 0.
+        assert_eq!(out.status.code(), Some(0), "nobody reading status over TCP");
         let status = text(&out).0;
         assert!(status.contains("spiffe://test.hybridge/site/cloud/node/cloud-1"));
         let out =
@@ -410,11 +410,11 @@ async fn only_the_socket_its_group_and_administrator_certificates_change_policy(
             && log.contains("by spiffe://test.hybridge/admin/alice"),
         "{log}"
     );
-    // Answered over mTLS; the node has no tunnel, which `status` reports with exit code 3.
+    // Answered over mTLS; a listening node is ready without a tunnel, so `status` exits 0.
     let out = run_with(&["status"], &alice).await;
     assert_eq!(
         out.status.code(),
-        Some(3),
+        Some(0),
         "alice: status: {:?}",
         text(&out)
     );

@@ -153,22 +153,26 @@ async fn nodes_with_one_policy_agree_and_a_changed_node_is_shown_disagreeing() {
 }
 
 /// `hybridge status` tells a script whether the node is ready: 0 ready, 3 answering but not
-/// ready, 1 unreachable.
+/// ready, 1 unreachable. A listening node is ready without a tunnel; a dialling one once its
+/// peer site has a tunnel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_exits_non_zero_when_the_node_is_not_ready_or_unreachable() {
     let pki = Pki::new();
     let cloud = NodeOptions::cloud(&pki, "cloud-1").start().await;
-    let admin = format!("http://{}", cloud.addresses().admin);
+    let cloud_admin = format!("http://{}", cloud.addresses().admin);
     let (code, stdout, stderr) =
-        tokio::task::block_in_place(|| hybridge_cli(&["status", "--admin", &admin]));
-    assert_eq!(code, 3, "no tunnel yet: {stdout}{stderr}");
-    assert!(stdout.contains("not ready"), "{stdout}");
+        tokio::task::block_in_place(|| hybridge_cli(&["status", "--admin", &cloud_admin]));
+    assert_eq!(
+        code, 0,
+        "a listening node is ready at once: {stdout}{stderr}"
+    );
     let onprem = NodeOptions::onprem(&pki, "onprem-1", &[cloud.addresses().tunnel.unwrap()])
         .start()
         .await;
+    let admin = format!("http://{}", onprem.addresses().admin);
     tokio::time::timeout(
         WAIT,
-        cloud.state.peers.wait_until(|links| !links.is_empty()),
+        onprem.state.peers.wait_until(|links| !links.is_empty()),
     )
     .await
     .unwrap();
@@ -177,11 +181,21 @@ async fn status_exits_non_zero_when_the_node_is_not_ready_or_unreachable() {
     assert_eq!(code, 0, "ready: {stdout}{stderr}");
     let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(doc["ready"], true);
-    onprem.shutdown().await;
-    tokio::time::timeout(WAIT, cloud.state.peers.wait_until(|links| links.is_empty()))
-        .await
-        .unwrap();
     cloud.shutdown().await;
+    tokio::time::timeout(
+        WAIT,
+        onprem.state.peers.wait_until(|links| links.is_empty()),
+    )
+    .await
+    .unwrap();
+    let (code, stdout, stderr) =
+        tokio::task::block_in_place(|| hybridge_cli(&["status", "--admin", &admin]));
+    assert_eq!(code, 3, "no tunnel to site cloud: {stdout}{stderr}");
+    assert!(
+        stdout.contains("not ready: waiting for a tunnel to site cloud"),
+        "{stdout}"
+    );
+    onprem.shutdown().await;
     let (code, _, stderr) =
         tokio::task::block_in_place(|| hybridge_cli(&["status", "--admin", &admin]));
     assert_eq!(code, 1, "unreachable: {stderr}");

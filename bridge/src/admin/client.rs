@@ -443,19 +443,23 @@ pub fn render_status(doc: &serde_json::Value) -> String {
     };
     let mut out = String::new();
     let _ = writeln!(out, "node      {}", s(&doc["node"]));
+    let reasons: Vec<String> = doc["not_ready_reasons"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(s)
+        .collect();
+    let state = if doc["ready"].as_bool() == Some(true) {
+        "ready".to_owned()
+    } else if reasons.is_empty() {
+        "not ready".to_owned()
+    } else {
+        format!("not ready: {}", reasons.join("; "))
+    };
     let _ = writeln!(
         out,
         "state     {}   uptime {}s   policy version {}   workers {}",
-        if doc["draining"].as_bool() == Some(true) {
-            "draining"
-        } else if doc["ready"].as_bool() == Some(true) {
-            "ready"
-        } else {
-            "not ready (no tunnel)"
-        },
-        doc["uptime_seconds"],
-        doc["policy_version"],
-        doc["workers"]
+        state, doc["uptime_seconds"], doc["policy_version"], doc["workers"]
     );
     let short = |v: &serde_json::Value| {
         v.as_str()

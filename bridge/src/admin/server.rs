@@ -517,15 +517,14 @@ async fn route(
     let response = match path.as_str() {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
-            if state.is_ready() {
+            let readiness = state.readiness();
+            if readiness.is_ready() {
                 text(StatusCode::OK, "text/plain", "ready\n")
-            } else if state.is_draining() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
             } else {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
-                    "no tunnel is up\n",
+                    format!("not ready: {}\n", readiness.summary()),
                 )
             }
         }

@@ -84,13 +84,15 @@ pub fn status_json(state: &NodeState) -> Value {
         .iter()
         .map(|(service, addr)| json!({ "service": service, "listen": addr.to_string() }))
         .collect();
+    let readiness = state.readiness();
     json!({
         "node": state.identity.to_string(),
         "name": config.node.name,
         "site": config.node.site,
         "uptime_seconds": state.started.elapsed().as_secs(),
         "workers": state.workers,
-        "ready": state.is_ready(),
+        "ready": readiness.is_ready(),
+        "not_ready_reasons": readiness.reasons,
         "draining": state.is_draining(),
         "policy_version": state.acl.version(),
         "policy_digest": digest,

@@ -318,12 +318,14 @@ fn limits_section(d: &mut Decisions, old: LimitsSection, new: LimitsSection) -> 
         drain_timeout,
         max_connections,
         idle_timeout,
+        ready_timeout,
     } = old;
     let LimitsSection {
         max_header_bytes: new_max_header_bytes,
         drain_timeout: new_drain_timeout,
         max_connections: new_max_connections,
         idle_timeout: new_idle_timeout,
+        ready_timeout: new_ready_timeout,
     } = new;
     // Listeners read these per connection and request; draining reads the config in force.
     LimitsSection {
@@ -339,6 +341,8 @@ fn limits_section(d: &mut Decisions, old: LimitsSection, new: LimitsSection) -> 
             new_max_connections,
         ),
         idle_timeout: d.live("limits.idle_timeout", idle_timeout, new_idle_timeout),
+        // Read once, at start, before READY=1.
+        ready_timeout: d.restart("limits.ready_timeout", ready_timeout, new_ready_timeout),
     }
 }
 
@@ -401,6 +405,7 @@ fn upstream_settings(
         health_check,
         connect_timeout,
         request_timeout,
+        request_body_idle_timeout,
         circuit_breaker,
         retry,
         passive_health,
@@ -411,6 +416,7 @@ fn upstream_settings(
         health_check: new_health_check,
         connect_timeout: new_connect_timeout,
         request_timeout: new_request_timeout,
+        request_body_idle_timeout: new_request_body_idle_timeout,
         circuit_breaker: new_circuit_breaker,
         retry: new_retry,
         passive_health: new_passive_health,
@@ -436,6 +442,11 @@ fn upstream_settings(
             field("request_timeout"),
             request_timeout,
             new_request_timeout,
+        ),
+        request_body_idle_timeout: d.live(
+            field("request_body_idle_timeout"),
+            request_body_idle_timeout,
+            new_request_body_idle_timeout,
         ),
         circuit_breaker: circuit_breaker_settings(
             d,

@@ -83,8 +83,11 @@ pub enum Reason {
     UpstreamConnectFailed,
     /// The upstream connection closed or reset before the response head.
     UpstreamReset,
-    /// The upstream gave no response head within `response_head_timeout`.
+    /// The upstream gave no response head within the export's `request_timeout` of the
+    /// request being sent whole.
     UpstreamTimeout,
+    /// The caller sent no request body bytes for the export's `request_body_idle_timeout`.
+    RequestBodyTimeout,
     /// The export node is shutting the upstream down.
     ShuttingDown,
     /// The caller went away before its answer (nginx's 499; recorded, never sent).
@@ -95,7 +98,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in the README's order.
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Self::AclDenied,
         Self::InvalidPath,
         Self::UnknownHost,
@@ -111,6 +114,7 @@ impl Reason {
         Self::UpstreamConnectFailed,
         Self::UpstreamReset,
         Self::UpstreamTimeout,
+        Self::RequestBodyTimeout,
         Self::ShuttingDown,
         Self::ClientAborted,
         Self::Internal,
@@ -134,6 +138,7 @@ impl Reason {
             Self::UpstreamConnectFailed => "upstream-connect-failed",
             Self::UpstreamReset => "upstream-reset",
             Self::UpstreamTimeout => "upstream-timeout",
+            Self::RequestBodyTimeout => "request-body-timeout",
             Self::ShuttingDown => "shutting-down",
             Self::ClientAborted => "client-aborted",
             Self::Internal => "internal",
@@ -156,6 +161,7 @@ impl Reason {
             | Self::UpstreamConnectFailed
             | Self::UpstreamReset => StatusCode::BAD_GATEWAY,
             Self::Timeout | Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::ClientAborted => client_closed_request(),
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -177,7 +183,9 @@ impl Reason {
             | Self::UpstreamConnectFailed
             | Self::UpstreamReset
             | Self::ShuttingDown => GrpcCode::Unavailable,
-            Self::Timeout | Self::UpstreamTimeout => GrpcCode::DeadlineExceeded,
+            Self::Timeout | Self::UpstreamTimeout | Self::RequestBodyTimeout => {
+                GrpcCode::DeadlineExceeded
+            }
             Self::ClientAborted => GrpcCode::Cancelled,
             Self::TunnelProtocol | Self::Internal => GrpcCode::Internal,
         }
@@ -337,6 +345,7 @@ mod tests {
             .collect();
         assert!(table.contains(&("timeout", 504, 4)));
         assert!(table.contains(&("upstream-timeout", 504, 4)));
+        assert!(table.contains(&("request-body-timeout", 408, 4)));
         assert!(table.contains(&("invalid-path", 400, 3)));
         assert!(table.contains(&("acl-denied", 403, 7)));
         assert!(table.contains(&("client-aborted", 499, 1)));

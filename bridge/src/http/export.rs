@@ -215,28 +215,19 @@ async fn exchange(
             })?;
         let request = build_request(head, recv, bytes_in)
             .map_err(|e| fail(BridgeError::new(Reason::BadRequest, e)))?;
-        let upstream_answer = upstream.send(request);
+        // The caller's deadline counts, like the export's own, from when the request has
+        // been sent whole to the upstream, not while its body is still arriving.
+        let deadline =
+            (head.deadline_ms > 0).then(|| Duration::from_millis(u64::from(head.deadline_ms)));
+        let upstream_answer = upstream.send_within(request, deadline);
         // A caller that goes away while the upstream works (its node stops reading the
         // stream) ends the upstream request too, instead of holding it to completion.
-        let sent = async {
-            tokio::select! {
-                biased;
-                outcome = upstream_answer => outcome,
-                () = send.abandoned_by_peer() => Err(crate::upstream::UpstreamError::ClientAborted {
-                    detail: "the calling node stopped waiting for the response".into(),
-                }),
-            }
-        };
-        let outcome = if head.deadline_ms > 0 {
-            let limit = Duration::from_millis(u64::from(head.deadline_ms));
-            tokio::time::timeout(limit, sent).await.map_err(|_| {
-                fail(BridgeError::new(
-                    Reason::Timeout,
-                    format!("no upstream response within {limit:?}"),
-                ))
-            })?
-        } else {
-            sent.await
+        let outcome = tokio::select! {
+            biased;
+            outcome = upstream_answer => outcome,
+            () = send.abandoned_by_peer() => Err(crate::upstream::UpstreamError::ClientAborted {
+                detail: "the calling node stopped waiting for the response".into(),
+            }),
         };
         outcome.map_err(|e| fail(BridgeError::new(e.reason(), e.to_string())))
     }

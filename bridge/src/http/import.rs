@@ -646,9 +646,13 @@ async fn forward(
     } else {
         false
     };
-    if body_done {
+    // The request timeout starts once the whole request is in the tunnel: the time a slow
+    // upload takes is the export's `request_body_idle_timeout`'s to bound.
+    let body_sent = if body_done {
         stats.add_bytes(request_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
+        None
     } else {
+        let (sent, body_sent) = tokio::sync::oneshot::channel::<()>();
         let request_bytes = request_bytes.clone();
         let stats = stats.clone();
         ctx.tasks.spawn(async move {
@@ -656,38 +660,44 @@ async fn forward(
             if let Err(e) = body::pump_to_tunnel(None, &mut body, &mut send, &request_bytes).await {
                 debug!(error = %e, "request body did not reach the tunnel");
             }
+            // A failed body also starts the clock (dropping `sent` does): the answer, an
+            // error, is due all the same.
+            let _ = sent.send(());
             stats.add_bytes(request_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
         });
-    }
+        Some(body_sent)
+    };
 
     // Wait for the answer. A link that goes silent meanwhile is not waited on until the
     // idle timeout: a request the peer cannot have acknowledged (nothing arrived on the
     // link since it was sent) and that can be sent again goes to another link; any other
-    // fails now with the reason.
-    let deadline = settings
-        .request_timeout
-        .map(|limit| (tokio::time::Instant::now() + limit, limit));
+    // fails now with the reason. Only a request sent whole is sent again, so `body_sent`
+    // (the end of a streamed body) is waited on once.
+    let expired = async {
+        match settings.request_timeout {
+            Some(limit) => {
+                if let Some(body_sent) = body_sent {
+                    let _ = body_sent.await;
+                }
+                tokio::time::sleep(limit).await;
+                limit
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
     let mut retries = 0;
     let first = loop {
-        let answer = async {
-            match deadline {
-                Some((at, limit)) => tokio::time::timeout_at(at, recv.read_frame())
-                    .await
-                    .map_err(|_| limit),
-                None => Ok(recv.read_frame().await),
-            }
-        };
         tokio::select! {
-            answer = answer => match answer {
-                Ok(first) => break first,
-                Err(limit) => {
-                    recv.stop(codes::CANCELLED);
-                    return Err(fail(BridgeError::new(
-                        Reason::Timeout,
-                        format!("no response within {limit:?}"),
-                    )));
-                }
-            },
+            biased;
+            first = recv.read_frame() => break first,
+            limit = &mut expired => {
+                recv.stop(codes::CANCELLED);
+                return Err(fail(BridgeError::new(
+                    Reason::Timeout,
+                    format!("no response within {limit:?} of the request being sent"),
+                )));
+            }
             () = link.went_silent() => {}
         }
         recv.stop(codes::CANCELLED);

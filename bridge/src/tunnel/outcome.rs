@@ -136,9 +136,9 @@ pub enum DisconnectReason {
     IdleTimeout,
     /// The connection broke (a transport error or a reset).
     ConnectionError,
-    /// The peer closed its control stream.
+    /// The peer finished its control stream while the connection stayed up.
     ControlClosed,
-    /// Writing to the control stream failed.
+    /// Reading or writing the control stream failed while the connection stayed up.
     ControlFailed,
     /// A reload or the certificate's expiry made the peer's certificate untrusted.
     Untrusted,

@@ -4,7 +4,7 @@
 //! not draining; power of two choices on open streams). It does not open streams itself or
 //! know about HTTP. Readers never lock: the link list is an `ArcSwap` replaced on change.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use super::connection::TunnelConnection;
 use super::control::{ControlMessage, PeerAnnouncement};
+use super::outcome::DisconnectReason;
 
 /// Which side opened the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -236,11 +237,22 @@ impl Drop for StreamGuard {
     }
 }
 
+/// The last tunnel to a site that went down: when and why.
+#[derive(Clone, Debug)]
+pub struct TunnelDown {
+    pub at: Instant,
+    pub reason: DisconnectReason,
+    pub detail: String,
+}
+
 /// All live links of this node.
 pub struct PeerSet {
     links: ArcSwap<Vec<Arc<PeerLink>>>,
     /// Bumped on every change, so callers can wait for a route instead of sleeping.
     changed: tokio::sync::watch::Sender<u64>,
+    /// The last tunnel down per peer site (sites of authenticated peers only, so bounded),
+    /// for saying why a node waits for a tunnel.
+    last_down: std::sync::Mutex<HashMap<Arc<str>, TunnelDown>>,
 }
 
 impl Default for PeerSet {
@@ -248,11 +260,31 @@ impl Default for PeerSet {
         Self {
             links: ArcSwap::default(),
             changed: tokio::sync::watch::channel(0).0,
+            last_down: std::sync::Mutex::default(),
         }
     }
 }
 
 impl PeerSet {
+    /// Remembers why the last tunnel to `site` went down.
+    pub fn record_down(&self, site: &Arc<str>, reason: DisconnectReason, detail: &str) {
+        if let Ok(mut last) = self.last_down.lock() {
+            last.insert(
+                site.clone(),
+                TunnelDown {
+                    at: Instant::now(),
+                    reason,
+                    detail: detail.to_owned(),
+                },
+            );
+        }
+    }
+
+    /// When and why the last tunnel to `site` went down, if one ever did.
+    pub fn last_down(&self, site: &str) -> Option<TunnelDown> {
+        self.last_down.lock().ok()?.get(site).cloned()
+    }
+
     pub fn insert(&self, link: Arc<PeerLink>) {
         self.links.rcu(|links| {
             let mut next = Vec::clone(links);

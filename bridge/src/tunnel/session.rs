@@ -153,9 +153,10 @@ pub async fn run(
         while let Some(message) = control_rx.recv().await {
             if let Err(e) = control::send(&mut control_send, &message).await {
                 debug!(error = %e, "control stream write failed");
-                break;
+                return ControlEnd::Failed(e.to_string());
             }
         }
+        ControlEnd::Finished
     };
     let reader = async {
         loop {
@@ -199,10 +200,10 @@ pub async fn run(
                 Ok(Some(ControlMessage::Hello { .. })) => {
                     warn!(peer = %peer_name, "unexpected second hello ignored");
                 }
-                Ok(None) => break,
+                Ok(None) => break ControlEnd::Finished,
                 Err(e) => {
                     debug!(peer = %peer_name, error = %e, "control stream ended");
-                    break;
+                    break ControlEnd::Failed(e.to_string());
                 }
             }
         }
@@ -247,20 +248,8 @@ pub async fn run(
         }
         // A control stream ends with its connection too: then the connection's end is the
         // reason, whichever of the two this node noticed first.
-        () = reader => match connection.lost() {
-            Some(lost) => (lost.disconnect_reason(), lost.to_string()),
-            None => {
-                connection.close(codes::PROTOCOL, "control stream closed");
-                (DisconnectReason::ControlClosed, "peer closed the control stream".to_owned())
-            }
-        },
-        () = writer => match connection.lost() {
-            Some(lost) => (lost.disconnect_reason(), lost.to_string()),
-            None => {
-                connection.close(codes::PROTOCOL, "control stream failed");
-                (DisconnectReason::ControlFailed, "control stream write failed".to_owned())
-            }
-        },
+        end = reader => control_ended(&connection, ControlHalf::Reader, end).await,
+        end = writer => control_ended(&connection, ControlHalf::Writer, end).await,
         () = cancel.cancelled() => {
             connection.close(codes::GOING_AWAY, "node shutting down");
             (DisconnectReason::ShuttingDown, "node shutting down".to_owned())
@@ -268,6 +257,7 @@ pub async fn run(
     };
     // Counted before the link leaves the set, so whoever waits on the set sees the count.
     ctx.metrics.tunnel_disconnected(&peer_node.site, reason);
+    ctx.peers.record_down(&peer_node.site, reason, &detail);
     ctx.peers.remove(link.id());
     info!(peer = %peer_name, carrier = %connection.carrier(), %reason, %detail, "tunnel down");
     // A TLS/TCP connection writes what it has buffered before its socket goes; give it the
@@ -346,6 +336,77 @@ async fn retire_link(connection: &TunnelConnection, link: &Arc<PeerLink>, ctx: &
     connection.close(codes::CLOSED, "link replaced");
 }
 
+/// Which half of the control stream ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ControlHalf {
+    Reader,
+    Writer,
+}
+
+/// How a half of the control stream ended.
+#[derive(Debug, PartialEq, Eq)]
+enum ControlEnd {
+    /// The peer finished its side (reader), or nothing is left to send (writer).
+    Finished,
+    /// Reading or writing failed.
+    Failed(String),
+}
+
+/// How long an ended control stream waits for its connection to report why it went.
+const CONNECTION_END_GRACE: Duration = Duration::from_millis(500);
+
+/// Why the session ends after a half of its control stream did. A stream can see its
+/// connection's end (an idle timeout during a blackhole, a reset) before the connection
+/// reports a reason, so the connection gets a moment to report one: a peer that could not
+/// have sent anything must not be blamed for closing the stream. Closes the connection when
+/// it is still up.
+async fn control_ended(
+    connection: &TunnelConnection,
+    half: ControlHalf,
+    end: ControlEnd,
+) -> (DisconnectReason, String) {
+    if connection.lost().is_none() {
+        let _ = tokio::time::timeout(CONNECTION_END_GRACE, connection.closed()).await;
+    }
+    let lost = connection.lost();
+    let still_up = lost.is_none();
+    let (reason, detail) = control_end_reason(lost, half, end);
+    if still_up {
+        connection.close(codes::PROTOCOL, reason.as_str());
+    }
+    (reason, detail)
+}
+
+/// The reason and detail counted for a control stream half that ended as `end`, given how
+/// its connection ended (`None`: it is still up).
+fn control_end_reason(
+    lost: Option<super::connection::ConnectionLost>,
+    half: ControlHalf,
+    end: ControlEnd,
+) -> (DisconnectReason, String) {
+    if let Some(lost) = lost {
+        return (lost.disconnect_reason(), lost.to_string());
+    }
+    match (half, end) {
+        (ControlHalf::Reader, ControlEnd::Finished) => (
+            DisconnectReason::ControlClosed,
+            "peer closed the control stream".to_owned(),
+        ),
+        (ControlHalf::Reader, ControlEnd::Failed(e)) => (
+            DisconnectReason::ControlFailed,
+            format!("control stream read failed: {e}"),
+        ),
+        (ControlHalf::Writer, ControlEnd::Failed(e)) => (
+            DisconnectReason::ControlFailed,
+            format!("control stream write failed: {e}"),
+        ),
+        (ControlHalf::Writer, ControlEnd::Finished) => (
+            DisconnectReason::ClosedLocally,
+            "control stream writer stopped".to_owned(),
+        ),
+    }
+}
+
 /// The disconnect detail of a peer whose certificate stopped passing.
 const UNTRUSTED: &str = "peer certificate no longer trusted";
 /// How long a peer that lost trust may take to finish the streams we sent it.
@@ -384,5 +445,67 @@ fn refuse_unservable(ctx: &SessionContext, peer: &PeerNode, announced: &[String]
                 "ignoring the peer's announcement of a service its site may not serve"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::connection::ConnectionLost;
+
+    #[test]
+    fn a_control_stream_ended_by_its_connection_takes_the_connection_reason() {
+        // A blackhole: the stream read fails because the connection timed out; nothing came
+        // from the peer, so this is an idle timeout, not a peer close.
+        let timed_out = Some(ConnectionLost::Quic(quinn::ConnectionError::TimedOut));
+        for end in [
+            ControlEnd::Finished,
+            ControlEnd::Failed("connection lost".into()),
+        ] {
+            assert_eq!(
+                control_end_reason(timed_out.clone(), ControlHalf::Reader, end).0,
+                DisconnectReason::IdleTimeout
+            );
+        }
+        assert_eq!(
+            control_end_reason(
+                Some(ConnectionLost::Quic(quinn::ConnectionError::Reset)),
+                ControlHalf::Writer,
+                ControlEnd::Failed("reset".into())
+            )
+            .0,
+            DisconnectReason::ConnectionError
+        );
+    }
+
+    #[test]
+    fn only_a_finished_control_stream_on_a_live_connection_is_a_peer_close() {
+        assert_eq!(
+            control_end_reason(None, ControlHalf::Reader, ControlEnd::Finished),
+            (
+                DisconnectReason::ControlClosed,
+                "peer closed the control stream".to_owned()
+            )
+        );
+        assert_eq!(
+            control_end_reason(
+                None,
+                ControlHalf::Reader,
+                ControlEnd::Failed("malformed control message".into())
+            ),
+            (
+                DisconnectReason::ControlFailed,
+                "control stream read failed: malformed control message".to_owned()
+            )
+        );
+        assert_eq!(
+            control_end_reason(
+                None,
+                ControlHalf::Writer,
+                ControlEnd::Failed("stopped".into())
+            )
+            .0,
+            DisconnectReason::ControlFailed
+        );
     }
 }

@@ -6,6 +6,7 @@ mod balancer;
 mod breaker;
 mod health;
 mod pool;
+mod progress;
 mod retry;
 mod settings;
 #[cfg(test)]
@@ -22,7 +23,6 @@ use crate::http::error::Reason;
 use hyper::body::Incoming;
 use rand::Rng;
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -36,6 +36,7 @@ use balancer::Endpoint;
 use breaker::CircuitBreaker;
 use health::{ActiveHealth, PassiveHealth};
 use pool::{EndpointPool, adapt_request};
+use progress::BodyProgress;
 use retry::RetryPolicy;
 
 /// Error type of request and response bodies handed to the upstream.
@@ -73,11 +74,18 @@ pub enum UpstreamError {
         #[source]
         source: io::Error,
     },
-    #[error("upstream {endpoint}: no response head within {after:?}")]
+    #[error("upstream {endpoint}: no response head within {after:?} of the request being sent")]
     Timeout {
         endpoint: SocketAddr,
         after: Duration,
     },
+    /// The caller's own deadline (the importing listener's `request_timeout`) passed, counted
+    /// like `Timeout` from when the request was sent whole.
+    #[error("no upstream response within {after:?} of the request being sent")]
+    DeadlineExceeded { after: Duration },
+    /// The caller sent no request body bytes for `request_body_idle_timeout`.
+    #[error("the request body stalled: no bytes arrived for {after:?}")]
+    RequestBodyStalled { after: Duration },
     #[error("upstream {endpoint}: connection closed or reset before the response head: {source}")]
     Reset {
         endpoint: SocketAddr,
@@ -120,6 +128,8 @@ impl UpstreamError {
             Self::NoHealthyEndpoint { .. } => Reason::NoHealthyUpstream,
             Self::Connect { .. } => Reason::UpstreamConnectFailed,
             Self::Timeout { .. } => Reason::UpstreamTimeout,
+            Self::DeadlineExceeded { .. } => Reason::Timeout,
+            Self::RequestBodyStalled { .. } => Reason::RequestBodyTimeout,
             Self::Reset { .. } => Reason::UpstreamReset,
             Self::ShuttingDown { .. } => Reason::ShuttingDown,
             Self::ClientAborted { .. } => Reason::ClientAborted,
@@ -180,6 +190,7 @@ pub struct Upstream {
     active_health: Option<ActiveHealth>,
     health_rounds: watch::Sender<u64>,
     head_timeout: Option<Duration>,
+    body_idle_timeout: Option<Duration>,
     tasks: TaskTracker,
     cancel: CancellationToken,
 }
@@ -263,6 +274,7 @@ impl Upstream {
             pools,
             health_rounds: watch::Sender::new(0),
             head_timeout: settings.response_head_timeout(),
+            body_idle_timeout: settings.body_idle_timeout(),
             tasks,
             cancel,
         });
@@ -284,6 +296,18 @@ impl Upstream {
         &self,
         request: http::Request<UpstreamBody>,
     ) -> Result<UpstreamResponse, UpstreamError> {
+        self.send_within(request, None).await
+    }
+
+    /// [`Upstream::send`], also bounded by the caller's `deadline` for the response head.
+    /// Both it and `request_timeout` start once the request has been handed whole to the
+    /// upstream connection, so a slow upload is bounded by `request_body_idle_timeout` (no
+    /// bytes for that long), not by the time the whole body takes.
+    pub async fn send_within(
+        &self,
+        request: http::Request<UpstreamBody>,
+        deadline: Option<Duration>,
+    ) -> Result<UpstreamResponse, UpstreamError> {
         if self.cancel.is_cancelled() {
             return Err(UpstreamError::ShuttingDown {
                 service: self.service.clone(),
@@ -293,10 +317,7 @@ impl Upstream {
             .breaker
             .try_active()
             .map_err(|limit| self.overloaded(limit))?;
-        // An absurdly long timeout that overflows the clock means no deadline.
-        let deadline = self
-            .head_timeout
-            .and_then(|timeout| Instant::now().checked_add(timeout));
+        let (request, body) = progress::track(request, self.body_idle_timeout);
         // The head of a replayable request is kept to rebuild it for retries.
         let template = retry::is_replayable(&request).then(|| RequestHead::of(&request));
         let mut request = request;
@@ -312,20 +333,14 @@ impl Upstream {
                 }
             })?;
             let endpoint = &self.endpoints[index];
-            let attempt = self.attempt(index, request);
-            let result = match (deadline, self.head_timeout) {
-                (Some(deadline), Some(after)) => tokio::time::timeout_at(deadline, attempt)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(Box::new(AttemptFailure {
-                            error: UpstreamError::Timeout {
-                                endpoint: endpoint.addr,
-                                after,
-                            },
-                            unsent: None,
-                        }))
-                    }),
-                _ => attempt.await,
+            // The deadlines are shared by all attempts: they count from when the body was
+            // sent, which a later attempt (body-less, or never sent) does not move.
+            let result = tokio::select! {
+                biased;
+                result = self.attempt(index, request, &body) => result,
+                error = self.expired(&body, deadline, endpoint.addr) => {
+                    Err(Box::new(AttemptFailure { error, unsent: None }))
+                }
             };
             let may_retry = attempts < self.retry.max_attempts();
             match result {
@@ -382,11 +397,44 @@ impl Upstream {
         }
     }
 
+    /// Resolves with the error of the first response deadline to pass (`request_timeout`,
+    /// then the caller's `deadline`), both counted from when `body` was sent whole; pending
+    /// without deadlines.
+    async fn expired(
+        &self,
+        body: &BodyProgress,
+        deadline: Option<Duration>,
+        endpoint: SocketAddr,
+    ) -> UpstreamError {
+        let sent = body.sent().await;
+        // An absurdly long timeout that overflows the clock means no deadline.
+        let head = self.head_timeout.and_then(|after| {
+            let at = sent.checked_add(after)?;
+            Some((at, UpstreamError::Timeout { endpoint, after }))
+        });
+        let caller = deadline.and_then(|after| {
+            let at = sent.checked_add(after)?;
+            Some((at, UpstreamError::DeadlineExceeded { after }))
+        });
+        let first = match (head, caller) {
+            (Some(head), Some(caller)) => Some(if caller.0 < head.0 { caller } else { head }),
+            (head, caller) => head.or(caller),
+        };
+        match first {
+            Some((at, error)) => {
+                tokio::time::sleep_until(at).await;
+                error
+            }
+            None => std::future::pending().await,
+        }
+    }
+
     /// One attempt on `endpoints[index]`, up to the response head.
     async fn attempt(
         &self,
         index: usize,
         request: http::Request<UpstreamBody>,
+        body: &BodyProgress,
     ) -> Result<http::Response<Incoming>, Box<AttemptFailure>> {
         let endpoint = &self.endpoints[index];
         let pool = &self.pools[index];
@@ -419,11 +467,14 @@ impl Upstream {
         };
         let request = adapt_request(self.protocol, &endpoint.authority, request);
         connection.send(request).await.map_err(|failure| {
-            let error = match body_aborted(&failure.error) {
-                Some(aborted) => UpstreamError::ClientAborted {
+            // The body's own record first: over h2 the connection reports a stalled body as
+            // a stream reset, without the cause.
+            let error = match (body.stalled(), body_aborted(&failure.error)) {
+                (Some(after), _) => UpstreamError::RequestBodyStalled { after },
+                (None, Some(aborted)) => UpstreamError::ClientAborted {
                     detail: aborted.0.clone(),
                 },
-                None => UpstreamError::Reset {
+                (None, None) => UpstreamError::Reset {
                     endpoint: endpoint.addr,
                     source: failure.error,
                 },

@@ -21,10 +21,19 @@ pub struct UpstreamSettings {
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Deadline for the response *head* (status and headers), counted from the moment the
-    /// request enters the upstream and shared by all attempts. Bodies may stream for as long
+    /// request has been handed whole to the upstream connection (so the time a slow upload
+    /// takes does not count; `request_body_idle_timeout` bounds that) and shared by all
+    /// attempts. Bodies may stream for as long
     /// as they need, so long-lived gRPC streams are not cut. `"0s"` disables the deadline.
     #[serde(default = "default_request_timeout", with = "humantime_serde")]
     pub request_timeout: Option<Duration>,
+    /// Longest wait for the next request body bytes from the caller; past it the request
+    /// fails with `request-body-timeout` (408). `"0s"` disables it.
+    #[serde(
+        default = "default_request_body_idle_timeout",
+        with = "humantime_serde"
+    )]
+    pub request_body_idle_timeout: Option<Duration>,
     /// Load-shedding limits.
     #[serde(default)]
     pub circuit_breaker: CircuitBreakerSettings,
@@ -121,6 +130,10 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_request_timeout() -> Option<Duration> {
     Some(Duration::from_secs(30))
+}
+/// nginx's `client_body_timeout`: a minute without a byte is a caller that is gone.
+fn default_request_body_idle_timeout() -> Option<Duration> {
+    Some(Duration::from_secs(60))
 }
 fn default_health_interval() -> Duration {
     Duration::from_secs(5)
@@ -221,6 +234,7 @@ impl UpstreamSettings {
             health_check: None,
             connect_timeout: default_connect_timeout(),
             request_timeout: default_request_timeout(),
+            request_body_idle_timeout: default_request_body_idle_timeout(),
             circuit_breaker: CircuitBreakerSettings::default(),
             retry: RetrySettings::default(),
             passive_health: PassiveHealthSettings::default(),
@@ -230,6 +244,12 @@ impl UpstreamSettings {
     /// The response-head deadline, `None` when disabled (absent from Rust, `"0s"` in TOML).
     pub fn response_head_timeout(&self) -> Option<Duration> {
         self.request_timeout.filter(|timeout| !timeout.is_zero())
+    }
+
+    /// The request body's idle limit, `None` when disabled (`"0s"` in TOML).
+    pub fn body_idle_timeout(&self) -> Option<Duration> {
+        self.request_body_idle_timeout
+            .filter(|timeout| !timeout.is_zero())
     }
 
     /// Checks everything that can be checked without I/O. `service` only names the
