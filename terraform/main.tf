@@ -1,5 +1,6 @@
-# hybridge cloud side: fixed instances spread across availability zones, behind a UDP
-# network load balancer that only the on-prem source ranges may reach.
+# hybridge cloud side: fixed instances spread across availability zones, behind a network
+# load balancer (UDP for QUIC, TCP for TLS/TCP tunnels, one port) that only the on-prem
+# source ranges may reach.
 
 locals {
   tags = merge({ "app" = "hybridge", "hybridge:site" = var.site }, var.tags)
@@ -15,7 +16,7 @@ data "aws_region" "current" {}
 
 resource "aws_security_group" "node" {
   name_prefix = "${var.name}-node-"
-  description = "hybridge nodes: QUIC tunnel from on-prem only; admin API stays on loopback"
+  description = "hybridge nodes: QUIC and TLS/TCP tunnel from on-prem only; admin API stays on loopback"
   vpc_id      = var.vpc_id
   tags        = local.tags
 
@@ -31,6 +32,18 @@ resource "aws_vpc_security_group_ingress_rule" "tunnel" {
   security_group_id = aws_security_group.node.id
   description       = "hybridge QUIC tunnel from on-prem ${each.value}"
   ip_protocol       = "udp"
+  from_port         = var.tunnel_port
+  to_port           = var.tunnel_port
+  cidr_ipv4         = each.value
+  tags              = local.tags
+}
+
+# The same port over TCP: on-prem networks that block UDP fall back to TLS over TCP.
+resource "aws_vpc_security_group_ingress_rule" "tunnel_tcp" {
+  for_each          = toset(var.onprem_cidrs)
+  security_group_id = aws_security_group.node.id
+  description       = "hybridge TLS/TCP tunnel from on-prem ${each.value}"
+  ip_protocol       = "tcp"
   from_port         = var.tunnel_port
   to_port           = var.tunnel_port
   cidr_ipv4         = each.value
@@ -55,10 +68,13 @@ resource "aws_lb" "tunnel" {
   tags                             = local.tags
 }
 
+# One TCP_UDP listener and target group: an NLB cannot have separate UDP and TCP listeners
+# on one port. name_prefix and create_before_destroy let a change of protocol replace the
+# group without a name clash.
 resource "aws_lb_target_group" "tunnel" {
-  name                 = substr("${var.name}-tunnel", 0, 32)
+  name_prefix          = "hbtun-"
   port                 = var.tunnel_port
-  protocol             = "UDP"
+  protocol             = "TCP_UDP"
   target_type          = "instance"
   vpc_id               = var.vpc_id
   deregistration_delay = 45
@@ -76,12 +92,16 @@ resource "aws_lb_target_group" "tunnel" {
     interval            = 10
   }
   tags = local.tags
+
+  lifecycle {
+    create_before_destroy = true
+  }
 }
 
 resource "aws_lb_listener" "tunnel" {
   load_balancer_arn = aws_lb.tunnel.arn
   port              = var.tunnel_port
-  protocol          = "UDP"
+  protocol          = "TCP_UDP"
 
   default_action {
     type             = "forward"

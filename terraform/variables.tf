@@ -14,7 +14,7 @@ variable "vpc_id" {
 
 variable "subnet_ids" {
   type        = list(string)
-  description = "Subnets (one per availability zone) for the nodes and the UDP network load balancer. Nodes are spread over them round-robin."
+  description = "Subnets (one per availability zone) for the nodes and the network load balancer. Nodes are spread over them round-robin."
 
   validation {
     condition     = length(var.subnet_ids) >= 1
@@ -98,7 +98,7 @@ variable "onprem_cidrs" {
 
 variable "tunnel_port" {
   type        = number
-  description = "UDP port of the QUIC tunnel on the nodes and on the load balancer."
+  description = "Port of the tunnel on the nodes and on the load balancer: UDP for QUIC, TCP for TLS/TCP."
   default     = 7443
 }
 

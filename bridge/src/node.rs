@@ -407,7 +407,23 @@ impl Node {
         };
         let per_worker = tunnel_per_worker(&config, &workers);
         let share_port = per_worker && config.tunnel.listen.is_some();
-        let mut bind = config.tunnel.listen.unwrap_or(config.tunnel.bind);
+        let mut bind = match config.tunnel.listen {
+            // TLS/TCP tunnels take the same port number: an ephemeral one must be free for both.
+            Some(listen)
+                if listen.port() == 0
+                    && config.tunnel.listen_tcp.is_none()
+                    && config.tunnel.tcp_listen_address().is_some() =>
+            {
+                port_free_for_udp_and_tcp(listen).with_context(|| {
+                    format!(
+                        "{}: tunnel: finding a port free for UDP and TCP on {listen}",
+                        config.source.display()
+                    )
+                })?
+            }
+            Some(listen) => listen,
+            None => config.tunnel.bind,
+        };
         if share_port {
             // As for TCP: a plain bind fails on a port anything else holds, and resolves 0.
             bind = std::net::UdpSocket::bind(bind)
@@ -1134,6 +1150,22 @@ async fn tcp_accept_loop(
             }
         });
     }
+}
+
+/// An ephemeral port of `addr`'s address that is free for UDP and TCP alike, so the TLS/TCP
+/// listener can take the QUIC listener's port number (busy hosts hand out many ephemeral TCP
+/// ports; a port free for UDP is often taken for TCP).
+fn port_free_for_udp_and_tcp(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    let mut last = None;
+    for _ in 0..64 {
+        let tcp = std::net::TcpListener::bind(addr)?;
+        let candidate = tcp.local_addr()?;
+        match std::net::UdpSocket::bind(candidate) {
+            Ok(_) => return Ok(candidate),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no port free for UDP and TCP")))
 }
 
 /// Which peers may open tunnels to this node: nodes of the allowed sites.

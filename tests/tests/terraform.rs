@@ -258,6 +258,19 @@ fn every_terraform_file_parses_is_documented_and_references_what_exists() {
             .map(|a| a.expr().to_string())
             .unwrap_or_else(|| panic!("no attribute {key}"))
     };
+    // The tunnel port, UDP and TCP: one TCP_UDP listener and group (an NLB cannot listen on
+    // one port twice), and a TCP rule beside the UDP one for networks that block UDP.
+    for (kind, name) in [
+        ("aws_lb_target_group", "tunnel"),
+        ("aws_lb_listener", "tunnel"),
+    ] {
+        assert_eq!(attribute(resource(kind, name), "protocol"), "\"TCP_UDP\"");
+    }
+    for (name, protocol) in [("tunnel", "udp"), ("tunnel_tcp", "tcp")] {
+        let rule = resource("aws_vpc_security_group_ingress_rule", name);
+        assert_eq!(attribute(rule, "ip_protocol"), format!("\"{protocol}\""));
+        assert_eq!(attribute(rule, "from_port"), "var.tunnel_port");
+    }
     let template = resource("aws_launch_template", "node");
     assert_eq!(
         attribute(template, "image_id"),

@@ -704,6 +704,7 @@ mod tests {
             "peers": [{
                 "peer": "spiffe://td/site/onprem/node/onprem-1",
                 "remote": "10.0.0.5:40000",
+                "carrier": "quic",
                 "direction": "accepted",
                 "worker": 2,
                 "rtt_ms": 1.5,
@@ -749,7 +750,11 @@ mod tests {
         );
         let tunnel = lines.iter().find(|l| l.contains("10.0.0.5:40000")).unwrap();
         let columns: Vec<&str> = tunnel.split_whitespace().collect();
-        assert_eq!(columns[2..6], ["accepted", "2", "1.50", "4"], "{text}");
+        assert_eq!(
+            columns[2..7],
+            ["quic", "accepted", "2", "1.50", "4"],
+            "{text}"
+        );
         let rows: Vec<Vec<&str>> = lines
             .iter()
             .filter(|l| l.starts_with("inventory "))

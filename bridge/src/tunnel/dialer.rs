@@ -3,8 +3,8 @@
 //!
 //! With `tunnel.transport = "auto"` a dial starts QUIC and, when its handshake is still
 //! unanswered after `tcp_fallback_after` (or failed), races TLS/TCP beside it; the first
-//! to come up carries the link. After three QUIC attempts in a row that did not come up,
-//! dials go straight to TCP. While a link runs on TCP, QUIC is tried again every
+//! to come up carries the link. After three dials in a row that TCP won, dials go straight
+//! to TCP. While a link runs on TCP, QUIC is tried again every
 //! `quic_reprobe_interval`; once it works, the QUIC link takes new requests and the TCP link
 //! drains (nothing in flight fails).
 //!
@@ -37,7 +37,8 @@ use crate::config::{PeerConfig, Transport};
 
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 
-/// QUIC attempts in a row that did not come up before `auto` stops trying QUIC first.
+/// Dials in a row where TCP came up and QUIC did not before `auto` stops trying QUIC first
+/// (a peer that is simply down fails both, which says nothing about UDP).
 const QUIC_FAILURES_BEFORE_TCP_FIRST: u32 = 3;
 
 /// How a dialer chooses its carrier.
@@ -311,7 +312,7 @@ impl Dialer {
                 Ok(Dialled::tcp(
                     connection,
                     format!(
-                        "QUIC did not come up {quic_failures}× in a row — UDP may be blocked; \
+                        "TCP came up and QUIC did not {quic_failures}× in a row — UDP may be blocked; \
                          using TCP and trying QUIC again every {}s",
                         self.choice.quic_reprobe_interval.as_secs()
                     ),
@@ -347,14 +348,14 @@ impl Dialer {
                         Ok(Dialled::quic(connection, endpoint, "QUIC handshake completed"))
                     }
                     Err((_, quic_detail)) => {
-                        *quic_failures += 1;
                         let connection = tcp.await?;
+                        *quic_failures += 1;
                         Ok(Dialled::tcp(connection, format!("QUIC failed ({quic_detail}); using TCP")))
                     }
                 },
                 result = &mut tcp => {
-                    *quic_failures += 1;
                     let connection = result?;
+                    *quic_failures += 1;
                     Ok(Dialled::tcp(
                         connection,
                         format!(
@@ -369,8 +370,8 @@ impl Dialer {
         if is_verdict(quic_failure) {
             return Err((quic_failure, quic_detail));
         }
-        *quic_failures += 1;
         let connection = tcp.await?;
+        *quic_failures += 1;
         Ok(Dialled::tcp(
             connection,
             format!("QUIC failed ({quic_detail}); using TCP"),

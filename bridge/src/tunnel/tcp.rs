@@ -42,6 +42,9 @@ pub const ALPN: &[u8] = b"hybridge-tcp/1";
 /// Offers the dialler keeps open for the listener's streams.
 const OFFERS: usize = 32;
 
+/// How long a stream waits for the driver to say why the connection went.
+const REASON_WAIT: Duration = Duration::from_millis(500);
+
 /// How long a closing connection may take to write what is buffered before the socket goes.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
@@ -390,7 +393,12 @@ impl TcpConnection {
             idle_timeout: tuning.idle_timeout,
         };
         let weak = Arc::downgrade(&shared);
-        tokio::spawn(offer_streams(send_request, accepted_tx, close_rx.clone()));
+        tokio::spawn(offer_streams(
+            send_request,
+            accepted_tx,
+            close_rx.clone(),
+            Arc::downgrade(&shared),
+        ));
         tokio::spawn(async move {
             tokio::pin!(connection);
             let done = drive(
@@ -512,12 +520,12 @@ impl TcpConnection {
             Opener::Client(send_request) => {
                 let send_request = lock(send_request).clone();
                 let Some(send_request) = send_request else {
-                    return Err(self.lost_or_closed());
+                    return Err(self.why_gone().await);
                 };
-                let mut send_request = send_request
-                    .ready()
-                    .await
-                    .map_err(|e| self.lost_or(TcpLost::of_h2(&e)))?;
+                let mut send_request = match send_request.ready().await {
+                    Ok(ready) => ready,
+                    Err(e) => return Err(self.lost().unwrap_or_else(|| TcpLost::of_h2(&e))),
+                };
                 let (response, send) = send_request
                     .send_request(post(FORWARD), false)
                     .map_err(|e| self.lost_or(TcpLost::of_h2(&e)))?;
@@ -525,7 +533,7 @@ impl TcpConnection {
             }
             Opener::Server(offers) => loop {
                 let Some((body, mut respond)) = offers.take().await else {
-                    return Err(self.lost_or_closed());
+                    return Err(self.why_gone().await);
                 };
                 // An offer the dialler gave up on (reset) fails here; take the next.
                 if let Ok(send) = respond.send_response(http::Response::new(()), false) {
@@ -540,8 +548,18 @@ impl TcpConnection {
         let mut accepted = self.shared.accepted.lock().await;
         match accepted.recv().await {
             Some(stream) => Ok(stream),
-            None => Err(self.lost_or_closed()),
+            None => Err(self.why_gone().await),
         }
+    }
+
+    /// Why the connection went, once the driver says: a stream task can notice the end a
+    /// moment before the driver has recorded its reason.
+    async fn why_gone(&self) -> TcpLost {
+        if let Some(lost) = self.lost() {
+            return lost;
+        }
+        let _ = tokio::time::timeout(REASON_WAIT, self.closed()).await;
+        self.lost_or_closed()
     }
 
     /// Why the connection is gone, or `None` while it is up.
@@ -730,7 +748,15 @@ async fn offer_streams(
     send_request: h2::client::SendRequest<Piece>,
     accepted: mpsc::UnboundedSender<(SendHalf, RecvHalf)>,
     mut close: watch::Receiver<Option<bool>>,
+    shared: std::sync::Weak<Shared>,
 ) {
+    // The first to see the peer's GOAWAY (or a broken connection) is often this task: it
+    // records why, so the session does not mistake the end for one of its own making.
+    let gone = |e: h2::Error| {
+        if let Some(shared) = shared.upgrade() {
+            let _ = shared.lost.set(TcpLost::of_h2(&e));
+        }
+    };
     let mut pending = FuturesUnordered::new();
     loop {
         while pending.len() < OFFERS {
@@ -738,9 +764,13 @@ async fn offer_streams(
                 ready = send_request.clone().ready() => ready,
                 _ = close.changed() => return,
             };
-            let Ok(mut ready) = ready else { return };
-            let Ok((response, send)) = ready.send_request(post(OFFER), false) else {
-                return;
+            let mut ready = match ready {
+                Ok(ready) => ready,
+                Err(e) => return gone(e),
+            };
+            let (response, send) = match ready.send_request(post(OFFER), false) {
+                Ok(sent) => sent,
+                Err(e) => return gone(e),
             };
             pending.push(async move { (response.await, send) });
         }
