@@ -493,3 +493,58 @@ async fn auto_falls_back_to_tcp_when_udp_is_blocked_and_moves_back_to_quic_witho
     assert_eq!(a.status, 200);
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lists_a_configured_peer_that_is_down_with_its_last_error_and_next_retry() {
+    let pki = Pki::new();
+    // Nothing listens there, for TCP or UDP.
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = nobody.local_addr().unwrap();
+    drop(nobody);
+    let mut onprem = NodeOptions::onprem(&pki, "onprem-1", &[address]);
+    onprem.tunnel_extra = "transport = \"tcp\"\n".into();
+    let onprem = onprem.start().await;
+    let mut failures = onprem.state.metrics.watch_handshake_failures();
+    tokio::time::timeout(WAIT, failures.wait_for(|n| *n >= 1))
+        .await
+        .expect("the dial never failed")
+        .unwrap();
+    let (code, out, err) = hybridge_cli(&[
+        "status",
+        "--json",
+        "--admin",
+        &format!("http://{}", onprem.addresses().admin),
+    ]);
+    assert_eq!(code, 3, "not ready: {out}{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["peers"], serde_json::json!([]), "{status}");
+    let slot = &status["dialing"][0];
+    assert_eq!(slot["address"], address.to_string(), "{status}");
+    assert_eq!(slot["site"], "cloud");
+    assert_eq!(slot["state"], "failed", "{status}");
+    assert!(
+        slot["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Connection refused")),
+        "{status}"
+    );
+    assert!(slot["next_retry_ms"].as_u64().is_some(), "{status}");
+    // The same in the table a person reads, and in the readiness reason.
+    let (_, table, _) = hybridge_cli(&[
+        "status",
+        "--admin",
+        &format!("http://{}", onprem.addresses().admin),
+    ]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&format!("{address} (cloud)")))
+        .unwrap_or_else(|| panic!("no dialing row: {table}"));
+    assert!(row.contains("failed") && row.contains("retry in"), "{row}");
+    assert!(
+        status["not_ready_reasons"][0]
+            .as_str()
+            .is_some_and(|r| r.contains("last attempt: TCP connect")),
+        "{status}"
+    );
+    onprem.abort().await;
+}

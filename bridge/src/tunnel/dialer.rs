@@ -201,6 +201,8 @@ pub async fn run(
     let mut backoff = INITIAL_BACKOFF;
     let states = ctx.dial_states.clone();
     while !cancel.is_cancelled() {
+        // Counted once status shows the failure, so whoever waits on the count sees both.
+        let mut refused = None;
         states.update(&peer, slot, |s| {
             s.state = "connecting";
             s.next_retry = None;
@@ -258,7 +260,7 @@ pub async fn run(
                 states.update(&peer, slot, |s| s.last_error = Some(reason));
             }
             Err((failure, detail)) => {
-                ctx.metrics.handshake_failed(failure);
+                refused = Some(failure);
                 states.update(&peer, slot, |s| s.last_error = Some(detail.clone()));
                 warn!(peer = %peer.address, slot, reason = %failure, error = %detail, retry_in_ms = backoff.as_millis() as u64, "tunnel connect failed");
             }
@@ -271,6 +273,9 @@ pub async fn run(
             s.state = "failed";
             s.next_retry = Some(tokio::time::Instant::now() + wait);
         });
+        if let Some(failure) = refused {
+            ctx.metrics.handshake_failed(failure);
+        }
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = cancel.cancelled() => break,
