@@ -174,6 +174,18 @@ async fn routes_up(p: &Pair) {
     );
 }
 
+/// Waits until `node` has exactly one link, on `carrier`.
+async fn one_link_on(node: &hybridge::node::Node, carrier: Carrier, otherwise: &str) {
+    tokio::time::timeout(
+        WAIT,
+        node.state
+            .peers
+            .wait_until(|links| links.len() == 1 && links[0].connection.carrier() == carrier),
+    )
+    .await
+    .expect(otherwise);
+}
+
 /// The carriers of the node's live links.
 fn carriers(node: &hybridge::node::Node) -> Vec<Carrier> {
     node.state
@@ -422,24 +434,8 @@ async fn auto_falls_back_to_tcp_when_udp_is_blocked_and_moves_back_to_quic_witho
     );
     load.wait_for(50).await;
     gate.set_blocked(false);
-    tokio::time::timeout(
-        WAIT,
-        p.onprem
-            .state
-            .peers
-            .wait_until(|links| links.len() == 1 && links[0].connection.carrier() == Carrier::Quic),
-    )
-    .await
-    .expect("the link did not move to QUIC");
-    tokio::time::timeout(
-        WAIT,
-        p.cloud
-            .state
-            .peers
-            .wait_until(|links| links.len() == 1 && links[0].connection.carrier() == Carrier::Quic),
-    )
-    .await
-    .expect("the cloud node kept its TCP link");
+    one_link_on(&p.onprem, Carrier::Quic, "the link did not move to QUIC").await;
+    one_link_on(&p.cloud, Carrier::Quic, "the cloud node kept its TCP link").await;
     load.wait_for(100).await;
     let (ok, failed) = load.finish().await;
     assert!(
@@ -472,15 +468,12 @@ async fn auto_falls_back_to_tcp_when_udp_is_blocked_and_moves_back_to_quic_witho
     // And back: UDP blocked on a live QUIC link. The link goes when nothing arrives for the
     // idle timeout; the redial finds QUIC unanswered and comes up on TCP.
     gate.set_blocked(true);
-    tokio::time::timeout(
-        WAIT,
-        p.onprem
-            .state
-            .peers
-            .wait_until(|links| links.len() == 1 && links[0].connection.carrier() == Carrier::Tcp),
+    one_link_on(
+        &p.onprem,
+        Carrier::Tcp,
+        "the node did not fall back to TCP again",
     )
-    .await
-    .expect("the node did not fall back to TCP again");
+    .await;
     routes_up(&p).await;
     let a = http1(
         import_addr(&p.onprem, "inventory"),

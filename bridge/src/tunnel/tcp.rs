@@ -829,7 +829,7 @@ pub async fn dial(
     tls: Arc<rustls::ClientConfig>,
     tuning: &TransportTuning,
 ) -> Result<TcpConnection, HandshakeError> {
-    let attempt = async {
+    bounded(addr, async {
         let socket = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
             let failure = match e.kind() {
                 std::io::ErrorKind::TimedOut => HandshakeFailure::Timeout,
@@ -848,29 +848,10 @@ pub async fn dial(
             .connect(name, socket)
             .await
             .map_err(|e| tls_failure(addr, &e))?;
-        let chain = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-            .unwrap_or_default();
-        TcpConnection::client(stream, chain, addr, tuning)
-            .await
-            .map_err(|lost| {
-                (
-                    lost.handshake_failure(),
-                    format!("handshake with {addr}: {lost}"),
-                )
-            })
-    };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
-        .await
-        .unwrap_or_else(|_| {
-            Err((
-                HandshakeFailure::Timeout,
-                format!("TCP/TLS handshake with {addr} timed out"),
-            ))
-        })
+        let chain = chain_of(stream.get_ref().1.peer_certificates());
+        Ok(TcpConnection::client(stream, chain, addr, tuning).await)
+    })
+    .await
 }
 
 /// Runs the TLS and HTTP/2 handshakes on a connection accepted on the tunnel TCP port.
@@ -881,34 +862,42 @@ pub async fn accept(
     tuning: &TransportTuning,
 ) -> Result<TcpConnection, HandshakeError> {
     tune_socket(&socket);
-    let attempt = async {
+    bounded(remote, async {
         let stream = tokio_rustls::TlsAcceptor::from(tls)
             .accept(socket)
             .await
             .map_err(|e| tls_failure(remote, &e))?;
-        let chain = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-            .unwrap_or_default();
-        TcpConnection::server(stream, chain, remote, tuning)
-            .await
-            .map_err(|lost| {
-                (
-                    lost.handshake_failure(),
-                    format!("handshake with {remote}: {lost}"),
-                )
-            })
-    };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
-        .await
-        .unwrap_or_else(|_| {
-            Err((
-                HandshakeFailure::Timeout,
-                format!("TCP/TLS handshake with {remote} timed out"),
-            ))
-        })
+        let chain = chain_of(stream.get_ref().1.peer_certificates());
+        Ok(TcpConnection::server(stream, chain, remote, tuning).await)
+    })
+    .await
+}
+
+/// Runs a handshake to `remote` within [`HANDSHAKE_TIMEOUT`]; an HTTP/2 handshake that
+/// fails is counted by why the connection went.
+async fn bounded(
+    remote: SocketAddr,
+    handshake: impl std::future::Future<Output = Result<Result<TcpConnection, TcpLost>, HandshakeError>>,
+) -> Result<TcpConnection, HandshakeError> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(Ok(connection))) => Ok(connection),
+        Ok(Ok(Err(lost))) => Err((
+            lost.handshake_failure(),
+            format!("handshake with {remote}: {lost}"),
+        )),
+        Ok(Err(failed)) => Err(failed),
+        Err(_) => Err((
+            HandshakeFailure::Timeout,
+            format!("TCP/TLS handshake with {remote} timed out"),
+        )),
+    }
+}
+
+/// The chain the peer presented, leaf first, owned.
+fn chain_of(certificates: Option<&[CertificateDer<'_>]>) -> Vec<CertificateDer<'static>> {
+    certificates
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default()
 }
 
 /// The reason of a TLS handshake that failed with `error`: our verifier's typed rejection
