@@ -133,10 +133,6 @@ impl AclService {
         AclService::with_store(AclStore::open(path)?)
     }
 
-    /// Uses a redb database shared with other subsystems.
-    pub fn with_database(db: Arc<redb::Database>) -> Result<Arc<Self>, AclError> {
-        AclService::with_store(AclStore::with_database(db)?)
-    }
 
     fn with_store(store: AclStore) -> Result<Arc<Self>, AclError> {
         let stored = store.load()?;

@@ -216,8 +216,8 @@ impl AclStore {
         AclStore::with_database(Arc::new(db))
     }
 
-    /// Uses an already open database, which other subsystems may share.
-    pub fn with_database(db: Arc<Database>) -> Result<AclStore, AclError> {
+    /// Uses an already open database.
+    fn with_database(db: Arc<Database>) -> Result<AclStore, AclError> {
         // Create the tables once so read transactions never meet a missing table.
         let txn = db.begin_write()?;
         {

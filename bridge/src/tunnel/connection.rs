@@ -56,7 +56,6 @@ pub struct ConnectionStats {
     pub rtt: Duration,
     pub lost_packets: u64,
     pub sent_packets: u64,
-    pub congestion_events: u64,
     /// Largest UDP payload the path currently carries (grows with path-MTU discovery).
     pub path_mtu: u16,
     /// Streams this side stopped reading before their end (STOP_SENDING sent): an abandoned
@@ -176,7 +175,6 @@ impl TunnelConnection {
                     rtt: c.rtt(),
                     lost_packets: s.path.lost_packets,
                     sent_packets: s.path.sent_packets,
-                    congestion_events: s.path.congestion_events,
                     path_mtu: s.path.current_mtu,
                     streams_stopped: s.frame_tx.stop_sending,
                     streams_reset: s.frame_tx.reset_stream,

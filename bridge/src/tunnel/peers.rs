@@ -401,14 +401,6 @@ impl PeerSet {
         }
     }
 
-    /// Whether any live link exports `service`, draining or not (for error messages).
-    pub fn anyone_exports(&self, service: &str) -> bool {
-        self.links
-            .load()
-            .iter()
-            .any(|l| l.exports.load().contains(service))
-    }
-
     pub fn broadcast(&self, message: &ControlMessage) {
         for link in self.links.load().iter() {
             link.send_control(message.clone());
