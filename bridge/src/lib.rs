@@ -21,6 +21,7 @@ pub mod http;
 pub mod listener;
 pub mod metrics;
 pub mod node;
+mod p2c;
 pub mod trust;
 pub mod tunnel;
 pub mod upstream;

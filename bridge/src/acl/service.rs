@@ -133,7 +133,6 @@ impl AclService {
         AclService::with_store(AclStore::open(path)?)
     }
 
-
     fn with_store(store: AclStore) -> Result<Arc<Self>, AclError> {
         let stored = store.load()?;
         Ok(Arc::new(AclService {

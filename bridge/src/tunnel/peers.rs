@@ -364,41 +364,23 @@ impl PeerSet {
     fn pick(&self, service: &str, may_serve: &dyn Fn(&PeerLink) -> bool) -> Option<Arc<PeerLink>> {
         let links = self.links.load();
         let worker = crate::workers::current();
-        let usable = |l: &&Arc<PeerLink>| {
-            !l.is_draining() && l.exports.load().contains(service) && may_serve(l)
-        };
-        let heard = |l: &&Arc<PeerLink>| !l.is_silent();
+        let usable =
+            |l: &PeerLink| !l.is_draining() && l.exports.load().contains(service) && may_serve(l);
         // This worker's heard links, then any heard link, then (rather than no route) a
-        // silent one: it may only be slow.
-        let mut candidates: Vec<&Arc<PeerLink>> = links
-            .iter()
-            .filter(|l| l.worker == worker)
-            .filter(usable)
-            .filter(heard)
-            .collect();
-        if candidates.is_empty() {
-            candidates = links.iter().filter(usable).filter(heard).collect();
-        }
-        if candidates.is_empty() {
-            candidates = links.iter().filter(usable).collect();
-        }
-        match candidates.len() {
-            0 => None,
-            1 => candidates.pop().cloned(),
-            n => {
-                let a = rand::random_range(0..n);
-                let mut b = rand::random_range(0..n - 1);
-                if b >= a {
-                    b += 1;
-                }
-                let (a, b) = (candidates[a], candidates[b]);
-                Some(if b.active_streams() < a.active_streams() {
-                    b.clone()
-                } else {
-                    a.clone()
-                })
+        // silent one: it may only be slow. Counted, then reached by index: no allocation.
+        let own_heard = |l: &PeerLink| l.worker == worker && !l.is_silent() && usable(l);
+        let heard = |l: &PeerLink| !l.is_silent() && usable(l);
+        let tiers: [&dyn Fn(&PeerLink) -> bool; 3] = [&own_heard, &heard, &usable];
+        for tier in tiers {
+            let count = links.iter().filter(|l| tier(l)).count();
+            let nth = |i: usize| links.iter().filter(|l| tier(l)).nth(i);
+            if let Some(Some(link)) =
+                crate::p2c::pick(count, nth, |l| l.map_or(usize::MAX, |l| l.active_streams()))
+            {
+                return Some(link.clone());
             }
         }
+        None
     }
 
     pub fn broadcast(&self, message: &ControlMessage) {

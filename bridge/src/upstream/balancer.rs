@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use rand::Rng;
+use crate::p2c::{self, less_loaded, two_distinct};
 
 /// One resolved endpoint of a service and what we know about it.
 #[derive(Debug)]
@@ -109,7 +109,7 @@ pub(crate) fn pick(endpoints: &[Endpoint], tried: &[usize]) -> Option<usize> {
     if tried.is_empty() {
         let (a, b) = two_distinct(endpoints.len());
         if endpoints[a].is_available(now) && endpoints[b].is_available(now) {
-            return Some(less_loaded(a, b, |index| endpoints[index].active()));
+            return Some(less_loaded(a, b, |&index| endpoints[index].active()));
         }
     }
     let available: Vec<usize> = (0..endpoints.len())
@@ -126,35 +126,11 @@ pub(crate) fn pick(endpoints: &[Endpoint], tried: &[usize]) -> Option<usize> {
         .filter(|index| !tried.contains(index))
         .collect();
     let candidates = if untried.is_empty() { pool } else { untried };
-    Some(power_of_two(&candidates, |index| endpoints[index].active()))
-}
-
-/// Two distinct random candidates, the less loaded wins (the first on a tie, which is
-/// itself uniformly random).
-fn power_of_two(candidates: &[usize], load: impl Fn(usize) -> usize) -> usize {
-    match candidates.len() {
-        0 => 0,
-        1 => candidates[0],
-        len => {
-            let (first, second) = two_distinct(len);
-            less_loaded(candidates[first], candidates[second], load)
-        }
-    }
-}
-
-/// Two distinct uniformly random indices below `len` (which must be at least 2).
-fn two_distinct(len: usize) -> (usize, usize) {
-    let mut rng = rand::rng();
-    let first = rng.random_range(0..len);
-    let mut second = rng.random_range(0..len - 1);
-    if second >= first {
-        second += 1;
-    }
-    (first, second)
-}
-
-fn less_loaded(a: usize, b: usize, load: impl Fn(usize) -> usize) -> usize {
-    if load(b) < load(a) { b } else { a }
+    p2c::pick(
+        candidates.len(),
+        |i| candidates[i],
+        |&index| endpoints[index].active(),
+    )
 }
 
 #[cfg(test)]
