@@ -616,7 +616,7 @@ impl Config {
                 Some(_) => return Err(err(line, "export: field `name` must be a string".into())),
                 None => return Err(err(line, "export: missing field `name`".into())),
             };
-            hybridge_ca::spiffe::validate_segment("service name", &name)
+            crate::acl::model::check_service_name(&name)
                 .map_err(|e| err(line, format!("export `{name}`: field `name`: {e}")))?;
             if !export_names.insert(name.clone()) {
                 return Err(err(line, format!("export `{name}` is defined twice")));
@@ -690,7 +690,7 @@ impl Config {
                         ));
                     }
                     (Some(c), false) => {
-                        hybridge_ca::spiffe::validate_segment("service name", c)
+                        crate::acl::model::check_service_name(c)
                             .map_err(|e| err(line, format!("{what}: field `caller`: {e}")))?;
                         CallerIdentity::Fixed(c.clone())
                     }
@@ -706,7 +706,7 @@ impl Config {
                             format!("{what}: unknown field `service` (the gateway routes by Host)"),
                         ));
                     }
-                    (Some(s), true) => hybridge_ca::spiffe::validate_segment("service name", s)
+                    (Some(s), true) => crate::acl::model::check_service_name(s)
                         .map_err(|e| err(line, format!("{what}: field `service`: {e}")))?,
                     (None, false) => {}
                 }

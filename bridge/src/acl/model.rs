@@ -195,6 +195,16 @@ pub fn check_service(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("service name must not be empty (use \"*\" for any service)".into());
     }
+    check_service_name(name)
+}
+
+/// A service name as the config, the policy and the gateway all take it: `[a-z0-9._-]+`,
+/// at most [`MAX_NAME_LEN`] bytes, so every service a node can export or import can also be
+/// named in a rule.
+pub fn check_service_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("service name must not be empty".into());
+    }
     if name.len() > MAX_NAME_LEN {
         return Err(format!("service name longer than {MAX_NAME_LEN} bytes"));
     }
@@ -203,7 +213,7 @@ pub fn check_service(name: &str) -> Result<(), String> {
         .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '-'))
     {
         Some(bad) => Err(format!(
-            "service name {name:?} contains {bad:?}; allowed are a-z 0-9 . _ - or exactly \"*\""
+            "service name {name:?} contains {bad:?}; allowed are a-z 0-9 . _ - (and \"*\" alone in a rule)"
         )),
         None => Ok(()),
     }

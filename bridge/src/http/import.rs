@@ -505,7 +505,8 @@ pub fn service_from_host(host: &str, suffix: &str) -> Option<String> {
     };
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     let service = host.strip_suffix(suffix)?.strip_suffix('.')?;
-    (!service.is_empty() && hybridge_ca::spiffe::validate_segment("service name", service).is_ok())
+    crate::acl::model::check_service_name(service)
+        .is_ok()
         .then(|| service.to_owned())
 }
 
