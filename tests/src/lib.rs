@@ -129,7 +129,8 @@ impl Default for Pki {
 #[derive(Clone, Debug)]
 pub struct ExportSpec {
     pub name: String,
-    pub endpoints: Vec<SocketAddr>,
+    /// `host:port` entries: addresses, or host names.
+    pub endpoints: Vec<String>,
     pub protocol: &'static str,
     /// Extra TOML lines inside the `[[export]]` table.
     pub extra: String,
@@ -139,7 +140,7 @@ impl ExportSpec {
     pub fn http1(name: &str, endpoints: &[SocketAddr]) -> Self {
         Self {
             name: name.into(),
-            endpoints: endpoints.to_vec(),
+            endpoints: endpoints.iter().map(ToString::to_string).collect(),
             protocol: "http1",
             extra: String::new(),
         }
@@ -148,7 +149,7 @@ impl ExportSpec {
     pub fn h2c(name: &str, endpoints: &[SocketAddr]) -> Self {
         Self {
             name: name.into(),
-            endpoints: endpoints.to_vec(),
+            endpoints: endpoints.iter().map(ToString::to_string).collect(),
             protocol: "h2c",
             extra: String::new(),
         }
@@ -276,7 +277,7 @@ impl NodeOptions {
             );
         }
         for e in &self.exports {
-            let endpoints: Vec<String> = e.endpoints.iter().map(|a| format!("\"{a}\"")).collect();
+            let endpoints: Vec<String> = e.endpoints.iter().map(|a| format!("{a:?}")).collect();
             t += &format!(
                 "\n[[export]]\nname = \"{}\"\nendpoints = [{}]\nprotocol = \"{}\"\n{}\n",
                 e.name,

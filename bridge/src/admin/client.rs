@@ -548,7 +548,7 @@ pub fn render_status(doc: &serde_json::Value) -> String {
     }
     let _ = writeln!(
         out,
-        "\nEXPORT              ENDPOINT               STATE      ACTIVE  REQUESTS  FAILURES  IDLE"
+        "\nEXPORT              ENDPOINT                       ADDRESS                STATE      ACTIVE  REQUESTS  FAILURES  IDLE"
     );
     for e in doc["exports"].as_array().into_iter().flatten() {
         let upstream = &e["upstream"];
@@ -562,8 +562,9 @@ pub fn render_status(doc: &serde_json::Value) -> String {
             };
             let _ = writeln!(
                 out,
-                "{:<19} {:<22} {:<9}  {:>6}  {:>8}  {:>8}  {:>4}",
+                "{:<19} {:<30} {:<22} {:<9}  {:>6}  {:>8}  {:>8}  {:>4}",
                 s(&e["service"]),
+                s(&endpoint["name"]),
                 s(&endpoint["addr"]),
                 state,
                 s(&endpoint["active"]),
@@ -571,6 +572,18 @@ pub fn render_status(doc: &serde_json::Value) -> String {
                 s(&endpoint["failures"]),
                 s(&endpoint["idle_connections"]),
             );
+        }
+        // A host name whose lookups fail keeps its last addresses; say so until it resolves.
+        for name in upstream["names"].as_array().into_iter().flatten() {
+            if let Some(error) = name["dns_error"].as_str() {
+                let _ = writeln!(
+                    out,
+                    "{:<19} {}: DNS lookup failing ({} failures: {error}); keeping its last addresses",
+                    "",
+                    s(&name["name"]),
+                    s(&name["dns_failures"]),
+                );
+            }
         }
         let (pending, trips, retries) = (
             &upstream["pending_requests"],
@@ -717,10 +730,20 @@ mod tests {
                 "upstream": {
                     "service": "inventory",
                     "endpoints": [
-                        {"addr": "10.1.0.1:8080", "healthy": true, "ejected": false,
-                         "active": 1, "total_requests": 120, "failures": 0, "idle_connections": 5},
-                        {"addr": "10.1.0.2:8080", "healthy": false, "ejected": false,
-                         "active": 0, "total_requests": 9, "failures": 9, "idle_connections": 0},
+                        {"name": "10.1.0.1:8080", "addr": "10.1.0.1:8080", "healthy": true,
+                         "ejected": false, "active": 1, "total_requests": 120, "failures": 0,
+                         "idle_connections": 5},
+                        {"name": "api.internal:8080", "addr": "10.1.0.2:8080", "healthy": false,
+                         "ejected": false, "active": 0, "total_requests": 9, "failures": 9,
+                         "idle_connections": 0},
+                    ],
+                    "names": [
+                        {"name": "10.1.0.1:8080", "refreshed": false,
+                         "addresses": ["10.1.0.1:8080"], "total_requests": 120, "failures": 0,
+                         "dns_failures": 0, "dns_error": null},
+                        {"name": "api.internal:8080", "refreshed": true,
+                         "addresses": ["10.1.0.2:8080"], "total_requests": 9, "failures": 9,
+                         "dns_failures": 3, "dns_error": "no addresses"},
                     ],
                     "active_requests": 1,
                     "pending_requests": 0,
@@ -763,9 +786,19 @@ mod tests {
         assert_eq!(
             rows,
             [
-                vec!["inventory", "10.1.0.1:8080", "up", "1", "120", "0", "5"],
                 vec![
                     "inventory",
+                    "10.1.0.1:8080",
+                    "10.1.0.1:8080",
+                    "up",
+                    "1",
+                    "120",
+                    "0",
+                    "5"
+                ],
+                vec![
+                    "inventory",
+                    "api.internal:8080",
                     "10.1.0.2:8080",
                     "unhealthy",
                     "0",
@@ -774,6 +807,12 @@ mod tests {
                     "0"
                 ],
             ],
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "api.internal:8080: DNS lookup failing (3 failures: no addresses); keeping its last addresses"
+            ),
             "{text}"
         );
         assert!(

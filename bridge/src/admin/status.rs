@@ -190,11 +190,24 @@ struct UpstreamLabels {
     service: Arc<str>,
 }
 
-/// `{service, endpoint}`: per upstream endpoint.
+/// `{service, endpoint}`: per configured upstream endpoint (`host:port` as written, so the
+/// series are bounded by the configuration however many addresses a name resolves to).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct EndpointLabels {
     service: Arc<str>,
-    endpoint: String,
+    endpoint: Arc<str>,
+}
+
+/// One configured endpoint's numbers, summed over its addresses (and over entries written
+/// twice, which share their labels).
+#[derive(Clone, Copy, Debug, Default)]
+struct EndpointTotals {
+    addresses: u64,
+    /// Addresses taking requests.
+    healthy: u64,
+    requests: u64,
+    failures: u64,
+    dns_failures: u64,
 }
 
 /// Everything `/metrics` shows, read at scrape time.
@@ -330,36 +343,65 @@ impl NodeCollector {
             .iter()
             .map(|s| (Arc::from(s.service.as_str()), s))
             .collect();
-        let endpoints = |pick: fn(&crate::upstream::EndpointStats) -> u64| {
-            services.iter().flat_map(move |(service, s)| {
-                s.endpoints.iter().map(move |e| {
-                    (
-                        EndpointLabels {
-                            service: service.clone(),
-                            endpoint: e.addr.to_string(),
-                        },
-                        pick(e),
-                    )
-                })
-            })
+        let mut totals: Vec<(EndpointLabels, EndpointTotals)> = Vec::new();
+        for (service, s) in &services {
+            let mut by_name: std::collections::BTreeMap<&str, EndpointTotals> =
+                std::collections::BTreeMap::new();
+            for name in &s.names {
+                let entry = by_name.entry(name.name.as_str()).or_default();
+                entry.requests += name.total_requests;
+                entry.failures += name.failures;
+                entry.dns_failures += name.dns_failures;
+            }
+            for e in &s.endpoints {
+                let entry = by_name.entry(e.name.as_str()).or_default();
+                entry.addresses += 1;
+                entry.healthy += u64::from(e.healthy && !e.ejected);
+            }
+            totals.extend(by_name.into_iter().map(|(name, numbers)| {
+                (
+                    EndpointLabels {
+                        service: service.clone(),
+                        endpoint: Arc::from(name),
+                    },
+                    numbers,
+                )
+            }));
+        }
+        let endpoints = |pick: fn(&EndpointTotals) -> u64| {
+            totals
+                .iter()
+                .map(move |(labels, numbers)| (labels.clone(), pick(numbers)))
         };
         gauge(
             encoder,
             "hybridge_upstream_endpoint_healthy",
-            "1 when the endpoint takes requests (active checks pass and not ejected), else 0.",
-            endpoints(|e| u64::from(e.healthy && !e.ejected)),
+            "Addresses of the endpoint that take requests (active checks pass and not ejected): 1 or 0 for an IP address.",
+            endpoints(|e| e.healthy),
+        )?;
+        gauge(
+            encoder,
+            "hybridge_upstream_endpoint_addresses",
+            "Addresses the endpoint resolves to now (1 for an IP address).",
+            endpoints(|e| e.addresses),
         )?;
         counter(
             encoder,
             "hybridge_upstream_endpoint_requests_total",
-            "Requests sent to the endpoint.",
-            endpoints(|e| e.total_requests),
+            "Requests sent to the endpoint, over every address it has resolved to.",
+            endpoints(|e| e.requests),
         )?;
         counter(
             encoder,
             "hybridge_upstream_endpoint_failures_total",
-            "Connect errors, resets and 5xx answers from the endpoint.",
+            "Connect errors, resets and 5xx answers from the endpoint, over every address it has resolved to.",
             endpoints(|e| e.failures),
+        )?;
+        counter(
+            encoder,
+            "hybridge_upstream_dns_failures_total",
+            "Failed lookups of the endpoint's host name (each kept its last addresses); 0 for an IP address.",
+            endpoints(|e| e.dns_failures),
         )?;
         let per_service = |pick: fn(&crate::upstream::UpstreamStats) -> u64| {
             services.iter().map(move |(service, s)| {

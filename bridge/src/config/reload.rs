@@ -401,6 +401,7 @@ fn upstream_settings(
 ) -> UpstreamSettings {
     let UpstreamSettings {
         endpoints,
+        dns_refresh,
         protocol,
         health_check,
         connect_timeout,
@@ -412,6 +413,7 @@ fn upstream_settings(
     } = old;
     let UpstreamSettings {
         endpoints: new_endpoints,
+        dns_refresh: new_dns_refresh,
         protocol: new_protocol,
         health_check: new_health_check,
         connect_timeout: new_connect_timeout,
@@ -426,6 +428,7 @@ fn upstream_settings(
     // it in; requests in flight finish on the old one.
     UpstreamSettings {
         endpoints: d.live(field("endpoints"), endpoints, new_endpoints),
+        dns_refresh: d.live(field("dns_refresh"), dns_refresh, new_dns_refresh),
         protocol: d.live(field("protocol"), protocol, new_protocol),
         health_check: match (health_check, new_health_check) {
             (Some(old), Some(new)) => {

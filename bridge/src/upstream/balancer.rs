@@ -9,9 +9,13 @@ use std::time::Instant;
 
 use crate::p2c::{self, less_loaded, two_distinct};
 
+use super::health::Streak;
+
 /// One resolved endpoint of a service and what we know about it.
 #[derive(Debug)]
 pub(crate) struct Endpoint {
+    /// Position of the configured name this address was resolved from.
+    pub(crate) name: usize,
     pub(crate) addr: SocketAddr,
     /// The `host:port` the operator wrote; used as authority when the request has none.
     pub(crate) authority: http::uri::Authority,
@@ -22,6 +26,8 @@ pub(crate) struct Endpoint {
     pub(crate) failures: AtomicU64,
     /// Passive outlier state.
     pub(crate) outlier: Mutex<OutlierState>,
+    /// Consecutive results of active health checks.
+    pub(crate) streak: Mutex<Streak>,
 }
 
 /// Passive health bookkeeping of one endpoint.
@@ -51,8 +57,9 @@ impl Drop for ActiveGuard {
 }
 
 impl Endpoint {
-    pub(crate) fn new(addr: SocketAddr, authority: http::uri::Authority) -> Self {
+    pub(crate) fn new(name: usize, addr: SocketAddr, authority: http::uri::Authority) -> Self {
         Self {
+            name,
             addr,
             authority,
             healthy: AtomicBool::new(true),
@@ -60,6 +67,7 @@ impl Endpoint {
             total: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             outlier: Mutex::new(OutlierState::default()),
+            streak: Mutex::new(Streak::default()),
         }
     }
 
@@ -97,7 +105,7 @@ impl Endpoint {
 /// available (all unhealthy or ejected) every endpoint is a candidate ("panic mode"):
 /// trying a possibly-bad endpoint beats failing every request. `None` only for an empty
 /// list.
-pub(crate) fn pick(endpoints: &[Endpoint], tried: &[usize]) -> Option<usize> {
+pub(crate) fn pick(endpoints: &[Arc<Endpoint>], tried: &[usize]) -> Option<usize> {
     match endpoints.len() {
         0 => return None,
         1 => return Some(0),
@@ -138,11 +146,15 @@ pub(crate) fn pick(endpoints: &[Endpoint], tried: &[usize]) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn endpoints(count: u16) -> Vec<Endpoint> {
+    fn endpoints(count: u16) -> Vec<Arc<Endpoint>> {
         (0..count)
             .map(|i| {
                 let addr = SocketAddr::from(([127, 0, 0, 1], 1000 + i));
-                Endpoint::new(addr, addr.to_string().parse().unwrap())
+                Arc::new(Endpoint::new(
+                    usize::from(i),
+                    addr,
+                    addr.to_string().parse().unwrap(),
+                ))
             })
             .collect()
     }

@@ -2,8 +2,8 @@
 //! thresholds) and passive outlier ejection from real traffic. Decides health; does not
 //! pick endpoints.
 
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -17,9 +17,10 @@ use super::settings::{HealthCheckSettings, PassiveHealthSettings, UpstreamProtoc
 /// this size, then dropped.
 const MAX_HEALTH_BODY: usize = 64 * 1024;
 
-/// Consecutive results of active checks against one endpoint.
+/// Consecutive results of active checks against one endpoint (kept in the endpoint, so an
+/// address that stays in a re-resolved set keeps its streak).
 #[derive(Debug, Default, Clone, Copy)]
-struct Streak {
+pub(crate) struct Streak {
     successes: u32,
     failures: u32,
 }
@@ -28,14 +29,14 @@ struct Streak {
 pub(crate) struct ActiveHealth {
     settings: HealthCheckSettings,
     /// Locked for a whole round, so rounds never interleave.
-    streaks: tokio::sync::Mutex<Vec<Streak>>,
+    round: tokio::sync::Mutex<()>,
 }
 
 impl ActiveHealth {
-    pub(crate) fn new(settings: HealthCheckSettings, endpoints: usize) -> Self {
+    pub(crate) fn new(settings: HealthCheckSettings) -> Self {
         Self {
             settings,
-            streaks: tokio::sync::Mutex::new(vec![Streak::default(); endpoints]),
+            round: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -48,16 +49,19 @@ impl ActiveHealth {
         &self,
         service: &str,
         protocol: UpstreamProtocol,
-        endpoints: &[Endpoint],
-        pools: &[EndpointPool],
+        endpoints: &[Arc<Endpoint>],
+        pools: &[Arc<EndpointPool>],
     ) {
-        let mut streaks = self.streaks.lock().await;
+        let _round = self.round.lock().await;
         let probes = endpoints
             .iter()
             .zip(pools)
             .map(|(endpoint, pool)| self.probe(protocol, endpoint, pool));
         let results = futures_util::future::join_all(probes).await;
-        for ((endpoint, streak), passed) in endpoints.iter().zip(streaks.iter_mut()).zip(results) {
+        for (endpoint, passed) in endpoints.iter().zip(results) {
+            let Ok(mut streak) = endpoint.streak.lock() else {
+                continue;
+            };
             let healthy = endpoint.is_healthy();
             if passed {
                 streak.failures = 0;
@@ -144,7 +148,7 @@ impl PassiveHealth {
     /// Counts a failure (connect error, reset, timeout, 5xx) against `endpoints[index]`
     /// and ejects it once it has failed `consecutive_failures` times in a row, unless
     /// that would eject more than `max_ejection_percent` of the endpoints.
-    pub(crate) fn record_failure(&self, service: &str, endpoints: &[Endpoint], index: usize) {
+    pub(crate) fn record_failure(&self, service: &str, endpoints: &[Arc<Endpoint>], index: usize) {
         let endpoint = &endpoints[index];
         endpoint.failures.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
@@ -196,11 +200,15 @@ mod tests {
     use std::net::SocketAddr;
     use std::time::Duration;
 
-    fn endpoints(count: u16) -> Vec<Endpoint> {
+    fn endpoints(count: u16) -> Vec<Arc<Endpoint>> {
         (0..count)
             .map(|i| {
                 let addr = SocketAddr::from(([127, 0, 0, 1], 1000 + i));
-                Endpoint::new(addr, addr.to_string().parse().unwrap())
+                Arc::new(Endpoint::new(
+                    usize::from(i),
+                    addr,
+                    addr.to_string().parse().unwrap(),
+                ))
             })
             .collect()
     }

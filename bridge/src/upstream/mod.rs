@@ -7,6 +7,7 @@ mod breaker;
 mod health;
 mod pool;
 mod progress;
+mod resolver;
 mod retry;
 mod settings;
 #[cfg(test)]
@@ -17,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::StatusCode;
 
 use crate::http::error::Reason;
@@ -37,15 +39,13 @@ use breaker::CircuitBreaker;
 use health::{ActiveHealth, PassiveHealth};
 use pool::{EndpointPool, adapt_request};
 use progress::BodyProgress;
+use resolver::{EndpointName, EndpointSet};
 use retry::RetryPolicy;
 
 /// Error type of request and response bodies handed to the upstream.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 /// Request body type `Upstream::send` accepts (streaming, boxed).
 pub type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BodyError>;
-
-/// Bound on resolving one endpoint name at start.
-const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A response head from an endpoint; the body streams from the upstream connection.
 #[derive(Debug)]
@@ -154,7 +154,10 @@ impl UpstreamError {
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct UpstreamStats {
     pub service: String,
+    /// One per address, ordered by configured name, then address.
     pub endpoints: Vec<EndpointStats>,
+    /// One per configured `endpoints` entry, in configuration order.
+    pub names: Vec<EndpointNameStats>,
     /// Requests in flight (until their response head).
     pub active_requests: usize,
     /// Requests waiting for a connection.
@@ -163,9 +166,11 @@ pub struct UpstreamStats {
     pub retries: u64,
 }
 
-/// Snapshot of one endpoint.
+/// Snapshot of one endpoint (one address of a configured name).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct EndpointStats {
+    /// The configured `host:port` this address was resolved from.
+    pub name: String,
     pub addr: SocketAddr,
     /// Verdict of active health checks (always true without them).
     pub healthy: bool,
@@ -178,12 +183,41 @@ pub struct EndpointStats {
     pub idle_connections: usize,
 }
 
+/// Snapshot of one configured `endpoints` entry: its addresses and its lookups.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct EndpointNameStats {
+    /// As configured (`host:port`).
+    pub name: String,
+    /// True for a host name looked up again every `dns_refresh`; false for an IP address,
+    /// or with `dns_refresh = "0s"`.
+    pub refreshed: bool,
+    /// The addresses requests go to now, sorted.
+    pub addresses: Vec<SocketAddr>,
+    /// Requests sent to every address this name has had, including ones it lost.
+    pub total_requests: u64,
+    /// Failures of every address this name has had, including ones it lost.
+    pub failures: u64,
+    /// Lookups that failed (the name kept its last addresses each time).
+    pub dns_failures: u64,
+    /// Why the last lookup failed; `None` when it succeeded.
+    pub dns_error: Option<String>,
+}
+
 /// The upstream of one exported service, shared by all requests to it.
 pub struct Upstream {
     service: String,
     protocol: UpstreamProtocol,
-    endpoints: Vec<Endpoint>,
-    pools: Vec<EndpointPool>,
+    connect_timeout: Duration,
+    max_connections: usize,
+    /// The configured `endpoints` entries, in order; `Endpoint::name` indexes this.
+    names: Vec<EndpointName>,
+    set: ArcSwap<EndpointSet>,
+    /// Serialises changes of `set`.
+    changing: std::sync::Mutex<()>,
+    /// Re-resolution interval; `None` when nothing is looked up again.
+    dns_refresh: Option<Duration>,
+    /// Held for a whole re-resolution round, so rounds never interleave.
+    dns_round: tokio::sync::Mutex<()>,
     breaker: CircuitBreaker,
     retry: RetryPolicy,
     passive: PassiveHealth,
@@ -202,10 +236,10 @@ struct AttemptFailure {
 }
 
 impl Upstream {
-    /// Validates `settings`, resolves every endpoint (first address of each name) and,
-    /// when configured, starts the active health checker. Connections are dialled on
-    /// demand. Everything this upstream spawns stops when `cancel` fires or the upstream
-    /// is dropped.
+    /// Validates `settings`, resolves every endpoint name (each host name stands for all
+    /// its addresses) and starts the active health checker and the re-resolution loop when
+    /// configured. Connections are dialled on demand. Everything this upstream spawns stops
+    /// when `cancel` fires or the upstream is dropped.
     pub async fn start(
         service: &str,
         settings: &UpstreamSettings,
@@ -214,64 +248,58 @@ impl Upstream {
         settings.validate(service)?;
         let cancel = cancel.child_token();
         let tasks = TaskTracker::new();
-        let mut endpoints = Vec::with_capacity(settings.endpoints.len());
-        for name in &settings.endpoints {
-            let authority: http::uri::Authority =
-                name.parse().map_err(|error: http::uri::InvalidUri| {
-                    UpstreamConfigError::InvalidEndpoint {
-                        service: service.to_owned(),
-                        endpoint: name.clone(),
-                        reason: error.to_string(),
-                    }
-                })?;
-            let resolve_error = |source| UpstreamConfigError::Resolve {
-                service: service.to_owned(),
-                endpoint: name.clone(),
-                source,
-            };
-            let mut addrs =
-                tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(name.as_str()))
-                    .await
-                    .map_err(|_| {
-                        resolve_error(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "DNS lookup timed out",
-                        ))
-                    })?
-                    .map_err(resolve_error)?;
-            let addr = addrs.next().ok_or_else(|| {
-                resolve_error(io::Error::new(io::ErrorKind::NotFound, "no addresses"))
-            })?;
-            endpoints.push(Endpoint::new(addr, authority));
-        }
-        let pools = endpoints
+        let names = settings
+            .endpoints
             .iter()
-            .map(|endpoint| {
-                EndpointPool::new(
-                    endpoint.addr,
+            .map(|name| {
+                EndpointName::parse(name).map_err(|reason| UpstreamConfigError::InvalidEndpoint {
+                    service: service.to_owned(),
+                    endpoint: name.clone(),
+                    reason,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let lookups = futures_util::future::join_all(names.iter().map(EndpointName::lookup)).await;
+        let mut endpoints = Vec::new();
+        let mut pools = Vec::new();
+        for (index, (name, lookup)) in names.iter().zip(lookups).enumerate() {
+            let addresses = lookup.map_err(|source| UpstreamConfigError::Resolve {
+                service: service.to_owned(),
+                endpoint: name.name.clone(),
+                source,
+            })?;
+            for addr in addresses {
+                endpoints.push(Arc::new(Endpoint::new(index, addr, name.authority.clone())));
+                pools.push(Arc::new(EndpointPool::new(
+                    addr,
                     settings.protocol,
                     settings.connect_timeout,
                     settings.circuit_breaker.max_connections,
                     tasks.clone(),
                     cancel.clone(),
-                )
-            })
-            .collect();
+                )));
+            }
+        }
+        let dns_refresh = (!settings.dns_refresh.is_zero()
+            && names.iter().any(EndpointName::is_host_name))
+        .then_some(settings.dns_refresh);
         let upstream = Arc::new(Self {
             service: service.to_owned(),
             protocol: settings.protocol,
+            connect_timeout: settings.connect_timeout,
+            max_connections: settings.circuit_breaker.max_connections,
+            names,
+            set: ArcSwap::from_pointee(EndpointSet { endpoints, pools }),
+            changing: std::sync::Mutex::new(()),
+            dns_refresh,
+            dns_round: tokio::sync::Mutex::new(()),
             breaker: CircuitBreaker::new(
                 settings.circuit_breaker.max_active_requests,
                 settings.circuit_breaker.max_pending_requests,
             ),
             retry: RetryPolicy::new(&settings.retry),
             passive: PassiveHealth::new(settings.passive_health.clone()),
-            active_health: settings
-                .health_check
-                .clone()
-                .map(|check| ActiveHealth::new(check, endpoints.len())),
-            endpoints,
-            pools,
+            active_health: settings.health_check.clone().map(ActiveHealth::new),
             health_rounds: watch::Sender::new(0),
             head_timeout: settings.response_head_timeout(),
             body_idle_timeout: settings.body_idle_timeout(),
@@ -286,7 +314,26 @@ impl Upstream {
                 .tasks
                 .spawn(run_health_checks(weak, interval, cancel));
         }
+        if let Some(interval) = upstream.dns_refresh {
+            let weak = Arc::downgrade(&upstream);
+            let cancel = upstream.cancel.clone();
+            upstream
+                .tasks
+                .spawn(resolver::run_dns_refresh(weak, interval, cancel));
+        }
         Ok(upstream)
+    }
+
+    /// A pool for a new address, dialled on demand.
+    fn new_pool(&self, addr: SocketAddr) -> EndpointPool {
+        EndpointPool::new(
+            addr,
+            self.protocol,
+            self.connect_timeout,
+            self.max_connections,
+            self.tasks.clone(),
+            self.cancel.clone(),
+        )
     }
 
     /// Sends `request` to one endpoint chosen for this request, retrying where safe, and
@@ -321,23 +368,26 @@ impl Upstream {
         // The head of a replayable request is kept to rebuild it for retries.
         let template = retry::is_replayable(&request).then(|| RequestHead::of(&request));
         let mut request = request;
+        // Every attempt picks from the set in force when the request began, so `tried`
+        // keeps naming the same endpoints while names are re-resolved.
+        let set = self.set.load_full();
         let mut tried: Vec<usize> = Vec::new();
         let mut attempts = 0u32;
         // Held while a retry is in flight: the budget counts concurrent retries.
         let mut _retry_token = None;
         loop {
             attempts += 1;
-            let index = balancer::pick(&self.endpoints, &tried).ok_or_else(|| {
+            let index = balancer::pick(&set.endpoints, &tried).ok_or_else(|| {
                 UpstreamError::NoHealthyEndpoint {
                     service: self.service.clone(),
                 }
             })?;
-            let endpoint = &self.endpoints[index];
+            let endpoint = &set.endpoints[index];
             // The deadlines are shared by all attempts: they count from when the body was
             // sent, which a later attempt (body-less, or never sent) does not move.
             let result = tokio::select! {
                 biased;
-                result = self.attempt(index, request, &body) => result,
+                result = self.attempt(&set, index, request, &body) => result,
                 error = self.expired(&body, deadline, endpoint.addr) => {
                     Err(Box::new(AttemptFailure { error, unsent: None }))
                 }
@@ -348,7 +398,7 @@ impl Upstream {
                     let status = response.status();
                     if status.is_server_error() {
                         self.passive
-                            .record_failure(&self.service, &self.endpoints, index);
+                            .record_failure(&self.service, &set.endpoints, index);
                     } else {
                         self.passive.record_success(endpoint);
                     }
@@ -373,7 +423,7 @@ impl Upstream {
                     let AttemptFailure { error, unsent } = *failure;
                     if error.blames_endpoint() {
                         self.passive
-                            .record_failure(&self.service, &self.endpoints, index);
+                            .record_failure(&self.service, &set.endpoints, index);
                     }
                     if !error.is_retryable() || !may_retry {
                         return Err(error);
@@ -429,15 +479,16 @@ impl Upstream {
         }
     }
 
-    /// One attempt on `endpoints[index]`, up to the response head.
+    /// One attempt on `set.endpoints[index]`, up to the response head.
     async fn attempt(
         &self,
+        set: &EndpointSet,
         index: usize,
         request: http::Request<UpstreamBody>,
         body: &BodyProgress,
     ) -> Result<http::Response<Incoming>, Box<AttemptFailure>> {
-        let endpoint = &self.endpoints[index];
-        let pool = &self.pools[index];
+        let endpoint = &set.endpoints[index];
+        let pool = &set.pools[index];
         let _in_flight = endpoint.begin();
         let connection = match pool.try_checkout() {
             Some(connection) => connection,
@@ -497,8 +548,9 @@ impl Upstream {
     /// returns when every endpoint's verdict is updated.
     pub async fn check_now(&self) {
         if let Some(active) = &self.active_health {
+            let set = self.set.load_full();
             active
-                .run_round(&self.service, self.protocol, &self.endpoints, &self.pools)
+                .run_round(&self.service, self.protocol, &set.endpoints, &set.pools)
                 .await;
             self.health_rounds.send_modify(|rounds| *rounds += 1);
         }
@@ -511,20 +563,53 @@ impl Upstream {
 
     /// Counters and health of this upstream now.
     pub fn stats(&self) -> UpstreamStats {
+        use std::sync::atomic::Ordering::Relaxed;
         let now = std::time::Instant::now();
+        // Under the lock that changes the set, a departed address is counted once: in the
+        // set or in its name's retired totals, never neither (a counter must not go down).
+        let changing = self.changing.lock();
+        let set = self.set.load_full();
+        let name_of = |endpoint: &Endpoint| {
+            self.names
+                .get(endpoint.name)
+                .map(|name| name.name.clone())
+                .unwrap_or_default()
+        };
+        let names = self
+            .names
+            .iter()
+            .enumerate()
+            .map(|(index, name)| {
+                let current = set.endpoints.iter().filter(|e| e.name == index);
+                EndpointNameStats {
+                    name: name.name.clone(),
+                    refreshed: name.is_host_name() && self.dns_refresh.is_some(),
+                    addresses: set.addresses_of(index),
+                    total_requests: name.retired_requests.load(Relaxed)
+                        + current.clone().map(|e| e.total.load(Relaxed)).sum::<u64>(),
+                    failures: name.retired_failures.load(Relaxed)
+                        + current.map(|e| e.failures.load(Relaxed)).sum::<u64>(),
+                    dns_failures: name.dns_failures.load(Relaxed),
+                    dns_error: name.dns_error(),
+                }
+            })
+            .collect();
+        drop(changing);
         UpstreamStats {
             service: self.service.clone(),
-            endpoints: self
+            names,
+            endpoints: set
                 .endpoints
                 .iter()
-                .zip(&self.pools)
+                .zip(&set.pools)
                 .map(|(endpoint, pool)| EndpointStats {
+                    name: name_of(endpoint),
                     addr: endpoint.addr,
                     healthy: endpoint.is_healthy(),
                     ejected: endpoint.is_ejected(now),
                     active: endpoint.active(),
-                    total_requests: endpoint.total.load(std::sync::atomic::Ordering::Relaxed),
-                    failures: endpoint.failures.load(std::sync::atomic::Ordering::Relaxed),
+                    total_requests: endpoint.total.load(Relaxed),
+                    failures: endpoint.failures.load(Relaxed),
                     idle_connections: pool.idle_connections(),
                 })
                 .collect(),
@@ -556,7 +641,13 @@ impl std::fmt::Debug for Upstream {
             .field("protocol", &self.protocol)
             .field(
                 "endpoints",
-                &self.endpoints.iter().map(|e| e.addr).collect::<Vec<_>>(),
+                &self
+                    .set
+                    .load()
+                    .endpoints
+                    .iter()
+                    .map(|e| e.addr)
+                    .collect::<Vec<_>>(),
             )
             .finish_non_exhaustive()
     }

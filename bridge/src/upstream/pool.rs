@@ -8,7 +8,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -71,10 +71,16 @@ pub(crate) struct Http1Idle {
     returned: Notify,
     /// One permit per open connection (`circuit_breaker.max_connections`).
     permits: Arc<Semaphore>,
+    /// Set once the endpoint left the service: connections whose response ends close
+    /// instead of going back to `idle`.
+    retired: AtomicBool,
 }
 
 impl Http1Idle {
     fn put(&self, worker: usize, sender: http1::SendRequest<UpstreamBody>) {
+        if self.retired.load(Ordering::Acquire) {
+            return;
+        }
         // The limit is per worker, like the connections: counted over all of them, one
         // worker's idle connections crowded out another's, whose connections were then
         // closed after every request (bench/run, h2 load: a new upstream connection for
@@ -193,6 +199,7 @@ impl EndpointPool {
                 idle: Mutex::new(Vec::new()),
                 returned: Notify::new(),
                 permits: Arc::new(Semaphore::new(max_connections)),
+                retired: AtomicBool::new(false),
             })),
             UpstreamProtocol::H2c => PoolKind::H2(H2Slots::default()),
         };
@@ -211,6 +218,26 @@ impl EndpointPool {
         match &self.kind {
             PoolKind::Http1(idle) => idle.len(),
             PoolKind::H2(_) => 0,
+        }
+    }
+
+    /// Drains this endpoint's connections once it has left the service (its name no longer
+    /// resolves to it): idle HTTP/1.1 connections close now, busy ones when their exchange
+    /// ends, and h2c connections once their streams finish. Requests in flight complete.
+    pub(crate) fn retire(&self) {
+        match &self.kind {
+            PoolKind::Http1(idle) => {
+                idle.retired.store(true, Ordering::Release);
+                let closing = idle.idle.lock().map(|mut idle| std::mem::take(&mut *idle));
+                drop(closing);
+            }
+            PoolKind::H2(slots) => {
+                let closing = slots
+                    .per_worker
+                    .lock()
+                    .map(|mut groups| std::mem::take(&mut *groups));
+                drop(closing);
+            }
         }
     }
 

@@ -9,8 +9,14 @@ use serde::Deserialize;
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSettings {
-    /// `"host:port"` entries; each is resolved once at start (first address wins).
+    /// `"host:port"` entries. An IP address is used as it is; a host name stands for every
+    /// address it resolves to (of the family the system resolver ranks first), looked up
+    /// again every `dns_refresh`.
     pub endpoints: Vec<String>,
+    /// How often host names in `endpoints` are resolved again; the endpoint set follows the
+    /// answers without a restart. `"0s"` resolves once, at start.
+    #[serde(default = "default_dns_refresh", with = "humantime_serde")]
+    pub dns_refresh: Duration,
     /// Wire protocol spoken to the endpoints.
     #[serde(default)]
     pub protocol: UpstreamProtocol,
@@ -125,6 +131,13 @@ pub struct PassiveHealthSettings {
     pub max_ejection_percent: u32,
 }
 
+/// Envoy's `dns_refresh_rate`: a change is followed within the record's TTL plus 5 s, for a
+/// lookup per name every 5 s (within the TTL the resolver's cache answers it).
+fn default_dns_refresh() -> Duration {
+    Duration::from_secs(5)
+}
+/// Below this, re-resolving would mostly load the resolver.
+const MIN_DNS_REFRESH: Duration = Duration::from_millis(100);
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(2)
 }
@@ -230,6 +243,7 @@ impl UpstreamSettings {
     pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
         Self {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
+            dns_refresh: default_dns_refresh(),
             protocol: UpstreamProtocol::default(),
             health_check: None,
             connect_timeout: default_connect_timeout(),
@@ -271,6 +285,9 @@ impl UpstreamSettings {
                 endpoint: endpoint.clone(),
                 reason,
             })?;
+        }
+        if !self.dns_refresh.is_zero() && self.dns_refresh < MIN_DNS_REFRESH {
+            return Err(invalid("dns_refresh", "must be \"0s\" or at least 100ms"));
         }
         if self.connect_timeout.is_zero() {
             return Err(invalid("connect_timeout", "must be greater than 0"));
@@ -418,6 +435,7 @@ mod tests {
             toml::from_str(r#"endpoints = ["127.0.0.1:8080"]"#).unwrap();
         assert_eq!(settings, UpstreamSettings::new(["127.0.0.1:8080"]));
         assert_eq!(settings.protocol, UpstreamProtocol::Http1);
+        assert_eq!(settings.dns_refresh, Duration::from_secs(5));
         assert_eq!(settings.connect_timeout, Duration::from_secs(2));
         assert_eq!(settings.request_timeout, Some(Duration::from_secs(30)));
         assert_eq!(settings.circuit_breaker.max_active_requests, 10_000);
@@ -440,6 +458,7 @@ mod tests {
             r#"
             endpoints = ["a.internal:80", "[::1]:81"]
             protocol = "h2c"
+            dns_refresh = "30s"
             connect_timeout = "250ms"
             request_timeout = "0s"
             [health_check]
@@ -456,6 +475,7 @@ mod tests {
         .unwrap();
         settings.validate("svc").unwrap();
         assert_eq!(settings.protocol, UpstreamProtocol::H2c);
+        assert_eq!(settings.dns_refresh, Duration::from_secs(30));
         assert_eq!(settings.response_head_timeout(), None);
         let check = settings.health_check.unwrap();
         assert_eq!(check.interval, Duration::from_secs(2));
@@ -480,6 +500,14 @@ mod tests {
             message,
             "service billing: upstream.retry.max_retries must be at most 2"
         );
+        let mut settings = UpstreamSettings::new(["x:1"]);
+        settings.dns_refresh = Duration::from_millis(10);
+        assert_eq!(
+            settings.validate("billing").unwrap_err().to_string(),
+            "service billing: upstream.dns_refresh must be \"0s\" or at least 100ms"
+        );
+        settings.dns_refresh = Duration::ZERO;
+        settings.validate("billing").unwrap();
         for bad in ["nohost", ":80", "x:0", "x:http", "::1:80", "[::1:80"] {
             let settings = UpstreamSettings::new([bad]);
             assert!(

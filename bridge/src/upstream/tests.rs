@@ -42,6 +42,8 @@ struct ServerState {
     reset_now: Arc<Notify>,
     /// TCP connections accepted.
     connections: AtomicUsize,
+    /// TCP connections that ended.
+    closed: watch::Sender<usize>,
 }
 
 struct TestServer {
@@ -67,6 +69,7 @@ impl TestServer {
             first_chunk: Notify::new(),
             reset_now: Arc::new(Notify::new()),
             connections: AtomicUsize::new(0),
+            closed: watch::Sender::new(0),
         });
         let mut task = JoinSet::new();
         let server_state = state.clone();
@@ -80,11 +83,14 @@ impl TestServer {
                 server_state.connections.fetch_add(1, Ordering::SeqCst);
                 let state = server_state.clone();
                 connections.spawn(async move {
-                    let service =
-                        hyper::service::service_fn(move |request| handle(state.clone(), request));
+                    let handler_state = state.clone();
+                    let service = hyper::service::service_fn(move |request| {
+                        handle(handler_state.clone(), request)
+                    });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
+                    state.closed.send_modify(|closed| *closed += 1);
                 });
             }
         });
@@ -890,4 +896,112 @@ async fn upstream_restart_is_survived() {
         }
         assert_eq!(server.hits("/id"), 5);
     }
+}
+
+/// A host name's endpoint set follows its addresses (handed in here as a refresh round hands
+/// in the system resolver's answers): an address that stays keeps its counters and its
+/// pooled connections, one that leaves has its connections closed, and a failed lookup
+/// keeps the last addresses.
+#[tokio::test]
+async fn endpoints_follow_the_addresses_of_a_name() {
+    for protocol in PROTOCOLS {
+        let a = TestServer::start_on("a", SocketAddr::from(([127, 0, 0, 2], 0))).await;
+        let b = TestServer::start_on("b", SocketAddr::from(([127, 0, 0, 3], 0))).await;
+        let mut settings = UpstreamSettings::new(["localhost:9"]);
+        settings.protocol = protocol;
+        settings.dns_refresh = Duration::ZERO;
+        let upstream = Upstream::start("svc", &settings, CancellationToken::new())
+            .await
+            .unwrap();
+        assert!(!upstream.stats().names[0].refreshed);
+
+        upstream.apply_lookup(0, Ok(vec![a.addr]));
+        for _ in 0..4 {
+            assert_eq!(
+                body_text(within(upstream.send(get("/id"))).await.unwrap()).await,
+                "a"
+            );
+        }
+        within(upstream.send(get("/fail"))).await.unwrap_err();
+        let pool_of_a = upstream.set.load().pools[0].clone();
+
+        // `b` joins: `a` is the same endpoint, with its counters and its connections.
+        upstream.apply_lookup(0, Ok(vec![b.addr, a.addr]));
+        let stats = upstream.stats();
+        let by_addr = |stats: &UpstreamStats, addr| {
+            stats
+                .endpoints
+                .iter()
+                .find(|e| e.addr == addr)
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(stats.names[0].addresses, [a.addr, b.addr]);
+        let a_stats = by_addr(&stats, a.addr);
+        assert_eq!(
+            (a_stats.total_requests, a_stats.failures),
+            (5 + 2, 3),
+            "{protocol:?}"
+        );
+        assert_eq!(a_stats.name, "localhost:9");
+        assert_eq!(by_addr(&stats, b.addr).total_requests, 0);
+        assert!(Arc::ptr_eq(&upstream.set.load().pools[0], &pool_of_a));
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..100 {
+            seen.insert(body_text(within(upstream.send(get("/id"))).await.unwrap()).await);
+        }
+        assert_eq!(seen.len(), 2, "{protocol:?}: {seen:?}");
+
+        // `a` leaves: its connections close, the name's totals keep what it served.
+        let requests_so_far = upstream.stats().names[0].total_requests;
+        upstream.apply_lookup(0, Ok(vec![b.addr]));
+        drop(pool_of_a);
+        let opened = a.state.connections.load(Ordering::SeqCst);
+        assert!(opened >= 1);
+        within(
+            a.state
+                .closed
+                .subscribe()
+                .wait_for(|&closed| closed == opened),
+        )
+        .await
+        .unwrap();
+        let stats = upstream.stats();
+        assert_eq!(stats.names[0].addresses, [b.addr]);
+        assert_eq!(stats.names[0].total_requests, requests_so_far);
+        for _ in 0..5 {
+            assert_eq!(
+                body_text(within(upstream.send(get("/id"))).await.unwrap()).await,
+                "b"
+            );
+        }
+
+        // The name stops resolving: the last addresses stay, the failure is counted.
+        upstream.apply_lookup(0, Err(io::Error::new(io::ErrorKind::NotFound, "gone")));
+        upstream.apply_lookup(0, Ok(Vec::new()));
+        let stats = upstream.stats();
+        assert_eq!(stats.names[0].addresses, [b.addr]);
+        assert_eq!(stats.names[0].dns_failures, 2);
+        assert_eq!(stats.names[0].dns_error.as_deref(), Some("no addresses"));
+        assert_eq!(
+            body_text(within(upstream.send(get("/id"))).await.unwrap()).await,
+            "b"
+        );
+        upstream.apply_lookup(0, Ok(vec![b.addr]));
+        assert_eq!(upstream.stats().names[0].dns_error, None);
+        upstream.shutdown().await;
+    }
+}
+
+/// IP addresses are used as written and never looked up; a refresh round leaves them be.
+#[tokio::test]
+async fn ip_literals_are_never_re_resolved() {
+    let server = TestServer::start("a").await;
+    let upstream = start_upstream(&[server.addr], UpstreamProtocol::Http1, |_| {}).await;
+    within(upstream.refresh_addresses()).await;
+    let stats = upstream.stats();
+    assert!(!stats.names[0].refreshed);
+    assert_eq!(stats.names[0].addresses, [server.addr]);
+    assert_eq!(stats.names[0].dns_failures, 0);
+    assert_eq!(stats.endpoints[0].name, server.addr.to_string());
 }
