@@ -97,6 +97,35 @@ pub struct TunnelSection {
     /// `auto`: while a link runs on TLS/TCP, how often QUIC is tried again.
     #[serde(default = "default_quic_reprobe_interval", with = "humantime_serde")]
     pub quic_reprobe_interval: Duration,
+    /// The congestion controller of this node's sending side, on both carriers: quinn's for
+    /// QUIC, the kernel's (`TCP_CONGESTION`) for TLS/TCP. See [`Congestion`].
+    #[serde(default)]
+    pub congestion: Congestion,
+}
+
+/// The congestion controller (`tunnel.congestion`). Each node picks its own for what it
+/// sends: downloads follow the listening node's choice, uploads the dialling node's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Congestion {
+    /// Paces at the measured bottleneck rate and does not read random loss as congestion.
+    #[default]
+    Bbr,
+    /// Loss-based: halves (QUIC: 0.7×) its window at every loss.
+    Cubic,
+    /// Loss-based, the RFC 9002 reference controller.
+    NewReno,
+}
+
+impl Congestion {
+    /// The Linux name of the same algorithm, for `TCP_CONGESTION`.
+    pub fn kernel_name(self) -> &'static str {
+        match self {
+            Congestion::Bbr => "bbr",
+            Congestion::Cubic => "cubic",
+            Congestion::NewReno => "reno",
+        }
+    }
 }
 
 /// The tunnel carrier (`tunnel.transport`).
@@ -133,6 +162,7 @@ impl Default for TunnelSection {
             listen_tcp: None,
             tcp_fallback_after: default_tcp_fallback_after(),
             quic_reprobe_interval: default_quic_reprobe_interval(),
+            congestion: Congestion::default(),
         }
     }
 }

@@ -395,6 +395,7 @@ impl Node {
         let tuning = TransportTuning {
             keepalive: config.tunnel.keepalive,
             idle_timeout: config.tunnel.idle_timeout,
+            congestion: config.tunnel.congestion,
             ..TransportTuning::default()
         };
         let server_config = match config.tunnel.listen {

@@ -186,6 +186,7 @@ fn tunnel_section(d: &mut Decisions, old: TunnelSection, new: TunnelSection) -> 
         listen_tcp,
         tcp_fallback_after,
         quic_reprobe_interval,
+        congestion,
     } = old;
     let TunnelSection {
         listen: new_listen,
@@ -198,6 +199,7 @@ fn tunnel_section(d: &mut Decisions, old: TunnelSection, new: TunnelSection) -> 
         listen_tcp: new_listen_tcp,
         tcp_fallback_after: new_tcp_fallback_after,
         quic_reprobe_interval: new_quic_reprobe_interval,
+        congestion: new_congestion,
     } = new;
     // The tunnel sockets are bound once.
     let listen = d.restart("tunnel.listen", listen, new_listen);
@@ -235,6 +237,9 @@ fn tunnel_section(d: &mut Decisions, old: TunnelSection, new: TunnelSection) -> 
             quic_reprobe_interval,
             new_quic_reprobe_interval,
         ),
+        // Each connection builds its controller when it opens, and a TCP socket takes its
+        // algorithm when it connects: a new value would apply only to tunnels opened later.
+        congestion: d.restart("tunnel.congestion", congestion, new_congestion),
     }
 }
 

@@ -18,7 +18,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::config::Congestion;
 use hybridge_ca::tls::{self, PeerExpectation, TlsMaterial};
+use quinn::congestion;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use sha2::{Digest, Sha256};
 
@@ -43,6 +45,13 @@ pub struct TransportTuning {
     pub max_streams: u32,
     pub stream_window: u32,
     pub connection_window: u32,
+    /// The controller of what this node sends, on both carriers.
+    pub congestion: Congestion,
+    /// Packets a later one may be acknowledged ahead of before a packet is declared lost.
+    pub packet_threshold: u32,
+    /// How long, as a multiple of the RTT, a packet may stay unacknowledged after a later one
+    /// was acknowledged before it is declared lost.
+    pub time_threshold: f32,
 }
 
 impl Default for TransportTuning {
@@ -54,6 +63,14 @@ impl Default for TransportTuning {
             max_streams: 8192,
             stream_window: 4 * 1024 * 1024,
             connection_window: 64 * 1024 * 1024,
+            congestion: Congestion::default(),
+            // Loss is told from reordering by time alone, as Linux TCP's RACK does: a packet
+            // is lost once a later one is acknowledged and it is 5/4 RTT old (RACK's window of
+            // RTT + min_rtt/4; RFC 9002's 9/8 leaves too little for jitter and a packet held
+            // back). A packet threshold would have to exceed the packets sent while one is held
+            // back, hundreds at tens of MB/s, so it is set out of the way.
+            packet_threshold: 1000,
+            time_threshold: 5.0 / 4.0,
         }
     }
 }
@@ -70,6 +87,14 @@ fn transport_config(t: &TransportTuning) -> Arc<quinn::TransportConfig> {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_UDP_PAYLOAD);
     c.mtu_discovery_config(Some(mtu));
+    c.packet_threshold(t.packet_threshold);
+    c.time_threshold(t.time_threshold);
+    let controller: Arc<dyn congestion::ControllerFactory + Send + Sync> = match t.congestion {
+        Congestion::Bbr => Arc::new(congestion::BbrConfig::default()),
+        Congestion::Cubic => Arc::new(congestion::CubicConfig::default()),
+        Congestion::NewReno => Arc::new(congestion::NewRenoConfig::default()),
+    };
+    c.congestion_controller_factory(controller);
     Arc::new(c)
 }
 

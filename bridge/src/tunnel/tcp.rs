@@ -341,11 +341,26 @@ fn h2_window(tuning: &TransportTuning) -> (u32, u32) {
 }
 
 /// Sets the socket options a tunnel TCP connection wants: no Nagle delay (frames are
-/// written whole, and a small request must not wait for an ACK), and kernel keepalive as a
-/// backstop for a peer that vanished while we had nothing to send.
-pub fn tune_socket(socket: &tokio::net::TcpStream) {
+/// written whole, and a small request must not wait for an ACK), kernel keepalive as a
+/// backstop for a peer that vanished while we had nothing to send, and the congestion
+/// controller of `tunnel.congestion` for what this node sends.
+pub fn tune_socket(socket: &tokio::net::TcpStream, tuning: &TransportTuning) {
     let _ = socket.set_nodelay(true);
     let _ = rustix::net::sockopt::set_socket_keepalive(socket, true);
+    let algorithm = tuning.congestion.kernel_name();
+    if let Err(e) = rustix::net::sockopt::set_tcp_congestion(socket, algorithm) {
+        // The connection still works, on the kernel's default controller; say so once.
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                algorithm,
+                error = %e,
+                "the kernel refused TCP congestion control `{algorithm}` for TLS/TCP tunnels, \
+                 so they use its default; fix: modprobe tcp_{algorithm} and add it to \
+                 net.ipv4.tcp_allowed_congestion_control (or grant CAP_NET_ADMIN)"
+            );
+        });
+    }
 }
 
 impl TcpConnection {
@@ -837,7 +852,7 @@ pub async fn dial(
             };
             (failure, format!("TCP connect to {addr}: {e}"))
         })?;
-        tune_socket(&socket);
+        tune_socket(&socket, tuning);
         let name = rustls_pki_types::ServerName::try_from(server_name.to_owned()).map_err(|e| {
             (
                 HandshakeFailure::Other,
@@ -861,7 +876,7 @@ pub async fn accept(
     tls: Arc<rustls::ServerConfig>,
     tuning: &TransportTuning,
 ) -> Result<TcpConnection, HandshakeError> {
-    tune_socket(&socket);
+    tune_socket(&socket, tuning);
     bounded(remote, async {
         let stream = tokio_rustls::TlsAcceptor::from(tls)
             .accept(socket)

@@ -327,6 +327,18 @@ fn configure_side(side: &SideInfo, host_interface: &str) -> anyhow::Result<std::
         .and_then(|opened| opened)
         .with_context(|| format!("creating tun0 in namespace {namespace}"))?;
     netns::ip(&["-n", namespace, "addr", "add", &tunnel_cidr, "dev", "tun0"])?;
+    // The kernel drops what the relay has not read once a TUN's queue (500 packets by
+    // default) is full, where the link's counters cannot see it: a burst from a fast sender
+    // would look like loss the link never chose. A deep queue leaves the choice to the link.
+    netns::ip(&[
+        "-n",
+        namespace,
+        "link",
+        "set",
+        "tun0",
+        "txqueuelen",
+        "20000",
+    ])?;
     netns::ip(&["-n", namespace, "link", "set", "tun0", "up"])?;
     Ok(tun)
 }
