@@ -204,8 +204,50 @@ fn image() -> &'static Image {
         .unwrap_or_else(|why| panic!("no VM image: {why}"))
 }
 
+/// Fails at once, naming what is missing, where the image can be neither built nor booted,
+/// before the .deb is built.
+fn check_prerequisites() {
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut missing: Vec<&str> = [
+        "mkosi",
+        "debootstrap",
+        "systemd-nspawn",
+        "mkfs.vfat",
+        "mcopy",
+        "mdir",
+        "sfdisk",
+        "objcopy",
+        "debugfs",
+        "dpkg-deb",
+        "qemu-img",
+        "qemu-system-x86_64",
+        "genisoimage",
+        "setpriv",
+    ]
+    .into_iter()
+    .filter(|tool| !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+    .collect();
+    missing.extend(
+        [OVMF_CODE, OVMF_VARS]
+            .into_iter()
+            .filter(|file| !Path::new(file).is_file()),
+    );
+    assert!(
+        root && missing.is_empty(),
+        "the VM image tests need root (building the image: debootstrap, systemd-nspawn){}; \
+         run `terraform/image/install-deps` as root (.ci/run does)",
+        if missing.is_empty() {
+            String::new()
+        } else {
+            format!(" and {}", missing.join(", "))
+        }
+    );
+}
+
 /// The image from `target/vm-image/KEY`, built there first unless a complete one is there.
 fn cached_or_built_image() -> Image {
+    check_prerequisites();
     let base = target_dir().join("vm-image");
     std::fs::create_dir_all(&base).unwrap();
     let deb_dir = tempfile::tempdir().unwrap();
@@ -286,7 +328,6 @@ fn debugfs(partition: &str, request: &str) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-#[ignore = "builds and boots the VM image (root, mkosi, QEMU; ~6 min under TCG): the boot-and-join path has not passed yet; run with --ignored after terraform/image/install-deps"]
 #[test]
 fn the_image_carries_the_package_as_the_deb_ships_it_and_no_identity() {
     let image = image();
@@ -774,7 +815,6 @@ fn ports() -> Forwards {
     }
 }
 
-#[ignore = "builds and boots the VM image (root, mkosi, QEMU; ~6 min under TCG): the boot-and-join path has not passed yet; run with --ignored after terraform/image/install-deps"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_image_boots_as_a_cloud_node_that_an_onprem_node_reaches_through_its_tunnel() {
     let image = tokio::task::block_in_place(image);
@@ -935,7 +975,6 @@ async fn the_image_boots_as_a_cloud_node_that_an_onprem_node_reaches_through_its
     ));
 }
 
-#[ignore = "builds and boots the VM image (root, mkosi, QEMU; ~6 min under TCG): the boot-and-join path has not passed yet; run with --ignored after terraform/image/install-deps"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_its_certificate_the_image_says_why_once_and_starts_nothing() {
     let image = tokio::task::block_in_place(image);
