@@ -387,32 +387,22 @@ impl TcpConnection {
             .await
             .map_err(|e| TcpLost::of_h2(&e))?;
         let ping = connection.ping_pong();
-        let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
-        let (finished_tx, finished) = watch::channel(false);
-        let (close, close_rx) = watch::channel(None);
-        let shared = Arc::new(Shared {
-            opener: Opener::Client(Mutex::new(Some(send_request.clone()))),
-            accepted: tokio::sync::Mutex::new(accepted_rx),
-            peer_chain,
-            remote,
-            lost: OnceLock::new(),
-            finished,
-            close,
-            rtt_micros: AtomicU64::new(0),
-            heard: heard.clone(),
-        });
-        let liveness = Liveness {
-            heard,
-            epoch,
-            keepalive: tuning.keepalive,
-            idle_timeout: tuning.idle_timeout,
-        };
+        let opener = Opener::Client(Mutex::new(Some(send_request.clone())));
+        let (
+            shared,
+            Driving {
+                accepted_tx,
+                finished_tx,
+                close_rx,
+                liveness,
+            },
+        ) = Shared::start(opener, peer_chain, remote, heard, epoch, tuning);
         let weak = Arc::downgrade(&shared);
         tokio::spawn(offer_streams(
             send_request,
             accepted_tx,
             close_rx.clone(),
-            Arc::downgrade(&shared),
+            weak.clone(),
         ));
         tokio::spawn(async move {
             tokio::pin!(connection);
@@ -457,26 +447,16 @@ impl TcpConnection {
             .await
             .map_err(|e| TcpLost::of_h2(&e))?;
         let ping = connection.ping_pong();
-        let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
-        let (finished_tx, finished) = watch::channel(false);
-        let (close, close_rx) = watch::channel(None);
-        let shared = Arc::new(Shared {
-            opener: Opener::Server(Offers::default()),
-            accepted: tokio::sync::Mutex::new(accepted_rx),
-            peer_chain,
-            remote,
-            lost: OnceLock::new(),
-            finished,
-            close,
-            rtt_micros: AtomicU64::new(0),
-            heard: heard.clone(),
-        });
-        let liveness = Liveness {
-            heard,
-            epoch,
-            keepalive: tuning.keepalive,
-            idle_timeout: tuning.idle_timeout,
-        };
+        let opener = Opener::Server(Offers::default());
+        let (
+            shared,
+            Driving {
+                accepted_tx,
+                finished_tx,
+                close_rx,
+                liveness,
+            },
+        ) = Shared::start(opener, peer_chain, remote, heard, epoch, tuning);
         let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
             // Shared by the accept poll and the shutdown call; never contended (one task).
@@ -643,7 +623,54 @@ impl TcpConnection {
     }
 }
 
+/// What a connection's driver task keeps of the state [`Shared::start`] sets up.
+struct Driving {
+    accepted_tx: mpsc::UnboundedSender<(SendHalf, RecvHalf)>,
+    finished_tx: watch::Sender<bool>,
+    close_rx: watch::Receiver<Option<bool>>,
+    liveness: Liveness,
+}
+
 impl Shared {
+    /// The state of a connection that has just finished its handshakes, and the driver's
+    /// end of its channels.
+    fn start(
+        opener: Opener,
+        peer_chain: Vec<CertificateDer<'static>>,
+        remote: SocketAddr,
+        heard: Arc<HeardState>,
+        epoch: Instant,
+        tuning: &TransportTuning,
+    ) -> (Arc<Shared>, Driving) {
+        let (accepted_tx, accepted_rx) = mpsc::unbounded_channel();
+        let (finished_tx, finished) = watch::channel(false);
+        let (close, close_rx) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            opener,
+            accepted: tokio::sync::Mutex::new(accepted_rx),
+            peer_chain,
+            remote,
+            lost: OnceLock::new(),
+            finished,
+            close,
+            rtt_micros: AtomicU64::new(0),
+            heard: heard.clone(),
+        });
+        let liveness = Liveness {
+            heard,
+            epoch,
+            keepalive: tuning.keepalive,
+            idle_timeout: tuning.idle_timeout,
+        };
+        let driving = Driving {
+            accepted_tx,
+            finished_tx,
+            close_rx,
+            liveness,
+        };
+        (shared, driving)
+    }
+
     /// Sorts a stream the dialler opened: a forward stream is answered at once and handed
     /// to the session; an offer waits until this side needs a stream.
     fn classify(
