@@ -198,23 +198,30 @@ async fn completed_exchanges_end_their_streams_without_stopping_them() {
         assert_eq!(answer.status, 200);
     }
     let mut stopped = Vec::new();
+    let mut reset = Vec::new();
     for node in [&p.onprem, &p.cloud] {
         let admin = node.addresses().admin;
         let status = http1(admin, "GET", "/v1/status", &[], Bytes::new())
             .await
             .json();
         for peer in status["peers"].as_array().unwrap() {
-            assert_eq!(peer["streams_reset"], 0, "{status}");
             stopped.push(peer["streams_stopped"].as_u64().unwrap());
+            reset.push(peer["streams_reset"].as_u64().unwrap());
         }
     }
     // Every stream used to be stopped by both sides (2 per request). The FIN usually shares
     // the last frame's packet; on a multi-thread runtime the connection driver can, rarely,
-    // send the two apart, so a few stops are tolerated.
+    // send the two apart, so a few stops are tolerated. QUIC answers a STOP_SENDING for a
+    // stream not yet wholly acknowledged with a RESET_STREAM (RFC 9000 §3.5), so each stop
+    // may cost one reset on the other side, and no reset may come from anything else.
     let total: u64 = stopped.iter().sum();
     assert!(
         total <= (EACH / 4) as u64,
         "STOP_SENDING sent per connection: {stopped:?}"
+    );
+    assert!(
+        reset.iter().sum::<u64>() <= total,
+        "RESET_STREAM sent per connection: {reset:?}, beyond the {stopped:?} stops it answers"
     );
     p.stop().await;
 }
