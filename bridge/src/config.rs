@@ -101,7 +101,17 @@ pub struct TunnelSection {
     /// QUIC, the kernel's (`TCP_CONGESTION`) for TLS/TCP. See [`Congestion`].
     #[serde(default)]
     pub congestion: Congestion,
+    /// The tunnel addresses of this site's listening nodes, this one included, that nodes
+    /// dialling in through a load balancer should each keep a direct link to (their
+    /// `[[peer]] member_networks` must hold them). Told to every dialling peer, so a
+    /// request entering any of these nodes finds a link to every connected site. IP
+    /// literals, at most [`MAX_ANNOUNCED_MEMBERS`].
+    #[serde(default)]
+    pub announce: Vec<SocketAddr>,
 }
+
+/// Most member addresses a node announces, and most a dialling node takes from one site.
+pub const MAX_ANNOUNCED_MEMBERS: usize = 64;
 
 /// The congestion controller (`tunnel.congestion`). Each node picks its own for what it
 /// sends: downloads follow the listening node's choice, uploads the dialling node's.
@@ -163,6 +173,7 @@ impl Default for TunnelSection {
             tcp_fallback_after: default_tcp_fallback_after(),
             quic_reprobe_interval: default_quic_reprobe_interval(),
             congestion: Congestion::default(),
+            announce: Vec::new(),
         }
     }
 }
@@ -180,6 +191,12 @@ pub struct PeerConfig {
     /// Parallel connections kept to this peer (at least one per worker thread).
     #[serde(default = "default_connections")]
     pub connections: u8,
+    /// Networks (CIDR) from which this peer site's nodes may announce their own tunnel
+    /// addresses (`tunnel.announce` on their side); this node then keeps one more link to
+    /// each announced node, so every node of that site has a link to this one. Empty: only
+    /// `address` is dialled.
+    #[serde(default)]
+    pub member_networks: Vec<ipnet::IpNet>,
 }
 
 /// The admin API's three doors (README "Admin access model"): a Unix socket serving the whole
@@ -449,6 +466,35 @@ fn upstream_error(
 
 /// 1-based line of `key = ...` inside the table `[table]`, for errors about a value that
 /// deserialized fine but fails a check across fields.
+/// `tunnel.announce` names dialable addresses of listening nodes, a bounded number of them.
+fn validate_announce(tunnel: &TunnelSection) -> Result<(), String> {
+    let field = "field `tunnel.announce`";
+    if tunnel.announce.is_empty() {
+        return Ok(());
+    }
+    if tunnel.listen.is_none() {
+        return Err(format!(
+            "{field}: only a listening node (`tunnel.listen`) has members to announce"
+        ));
+    }
+    if tunnel.announce.len() > MAX_ANNOUNCED_MEMBERS {
+        return Err(format!(
+            "{field}: at most {MAX_ANNOUNCED_MEMBERS} addresses, not {}",
+            tunnel.announce.len()
+        ));
+    }
+    match tunnel
+        .announce
+        .iter()
+        .find(|a| a.ip().is_unspecified() || a.port() == 0)
+    {
+        Some(bad) => Err(format!(
+            "{field}: `{bad}` cannot be dialled (give each node's own address and port)"
+        )),
+        None => Ok(()),
+    }
+}
+
 fn key_line(text: &str, table: &str, key: &str) -> Option<usize> {
     let header = format!("[{table}]");
     let mut in_table = false;
@@ -589,7 +635,17 @@ impl Config {
                     format!("{}: must be between 1 and 16", field("connections")),
                 ));
             }
+            if peer.name.is_some() && !peer.member_networks.is_empty() {
+                return Err(err(
+                    None,
+                    format!(
+                        "{}: a peer pinned to one node (`name`) has no other members to learn",
+                        field("member_networks")
+                    ),
+                ));
+            }
         }
+        validate_announce(&tunnel).map_err(|e| err(key_line(text, "tunnel", "announce"), e))?;
         let mut admin = raw.admin;
         if !admin.listen.ip().is_loopback() && !admin.allow_remote {
             return Err(err(

@@ -31,8 +31,9 @@ use crate::metrics::{Metrics, Side};
 use crate::trust::{Trust, TrustUpdates};
 use crate::tunnel::connection::TunnelConnection;
 use crate::tunnel::control::{ControlMessage, PeerAnnouncement};
-use crate::tunnel::dialer::{CarrierChoice, DialEndpoints, DialSource};
+use crate::tunnel::dialer::{CarrierChoice, DialEndpoints, DialSource, Slot};
 use crate::tunnel::handshake::{RejectionSlot, observed_server};
+use crate::tunnel::members::SpawnSlot;
 use crate::tunnel::outcome::HandshakeFailure;
 use crate::tunnel::peers::{Direction, PeerSet};
 use crate::tunnel::quic::{self, TransportTuning};
@@ -103,6 +104,7 @@ impl NodeState {
             exports: self.config.load().export_names(),
             policy_version: self.acl.version(),
             policy_digest: self.acl.digest(),
+            members: self.config.load().tunnel.announce.clone(),
         }
     }
 
@@ -759,31 +761,54 @@ impl Node {
             peer_clients.push((peer.address.clone(), client.clone()));
             // The configured number of connections, spread over the workers' endpoints,
             // and at least one per endpoint so every worker has a tunnel of its own.
-            let slots = usize::from(peer.connections).max(endpoints.len());
-            for slot in 0..slots {
-                let worker = slot % endpoints.len();
-                workers.spawn_on(
-                    worker,
-                    &background,
-                    crate::tunnel::dialer::run(
-                        if fresh_ports {
-                            DialSource::Fresh {
-                                bind: config.tunnel.bind,
-                                reset_key_seed: reset_key_seed.clone(),
-                                registry: dial_endpoints.clone(),
-                            }
-                        } else {
-                            DialSource::Shared(endpoints[worker].clone())
-                        },
-                        peer.clone(),
-                        slot,
-                        client.clone(),
-                        carrier_choice,
-                        max_backoff.clone(),
-                        session_ctx.clone(),
-                        stop_tunnels.clone(),
-                    ),
+            let next_worker = std::sync::atomic::AtomicUsize::new(0);
+            let spawn_slot: SpawnSlot = Arc::new({
+                let (workers, background, endpoints) =
+                    (workers.clone(), background.clone(), endpoints.clone());
+                let (dial_endpoints, reset_key_seed) =
+                    (dial_endpoints.clone(), reset_key_seed.clone());
+                let (max_backoff, session_ctx, stop_tunnels) = (
+                    max_backoff.clone(),
+                    session_ctx.clone(),
+                    stop_tunnels.clone(),
                 );
+                let bind = config.tunnel.bind;
+                move |slot| {
+                    let worker = next_worker.fetch_add(1, Ordering::Relaxed) % endpoints.len();
+                    let source = if fresh_ports {
+                        DialSource::Fresh {
+                            bind,
+                            reset_key_seed: reset_key_seed.clone(),
+                            registry: dial_endpoints.clone(),
+                        }
+                    } else {
+                        DialSource::Shared(endpoints[worker].clone())
+                    };
+                    workers.spawn_on(
+                        worker,
+                        &background,
+                        crate::tunnel::dialer::run(
+                            source,
+                            slot,
+                            client.clone(),
+                            carrier_choice,
+                            max_backoff.clone(),
+                            session_ctx.clone(),
+                            stop_tunnels.clone(),
+                        ),
+                    );
+                }
+            });
+            for index in 0..usize::from(peer.connections).max(endpoints.len()) {
+                spawn_slot(Slot::configured(peer, index));
+            }
+            if !peer.member_networks.is_empty() {
+                background.spawn(crate::tunnel::members::follow(
+                    peer.clone(),
+                    state.peers.clone(),
+                    spawn_slot,
+                    stop_tunnels.clone(),
+                ));
             }
         }
         let mut listener_specs = Vec::new();

@@ -179,6 +179,8 @@ pub struct NodeOptions {
     pub admin_extra: String,
     /// Extra TOML lines inside the `[tunnel]` table.
     pub tunnel_extra: String,
+    /// Extra TOML lines inside every `[[peer]]` table.
+    pub peer_extra: String,
     pub extra: String,
 }
 
@@ -193,6 +195,7 @@ impl NodeOptions {
             admin_socket: data_dir.join("admin.sock"),
             admin_extra: String::new(),
             tunnel_extra: String::new(),
+            peer_extra: String::new(),
             data_dir,
             tunnel_listen: Some("127.0.0.1:0".parse().unwrap()),
             allowed_sites: vec!["onprem".into()],
@@ -229,6 +232,7 @@ impl NodeOptions {
             admin_socket: data_dir.join("admin.sock"),
             admin_extra: String::new(),
             tunnel_extra: String::new(),
+            peer_extra: String::new(),
             data_dir,
             tunnel_listen: None,
             allowed_sites: vec![],
@@ -273,7 +277,8 @@ impl NodeOptions {
         t += &self.extra;
         for (address, site, connections) in &self.peers {
             t += &format!(
-                "\n[[peer]]\naddress = \"{address}\"\nsite = \"{site}\"\nconnections = {connections}\n"
+                "\n[[peer]]\naddress = \"{address}\"\nsite = \"{site}\"\nconnections = {connections}\n{}",
+                self.peer_extra
             );
         }
         for e in &self.exports {

@@ -778,6 +778,7 @@ async fn a_draining_peer_is_acknowledged_only_after_the_requests_sent_to_it_fini
         exports: vec!["marker".into()],
         policy_version: 0,
         policy_digest: String::new(),
+        members: Vec::new(),
     });
     tokio::time::timeout(
         WAIT,

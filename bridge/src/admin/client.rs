@@ -537,7 +537,11 @@ pub fn render_status(doc: &serde_json::Value) -> String {
             let _ = writeln!(
                 out,
                 "{:<30} {:>4}  {:<10} {:>4}s  {:<7}  {}",
-                format!("{} ({})", s(&d["address"]), s(&d["site"])),
+                if d["learned"] == true {
+                    format!("{} ({}, announced)", s(&d["address"]), s(&d["site"]))
+                } else {
+                    format!("{} ({})", s(&d["address"]), s(&d["site"]))
+                },
                 s(&d["slot"]),
                 s(&d["state"]),
                 s(&d["state_seconds"]),

@@ -187,6 +187,7 @@ fn tunnel_section(d: &mut Decisions, old: TunnelSection, new: TunnelSection) -> 
         tcp_fallback_after,
         quic_reprobe_interval,
         congestion,
+        announce,
     } = old;
     let TunnelSection {
         listen: new_listen,
@@ -200,6 +201,7 @@ fn tunnel_section(d: &mut Decisions, old: TunnelSection, new: TunnelSection) -> 
         tcp_fallback_after: new_tcp_fallback_after,
         quic_reprobe_interval: new_quic_reprobe_interval,
         congestion: new_congestion,
+        announce: new_announce,
     } = new;
     // The tunnel sockets are bound once.
     let listen = d.restart("tunnel.listen", listen, new_listen);
@@ -240,6 +242,8 @@ fn tunnel_section(d: &mut Decisions, old: TunnelSection, new: TunnelSection) -> 
         // Each connection builds its controller when it opens, and a TCP socket takes its
         // algorithm when it connects: a new value would apply only to tunnels opened later.
         congestion: d.restart("tunnel.congestion", congestion, new_congestion),
+        // Sent to every peer in the update a reload broadcasts.
+        announce: d.live("tunnel.announce", announce, new_announce),
     }
 }
 
@@ -257,12 +261,14 @@ fn peer(
                 site,
                 name,
                 connections,
+                member_networks,
             } = old;
             let PeerConfig {
                 address: new_address,
                 site: new_site,
                 name: new_name,
                 connections: new_connections,
+                member_networks: new_member_networks,
             } = new;
             let field = |f: &str| format!("peer[{i}].{f}");
             Some(PeerConfig {
@@ -270,6 +276,11 @@ fn peer(
                 site: d.restart(field("site"), site, new_site),
                 name: d.restart(field("name"), name, new_name),
                 connections: d.restart(field("connections"), connections, new_connections),
+                member_networks: d.restart(
+                    field("member_networks"),
+                    member_networks,
+                    new_member_networks,
+                ),
             })
         }
         (Some(old), None) => {

@@ -1,15 +1,18 @@
 //! The control stream: the first stream of every tunnel connection.
 //!
 //! Carries the versioned hello (who I am, which services I export, my policy version and
-//! digest), later updates when the exports or the policy change, and GOAWAY when a node
-//! drains. Messages are JSON inside
+//! digest, the tunnel addresses of my site's listening nodes), later updates when those
+//! change, and GOAWAY when a node drains. Messages are JSON inside
 //! CONTROL frames: rare, small and easy to extend (unknown fields are ignored so a newer peer
 //! can add some). It does not route or forward requests.
+
+use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
 use super::frame::{self, Frame, PROTOCOL_VERSION};
 use super::stream::{RecvHalf, SendHalf, StreamError, encoded};
+use crate::config::MAX_ANNOUNCED_MEMBERS;
 
 /// One message on the control stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,6 +27,9 @@ pub enum ControlMessage {
         /// The sender's policy digest (empty from a peer that predates it).
         #[serde(default)]
         policy_digest: String,
+        /// Tunnel addresses of the sender's site's listening nodes (`tunnel.announce`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        members: Vec<String>,
     },
     /// The sender's exported services changed (config reload) or its policy changed.
     Exports {
@@ -31,6 +37,8 @@ pub enum ControlMessage {
         policy_version: u64,
         #[serde(default)]
         policy_digest: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        members: Vec<String>,
     },
     /// The sender is draining: open no new streams to it; in-flight streams finish.
     GoAway { reason: String },
@@ -45,6 +53,8 @@ pub struct PeerAnnouncement {
     pub exports: Vec<String>,
     pub policy_version: u64,
     pub policy_digest: String,
+    /// Where the peer's site's listening nodes take tunnels (see `tunnel::members`).
+    pub members: Vec<SocketAddr>,
 }
 
 impl ControlMessage {
@@ -55,6 +65,7 @@ impl ControlMessage {
             exports: announcement.exports,
             policy_version: announcement.policy_version,
             policy_digest: announcement.policy_digest,
+            members: wire_members(&announcement.members),
         }
     }
 
@@ -64,8 +75,28 @@ impl ControlMessage {
             exports: announcement.exports,
             policy_version: announcement.policy_version,
             policy_digest: announcement.policy_digest,
+            members: wire_members(&announcement.members),
         }
     }
+}
+
+fn wire_members(members: &[SocketAddr]) -> Vec<String> {
+    members.iter().map(ToString::to_string).collect()
+}
+
+/// The member addresses a peer announced that can be dialled: socket-address literals
+/// (never names, so a peer cannot make this node resolve or look anything up), not
+/// unspecified, at most [`MAX_ANNOUNCED_MEMBERS`]; anything else is dropped.
+pub fn parse_members(announced: &[String]) -> Vec<SocketAddr> {
+    let mut members: Vec<SocketAddr> = announced
+        .iter()
+        .filter_map(|a| a.parse::<SocketAddr>().ok())
+        .filter(|a| !a.ip().is_unspecified() && a.port() != 0)
+        .take(MAX_ANNOUNCED_MEMBERS)
+        .collect();
+    members.sort_unstable();
+    members.dedup();
+    members
 }
 
 /// Writes one control message.
@@ -96,11 +127,13 @@ pub fn check_hello(message: ControlMessage) -> Result<PeerAnnouncement, String> 
             exports,
             policy_version,
             policy_digest,
+            members,
             ..
         } if version == PROTOCOL_VERSION => Ok(PeerAnnouncement {
             exports,
             policy_version,
             policy_digest,
+            members: parse_members(&members),
         }),
         ControlMessage::Hello { version, .. } => Err(format!(
             "peer speaks tunnel protocol version {version}, this node speaks {PROTOCOL_VERSION}"
@@ -123,6 +156,7 @@ mod tests {
                 exports: vec!["billing".into()],
                 policy_version: 7,
                 policy_digest: "ab".into(),
+                members: vec![],
             },
         );
         let json = serde_json::to_string(&hello).unwrap();
@@ -154,7 +188,46 @@ mod tests {
             exports: vec![],
             policy_version: 0,
             policy_digest: String::new(),
+            members: vec![],
         };
         assert!(check_hello(hello).unwrap_err().contains("version 9"));
+    }
+
+    #[test]
+    fn members_travel_as_literals_and_only_dialable_literals_are_taken() {
+        let hello = ControlMessage::hello(
+            "n",
+            PeerAnnouncement {
+                members: vec![
+                    "10.0.1.5:4433".parse().unwrap(),
+                    "[fd00::7]:4433".parse().unwrap(),
+                ],
+                ..PeerAnnouncement::default()
+            },
+        );
+        let json = serde_json::to_string(&hello).unwrap();
+        assert!(
+            json.ends_with(r#""members":["10.0.1.5:4433","[fd00::7]:4433"]}"#),
+            "{json}"
+        );
+        assert_eq!(check_hello(hello).unwrap().members.len(), 2);
+        let announced: Vec<String> = [
+            "10.0.1.6:4433",
+            "cloud-2.internal:4433",
+            "0.0.0.0:4433",
+            "10.0.1.7:0",
+            "10.0.1.6:4433",
+            "10.0.1.5",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            parse_members(&announced),
+            vec!["10.0.1.6:4433".parse::<SocketAddr>().unwrap()]
+        );
+        let many: Vec<String> = (0..1000)
+            .map(|i| format!("10.1.{}.{}:1", i / 250, i % 250))
+            .collect();
+        assert_eq!(parse_members(&many).len(), MAX_ANNOUNCED_MEMBERS);
     }
 }

@@ -119,6 +119,9 @@ pub struct SlotState {
     pub address: String,
     pub site: String,
     pub slot: usize,
+    /// Dialled because the peer site announced this address (`tunnel::members`), not
+    /// because it is configured.
+    pub learned: bool,
     /// `connecting`, `up`, `silent` or `failed` (waiting to retry).
     pub state: &'static str,
     pub carrier: Option<Carrier>,
@@ -133,14 +136,15 @@ pub struct SlotState {
 }
 
 impl DialStates {
-    fn update(&self, peer: &PeerConfig, slot: usize, change: impl FnOnce(&mut SlotState)) {
+    fn update(&self, slot: &Slot, change: impl FnOnce(&mut SlotState)) {
         let mut slots = lock(&self.slots);
         let entry = slots
-            .entry((peer.address.clone(), slot))
+            .entry((slot.peer.address.clone(), slot.index))
             .or_insert_with(|| SlotState {
-                address: peer.address.clone(),
-                site: peer.site.clone(),
-                slot,
+                address: slot.peer.address.clone(),
+                site: slot.peer.site.clone(),
+                slot: slot.index,
+                learned: slot.learned,
                 state: "connecting",
                 carrier: None,
                 carrier_reason: None,
@@ -159,6 +163,34 @@ impl DialStates {
     pub fn all(&self) -> Vec<SlotState> {
         lock(&self.slots).values().cloned().collect()
     }
+
+    fn remove(&self, slot: &Slot) {
+        lock(&self.slots).remove(&(slot.peer.address.clone(), slot.index));
+    }
+}
+
+/// One dialer slot: which peer, which of its connections, and when it is no longer wanted.
+#[derive(Clone, Debug)]
+pub struct Slot {
+    pub peer: PeerConfig,
+    pub index: usize,
+    /// Set for an address the peer site announced (`tunnel::members`).
+    pub learned: bool,
+    /// Fired when the slot is no longer wanted: its link drains (nothing in flight fails)
+    /// and it is not dialled again. Configured slots keep theirs until the node stops.
+    pub leave: CancellationToken,
+}
+
+impl Slot {
+    /// Connection `index` of a configured peer.
+    pub fn configured(peer: &PeerConfig, index: usize) -> Self {
+        Self {
+            peer: peer.clone(),
+            index,
+            learned: false,
+            leave: CancellationToken::new(),
+        }
+    }
 }
 
 /// A dialled connection and what must live as long as it.
@@ -174,14 +206,37 @@ struct Dialled {
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     source: DialSource,
-    peer: PeerConfig,
-    slot: usize,
+    slot: Slot,
     client_config: Arc<ArcSwap<DialConfig>>,
     choice: CarrierChoice,
     max_backoff: watch::Receiver<Duration>,
     ctx: Arc<SessionContext>,
     cancel: CancellationToken,
 ) {
+    let states = ctx.dial_states.clone();
+    keep_up(
+        source,
+        &slot,
+        client_config,
+        choice,
+        max_backoff,
+        ctx,
+        cancel,
+    )
+    .await;
+    states.remove(&slot);
+}
+
+async fn keep_up(
+    source: DialSource,
+    slot: &Slot,
+    client_config: Arc<ArcSwap<DialConfig>>,
+    choice: CarrierChoice,
+    max_backoff: watch::Receiver<Duration>,
+    ctx: Arc<SessionContext>,
+    cancel: CancellationToken,
+) {
+    let peer = &slot.peer;
     let host = peer
         .address
         .rsplit_once(':')
@@ -189,8 +244,7 @@ pub async fn run(
     let server_name =
         super::quic::server_name_for(host.trim_start_matches('[').trim_end_matches(']'));
     let dialer = Dialer {
-        peer: peer.clone(),
-        slot,
+        slot: slot.clone(),
         source,
         address: peer.address.clone(),
         server_name,
@@ -200,16 +254,19 @@ pub async fn run(
     let mut quic_failures = 0;
     let mut backoff = INITIAL_BACKOFF;
     let states = ctx.dial_states.clone();
-    while !cancel.is_cancelled() {
+    // A slot that leaves stops dialling; its link drains (see `Session::spawn`).
+    let leave = &slot.leave;
+    while !cancel.is_cancelled() && !leave.is_cancelled() {
         // Counted once status shows the failure, so whoever waits on the count sees both.
         let mut refused = None;
-        states.update(&peer, slot, |s| {
+        states.update(slot, |s| {
             s.state = "connecting";
             s.next_retry = None;
         });
         let dialled = tokio::select! {
             dialled = dialer.connect(&mut quic_failures) => dialled,
             () = cancel.cancelled() => break,
+            () = leave.cancelled() => break,
         };
         match dialled {
             Ok(Dialled {
@@ -219,14 +276,14 @@ pub async fn run(
             }) => {
                 let carrier = connection.carrier();
                 ctx.metrics.tunnel_carrier_chosen(carrier);
-                info!(peer = %peer.address, slot, %carrier, why, "tunnel carrier chosen");
-                states.update(&peer, slot, |s| {
+                info!(peer = %peer.address, slot = slot.index, learned = slot.learned, %carrier, why, "tunnel carrier chosen");
+                states.update(slot, |s| {
                     s.state = "up";
                     s.carrier = Some(carrier);
                     s.carrier_reason = Some(why.clone());
                 });
                 let started = tokio::time::Instant::now();
-                let mut session = Session::spawn(connection, &ctx, &cancel);
+                let mut session = Session::spawn(connection, &ctx, &cancel, leave);
                 let ended = if carrier == Carrier::Tcp && choice.transport == Transport::Auto {
                     dialer
                         .run_tcp_until_quic(session, &ctx, &cancel, &mut quic_failures)
@@ -239,8 +296,8 @@ pub async fn run(
                     Ended::Silent => {
                         // Dial a replacement now, from a fresh port: the silent link drains
                         // (or goes at its idle timeout) on its own.
-                        warn!(peer = %peer.address, slot, "tunnel link went silent; dialling a replacement");
-                        states.update(&peer, slot, |s| {
+                        warn!(peer = %peer.address, slot = slot.index, "tunnel link went silent; dialling a replacement");
+                        states.update(slot, |s| {
                             s.state = "silent";
                             s.last_error =
                                 Some("nothing heard from the peer; dialling a replacement".into());
@@ -256,20 +313,20 @@ pub async fn run(
                 if started.elapsed() >= *max_backoff.borrow() {
                     backoff = INITIAL_BACKOFF;
                 }
-                info!(peer = %peer.address, slot, %reason, "tunnel connection ended; reconnecting");
-                states.update(&peer, slot, |s| s.last_error = Some(reason));
+                info!(peer = %peer.address, slot = slot.index, %reason, "tunnel connection ended; reconnecting");
+                states.update(slot, |s| s.last_error = Some(reason));
             }
             Err((failure, detail)) => {
                 refused = Some(failure);
-                states.update(&peer, slot, |s| s.last_error = Some(detail.clone()));
-                warn!(peer = %peer.address, slot, reason = %failure, error = %detail, retry_in_ms = backoff.as_millis() as u64, "tunnel connect failed");
+                states.update(slot, |s| s.last_error = Some(detail.clone()));
+                warn!(peer = %peer.address, slot = slot.index, reason = %failure, error = %detail, retry_in_ms = backoff.as_millis() as u64, "tunnel connect failed");
             }
         }
         // Full jitter in [backoff/2, backoff]: many on-prem nodes must not reconnect in lockstep.
         let limit = *max_backoff.borrow();
         backoff = backoff.min(limit);
         let wait = backoff.mul_f64(rand::random_range(0.5..=1.0));
-        states.update(&peer, slot, |s| {
+        states.update(slot, |s| {
             s.state = "failed";
             s.next_retry = Some(tokio::time::Instant::now() + wait);
         });
@@ -279,6 +336,7 @@ pub async fn run(
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = cancel.cancelled() => break,
+            () = leave.cancelled() => break,
         }
         backoff = (backoff * 2).min(limit);
     }
@@ -286,8 +344,7 @@ pub async fn run(
 
 /// What one dialer slot dials with.
 struct Dialer {
-    peer: PeerConfig,
-    slot: usize,
+    slot: Slot,
     source: DialSource,
     address: String,
     server_name: String,
@@ -466,7 +523,8 @@ impl Dialer {
             };
             // The QUIC link must be routable before the TCP link stops taking requests, or
             // requests in between would find no route.
-            let mut quic_session = Session::spawn(TunnelConnection::Quic(quic), ctx, cancel);
+            let mut quic_session =
+                Session::spawn(TunnelConnection::Quic(quic), ctx, cancel, &self.slot.leave);
             tokio::select! {
                 up = quic_session.up(ctx) => if !up {
                     debug!(peer = %self.address, "QUIC re-probe connected but its session ended; staying on TCP");
@@ -481,7 +539,7 @@ impl Dialer {
             *quic_failures = 0;
             ctx.metrics.tunnel_carrier_switched(Carrier::Quic);
             ctx.metrics.tunnel_carrier_chosen(Carrier::Quic);
-            ctx.dial_states.update(&self.peer, self.slot, |s| {
+            ctx.dial_states.update(&self.slot, |s| {
                 s.carrier = Some(Carrier::Quic);
                 s.carrier_reason = Some(format!(
                     "QUIC re-probe succeeded after {}s on TCP",
@@ -512,12 +570,15 @@ struct Session {
 }
 
 impl Session {
+    /// `cancel` closes the connection at once (the node stops); `leave` drains it (its slot
+    /// is no longer wanted), as retiring the session does.
     fn spawn(
         connection: TunnelConnection,
         ctx: &Arc<SessionContext>,
         cancel: &CancellationToken,
+        leave: &CancellationToken,
     ) -> Self {
-        let retire = CancellationToken::new();
+        let retire = leave.child_token();
         Self {
             id: connection.stable_id(),
             task: tokio::spawn(session::run(

@@ -1,7 +1,8 @@
 //! Tunnels between nodes: wire format (`frame`), the transport seam (`connection`,
-//! `stream`), QUIC specifics (`quic`), the control stream (`control`), live links and
-//! routing (`peers`), who may serve what (`serving`), a connection's life (`session`), dialing out (`dialer`) and the UDP
-//! socket under quinn (`udp`).
+//! `stream`), QUIC and TLS/TCP specifics (`quic`, `tcp`), the control stream (`control`),
+//! live links and routing (`peers`), who may serve what (`serving`), a connection's life
+//! (`session`), dialing out (`dialer`), a link to every member of a peer site (`members`)
+//! and the UDP socket under quinn (`udp`).
 //!
 //! Nothing here knows HTTP semantics: requests are opaque frames to this module.
 
@@ -10,6 +11,7 @@ pub mod control;
 pub mod dialer;
 pub mod frame;
 pub mod handshake;
+pub mod members;
 pub mod outcome;
 pub mod peers;
 pub mod quic;

@@ -68,6 +68,8 @@ pub struct PeerLink {
     policy_version: AtomicU64,
     /// The peer's policy digest, as it last announced it.
     policy_digest: ArcSwap<String>,
+    /// The tunnel addresses of the peer site's listening nodes, as it last announced them.
+    members: ArcSwap<Vec<std::net::SocketAddr>>,
     control: mpsc::Sender<ControlMessage>,
 }
 
@@ -95,6 +97,7 @@ impl PeerLink {
             total_streams: AtomicU64::new(0),
             policy_version: AtomicU64::new(announcement.policy_version),
             policy_digest: ArcSwap::from_pointee(announcement.policy_digest),
+            members: ArcSwap::from_pointee(announcement.members),
             control,
         }
     }
@@ -123,6 +126,12 @@ impl PeerLink {
             .store(announcement.policy_version, Ordering::Relaxed);
         self.policy_digest
             .store(Arc::new(announcement.policy_digest));
+        self.members.store(Arc::new(announcement.members));
+    }
+
+    /// The member addresses the peer last announced (see `tunnel::members`).
+    pub fn members(&self) -> Arc<Vec<std::net::SocketAddr>> {
+        self.members.load_full()
     }
 
     /// The peer's policy digest (empty if it does not send one).
@@ -321,6 +330,11 @@ impl PeerSet {
                 return;
             }
         }
+    }
+
+    /// Bumps on every change of the links (inserted, removed, announced, draining).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     pub fn links(&self) -> Arc<Vec<Arc<PeerLink>>> {

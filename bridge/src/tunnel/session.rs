@@ -165,6 +165,7 @@ pub async fn run(
                     exports,
                     policy_version,
                     policy_digest,
+                    members,
                 })) => {
                     info!(peer = %peer_name, ?exports, policy_version, %policy_digest, "peer exports or policy changed");
                     let previous = link.exports();
@@ -178,6 +179,7 @@ pub async fn run(
                         exports,
                         policy_version,
                         policy_digest,
+                        members: control::parse_members(&members),
                     });
                     ctx.peers.touch();
                 }
