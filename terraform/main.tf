@@ -201,7 +201,7 @@ resource "aws_launch_template" "node" {
     arn = aws_iam_instance_profile.node.arn
   }
 
-  vpc_security_group_ids = [aws_security_group.node.id]
+  # The security group sits on each node's network interface (aws_network_interface.node).
 
   metadata_options {
     http_endpoint               = "enabled"
@@ -216,13 +216,28 @@ resource "aws_launch_template" "node" {
   tags = local.tags
 }
 
+# Each node's network interface exists before its instance, so every node's configuration
+# can list all nodes' own addresses (tunnel.announce): on-prem nodes dial each of them
+# directly once the load balancer has let them in, and every cloud node gets a link to every
+# on-prem node whichever node the balancer's flow hash picks.
+resource "aws_network_interface" "node" {
+  for_each        = local.nodes
+  subnet_id       = each.value.subnet_id
+  security_groups = [aws_security_group.node.id]
+  tags            = merge(local.tags, { "Name" = "${var.name}-${each.key}", "hybridge:node" = each.key })
+}
+
 resource "aws_instance" "node" {
-  for_each  = local.nodes
-  subnet_id = each.value.subnet_id
+  for_each = local.nodes
 
   launch_template {
     id      = aws_launch_template.node.id
     version = aws_launch_template.node.latest_version
+  }
+
+  network_interface {
+    network_interface_id = aws_network_interface.node[each.key].id
+    device_index         = 0
   }
 
   user_data = templatefile("${path.module}/templates/cloud-init.yaml.tftpl", {
@@ -243,6 +258,7 @@ resource "aws_instance" "node" {
       data_dir     = "/var/lib/hybridge"
       tunnel_port  = var.tunnel_port
       onprem_sites = var.onprem_sites
+      announce     = [for n in aws_network_interface.node : "${n.private_ip}:${var.tunnel_port}"]
       with_crl     = var.crl_secret_arn != ""
       exports      = var.exports
       imports      = var.imports

@@ -3,6 +3,16 @@ output "tunnel_endpoint" {
   value       = "${aws_lb.tunnel.dns_name}:${var.tunnel_port}"
 }
 
+output "node_addresses" {
+  description = "Each cloud node's own tunnel address (private IP:port), by node name; the nodes announce these to the on-prem nodes."
+  value       = { for name, n in aws_network_interface.node : name => "${n.private_ip}:${var.tunnel_port}" }
+}
+
+output "member_networks" {
+  description = "The nodes' subnets: member_networks for the on-prem nodes' [[peer]], so they keep a link to every cloud node (they must route to these addresses, e.g. over VPN or Direct Connect)."
+  value       = [for s in data.aws_subnet.node : s.cidr_block]
+}
+
 output "node_ids" {
   description = "SPIFFE id of each cloud node, by node name."
   value       = { for n in var.nodes : n.name => "spiffe://${var.trust_domain}/site/${var.site}/node/${n.name}" }

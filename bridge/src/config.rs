@@ -509,6 +509,33 @@ fn key_line(text: &str, table: &str, key: &str) -> Option<usize> {
     None
 }
 
+/// 1-based line of `key` in the `index`th (from 0) `[[table]]` of `text`, or of that table's
+/// header when the key is not written there.
+fn array_key_line(text: &str, table: &str, index: usize, key: &str) -> Option<usize> {
+    let header = format!("[[{table}]]");
+    let mut seen = 0;
+    let mut header_line = None;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            if header_line.is_some() {
+                break;
+            }
+            if line == header {
+                if seen == index {
+                    header_line = Some(i + 1);
+                }
+                seen += 1;
+            }
+        } else if header_line.is_some()
+            && line.split_once('=').is_some_and(|(k, _)| k.trim() == key)
+        {
+            return Some(i + 1);
+        }
+    }
+    header_line
+}
+
 /// 1-based line of byte offset `at` in `text`.
 fn line_of(text: &str, at: usize) -> usize {
     text.as_bytes()[..at.min(text.len())]
@@ -616,6 +643,7 @@ impl Config {
         }
         for (i, peer) in raw.peers.iter().enumerate() {
             let field = |f: &str| format!("field `peer[{i}].{f}`");
+            let line = |f: &str| array_key_line(text, "peer", i, f);
             if peer
                 .address
                 .rsplit_once(':')
@@ -623,21 +651,21 @@ impl Config {
                 .is_none()
             {
                 return Err(err(
-                    None,
+                    line("address"),
                     format!("{}: `{}` is not HOST:PORT", field("address"), peer.address),
                 ));
             }
             hybridge_ca::spiffe::validate_segment("site", &peer.site)
-                .map_err(|e| err(None, format!("{}: {e}", field("site"))))?;
+                .map_err(|e| err(line("site"), format!("{}: {e}", field("site"))))?;
             if peer.connections == 0 || peer.connections > 16 {
                 return Err(err(
-                    None,
+                    line("connections"),
                     format!("{}: must be between 1 and 16", field("connections")),
                 ));
             }
             if peer.name.is_some() && !peer.member_networks.is_empty() {
                 return Err(err(
-                    None,
+                    line("member_networks"),
                     format!(
                         "{}: a peer pinned to one node (`name`) has no other members to learn",
                         field("member_networks")

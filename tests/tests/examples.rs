@@ -186,6 +186,7 @@ async fn the_example_configs_start_a_working_pair() {
                 q(&pki.path("onprem-admin.sock")),
             ),
             ("hybridge-tunnel.aws.corp.example:7443", tunnel.clone()),
+            ("\"10.20.0.0/16\"", "\"127.0.0.0/8\"".into()),
             ("127.0.0.1:7180", "127.0.0.1:0".into()),
             ("10.1.4.21:8080", up(3)),
             ("10.1.4.22:8080", up(4)),

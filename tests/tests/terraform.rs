@@ -402,6 +402,7 @@ fn cloud_init_renders_passes_its_schema_and_configures_a_node_that_checks_out() 
             "data_dir": pki.path("data").display().to_string(),
             "tunnel_port": 7443,
             "onprem_sites": ["dc1", "dc2"],
+            "announce": ["10.20.1.7:7443", "10.20.2.9:7443"],
             "with_crl": false,
             "exports": [
                 {"name": "recommendations", "endpoints": ["10.20.1.10:50051", "10.20.2.10:50051"], "protocol": "h2c"},
@@ -533,6 +534,13 @@ fn cloud_init_renders_passes_its_schema_and_configures_a_node_that_checks_out() 
     assert_eq!(code, 0, "{stdout}{stderr}");
     let parsed = hybridge::config::Config::load(&config).unwrap();
     assert_eq!(parsed.tunnel.allowed_sites, ["dc1", "dc2"]);
+    assert_eq!(
+        parsed.tunnel.announce,
+        [
+            "10.20.1.7:7443".parse::<std::net::SocketAddr>().unwrap(),
+            "10.20.2.9:7443".parse().unwrap()
+        ]
+    );
     assert_eq!(parsed.export_names(), ["catalog", "recommendations"]);
     assert_eq!(parsed.imports[0].listen.to_string(), "127.0.0.1:8081");
     assert_eq!(
@@ -688,6 +696,7 @@ fn production_toml_vars() -> serde_json::Value {
         "data_dir": "/var/lib/hybridge",
         "tunnel_port": 7443,
         "onprem_sites": ["dc1"],
+        "announce": ["10.20.1.7:7443"],
         "with_crl": false,
         "exports": [{"name": "catalog", "endpoints": ["10.20.1.20:8080"], "protocol": "http1"}],
         "imports": [],

@@ -711,6 +711,7 @@ fn module_user_data() -> String {
             "data_dir": "/var/lib/hybridge",
             "tunnel_port": TUNNEL_PORT,
             "onprem_sites": ["onprem"],
+            "announce": [],
             "with_crl": false,
             "exports": [{"name": "inventory", "endpoints": [UPSTREAM], "protocol": "http1"}],
             "imports": [],

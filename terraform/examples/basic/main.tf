@@ -3,6 +3,7 @@
 #
 #   terraform init && terraform apply
 #   terraform output tunnel_endpoint     # put it in onprem-dc1-a.toml / onprem-dc1-b.toml
+#   terraform output member_networks     # and this in their [[peer]] member_networks
 
 terraform {
   required_version = ">= 1.5.0"
@@ -93,6 +94,11 @@ module "hybridge" {
 output "tunnel_endpoint" {
   description = "Address for the [[peer]] of the on-prem nodes."
   value       = module.hybridge.tunnel_endpoint
+}
+
+output "member_networks" {
+  description = "Subnets of the cloud nodes, for member_networks of the on-prem nodes' [[peer]]."
+  value       = module.hybridge.member_networks
 }
 
 output "node_ids" {
