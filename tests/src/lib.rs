@@ -484,7 +484,13 @@ pub async fn collect(response: http::Response<hyper::body::Incoming>) -> Answer 
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    // A test runs from `PROFILE/deps/`, a binary of this crate (`bench/fleet`) from `PROFILE/`.
+    let exe_dir = exe.parent().unwrap();
+    let profile_dir = if exe_dir.file_name().is_some_and(|n| n == "deps") {
+        exe_dir.parent().unwrap()
+    } else {
+        exe_dir
+    };
     let path = profile_dir.join(name);
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
     if !built.iter().any(|b| b == name) {
