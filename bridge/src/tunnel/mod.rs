@@ -1,13 +1,15 @@
-//! Tunnels between nodes: wire format (`frame`), the transport seam (`connection`,
-//! `stream`), QUIC specifics (`quic`), the control stream (`control`), live links and
-//! routing (`peers`), who may serve what (`serving`), a connection's life (`session`), dialing out (`dialer`) and the UDP
-//! socket under quinn (`udp`).
+//! Tunnels between nodes: wire format (`frame`), the frame order of a request stream
+//! (`exchange`), the transport seam (`connection`, `stream`), QUIC specifics (`quic`), the
+//! control stream (`control`), live links and routing (`peers`), who may serve what
+//! (`serving`), a connection's life (`session`), dialing out (`dialer`) and the UDP socket
+//! under quinn (`udp`).
 //!
 //! Nothing here knows HTTP semantics: requests are opaque frames to this module.
 
 pub mod connection;
 pub mod control;
 pub mod dialer;
+pub mod exchange;
 pub mod frame;
 pub mod handshake;
 pub mod outcome;
