@@ -2,7 +2,8 @@
 //! a streaming hyper body.
 //!
 //! Backpressure is the transport's: the pump awaits each write, so a slow reader slows the
-//! writer and nothing is buffered beyond one chunk. No routing or header policy here.
+//! writer and nothing is buffered beyond one chunk. Which frame may come next is asked of
+//! `tunnel::exchange`, both ways. No routing or header policy here.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +13,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, StreamBody};
 
 use super::headers;
+use crate::tunnel::exchange::{Event, Exchange, ExchangeError};
 use crate::tunnel::frame::{self, Frame};
 use crate::tunnel::stream::{RecvHalf, SendHalf, StreamError, codes, encoded};
 
@@ -43,20 +45,25 @@ pub enum PumpError {
     Tunnel(#[from] StreamError),
     #[error("trailers could not be encoded: {0}")]
     Encode(#[from] frame::FrameError),
+    #[error("the body would break the exchange: {0}")]
+    Exchange(#[from] ExchangeError),
 }
 
 /// One polled body frame: `None` is the end of the body.
 pub type PolledFrame<E> = Option<Result<http_body::Frame<Bytes>, E>>;
 
 /// Sends `body` as DATA frames and optional TRAILERS, then finishes the stream; `first` is a
-/// frame the caller already polled from it.
+/// frame the caller already polled from it. `sending` is the exchange of `send`, past a head
+/// that said a body follows.
 ///
-/// On a body error the stream is reset so the other side sees an aborted body, never a
-/// truncated one that looks complete. `bytes` counts payload bytes sent.
+/// On a body error, or a body frame the exchange refuses (DATA after TRAILERS), the stream is
+/// reset so the other side sees an aborted body, never a truncated one that looks complete.
+/// `bytes` counts payload bytes sent.
 pub async fn pump_to_tunnel<B>(
     first: Option<PolledFrame<B::Error>>,
     mut body: B,
     send: &mut SendHalf,
+    sending: &mut Exchange,
     bytes: &AtomicU64,
 ) -> Result<(), PumpError>
 where
@@ -69,7 +76,7 @@ where
             Some(frame) => frame,
             None => body.frame().await,
         };
-        if forward_frame(frame, &body, send, bytes).await? == Forwarded::End {
+        if forward_frame(frame, &body, send, sending, bytes).await? == Forwarded::End {
             return Ok(());
         }
     }
@@ -90,32 +97,50 @@ pub async fn forward_frame<B>(
     frame: PolledFrame<B::Error>,
     body: &B,
     send: &mut SendHalf,
+    sending: &mut Exchange,
     bytes: &AtomicU64,
 ) -> Result<Forwarded, PumpError>
 where
     B: Body<Data = Bytes>,
     B::Error: std::fmt::Display,
 {
-    let forwarded = forward_one(frame, send, bytes).await?;
+    let forwarded = forward_one(frame, send, sending, bytes).await?;
     if forwarded == Forwarded::More && body.is_end_stream() {
-        send.finish();
-        return Ok(Forwarded::End);
+        return finish(send, sending);
     }
     Ok(forwarded)
+}
+
+/// Ends the stream, if the exchange allows it here.
+fn finish(send: &mut SendHalf, sending: &mut Exchange) -> Result<Forwarded, PumpError> {
+    admit(send, sending, Event::End)?;
+    send.finish();
+    Ok(Forwarded::End)
+}
+
+/// Records `event` as sent; one the exchange refuses resets the stream instead.
+fn admit(send: &mut SendHalf, sending: &mut Exchange, event: Event) -> Result<(), PumpError> {
+    if let Err(e) = sending.on(event) {
+        send.reset(codes::CANCELLED);
+        return Err(e.into());
+    }
+    Ok(())
 }
 
 async fn forward_one<E: std::fmt::Display>(
     frame: PolledFrame<E>,
     send: &mut SendHalf,
+    sending: &mut Exchange,
     bytes: &AtomicU64,
 ) -> Result<Forwarded, PumpError> {
     match frame {
-        None => {
-            send.finish();
-            Ok(Forwarded::End)
-        }
+        None => finish(send, sending),
         Some(Ok(frame)) => match frame.into_data() {
             Ok(data) => {
+                // An empty chunk is no frame on the wire.
+                if !data.is_empty() {
+                    admit(send, sending, Event::Data)?;
+                }
                 bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                 if let Err(e) = send.write_data(data).await {
                     send.reset(codes::CANCELLED);
@@ -125,6 +150,7 @@ async fn forward_one<E: std::fmt::Display>(
             }
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
+                    admit(send, sending, Event::Trailers)?;
                     let pairs = headers::to_pairs(&trailers);
                     let encoded = match encoded(|b| frame::encode_trailers(&pairs, b)) {
                         Ok(e) => e,
@@ -145,61 +171,63 @@ async fn forward_one<E: std::fmt::Display>(
     }
 }
 
-/// A hyper body that streams DATA frames (and final TRAILERS) from the tunnel.
-///
-/// `keep` is held until the body ends or is dropped (e.g. the stream's active-count guard).
-/// `bytes` counts payload bytes received.
 /// A body from the tunnel that did not arrive whole: the sender's side went away (a caller
 /// that hung up mid-upload, a reset stream), which is never the receiver's fault.
 fn aborted(detail: impl ToString) -> BodyError {
     Box::new(RequestBodyAborted(detail.to_string()))
 }
 
-pub fn from_tunnel(recv: RecvHalf, keep: impl Send + 'static, bytes: Arc<AtomicU64>) -> BoxBody {
+/// A hyper body that streams DATA frames (and final TRAILERS) from the tunnel.
+///
+/// `receiving` is the exchange of `recv`, past a head that said a body follows; a frame it
+/// refuses stops the stream and aborts the body. `keep` is held until the body ends or is
+/// dropped (e.g. the stream's active-count guard). `bytes` counts payload bytes received.
+pub fn from_tunnel(
+    recv: RecvHalf,
+    receiving: Exchange,
+    keep: impl Send + 'static,
+    bytes: Arc<AtomicU64>,
+) -> BoxBody {
     struct State<K> {
         recv: RecvHalf,
+        receiving: Exchange,
         _keep: K,
         bytes: Arc<AtomicU64>,
-        trailers_seen: bool,
     }
     let state = State {
         recv,
+        receiving,
         _keep: keep,
         bytes,
-        trailers_seen: false,
     };
     let stream = futures_util::stream::unfold(Some(state), |state| async move {
         let mut state = state?;
         loop {
-            return match state.recv.read_frame().await {
-                Ok(Some(Frame::Data(data))) if !state.trailers_seen => {
+            let frame = match state.recv.read_frame().await {
+                Ok(frame) => frame,
+                Err(e) => return Some((Err(aborted(e)), None)),
+            };
+            if let Err(e) = state.receiving.on(Event::of(frame.as_ref())) {
+                state.recv.stop(codes::PROTOCOL);
+                return Some((Err(aborted(format!("peer broke the exchange: {e}"))), None));
+            }
+            return match frame {
+                Some(Frame::Data(data)) => {
                     if data.is_empty() {
                         continue;
                     }
                     state.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                     Some((Ok(http_body::Frame::data(data)), Some(state)))
                 }
-                Ok(Some(Frame::Trailers(pairs))) if !state.trailers_seen => {
-                    match headers::from_pairs(pairs) {
-                        Ok(map) => {
-                            state.trailers_seen = true;
-                            Some((Ok(http_body::Frame::trailers(map)), Some(state)))
-                        }
-                        Err(e) => {
-                            state.recv.stop(codes::PROTOCOL);
-                            Some((Err(aborted(e)), None))
-                        }
+                Some(Frame::Trailers(pairs)) => match headers::from_pairs(pairs) {
+                    Ok(map) => Some((Ok(http_body::Frame::trailers(map)), Some(state))),
+                    Err(e) => {
+                        state.recv.stop(codes::PROTOCOL);
+                        Some((Err(aborted(e)), None))
                     }
-                }
-                Ok(None) => None,
-                Ok(Some(_)) => {
-                    state.recv.stop(codes::PROTOCOL);
-                    Some((
-                        Err(aborted("peer sent an unexpected frame inside a body")),
-                        None,
-                    ))
-                }
-                Err(e) => Some((Err(aborted(e)), None)),
+                },
+                // The exchange lets nothing else into a body: this is its end.
+                _ => None,
             };
         }
     });

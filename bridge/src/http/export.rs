@@ -23,6 +23,7 @@ use super::headers;
 use super::path::{self, EscapedSlashes, PathError};
 use crate::acl::AclService;
 use crate::metrics::{Metrics, Side};
+use crate::tunnel::exchange::{Direction, Event, Exchange, ExchangeError};
 use crate::tunnel::frame::{self, Frame, RequestHead, ResponseHead};
 use crate::tunnel::peers::PeerNode;
 use crate::tunnel::stream::{RecvHalf, SendHalf, codes, encoded};
@@ -58,17 +59,12 @@ pub async fn serve_stream(
 ) {
     let peer_id = &peer.id;
     let started = Instant::now();
-    let mut head = match recv.read_frame().await {
-        Ok(Some(Frame::Request(head))) => head,
+    let mut receiving = Exchange::new(Direction::Request);
+    let mut head = match read_head(&mut recv, &mut receiving).await {
+        Ok(Some(head)) => head,
         Ok(None) => return,
-        Ok(Some(_)) => {
-            debug!(peer = %peer_id, "request stream did not start with a REQUEST frame");
-            send.reset(codes::PROTOCOL);
-            recv.stop(codes::PROTOCOL);
-            return;
-        }
         Err(e) => {
-            debug!(peer = %peer_id, error = %e, "unreadable request stream");
+            debug!(peer = %peer_id, error = %e, "request stream refused");
             send.reset(codes::PROTOCOL);
             recv.stop(codes::PROTOCOL);
             return;
@@ -83,7 +79,7 @@ pub async fn serve_stream(
     let (body_recv, _held) = if head.end_stream {
         (None, Some(recv))
     } else {
-        (Some(recv), None)
+        (Some((recv, receiving)), None)
     };
     // The import node sent its canonical path; this node decides authoritatively, so it makes
     // the path canonical again under its own `escaped_slashes` (a no-op for a canonical
@@ -135,6 +131,21 @@ pub async fn serve_stream(
     send.delivered().await;
 }
 
+/// Reads the REQUEST head a stream opens with; `Ok(None)`: the stream closed before it, which
+/// asks for nothing. An error is an unreadable stream or one that broke the exchange.
+async fn read_head(
+    recv: &mut RecvHalf,
+    receiving: &mut Exchange,
+) -> Result<Option<Box<RequestHead>>, String> {
+    let first = recv.read_frame().await.map_err(|e| e.to_string())?;
+    match (receiving.on(Event::of(first.as_ref())), first) {
+        (Ok(_), Some(Frame::Request(head))) => Ok(Some(head)),
+        (Err(ExchangeError::EndedBeforeHead(_)), _) => Ok(None),
+        (Err(e), _) => Err(e.to_string()),
+        (Ok(_), _) => Err("the exchange admitted a first frame that is not a head".to_owned()),
+    }
+}
+
 /// Replaces `target` (a frame's `path?query`) by its canonical form.
 fn canonicalise(target: &mut String, escaped_slashes: EscapedSlashes) -> Result<(), PathError> {
     let canonical = path::canonical_target(target, escaped_slashes)?;
@@ -169,7 +180,7 @@ impl std::fmt::Display for UpstreamField {
 /// the response body bytes sent. Request body bytes read are counted into `bytes_in`.
 async fn exchange(
     send: &mut SendHalf,
-    recv: Option<RecvHalf>,
+    recv: Option<(RecvHalf, Exchange)>,
     head: &RequestHead,
     site: &str,
     ctx: &ExportContext,
@@ -235,40 +246,8 @@ async fn exchange(
 
     match result {
         Ok(answer) => {
-            let endpoint = answer.endpoint;
-            let (mut parts, mut response_body) = answer.response.into_parts();
-            headers::remove_hop_by_hop(&mut parts.headers);
-            let end_stream = http_body::Body::is_end_stream(&response_body);
-            // A small body of known length is awaited before the head is written, so head,
-            // body and FIN leave in one packet: written apart, the head went out alone while
-            // hyper fetched the body (2 datagrams a response, and 2 for the peer to ACK).
-            let first = if !end_stream && holds_small_body(&response_body) {
-                Some(http_body_util::BodyExt::frame(&mut response_body).await)
-            } else {
-                None
-            };
-            let head = ResponseHead {
-                status: parts.status.as_u16(),
-                end_stream,
-                headers: headers::to_pairs(&parts.headers),
-            };
-            let status = head.status;
-            let Ok(bytes) = encoded(|b| frame::encode_response(&head, b)) else {
-                send.reset(codes::CANCELLED);
-                return (502, Some(endpoint), rule, 0);
-            };
-            if send.write_encoded(bytes).await.is_err() {
-                return (status, Some(endpoint), rule, 0);
-            }
-            if end_stream {
-                send.finish();
-                return (status, Some(endpoint), rule, 0);
-            }
-            let sent = AtomicU64::new(0);
-            if let Err(e) = body::pump_to_tunnel(first, response_body, send, &sent).await {
-                debug!(error = %e, "response body did not reach the tunnel");
-            }
-            (status, Some(endpoint), rule, sent.load(Ordering::Relaxed))
+            let (status, bytes_out) = relay_response(send, answer.response).await;
+            (status, Some(answer.endpoint), rule, bytes_out)
         }
         Err((e, rule)) => {
             stats.bridge_error(e.reason);
@@ -278,8 +257,51 @@ async fn exchange(
     }
 }
 
+/// Streams the upstream's response back over the tunnel; returns the status sent and the
+/// response body bytes sent.
+async fn relay_response(
+    send: &mut SendHalf,
+    response: http::Response<hyper::body::Incoming>,
+) -> (u16, u64) {
+    let (mut parts, mut response_body) = response.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    let end_stream = http_body::Body::is_end_stream(&response_body);
+    // A small body of known length is awaited before the head is written, so head, body and
+    // FIN leave in one packet: written apart, the head went out alone while hyper fetched the
+    // body (2 datagrams a response, and 2 for the peer to ACK).
+    let first = if !end_stream && holds_small_body(&response_body) {
+        Some(http_body_util::BodyExt::frame(&mut response_body).await)
+    } else {
+        None
+    };
+    let head = ResponseHead {
+        status: parts.status.as_u16(),
+        end_stream,
+        headers: headers::to_pairs(&parts.headers),
+    };
+    let status = head.status;
+    let Ok(bytes) = encoded(|b| frame::encode_response(&head, b)) else {
+        send.reset(codes::CANCELLED);
+        return (502, 0);
+    };
+    if send.write_encoded(bytes).await.is_err() {
+        return (status, 0);
+    }
+    if end_stream {
+        send.finish();
+        return (status, 0);
+    }
+    let mut sending = Exchange::after_head(Direction::Response, end_stream);
+    let sent = AtomicU64::new(0);
+    let pumped = body::pump_to_tunnel(first, response_body, send, &mut sending, &sent);
+    if let Err(e) = pumped.await {
+        debug!(error = %e, "response body did not reach the tunnel");
+    }
+    (status, sent.load(Ordering::Relaxed))
+}
+
 /// Bodies up to this declared length are awaited whole-or-first-chunk before the head goes
-/// out (see `exchange`); a client cannot use such a head before its body anyway.
+/// out (see `relay_response`); a client cannot use such a head before its body anyway.
 const SMALL_RESPONSE: u64 = 64 * 1024;
 
 fn holds_small_body(body: &impl http_body::Body) -> bool {
@@ -305,11 +327,11 @@ async fn write_error(send: &mut SendHalf, e: &BridgeError, grpc: bool) -> u16 {
     status.as_u16()
 }
 
-/// Rebuilds the caller's request from the stream header; the body streams from `recv`
-/// (`None`: the request has no body).
+/// Rebuilds the caller's request from the stream header; the body streams from `recv`, past
+/// the head in its exchange (`None`: the request has no body).
 fn build_request(
     head: &RequestHead,
-    recv: Option<RecvHalf>,
+    recv: Option<(RecvHalf, Exchange)>,
     bytes_in: Arc<AtomicU64>,
 ) -> Result<Request<body::BoxBody>, String> {
     let method = Method::from_bytes(head.method.as_bytes())
@@ -326,7 +348,7 @@ fn build_request(
         headers.insert(http::header::HOST, host);
     }
     let body = match recv {
-        Some(recv) => body::from_tunnel(recv, (), bytes_in),
+        Some((recv, receiving)) => body::from_tunnel(recv, receiving, (), bytes_in),
         None => body::empty(),
     };
     let mut request = Request::new(body);

@@ -28,10 +28,11 @@ use crate::acl::AclService;
 use crate::config::CallerIdentity;
 use crate::listener::{AcceptedConnection, ConnectionActivity, ListenerLimits};
 use crate::metrics::{Metrics, Side};
-use crate::tunnel::frame::{self, Frame, RequestHead};
+use crate::tunnel::exchange::{Direction, Event, Exchange, ExchangeError};
+use crate::tunnel::frame::{self, Frame, RequestHead, ResponseHead};
 use crate::tunnel::peers::PeerSet;
 use crate::tunnel::serving::ServingPolicy;
-use crate::tunnel::stream::{RecvHalf, SendHalf, codes, encoded};
+use crate::tunnel::stream::{RecvHalf, SendHalf, StreamError, codes, encoded};
 
 /// What a listener forwards to.
 #[derive(Clone, Debug)]
@@ -615,6 +616,7 @@ async fn forward(
         .await
         .map_err(|e| fail(BridgeError::new(Reason::TunnelStreamFailed, e.to_string())))?;
 
+    let mut sending = Exchange::after_head(Direction::Request, end_stream);
     let request_bytes = Arc::new(AtomicU64::new(0));
     // A request whose body had arrived whole when it was sent (most API calls) can be sent
     // again if its link goes silent before the peer acknowledged it.
@@ -633,7 +635,7 @@ async fn forward(
             Some(Ok(frame)) if http_body::Body::is_end_stream(&body) => frame.data_ref().cloned(),
             Some(_) => None,
         };
-        match body::forward_frame(first, &body, &mut send, &request_bytes).await {
+        match body::forward_frame(first, &body, &mut send, &mut sending, &request_bytes).await {
             Ok(body::Forwarded::More) => false,
             Ok(body::Forwarded::End) => {
                 replay = whole;
@@ -658,7 +660,9 @@ async fn forward(
         let stats = stats.clone();
         ctx.tasks.spawn(async move {
             let mut body = body;
-            if let Err(e) = body::pump_to_tunnel(None, &mut body, &mut send, &request_bytes).await {
+            let pumped =
+                body::pump_to_tunnel(None, &mut body, &mut send, &mut sending, &request_bytes);
+            if let Err(e) = pumped.await {
                 debug!(error = %e, "request body did not reach the tunnel");
             }
             // A failed body also starts the clock (dropping `sent` does): the answer, an
@@ -736,27 +740,8 @@ async fn forward(
             .await
             .map_err(fail)?;
     };
-    let head = match first {
-        Ok(Some(Frame::Response(head))) => head,
-        Ok(Some(_)) => {
-            return Err(fail(BridgeError::new(
-                Reason::TunnelProtocol,
-                "peer answered with an unexpected frame",
-            )));
-        }
-        Ok(None) => {
-            return Err(fail(BridgeError::new(
-                Reason::TunnelStreamFailed,
-                "peer closed the stream without answering",
-            )));
-        }
-        Err(e) => {
-            return Err(fail(BridgeError::new(
-                Reason::TunnelStreamFailed,
-                e.to_string(),
-            )));
-        }
-    };
+    let mut receiving = Exchange::new(Direction::Response);
+    let head = response_head(first, &mut receiving).map_err(fail)?;
     let mut response_headers = headers::from_pairs(head.headers)
         .map_err(|e| fail(BridgeError::new(Reason::TunnelProtocol, e)))?;
     headers::remove_hop_by_hop(&mut response_headers);
@@ -776,12 +761,35 @@ async fn forward(
     let response_body = if head.end_stream {
         body::empty()
     } else {
-        body::from_tunnel(recv, keep, response_bytes)
+        body::from_tunnel(recv, receiving, keep, response_bytes)
     };
     let mut response = Response::new(response_body);
     *response.status_mut() = status;
     *response.headers_mut() = response_headers;
     Ok((response, request_id))
+}
+
+/// The RESPONSE head an answer opens with, its first frame checked against `receiving`.
+fn response_head(
+    first: Result<Option<Frame>, StreamError>,
+    receiving: &mut Exchange,
+) -> Result<ResponseHead, BridgeError> {
+    let first = first.map_err(|e| BridgeError::new(Reason::TunnelStreamFailed, e.to_string()))?;
+    match (receiving.on(Event::of(first.as_ref())), first) {
+        (Ok(_), Some(Frame::Response(head))) => Ok(head),
+        (Err(ExchangeError::EndedBeforeHead(_)), _) => Err(BridgeError::new(
+            Reason::TunnelStreamFailed,
+            "peer closed the stream without answering",
+        )),
+        (Err(e), _) => Err(BridgeError::new(
+            Reason::TunnelProtocol,
+            format!("peer answered with an unexpected frame: {e}"),
+        )),
+        (Ok(_), _) => Err(BridgeError::new(
+            Reason::TunnelProtocol,
+            "peer answered with an unexpected frame",
+        )),
+    }
 }
 
 /// How many times a request that never reached its peer is sent again on another link.

@@ -13,6 +13,8 @@
 //! acceptor → opener: RESPONSE (status, headers), DATA*, TRAILERS?, FIN
 //! ```
 //!
+//! Which frame may follow which is `tunnel::exchange`'s to say, not this module's.
+//!
 //! The control stream uses CONTROL frames whose payload is a JSON message (rare, evolvable).
 //!
 //! Why not HTTP/3 (`h3` + `h3-quinn`) on the same QUIC connection: measured with
@@ -47,6 +49,19 @@ pub enum FrameType {
     Data = 3,
     Trailers = 4,
     Control = 5,
+}
+
+impl std::fmt::Display for FrameType {
+    /// The frame's name as the protocol writes it: `REQUEST`, `DATA`…
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Request => "REQUEST",
+            Self::Response => "RESPONSE",
+            Self::Data => "DATA",
+            Self::Trailers => "TRAILERS",
+            Self::Control => "CONTROL",
+        })
+    }
 }
 
 impl FrameType {
