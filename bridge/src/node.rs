@@ -34,7 +34,7 @@ use crate::tunnel::control::{ControlMessage, PeerAnnouncement};
 use crate::tunnel::dialer::{CarrierChoice, DialEndpoints, DialSource, Slot};
 use crate::tunnel::handshake::{RejectionSlot, observed_server};
 use crate::tunnel::members::SpawnSlot;
-use crate::tunnel::outcome::HandshakeFailure;
+use crate::tunnel::outcome::{HandshakeFailure, QuicHandshakeError};
 use crate::tunnel::peers::{Direction, PeerSet};
 use crate::tunnel::quic::{self, TransportTuning};
 use crate::tunnel::serving::ServingPolicy;
@@ -1119,17 +1119,15 @@ async fn accept_loop(
                     )
                     .await;
                 }
-                Err(e) => {
+                Err(error) => {
                     // The count takes the reason; the detail (serial, dates) goes to the log.
-                    let rejected = rejection.take();
-                    let reason = HandshakeFailure::of_connection_error(&e, rejected.as_ref());
+                    let error = QuicHandshakeError {
+                        error,
+                        rejected: rejection.take(),
+                    };
+                    let reason = error.failure();
                     metrics.handshake_failed(reason);
-                    match rejected {
-                        Some(rejected) => {
-                            warn!(%remote, %reason, error = %rejected, "tunnel handshake refused")
-                        }
-                        None => warn!(%remote, %reason, error = %e, "tunnel handshake refused"),
-                    }
+                    warn!(%remote, %reason, %error, "tunnel handshake refused");
                 }
             }
         });
@@ -1169,9 +1167,10 @@ async fn tcp_accept_loop(
                     )
                     .await;
                 }
-                Err((reason, detail)) => {
+                Err(error) => {
+                    let reason = error.failure();
                     ctx.metrics.handshake_failed(reason);
-                    warn!(%remote, %reason, error = %detail, "tunnel TCP handshake refused");
+                    warn!(%remote, %reason, %error, "tunnel TCP handshake refused");
                 }
             }
         });
