@@ -1,7 +1,10 @@
 //! A running node: composes configuration, TLS material, the ACL store, upstreams, the
 //! tunnel endpoint, dialers, import listeners and the admin API, and owns their shutdown.
 //!
-//! This is the one place where the pieces meet; it holds no protocol or policy logic itself.
+//! Start-up (`Node::start_on`) is a plan of named steps on `Startup`: every socket is bound
+//! before any task starts, then the tasks start in a fixed order (tunnel accept loops,
+//! dialers, import listeners, admin API, reload server). This is the one place where the
+//! pieces meet; it holds no protocol or policy logic itself.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,7 +37,7 @@ use crate::tunnel::control::{ControlMessage, PeerAnnouncement};
 use crate::tunnel::dialer::{CarrierChoice, DialEndpoints, DialSource, Slot};
 use crate::tunnel::handshake::{RejectionSlot, observed_server};
 use crate::tunnel::members::SpawnSlot;
-use crate::tunnel::outcome::HandshakeFailure;
+use crate::tunnel::outcome::{HandshakeFailure, QuicHandshakeError};
 use crate::tunnel::peers::{Direction, PeerSet};
 use crate::tunnel::quic::{self, TransportTuning};
 use crate::tunnel::serving::ServingPolicy;
@@ -358,86 +361,228 @@ fn bind_tcp(
     Ok((local, listeners))
 }
 
-impl Node {
-    /// Starts every part of the node on the caller's runtime; returns once all listeners
-    /// accept connections.
-    pub async fn start(config: Config) -> anyhow::Result<Node> {
-        Self::start_on(config, Arc::new(Workers::inline())).await
-    }
+/// Creates the data dir and opens the policy store in it.
+fn open_policy_store(config: &Config) -> anyhow::Result<Arc<AclService>> {
+    create_private_dir(&config.node.data_dir)
+        .with_context(|| format!("creating data dir {}", config.node.data_dir.display()))?;
+    AclService::open(&config.database_path())
+        .with_context(|| format!("opening policy store {}", config.database_path().display()))
+}
 
-    /// Starts the node with its data plane spread over `workers` (listeners, tunnels and
-    /// request handling on each; admin API and health checks on the caller's runtime).
-    pub async fn start_on(config: Config, workers: Arc<Workers>) -> anyhow::Result<Node> {
-        let material = load_tls(&config)?;
-        create_private_dir(&config.node.data_dir)
-            .with_context(|| format!("creating data dir {}", config.node.data_dir.display()))?;
-        let acl = AclService::open(&config.database_path()).with_context(|| {
-            format!("opening policy store {}", config.database_path().display())
-        })?;
-        let metrics = Arc::new(Metrics::default());
-        count_configured_services(&metrics, &acl, &config);
-        let stop_rest = CancellationToken::new();
+/// A node being started: what its start-up steps share. Every task a step spawns runs on
+/// `workers` (or the caller's runtime), is owned by `background` (request handlers by
+/// `requests`) and stops on one of the three tokens, which the running `Node` then holds.
+struct Startup {
+    config: Config,
+    material: TlsMaterial,
+    workers: Arc<Workers>,
+    metrics: Arc<Metrics>,
+    tuning: TransportTuning,
+    background: TaskTracker,
+    requests: TaskTracker,
+    stop_listeners: CancellationToken,
+    stop_tunnels: CancellationToken,
+    stop_rest: CancellationToken,
+}
 
-        let mut services = HashMap::new();
-        for export in &config.exports {
-            let upstream = Upstream::start(&export.name, &export.upstream, stop_rest.child_token())
-                .await
-                .with_context(|| {
-                    format!("{}: export `{}`", config.source.display(), export.name)
-                })?;
-            services.insert(export.name.clone(), upstream);
+/// The tunnel's sockets, bound: the QUIC endpoints (one per worker when the tunnel can be
+/// shared out, else one) and the TLS/TCP listener, if any.
+struct TunnelSockets {
+    /// The QUIC listener's config (a listening node).
+    server_config: Option<quinn::ServerConfig>,
+    endpoints: Vec<quinn::Endpoint>,
+    /// Where the QUIC listener takes tunnels (a listening node).
+    addr: Option<SocketAddr>,
+    tcp: Option<TcpTunnelListener>,
+}
+
+/// The TLS/TCP tunnel listener, bound on every worker, with its TLS config and its cap.
+struct TcpTunnelListener {
+    addr: SocketAddr,
+    listeners: Vec<TcpListener>,
+    tls: Arc<ArcSwap<rustls::ServerConfig>>,
+    limits: Arc<ListenerLimits>,
+}
+
+/// The tunnel once it accepts: the endpoints dialers share and `rebind_tunnels` moves, and
+/// the listeners' TLS configs a reload swaps.
+struct TunnelListening {
+    endpoints: Vec<quinn::Endpoint>,
+    server: Option<Arc<ArcSwap<quinn::ServerConfig>>>,
+    tcp_server: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+}
+
+/// The import listeners, then the gateway, each bound on every worker with its spec.
+struct ImportListeners {
+    listeners: Vec<(Vec<TcpListener>, ListenerSpec)>,
+    /// (service, address) of every import listener, in config order.
+    addresses: Vec<(String, SocketAddr)>,
+    gateway: Option<SocketAddr>,
+}
+
+/// The admin listeners, bound: read-only TCP, health-only TCP, the Unix socket, remote mTLS.
+struct AdminListeners {
+    tcp: TcpListener,
+    tcp_addr: SocketAddr,
+    health: Option<TcpListener>,
+    health_addr: Option<SocketAddr>,
+    socket: tokio::net::UnixListener,
+    socket_file: SocketFile,
+    remote: Option<(TcpListener, Arc<ArcSwap<rustls::ServerConfig>>)>,
+    remote_addr: Option<SocketAddr>,
+}
+
+/// What every dialer slot of the node is spawned with.
+#[derive(Clone)]
+struct DialerShared {
+    endpoints: Vec<quinn::Endpoint>,
+    /// A dial-only node on an ephemeral port dials each QUIC connection from a port of its
+    /// own (see `tunnel::dialer`); otherwise dialers share the node's endpoints.
+    fresh_ports: bool,
+    reset_key_seed: Arc<[u8]>,
+    registry: Arc<DialEndpoints>,
+    carrier_choice: CarrierChoice,
+    max_backoff: tokio::sync::watch::Receiver<Duration>,
+    session: Arc<SessionContext>,
+}
+
+/// The node's dialers once started: what a reload changes in them.
+struct Dialing {
+    /// Endpoints dialers opened for their connections (dial-only nodes).
+    endpoints: Arc<DialEndpoints>,
+    /// Dialing TLS config per peer address.
+    peer_clients: Vec<(String, Arc<ArcSwap<quic::DialConfig>>)>,
+    /// `tunnel.reconnect_max_backoff`, read by every dialer before each wait.
+    backoff: tokio::sync::watch::Sender<Duration>,
+}
+
+impl NodeAddresses {
+    fn of(tunnel: &TunnelSockets, imports: &ImportListeners, admin: &AdminListeners) -> Self {
+        NodeAddresses {
+            tunnel: tunnel.addr,
+            tunnel_tcp: tunnel.tcp.as_ref().map(|tcp| tcp.addr),
+            admin: admin.tcp_addr,
+            admin_socket: admin.socket_file.path().to_path_buf(),
+            admin_remote: admin.remote_addr,
+            health: admin.health_addr,
+            imports: imports.addresses.clone(),
+            gateway: imports.gateway,
         }
-        let export_ctx = Arc::new(ExportContext {
-            acl: acl.clone(),
-            services: ArcSwap::from_pointee(services),
-            escaped_slashes: ArcSwap::from_pointee(escaped_slashes_by_export(&config)),
-            metrics: metrics.clone(),
-        });
+    }
+}
 
+/// Lets `acl apply` warn about destinations that neither this node nor a connected peer
+/// exports (allowed — the service may not exist yet — but usually a typo).
+fn track_known_destinations(state: &Arc<NodeState>) {
+    let known_state = Arc::downgrade(state);
+    state.acl.set_known_destinations(Arc::new(move || {
+        let Some(state) = known_state.upgrade() else {
+            return Vec::new();
+        };
+        let mut names = state.config.load().export_names();
+        for link in state.peers.links().iter() {
+            names.extend(link.exports().iter().cloned());
+        }
+        names
+    }));
+}
+
+/// Where the tunnel's UDP sockets bind: `tunnel.listen` on a listening node, else
+/// `tunnel.bind`. TLS/TCP tunnels take the same port number, so an ephemeral listen port must
+/// be free for both; a port the workers share (`share_port`) is resolved by a plain bind.
+fn tunnel_bind_address(config: &Config, share_port: bool) -> anyhow::Result<SocketAddr> {
+    let mut bind = match config.tunnel.listen {
+        Some(listen)
+            if listen.port() == 0
+                && config.tunnel.listen_tcp.is_none()
+                && config.tunnel.tcp_listen_address().is_some() =>
+        {
+            port_free_for_udp_and_tcp(listen).with_context(|| {
+                format!(
+                    "{}: tunnel: finding a port free for UDP and TCP on {listen}",
+                    config.source.display()
+                )
+            })?
+        }
+        Some(listen) => listen,
+        None => config.tunnel.bind,
+    };
+    if share_port {
+        // As for TCP: a plain bind fails on a port anything else holds, and resolves 0.
+        bind = std::net::UdpSocket::bind(bind)
+            .and_then(|probe| probe.local_addr())
+            .with_context(|| {
+                format!(
+                    "{}: tunnel: binding the tunnel UDP socket {bind}",
+                    config.source.display()
+                )
+            })?;
+    }
+    Ok(bind)
+}
+
+impl Startup {
+    fn new(
+        config: Config,
+        material: TlsMaterial,
+        workers: Arc<Workers>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let tuning = TransportTuning {
             keepalive: config.tunnel.keepalive,
             idle_timeout: config.tunnel.idle_timeout,
             congestion: config.tunnel.congestion,
             ..TransportTuning::default()
         };
+        Startup {
+            config,
+            material,
+            workers,
+            metrics,
+            tuning,
+            background: TaskTracker::new(),
+            requests: TaskTracker::new(),
+            stop_listeners: CancellationToken::new(),
+            stop_tunnels: CancellationToken::new(),
+            stop_rest: CancellationToken::new(),
+        }
+    }
+
+    /// Starts an upstream for each export: the export side of the node.
+    async fn start_exports(&self, acl: &Arc<AclService>) -> anyhow::Result<Arc<ExportContext>> {
+        let config = &self.config;
+        let mut services = HashMap::new();
+        for export in &config.exports {
+            let upstream =
+                Upstream::start(&export.name, &export.upstream, self.stop_rest.child_token())
+                    .await
+                    .with_context(|| {
+                        format!("{}: export `{}`", config.source.display(), export.name)
+                    })?;
+            services.insert(export.name.clone(), upstream);
+        }
+        Ok(Arc::new(ExportContext {
+            acl: acl.clone(),
+            services: ArcSwap::from_pointee(services),
+            escaped_slashes: ArcSwap::from_pointee(escaped_slashes_by_export(config)),
+            metrics: self.metrics.clone(),
+        }))
+    }
+
+    /// Binds the tunnel's QUIC endpoints, then its TLS/TCP listener.
+    fn bind_tunnel(&self) -> anyhow::Result<TunnelSockets> {
+        let (config, workers, material) = (&self.config, &self.workers, &self.material);
         let server_config = match config.tunnel.listen {
             Some(_) => Some(quic::server_config(
-                &material,
-                tunnel_expectation(&config),
-                &tuning,
+                material,
+                tunnel_expectation(config),
+                &self.tuning,
             )?),
             None => None,
         };
-        let per_worker = tunnel_per_worker(&config, &workers);
+        let per_worker = tunnel_per_worker(config, workers);
         let share_port = per_worker && config.tunnel.listen.is_some();
-        let mut bind = match config.tunnel.listen {
-            // TLS/TCP tunnels take the same port number: an ephemeral one must be free for both.
-            Some(listen)
-                if listen.port() == 0
-                    && config.tunnel.listen_tcp.is_none()
-                    && config.tunnel.tcp_listen_address().is_some() =>
-            {
-                port_free_for_udp_and_tcp(listen).with_context(|| {
-                    format!(
-                        "{}: tunnel: finding a port free for UDP and TCP on {listen}",
-                        config.source.display()
-                    )
-                })?
-            }
-            Some(listen) => listen,
-            None => config.tunnel.bind,
-        };
-        if share_port {
-            // As for TCP: a plain bind fails on a port anything else holds, and resolves 0.
-            bind = std::net::UdpSocket::bind(bind)
-                .and_then(|probe| probe.local_addr())
-                .with_context(|| {
-                    format!(
-                        "{}: tunnel: binding the tunnel UDP socket {bind}",
-                        config.source.display()
-                    )
-                })?;
-        }
+        let bind = tunnel_bind_address(config, share_port)?;
         let sockets = (0..if per_worker { workers.count() } else { 1 })
             .map(|_| quic::bind_socket(bind, share_port))
             .collect::<anyhow::Result<Vec<_>>>()
@@ -457,7 +602,7 @@ impl Node {
                 .with_context(|| format!("{}: tunnel", config.source.display()))?;
             endpoints.push(endpoint);
         }
-        let tunnel_addr = match config.tunnel.listen {
+        let addr = match config.tunnel.listen {
             Some(_) => Some(
                 endpoints[0]
                     .local_addr()
@@ -465,71 +610,77 @@ impl Node {
             ),
             None => None,
         };
+        let tcp = self.bind_tcp_tunnel(addr)?;
+        Ok(TunnelSockets {
+            server_config,
+            endpoints,
+            addr,
+            tcp,
+        })
+    }
 
-        // TLS/TCP tunnels: on the UDP listener's port unless configured otherwise.
-        let tcp_tunnel = match config.tunnel.tcp_listen_address() {
-            None => None,
-            Some(addr) => {
-                let addr = match (config.tunnel.listen_tcp, tunnel_addr) {
-                    (None, Some(udp)) => udp,
-                    _ => addr,
-                };
-                let (local, listeners) = bind_tcp(&workers, addr).with_context(|| {
-                    format!(
-                        "{}: tunnel: binding the tunnel TCP listener {addr}",
-                        config.source.display()
-                    )
-                })?;
-                let tls = Arc::new(ArcSwap::new(tcp::server_config(
-                    &material,
-                    tunnel_expectation(&config),
-                )?));
-                let limits = metrics.listener(ListenerLimits::new(
-                    format!("tunnel-tcp@{local}"),
-                    config.limits.max_connections,
-                    config.limits.idle_timeout,
-                ));
-                Some((local, listeners, tls, limits))
-            }
+    /// Binds the TLS/TCP tunnel listener: on the UDP listener's port (`udp`) unless
+    /// `tunnel.listen_tcp` names another.
+    fn bind_tcp_tunnel(
+        &self,
+        udp: Option<SocketAddr>,
+    ) -> anyhow::Result<Option<TcpTunnelListener>> {
+        let config = &self.config;
+        let Some(addr) = config.tunnel.tcp_listen_address() else {
+            return Ok(None);
         };
-        let tunnel_tcp_addr = tcp_tunnel.as_ref().map(|(local, ..)| *local);
+        let addr = match (config.tunnel.listen_tcp, udp) {
+            (None, Some(udp)) => udp,
+            _ => addr,
+        };
+        let (local, listeners) = bind_tcp(&self.workers, addr).with_context(|| {
+            format!(
+                "{}: tunnel: binding the tunnel TCP listener {addr}",
+                config.source.display()
+            )
+        })?;
+        let tls = Arc::new(ArcSwap::new(tcp::server_config(
+            &self.material,
+            tunnel_expectation(config),
+        )?));
+        let limits = self.metrics.listener(ListenerLimits::new(
+            format!("tunnel-tcp@{local}"),
+            config.limits.max_connections,
+            config.limits.idle_timeout,
+        ));
+        Ok(Some(TcpTunnelListener {
+            addr: local,
+            listeners,
+            tls,
+            limits,
+        }))
+    }
 
-        let peers = Arc::new(PeerSet::default());
-        let serving = Arc::new(ServingPolicy::new(acl.clone(), &config));
+    /// The certificate checks every live tunnel and mTLS connection is held to; CRLs
+    /// already stale are warned about now.
+    fn trust(&self) -> anyhow::Result<TrustUpdates> {
+        let config = &self.config;
         let trust = TrustUpdates::new(Trust::new(
-            &material,
+            &self.material,
             &config.node.trust_domain,
             &config.tunnel.allowed_sites,
             config.tls.crl.as_deref(),
         )?);
         crate::trust::warn_stale_crls(&trust.current());
-        let requests = TaskTracker::new();
-        let background = TaskTracker::new();
-        let stop_listeners = CancellationToken::new();
-        let stop_tunnels = CancellationToken::new();
+        Ok(trust)
+    }
 
-        // Import listeners are bound before anything is spawned so a port clash fails start.
-        let import_ctx = Arc::new(ImportContext {
-            peers: peers.clone(),
-            serving: serving.clone(),
-            trust: trust.subscribe(),
-            acl: acl.clone(),
-            site: Arc::from(config.node.site.as_str()),
-            metrics: metrics.clone(),
-            tasks: requests.clone(),
-        });
-        let import_tls = || import_tls_config(&material, &config.node.trust_domain);
-        let mut listeners = Vec::new();
-        let mut import_addrs = Vec::new();
-        let mut settings = listener_settings(&config).into_iter();
-        let mut next_settings = || {
-            settings
-                .next()
-                .map(arc_swap::ArcSwap::from_pointee)
-                .context("a listener without settings")
+    /// Binds every import listener, then the gateway.
+    fn bind_imports(&self) -> anyhow::Result<ImportListeners> {
+        let config = &self.config;
+        let mut settings = listener_settings(config).into_iter();
+        let mut bound = ImportListeners {
+            listeners: Vec::new(),
+            addresses: Vec::new(),
+            gateway: None,
         };
         for import in &config.imports {
-            let (local, listener) = bind_tcp(&workers, import.listen).with_context(|| {
+            let (local, listener) = bind_tcp(&self.workers, import.listen).with_context(|| {
                 format!(
                     "{}: import `{}`: binding {}",
                     config.source.display(),
@@ -537,153 +688,130 @@ impl Node {
                     import.listen
                 )
             })?;
-            import_addrs.push((import.service.clone(), local));
-            let tls = if import.caller == CallerIdentity::Mtls {
-                Some(import_tls()?)
-            } else {
-                None
-            };
-            let spec = ListenerSpec {
-                target: ListenerTarget::Service(import.service.clone()),
-                caller: import.caller.clone(),
-                tls: arc_swap::ArcSwapOption::new(tls),
-                settings: next_settings()?,
-                limits: metrics.listener(ListenerLimits::new(
-                    format!("import:{}@{local}", import.service),
-                    config.limits.max_connections,
-                    config.limits.idle_timeout,
-                )),
-            };
-            listeners.push((listener, spec));
+            bound.addresses.push((import.service.clone(), local));
+            let spec = self.listener_spec(
+                ListenerTarget::Service(import.service.clone()),
+                &import.caller,
+                settings.next(),
+                format!("import:{}@{local}", import.service),
+            )?;
+            bound.listeners.push((listener, spec));
         }
-        let mut gateway_addr = None;
         if let Some(gateway) = &config.gateway {
-            let (local, listener) = bind_tcp(&workers, gateway.listen).with_context(|| {
+            let (local, listener) = bind_tcp(&self.workers, gateway.listen).with_context(|| {
                 format!(
                     "{}: gateway: binding {}",
                     config.source.display(),
                     gateway.listen
                 )
             })?;
-            gateway_addr = Some(local);
-            let tls = if gateway.caller == CallerIdentity::Mtls {
-                Some(import_tls()?)
-            } else {
-                None
-            };
-            let spec = ListenerSpec {
-                target: ListenerTarget::Gateway {
+            bound.gateway = Some(local);
+            let spec = self.listener_spec(
+                ListenerTarget::Gateway {
                     suffix: gateway.suffix.clone(),
                 },
-                caller: gateway.caller.clone(),
-                tls: arc_swap::ArcSwapOption::new(tls),
-                settings: next_settings()?,
-                limits: metrics.listener(ListenerLimits::new(
-                    format!("gateway@{local}"),
-                    config.limits.max_connections,
-                    config.limits.idle_timeout,
-                )),
-            };
-            listeners.push((listener, spec));
+                &gateway.caller,
+                settings.next(),
+                format!("gateway@{local}"),
+            )?;
+            bound.listeners.push((listener, spec));
         }
-        let admin_listener = TcpListener::bind(config.admin.listen)
-            .await
-            .with_context(|| {
-                format!(
-                    "{}: admin: binding {}",
-                    config.source.display(),
-                    config.admin.listen
-                )
-            })?;
-        let admin_addr = admin_listener.local_addr()?;
-        let health_listener = match config.admin.health_listen {
-            None => None,
-            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
-                format!(
-                    "{}: admin: binding health_listen {addr}",
-                    config.source.display()
-                )
-            })?),
+        Ok(bound)
+    }
+
+    /// The spec of an import or gateway listener: the TLS config of an `mtls` listener, its
+    /// settings, and its connection limits under `name`.
+    fn listener_spec(
+        &self,
+        target: ListenerTarget,
+        caller: &CallerIdentity,
+        settings: Option<ListenerSettings>,
+        name: String,
+    ) -> anyhow::Result<ListenerSpec> {
+        let tls = if *caller == CallerIdentity::Mtls {
+            Some(import_tls_config(
+                &self.material,
+                &self.config.node.trust_domain,
+            )?)
+        } else {
+            None
         };
-        let health_addr = health_listener
-            .as_ref()
-            .map(TcpListener::local_addr)
-            .transpose()?;
+        let settings = settings
+            .map(ArcSwap::from_pointee)
+            .context("a listener without settings")?;
+        Ok(ListenerSpec {
+            target,
+            caller: caller.clone(),
+            tls: arc_swap::ArcSwapOption::new(tls),
+            settings,
+            limits: self.metrics.listener(ListenerLimits::new(
+                name,
+                self.config.limits.max_connections,
+                self.config.limits.idle_timeout,
+            )),
+        })
+    }
+
+    /// Binds the read-only admin listener, the health-only one, the admin socket and the
+    /// remote mTLS listener, in that order.
+    async fn bind_admin(&self) -> anyhow::Result<AdminListeners> {
+        let config = &self.config;
+        let source = config.source.display();
+        let tcp = TcpListener::bind(config.admin.listen)
+            .await
+            .with_context(|| format!("{source}: admin: binding {}", config.admin.listen))?;
+        let tcp_addr = tcp.local_addr()?;
+        let health = match config.admin.health_listen {
+            None => None,
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("{source}: admin: binding health_listen {addr}"))?,
+            ),
+        };
+        let health_addr = health.as_ref().map(TcpListener::local_addr).transpose()?;
         let AdminSocket {
-            listener: socket_listener,
-            file: admin_socket,
-        } = AdminSocket::bind(&config.admin.socket)
-            .with_context(|| format!("{}: admin", config.source.display()))?;
+            listener: socket,
+            file: socket_file,
+        } = AdminSocket::bind(&config.admin.socket).with_context(|| format!("{source}: admin"))?;
         let remote = match &config.admin.remote {
             None => None,
             Some(remote) => {
                 let listener = TcpListener::bind(remote.listen).await.with_context(|| {
-                    format!(
-                        "{}: admin.remote: binding {}",
-                        config.source.display(),
-                        remote.listen
-                    )
+                    format!("{source}: admin.remote: binding {}", remote.listen)
                 })?;
-                let tls = Arc::new(ArcSwap::from_pointee(admin_remote_tls(&material, &config)?));
-                Some((listener, tls))
+                let tls = admin_remote_tls(&self.material, config)?;
+                Some((listener, Arc::new(ArcSwap::from_pointee(tls))))
             }
         };
         let remote_addr = remote
             .as_ref()
             .map(|(listener, _)| listener.local_addr())
             .transpose()?;
+        Ok(AdminListeners {
+            tcp,
+            tcp_addr,
+            health,
+            health_addr,
+            socket,
+            socket_file,
+            remote,
+            remote_addr,
+        })
+    }
 
-        let identity = material.own_id.clone();
-        // Few callers reload at once; one more waits for room.
-        let (reload_requests, reload_queue) = tokio::sync::mpsc::channel(4);
-        let state = Arc::new(NodeState {
-            config: ArcSwap::from_pointee(config.clone()),
-            identity: identity.clone(),
-            peers: peers.clone(),
-            serving: serving.clone(),
-            trust,
-            acl: acl.clone(),
-            export: export_ctx.clone(),
-            metrics: metrics.clone(),
-            started: Instant::now(),
-            addresses: NodeAddresses {
-                tunnel: tunnel_addr,
-                tunnel_tcp: tunnel_tcp_addr,
-                admin: admin_addr,
-                admin_socket: admin_socket.path().to_path_buf(),
-                admin_remote: remote_addr,
-                health: health_addr,
-                imports: import_addrs,
-                gateway: gateway_addr,
-            },
-            workers: workers.count(),
-            dial_states: Arc::default(),
-            reload_requests,
-            draining: AtomicBool::new(false),
-        });
-
-        // `acl apply` warns about destinations that neither this node nor a connected peer
-        // exports (allowed — the service may not exist yet — but usually a typo).
-        let known_state = Arc::downgrade(&state);
-        state.acl.set_known_destinations(Arc::new(move || {
-            let Some(state) = known_state.upgrade() else {
-                return Vec::new();
-            };
-            let mut names = state.config.load().export_names();
-            for link in state.peers.links().iter() {
-                names.extend(link.exports().iter().cloned());
-            }
-            names
-        }));
-
-        let hello_state = Arc::downgrade(&state);
-        let hello_id = identity.to_string();
-        let session_ctx = Arc::new(SessionContext {
-            peers: peers.clone(),
-            serving: serving.clone(),
+    /// What every tunnel session of the node runs with: our hello, built fresh for each
+    /// connection, and the export side serving the peer's request streams.
+    fn session_context(&self, state: &Arc<NodeState>) -> Arc<SessionContext> {
+        let hello_state = Arc::downgrade(state);
+        let hello_id = state.identity.to_string();
+        let export_ctx = state.export.clone();
+        Arc::new(SessionContext {
+            peers: state.peers.clone(),
+            serving: state.serving.clone(),
             trust: state.trust.subscribe(),
-            metrics: metrics.clone(),
-            tasks: requests.clone(),
+            metrics: self.metrics.clone(),
+            tasks: self.requests.clone(),
             hello: Box::new(move || {
                 let announcement = hello_state
                     .upgrade()
@@ -694,212 +822,336 @@ impl Node {
             on_stream: Box::new(move |send, recv, peer| {
                 Box::pin(export::serve_stream(send, recv, peer, export_ctx.clone()))
             }),
-            keepalive: config.tunnel.keepalive,
+            keepalive: self.config.tunnel.keepalive,
             dial_states: state.dial_states.clone(),
-        });
+        })
+    }
 
-        let tunnel_server = server_config
-            .clone()
+    /// Accepts tunnels on each worker's QUIC endpoint and TLS/TCP listener.
+    fn start_tunnel_listeners(
+        &self,
+        tunnel: TunnelSockets,
+        session_ctx: &Arc<SessionContext>,
+    ) -> TunnelListening {
+        let server = tunnel
+            .server_config
             .map(|config| Arc::new(ArcSwap::from_pointee(config)));
-        if let (Some(_), Some(tunnel_server)) = (tunnel_addr, &tunnel_server) {
-            for (worker, endpoint) in endpoints.iter().enumerate() {
-                workers.spawn_on(
+        if let (Some(_), Some(server)) = (tunnel.addr, &server) {
+            for (worker, endpoint) in tunnel.endpoints.iter().enumerate() {
+                self.workers.spawn_on(
                     worker,
-                    &background,
+                    &self.background,
                     accept_loop(
                         endpoint.clone(),
-                        Arc::clone(tunnel_server),
+                        Arc::clone(server),
                         session_ctx.clone(),
-                        metrics.clone(),
-                        stop_tunnels.clone(),
-                        background.clone(),
+                        self.metrics.clone(),
+                        self.stop_tunnels.clone(),
+                        self.background.clone(),
                     ),
                 );
             }
         }
-        let tunnel_tcp_server = match tcp_tunnel {
-            None => None,
-            Some((_, listeners, tls, limits)) => {
-                for (worker, listener) in listeners.into_iter().enumerate() {
-                    workers.spawn_on(
-                        worker,
-                        &background,
-                        tcp_accept_loop(
-                            listener,
-                            tls.clone(),
-                            limits.clone(),
-                            tuning.clone(),
-                            session_ctx.clone(),
-                            stop_tunnels.clone(),
-                            background.clone(),
-                        ),
-                    );
-                }
-                Some(tls)
+        let tcp_server = tunnel.tcp.map(|tcp| {
+            for (worker, listener) in tcp.listeners.into_iter().enumerate() {
+                self.workers.spawn_on(
+                    worker,
+                    &self.background,
+                    tcp_accept_loop(
+                        listener,
+                        tcp.tls.clone(),
+                        tcp.limits.clone(),
+                        self.tuning.clone(),
+                        session_ctx.clone(),
+                        self.stop_tunnels.clone(),
+                        self.background.clone(),
+                    ),
+                );
             }
-        };
-        let carrier_choice = CarrierChoice {
-            transport: config.tunnel.transport,
-            tcp_fallback_after: config.tunnel.tcp_fallback_after,
-            quic_reprobe_interval: config.tunnel.quic_reprobe_interval,
-        };
-        // A dial-only node on an ephemeral port dials each QUIC connection from a port of its
-        // own (see `tunnel::dialer`); otherwise dialers share the node's endpoints.
-        let dial_endpoints = Arc::new(DialEndpoints::default());
-        let fresh_ports = config.tunnel.listen.is_none() && config.tunnel.bind.port() == 0;
-        let reset_key_seed: Arc<[u8]> = Arc::from(material.key.secret_der());
-        let mut peer_clients = Vec::new();
-        let (dial_backoff, max_backoff) =
+            tcp.tls
+        });
+        TunnelListening {
+            endpoints: tunnel.endpoints,
+            server,
+            tcp_server,
+        }
+    }
+
+    /// Starts the dialer slots of every configured peer — its configured number of
+    /// connections, and at least one per endpoint so every worker has a tunnel of its own —
+    /// and, for a peer with `member_networks`, the task that follows its site's members.
+    fn start_dialers(
+        &self,
+        endpoints: &[quinn::Endpoint],
+        peers: &Arc<PeerSet>,
+        session_ctx: &Arc<SessionContext>,
+    ) -> anyhow::Result<Dialing> {
+        let config = &self.config;
+        let (backoff, max_backoff) =
             tokio::sync::watch::channel(config.tunnel.reconnect_max_backoff);
+        let shared = DialerShared {
+            endpoints: endpoints.to_vec(),
+            fresh_ports: config.tunnel.listen.is_none() && config.tunnel.bind.port() == 0,
+            reset_key_seed: Arc::from(self.material.key.secret_der()),
+            registry: Arc::new(DialEndpoints::default()),
+            carrier_choice: CarrierChoice {
+                transport: config.tunnel.transport,
+                tcp_fallback_after: config.tunnel.tcp_fallback_after,
+                quic_reprobe_interval: config.tunnel.quic_reprobe_interval,
+            },
+            max_backoff,
+            session: session_ctx.clone(),
+        };
+        let mut peer_clients = Vec::new();
         for peer in &config.peers {
             let client = Arc::new(ArcSwap::from_pointee(peer_client_config(
-                &material,
+                &self.material,
                 &config.node.trust_domain,
                 peer,
-                &tuning,
+                &self.tuning,
             )?));
             peer_clients.push((peer.address.clone(), client.clone()));
-            // The configured number of connections, spread over the workers' endpoints,
-            // and at least one per endpoint so every worker has a tunnel of its own.
-            let next_worker = std::sync::atomic::AtomicUsize::new(0);
-            let spawn_slot: SpawnSlot = Arc::new({
-                let (workers, background, endpoints) =
-                    (workers.clone(), background.clone(), endpoints.clone());
-                let (dial_endpoints, reset_key_seed) =
-                    (dial_endpoints.clone(), reset_key_seed.clone());
-                let (max_backoff, session_ctx, stop_tunnels) = (
-                    max_backoff.clone(),
-                    session_ctx.clone(),
-                    stop_tunnels.clone(),
-                );
-                let bind = config.tunnel.bind;
-                move |slot| {
-                    let worker = next_worker.fetch_add(1, Ordering::Relaxed) % endpoints.len();
-                    let source = if fresh_ports {
-                        DialSource::Fresh {
-                            bind,
-                            reset_key_seed: reset_key_seed.clone(),
-                            registry: dial_endpoints.clone(),
-                        }
-                    } else {
-                        DialSource::Shared(endpoints[worker].clone())
-                    };
-                    workers.spawn_on(
-                        worker,
-                        &background,
-                        crate::tunnel::dialer::run(
-                            source,
-                            slot,
-                            client.clone(),
-                            carrier_choice,
-                            max_backoff.clone(),
-                            session_ctx.clone(),
-                            stop_tunnels.clone(),
-                        ),
-                    );
-                }
-            });
+            let spawn_slot = self.slot_spawner(client, shared.clone());
             for index in 0..usize::from(peer.connections).max(endpoints.len()) {
                 spawn_slot(Slot::configured(peer, index));
             }
             if !peer.member_networks.is_empty() {
-                background.spawn(crate::tunnel::members::follow(
+                self.background.spawn(crate::tunnel::members::follow(
                     peer.clone(),
-                    state.peers.clone(),
+                    peers.clone(),
                     spawn_slot,
-                    stop_tunnels.clone(),
+                    self.stop_tunnels.clone(),
                 ));
             }
         }
-        let mut listener_specs = Vec::new();
+        Ok(Dialing {
+            endpoints: shared.registry,
+            peer_clients,
+            backoff,
+        })
+    }
+
+    /// Spawns a dialer for each slot of one peer it is handed, on the workers in turn.
+    fn slot_spawner(
+        &self,
+        client: Arc<ArcSwap<quic::DialConfig>>,
+        shared: DialerShared,
+    ) -> SpawnSlot {
+        let next_worker = std::sync::atomic::AtomicUsize::new(0);
+        let (workers, background) = (self.workers.clone(), self.background.clone());
+        let stop_tunnels = self.stop_tunnels.clone();
+        let bind = self.config.tunnel.bind;
+        Arc::new(move |slot| {
+            let worker = next_worker.fetch_add(1, Ordering::Relaxed) % shared.endpoints.len();
+            let source = if shared.fresh_ports {
+                DialSource::Fresh {
+                    bind,
+                    reset_key_seed: shared.reset_key_seed.clone(),
+                    registry: shared.registry.clone(),
+                }
+            } else {
+                DialSource::Shared(shared.endpoints[worker].clone())
+            };
+            workers.spawn_on(
+                worker,
+                &background,
+                crate::tunnel::dialer::run(
+                    source,
+                    slot,
+                    client.clone(),
+                    shared.carrier_choice,
+                    shared.max_backoff.clone(),
+                    shared.session.clone(),
+                    stop_tunnels.clone(),
+                ),
+            );
+        })
+    }
+
+    /// Serves every import listener and the gateway on each worker's socket; returns their
+    /// specs, which a reload changes.
+    fn start_imports(
+        &self,
+        listeners: Vec<(Vec<TcpListener>, ListenerSpec)>,
+        state: &NodeState,
+    ) -> Vec<Arc<ListenerSpec>> {
+        let import_ctx = Arc::new(ImportContext {
+            peers: state.peers.clone(),
+            serving: state.serving.clone(),
+            trust: state.trust.subscribe(),
+            acl: state.acl.clone(),
+            site: Arc::from(self.config.node.site.as_str()),
+            metrics: self.metrics.clone(),
+            tasks: self.requests.clone(),
+        });
+        let mut specs = Vec::new();
         for (per_worker, spec) in listeners {
             let spec = Arc::new(spec);
-            listener_specs.push(spec.clone());
+            specs.push(spec.clone());
             for (worker, listener) in per_worker.into_iter().enumerate() {
-                workers.spawn_on(
+                self.workers.spawn_on(
                     worker,
-                    &background,
+                    &self.background,
                     import::serve(
                         listener,
                         spec.clone(),
                         import_ctx.clone(),
-                        stop_listeners.clone(),
+                        self.stop_listeners.clone(),
                     ),
                 );
             }
         }
-        background.spawn(announce_policy_changes(
-            Arc::downgrade(&state),
-            acl.subscribe_changes(),
-            stop_rest.clone(),
-        ));
-        background.spawn(crate::admin::serve_tcp(
-            admin_listener,
+        specs
+    }
+
+    /// Serves the admin API on each admin listener; returns the remote listener's TLS config
+    /// (a reload swaps it) and the admin socket's file (removed when the node is gone).
+    fn start_admin(
+        &self,
+        admin: AdminListeners,
+        state: &Arc<NodeState>,
+    ) -> (Option<Arc<ArcSwap<rustls::ServerConfig>>>, SocketFile) {
+        let stop = &self.stop_rest;
+        self.background.spawn(crate::admin::serve_tcp(
+            admin.tcp,
             state.clone(),
             ListenerKind::ReadOnly,
-            stop_rest.clone(),
+            stop.clone(),
         ));
-        if let Some(listener) = health_listener {
-            background.spawn(crate::admin::serve_tcp(
+        if let Some(listener) = admin.health {
+            self.background.spawn(crate::admin::serve_tcp(
                 listener,
                 state.clone(),
                 ListenerKind::HealthOnly,
-                stop_rest.clone(),
+                stop.clone(),
             ));
         }
-        background.spawn(crate::admin::serve_socket(
-            socket_listener,
+        self.background.spawn(crate::admin::serve_socket(
+            admin.socket,
             state.clone(),
-            stop_rest.clone(),
+            stop.clone(),
         ));
-        let admin_remote_tls = match remote {
-            None => None,
-            Some((listener, tls)) => {
-                background.spawn(crate::admin::serve_remote(
-                    listener,
-                    tls.clone(),
-                    node_certificate_names(&material),
-                    state.clone(),
-                    stop_rest.clone(),
-                ));
-                Some(tls)
-            }
-        };
-        background.spawn(crate::trust::watch_crl_freshness(
-            state.trust.subscribe(),
-            stop_rest.clone(),
-        ));
-        info!(node = %identity, tunnel = ?tunnel_addr, admin = %admin_addr, admin_socket = %state.addresses.admin_socket.display(), admin_remote = ?remote_addr, workers = workers.count(), tunnel_endpoints = endpoints.len(), "node started");
-        let live = Arc::new(Reloadable {
-            state: state.clone(),
-            endpoints,
-            dial_endpoints,
-            peer_clients,
-            tunnel_server,
-            tunnel_tcp_server,
-            admin_remote_tls,
-            listener_specs,
-            dial_backoff,
-            tuning,
-            stop_rest: stop_rest.clone(),
-            one_at_a_time: tokio::sync::Mutex::new(()),
+        let remote_tls = admin.remote.map(|(listener, tls)| {
+            self.background.spawn(crate::admin::serve_remote(
+                listener,
+                tls.clone(),
+                node_certificate_names(&self.material),
+                state.clone(),
+                stop.clone(),
+            ));
+            tls
         });
-        background.spawn(reload::serve_requests(
+        (remote_tls, admin.socket_file)
+    }
+
+    /// The running node. Its reload server starts last: a reload may change every part
+    /// started before it.
+    fn into_node(
+        self,
+        state: Arc<NodeState>,
+        live: Reloadable,
+        reload_queue: tokio::sync::mpsc::Receiver<ReloadRequest>,
+        admin_socket: SocketFile,
+    ) -> Node {
+        let live = Arc::new(live);
+        self.background.spawn(reload::serve_requests(
             reload_queue,
             live.clone(),
-            stop_rest.clone(),
+            self.stop_rest.clone(),
         ));
-        Ok(Node {
+        Node {
             state,
             live,
-            workers,
-            background,
-            requests,
-            stop_listeners,
-            stop_tunnels,
-            stop_rest,
+            workers: self.workers,
+            background: self.background,
+            requests: self.requests,
+            stop_listeners: self.stop_listeners,
+            stop_tunnels: self.stop_tunnels,
+            stop_rest: self.stop_rest,
             admin_socket,
-        })
+        }
+    }
+}
+
+impl Node {
+    /// Starts every part of the node on the caller's runtime; returns once all listeners
+    /// accept connections.
+    pub async fn start(config: Config) -> anyhow::Result<Node> {
+        Self::start_on(config, Arc::new(Workers::inline())).await
+    }
+
+    /// Starts the node with its data plane spread over `workers` (listeners, tunnels and
+    /// request handling on each; admin API and health checks on the caller's runtime).
+    ///
+    /// Start-up is a plan built, then started: the policy store and the upstreams, then every
+    /// socket bound (tunnel, imports, admin), so that a port clash fails the start before
+    /// anything accepts; then the tasks, in order: tunnel accept loops, dialers, import
+    /// listeners, the admin API, and the reload server last.
+    pub async fn start_on(config: Config, workers: Arc<Workers>) -> anyhow::Result<Node> {
+        let material = load_tls(&config)?;
+        let acl = open_policy_store(&config)?;
+        let metrics = Arc::new(Metrics::default());
+        count_configured_services(&metrics, &acl, &config);
+        let startup = Startup::new(config, material, workers, metrics);
+        let export = startup.start_exports(&acl).await?;
+
+        let tunnel = startup.bind_tunnel()?;
+        let serving = Arc::new(ServingPolicy::new(acl.clone(), &startup.config));
+        let trust = startup.trust()?;
+        let imports = startup.bind_imports()?;
+        let admin = startup.bind_admin().await?;
+
+        // Few callers reload at once; one more waits for room.
+        let (reload_requests, reload_queue) = tokio::sync::mpsc::channel(4);
+        let state = Arc::new(NodeState {
+            config: ArcSwap::from_pointee(startup.config.clone()),
+            identity: startup.material.own_id.clone(),
+            peers: Arc::new(PeerSet::default()),
+            serving,
+            trust,
+            acl,
+            export,
+            metrics: startup.metrics.clone(),
+            started: Instant::now(),
+            addresses: NodeAddresses::of(&tunnel, &imports, &admin),
+            workers: startup.workers.count(),
+            dial_states: Arc::default(),
+            reload_requests,
+            draining: AtomicBool::new(false),
+        });
+        track_known_destinations(&state);
+
+        let session_ctx = startup.session_context(&state);
+        let tunnel = startup.start_tunnel_listeners(tunnel, &session_ctx);
+        let dialing = startup.start_dialers(&tunnel.endpoints, &state.peers, &session_ctx)?;
+        let listener_specs = startup.start_imports(imports.listeners, &state);
+        startup.background.spawn(announce_policy_changes(
+            Arc::downgrade(&state),
+            state.acl.subscribe_changes(),
+            startup.stop_rest.clone(),
+        ));
+        let (admin_remote_tls, admin_socket) = startup.start_admin(admin, &state);
+        startup.background.spawn(crate::trust::watch_crl_freshness(
+            state.trust.subscribe(),
+            startup.stop_rest.clone(),
+        ));
+        let addresses = &state.addresses;
+        info!(node = %state.identity, tunnel = ?addresses.tunnel, admin = %addresses.admin, admin_socket = %addresses.admin_socket.display(), admin_remote = ?addresses.admin_remote, workers = state.workers, tunnel_endpoints = tunnel.endpoints.len(), "node started");
+        let live = Reloadable {
+            state: state.clone(),
+            endpoints: tunnel.endpoints,
+            dial_endpoints: dialing.endpoints,
+            peer_clients: dialing.peer_clients,
+            tunnel_server: tunnel.server,
+            tunnel_tcp_server: tunnel.tcp_server,
+            admin_remote_tls,
+            listener_specs,
+            dial_backoff: dialing.backoff,
+            tuning: startup.tuning.clone(),
+            stop_rest: startup.stop_rest.clone(),
+            one_at_a_time: tokio::sync::Mutex::new(()),
+        };
+        Ok(startup.into_node(state, live, reload_queue, admin_socket))
     }
 
     pub fn addresses(&self) -> &NodeAddresses {
@@ -1119,17 +1371,15 @@ async fn accept_loop(
                     )
                     .await;
                 }
-                Err(e) => {
+                Err(error) => {
                     // The count takes the reason; the detail (serial, dates) goes to the log.
-                    let rejected = rejection.take();
-                    let reason = HandshakeFailure::of_connection_error(&e, rejected.as_ref());
+                    let error = QuicHandshakeError {
+                        error,
+                        rejected: rejection.take(),
+                    };
+                    let reason = error.failure();
                     metrics.handshake_failed(reason);
-                    match rejected {
-                        Some(rejected) => {
-                            warn!(%remote, %reason, error = %rejected, "tunnel handshake refused")
-                        }
-                        None => warn!(%remote, %reason, error = %e, "tunnel handshake refused"),
-                    }
+                    warn!(%remote, %reason, %error, "tunnel handshake refused");
                 }
             }
         });
@@ -1169,9 +1419,10 @@ async fn tcp_accept_loop(
                     )
                     .await;
                 }
-                Err((reason, detail)) => {
+                Err(error) => {
+                    let reason = error.failure();
                     ctx.metrics.handshake_failed(reason);
-                    warn!(%remote, %reason, error = %detail, "tunnel TCP handshake refused");
+                    warn!(%remote, %reason, %error, "tunnel TCP handshake refused");
                 }
             }
         });

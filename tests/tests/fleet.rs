@@ -493,7 +493,10 @@ async fn a_fleet_of_five_agrees_and_every_cloud_node_reaches_every_site() {
         assert!(text.contains("DISAGREE"), "{text}");
         // The announced members are dialled and shown as such.
         for tunnel in &tunnels {
-            assert!(text.contains(&format!("{tunnel} (cloud, announced)")), "{text}");
+            assert!(
+                text.contains(&format!("{tunnel} (cloud, announced)")),
+                "{text}"
+            );
         }
         assert!(
             text.contains(&format!("{} DIFFERS", &changed[..12])),

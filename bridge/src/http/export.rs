@@ -26,7 +26,7 @@ use crate::metrics::{Metrics, Side};
 use crate::tunnel::exchange::{Direction, Event, Exchange, ExchangeError};
 use crate::tunnel::frame::{self, Frame, RequestHead, ResponseHead};
 use crate::tunnel::peers::PeerNode;
-use crate::tunnel::stream::{RecvHalf, SendHalf, codes, encoded};
+use crate::tunnel::stream::{RecvHalf, SendHalf, StreamError, codes, encoded};
 use crate::upstream::Upstream;
 
 /// Shared state of the export side of a node.
@@ -131,18 +131,29 @@ pub async fn serve_stream(
     send.delivered().await;
 }
 
+/// Why a request stream does not open with a REQUEST head.
+#[derive(Debug, thiserror::Error)]
+enum HeadError {
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error(transparent)]
+    Exchange(#[from] ExchangeError),
+    #[error("the exchange admitted a first frame that is not a head")]
+    NotAHead,
+}
+
 /// Reads the REQUEST head a stream opens with; `Ok(None)`: the stream closed before it, which
 /// asks for nothing. An error is an unreadable stream or one that broke the exchange.
 async fn read_head(
     recv: &mut RecvHalf,
     receiving: &mut Exchange,
-) -> Result<Option<Box<RequestHead>>, String> {
-    let first = recv.read_frame().await.map_err(|e| e.to_string())?;
+) -> Result<Option<Box<RequestHead>>, HeadError> {
+    let first = recv.read_frame().await?;
     match (receiving.on(Event::of(first.as_ref())), first) {
         (Ok(_), Some(Frame::Request(head))) => Ok(Some(head)),
         (Err(ExchangeError::EndedBeforeHead(_)), _) => Ok(None),
-        (Err(e), _) => Err(e.to_string()),
-        (Ok(_), _) => Err("the exchange admitted a first frame that is not a head".to_owned()),
+        (Err(e), _) => Err(e.into()),
+        (Ok(_), _) => Err(HeadError::NotAHead),
     }
 }
 

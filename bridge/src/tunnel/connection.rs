@@ -79,7 +79,7 @@ impl ConnectionLost {
     pub fn disconnect_reason(&self) -> DisconnectReason {
         match self {
             Self::Quic(e) => DisconnectReason::of_connection_error(e),
-            Self::Tcp(e) => e.reason,
+            Self::Tcp(e) => e.disconnect_reason(),
         }
     }
 
@@ -220,10 +220,10 @@ impl TunnelConnection {
     }
 
     /// Resolves when the connection is closed, with the reason.
-    pub async fn closed(&self) -> String {
+    pub async fn closed(&self) -> ConnectionLost {
         match self {
-            Self::Quic(c) => c.closed().await.to_string(),
-            Self::Tcp(c) => c.closed().await.to_string(),
+            Self::Quic(c) => ConnectionLost::Quic(c.closed().await),
+            Self::Tcp(c) => ConnectionLost::Tcp(c.closed().await),
         }
     }
 

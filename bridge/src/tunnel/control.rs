@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use super::frame::{self, Frame, PROTOCOL_VERSION};
-use super::stream::{RecvHalf, SendHalf, StreamError, encoded};
+use super::stream::{ReadError, RecvHalf, SendHalf, StreamError, WriteError, encoded};
 use crate::config::MAX_ANNOUNCED_MEMBERS;
 
 /// One message on the control stream.
@@ -101,7 +101,7 @@ pub fn parse_members(announced: &[String]) -> Vec<SocketAddr> {
 
 /// Writes one control message.
 pub async fn send(out: &mut SendHalf, message: &ControlMessage) -> Result<(), StreamError> {
-    let json = serde_json::to_vec(message).map_err(|e| StreamError::Write(e.to_string()))?;
+    let json = serde_json::to_vec(message).map_err(WriteError::EncodeControl)?;
     let bytes = encoded(|b| frame::encode_control(&json, b))?;
     out.write_encoded(bytes).await
 }
@@ -112,15 +112,24 @@ pub async fn receive(input: &mut RecvHalf) -> Result<Option<ControlMessage>, Str
         None => Ok(None),
         Some(Frame::Control(payload)) => serde_json::from_slice(&payload)
             .map(Some)
-            .map_err(|e| StreamError::Read(format!("malformed control message: {e}"))),
+            .map_err(|e| ReadError::MalformedControl(e).into()),
         Some(_) => Err(StreamError::Unexpected(
             "non-control frame on the control stream",
         )),
     }
 }
 
+/// Why a peer's first control message is not a hello this node can take.
+#[derive(Debug, thiserror::Error)]
+pub enum HelloError {
+    #[error("peer speaks tunnel protocol version {0}, this node speaks {PROTOCOL_VERSION}")]
+    Version(u8),
+    #[error("expected hello on the control stream, got {0:?}")]
+    NotHello(Box<ControlMessage>),
+}
+
 /// Checks a peer's hello and returns what it announced.
-pub fn check_hello(message: ControlMessage) -> Result<PeerAnnouncement, String> {
+pub fn check_hello(message: ControlMessage) -> Result<PeerAnnouncement, HelloError> {
     match message {
         ControlMessage::Hello {
             version,
@@ -135,12 +144,8 @@ pub fn check_hello(message: ControlMessage) -> Result<PeerAnnouncement, String> 
             policy_digest,
             members: parse_members(&members),
         }),
-        ControlMessage::Hello { version, .. } => Err(format!(
-            "peer speaks tunnel protocol version {version}, this node speaks {PROTOCOL_VERSION}"
-        )),
-        other => Err(format!(
-            "expected hello on the control stream, got {other:?}"
-        )),
+        ControlMessage::Hello { version, .. } => Err(HelloError::Version(version)),
+        other => Err(HelloError::NotHello(Box::new(other))),
     }
 }
 
@@ -190,7 +195,9 @@ mod tests {
             policy_digest: String::new(),
             members: vec![],
         };
-        assert!(check_hello(hello).unwrap_err().contains("version 9"));
+        let refused = check_hello(hello).unwrap_err();
+        assert!(matches!(refused, HelloError::Version(9)), "{refused:?}");
+        assert!(refused.to_string().contains("version 9"));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::connection::{Carrier, TunnelConnection};
 use super::handshake::RejectionSlot;
-use super::outcome::HandshakeFailure;
+use super::outcome::{HandshakeError, HandshakeFailure, QuicHandshakeError, SessionEnd};
 use super::peers::Direction;
 use super::quic::DialConfig;
 use super::session::{self, SessionContext};
@@ -48,9 +48,6 @@ pub struct CarrierChoice {
     pub tcp_fallback_after: Duration,
     pub quic_reprobe_interval: Duration,
 }
-
-/// A failed dial: the reason it is counted under and the detail it is logged with.
-type DialError = (HandshakeFailure, String);
 
 /// Where a dialer's QUIC connections come from.
 #[derive(Clone)]
@@ -316,10 +313,11 @@ async fn keep_up(
                 info!(peer = %peer.address, slot = slot.index, %reason, "tunnel connection ended; reconnecting");
                 states.update(slot, |s| s.last_error = Some(reason));
             }
-            Err((failure, detail)) => {
+            Err(error) => {
+                let failure = error.failure();
                 refused = Some(failure);
-                states.update(slot, |s| s.last_error = Some(detail.clone()));
-                warn!(peer = %peer.address, slot = slot.index, reason = %failure, error = %detail, retry_in_ms = backoff.as_millis() as u64, "tunnel connect failed");
+                states.update(slot, |s| s.last_error = Some(error.to_string()));
+                warn!(peer = %peer.address, slot = slot.index, reason = %failure, %error, retry_in_ms = backoff.as_millis() as u64, "tunnel connect failed");
             }
         }
         // Full jitter in [backoff/2, backoff]: many on-prem nodes must not reconnect in lockstep.
@@ -354,7 +352,7 @@ struct Dialer {
 
 impl Dialer {
     /// Dials the peer on the configured carrier(s); on success, says why that carrier.
-    async fn connect(&self, quic_failures: &mut u32) -> Result<Dialled, DialError> {
+    async fn connect(&self, quic_failures: &mut u32) -> Result<Dialled, HandshakeError> {
         let addr = resolve(&self.address).await?;
         match self.choice.transport {
             Transport::Quic => {
@@ -386,7 +384,11 @@ impl Dialer {
 
     /// Happy eyeballs: QUIC first, TLS/TCP beside it once QUIC is late or failed; the first
     /// to come up wins.
-    async fn race(&self, addr: SocketAddr, quic_failures: &mut u32) -> Result<Dialled, DialError> {
+    async fn race(
+        &self,
+        addr: SocketAddr,
+        quic_failures: &mut u32,
+    ) -> Result<Dialled, HandshakeError> {
         let quic = self.quic(addr);
         tokio::pin!(quic);
         let quic_error = tokio::select! {
@@ -401,7 +403,7 @@ impl Dialer {
         };
         let tcp = self.tcp(addr);
         tokio::pin!(tcp);
-        let Some((quic_failure, quic_detail)) = quic_error else {
+        let Some(quic_error) = quic_error else {
             // QUIC is late: race it against TCP.
             return tokio::select! {
                 result = &mut quic => match result {
@@ -409,10 +411,10 @@ impl Dialer {
                         *quic_failures = 0;
                         Ok(Dialled::quic(connection, endpoint, "QUIC handshake completed"))
                     }
-                    Err((_, quic_detail)) => {
+                    Err(quic_error) => {
                         let connection = tcp.await?;
                         *quic_failures += 1;
-                        Ok(Dialled::tcp(connection, format!("QUIC failed ({quic_detail}); using TCP")))
+                        Ok(Dialled::tcp(connection, format!("QUIC failed ({quic_error}); using TCP")))
                     }
                 },
                 result = &mut tcp => {
@@ -429,14 +431,14 @@ impl Dialer {
             };
         };
         // A refusal of our certificate or theirs is not the network: TCP would fail alike.
-        if is_verdict(quic_failure) {
-            return Err((quic_failure, quic_detail));
+        if is_verdict(quic_error.failure()) {
+            return Err(quic_error);
         }
         let connection = tcp.await?;
         *quic_failures += 1;
         Ok(Dialled::tcp(
             connection,
-            format!("QUIC failed ({quic_detail}); using TCP"),
+            format!("QUIC failed ({quic_error}); using TCP"),
         ))
     }
 
@@ -445,8 +447,7 @@ impl Dialer {
     async fn quic(
         &self,
         addr: SocketAddr,
-    ) -> Result<(quinn::Connection, Option<EndpointGuard>), DialError> {
-        let other = |e: anyhow::Error| (HandshakeFailure::Other, format!("{e:#}"));
+    ) -> Result<(quinn::Connection, Option<EndpointGuard>), HandshakeError> {
         let (endpoint, guard) = match &self.source {
             DialSource::Shared(endpoint) => (endpoint.clone(), None),
             DialSource::Fresh {
@@ -454,9 +455,10 @@ impl Dialer {
                 reset_key_seed,
                 registry,
             } => {
-                let socket = super::quic::bind_socket(*bind, false).map_err(other)?;
-                let endpoint =
-                    super::quic::endpoint(socket, None, reset_key_seed, None).map_err(other)?;
+                let socket =
+                    super::quic::bind_socket(*bind, false).map_err(HandshakeError::Endpoint)?;
+                let endpoint = super::quic::endpoint(socket, None, reset_key_seed, None)
+                    .map_err(HandshakeError::Endpoint)?;
                 let guard = registry.register(endpoint.clone());
                 (endpoint, Some(guard))
             }
@@ -468,25 +470,18 @@ impl Dialer {
                 addr,
                 &self.server_name,
             )
-            .map_err(|e| {
-                (
-                    HandshakeFailure::Other,
-                    format!("connecting to {addr}: {e}"),
-                )
-            })?;
-        let connection = connecting.await.map_err(|e| {
-            let rejected = rejection.take();
-            let failure = HandshakeFailure::of_connection_error(&e, rejected.as_ref());
-            let detail = match rejected {
-                Some(rejected) => format!("QUIC handshake with {addr}: {rejected}"),
-                None => format!("QUIC handshake with {addr}: {e}"),
-            };
-            (failure, detail)
+            .map_err(|error| HandshakeError::QuicConnect { addr, error })?;
+        let connection = connecting.await.map_err(|error| HandshakeError::Quic {
+            addr,
+            error: QuicHandshakeError {
+                error,
+                rejected: rejection.take(),
+            },
         })?;
         Ok((connection, guard))
     }
 
-    async fn tcp(&self, addr: SocketAddr) -> Result<tcp::TcpConnection, DialError> {
+    async fn tcp(&self, addr: SocketAddr) -> Result<tcp::TcpConnection, HandshakeError> {
         let config = self.config.load_full();
         tcp::dial(addr, &self.server_name, config.tcp.clone(), &config.tuning).await
     }
@@ -516,8 +511,8 @@ impl Dialer {
             };
             let (quic, _endpoint) = match probed {
                 Ok(probed) => probed,
-                Err((failure, detail)) => {
-                    debug!(peer = %self.address, reason = %failure, error = %detail, "QUIC re-probe failed; staying on TCP");
+                Err(error) => {
+                    debug!(peer = %self.address, reason = %error.failure(), %error, "QUIC re-probe failed; staying on TCP");
                     continue;
                 }
             };
@@ -565,7 +560,7 @@ enum Ended {
 /// A session running in its own task, so its dialer can act while it runs.
 struct Session {
     id: usize,
-    task: tokio::task::JoinHandle<String>,
+    task: tokio::task::JoinHandle<SessionEnd>,
     retire: CancellationToken,
 }
 
@@ -626,9 +621,10 @@ impl Session {
             Self::link(id, ctx).await.went_silent().await;
         };
         tokio::select! {
-            ended = &mut self.task => Ended::Closed(
-                ended.unwrap_or_else(|e| format!("tunnel session task failed: {e}")),
-            ),
+            ended = &mut self.task => Ended::Closed(match ended {
+                Ok(end) => end.to_string(),
+                Err(e) => format!("tunnel session task failed: {e}"),
+            }),
             () = silent => {
                 self.retire.cancel();
                 Ended::Silent
@@ -673,11 +669,15 @@ fn is_verdict(failure: HandshakeFailure) -> bool {
     )
 }
 
-async fn resolve(address: &str) -> Result<SocketAddr, DialError> {
-    let other = |detail: String| (HandshakeFailure::Other, detail);
+async fn resolve(address: &str) -> Result<SocketAddr, HandshakeError> {
     tokio::net::lookup_host(address)
         .await
-        .map_err(|e| other(format!("resolving {address}: {e}")))?
+        .map_err(|error| HandshakeError::Resolve {
+            address: address.to_owned(),
+            error,
+        })?
         .next()
-        .ok_or_else(|| other(format!("resolving {address}: no addresses")))
+        .ok_or_else(|| HandshakeError::NoAddress {
+            address: address.to_owned(),
+        })
 }

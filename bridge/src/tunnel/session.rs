@@ -17,10 +17,10 @@ use tracing::{debug, info, warn};
 
 use super::connection::TunnelConnection;
 use super::control::{self, ControlMessage};
-use super::outcome::{DisconnectReason, HandshakeFailure};
+use super::outcome::{Disconnect, HelloFailed, SessionEnd, SessionRefused, UNTRUSTED};
 use super::peers::{Direction, PeerLink, PeerNode, PeerSet};
 use super::serving::ServingPolicy;
-use super::stream::{RecvHalf, SendHalf, codes};
+use super::stream::{RecvHalf, SendHalf, StreamError, codes};
 use crate::metrics::Metrics;
 use crate::trust::{self, PeerKind, Trust};
 
@@ -66,20 +66,20 @@ pub async fn run(
     ctx: Arc<SessionContext>,
     cancel: CancellationToken,
     retire: CancellationToken,
-) -> String {
+) -> SessionEnd {
+    let refused = |refusal: SessionRefused| {
+        ctx.metrics.handshake_failed(refusal.failure());
+        SessionEnd::Refused(refusal)
+    };
     let Some(peer) = connection.peer_id() else {
         connection.close(codes::PROTOCOL, "no peer identity");
-        ctx.metrics
-            .handshake_failed(HandshakeFailure::WrongIdentity);
-        return "peer presented no usable identity".into();
+        return refused(SessionRefused::NoIdentity);
     };
     // The handshake admits node certificates only; anything else is refused here too, since
     // the site of every request the peer sends comes from this identity.
     let Some(peer_node) = PeerNode::of(&peer).map(Arc::new) else {
         connection.close(codes::PROTOCOL, "not a node identity");
-        ctx.metrics
-            .handshake_failed(HandshakeFailure::WrongIdentity);
-        return format!("peer {peer} is not a node identity");
+        return refused(SessionRefused::NotANode(peer));
     };
     let peer_name: Arc<str> = peer_node.id.clone();
     let hello = (ctx.hello)();
@@ -88,30 +88,33 @@ pub async fn run(
             Direction::Dialed => connection.open_stream().await,
             Direction::Accepted => connection.accept_stream().await,
         }
-        .map_err(|e| (e.handshake_failure(), e.to_string()))?;
+        .map_err(HelloFailed::Connection)?;
         // A control stream that fails because the connection went (a peer that refused our
         // certificate closes it right after the TLS handshake) is counted by why it went.
-        let control_failed = |e: String| match connection.lost() {
-            Some(lost) => (lost.handshake_failure(), format!("{e} ({lost})")),
-            None => (HandshakeFailure::Protocol, e),
+        let control_failed = |failed: HelloFailed| match connection.lost() {
+            Some(lost) => HelloFailed::ConnectionGone {
+                during: Box::new(failed),
+                lost,
+            },
+            None => failed,
         };
+        let stream_failed = |e: StreamError| control_failed(HelloFailed::Stream(e));
         if direction == Direction::Dialed {
             control::send(&mut send, &hello)
                 .await
-                .map_err(|e| control_failed(e.to_string()))?;
+                .map_err(stream_failed)?;
         }
         let theirs = control::receive(&mut recv)
             .await
-            .map_err(|e| control_failed(e.to_string()))?
-            .ok_or_else(|| control_failed("peer closed the control stream".into()))?;
-        let announcement =
-            control::check_hello(theirs).map_err(|e| (HandshakeFailure::Protocol, e))?;
+            .map_err(stream_failed)?
+            .ok_or_else(|| control_failed(HelloFailed::Closed))?;
+        let announcement = control::check_hello(theirs).map_err(HelloFailed::Hello)?;
         if direction == Direction::Accepted {
             control::send(&mut send, &hello)
                 .await
-                .map_err(|e| control_failed(e.to_string()))?;
+                .map_err(stream_failed)?;
         }
-        Ok::<_, (HandshakeFailure, String)>((send, recv, announcement))
+        Ok::<_, HelloFailed>((send, recv, announcement))
     };
     let (mut control_send, mut control_recv, announcement) = match tokio::time::timeout(
         HELLO_TIMEOUT,
@@ -120,17 +123,19 @@ pub async fn run(
     .await
     {
         Ok(Ok(v)) => v,
-        Ok(Err((failure, e))) => {
+        Ok(Err(e)) => {
             connection.close(codes::PROTOCOL, "control handshake failed");
+            let failure = e.failure();
             ctx.metrics.handshake_failed(failure);
             warn!(peer = %peer_name, remote = %connection.remote_address(), reason = %failure, error = %e, "tunnel control handshake failed");
-            return format!("control handshake failed: {e}");
+            return SessionEnd::Refused(SessionRefused::Hello(e));
         }
         Err(_) => {
             connection.close(codes::PROTOCOL, "control handshake timed out");
-            ctx.metrics.handshake_failed(HandshakeFailure::Timeout);
+            let refusal = SessionRefused::HelloTimedOut;
+            ctx.metrics.handshake_failed(refusal.failure());
             warn!(peer = %peer_name, remote = %connection.remote_address(), "tunnel control handshake timed out");
-            return "control handshake timed out".into();
+            return SessionEnd::Refused(refusal);
         }
     };
 
@@ -153,7 +158,7 @@ pub async fn run(
         while let Some(message) = control_rx.recv().await {
             if let Err(e) = control::send(&mut control_send, &message).await {
                 debug!(error = %e, "control stream write failed");
-                return ControlEnd::Failed(e.to_string());
+                return ControlEnd::Failed(e);
             }
         }
         ControlEnd::Finished
@@ -205,7 +210,7 @@ pub async fn run(
                 Ok(None) => break ControlEnd::Finished,
                 Err(e) => {
                     debug!(peer = %peer_name, error = %e, "control stream ended");
-                    break ControlEnd::Failed(e.to_string());
+                    break ControlEnd::Failed(e);
                 }
             }
         }
@@ -237,16 +242,16 @@ pub async fn run(
         retire_link(&connection, &link, &ctx).await;
     };
     let watchdog = watch_silence(&connection, &link, &ctx);
-    let (reason, detail) = tokio::select! {
-        lost = acceptor => (lost.disconnect_reason(), lost.to_string()),
+    let end = tokio::select! {
+        lost = acceptor => Disconnect::Lost(lost),
         // The acceptor and the control reader keep running while the link drains: the peer
         // may still send requests until it reads our GOAWAY, and its DrainAck comes on the
         // control stream.
-        () = retirement => (DisconnectReason::Replaced, "replaced by a link on another carrier".to_owned()),
+        () = retirement => Disconnect::Replaced,
         never = watchdog => match never {},
         why = untrusted => {
             close_untrusted(&connection, &link, &ctx, &peer_name, &why).await;
-            (DisconnectReason::Untrusted, UNTRUSTED.to_owned())
+            Disconnect::Untrusted
         }
         // A control stream ends with its connection too: then the connection's end is the
         // reason, whichever of the two this node noticed first.
@@ -254,9 +259,11 @@ pub async fn run(
         end = writer => control_ended(&connection, ControlHalf::Writer, end).await,
         () = cancel.cancelled() => {
             connection.close(codes::GOING_AWAY, "node shutting down");
-            (DisconnectReason::ShuttingDown, "node shutting down".to_owned())
+            Disconnect::ShuttingDown
         }
     };
+    let reason = end.reason();
+    let detail = end.to_string();
     // Counted before the link leaves the set, so whoever waits on the set sees the count.
     ctx.metrics.tunnel_disconnected(&peer_node.site, reason);
     ctx.peers.record_down(&peer_node.site, reason, &detail);
@@ -265,7 +272,7 @@ pub async fn run(
     // A TLS/TCP connection writes what it has buffered before its socket goes; give it the
     // moment (a QUIC connection's endpoint does the same on its own).
     let _ = tokio::time::timeout(CLOSE_WAIT, connection.closed()).await;
-    detail
+    SessionEnd::Disconnected(end)
 }
 
 /// How often a link's watchdog looks for news from the peer.
@@ -346,12 +353,12 @@ enum ControlHalf {
 }
 
 /// How a half of the control stream ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum ControlEnd {
     /// The peer finished its side (reader), or nothing is left to send (writer).
     Finished,
     /// Reading or writing failed.
-    Failed(String),
+    Failed(StreamError),
 }
 
 /// How long an ended control stream waits for its connection to report why it went.
@@ -366,51 +373,37 @@ async fn control_ended(
     connection: &TunnelConnection,
     half: ControlHalf,
     end: ControlEnd,
-) -> (DisconnectReason, String) {
+) -> Disconnect {
     if connection.lost().is_none() {
         let _ = tokio::time::timeout(CONNECTION_END_GRACE, connection.closed()).await;
     }
     let lost = connection.lost();
     let still_up = lost.is_none();
-    let (reason, detail) = control_end_reason(lost, half, end);
+    let disconnect = control_end_reason(lost, half, end);
     if still_up {
-        connection.close(codes::PROTOCOL, reason.as_str());
+        connection.close(codes::PROTOCOL, disconnect.reason().as_str());
     }
-    (reason, detail)
+    disconnect
 }
 
-/// The reason and detail counted for a control stream half that ended as `end`, given how
-/// its connection ended (`None`: it is still up).
+/// Why the link ended after a control stream half ended as `end`, given how its connection
+/// ended (`None`: it is still up).
 fn control_end_reason(
     lost: Option<super::connection::ConnectionLost>,
     half: ControlHalf,
     end: ControlEnd,
-) -> (DisconnectReason, String) {
+) -> Disconnect {
     if let Some(lost) = lost {
-        return (lost.disconnect_reason(), lost.to_string());
+        return Disconnect::Lost(lost);
     }
     match (half, end) {
-        (ControlHalf::Reader, ControlEnd::Finished) => (
-            DisconnectReason::ControlClosed,
-            "peer closed the control stream".to_owned(),
-        ),
-        (ControlHalf::Reader, ControlEnd::Failed(e)) => (
-            DisconnectReason::ControlFailed,
-            format!("control stream read failed: {e}"),
-        ),
-        (ControlHalf::Writer, ControlEnd::Failed(e)) => (
-            DisconnectReason::ControlFailed,
-            format!("control stream write failed: {e}"),
-        ),
-        (ControlHalf::Writer, ControlEnd::Finished) => (
-            DisconnectReason::ClosedLocally,
-            "control stream writer stopped".to_owned(),
-        ),
+        (ControlHalf::Reader, ControlEnd::Finished) => Disconnect::ControlClosed,
+        (ControlHalf::Reader, ControlEnd::Failed(e)) => Disconnect::ControlReadFailed(e),
+        (ControlHalf::Writer, ControlEnd::Failed(e)) => Disconnect::ControlWriteFailed(e),
+        (ControlHalf::Writer, ControlEnd::Finished) => Disconnect::ControlWriterStopped,
     }
 }
 
-/// The disconnect detail of a peer whose certificate stopped passing.
-const UNTRUSTED: &str = "peer certificate no longer trusted";
 /// How long a peer that lost trust may take to finish the streams we sent it.
 const UNTRUSTED_GRACE: Duration = Duration::from_secs(2);
 
@@ -454,6 +447,21 @@ fn refuse_unservable(ctx: &SessionContext, peer: &PeerNode, announced: &[String]
 mod tests {
     use super::*;
     use crate::tunnel::connection::ConnectionLost;
+    use crate::tunnel::outcome::DisconnectReason;
+    use crate::tunnel::stream::{ReadError, WriteError};
+
+    /// What a session counts and records for `disconnect`.
+    fn counted(disconnect: Disconnect) -> (DisconnectReason, String) {
+        (disconnect.reason(), disconnect.to_string())
+    }
+
+    fn read_failed(error: quinn::ConnectionError) -> ControlEnd {
+        ControlEnd::Failed(ReadError::from(quinn::ReadError::ConnectionLost(error)).into())
+    }
+
+    fn write_failed(error: quinn::WriteError) -> ControlEnd {
+        ControlEnd::Failed(WriteError::from(error).into())
+    }
 
     #[test]
     fn a_control_stream_ended_by_its_connection_takes_the_connection_reason() {
@@ -462,10 +470,10 @@ mod tests {
         let timed_out = Some(ConnectionLost::Quic(quinn::ConnectionError::TimedOut));
         for end in [
             ControlEnd::Finished,
-            ControlEnd::Failed("connection lost".into()),
+            read_failed(quinn::ConnectionError::TimedOut),
         ] {
             assert_eq!(
-                control_end_reason(timed_out.clone(), ControlHalf::Reader, end).0,
+                control_end_reason(timed_out.clone(), ControlHalf::Reader, end).reason(),
                 DisconnectReason::IdleTimeout
             );
         }
@@ -473,9 +481,11 @@ mod tests {
             control_end_reason(
                 Some(ConnectionLost::Quic(quinn::ConnectionError::Reset)),
                 ControlHalf::Writer,
-                ControlEnd::Failed("reset".into())
+                write_failed(quinn::WriteError::ConnectionLost(
+                    quinn::ConnectionError::Reset
+                ))
             )
-            .0,
+            .reason(),
             DisconnectReason::ConnectionError
         );
     }
@@ -483,30 +493,37 @@ mod tests {
     #[test]
     fn only_a_finished_control_stream_on_a_live_connection_is_a_peer_close() {
         assert_eq!(
-            control_end_reason(None, ControlHalf::Reader, ControlEnd::Finished),
+            counted(control_end_reason(
+                None,
+                ControlHalf::Reader,
+                ControlEnd::Finished
+            )),
             (
                 DisconnectReason::ControlClosed,
                 "peer closed the control stream".to_owned()
             )
         );
+        let malformed = serde_json::from_slice::<ControlMessage>(b"{").unwrap_err();
         assert_eq!(
-            control_end_reason(
+            counted(control_end_reason(
                 None,
                 ControlHalf::Reader,
-                ControlEnd::Failed("malformed control message".into())
-            ),
+                ControlEnd::Failed(ReadError::MalformedControl(malformed).into())
+            )),
             (
                 DisconnectReason::ControlFailed,
-                "control stream read failed: malformed control message".to_owned()
+                "control stream read failed: tunnel stream read failed: malformed control \
+                 message: EOF while parsing an object at line 1 column 1"
+                    .to_owned()
             )
         );
         assert_eq!(
             control_end_reason(
                 None,
                 ControlHalf::Writer,
-                ControlEnd::Failed("stopped".into())
+                write_failed(quinn::WriteError::Stopped(quinn::VarInt::from_u32(0)))
             )
-            .0,
+            .reason(),
             DisconnectReason::ControlFailed
         );
     }

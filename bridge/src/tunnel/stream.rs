@@ -24,15 +24,48 @@ pub mod codes {
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
     #[error("tunnel stream read failed: {0}")]
-    Read(String),
+    Read(#[from] ReadError),
     #[error("tunnel stream write failed: {0}")]
-    Write(String),
+    Write(#[from] WriteError),
     #[error("peer sent a malformed frame: {0}")]
     Frame(#[from] FrameError),
     #[error("tunnel stream ended in the middle of a frame")]
     Truncated,
     #[error("peer sent an unexpected {0} frame")]
     Unexpected(&'static str),
+}
+
+/// Why reading a tunnel stream failed: the carrier's error, or what the stream said.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Quic(#[from] quinn::ReadError),
+    #[error(transparent)]
+    H2(#[from] h2::Error),
+    /// The peer answered a stream this side opened with something other than 200.
+    #[error("peer refused the stream ({0})")]
+    Refused(http::StatusCode),
+    /// This side had stopped reading the stream (`RecvHalf::stop`).
+    #[error("tunnel stream stopped")]
+    Stopped,
+    /// A CONTROL frame whose JSON is not a control message.
+    #[error("malformed control message: {0}")]
+    MalformedControl(serde_json::Error),
+}
+
+/// Why writing a tunnel stream failed: the carrier's error, or what could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Quic(#[from] quinn::WriteError),
+    #[error(transparent)]
+    H2(#[from] h2::Error),
+    /// The HTTP/2 stream will take no more data.
+    #[error("tunnel stream closed")]
+    Closed,
+    /// A control message that could not be encoded as JSON.
+    #[error("{0}")]
+    EncodeControl(serde_json::Error),
 }
 
 /// The sending half of a tunnel stream.
@@ -52,7 +85,7 @@ impl SendHalf {
             Self::Quic(s) => s
                 .write_chunk(bytes)
                 .await
-                .map_err(|e| StreamError::Write(e.to_string())),
+                .map_err(|e| WriteError::from(e).into()),
             Self::Tcp(s) => send_h2(s, Piece::new(bytes, Bytes::new())).await,
         }
     }
@@ -67,7 +100,7 @@ impl SendHalf {
                 Self::Quic(s) => s
                     .write_all_chunks(&mut [head, chunk])
                     .await
-                    .map_err(|e| StreamError::Write(e.to_string()))?,
+                    .map_err(WriteError::from)?,
                 Self::Tcp(s) => send_h2(s, Piece::new(head, chunk)).await?,
             }
         }
@@ -134,18 +167,17 @@ impl SendHalf {
 /// for capacity is the backpressure (h2 would otherwise buffer without bound).
 async fn send_h2(stream: &mut h2::SendStream<Piece>, mut piece: Piece) -> Result<(), StreamError> {
     use bytes::Buf;
-    let write = |e: h2::Error| StreamError::Write(e.to_string());
     while piece.has_remaining() {
         stream.reserve_capacity(piece.remaining());
         let granted = match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
-            Some(granted) => granted.map_err(write)?,
-            None => return Err(StreamError::Write("tunnel stream closed".into())),
+            Some(granted) => granted.map_err(WriteError::from)?,
+            None => return Err(WriteError::Closed.into()),
         };
         if granted == 0 {
             continue;
         }
         let now = piece.split_to(granted.min(piece.remaining()));
-        stream.send_data(now, false).map_err(write)?;
+        stream.send_data(now, false).map_err(WriteError::from)?;
     }
     Ok(())
 }
@@ -234,24 +266,20 @@ impl H2Recv {
 
     /// Up to `max` bytes; `Ok(None)` at a clean end.
     async fn chunk(&mut self, max: usize) -> Result<Option<Bytes>, StreamError> {
-        let read = |e: h2::Error| StreamError::Read(e.to_string());
         while self.buffer.is_empty() {
             if let Some(response) = self.response.take() {
-                let response = response.await.map_err(read)?;
+                let response = response.await.map_err(ReadError::from)?;
                 if response.status() != http::StatusCode::OK {
-                    return Err(StreamError::Read(format!(
-                        "peer refused the stream ({})",
-                        response.status()
-                    )));
+                    return Err(ReadError::Refused(response.status()).into());
                 }
                 self.body = Some(response.into_body());
             }
             let Some(body) = self.body.as_mut() else {
-                return Err(StreamError::Read("tunnel stream stopped".into()));
+                return Err(ReadError::Stopped.into());
             };
             match body.data().await {
                 None => return Ok(None),
-                Some(Err(e)) => return Err(read(e)),
+                Some(Err(e)) => return Err(ReadError::from(e).into()),
                 Some(Ok(data)) => {
                     // Our reader is the backpressure: window is given back as bytes are
                     // taken out of h2, not before.
@@ -346,7 +374,7 @@ impl RecvHalf {
                     self.ended = true;
                     Err(StreamError::Truncated)
                 }
-                Err(e) => Err(StreamError::Read(e.to_string())),
+                Err(e) => Err(ReadError::from(e).into()),
             },
             RecvInner::Tcp(r) => match r.chunk(max).await? {
                 Some(chunk) => Ok(chunk),
@@ -374,7 +402,7 @@ impl RecvHalf {
                         Err(StreamError::Truncated)
                     }
                 }
-                Err(quinn::ReadExactError::ReadError(e)) => Err(StreamError::Read(e.to_string())),
+                Err(quinn::ReadExactError::ReadError(e)) => Err(ReadError::from(e).into()),
             },
             RecvInner::Tcp(r) => {
                 let mut filled = 0;

@@ -32,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::outcome::{DisconnectReason, HandshakeFailure};
+use super::outcome::{DisconnectReason, HandshakeError, HandshakeFailure};
 use super::quic::TransportTuning;
 use super::stream::{RecvHalf, SendHalf};
 
@@ -103,49 +103,44 @@ impl Buf for Piece {
     }
 }
 
-/// Why a TCP link ended, as counted and logged.
-#[derive(Clone, Debug)]
-pub struct TcpLost {
-    pub reason: DisconnectReason,
-    pub detail: Arc<str>,
-}
-
-impl std::fmt::Display for TcpLost {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.detail)
-    }
+/// Why a TCP link ended; the reason it is counted under comes from the variant.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum TcpLost {
+    /// HTTP/2 (or the TLS and TCP under it) failed.
+    #[error("tunnel TCP connection failed: {0}")]
+    Failed(Arc<h2::Error>),
+    /// The peer ended the connection cleanly.
+    #[error("peer closed the tunnel TCP connection")]
+    PeerClosed,
+    /// Nothing arrived from the peer within the idle timeout.
+    #[error("nothing heard from the peer for {} ms", .0.as_millis())]
+    Silent(Duration),
+    /// This side closed the connection, for the reason given.
+    #[error("closed locally: {0}")]
+    ClosedLocally(Arc<str>),
+    /// The connection is gone and its driver recorded no reason.
+    #[error("tunnel TCP connection closed")]
+    Closed,
 }
 
 impl TcpLost {
-    fn new(reason: DisconnectReason, detail: impl Into<Arc<str>>) -> Self {
-        Self {
-            reason,
-            detail: detail.into(),
+    fn of_h2(error: h2::Error) -> Self {
+        Self::Failed(Arc::new(error))
+    }
+
+    /// The reason counted for a connection that ended this way.
+    pub fn disconnect_reason(&self) -> DisconnectReason {
+        match self {
+            Self::Failed(error) => DisconnectReason::of_h2_error(error),
+            Self::PeerClosed => DisconnectReason::PeerClosed,
+            Self::Silent(_) => DisconnectReason::IdleTimeout,
+            Self::ClosedLocally(_) | Self::Closed => DisconnectReason::ClosedLocally,
         }
     }
 
-    fn of_h2(error: &h2::Error) -> Self {
-        // In TLS 1.3 the server checks our certificate after our side of the handshake is
-        // done: a refusal arrives as an alert on the first read, inside h2's I/O error.
-        let refused = error
-            .get_io()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            .is_some_and(|e| matches!(e, rustls::Error::AlertReceived(_)));
-        let reason = if refused || (error.is_go_away() && error.is_remote()) {
-            DisconnectReason::PeerClosed
-        } else if error.is_io() {
-            DisconnectReason::ConnectionError
-        } else if error.is_go_away() {
-            DisconnectReason::ClosedLocally
-        } else {
-            DisconnectReason::ConnectionError
-        };
-        Self::new(reason, format!("tunnel TCP connection failed: {error}"))
-    }
-
+    /// The reason counted for a handshake that ended this way.
     pub fn handshake_failure(&self) -> HandshakeFailure {
-        match self.reason {
+        match self.disconnect_reason() {
             DisconnectReason::PeerClosed => HandshakeFailure::RefusedByPeer,
             DisconnectReason::IdleTimeout => HandshakeFailure::Timeout,
             _ => HandshakeFailure::Protocol,
@@ -385,7 +380,7 @@ impl TcpConnection {
             .enable_push(false)
             .handshake::<_, Piece>(io)
             .await
-            .map_err(|e| TcpLost::of_h2(&e))?;
+            .map_err(TcpLost::of_h2)?;
         let ping = connection.ping_pong();
         let opener = Opener::Client(Mutex::new(Some(send_request.clone())));
         let (
@@ -445,7 +440,7 @@ impl TcpConnection {
             .max_frame_size(MAX_H2_FRAME)
             .handshake::<_, Piece>(io)
             .await
-            .map_err(|e| TcpLost::of_h2(&e))?;
+            .map_err(TcpLost::of_h2)?;
         let ping = connection.ping_pong();
         let opener = Opener::Server(Offers::default());
         let (
@@ -519,11 +514,11 @@ impl TcpConnection {
                 };
                 let mut send_request = match send_request.ready().await {
                     Ok(ready) => ready,
-                    Err(e) => return Err(self.lost().unwrap_or_else(|| TcpLost::of_h2(&e))),
+                    Err(e) => return Err(self.lost().unwrap_or_else(|| TcpLost::of_h2(e))),
                 };
                 let (response, send) = send_request
                     .send_request(post(FORWARD), false)
-                    .map_err(|e| self.lost_or(TcpLost::of_h2(&e)))?;
+                    .map_err(|e| self.lost_or(TcpLost::of_h2(e)))?;
                 Ok((SendHalf::tcp(send), RecvHalf::tcp_response(response)))
             }
             Opener::Server(offers) => loop {
@@ -567,10 +562,7 @@ impl TcpConnection {
     }
 
     fn lost_or_closed(&self) -> TcpLost {
-        self.lost_or(TcpLost::new(
-            DisconnectReason::ClosedLocally,
-            "tunnel TCP connection closed",
-        ))
+        self.lost_or(TcpLost::Closed)
     }
 
     pub fn peer_chain(&self) -> Vec<CertificateDer<'static>> {
@@ -593,10 +585,7 @@ impl TcpConnection {
     /// Closes the connection: `graceful` lets streams in flight finish and what is
     /// buffered be written; otherwise streams are cancelled.
     pub fn close(&self, graceful: bool, reason: &str) {
-        let _ = self.shared.lost.set(TcpLost::new(
-            DisconnectReason::ClosedLocally,
-            format!("closed locally: {reason}"),
-        ));
+        let _ = self.shared.lost.set(TcpLost::ClosedLocally(reason.into()));
         if let Opener::Client(send_request) = &self.shared.opener {
             lock(send_request).take();
         }
@@ -739,8 +728,8 @@ where
         tokio::select! {
             result = &mut connection => {
                 set_lost(match result {
-                    Ok(()) => TcpLost::new(DisconnectReason::PeerClosed, "peer closed the tunnel TCP connection"),
-                    Err(e) => TcpLost::of_h2(&e),
+                    Ok(()) => TcpLost::PeerClosed,
+                    Err(e) => TcpLost::of_h2(e),
                 });
                 return Some(());
             }
@@ -759,10 +748,7 @@ where
             _ = keepalive.tick() => {
                 let silent = liveness.silent_for();
                 if silent >= liveness.idle_timeout {
-                    set_lost(TcpLost::new(
-                        DisconnectReason::IdleTimeout,
-                        format!("nothing heard from the peer for {} ms", silent.as_millis()),
-                    ));
+                    set_lost(TcpLost::Silent(silent));
                     return Some(());
                 }
                 if ping_sent.is_none()
@@ -796,7 +782,7 @@ async fn offer_streams(
     // records why, so the session does not mistake the end for one of its own making.
     let gone = |e: h2::Error| {
         if let Some(shared) = shared.upgrade() {
-            let _ = shared.lost.set(TcpLost::of_h2(&e));
+            let _ = shared.lost.set(TcpLost::of_h2(e));
         }
     };
     let mut pending = FuturesUnordered::new();
@@ -861,9 +847,6 @@ pub fn client_config(
     )?))
 }
 
-/// A handshake that failed: the reason it is counted under and the detail it is logged with.
-pub type HandshakeError = (HandshakeFailure, String);
-
 /// Dials `addr` over TCP from a fresh local port and runs the TLS and HTTP/2 handshakes.
 pub async fn dial(
     addr: SocketAddr,
@@ -872,24 +855,24 @@ pub async fn dial(
     tuning: &TransportTuning,
 ) -> Result<TcpConnection, HandshakeError> {
     bounded(addr, async {
-        let socket = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
-            let failure = match e.kind() {
-                std::io::ErrorKind::TimedOut => HandshakeFailure::Timeout,
-                _ => HandshakeFailure::Other,
-            };
-            (failure, format!("TCP connect to {addr}: {e}"))
-        })?;
+        let socket = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|error| HandshakeError::TcpConnect { addr, error })?;
         tune_socket(&socket, tuning);
-        let name = rustls_pki_types::ServerName::try_from(server_name.to_owned()).map_err(|e| {
-            (
-                HandshakeFailure::Other,
-                format!("server name {server_name}: {e}"),
-            )
-        })?;
+        let name =
+            rustls_pki_types::ServerName::try_from(server_name.to_owned()).map_err(|error| {
+                HandshakeError::ServerName {
+                    name: server_name.to_owned(),
+                    error,
+                }
+            })?;
         let stream = tokio_rustls::TlsConnector::from(tls)
             .connect(name, socket)
             .await
-            .map_err(|e| tls_failure(addr, &e))?;
+            .map_err(|error| HandshakeError::Tls {
+                remote: addr,
+                error,
+            })?;
         let chain = chain_of(stream.get_ref().1.peer_certificates());
         Ok(TcpConnection::client(stream, chain, addr, tuning).await)
     })
@@ -908,7 +891,7 @@ pub async fn accept(
         let stream = tokio_rustls::TlsAcceptor::from(tls)
             .accept(socket)
             .await
-            .map_err(|e| tls_failure(remote, &e))?;
+            .map_err(|error| HandshakeError::Tls { remote, error })?;
         let chain = chain_of(stream.get_ref().1.peer_certificates());
         Ok(TcpConnection::server(stream, chain, remote, tuning).await)
     })
@@ -923,15 +906,9 @@ async fn bounded(
 ) -> Result<TcpConnection, HandshakeError> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(Ok(connection))) => Ok(connection),
-        Ok(Ok(Err(lost))) => Err((
-            lost.handshake_failure(),
-            format!("handshake with {remote}: {lost}"),
-        )),
+        Ok(Ok(Err(lost))) => Err(HandshakeError::Http2 { remote, lost }),
         Ok(Err(failed)) => Err(failed),
-        Err(_) => Err((
-            HandshakeFailure::Timeout,
-            format!("TCP/TLS handshake with {remote} timed out"),
-        )),
+        Err(_) => Err(HandshakeError::TcpTimedOut { remote }),
     }
 }
 
@@ -940,29 +917,4 @@ fn chain_of(certificates: Option<&[CertificateDer<'_>]>) -> Vec<CertificateDer<'
     certificates
         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
         .unwrap_or_default()
-}
-
-/// The reason of a TLS handshake that failed with `error`: our verifier's typed rejection
-/// when it made one, the peer's alert otherwise.
-fn tls_failure(remote: SocketAddr, error: &std::io::Error) -> HandshakeError {
-    let tls = error
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
-    let failure = match tls {
-        Some(e) => match hybridge_ca::tls::rejection_of(e) {
-            Some(rejected) => HandshakeFailure::of_rejection(rejected),
-            None => match e {
-                rustls::Error::AlertReceived(_) => HandshakeFailure::RefusedByPeer,
-                _ => HandshakeFailure::Protocol,
-            },
-        },
-        None => match error.kind() {
-            std::io::ErrorKind::UnexpectedEof
-            | std::io::ErrorKind::ConnectionReset
-            | std::io::ErrorKind::BrokenPipe => HandshakeFailure::RefusedByPeer,
-            std::io::ErrorKind::TimedOut => HandshakeFailure::Timeout,
-            _ => HandshakeFailure::Other,
-        },
-    };
-    (failure, format!("TLS handshake with {remote}: {error}"))
 }

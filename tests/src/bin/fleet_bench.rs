@@ -11,6 +11,8 @@
 //!    tunnel hops (the pair twice, an upper bound on a relay that splices streams) against
 //!    one, sequential small requests on one connection.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -61,10 +63,7 @@ async fn main() -> anyhow::Result<()> {
             .push(ExportSpec::http1("inventory", &[upstream.local_addr()]));
         clouds.push(options.start().await);
     }
-    let balancer = Balancer::start(BalancerOptions::new(
-        "127.0.0.1:0".parse()?,
-        &tunnels,
-    ))?;
+    let balancer = Balancer::start(BalancerOptions::new("127.0.0.1:0".parse()?, &tunnels))?;
 
     let mut coverage = serde_json::Map::new();
     for (label, extra) in [("balancer_only", ""), ("announced_members", MEMBERS)] {
@@ -79,11 +78,7 @@ async fn main() -> anyhow::Result<()> {
                 node.shutdown().await;
             }
             for cloud in &clouds {
-                cloud
-                    .state
-                    .peers
-                    .wait_until(|links| links.is_empty())
-                    .await;
+                cloud.state.peers.wait_until(|links| links.is_empty()).await;
             }
         }
         coverage.insert(
@@ -266,7 +261,10 @@ async fn relay_latency(
         }
         waits.sort_unstable();
         let at = |q: f64| waits[((waits.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
-        result.insert(label.into(), json!({ "p50_us": at(0.5), "p99_us": at(0.99) }));
+        result.insert(
+            label.into(),
+            json!({ "p50_us": at(0.5), "p99_us": at(0.99) }),
+        );
     }
     onprem.shutdown().await;
     cloud.shutdown().await;
