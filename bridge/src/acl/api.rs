@@ -16,6 +16,7 @@ use super::model::{ExportDeclaration, Rule, RuleSpec};
 use super::service::AclService;
 use super::store::AuditEntry;
 use crate::http::path::decision_path;
+use crate::http::percent::{percent_decode, query_param};
 
 /// Largest request body accepted (413 beyond): room for a policy of ~100,000 rules (10,000
 /// rules are ~1.4 MB of TOML).
@@ -298,63 +299,6 @@ fn acl_error(e: &AclError) -> AdminResponse {
     error(status, e.to_string())
 }
 
-/// The decoded value of the first `name=` parameter in a query string.
-fn query_param(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(key) == name).then(|| percent_decode(value))
-    })
-}
-
-/// Decodes `%XX` escapes and `+` (form encoding); malformed escapes are kept as written.
-pub fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok())
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                    }
-                    None => {
-                        out.push(b'%');
-                        i += 1;
-                    }
-                }
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Encodes a query parameter value (everything but unreserved characters).
-pub fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -545,11 +489,5 @@ mod tests {
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(svc.version(), 0);
         Ok(())
-    }
-
-    #[test]
-    fn percent_coding_round_trips() {
-        assert_eq!(percent_decode("%2Fapi%2fv1+x%zz%"), "/api/v1 x%zz%");
-        assert_eq!(percent_decode(&percent_encode("a b&c=/d%")), "a b&c=/d%");
     }
 }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use clap::{Args, Subcommand};
 use http::Method;
 
-use super::api::{AuditLog, RuleChanged, RuleList, percent_encode};
+use super::api::{AuditLog, RuleChanged, RuleList};
 use super::file::parse_acl_file;
 use super::model::{Action, ExportDeclaration, Rule, RuleSpec};
 use super::service::AclService;
@@ -19,6 +19,7 @@ use super::snapshot::{Explanation, Reason};
 use super::store::{ApplyDiff, AuditEntry};
 use crate::admin::client::{AdminArgs, AdminClient, JSON, TOML};
 use crate::http::path::decision_path;
+use crate::http::percent::percent_encode;
 
 /// Ids `acl log` prints per kind of change of an apply (the entry keeps more; `--json`).
 const LOG_IDS_SHOWN: usize = 10;

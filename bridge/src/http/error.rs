@@ -281,15 +281,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// grpc-message is percent-encoded (gRPC spec: bytes outside 0x20..=0x7E and '%').
 fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    super::percent::encode_except(s, |b| (0x20..=0x7e).contains(&b) && b != b'%')
 }
 
 #[cfg(test)]

@@ -7,3 +7,4 @@ pub mod export;
 pub mod headers;
 pub mod import;
 pub mod path;
+pub mod percent;

@@ -13,6 +13,8 @@ use http::Uri;
 use http::uri::PathAndQuery;
 use serde::Deserialize;
 
+use super::percent::{hex_value, push_escape};
+
 /// Longest canonical request target: what `http::Uri` can hold (`u16::MAX - 1` bytes).
 pub const MAX_TARGET_LEN: usize = u16::MAX as usize - 1;
 
@@ -395,22 +397,6 @@ fn is_literal(byte: u8) -> bool {
             byte,
             b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b'=' | b':' | b'@'
         )
-}
-
-fn hex_value(byte: u8) -> Option<u8> {
-    match byte {
-        b'0'..=b'9' => Some(byte - b'0'),
-        b'a'..=b'f' => Some(byte - b'a' + 10),
-        b'A'..=b'F' => Some(byte - b'A' + 10),
-        _ => None,
-    }
-}
-
-fn push_escape(out: &mut String, byte: u8) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    out.push('%');
-    out.push(char::from(HEX[usize::from(byte >> 4)]));
-    out.push(char::from(HEX[usize::from(byte & 0xf)]));
 }
 
 #[cfg(test)]
