@@ -289,13 +289,15 @@ async fn status(
     let body = client.get("/v1/status").await?;
     let doc: serde_json::Value = serde_json::from_slice(&body)
         .with_context(|| format!("{}/v1/status did not return JSON", client.endpoint()))?;
+    let status: crate::admin::document::StatusDocument = serde_json::from_value(doc.clone())
+        .with_context(|| format!("{}/v1/status is not a status document", client.endpoint()))?;
     if json {
+        // The node's JSON as it sent it, fields this build does not know included.
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        print!("{}", crate::admin::client::render_status(&doc));
+        print!("{}", crate::admin::client::render_status(&status));
     }
-    let ready = doc["ready"].as_bool() == Some(true);
-    Ok(if ready { 0 } else { EXIT_NOT_READY })
+    Ok(if status.ready { 0 } else { EXIT_NOT_READY })
 }
 
 #[cfg(test)]

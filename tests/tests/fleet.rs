@@ -125,7 +125,7 @@ async fn nodes_with_one_policy_agree_and_a_changed_node_is_shown_disagreeing() {
     .await
     .expect("the changed node announces its new digest");
     assert_eq!(cloud.state.peers_disagreeing(), 1);
-    let status = hybridge::admin::status::status_json(&cloud.state);
+    let status = hybridge::admin::status::status_document(&cloud.state);
     let rendered = hybridge::admin::client::render_status(&status);
     assert!(rendered.contains("1 peer(s) DISAGREE"), "{rendered}");
     assert!(

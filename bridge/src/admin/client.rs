@@ -18,6 +18,7 @@ use hybridge_ca::tls::{PeerExpectation, TlsMaterial};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
+use super::document::{CrlStatus, StatusDocument};
 use crate::config::DEFAULT_ADMIN_SOCKET;
 
 /// Content type of the policy file `acl apply` sends.
@@ -435,117 +436,87 @@ where
 }
 
 /// Renders `/v1/status` as the human-readable `hybridge status` output.
-pub fn render_status(doc: &serde_json::Value) -> String {
-    let s = |v: &serde_json::Value| {
-        v.as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| v.to_string())
-    };
+pub fn render_status(doc: &StatusDocument) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "node      {}", s(&doc["node"]));
-    let reasons: Vec<String> = doc["not_ready_reasons"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(s)
-        .collect();
-    let state = if doc["ready"].as_bool() == Some(true) {
+    let _ = writeln!(out, "node      {}", doc.node);
+    let state = if doc.ready {
         "ready".to_owned()
-    } else if reasons.is_empty() {
+    } else if doc.not_ready_reasons.is_empty() {
         "not ready".to_owned()
     } else {
-        format!("not ready: {}", reasons.join("; "))
+        format!("not ready: {}", doc.not_ready_reasons.join("; "))
     };
     let _ = writeln!(
         out,
         "state     {}   uptime {}s   policy version {}   workers {}",
-        state, doc["uptime_seconds"], doc["policy_version"], doc["workers"]
+        state, doc.uptime_seconds, doc.policy_version, doc.workers
     );
-    let short = |v: &serde_json::Value| {
-        v.as_str()
-            .unwrap_or_default()
-            .chars()
-            .take(12)
-            .collect::<String>()
-    };
-    let disagreeing = doc["peers_disagreeing"].as_u64().unwrap_or_default();
+    let short = |digest: &str| digest.chars().take(12).collect::<String>();
+    let disagreeing = doc.peers_disagreeing;
     let _ = writeln!(
         out,
         "policy    {}{}",
-        short(&doc["policy_digest"]),
+        short(&doc.policy_digest),
         if disagreeing > 0 {
             format!("   {disagreeing} peer(s) DISAGREE")
         } else {
             String::new()
         }
     );
-    for crl in doc["crls"].as_array().into_iter().flatten() {
-        let _ = writeln!(out, "{}", crl_line(crl, s(&doc["crl_stale"]).as_str()));
+    for crl in &doc.crls {
+        let _ = writeln!(out, "{}", crl_line(crl, &doc.crl_stale));
     }
     let _ = writeln!(
         out,
         "\nPEER                                             REMOTE                 CARRIER  DIR       WORKER  RTT(ms)  STREAMS  POLICY                   EXPORTS"
     );
-    for p in doc["peers"].as_array().into_iter().flatten() {
-        let exports: Vec<String> = p["exports"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(s)
-            .collect();
+    for p in &doc.peers {
         let _ = writeln!(
             out,
             "{:<48} {:<22} {:<8} {:<9} {:>6}  {:>7.2}  {:>7}  {:<23}  {}{}",
-            s(&p["peer"]),
-            s(&p["remote"]),
-            s(&p["carrier"]),
-            s(&p["direction"]),
-            s(&p["worker"]),
-            p["rtt_ms"].as_f64().unwrap_or_default(),
-            s(&p["active_streams"]),
-            match p["policy_agrees"].as_bool() {
-                Some(true) => format!("{} agrees", short(&p["policy_digest"])),
-                Some(false) => format!("{} DIFFERS", short(&p["policy_digest"])),
+            p.peer,
+            p.remote,
+            p.carrier,
+            p.direction,
+            p.worker,
+            p.rtt_ms,
+            p.active_streams,
+            match p.policy_agrees {
+                Some(true) => format!("{} agrees", short(&p.policy_digest)),
+                Some(false) => format!("{} DIFFERS", short(&p.policy_digest)),
                 None => "-".to_owned(),
             },
-            exports.join(","),
-            if p["draining"].as_bool() == Some(true) {
-                " (draining)"
-            } else {
-                ""
-            }
+            p.exports.join(","),
+            if p.draining { " (draining)" } else { "" }
         );
     }
-    let dialing = doc["dialing"].as_array().into_iter().flatten();
-    let mut dialing = dialing.peekable();
-    if dialing.peek().is_some() {
+    if !doc.dialing.is_empty() {
         let _ = writeln!(
             out,
             "\nDIALING                        SLOT  STATE       FOR   CARRIER  WHY / LAST ERROR"
         );
-        for d in dialing {
-            let carrier = d["carrier"].as_str().unwrap_or("-");
+        for d in &doc.dialing {
             let mut detail = Vec::new();
-            if d["state"] == "up" {
-                detail.push(s(&d["carrier_reason"]));
-            } else if let Some(error) = d["last_error"].as_str() {
-                detail.push(error.to_owned());
+            if d.state == "up" {
+                detail.extend(d.carrier_reason.clone());
+            } else if let Some(error) = &d.last_error {
+                detail.push(error.clone());
             }
-            if let Some(ms) = d["next_retry_ms"].as_u64() {
+            if let Some(ms) = d.next_retry_ms {
                 detail.push(format!("retry in {ms} ms"));
             }
             let _ = writeln!(
                 out,
                 "{:<30} {:>4}  {:<10} {:>4}s  {:<7}  {}",
-                if d["learned"] == true {
-                    format!("{} ({}, announced)", s(&d["address"]), s(&d["site"]))
+                if d.learned {
+                    format!("{} ({}, announced)", d.address, d.site)
                 } else {
-                    format!("{} ({})", s(&d["address"]), s(&d["site"]))
+                    format!("{} ({})", d.address, d.site)
                 },
-                s(&d["slot"]),
-                s(&d["state"]),
-                s(&d["state_seconds"]),
-                carrier,
+                d.slot,
+                d.state,
+                d.state_seconds,
+                d.carrier.as_deref().unwrap_or("-"),
                 detail.join("; ")
             );
         }
@@ -554,12 +525,12 @@ pub fn render_status(doc: &serde_json::Value) -> String {
         out,
         "\nEXPORT              ENDPOINT                       ADDRESS                STATE      ACTIVE  REQUESTS  FAILURES  IDLE"
     );
-    for e in doc["exports"].as_array().into_iter().flatten() {
-        let upstream = &e["upstream"];
-        for endpoint in upstream["endpoints"].as_array().into_iter().flatten() {
-            let state = if endpoint["ejected"].as_bool() == Some(true) {
+    for e in &doc.exports {
+        let upstream = &e.upstream;
+        for endpoint in &upstream.endpoints {
+            let state = if endpoint.ejected {
                 "ejected"
-            } else if endpoint["healthy"].as_bool() == Some(false) {
+            } else if !endpoint.healthy {
                 "unhealthy"
             } else {
                 "up"
@@ -567,37 +538,32 @@ pub fn render_status(doc: &serde_json::Value) -> String {
             let _ = writeln!(
                 out,
                 "{:<19} {:<30} {:<22} {:<9}  {:>6}  {:>8}  {:>8}  {:>4}",
-                s(&e["service"]),
-                s(&endpoint["name"]),
-                s(&endpoint["addr"]),
+                e.service,
+                endpoint.name,
+                endpoint.addr.to_string(),
                 state,
-                s(&endpoint["active"]),
-                s(&endpoint["total_requests"]),
-                s(&endpoint["failures"]),
-                s(&endpoint["idle_connections"]),
+                endpoint.active,
+                endpoint.total_requests,
+                endpoint.failures,
+                endpoint.idle_connections,
             );
         }
         // A host name whose lookups fail keeps its last addresses; say so until it resolves.
-        for name in upstream["names"].as_array().into_iter().flatten() {
-            if let Some(error) = name["dns_error"].as_str() {
+        for name in &upstream.names {
+            if let Some(error) = &name.dns_error {
                 let _ = writeln!(
                     out,
                     "{:<19} {}: DNS lookup failing ({} failures: {error}); keeping its last addresses",
-                    "",
-                    s(&name["name"]),
-                    s(&name["dns_failures"]),
+                    "", name.name, name.dns_failures,
                 );
             }
         }
         let (pending, trips, retries) = (
-            &upstream["pending_requests"],
-            &upstream["circuit_breaker_trips"],
-            &upstream["retries"],
+            upstream.pending_requests,
+            upstream.circuit_breaker_trips,
+            upstream.retries,
         );
-        if [pending, trips, retries]
-            .iter()
-            .any(|v| v.as_u64() != Some(0))
-        {
+        if pending != 0 || trips != 0 || retries != 0 {
             let _ = writeln!(
                 out,
                 "{:<19} pending {pending}, circuit breaker trips {trips}, retries {retries}",
@@ -606,10 +572,10 @@ pub fn render_status(doc: &serde_json::Value) -> String {
         }
     }
     let _ = writeln!(out, "\nIMPORT              LISTEN");
-    for i in doc["imports"].as_array().into_iter().flatten() {
-        let _ = writeln!(out, "{:<19} {}", s(&i["service"]), s(&i["listen"]));
+    for i in &doc.imports {
+        let _ = writeln!(out, "{:<19} {}", i.service, i.listen);
     }
-    if let Some(g) = doc["gateway"].as_str() {
+    if let Some(g) = &doc.gateway {
         let _ = writeln!(out, "(gateway)           {g}");
     }
     out
@@ -617,18 +583,19 @@ pub fn render_status(doc: &serde_json::Value) -> String {
 
 /// `crl       #1 (number 3, 2 revoked)   next update in 3599s` or, once past it, when it
 /// became stale and what the node does about it.
-fn crl_line(crl: &serde_json::Value, policy: &str) -> String {
-    let number = crl["number"]
-        .as_str()
+fn crl_line(crl: &CrlStatus, policy: &str) -> String {
+    let number = crl
+        .number
+        .as_ref()
         .map(|n| format!("number {n}, "))
         .unwrap_or_default();
     let head = format!(
         "crl       #{} ({number}{} revoked)",
-        crl["position"], crl["revoked"]
+        crl.position, crl.revoked
     );
-    match crl["next_update_seconds"].as_i64() {
+    match crl.next_update_seconds {
         None => format!("{head}   no nextUpdate"),
-        Some(left) if crl["stale"].as_bool() == Some(true) => {
+        Some(left) if crl.stale => {
             let effect = if policy == "refuse" {
                 "every peer refused"
             } else {
@@ -763,7 +730,7 @@ mod tests {
                 {"position": 2, "number": null, "revoked": 0, "next_update_seconds": -12, "stale": true},
             ],
         });
-        let text = render_status(&doc);
+        let text = render_status(&serde_json::from_value(doc).unwrap());
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[1].ends_with("policy version 3   workers 2"), "{text}");
         assert!(lines[2].starts_with("policy    "), "{text}");

@@ -4,11 +4,13 @@
 //! optional remote mTLS listener for administrator certificates (`[admin.remote]`).
 //!
 //! `access` decides what a request may do, `server` accepts and routes, `unix` owns the socket
-//! file and peer credentials, `client` is the one client, `status` renders node state. It reads
-//! node state and delegates policy changes to `acl`; it never touches the data path.
+//! file and peer credentials, `client` is the one client, `status` fills the `/v1/status`
+//! types of `document` that `client` reads back. It reads node state and delegates policy
+//! changes to `acl`; it never touches the data path.
 
 mod access;
 pub mod client;
+pub mod document;
 mod server;
 pub mod status;
 pub(crate) mod unix;

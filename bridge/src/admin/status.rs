@@ -7,110 +7,128 @@ use std::sync::Arc;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, prometheus_text};
 use prometheus_client::registry::Registry;
-use serde_json::{Value, json};
+use serde_json::Value;
 
+use super::document::{
+    CrlStatus, DialingStatus, ExportStatus, ImportStatus, PeerCertificate, PeerStatus,
+    StatusDocument,
+};
 use crate::metrics::{counter, gauge, single_gauge};
 use crate::node::NodeState;
 
-/// The `/v1/status` JSON document.
-pub fn status_json(state: &NodeState) -> Value {
+/// The `/v1/status` document.
+pub fn status_document(state: &NodeState) -> StatusDocument {
     let config = state.config.load();
     let digest = state.acl.digest();
     // `None` for a peer that does not announce a digest.
     let agrees = |theirs: &str| (!theirs.is_empty()).then(|| theirs == digest);
-    let peers: Vec<Value> = state
+    let peers = state
         .peers
         .links()
         .iter()
         .map(|l| {
             let stats = l.connection.stats();
-            let mut exports: Vec<&String> = Vec::new();
-            let exported = l.exports();
-            exports.extend(exported.iter());
+            let mut exports: Vec<String> = l.exports().iter().cloned().collect();
             exports.sort();
             let certificate = l
                 .connection
                 .peer_certificate()
-                .map(|(serial, not_after)| json!({ "serial": serial, "not_after": not_after }));
-            json!({
-                "peer": l.peer.to_string(),
-                "remote": l.connection.remote_address().to_string(),
-                "carrier": l.connection.carrier(),
-                "direction": l.direction,
-                "worker": l.worker,
-                "connected_seconds": l.established.elapsed().as_secs(),
-                "rtt_ms": stats.rtt.as_secs_f64() * 1000.0,
-                "lost_packets": stats.lost_packets,
-                "sent_packets": stats.sent_packets,
-                "path_mtu": stats.path_mtu,
-                "streams_stopped": stats.streams_stopped,
-                "streams_reset": stats.streams_reset,
-                "exports": exports,
-                "draining": l.is_draining(),
-                "active_streams": l.active_streams(),
-                "total_streams": l.total_streams(),
-                "policy_version": l.policy_version(),
-                "policy_digest": l.policy_digest().as_str(),
-                "policy_agrees": agrees(&l.policy_digest()),
-                "certificate": certificate,
-            })
+                .map(|(serial, not_after)| PeerCertificate { serial, not_after });
+            PeerStatus {
+                peer: l.peer.to_string(),
+                remote: l.connection.remote_address().to_string(),
+                carrier: l.connection.carrier().as_str().to_owned(),
+                direction: l.direction.as_str().to_owned(),
+                worker: l.worker,
+                connected_seconds: l.established.elapsed().as_secs(),
+                rtt_ms: stats.rtt.as_secs_f64() * 1000.0,
+                lost_packets: stats.lost_packets,
+                sent_packets: stats.sent_packets,
+                path_mtu: stats.path_mtu,
+                streams_stopped: stats.streams_stopped,
+                streams_reset: stats.streams_reset,
+                exports,
+                draining: l.is_draining(),
+                active_streams: l.active_streams(),
+                total_streams: l.total_streams(),
+                policy_version: l.policy_version(),
+                policy_digest: l.policy_digest().to_string(),
+                policy_agrees: agrees(&l.policy_digest()),
+                certificate,
+            }
         })
         .collect();
     let now = tokio::time::Instant::now();
-    let configured: Vec<Value> = state
+    let dialing = state
         .dial_states
         .all()
         .into_iter()
-        .map(|slot| {
-            let mut v = json!(slot);
-            v["state_seconds"] = json!(now.duration_since(slot.since).as_secs());
-            v["next_retry_ms"] = json!(
-                slot.next_retry
-                    .map(|at| at.saturating_duration_since(now).as_millis() as u64)
-            );
-            v
+        .map(|slot| DialingStatus {
+            state_seconds: now.duration_since(slot.since).as_secs(),
+            next_retry_ms: slot
+                .next_retry
+                .map(|at| at.saturating_duration_since(now).as_millis() as u64),
+            address: slot.address,
+            site: slot.site,
+            slot: slot.slot,
+            learned: slot.learned,
+            state: slot.state.to_owned(),
+            carrier: slot.carrier.map(|c| c.as_str().to_owned()),
+            carrier_reason: slot.carrier_reason,
+            last_error: slot.last_error,
         })
         .collect();
-    let exports: Vec<Value> = state
+    let exports = state
         .export
         .services
         .load()
         .iter()
-        .map(|(name, upstream)| json!({ "service": name, "upstream": upstream.stats() }))
+        .map(|(name, upstream)| ExportStatus {
+            service: name.clone(),
+            upstream: upstream.stats(),
+        })
         .collect();
-    let imports: Vec<Value> = state
+    let imports = state
         .addresses
         .imports
         .iter()
-        .map(|(service, addr)| json!({ "service": service, "listen": addr.to_string() }))
+        .map(|(service, addr)| ImportStatus {
+            service: service.clone(),
+            listen: addr.to_string(),
+        })
         .collect();
     let readiness = state.readiness();
-    json!({
-        "node": state.identity.to_string(),
-        "name": config.node.name,
-        "site": config.node.site,
-        "uptime_seconds": state.started.elapsed().as_secs(),
-        "workers": state.workers,
-        "ready": readiness.is_ready(),
-        "not_ready_reasons": readiness.reasons,
-        "draining": state.is_draining(),
-        "policy_version": state.acl.version(),
-        "policy_digest": digest,
-        "peers_disagreeing": state.peers_disagreeing(),
-        "tunnel_listen": state.addresses.tunnel.map(|a| a.to_string()),
-        "tunnel_listen_tcp": state.addresses.tunnel_tcp.map(|a| a.to_string()),
-        "gateway": state.addresses.gateway.map(|a| a.to_string()),
-        "peers": peers,
-        "dialing": configured,
-        "exports": exports,
-        "imports": imports,
-        "crl_stale": state.trust.current().crl_stale().as_str(),
-        "crls": crl_status(state, time::OffsetDateTime::now_utc()),
-    })
+    StatusDocument {
+        node: state.identity.to_string(),
+        name: config.node.name.clone(),
+        site: config.node.site.clone(),
+        uptime_seconds: state.started.elapsed().as_secs(),
+        workers: state.workers,
+        ready: readiness.is_ready(),
+        not_ready_reasons: readiness.reasons,
+        draining: state.is_draining(),
+        policy_version: state.acl.version(),
+        policy_digest: digest,
+        peers_disagreeing: state.peers_disagreeing(),
+        tunnel_listen: state.addresses.tunnel.map(|a| a.to_string()),
+        tunnel_listen_tcp: state.addresses.tunnel_tcp.map(|a| a.to_string()),
+        gateway: state.addresses.gateway.map(|a| a.to_string()),
+        peers,
+        dialing,
+        exports,
+        imports,
+        crl_stale: state.trust.current().crl_stale().as_str().to_owned(),
+        crls: crl_status(state, time::OffsetDateTime::now_utc()),
+    }
+}
+
+/// The `/v1/status` document as JSON (keys sorted, as the API has always sent them).
+pub fn status_json(state: &NodeState) -> Value {
+    serde_json::to_value(status_document(state)).unwrap_or_default()
 }
 
 /// Each CRL in force and how far it is from its nextUpdate at `now` (negative: stale).
-fn crl_status(state: &NodeState, now: time::OffsetDateTime) -> Vec<Value> {
+fn crl_status(state: &NodeState, now: time::OffsetDateTime) -> Vec<CrlStatus> {
     let text = |at: time::OffsetDateTime| {
         at.format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_else(|_| at.unix_timestamp().to_string())
@@ -120,17 +138,15 @@ fn crl_status(state: &NodeState, now: time::OffsetDateTime) -> Vec<Value> {
         .crls()
         .iter()
         .enumerate()
-        .map(|(i, crl)| {
-            json!({
-                "position": i + 1,
-                "issuer": crl.issuer,
-                "number": crl.number,
-                "revoked": crl.revoked,
-                "this_update": text(crl.this_update),
-                "next_update": crl.next_update.map(text),
-                "next_update_seconds": crl.seconds_to_next_update(now),
-                "stale": crl.is_stale(now),
-            })
+        .map(|(i, crl)| CrlStatus {
+            position: i + 1,
+            issuer: crl.issuer.clone(),
+            number: crl.number.clone(),
+            revoked: crl.revoked,
+            this_update: text(crl.this_update),
+            next_update: crl.next_update.map(text),
+            next_update_seconds: crl.seconds_to_next_update(now),
+            stale: crl.is_stale(now),
         })
         .collect()
 }

@@ -111,7 +111,7 @@ pub struct DialStates {
 }
 
 /// One dialer slot as status shows it.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug)]
 pub struct SlotState {
     pub address: String,
     pub site: String,
@@ -126,9 +126,7 @@ pub struct SlotState {
     pub carrier_reason: Option<String>,
     pub last_error: Option<String>,
     /// When the next attempt starts (`failed` only).
-    #[serde(skip)]
     pub next_retry: Option<tokio::time::Instant>,
-    #[serde(skip)]
     pub since: tokio::time::Instant,
 }
 

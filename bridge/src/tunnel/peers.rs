@@ -25,6 +25,16 @@ pub enum Direction {
     Accepted,
 }
 
+impl Direction {
+    /// As `/v1/status` names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Dialed => "dialed",
+            Self::Accepted => "accepted",
+        }
+    }
+}
+
 /// The node at the other end of a link, from its certificate: its SPIFFE id and site.
 #[derive(Debug)]
 pub struct PeerNode {

@@ -151,7 +151,7 @@ impl UpstreamError {
 }
 
 /// Snapshot of one service's upstream, for `/v1/status` and metrics.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct UpstreamStats {
     pub service: String,
     /// One per address, ordered by configured name, then address.
@@ -167,7 +167,7 @@ pub struct UpstreamStats {
 }
 
 /// Snapshot of one endpoint (one address of a configured name).
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EndpointStats {
     /// The configured `host:port` this address was resolved from.
     pub name: String,
@@ -184,7 +184,7 @@ pub struct EndpointStats {
 }
 
 /// Snapshot of one configured `endpoints` entry: its addresses and its lookups.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EndpointNameStats {
     /// As configured (`host:port`).
     pub name: String,
