@@ -486,7 +486,7 @@ fn validate_announce(tunnel: &TunnelSection) -> Result<(), String> {
     match tunnel
         .announce
         .iter()
-        .find(|a| a.ip().is_unspecified() || a.port() == 0)
+        .find(|a| !crate::tunnel::control::is_dialable(a))
     {
         Some(bad) => Err(format!(
             "{field}: `{bad}` cannot be dialled (give each node's own address and port)"

@@ -84,6 +84,12 @@ fn wire_members(members: &[SocketAddr]) -> Vec<String> {
     members.iter().map(ToString::to_string).collect()
 }
 
+/// Whether a member address names one node's port (not "any address", not port 0): the
+/// rule for what a node announces and for what it takes from a peer.
+pub fn is_dialable(address: &SocketAddr) -> bool {
+    !address.ip().is_unspecified() && address.port() != 0
+}
+
 /// The member addresses a peer announced that can be dialled: socket-address literals
 /// (never names, so a peer cannot make this node resolve or look anything up), not
 /// unspecified, at most [`MAX_ANNOUNCED_MEMBERS`]; anything else is dropped.
@@ -91,7 +97,7 @@ pub fn parse_members(announced: &[String]) -> Vec<SocketAddr> {
     let mut members: Vec<SocketAddr> = announced
         .iter()
         .filter_map(|a| a.parse::<SocketAddr>().ok())
-        .filter(|a| !a.ip().is_unspecified() && a.port() != 0)
+        .filter(is_dialable)
         .take(MAX_ANNOUNCED_MEMBERS)
         .collect();
     members.sort_unstable();
