@@ -78,11 +78,17 @@ pub struct TunnelSection {
     /// Local UDP address used when dialing out (when there is no `listen`).
     #[serde(default = "default_dial_bind")]
     pub bind: SocketAddr,
-    #[serde(default = "default_keepalive", with = "humantime_serde")]
+    #[serde(default = "default_keepalive", with = "hybridge_ca::duration::setting")]
     pub keepalive: Duration,
-    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_idle_timeout",
+        with = "hybridge_ca::duration::setting"
+    )]
     pub idle_timeout: Duration,
-    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    #[serde(
+        default = "default_backoff_max",
+        with = "hybridge_ca::duration::setting"
+    )]
     pub reconnect_max_backoff: Duration,
     /// Which carrier tunnels use: `auto` (QUIC, with TLS/TCP when QUIC does not come up),
     /// `quic` or `tcp`. A listening node accepts TLS/TCP tunnels unless this is `quic`.
@@ -92,10 +98,16 @@ pub struct TunnelSection {
     #[serde(default)]
     pub listen_tcp: Option<SocketAddr>,
     /// `auto`: how long a QUIC handshake may go unanswered before TLS/TCP is tried beside it.
-    #[serde(default = "default_tcp_fallback_after", with = "humantime_serde")]
+    #[serde(
+        default = "default_tcp_fallback_after",
+        with = "hybridge_ca::duration::setting"
+    )]
     pub tcp_fallback_after: Duration,
     /// `auto`: while a link runs on TLS/TCP, how often QUIC is tried again.
-    #[serde(default = "default_quic_reprobe_interval", with = "humantime_serde")]
+    #[serde(
+        default = "default_quic_reprobe_interval",
+        with = "hybridge_ca::duration::setting"
+    )]
     pub quic_reprobe_interval: Duration,
     /// The congestion controller of this node's sending side, on both carriers: quinn's for
     /// QUIC, the kernel's (`TCP_CONGESTION`) for TLS/TCP. See [`Congestion`].
@@ -254,7 +266,10 @@ pub struct LimitsSection {
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
     /// How long SIGTERM waits for in-flight requests before closing tunnels anyway.
-    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_drain_timeout",
+        with = "hybridge_ca::duration::setting"
+    )]
     pub drain_timeout: Duration,
     /// Most connections each import and gateway listener holds open; a new one over it is
     /// closed at once (and counted). Sized well under the unit's `LimitNOFILE` (65536).
@@ -262,13 +277,19 @@ pub struct LimitsSection {
     pub max_connections: usize,
     /// A caller connection with no request in flight for this long is closed (HTTP/1.1
     /// keep-alive, HTTP/2, and a connection that never sends a whole request).
-    #[serde(default = "default_connection_idle_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_connection_idle_timeout",
+        with = "hybridge_ca::duration::setting"
+    )]
     pub idle_timeout: Duration,
     /// How long `hybridge run` holds back systemd's `READY=1` at start while a dialling node
     /// is not ready (a tunnel to a peer site missing); then READY=1 goes anyway, with
     /// `STATUS=` naming what is missing, so a WAN outage at boot neither fails the start nor
     /// restarts the service in a loop. `"0s"`: READY=1 as soon as the listeners are bound.
-    #[serde(default = "default_ready_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_ready_timeout",
+        with = "hybridge_ca::duration::setting"
+    )]
     pub ready_timeout: Duration,
 }
 
@@ -357,7 +378,7 @@ struct RawListener {
     mtls: bool,
     #[serde(default)]
     suffix: Option<String>,
-    #[serde(default, with = "humantime_serde")]
+    #[serde(default, with = "hybridge_ca::duration::setting")]
     request_timeout: Option<Duration>,
     #[serde(default)]
     escaped_slashes: EscapedSlashes,

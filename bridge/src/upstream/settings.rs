@@ -15,7 +15,10 @@ pub struct UpstreamSettings {
     pub endpoints: Vec<String>,
     /// How often host names in `endpoints` are resolved again; the endpoint set follows the
     /// answers without a restart. `"0s"` resolves once, at start.
-    #[serde(default = "default_dns_refresh", with = "humantime_serde")]
+    #[serde(
+        default = "default_dns_refresh",
+        with = "hybridge_ca::duration::setting"
+    )]
     pub dns_refresh: Duration,
     /// Wire protocol spoken to the endpoints.
     #[serde(default)]
@@ -24,20 +27,26 @@ pub struct UpstreamSettings {
     #[serde(default)]
     pub health_check: Option<HealthCheckSettings>,
     /// Limit on TCP connect plus protocol handshake to one endpoint.
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_connect_timeout",
+        with = "hybridge_ca::duration::setting"
+    )]
     pub connect_timeout: Duration,
     /// Deadline for the response *head* (status and headers), counted from the moment the
     /// request has been handed whole to the upstream connection (so the time a slow upload
     /// takes does not count; `request_body_idle_timeout` bounds that) and shared by all
     /// attempts. Bodies may stream for as long
     /// as they need, so long-lived gRPC streams are not cut. `"0s"` disables the deadline.
-    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_request_timeout",
+        with = "hybridge_ca::duration::setting"
+    )]
     pub request_timeout: Option<Duration>,
     /// Longest wait for the next request body bytes from the caller; past it the request
     /// fails with `request-body-timeout` (408). `"0s"` disables it.
     #[serde(
         default = "default_request_body_idle_timeout",
-        with = "humantime_serde"
+        with = "hybridge_ca::duration::setting"
     )]
     pub request_body_idle_timeout: Option<Duration>,
     /// Load-shedding limits.
@@ -68,9 +77,15 @@ pub enum UpstreamProtocol {
 pub struct HealthCheckSettings {
     /// Path (origin form, starting with `/`) of the health check request.
     pub path: String,
-    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    #[serde(
+        default = "default_health_interval",
+        with = "hybridge_ca::duration::setting"
+    )]
     pub interval: Duration,
-    #[serde(default = "default_health_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "default_health_timeout",
+        with = "hybridge_ca::duration::setting"
+    )]
     pub timeout: Duration,
     /// Consecutive passing checks that bring an unhealthy endpoint back.
     #[serde(default = "default_healthy_threshold")]
@@ -121,9 +136,15 @@ pub struct RetrySettings {
 pub struct PassiveHealthSettings {
     #[serde(default = "default_consecutive_failures")]
     pub consecutive_failures: u32,
-    #[serde(default = "default_base_ejection", with = "humantime_serde")]
+    #[serde(
+        default = "default_base_ejection",
+        with = "hybridge_ca::duration::setting"
+    )]
     pub base_ejection: Duration,
-    #[serde(default = "default_max_ejection", with = "humantime_serde")]
+    #[serde(
+        default = "default_max_ejection",
+        with = "hybridge_ca::duration::setting"
+    )]
     pub max_ejection: Duration,
     /// Never eject more than this share of the endpoints (at least one may always be
     /// ejected unless this is 0, which disables ejection).
