@@ -42,10 +42,8 @@ use progress::BodyProgress;
 use resolver::{EndpointName, EndpointSet};
 use retry::RetryPolicy;
 
-/// Error type of request and response bodies handed to the upstream.
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
-/// Request body type `Upstream::send` accepts (streaming, boxed).
-pub type UpstreamBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BodyError>;
+/// Request and response bodies are the bridge's one body type (streaming, boxed).
+pub use crate::http::body::{BodyError, BoxBody};
 
 /// A response head from an endpoint; the body streams from the upstream connection.
 #[derive(Debug)]
@@ -232,7 +230,7 @@ pub struct Upstream {
 /// One failed attempt, with the request when it never reached the wire.
 struct AttemptFailure {
     error: UpstreamError,
-    unsent: Option<http::Request<UpstreamBody>>,
+    unsent: Option<http::Request<BoxBody>>,
 }
 
 impl Upstream {
@@ -341,7 +339,7 @@ impl Upstream {
     /// `Overloaded` at once.
     pub async fn send(
         &self,
-        request: http::Request<UpstreamBody>,
+        request: http::Request<BoxBody>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         self.send_within(request, None).await
     }
@@ -352,7 +350,7 @@ impl Upstream {
     /// bytes for that long), not by the time the whole body takes.
     pub async fn send_within(
         &self,
-        request: http::Request<UpstreamBody>,
+        request: http::Request<BoxBody>,
         deadline: Option<Duration>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         if self.cancel.is_cancelled() {
@@ -366,7 +364,7 @@ impl Upstream {
             .map_err(|limit| self.overloaded(limit))?;
         let (request, body) = progress::track(request, self.body_idle_timeout);
         // The head of a replayable request is kept to rebuild it for retries.
-        let template = retry::is_replayable(&request).then(|| RequestHead::of(&request));
+        let template = retry::is_replayable(&request).then(|| ReplayTemplate::of(&request));
         let mut request = request;
         // Every attempt picks from the set in force when the request began, so `tried`
         // keeps naming the same endpoints while names are re-resolved.
@@ -431,7 +429,7 @@ impl Upstream {
                     // A request that never reached the wire is safe to send again whatever
                     // its method; otherwise only a rebuilt body-less idempotent request is.
                     let Some(again) =
-                        unsent.or_else(|| template.as_ref().map(RequestHead::rebuild))
+                        unsent.or_else(|| template.as_ref().map(ReplayTemplate::rebuild))
                     else {
                         return Err(error);
                     };
@@ -484,7 +482,7 @@ impl Upstream {
         &self,
         set: &EndpointSet,
         index: usize,
-        request: http::Request<UpstreamBody>,
+        request: http::Request<BoxBody>,
         body: &BodyProgress,
     ) -> Result<http::Response<Incoming>, Box<AttemptFailure>> {
         let endpoint = &set.endpoints[index];
@@ -684,15 +682,16 @@ async fn run_health_checks(
     }
 }
 
-/// Method, URI, version and headers of a body-less request, to send it again.
-struct RequestHead {
+/// Method, URI, version and headers of a body-less request, kept to send it again on a
+/// retry: the request itself went to the failed attempt.
+struct ReplayTemplate {
     method: http::Method,
     uri: http::Uri,
     version: http::Version,
     headers: http::HeaderMap,
 }
 
-impl RequestHead {
+impl ReplayTemplate {
     fn of<B>(request: &http::Request<B>) -> Self {
         Self {
             method: request.method().clone(),
@@ -702,19 +701,12 @@ impl RequestHead {
         }
     }
 
-    fn rebuild(&self) -> http::Request<UpstreamBody> {
-        let mut request = http::Request::new(empty_body());
+    fn rebuild(&self) -> http::Request<BoxBody> {
+        let mut request = http::Request::new(crate::http::body::empty());
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = self.uri.clone();
         *request.version_mut() = self.version;
         *request.headers_mut() = self.headers.clone();
         request
     }
-}
-
-fn empty_body() -> UpstreamBody {
-    use http_body_util::BodyExt;
-    http_body_util::Empty::new()
-        .map_err(|never| match never {})
-        .boxed_unsync()
 }

@@ -19,7 +19,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::UpstreamBody;
+use super::BoxBody;
 use super::settings::UpstreamProtocol;
 
 /// Idle HTTP/1.1 connections kept per endpoint and worker; more are closed once their
@@ -66,7 +66,7 @@ enum PoolKind {
 pub(crate) struct Http1Idle {
     /// Idle connections, each tagged with the worker whose runtime drives it (see
     /// `crate::workers`): a worker takes its own, so a request does not cross threads.
-    idle: Mutex<Vec<(usize, http1::SendRequest<UpstreamBody>)>>,
+    idle: Mutex<Vec<(usize, http1::SendRequest<BoxBody>)>>,
     /// Signalled when a connection goes back to `idle`.
     returned: Notify,
     /// One permit per open connection (`circuit_breaker.max_connections`).
@@ -77,7 +77,7 @@ pub(crate) struct Http1Idle {
 }
 
 impl Http1Idle {
-    fn put(&self, worker: usize, sender: http1::SendRequest<UpstreamBody>) {
+    fn put(&self, worker: usize, sender: http1::SendRequest<BoxBody>) {
         if self.retired.load(Ordering::Acquire) {
             return;
         }
@@ -106,10 +106,7 @@ impl Http1Idle {
     /// An idle connection of `worker`'s, or of any worker's with `None`. Most recently
     /// used first: it is the least likely to have been closed by the server's idle
     /// timeout. Closed or busy ones met on the way are dropped.
-    fn take_ready(
-        &self,
-        worker: Option<usize>,
-    ) -> Option<(usize, http1::SendRequest<UpstreamBody>)> {
+    fn take_ready(&self, worker: Option<usize>) -> Option<(usize, http1::SendRequest<BoxBody>)> {
         let mut idle = self.idle.lock().ok()?;
         let mut index = idle.len();
         while index > 0 {
@@ -159,7 +156,7 @@ struct H2Group {
 /// One multiplexed connection, dialled on demand.
 #[derive(Default)]
 struct H2Slot {
-    sender: Option<http2::SendRequest<UpstreamBody>>,
+    sender: Option<http2::SendRequest<BoxBody>>,
     /// When and why the last dial failed: requests that queued behind that dial share
     /// its failure instead of each waiting out its own connect timeout in turn.
     last_failure: Option<(tokio::time::Instant, io::ErrorKind, String)>,
@@ -169,12 +166,12 @@ struct H2Slot {
 pub(crate) enum Connection {
     Http1 {
         worker: usize,
-        sender: http1::SendRequest<UpstreamBody>,
+        sender: http1::SendRequest<BoxBody>,
         idle: Arc<Http1Idle>,
         tasks: TaskTracker,
         cancel: CancellationToken,
     },
-    H2(http2::SendRequest<UpstreamBody>),
+    H2(http2::SendRequest<BoxBody>),
 }
 
 /// A request that failed before a response head arrived. `unsent` holds the request when
@@ -182,7 +179,7 @@ pub(crate) enum Connection {
 /// whatever its method and body.
 pub(crate) struct SendFailure {
     pub(crate) error: hyper::Error,
-    pub(crate) unsent: Option<http::Request<UpstreamBody>>,
+    pub(crate) unsent: Option<http::Request<BoxBody>>,
 }
 
 impl EndpointPool {
@@ -322,7 +319,7 @@ impl EndpointPool {
     fn http1(
         &self,
         worker: usize,
-        sender: http1::SendRequest<UpstreamBody>,
+        sender: http1::SendRequest<BoxBody>,
         idle: &Arc<Http1Idle>,
     ) -> Connection {
         Connection::Http1 {
@@ -350,10 +347,10 @@ impl EndpointPool {
     async fn dial_http1(
         &self,
         permit: OwnedSemaphorePermit,
-    ) -> io::Result<http1::SendRequest<UpstreamBody>> {
+    ) -> io::Result<http1::SendRequest<BoxBody>> {
         let handshake = async {
             let io = self.connect_tcp().await?;
-            http1::handshake::<_, UpstreamBody>(io)
+            http1::handshake::<_, BoxBody>(io)
                 .await
                 .map_err(io::Error::other)
         };
@@ -376,7 +373,7 @@ impl EndpointPool {
         Ok(sender)
     }
 
-    async fn dial_h2(&self) -> io::Result<http2::SendRequest<UpstreamBody>> {
+    async fn dial_h2(&self) -> io::Result<http2::SendRequest<BoxBody>> {
         let handshake = async {
             let io = self.connect_tcp().await?;
             http2::Builder::new(TrackedExecutor(self.tasks.clone()))
@@ -384,7 +381,7 @@ impl EndpointPool {
                 .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
                 .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT)
                 .adaptive_window(true)
-                .handshake::<_, UpstreamBody>(io)
+                .handshake::<_, BoxBody>(io)
                 .await
                 .map_err(io::Error::other)
         };
@@ -412,7 +409,7 @@ impl Connection {
     /// to the idle pool once the response (and request) body has been fully transferred.
     pub(crate) async fn send(
         self,
-        request: http::Request<UpstreamBody>,
+        request: http::Request<BoxBody>,
     ) -> Result<http::Response<Incoming>, SendFailure> {
         match self {
             Connection::Http1 {
@@ -458,8 +455,8 @@ impl Connection {
 pub(crate) fn adapt_request(
     protocol: UpstreamProtocol,
     endpoint: &http::uri::Authority,
-    mut request: http::Request<UpstreamBody>,
-) -> http::Request<UpstreamBody> {
+    mut request: http::Request<BoxBody>,
+) -> http::Request<BoxBody> {
     use http::header::HOST;
     use http::{Uri, Version};
 
@@ -513,7 +510,7 @@ mod tests {
     use super::*;
     use http_body_util::{BodyExt, Empty};
 
-    fn request(uri: &str, host: Option<&str>) -> http::Request<UpstreamBody> {
+    fn request(uri: &str, host: Option<&str>) -> http::Request<BoxBody> {
         let mut builder = http::Request::get(uri);
         if let Some(host) = host {
             builder = builder.header("host", host);

@@ -13,7 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
-use super::{BodyError, UpstreamBody};
+use super::{BodyError, BoxBody};
 
 /// Where a request body is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,9 +73,9 @@ impl BodyProgress {
 /// Wraps `request`'s body so its progress can be watched and a stall (no bytes for
 /// `idle_timeout`, if set) fails it. A request whose body is already complete is not wrapped.
 pub(crate) fn track(
-    request: http::Request<UpstreamBody>,
+    request: http::Request<BoxBody>,
     idle_timeout: Option<Duration>,
-) -> (http::Request<UpstreamBody>, BodyProgress) {
+) -> (http::Request<BoxBody>, BodyProgress) {
     if request.body().is_end_stream() {
         return (request, BodyProgress::Whole(Instant::now()));
     }
@@ -92,7 +92,7 @@ pub(crate) fn track(
 }
 
 struct TrackedBody {
-    inner: UpstreamBody,
+    inner: BoxBody,
     idle_timeout: Option<Duration>,
     /// Armed while the caller keeps us waiting (reset, not reallocated, on each wait); `None`
     /// until the first wait or without an idle timeout.
@@ -175,7 +175,7 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
-    fn streaming(chunks: tokio::sync::mpsc::Receiver<Bytes>) -> http::Request<UpstreamBody> {
+    fn streaming(chunks: tokio::sync::mpsc::Receiver<Bytes>) -> http::Request<BoxBody> {
         let stream = futures_util::stream::unfold(chunks, |mut chunks| async move {
             let chunk = chunks.recv().await?;
             Some((Ok::<_, BodyError>(Frame::data(chunk)), chunks))
@@ -225,7 +225,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_complete_body_is_sent_at_once() {
-        let request = http::Request::new(super::super::empty_body());
+        let request = http::Request::new(crate::http::body::empty());
         let (_, progress) = track(request, Some(Duration::from_secs(5)));
         let now = Instant::now();
         assert_eq!(progress.sent().await, now);

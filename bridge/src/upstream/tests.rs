@@ -223,15 +223,17 @@ async fn start_upstream(
         .unwrap()
 }
 
-fn get(path: &str) -> http::Request<UpstreamBody> {
+fn get(path: &str) -> http::Request<BoxBody> {
     http::Request::get(path)
         .header("host", "svc.test")
-        .body(empty_body())
+        .body(crate::http::body::empty())
         .unwrap()
 }
 
-fn get_without_host(path: &str) -> http::Request<UpstreamBody> {
-    http::Request::get(path).body(empty_body()).unwrap()
+fn get_without_host(path: &str) -> http::Request<BoxBody> {
+    http::Request::get(path)
+        .body(crate::http::body::empty())
+        .unwrap()
 }
 
 async fn body_text(response: UpstreamResponse) -> String {
