@@ -15,6 +15,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use tokio::runtime::Handle;
@@ -30,6 +31,56 @@ thread_local! {
 /// worker uses its own first, and the control plane's health checks keep theirs apart.
 pub fn current() -> usize {
     INDEX.with(Cell::get)
+}
+
+/// Highest worker number started in this process: per-worker tables ([`PerWorker`]) have a
+/// slot for each number up to it, plus one for the main thread.
+static HIGHEST: AtomicUsize = AtomicUsize::new(0);
+
+/// One `T` for each worker and one for the main thread, each on its own cache line: what a
+/// worker's requests update is touched by no other thread until it is read (summed, at
+/// scrape time). A table has a slot for each worker started before it was made, and at least
+/// one per CPU (the default number of workers); a worker numbered past it shares a slot,
+/// which callers must allow for (correct, only not private).
+pub struct PerWorker<T> {
+    slots: Box<[Padded<T>]>,
+}
+
+/// A cache line of its own, so two workers' slots never share one.
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded<T>(T);
+
+impl<T: Default> Default for PerWorker<T> {
+    fn default() -> Self {
+        Self {
+            slots: (0..=HIGHEST.load(Ordering::Relaxed).max(cpus()))
+                .map(|_| Padded::default())
+                .collect(),
+        }
+    }
+}
+
+/// CPUs this process may run on.
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+impl<T> PerWorker<T> {
+    /// The calling worker's slot (the main thread's off the workers).
+    pub fn current(&self) -> &T {
+        self.get(current())
+    }
+
+    /// Worker `worker`'s slot.
+    pub fn get(&self, worker: usize) -> &T {
+        &self.slots[worker % self.slots.len()].0
+    }
+
+    /// Every slot, to sum or to clear.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.slots.iter().map(|slot| &slot.0)
+    }
 }
 
 /// The runtimes a node spreads its data plane over.
@@ -53,6 +104,7 @@ impl Workers {
     /// Starts `count` worker threads, each with a current-thread runtime.
     pub fn spawn(count: usize) -> std::io::Result<Self> {
         let stop = CancellationToken::new();
+        HIGHEST.fetch_max(count.max(1), Ordering::Relaxed);
         let mut handles = Vec::with_capacity(count);
         let mut threads = Vec::with_capacity(count);
         for index in 0..count.max(1) {

@@ -2,7 +2,6 @@
 //! bounded idle pool of HTTP/1.1 keep-alive connections, or a small set of multiplexed h2c
 //! connections re-dialled when closed. Knows nothing about balancing, health or retries.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -21,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use super::BoxBody;
 use super::settings::UpstreamProtocol;
+use crate::workers::PerWorker;
 
 /// Idle HTTP/1.1 connections kept per endpoint and worker; more are closed once their
 /// response ends. Above the 100 concurrent streams of one HTTP/2 caller (a common
@@ -63,10 +63,15 @@ enum PoolKind {
     H2(H2Slots),
 }
 
+/// One worker's idle HTTP/1.1 connections, each tagged with the worker that drives it.
+type IdleList = Mutex<Vec<(usize, http1::SendRequest<BoxBody>)>>;
+
 pub(crate) struct Http1Idle {
-    /// Idle connections, each tagged with the worker whose runtime drives it (see
-    /// `crate::workers`): a worker takes its own, so a request does not cross threads.
-    idle: Mutex<Vec<(usize, http1::SendRequest<BoxBody>)>>,
+    /// Idle connections by the worker whose runtime drives them (see `crate::workers`): a
+    /// worker takes its own, so a request does not cross threads, and returns them to a
+    /// list no other worker locks. Each is tagged with its worker too, for a worker that
+    /// shares its slot.
+    idle: PerWorker<IdleList>,
     /// Signalled when a connection goes back to `idle`.
     returned: Notify,
     /// One permit per open connection (`circuit_breaker.max_connections`).
@@ -85,7 +90,7 @@ impl Http1Idle {
         // worker's idle connections crowded out another's, whose connections were then
         // closed after every request (bench/run, h2 load: a new upstream connection for
         // 95% of requests).
-        if let Ok(mut idle) = self.idle.lock()
+        if let Ok(mut idle) = self.idle.get(worker).lock()
             && idle.iter().filter(|(owner, _)| *owner == worker).count()
                 < MAX_IDLE_HTTP1_CONNECTIONS
         {
@@ -96,18 +101,37 @@ impl Http1Idle {
 
     /// Open idle connections (closed ones wait in the list until a checkout drops them).
     fn len(&self) -> usize {
-        self.idle.lock().map_or(0, |idle| {
-            idle.iter()
-                .filter(|(_, sender)| !sender.is_closed())
-                .count()
-        })
+        self.idle
+            .iter()
+            .map(|slot| {
+                slot.lock().map_or(0, |idle| {
+                    idle.iter()
+                        .filter(|(_, sender)| !sender.is_closed())
+                        .count()
+                })
+            })
+            .sum()
     }
 
     /// An idle connection of `worker`'s, or of any worker's with `None`. Most recently
     /// used first: it is the least likely to have been closed by the server's idle
     /// timeout. Closed or busy ones met on the way are dropped.
     fn take_ready(&self, worker: Option<usize>) -> Option<(usize, http1::SendRequest<BoxBody>)> {
-        let mut idle = self.idle.lock().ok()?;
+        match worker {
+            Some(worker) => Self::take_from(self.idle.get(worker), Some(worker)),
+            None => self
+                .idle
+                .iter()
+                .find_map(|slot| Self::take_from(slot, None)),
+        }
+    }
+
+    /// `take_ready` within one worker's slot.
+    fn take_from(
+        slot: &IdleList,
+        worker: Option<usize>,
+    ) -> Option<(usize, http1::SendRequest<BoxBody>)> {
+        let mut idle = slot.lock().ok()?;
         let mut index = idle.len();
         while index > 0 {
             index -= 1;
@@ -128,23 +152,30 @@ impl Http1Idle {
 /// Each worker's own multiplexed connections (see `crate::workers`), made on its first
 /// request: a stream on a connection another thread drives would cost a cross-thread
 /// wake-up per request.
+/// A worker and its multiplexed connections.
+type WorkerGroup = (usize, Arc<H2Group>);
+
 #[derive(Default)]
 struct H2Slots {
-    per_worker: Mutex<HashMap<usize, Arc<H2Group>>>,
+    /// Each worker's group, tagged with the worker, for a worker that shares its slot.
+    per_worker: PerWorker<Mutex<Vec<WorkerGroup>>>,
 }
 
 impl H2Slots {
     fn group(&self) -> Option<Arc<H2Group>> {
-        let mut groups = self.per_worker.lock().ok()?;
-        let group = groups.entry(crate::workers::current()).or_insert_with(|| {
-            Arc::new(H2Group {
-                slots: (0..H2_CONNECTIONS_PER_ENDPOINT)
-                    .map(|_| tokio::sync::Mutex::new(H2Slot::default()))
-                    .collect(),
-                next: AtomicUsize::new(0),
-            })
+        let worker = crate::workers::current();
+        let mut groups = self.per_worker.get(worker).lock().ok()?;
+        if let Some((_, group)) = groups.iter().find(|(owner, _)| *owner == worker) {
+            return Some(group.clone());
+        }
+        let group = Arc::new(H2Group {
+            slots: (0..H2_CONNECTIONS_PER_ENDPOINT)
+                .map(|_| tokio::sync::Mutex::new(H2Slot::default()))
+                .collect(),
+            next: AtomicUsize::new(0),
         });
-        Some(group.clone())
+        groups.push((worker, group.clone()));
+        Some(group)
     }
 }
 
@@ -193,7 +224,7 @@ impl EndpointPool {
     ) -> Self {
         let kind = match protocol {
             UpstreamProtocol::Http1 => PoolKind::Http1(Arc::new(Http1Idle {
-                idle: Mutex::new(Vec::new()),
+                idle: PerWorker::default(),
                 returned: Notify::new(),
                 permits: Arc::new(Semaphore::new(max_connections)),
                 retired: AtomicBool::new(false),
@@ -225,15 +256,16 @@ impl EndpointPool {
         match &self.kind {
             PoolKind::Http1(idle) => {
                 idle.retired.store(true, Ordering::Release);
-                let closing = idle.idle.lock().map(|mut idle| std::mem::take(&mut *idle));
-                drop(closing);
+                for slot in idle.idle.iter() {
+                    let closing = slot.lock().map(|mut idle| std::mem::take(&mut *idle));
+                    drop(closing);
+                }
             }
             PoolKind::H2(slots) => {
-                let closing = slots
-                    .per_worker
-                    .lock()
-                    .map(|mut groups| std::mem::take(&mut *groups));
-                drop(closing);
+                for slot in slots.per_worker.iter() {
+                    let closing = slot.lock().map(|mut groups| std::mem::take(&mut *groups));
+                    drop(closing);
+                }
             }
         }
     }
