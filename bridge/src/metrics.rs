@@ -439,87 +439,20 @@ impl Metrics {
                 services.push((ServiceLabels { side, service }, stats));
             }
         }
-        counter(
-            encoder,
-            "hybridge_requests_total",
-            "Requests answered, by side, service and status class.",
-            services.iter().flat_map(|(labels, stats)| {
-                stats.by_class.iter().zip(1u8..).map(|(count, class)| {
-                    (
-                        StatusClassLabels {
-                            side: labels.side,
-                            service: labels.service.clone(),
-                            class: StatusClass(class),
-                        },
-                        count.load(Ordering::Relaxed),
-                    )
-                })
-            }),
-        )?;
-        // Only reasons that happened: 18 zero series per service would drown the real ones.
-        counter(
-            encoder,
-            "hybridge_bridge_errors_total",
-            "Responses produced by the bridge itself, by reason.",
-            services.iter().flat_map(|(labels, stats)| {
-                Reason::ALL.into_iter().filter_map(|reason| {
-                    let n = stats.bridge_errors(reason);
-                    (n > 0).then(|| {
-                        (
-                            BridgeErrorLabels {
-                                side: labels.side,
-                                service: labels.service.clone(),
-                                reason,
-                            },
-                            n,
-                        )
-                    })
-                })
-            }),
-        )?;
-        let mut latency = encoder.encode_descriptor(
-            "hybridge_request_duration_seconds",
-            "Time to response head.",
-            None,
-            MetricType::Histogram,
-        )?;
-        for (labels, stats) in &services {
-            let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
-                .iter()
-                .zip(&stats.latency_buckets)
-                .map(|(bound, count)| (*bound, count.load(Ordering::Relaxed)))
-                .collect();
-            latency
-                .encode_family(labels)?
-                .encode_histogram::<NoLabelSet>(
-                    stats.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
-                    stats.latency_count.load(Ordering::Relaxed),
-                    &buckets,
-                    None,
-                )?;
-        }
-        counter(
-            encoder,
-            "hybridge_request_bytes_total",
-            "Request body bytes received from callers or the tunnel.",
-            services
-                .iter()
-                .map(|(l, s)| (l.clone(), s.bytes_in.load(Ordering::Relaxed))),
-        )?;
-        counter(
-            encoder,
-            "hybridge_response_bytes_total",
-            "Response body bytes sent back.",
-            services
-                .iter()
-                .map(|(l, s)| (l.clone(), s.bytes_out.load(Ordering::Relaxed))),
-        )?;
-        gauge(
-            encoder,
-            "hybridge_active_requests",
-            "Requests in flight.",
-            services.iter().map(|(l, s)| (l.clone(), s.active())),
-        )?;
+        encode_request_outcomes(encoder, &services)?;
+        encode_latency(encoder, &services)?;
+        encode_request_traffic(encoder, &services)?;
+        self.encode_tunnel_links(encoder)?;
+        self.encode_tunnel_events(encoder)?;
+        self.encode_listeners(encoder)
+    }
+
+    /// Tunnel dials and carrier switches by carrier, connects and disconnects by site, and
+    /// handshake failures by reason.
+    fn encode_tunnel_links(
+        &self,
+        encoder: &mut DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
         let (connects, disconnects, carriers, switches) = {
             let t = lock(&self.tunnel);
             (
@@ -575,7 +508,14 @@ impl Metrics {
             HandshakeFailure::ALL
                 .into_iter()
                 .map(|reason| (HandshakeLabels { reason }, self.handshake_failures(reason))),
-        )?;
+        )
+    }
+
+    /// Links gone silent, requests retried on another link and announcements refused.
+    fn encode_tunnel_events(
+        &self,
+        encoder: &mut DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
         let mut silences = encoder.encode_descriptor(
             "hybridge_tunnel_silences",
             "Times a tunnel link went silent (nothing from the peer for a keepalive interval plus two round trips) and stopped getting new requests.",
@@ -602,7 +542,11 @@ impl Metrics {
             None,
             MetricType::Counter,
         )?;
-        refused.encode_counter::<NoLabelSet, u64, u64>(&self.exports_refused(), None)?;
+        refused.encode_counter::<NoLabelSet, u64, u64>(&self.exports_refused(), None)
+    }
+
+    /// Per-listener open connections, refusals, accept errors and idle closes.
+    fn encode_listeners(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let listeners: Vec<ListenerCounts> =
             lock(&self.listeners).iter().map(|l| l.counts()).collect();
         let by_listener = |pick: fn(&ListenerCounts) -> u64| {
@@ -638,9 +582,111 @@ impl Metrics {
             "hybridge_listener_idle_closed_total",
             "Connections closed after the idle timeout with no request in flight.",
             by_listener(|c| c.idle_closed),
-        )?;
-        Ok(())
+        )
     }
+}
+
+/// Requests answered by status class, and the bridge's own errors by reason.
+fn encode_request_outcomes(
+    encoder: &mut DescriptorEncoder<'_>,
+    services: &[(ServiceLabels, Arc<ServiceStats>)],
+) -> Result<(), std::fmt::Error> {
+    counter(
+        encoder,
+        "hybridge_requests_total",
+        "Requests answered, by side, service and status class.",
+        services.iter().flat_map(|(labels, stats)| {
+            stats.by_class.iter().zip(1u8..).map(|(count, class)| {
+                (
+                    StatusClassLabels {
+                        side: labels.side,
+                        service: labels.service.clone(),
+                        class: StatusClass(class),
+                    },
+                    count.load(Ordering::Relaxed),
+                )
+            })
+        }),
+    )?;
+    // Only reasons that happened: 18 zero series per service would drown the real ones.
+    counter(
+        encoder,
+        "hybridge_bridge_errors_total",
+        "Responses produced by the bridge itself, by reason.",
+        services.iter().flat_map(|(labels, stats)| {
+            Reason::ALL.into_iter().filter_map(|reason| {
+                let n = stats.bridge_errors(reason);
+                (n > 0).then(|| {
+                    (
+                        BridgeErrorLabels {
+                            side: labels.side,
+                            service: labels.service.clone(),
+                            reason,
+                        },
+                        n,
+                    )
+                })
+            })
+        }),
+    )
+}
+
+/// The time to response head of each service's requests, as a histogram.
+fn encode_latency(
+    encoder: &mut DescriptorEncoder<'_>,
+    services: &[(ServiceLabels, Arc<ServiceStats>)],
+) -> Result<(), std::fmt::Error> {
+    let mut latency = encoder.encode_descriptor(
+        "hybridge_request_duration_seconds",
+        "Time to response head.",
+        None,
+        MetricType::Histogram,
+    )?;
+    for (labels, stats) in services {
+        let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+            .iter()
+            .zip(&stats.latency_buckets)
+            .map(|(bound, count)| (*bound, count.load(Ordering::Relaxed)))
+            .collect();
+        latency
+            .encode_family(labels)?
+            .encode_histogram::<NoLabelSet>(
+                stats.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+                stats.latency_count.load(Ordering::Relaxed),
+                &buckets,
+                None,
+            )?;
+    }
+    Ok(())
+}
+
+/// Request and response body bytes and requests in flight, per service.
+fn encode_request_traffic(
+    encoder: &mut DescriptorEncoder<'_>,
+    services: &[(ServiceLabels, Arc<ServiceStats>)],
+) -> Result<(), std::fmt::Error> {
+    counter(
+        encoder,
+        "hybridge_request_bytes_total",
+        "Request body bytes received from callers or the tunnel.",
+        services
+            .iter()
+            .map(|(l, s)| (l.clone(), s.bytes_in.load(Ordering::Relaxed))),
+    )?;
+    counter(
+        encoder,
+        "hybridge_response_bytes_total",
+        "Response body bytes sent back.",
+        services
+            .iter()
+            .map(|(l, s)| (l.clone(), s.bytes_out.load(Ordering::Relaxed))),
+    )?;
+    gauge(
+        encoder,
+        "hybridge_active_requests",
+        "Requests in flight.",
+        services.iter().map(|(l, s)| (l.clone(), s.active())),
+    )
 }
 
 /// Encodes one counter family. `name` is the sample name (`…_total`), as dashboards query it.

@@ -101,96 +101,16 @@ where
                 exports: svc.exports(),
             },
         ),
-        ("rules", &Method::POST) => match read_body(req).await {
-            Err(response) => response,
-            Ok(body) => match serde_json::from_slice::<RuleSpec>(&body) {
-                Err(e) => error(StatusCode::BAD_REQUEST, format!("rule JSON: {e}")),
-                Ok(spec) => match blocking(|| svc.add(spec, actor)) {
-                    Ok(rule) => json(
-                        StatusCode::CREATED,
-                        &RuleChanged {
-                            version: svc.version(),
-                            rule,
-                        },
-                    ),
-                    Err(e) => acl_error(&e),
-                },
-            },
-        },
-        ("apply", &Method::POST) => {
-            let dry_run = query_param(&query, "dry_run").is_some_and(|v| v == "true" || v == "1");
-            let file = query_param(&query, "file").unwrap_or_else(|| "request body".into());
-            match read_body(req).await {
-                Err(response) => response,
-                Ok(body) => match std::str::from_utf8(&body) {
-                    Err(_) => error(StatusCode::BAD_REQUEST, format!("{file}: not UTF-8")),
-                    Ok(text) => match parse_acl_file(Path::new(&file), text) {
-                        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
-                        Ok(policy) => match blocking(|| svc.apply(policy, actor, dry_run)) {
-                            Ok(diff) => json(StatusCode::OK, &diff),
-                            Err(e) => acl_error(&e),
-                        },
-                    },
-                },
-            }
-        }
-        ("check", &Method::GET) => match (query_param(&query, "from"), query_param(&query, "to")) {
-            (Some(from), Some(to)) => {
-                let site = query_param(&query, "site").filter(|s| !s.is_empty());
-                let method = query_param(&query, "method").filter(|m| !m.is_empty());
-                let path = query_param(&query, "path").filter(|p| !p.is_empty());
-                let path = match canonical_check_path(path) {
-                    Ok(path) => path,
-                    Err(refused) => return Some(error(StatusCode::BAD_REQUEST, refused)),
-                };
-                json(
-                    StatusCode::OK,
-                    &svc.explain(
-                        site.as_deref(),
-                        &from,
-                        &to,
-                        method.as_deref(),
-                        path.as_deref(),
-                    ),
-                )
-            }
-            _ => error(
-                StatusCode::BAD_REQUEST,
-                "check needs query parameters `from` and `to`".into(),
-            ),
-        },
-        ("log", &Method::GET) => {
-            let limit = match query_param(&query, "limit") {
-                None => Ok(DEFAULT_LOG_LIMIT),
-                Some(v) => v.parse::<usize>().map_err(|_| v),
-            };
-            match limit {
-                Err(v) => error(
-                    StatusCode::BAD_REQUEST,
-                    format!("limit {v:?} is not a non-negative integer"),
-                ),
-                Ok(limit) => match blocking(|| svc.audit(limit)) {
-                    Ok(entries) => json(StatusCode::OK, &AuditLog { entries }),
-                    Err(e) => acl_error(&e),
-                },
-            }
-        }
+        ("rules", &Method::POST) => add_rule(svc, req, actor).await,
+        ("apply", &Method::POST) => apply(svc, req, actor, &query).await,
+        ("check", &Method::GET) => check(svc, &query),
+        ("log", &Method::GET) => audit_log(svc, &query),
         ("rules" | "apply" | "check" | "log", _) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} not allowed on {path}"),
         ),
         (other, &Method::DELETE) if other.starts_with("rules/") => {
-            let id = percent_decode(&other["rules/".len()..]);
-            match blocking(|| svc.remove(&id, actor)) {
-                Ok(rule) => json(
-                    StatusCode::OK,
-                    &RuleChanged {
-                        version: svc.version(),
-                        rule,
-                    },
-                ),
-                Err(e) => acl_error(&e),
-            }
+            remove_rule(svc, &other["rules/".len()..], actor)
         }
         (other, _) if other.starts_with("rules/") => error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -199,6 +119,117 @@ where
         _ => return None,
     };
     Some(response)
+}
+
+/// `POST /v1/acl/rules`: adds the rule in the JSON body.
+async fn add_rule<B>(svc: &AclService, req: Request<B>, actor: &str) -> AdminResponse
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match read_body(req).await {
+        Err(response) => response,
+        Ok(body) => match serde_json::from_slice::<RuleSpec>(&body) {
+            Err(e) => error(StatusCode::BAD_REQUEST, format!("rule JSON: {e}")),
+            Ok(spec) => match blocking(|| svc.add(spec, actor)) {
+                Ok(rule) => json(
+                    StatusCode::CREATED,
+                    &RuleChanged {
+                        version: svc.version(),
+                        rule,
+                    },
+                ),
+                Err(e) => acl_error(&e),
+            },
+        },
+    }
+}
+
+/// `POST /v1/acl/apply`: replaces the policy with the TOML body (or, `dry_run`, shows the
+/// diff); errors name the `file` the operator applied.
+async fn apply<B>(svc: &AclService, req: Request<B>, actor: &str, query: &str) -> AdminResponse
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let dry_run = query_param(query, "dry_run").is_some_and(|v| v == "true" || v == "1");
+    let file = query_param(query, "file").unwrap_or_else(|| "request body".into());
+    match read_body(req).await {
+        Err(response) => response,
+        Ok(body) => match std::str::from_utf8(&body) {
+            Err(_) => error(StatusCode::BAD_REQUEST, format!("{file}: not UTF-8")),
+            Ok(text) => match parse_acl_file(Path::new(&file), text) {
+                Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+                Ok(policy) => match blocking(|| svc.apply(policy, actor, dry_run)) {
+                    Ok(diff) => json(StatusCode::OK, &diff),
+                    Err(e) => acl_error(&e),
+                },
+            },
+        },
+    }
+}
+
+/// `GET /v1/acl/check`: how the policy decides the call the query describes; 400 for a path a
+/// listener would refuse.
+fn check(svc: &AclService, query: &str) -> AdminResponse {
+    match (query_param(query, "from"), query_param(query, "to")) {
+        (Some(from), Some(to)) => {
+            let site = query_param(query, "site").filter(|s| !s.is_empty());
+            let method = query_param(query, "method").filter(|m| !m.is_empty());
+            let path = query_param(query, "path").filter(|p| !p.is_empty());
+            let path = match canonical_check_path(path) {
+                Ok(path) => path,
+                Err(refused) => return error(StatusCode::BAD_REQUEST, refused),
+            };
+            json(
+                StatusCode::OK,
+                &svc.explain(
+                    site.as_deref(),
+                    &from,
+                    &to,
+                    method.as_deref(),
+                    path.as_deref(),
+                ),
+            )
+        }
+        _ => error(
+            StatusCode::BAD_REQUEST,
+            "check needs query parameters `from` and `to`".into(),
+        ),
+    }
+}
+
+/// `GET /v1/acl/log`: the last `limit` audit entries.
+fn audit_log(svc: &AclService, query: &str) -> AdminResponse {
+    let limit = match query_param(query, "limit") {
+        None => Ok(DEFAULT_LOG_LIMIT),
+        Some(v) => v.parse::<usize>().map_err(|_| v),
+    };
+    match limit {
+        Err(v) => error(
+            StatusCode::BAD_REQUEST,
+            format!("limit {v:?} is not a non-negative integer"),
+        ),
+        Ok(limit) => match blocking(|| svc.audit(limit)) {
+            Ok(entries) => json(StatusCode::OK, &AuditLog { entries }),
+            Err(e) => acl_error(&e),
+        },
+    }
+}
+
+/// `DELETE /v1/acl/rules/{id}` (`id` still percent-encoded): removes the rule.
+fn remove_rule(svc: &AclService, id: &str, actor: &str) -> AdminResponse {
+    let id = percent_decode(id);
+    match blocking(|| svc.remove(&id, actor)) {
+        Ok(rule) => json(
+            StatusCode::OK,
+            &RuleChanged {
+                version: svc.version(),
+                rule,
+            },
+        ),
+        Err(e) => acl_error(&e),
+    }
 }
 
 /// The canonical form of the path an operator asks about, which is what a listener decides

@@ -181,14 +181,24 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Repo
         None => Backend::Remote(Box::new(target.admin.client()?)),
     };
     let mut out = String::new();
-    let mut exit_code = 0;
+    let exit_code = run_command(&backend, cmd, &mut out).await?;
+    Ok(Report {
+        text: out,
+        errors: String::new(),
+        exit_code,
+    })
+}
+
+/// Runs one command against one node or database, writing its output to `out`; returns the
+/// exit code.
+async fn run_command(backend: &Backend, cmd: AclCommand, out: &mut String) -> anyhow::Result<u8> {
     match cmd {
         AclCommand::List { json } => {
             let list = backend.list().await?;
             if json {
-                out = serde_json::to_string_pretty(&list)? + "\n";
+                *out = serde_json::to_string_pretty(&list)? + "\n";
             } else {
-                print_list(&mut out, &list)?;
+                print_list(out, &list)?;
             }
         }
         AclCommand::Add {
@@ -213,39 +223,17 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Repo
                 description,
             };
             let changed = backend.add(spec).await?;
-            writeln!(
-                out,
-                "added {} (policy version {})",
-                describe(&changed.rule),
-                changed.version
-            )?;
+            print_changed(out, "added", &changed)?;
         }
         AclCommand::Remove { id } => {
             let changed = backend.remove(&id).await?;
-            writeln!(
-                out,
-                "removed {} (policy version {})",
-                describe(&changed.rule),
-                changed.version
-            )?;
+            print_changed(out, "removed", &changed)?;
         }
         AclCommand::Apply {
             file,
             dry_run,
             json,
-        } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading acl file {}", file.display()))?;
-            let diff = backend.apply(&file, &text, dry_run).await?;
-            if json {
-                out = serde_json::to_string_pretty(&diff)? + "\n";
-            } else {
-                print_diff(&mut out, &diff)?;
-            }
-            if dry_run && !diff.is_empty() {
-                exit_code = EXIT_CHANGES_PENDING;
-            }
-        }
+        } => return apply_file(backend, &file, dry_run, json, out).await,
         AclCommand::Check {
             source,
             source_site,
@@ -257,12 +245,7 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Repo
             // Decided on the canonical path, as a listener would; one a listener refuses is
             // an error saying why.
             let typed = path;
-            let path = match &typed {
-                Some(typed) => Some(decision_path(typed).map_err(|e| {
-                    anyhow::anyhow!("path {typed:?} is refused with 400 invalid-path: {e}")
-                })?),
-                None => None,
-            };
+            let path = canonical_path(typed.as_deref())?;
             let explanation = backend
                 .check(
                     source_site.as_deref(),
@@ -272,39 +255,94 @@ pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Repo
                     path.as_deref(),
                 )
                 .await?;
-            if !explanation.action.eq(&Action::Allow) {
-                exit_code = EXIT_DENIED;
-            }
-            if json {
-                out = serde_json::to_string_pretty(&explanation)? + "\n";
-            } else {
-                print_explanation(&mut out, &explanation)?;
-            }
-            if let (false, Some(typed), Some(canonical)) = (json, &typed, &path)
-                && typed != canonical
-            {
-                writeln!(
-                    out,
-                    "path {typed} was decided as its canonical form {canonical}"
-                )?;
-            }
+            return write_check(out, &explanation, json, typed.as_deref(), path.as_deref());
         }
         AclCommand::Log { limit, json } => {
             let log = backend.log(limit).await?;
             if json {
-                out = serde_json::to_string_pretty(&log)? + "\n";
+                *out = serde_json::to_string_pretty(&log)? + "\n";
             } else {
                 for entry in &log.entries {
-                    print_audit_entry(&mut out, entry)?;
+                    print_audit_entry(out, entry)?;
                 }
             }
         }
     }
-    Ok(Report {
-        text: out,
-        errors: String::new(),
-        exit_code,
+    Ok(0)
+}
+
+/// `VERB RULE (policy version N)` for a rule added or removed.
+fn print_changed(out: &mut String, verb: &str, changed: &RuleChanged) -> std::fmt::Result {
+    writeln!(
+        out,
+        "{verb} {} (policy version {})",
+        describe(&changed.rule),
+        changed.version
+    )
+}
+
+/// `acl apply` on one node or database; exits `EXIT_CHANGES_PENDING` for a dry run that would
+/// change the policy.
+async fn apply_file(
+    backend: &Backend,
+    file: &Path,
+    dry_run: bool,
+    json: bool,
+    out: &mut String,
+) -> anyhow::Result<u8> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading acl file {}", file.display()))?;
+    let diff = backend.apply(file, &text, dry_run).await?;
+    if json {
+        *out = serde_json::to_string_pretty(&diff)? + "\n";
+    } else {
+        print_diff(out, &diff)?;
+    }
+    Ok(if dry_run && !diff.is_empty() {
+        EXIT_CHANGES_PENDING
+    } else {
+        0
     })
+}
+
+/// The canonical form of the path `acl check` was given; an error saying why for a path a
+/// listener refuses.
+fn canonical_path(typed: Option<&str>) -> anyhow::Result<Option<String>> {
+    Ok(match typed {
+        Some(typed) => Some(decision_path(typed).map_err(|e| {
+            anyhow::anyhow!("path {typed:?} is refused with 400 invalid-path: {e}")
+        })?),
+        None => None,
+    })
+}
+
+/// Writes `acl check`'s answer (and, when the path was made canonical, which path was
+/// decided); exits `EXIT_DENIED` unless the call is allowed.
+fn write_check(
+    out: &mut String,
+    explanation: &Explanation,
+    json: bool,
+    typed: Option<&str>,
+    path: Option<&str>,
+) -> anyhow::Result<u8> {
+    let mut exit_code = 0;
+    if !explanation.action.eq(&Action::Allow) {
+        exit_code = EXIT_DENIED;
+    }
+    if json {
+        *out = serde_json::to_string_pretty(explanation)? + "\n";
+    } else {
+        print_explanation(out, explanation)?;
+    }
+    if let (false, Some(typed), Some(canonical)) = (json, typed, path)
+        && typed != canonical
+    {
+        writeln!(
+            out,
+            "path {typed} was decided as its canonical form {canonical}"
+        )?;
+    }
+    Ok(exit_code)
 }
 
 /// One node's part of a multi-node `acl apply`.
@@ -331,66 +369,16 @@ async fn apply_to_nodes(
         .with_context(|| format!("reading acl file {}", file.display()))?;
     // A file the node would refuse is refused here once, not once per node.
     parse_acl_file(file, &text)?;
-    let applies = clients.into_iter().map(|client| {
-        let text = &text;
-        async move {
-            let node = client.endpoint().to_string();
-            let backend = Backend::Remote(Box::new(client));
-            let outcome = async {
-                let diff = backend.apply(file, text, dry_run).await?;
-                let digest = backend.list().await?.digest;
-                anyhow::Ok((diff, digest))
-            }
-            .await;
-            match outcome {
-                Ok((diff, digest)) => NodeApply {
-                    node,
-                    result: match (diff.is_empty(), dry_run) {
-                        (true, _) => "unchanged",
-                        (false, true) => "pending",
-                        (false, false) => "applied",
-                    },
-                    digest: Some(digest),
-                    diff: Some(diff),
-                    error: None,
-                },
-                Err(e) => NodeApply {
-                    node,
-                    result: "failed",
-                    digest: None,
-                    diff: None,
-                    error: Some(format!("{e:#}")),
-                },
-            }
-        }
-    });
+    let applies = clients
+        .into_iter()
+        .map(|client| apply_on_node(client, file, &text, dry_run));
     let nodes = futures_util::future::join_all(applies).await;
     let failed: Vec<&NodeApply> = nodes.iter().filter(|n| n.error.is_some()).collect();
     let mut out = String::new();
     if json {
         out = serde_json::to_string_pretty(&nodes)? + "\n";
     } else {
-        for node in &nodes {
-            print_node_apply(&mut out, node)?;
-        }
-        let mut digests: Vec<&str> = nodes.iter().filter_map(|n| n.digest.as_deref()).collect();
-        digests.sort_unstable();
-        digests.dedup();
-        let count = |result| nodes.iter().filter(|n| n.result == result).count();
-        writeln!(
-            out,
-            "{} node(s): {} applied, {} unchanged, {} pending, {} failed{}",
-            nodes.len(),
-            count("applied"),
-            count("unchanged"),
-            count("pending"),
-            failed.len(),
-            match digests.as_slice() {
-                [one] => format!("; policy {one} on every node that answered"),
-                [] => String::new(),
-                _ => "; the nodes' policies differ".into(),
-            }
-        )?;
+        print_nodes_apply(&mut out, &nodes, failed.len())?;
     }
     let mut errors = String::new();
     if !failed.is_empty() {
@@ -416,6 +404,63 @@ async fn apply_to_nodes(
         errors,
         exit_code,
     })
+}
+
+/// Applies `text` (read from `file`) to one node and says how that went.
+async fn apply_on_node(client: AdminClient, file: &Path, text: &str, dry_run: bool) -> NodeApply {
+    let node = client.endpoint().to_string();
+    let backend = Backend::Remote(Box::new(client));
+    let outcome = async {
+        let diff = backend.apply(file, text, dry_run).await?;
+        let digest = backend.list().await?.digest;
+        anyhow::Ok((diff, digest))
+    }
+    .await;
+    match outcome {
+        Ok((diff, digest)) => NodeApply {
+            node,
+            result: match (diff.is_empty(), dry_run) {
+                (true, _) => "unchanged",
+                (false, true) => "pending",
+                (false, false) => "applied",
+            },
+            digest: Some(digest),
+            diff: Some(diff),
+            error: None,
+        },
+        Err(e) => NodeApply {
+            node,
+            result: "failed",
+            digest: None,
+            diff: None,
+            error: Some(format!("{e:#}")),
+        },
+    }
+}
+
+/// Each node's line, then the count of each result and whether the nodes' policies agree.
+fn print_nodes_apply(out: &mut String, nodes: &[NodeApply], failed: usize) -> std::fmt::Result {
+    for node in nodes {
+        print_node_apply(out, node)?;
+    }
+    let mut digests: Vec<&str> = nodes.iter().filter_map(|n| n.digest.as_deref()).collect();
+    digests.sort_unstable();
+    digests.dedup();
+    let count = |result| nodes.iter().filter(|n| n.result == result).count();
+    writeln!(
+        out,
+        "{} node(s): {} applied, {} unchanged, {} pending, {} failed{}",
+        nodes.len(),
+        count("applied"),
+        count("unchanged"),
+        count("pending"),
+        failed,
+        match digests.as_slice() {
+            [one] => format!("; policy {one} on every node that answered"),
+            [] => String::new(),
+            _ => "; the nodes' policies differ".into(),
+        }
+    )
 }
 
 /// `NODE: applied 1 added, 0 changed, 0 removed (policy version 3 -> 4); policy DIGEST`, the

@@ -284,6 +284,40 @@ impl AdminClient {
         path: &str,
         body: Option<(&'static str, Bytes)>,
     ) -> anyhow::Result<AdminResponse> {
+        let request = self.build_request(method, path, body)?;
+        let response = match &self.endpoint {
+            AdminEndpoint::Unix(socket) => {
+                let stream = tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map_err(|e| unix_connect_error(socket, &e))?;
+                send(stream, request).await
+            }
+            AdminEndpoint::Http { authority } => {
+                let stream = tokio::net::TcpStream::connect(authority.as_str())
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "connecting to the admin listener at {} (is the node running?)",
+                            self.endpoint
+                        )
+                    })?;
+                send(stream, request).await
+            }
+            AdminEndpoint::Https { authority } => {
+                return self.request_https(authority, request).await;
+            }
+        };
+        response.with_context(|| format!("{}{path}", self.endpoint))
+    }
+
+    /// The request for `path`, addressed to the node and typed like its body (JSON for a
+    /// write without one).
+    fn build_request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&'static str, Bytes)>,
+    ) -> anyhow::Result<http::Request<Full<Bytes>>> {
         let host = match &self.endpoint {
             // What curl --unix-socket sends; the socket refuses any other name.
             AdminEndpoint::Unix(_) => "localhost".to_string(),
@@ -308,68 +342,55 @@ impl AdminClient {
                 Bytes::new()
             }
         };
-        let request = builder
+        builder
             .body(Full::new(body))
-            .with_context(|| format!("building a request for {}{path}", self.endpoint))?;
-        let response = match &self.endpoint {
-            AdminEndpoint::Unix(socket) => {
-                let stream = tokio::net::UnixStream::connect(socket)
-                    .await
-                    .map_err(|e| unix_connect_error(socket, &e))?;
-                send(stream, request).await
-            }
-            AdminEndpoint::Http { authority } => {
-                let stream = tokio::net::TcpStream::connect(authority.as_str())
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "connecting to the admin listener at {} (is the node running?)",
-                            self.endpoint
-                        )
-                    })?;
-                send(stream, request).await
-            }
-            AdminEndpoint::Https { authority } => {
-                let tls = self
-                    .tls
-                    .as_ref()
-                    .context("https:// needs an administrator certificate (--cert, --key, --ca)")?;
-                let stream = tokio::net::TcpStream::connect(authority.as_str())
+            .with_context(|| format!("building a request for {}{path}", self.endpoint))
+    }
+
+    /// Sends `request` to a remote admin listener over mTLS with the administrator
+    /// certificate; a refused certificate is reported as such.
+    async fn request_https(
+        &self,
+        authority: &str,
+        request: http::Request<Full<Bytes>>,
+    ) -> anyhow::Result<AdminResponse> {
+        let tls = self
+            .tls
+            .as_ref()
+            .context("https:// needs an administrator certificate (--cert, --key, --ca)")?;
+        let stream = tokio::net::TcpStream::connect(authority)
                     .await
                     .with_context(|| {
                         format!("connecting to the remote admin listener at {} (is `[admin.remote]` configured?)", self.endpoint)
                     })?;
-                let host = authority
-                    .parse::<http::uri::Authority>()
-                    .map(|a| a.host().trim_matches(|c| c == '[' || c == ']').to_string())
-                    .unwrap_or_default();
-                // The node is checked by its SPIFFE id, not its name; SNI only needs a valid one.
-                let name = rustls::pki_types::ServerName::try_from(host).unwrap_or_else(|_| {
-                    rustls::pki_types::ServerName::from(std::net::IpAddr::from(
-                        std::net::Ipv4Addr::LOCALHOST,
-                    ))
-                });
-                let refused = |e: &dyn fmt::Display| {
-                    anyhow::anyhow!(
-                        "the remote admin listener at {} refused this client ({e}); it accepts only administrator certificates (spiffe://{}/admin/NAME) from its CA that are not revoked, and this one is {}",
-                        self.endpoint,
-                        tls.identity.trust_domain(),
-                        tls.identity
-                    )
-                };
-                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-                let stream = connector
-                    .connect(name, stream)
-                    .await
-                    .map_err(|e| refused(&e))?;
-                // In TLS 1.3 the server judges the client certificate after the client's
-                // handshake is done: a refusal arrives as an alert in place of the answer.
-                return send(stream, request)
-                    .await
-                    .map_err(|e| refused(&format_args!("{e:#}")));
-            }
+        let host = authority
+            .parse::<http::uri::Authority>()
+            .map(|a| a.host().trim_matches(|c| c == '[' || c == ']').to_string())
+            .unwrap_or_default();
+        // The node is checked by its SPIFFE id, not its name; SNI only needs a valid one.
+        let name = rustls::pki_types::ServerName::try_from(host).unwrap_or_else(|_| {
+            rustls::pki_types::ServerName::from(std::net::IpAddr::from(
+                std::net::Ipv4Addr::LOCALHOST,
+            ))
+        });
+        let refused = |e: &dyn fmt::Display| {
+            anyhow::anyhow!(
+                "the remote admin listener at {} refused this client ({e}); it accepts only administrator certificates (spiffe://{}/admin/NAME) from its CA that are not revoked, and this one is {}",
+                self.endpoint,
+                tls.identity.trust_domain(),
+                tls.identity
+            )
         };
-        response.with_context(|| format!("{}{path}", self.endpoint))
+        let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+        let stream = connector
+            .connect(name, stream)
+            .await
+            .map_err(|e| refused(&e))?;
+        // In TLS 1.3 the server judges the client certificate after the client's
+        // handshake is done: a refusal arrives as an alert in place of the answer.
+        send(stream, request)
+            .await
+            .map_err(|e| refused(&format_args!("{e:#}")))
     }
 
     /// GET that fails unless the answer is 2xx.
@@ -438,6 +459,27 @@ where
 /// Renders `/v1/status` as the human-readable `hybridge status` output.
 pub fn render_status(doc: &StatusDocument) -> String {
     let mut out = String::new();
+    render_node(&mut out, doc);
+    render_peers(&mut out, doc);
+    render_dialing(&mut out, doc);
+    render_exports(&mut out, doc);
+    let _ = writeln!(out, "\nIMPORT              LISTEN");
+    for i in &doc.imports {
+        let _ = writeln!(out, "{:<19} {}", i.service, i.listen);
+    }
+    if let Some(g) = &doc.gateway {
+        let _ = writeln!(out, "(gateway)           {g}");
+    }
+    out
+}
+
+/// The first twelve characters of a policy digest.
+fn short_digest(digest: &str) -> String {
+    digest.chars().take(12).collect::<String>()
+}
+
+/// The node's identity, state, policy and CRL lines.
+fn render_node(out: &mut String, doc: &StatusDocument) {
     let _ = writeln!(out, "node      {}", doc.node);
     let state = if doc.ready {
         "ready".to_owned()
@@ -451,12 +493,11 @@ pub fn render_status(doc: &StatusDocument) -> String {
         "state     {}   uptime {}s   policy version {}   workers {}",
         state, doc.uptime_seconds, doc.policy_version, doc.workers
     );
-    let short = |digest: &str| digest.chars().take(12).collect::<String>();
     let disagreeing = doc.peers_disagreeing;
     let _ = writeln!(
         out,
         "policy    {}{}",
-        short(&doc.policy_digest),
+        short_digest(&doc.policy_digest),
         if disagreeing > 0 {
             format!("   {disagreeing} peer(s) DISAGREE")
         } else {
@@ -466,6 +507,10 @@ pub fn render_status(doc: &StatusDocument) -> String {
     for crl in &doc.crls {
         let _ = writeln!(out, "{}", crl_line(crl, &doc.crl_stale));
     }
+}
+
+/// The table of tunnel links.
+fn render_peers(out: &mut String, doc: &StatusDocument) {
     let _ = writeln!(
         out,
         "\nPEER                                             REMOTE                 CARRIER  DIR       WORKER  RTT(ms)  STREAMS  POLICY                   EXPORTS"
@@ -482,14 +527,18 @@ pub fn render_status(doc: &StatusDocument) -> String {
             p.rtt_ms,
             p.active_streams,
             match p.policy_agrees {
-                Some(true) => format!("{} agrees", short(&p.policy_digest)),
-                Some(false) => format!("{} DIFFERS", short(&p.policy_digest)),
+                Some(true) => format!("{} agrees", short_digest(&p.policy_digest)),
+                Some(false) => format!("{} DIFFERS", short_digest(&p.policy_digest)),
                 None => "-".to_owned(),
             },
             p.exports.join(","),
             if p.draining { " (draining)" } else { "" }
         );
     }
+}
+
+/// The table of dialer slots, when there are any.
+fn render_dialing(out: &mut String, doc: &StatusDocument) {
     if !doc.dialing.is_empty() {
         let _ = writeln!(
             out,
@@ -521,6 +570,10 @@ pub fn render_status(doc: &StatusDocument) -> String {
             );
         }
     }
+}
+
+/// The table of export endpoints, with failing DNS names and protection counters.
+fn render_exports(out: &mut String, doc: &StatusDocument) {
     let _ = writeln!(
         out,
         "\nEXPORT              ENDPOINT                       ADDRESS                STATE      ACTIVE  REQUESTS  FAILURES  IDLE"
@@ -571,14 +624,6 @@ pub fn render_status(doc: &StatusDocument) -> String {
             );
         }
     }
-    let _ = writeln!(out, "\nIMPORT              LISTEN");
-    for i in &doc.imports {
-        let _ = writeln!(out, "{:<19} {}", i.service, i.listen);
-    }
-    if let Some(g) = &doc.gateway {
-        let _ = writeln!(out, "(gateway)           {g}");
-    }
-    out
 }
 
 /// `crl       #1 (number 3, 2 revoked)   next update in 3599s` or, once past it, when it

@@ -459,6 +459,8 @@ fn refused(reason: &str) -> AdminResponse {
     response
 }
 
+/// Answers one admin request: the listener's access policy first, then the endpoint its
+/// kind exposes.
 async fn route(
     req: Request<Incoming>,
     context: Arc<ConnectionContext>,
@@ -486,23 +488,7 @@ async fn route(
         return Ok(failure(StatusCode::NOT_FOUND, "not-found", "not found\n"));
     }
     if kind.is_full() && path.starts_with("/v1/acl") {
-        let actor = context.caller.actor();
-        let method = req.method().clone();
-        let Some(response) = crate::acl::api::handle_admin(&state.acl, req, &actor).await else {
-            return Ok(failure(StatusCode::NOT_FOUND, "not-found", "not found\n"));
-        };
-        if method != Method::GET && method != Method::HEAD {
-            info!(
-                listener = %context.listener.name,
-                caller = %context.caller,
-                %method,
-                path,
-                status = response.status().as_u16(),
-                version = state.acl.version(),
-                "admin write"
-            );
-        }
-        return Ok(response);
+        return Ok(route_acl(req, &context, &path).await);
     }
     if kind.is_full() && path == "/v1/reload" {
         return Ok(reload(req.method(), &context).await);
@@ -514,7 +500,39 @@ async fn route(
             "method not allowed\n",
         ));
     }
-    let response = match path.as_str() {
+    Ok(read(&path, state))
+}
+
+/// The ACL API (`/v1/acl…`) of a full listener; a write is logged with the policy version it
+/// left in force.
+async fn route_acl(
+    req: Request<Incoming>,
+    context: &ConnectionContext,
+    path: &str,
+) -> AdminResponse {
+    let state = &context.state;
+    let actor = context.caller.actor();
+    let method = req.method().clone();
+    let Some(response) = crate::acl::api::handle_admin(&state.acl, req, &actor).await else {
+        return failure(StatusCode::NOT_FOUND, "not-found", "not found\n");
+    };
+    if method != Method::GET && method != Method::HEAD {
+        info!(
+            listener = %context.listener.name,
+            caller = %context.caller,
+            %method,
+            path,
+            status = response.status().as_u16(),
+            version = state.acl.version(),
+            "admin write"
+        );
+    }
+    response
+}
+
+/// The read-only endpoints: health, readiness, metrics and status.
+fn read(path: &str, state: &NodeState) -> AdminResponse {
+    match path {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
             let readiness = state.readiness();
@@ -538,6 +556,5 @@ async fn route(
             text(StatusCode::OK, "application/json", body)
         }
         _ => failure(StatusCode::NOT_FOUND, "not-found", "not found\n"),
-    };
-    Ok(response)
+    }
 }

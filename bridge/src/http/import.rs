@@ -30,7 +30,7 @@ use crate::listener::{AcceptedConnection, ConnectionActivity, ListenerLimits};
 use crate::metrics::{Metrics, Side};
 use crate::tunnel::exchange::{Direction, Event, Exchange, ExchangeError};
 use crate::tunnel::frame::{self, Frame, RequestHead, ResponseHead};
-use crate::tunnel::peers::PeerSet;
+use crate::tunnel::peers::{PeerLink, PeerSet, StreamGuard};
 use crate::tunnel::serving::ServingPolicy;
 use crate::tunnel::stream::{RecvHalf, SendHalf, StreamError, codes, encoded};
 
@@ -104,15 +104,11 @@ pub async fn serve(
     let mut max_header_bytes = spec.settings.load().max_header_bytes;
     let mut builder = connection_builder(max_header_bytes);
     loop {
-        let AcceptedConnection {
-            stream,
-            peer: client,
-            permit,
-        } = tokio::select! {
+        let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = spec.limits.accept(&listener) => accepted,
         };
-        let _ = stream.set_nodelay(true);
+        let _ = accepted.stream.set_nodelay(true);
         // A reloaded header limit applies to the parsers of connections accepted from now on.
         let configured = spec.settings.load().max_header_bytes;
         if configured != max_header_bytes {
@@ -126,82 +122,164 @@ pub async fn serve(
             graceful.watcher(),
         );
         let trust = ctx.trust.clone();
-        ctx.tasks.clone().spawn(async move {
-            // The connection's place under the listener's cap, until the task ends.
-            let _permit = permit;
-            let tls = spec.tls.load_full();
-            let (caller, proto, io): (Arc<str>, &'static str, _) = match (&tls, &spec.caller) {
-                (None, CallerIdentity::Fixed(name)) => (Arc::from(name.as_str()), "http", Io::Plain(stream)),
-                (Some(tls), _) => {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
-                    let tls_stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            info!(%client, error = %e, "import TLS handshake refused");
-                            return;
-                        }
-                        Err(_) => {
-                            info!(%client, "import TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let caller = match (&spec.caller, caller_from_certificate(&tls_stream)) {
-                        (CallerIdentity::Fixed(name), _) => Arc::from(name.as_str()),
-                        (CallerIdentity::Mtls, Ok(name)) => Arc::from(name.as_str()),
-                        (CallerIdentity::Mtls, Err(e)) => {
-                            info!(%client, error = %e, "import caller certificate is not a service identity");
-                            return;
-                        }
-                    };
-                    (caller, "https", Io::Tls(Box::new(tls_stream)))
-                }
-                (None, CallerIdentity::Mtls) => {
-                    warn!("mtls listener without TLS configuration; refusing connection");
-                    return;
-                }
-            };
-            let activity = Arc::new(ConnectionActivity::default());
-            let info = Arc::new(ConnectionInfo { client, caller, proto, activity: activity.clone() });
-            let limits = spec.limits.clone();
-            let idle = limits.idle(&activity);
-            let service = hyper::service::service_fn(move |req| handle(req, info.clone(), spec.clone(), ctx.clone()));
-            let served = async {
-                match io {
-                Io::Plain(s) => watcher.watch(builder.serve_connection(TokioIo::new(s), service).into_owned()).await,
-                Io::Tls(s) => {
-                    let chain = s.get_ref().1.peer_certificates().map(<[_]>::to_vec).unwrap_or_default();
-                    let untrusted = crate::trust::lost(
-                        trust,
-                        chain,
-                        crate::trust::PeerKind::Service,
-                        hybridge_ca::tls::PeerRole::Client,
-                    );
-                    let served = watcher.watch(builder.serve_connection(TokioIo::new(s), service).into_owned());
-                    tokio::select! {
-                        result = served => result,
-                        why = untrusted => {
-                            // Dropping the connection closes it, in-flight requests included:
-                            // the caller is no longer who the policy allowed.
-                            warn!(%client, reason = %why, "closing an mTLS import connection: the caller's certificate is no longer trusted");
-                            Ok(())
-                        }
-                    }
-                }
-                }
-            };
-            // A connection with no request in flight for the idle timeout is dropped, which
-            // closes it: an idle keep-alive, or one that never sent a whole request.
-            let result = tokio::select! {
-                result = served => result,
-                () = idle => Ok(()),
-            };
-            if let Err(e) = result {
-                debug!(%client, error = %e, "import connection ended with an error");
-            }
-        });
+        ctx.tasks.clone().spawn(serve_connection(
+            accepted, spec, ctx, builder, watcher, trust,
+        ));
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Serves one accepted connection until it closes, goes idle, the listener shuts down or
+/// (mTLS) its caller's certificate stops being trusted.
+async fn serve_connection(
+    accepted: AcceptedConnection,
+    spec: Arc<ListenerSpec>,
+    ctx: Arc<ImportContext>,
+    builder: Arc<hyper_util::server::conn::auto::Builder<TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+    trust: tokio::sync::watch::Receiver<Arc<crate::trust::Trust>>,
+) {
+    let AcceptedConnection {
+        stream,
+        peer: client,
+        permit,
+    } = accepted;
+    // The connection's place under the listener's cap, until the task ends.
+    let _permit = permit;
+    let Some(IdentifiedConnection { caller, proto, io }) =
+        identify_caller(stream, client, &spec).await
+    else {
+        return;
+    };
+    let activity = Arc::new(ConnectionActivity::default());
+    let info = Arc::new(ConnectionInfo {
+        client,
+        caller,
+        proto,
+        activity: activity.clone(),
+    });
+    let limits = spec.limits.clone();
+    let idle = limits.idle(&activity);
+    let service =
+        hyper::service::service_fn(move |req| handle(req, info.clone(), spec.clone(), ctx.clone()));
+    let served = async {
+        match io {
+            Io::Plain(s) => {
+                watcher
+                    .watch(
+                        builder
+                            .serve_connection(TokioIo::new(s), service)
+                            .into_owned(),
+                    )
+                    .await
+            }
+            Io::Tls(s) => {
+                let untrusted = caller_trust_lost(&s, trust);
+                let served = watcher.watch(
+                    builder
+                        .serve_connection(TokioIo::new(s), service)
+                        .into_owned(),
+                );
+                tokio::select! {
+                    result = served => result,
+                    why = untrusted => {
+                        // Dropping the connection closes it, in-flight requests included:
+                        // the caller is no longer who the policy allowed.
+                        warn!(%client, reason = %why, "closing an mTLS import connection: the caller's certificate is no longer trusted");
+                        Ok(())
+                    }
+                }
+            }
+        }
+    };
+    // A connection with no request in flight for the idle timeout is dropped, which
+    // closes it: an idle keep-alive, or one that never sent a whole request.
+    let result = tokio::select! {
+        result = served => result,
+        () = idle => Ok(()),
+    };
+    if let Err(e) = result {
+        debug!(%client, error = %e, "import connection ended with an error");
+    }
+}
+
+/// Resolves with the reason once the certificate the caller of `tls` presented stops
+/// passing the trust in force.
+fn caller_trust_lost(
+    tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    trust: tokio::sync::watch::Receiver<Arc<crate::trust::Trust>>,
+) -> impl std::future::Future<Output = String> + use<> {
+    let chain = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(<[_]>::to_vec)
+        .unwrap_or_default();
+    crate::trust::lost(
+        trust,
+        chain,
+        crate::trust::PeerKind::Service,
+        hybridge_ca::tls::PeerRole::Client,
+    )
+}
+
+/// A connection whose caller is known, ready to be served.
+struct IdentifiedConnection {
+    /// The service identity requests on it are made as.
+    caller: Arc<str>,
+    /// `http` or `https`, for the forwarded headers.
+    proto: &'static str,
+    io: Io,
+}
+
+/// Finishes the TLS handshake of a TLS listener's connection and names its caller: the
+/// listener's fixed caller, or (mTLS) the service in the client certificate. `None` (logged)
+/// when the connection is refused.
+async fn identify_caller(
+    stream: tokio::net::TcpStream,
+    client: SocketAddr,
+    spec: &ListenerSpec,
+) -> Option<IdentifiedConnection> {
+    let tls = spec.tls.load_full();
+    let (caller, proto, io): (Arc<str>, &'static str, _) = match (&tls, &spec.caller) {
+        (None, CallerIdentity::Fixed(name)) => {
+            (Arc::from(name.as_str()), "http", Io::Plain(stream))
+        }
+        (Some(tls), _) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+            let tls_stream = match tokio::time::timeout(
+                Duration::from_secs(10),
+                acceptor.accept(stream),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    info!(%client, error = %e, "import TLS handshake refused");
+                    return None;
+                }
+                Err(_) => {
+                    info!(%client, "import TLS handshake timed out");
+                    return None;
+                }
+            };
+            let caller = match (&spec.caller, caller_from_certificate(&tls_stream)) {
+                (CallerIdentity::Fixed(name), _) => Arc::from(name.as_str()),
+                (CallerIdentity::Mtls, Ok(name)) => Arc::from(name.as_str()),
+                (CallerIdentity::Mtls, Err(e)) => {
+                    info!(%client, error = %e, "import caller certificate is not a service identity");
+                    return None;
+                }
+            };
+            (caller, "https", Io::Tls(Box::new(tls_stream)))
+        }
+        (None, CallerIdentity::Mtls) => {
+            warn!("mtls listener without TLS configuration; refusing connection");
+            return None;
+        }
+    };
+    Some(IdentifiedConnection { caller, proto, io })
 }
 
 /// The HTTP/1.1 and HTTP/2 server settings of a listener's connections.
@@ -245,6 +323,8 @@ fn caller_from_certificate(
     }
 }
 
+/// Serves one request: settles its path, host and service, forwards it and answers,
+/// counting and logging it whatever the outcome.
 async fn handle(
     req: Request<Incoming>,
     info: Arc<ConnectionInfo>,
@@ -272,27 +352,16 @@ async fn handle(
             Ok(s) => s,
             Err(e) => {
                 linger(expects_continue, body, &ctx.tasks);
-                // A listener bound to a service counts under it; a gateway that could not
-                // tell the service counts with every other name this node does not know.
-                let stats = match &spec.target {
-                    ListenerTarget::Service(service) => ctx.metrics.service(Side::Import, service),
-                    ListenerTarget::Gateway { .. } => ctx
-                        .metrics
-                        .service(Side::Import, crate::metrics::UNKNOWN_SERVICE),
-                };
-                stats.bridge_error(e.reason);
-                stats.responded(e.status().as_u16(), started.elapsed());
-                return Ok(render(&e, grpc, None));
+                return Ok(refuse_unresolved(
+                    &e,
+                    grpc,
+                    started,
+                    &spec.target,
+                    &ctx.metrics,
+                ));
             }
         };
-    // Series only for configured services: a gateway's services are those its policy names
-    // (operator-controlled); a made-up host shares the `unknown` series.
-    let stats = match spec.target {
-        ListenerTarget::Service(_) => ctx.metrics.service(Side::Import, &service),
-        ListenerTarget::Gateway { .. } => ctx.metrics.service_if(Side::Import, &service, || {
-            ctx.acl.snapshot().names_destination(&service)
-        }),
-    };
+    let stats = service_stats(&spec.target, &ctx, &service);
     let active = stats.start();
     let mut unanswered = Unanswered {
         stats: &stats,
@@ -319,21 +388,65 @@ async fn handle(
         }
     };
     stats.responded(response.status().as_u16(), started.elapsed());
+    log_access(&unanswered, request_id.as_deref(), &response);
+    Ok(response)
+}
+
+/// Counts and renders the refusal of a request whose service could not be told.
+fn refuse_unresolved(
+    e: &BridgeError,
+    grpc: bool,
+    started: Instant,
+    target: &ListenerTarget,
+    metrics: &Metrics,
+) -> Response<BoxBody> {
+    // A listener bound to a service counts under it; a gateway that could not
+    // tell the service counts with every other name this node does not know.
+    let stats = match target {
+        ListenerTarget::Service(service) => metrics.service(Side::Import, service),
+        ListenerTarget::Gateway { .. } => {
+            metrics.service(Side::Import, crate::metrics::UNKNOWN_SERVICE)
+        }
+    };
+    stats.bridge_error(e.reason);
+    stats.responded(e.status().as_u16(), started.elapsed());
+    render(e, grpc, None)
+}
+
+/// The stats a request for `service` is counted under.
+fn service_stats(
+    target: &ListenerTarget,
+    ctx: &ImportContext,
+    service: &str,
+) -> Arc<crate::metrics::ServiceStats> {
+    // Series only for configured services: a gateway's services are those its policy names
+    // (operator-controlled); a made-up host shares the `unknown` series.
+    match target {
+        ListenerTarget::Service(_) => ctx.metrics.service(Side::Import, service),
+        ListenerTarget::Gateway { .. } => ctx.metrics.service_if(Side::Import, service, || {
+            ctx.acl.snapshot().names_destination(service)
+        }),
+    }
+}
+
+/// Writes the access-log line of an answered request.
+fn log_access(request: &Unanswered<'_>, request_id: Option<&str>, response: &Response<BoxBody>) {
+    let (info, service, method, path) =
+        (request.info, request.service, request.method, request.path);
     info!(
         target: "hybridge::access",
         side = "import",
-        request_id = request_id.as_deref().unwrap_or("-"),
+        request_id = request_id.unwrap_or("-"),
         caller = &*info.caller,
-        caller_site = &*ctx.site,
+        caller_site = request.site,
         client = %info.client,
         service = %service,
         method = %method,
         path = %path,
         status = response.status().as_u16(),
         bridge_error = response.headers().get(headers::ERROR_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("-"),
-        duration_us = started.elapsed().as_micros() as u64,
+        duration_us = request.started.elapsed().as_micros() as u64,
     );
-    Ok(response)
 }
 
 /// Logs and counts a request whose caller went away before it was answered: hyper drops the
@@ -535,14 +648,98 @@ async fn forward(
     }
     let request_id = headers::prepare_request(&mut parts.headers, info.client.ip(), info.proto);
     let fail = |e: BridgeError| (e, Some(request_id.clone()));
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-
     // Early check with the local snapshot: a denied request never crosses the boundary.
     // The export node decides again, authoritatively.
+    check_acl(&parts, info, ctx, service).map_err(fail)?;
+    let may_serve = |link: &PeerLink| ctx.serving.permits(service, link.site());
+    let (mut in_flight, mut send) = open_on_route(ctx, service, &may_serve)
+        .await
+        .map_err(fail)?;
+    let Some(mut body) = body.take() else {
+        return Err(fail(BridgeError::new(
+            Reason::Internal,
+            "request body already taken",
+        )));
+    };
+    let end_stream = http_body::Body::is_end_stream(&body);
+    let head = request_head(&parts, info, settings, service, &request_id, end_stream);
+    let encoded_head = encoded(|b| frame::encode_request(&head, b))
+        .map_err(|e| fail(BridgeError::new(Reason::HeadersTooLarge, e.to_string())))?;
+    send.write_encoded(encoded_head.clone())
+        .await
+        .map_err(|e| fail(BridgeError::new(Reason::TunnelStreamFailed, e.to_string())))?;
+
+    let mut sending = Exchange::after_head(Direction::Request, end_stream);
+    let request_bytes = Arc::new(AtomicU64::new(0));
+    let start = send_ready_body(
+        end_stream,
+        &mut body,
+        &mut send,
+        &mut sending,
+        &request_bytes,
+    )
+    .await;
+    // The request timeout starts once the whole request is in the tunnel: the time a slow
+    // upload takes is the export's `request_body_idle_timeout`'s to bound.
+    let body_sent = if start.done {
+        stats.add_bytes(request_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
+        None
+    } else {
+        let pump = BodyPump {
+            body,
+            send,
+            sending,
+        };
+        Some(pump.spawn(&request_bytes, stats, &ctx.tasks))
+    };
+    let expired = request_deadline(settings.request_timeout, body_sent);
+    let replay = start.replay.map(|body| Replay {
+        head: encoded_head,
+        body,
+    });
+    let first = await_answer(&mut in_flight, ctx, service, &may_serve, replay, expired)
+        .await
+        .map_err(fail)?;
+    let response = into_response(first, in_flight, info, stats).map_err(fail)?;
+    Ok((response, request_id))
+}
+
+/// Opens a tunnel stream for the request on a link `ctx.peers` routes `service` to.
+async fn open_on_route(
+    ctx: &ImportContext,
+    service: &str,
+    may_serve: &(dyn Fn(&PeerLink) -> bool + Sync),
+) -> Result<(InFlight, SendHalf), BridgeError> {
+    let Some((link, guard)) = ctx.peers.route(service, may_serve) else {
+        return Err(BridgeError::new(
+            Reason::NoRoute,
+            format!("no connected peer of a site allowed to serve `{service}` exports it"),
+        ));
+    };
+    // Anything that arrives on the link after this point may acknowledge the request.
+    let heard_before = link.connection.received();
+    let (send, recv) = link.connection.open_stream().await.map_err(|e| {
+        BridgeError::new(
+            Reason::TunnelUnavailable,
+            format!("opening a tunnel stream failed: {e}"),
+        )
+    })?;
+    let in_flight = InFlight {
+        link,
+        guard,
+        recv,
+        heard_before,
+    };
+    Ok((in_flight, send))
+}
+
+/// The early ACL decision on the request, with the local snapshot.
+fn check_acl(
+    parts: &http::request::Parts,
+    info: &ConnectionInfo,
+    ctx: &ImportContext,
+    service: &str,
+) -> Result<(), BridgeError> {
     let decision = ctx.acl.decide(
         &ctx.site,
         &info.caller,
@@ -551,28 +748,28 @@ async fn forward(
         parts.uri.path(),
     );
     if !decision.allowed() {
-        return Err(fail(BridgeError::new(
+        return Err(BridgeError::new(
             Reason::AclDenied,
             format!("{}@{} may not call {service}", info.caller, ctx.site),
-        )));
+        ));
     }
-    let may_serve =
-        |link: &crate::tunnel::peers::PeerLink| ctx.serving.permits(service, link.site());
-    let Some((mut link, mut guard)) = ctx.peers.route(service, &may_serve) else {
-        return Err(fail(BridgeError::new(
-            Reason::NoRoute,
-            format!("no connected peer of a site allowed to serve `{service}` exports it"),
-        )));
-    };
-    // Anything that arrives on the link after this point may acknowledge the request.
-    let mut heard_before = link.connection.received();
-    let (mut send, mut recv) = link.connection.open_stream().await.map_err(|e| {
-        fail(BridgeError::new(
-            Reason::TunnelUnavailable,
-            format!("opening a tunnel stream failed: {e}"),
-        ))
-    })?;
+    Ok(())
+}
 
+/// The REQUEST head that opens the request's tunnel stream.
+fn request_head(
+    parts: &http::request::Parts,
+    info: &ConnectionInfo,
+    settings: &ListenerSettings,
+    service: &str,
+    request_id: &str,
+    end_stream: bool,
+) -> RequestHead {
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
     let authority = parts
         .uri
         .authority()
@@ -585,18 +782,11 @@ async fn forward(
                 .map(str::to_owned)
         })
         .unwrap_or_default();
-    let Some(mut body) = body.take() else {
-        return Err(fail(BridgeError::new(
-            Reason::Internal,
-            "request body already taken",
-        )));
-    };
-    let end_stream = http_body::Body::is_end_stream(&body);
-    let head = RequestHead {
+    RequestHead {
         service: service.to_owned(),
         end_stream,
         caller: info.caller.to_string(),
-        request_id: request_id.clone(),
+        request_id: request_id.to_owned(),
         deadline_ms: settings
             .request_timeout
             .map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
@@ -609,56 +799,108 @@ async fn forward(
             _ => 11,
         },
         headers: headers::to_pairs(&parts.headers),
-    };
-    let encoded_head = encoded(|b| frame::encode_request(&head, b))
-        .map_err(|e| fail(BridgeError::new(Reason::HeadersTooLarge, e.to_string())))?;
-    send.write_encoded(encoded_head.clone())
-        .await
-        .map_err(|e| fail(BridgeError::new(Reason::TunnelStreamFailed, e.to_string())))?;
+    }
+}
 
-    let mut sending = Exchange::after_head(Direction::Request, end_stream);
-    let request_bytes = Arc::new(AtomicU64::new(0));
-    // A request whose body had arrived whole when it was sent (most API calls) can be sent
-    // again if its link goes silent before the peer acknowledged it.
-    let mut replay: Option<Bytes> = None;
-    // A small body that has already arrived whole goes out right behind the head, without a
-    // pump task; otherwise a task streams it while we wait for the answer.
-    let body_done = if end_stream {
+/// A request on its way: the link and stream it went out on, and how much had been heard on
+/// the link before (anything heard after may be the peer acknowledging it).
+struct InFlight {
+    link: Arc<PeerLink>,
+    /// Keeps the tunnel stream counted on its link.
+    guard: StreamGuard,
+    recv: RecvHalf,
+    heard_before: u64,
+}
+
+/// A request that went out whole, so it can be sent again: its encoded head and its body.
+struct Replay {
+    head: Bytes,
+    body: Bytes,
+}
+
+/// How much of the request body went out right behind its head.
+struct BodyStart {
+    /// The whole body is in the tunnel (or failed to get there): no pump task is needed.
+    done: bool,
+    /// The whole body, when it had arrived whole and may be sent again on another link.
+    replay: Option<Bytes>,
+}
+
+/// Sends the body behind the head when it is already whole: a small body that has arrived
+/// goes out without a pump task. A request whose body had arrived whole when it was sent
+/// (most API calls) can be sent again if its link goes silent before the peer acknowledged
+/// it.
+async fn send_ready_body(
+    end_stream: bool,
+    body: &mut Incoming,
+    send: &mut SendHalf,
+    sending: &mut Exchange,
+    request_bytes: &AtomicU64,
+) -> BodyStart {
+    if end_stream {
         send.finish();
-        replay = Some(Bytes::new());
-        true
-    } else if let Some(first) =
-        futures_util::FutureExt::now_or_never(http_body_util::BodyExt::frame(&mut body))
-    {
-        let whole = match &first {
-            None => Some(Bytes::new()),
-            Some(Ok(frame)) if http_body::Body::is_end_stream(&body) => frame.data_ref().cloned(),
-            Some(_) => None,
+        return BodyStart {
+            done: true,
+            replay: Some(Bytes::new()),
         };
-        match body::forward_frame(first, &body, &mut send, &mut sending, &request_bytes).await {
-            Ok(body::Forwarded::More) => false,
-            Ok(body::Forwarded::End) => {
-                replay = whole;
-                true
-            }
-            Err(e) => {
-                debug!(error = %e, "request body did not reach the tunnel");
-                true
+    }
+    let Some(first) =
+        futures_util::FutureExt::now_or_never(http_body_util::BodyExt::frame(&mut *body))
+    else {
+        return BodyStart {
+            done: false,
+            replay: None,
+        };
+    };
+    let whole = match &first {
+        None => Some(Bytes::new()),
+        Some(Ok(frame)) if http_body::Body::is_end_stream(&*body) => frame.data_ref().cloned(),
+        Some(_) => None,
+    };
+    match body::forward_frame(first, &*body, send, sending, request_bytes).await {
+        Ok(body::Forwarded::More) => BodyStart {
+            done: false,
+            replay: None,
+        },
+        Ok(body::Forwarded::End) => BodyStart {
+            done: true,
+            replay: whole,
+        },
+        Err(e) => {
+            debug!(error = %e, "request body did not reach the tunnel");
+            BodyStart {
+                done: true,
+                replay: None,
             }
         }
-    } else {
-        false
-    };
-    // The request timeout starts once the whole request is in the tunnel: the time a slow
-    // upload takes is the export's `request_body_idle_timeout`'s to bound.
-    let body_sent = if body_done {
-        stats.add_bytes(request_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
-        None
-    } else {
+    }
+}
+
+/// The rest of a request body still arriving from the caller, and the stream it goes to.
+struct BodyPump {
+    body: Incoming,
+    send: SendHalf,
+    sending: Exchange,
+}
+
+impl BodyPump {
+    /// Streams the body into the tunnel on a tracked task while the answer is awaited;
+    /// the returned receiver resolves (or fails) once the body is in or has failed.
+    fn spawn(
+        self,
+        request_bytes: &Arc<AtomicU64>,
+        stats: &Arc<crate::metrics::ServiceStats>,
+        tasks: &TaskTracker,
+    ) -> tokio::sync::oneshot::Receiver<()> {
         let (sent, body_sent) = tokio::sync::oneshot::channel::<()>();
         let request_bytes = request_bytes.clone();
         let stats = stats.clone();
-        ctx.tasks.spawn(async move {
+        let Self {
+            body,
+            mut send,
+            mut sending,
+        } = self;
+        tasks.spawn(async move {
             let mut body = body;
             let pumped =
                 body::pump_to_tunnel(None, &mut body, &mut send, &mut sending, &request_bytes);
@@ -670,48 +912,64 @@ async fn forward(
             let _ = sent.send(());
             stats.add_bytes(request_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
         });
-        Some(body_sent)
-    };
+        body_sent
+    }
+}
 
-    // Wait for the answer. A link that goes silent meanwhile is not waited on until the
-    // idle timeout: a request the peer cannot have acknowledged (nothing arrived on the
-    // link since it was sent) and that can be sent again goes to another link; any other
-    // fails now with the reason. Only a request sent whole is sent again, so `body_sent`
-    // (the end of a streamed body) is waited on once.
-    let expired = async {
-        match settings.request_timeout {
-            Some(limit) => {
-                if let Some(body_sent) = body_sent {
-                    let _ = body_sent.await;
-                }
-                tokio::time::sleep(limit).await;
-                limit
+/// Resolves with the request timeout once it has passed since the whole request went into
+/// the tunnel (`body_sent`, when the body was still streaming); never without a timeout.
+async fn request_deadline(
+    limit: Option<Duration>,
+    body_sent: Option<tokio::sync::oneshot::Receiver<()>>,
+) -> Duration {
+    match limit {
+        Some(limit) => {
+            if let Some(body_sent) = body_sent {
+                let _ = body_sent.await;
             }
-            None => std::future::pending().await,
+            tokio::time::sleep(limit).await;
+            limit
         }
-    };
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the first frame of the answer. A link that goes silent meanwhile is not waited
+/// on until the idle timeout: a request the peer cannot have acknowledged (nothing arrived on
+/// the link since it was sent) and that can be sent again (`replay`: the request as it
+/// went out) goes to another link; any other fails now with the reason. Only a request
+/// sent whole is sent again, so `expired` (which waits for the end of a streamed body) is
+/// waited on once.
+async fn await_answer(
+    in_flight: &mut InFlight,
+    ctx: &ImportContext,
+    service: &str,
+    may_serve: &(dyn Fn(&PeerLink) -> bool + Sync),
+    replay: Option<Replay>,
+    expired: impl std::future::Future<Output = Duration>,
+) -> Result<Result<Option<Frame>, StreamError>, BridgeError> {
     tokio::pin!(expired);
     let mut retries = 0;
-    let first = loop {
+    loop {
         tokio::select! {
             biased;
-            first = recv.read_frame() => break first,
+            first = in_flight.recv.read_frame() => return Ok(first),
             limit = &mut expired => {
-                recv.stop(codes::CANCELLED);
-                return Err(fail(BridgeError::new(
+                in_flight.recv.stop(codes::CANCELLED);
+                return Err(BridgeError::new(
                     Reason::Timeout,
                     format!("no response within {limit:?} of the request being sent"),
-                )));
+                ));
             }
-            () = link.went_silent() => {}
+            () = in_flight.link.went_silent() => {}
         }
-        recv.stop(codes::CANCELLED);
-        let unacknowledged = link.connection.received() == heard_before;
+        in_flight.recv.stop(codes::CANCELLED);
+        let unacknowledged = in_flight.link.connection.received() == in_flight.heard_before;
         let retry = match (&replay, unacknowledged) {
             (Some(whole), true) if retries < MAX_SILENT_RETRIES => ctx
                 .peers
-                .reroute(service, &may_serve, link.id())
-                .map(|next| (whole.clone(), next)),
+                .reroute(service, may_serve, in_flight.link.id())
+                .map(|next| (whole, next)),
             _ => None,
         };
         let Some((whole, (next, next_guard))) = retry else {
@@ -722,36 +980,45 @@ async fn forward(
             } else {
                 "no other link can take it"
             };
-            return Err(fail(BridgeError::new(
+            return Err(BridgeError::new(
                 Reason::TunnelStreamFailed,
                 format!(
                     "nothing heard from peer {} for over a keepalive interval; {why}",
-                    link.peer
+                    in_flight.link.peer
                 ),
-            )));
+            ));
         };
         retries += 1;
         ctx.metrics.tunnel_retried();
-        debug!(from = %link.peer, to = %next.peer, retries, "link went silent before the peer acknowledged the request; sending it again");
-        (link, guard) = (next, next_guard);
-        heard_before = link.connection.received();
+        debug!(from = %in_flight.link.peer, to = %next.peer, retries, "link went silent before the peer acknowledged the request; sending it again");
+        (in_flight.link, in_flight.guard) = (next, next_guard);
+        in_flight.heard_before = in_flight.link.connection.received();
         // The request went out whole: its sending half has nothing left to do.
-        (_, recv) = resend(&link, encoded_head.clone(), whole)
-            .await
-            .map_err(fail)?;
-    };
+        (_, in_flight.recv) =
+            resend(&in_flight.link, whole.head.clone(), whole.body.clone()).await?;
+    }
+}
+
+/// The caller's response from the answer's first frame; its body streams from the tunnel
+/// and keeps the stream counted until done.
+fn into_response(
+    first: Result<Option<Frame>, StreamError>,
+    in_flight: InFlight,
+    info: &ConnectionInfo,
+    stats: &Arc<crate::metrics::ServiceStats>,
+) -> Result<Response<BoxBody>, BridgeError> {
     let mut receiving = Exchange::new(Direction::Response);
-    let head = response_head(first, &mut receiving).map_err(fail)?;
+    let head = response_head(first, &mut receiving)?;
     let mut response_headers = headers::from_pairs(head.headers)
-        .map_err(|e| fail(BridgeError::new(Reason::TunnelProtocol, e)))?;
+        .map_err(|e| BridgeError::new(Reason::TunnelProtocol, e))?;
     headers::remove_hop_by_hop(&mut response_headers);
     let status = StatusCode::from_u16(head.status)
-        .map_err(|_| fail(BridgeError::new(Reason::TunnelProtocol, "invalid status")))?;
+        .map_err(|_| BridgeError::new(Reason::TunnelProtocol, "invalid status"))?;
     let response_bytes = Arc::new(AtomicU64::new(0));
     // The response body keeps the tunnel stream counted, reports its bytes when done, and
     // keeps the caller's connection from being idle while it streams.
     let keep = (
-        guard,
+        in_flight.guard,
         ByteReport {
             stats: stats.clone(),
             bytes: response_bytes.clone(),
@@ -761,12 +1028,12 @@ async fn forward(
     let response_body = if head.end_stream {
         body::empty()
     } else {
-        body::from_tunnel(recv, receiving, keep, response_bytes)
+        body::from_tunnel(in_flight.recv, receiving, keep, response_bytes)
     };
     let mut response = Response::new(response_body);
     *response.status_mut() = status;
     *response.headers_mut() = response_headers;
-    Ok((response, request_id))
+    Ok(response)
 }
 
 /// The RESPONSE head an answer opens with, its first frame checked against `receiving`.

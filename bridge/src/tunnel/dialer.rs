@@ -222,6 +222,8 @@ pub async fn run(
     states.remove(&slot);
 }
 
+/// Dials the slot's peer, follows the session until it ends, then waits out a jittered,
+/// doubling backoff before dialling again; stops when `cancel` fires or the slot leaves.
 async fn keep_up(
     source: DialSource,
     slot: &Slot,
@@ -232,20 +234,7 @@ async fn keep_up(
     cancel: CancellationToken,
 ) {
     let peer = &slot.peer;
-    let host = peer
-        .address
-        .rsplit_once(':')
-        .map_or(peer.address.as_str(), |(h, _)| h);
-    let server_name =
-        super::quic::server_name_for(host.trim_start_matches('[').trim_end_matches(']'));
-    let dialer = Dialer {
-        slot: slot.clone(),
-        source,
-        address: peer.address.clone(),
-        server_name,
-        config: client_config,
-        choice,
-    };
+    let dialer = Dialer::new(slot, source, client_config, choice);
     let mut quic_failures = 0;
     let mut backoff = INITIAL_BACKOFF;
     let states = ctx.dial_states.clone();
@@ -270,33 +259,18 @@ async fn keep_up(
                 _endpoint,
             }) => {
                 let carrier = connection.carrier();
-                ctx.metrics.tunnel_carrier_chosen(carrier);
-                info!(peer = %peer.address, slot = slot.index, learned = slot.learned, %carrier, why, "tunnel carrier chosen");
-                states.update(slot, |s| {
-                    s.state = "up";
-                    s.carrier = Some(carrier);
-                    s.carrier_reason = Some(why.clone());
-                });
+                dialer.announce_carrier(carrier, &why, &ctx);
                 let started = tokio::time::Instant::now();
-                let mut session = Session::spawn(connection, &ctx, &cancel, leave);
-                let ended = if carrier == Carrier::Tcp && choice.transport == Transport::Auto {
-                    dialer
-                        .run_tcp_until_quic(session, &ctx, &cancel, &mut quic_failures)
-                        .await
-                } else {
-                    session.ended_or_silent(&ctx).await
-                };
+                let session = Session::spawn(connection, &ctx, &cancel, leave);
+                let ended = dialer
+                    .follow(session, carrier, &ctx, &cancel, &mut quic_failures)
+                    .await;
                 let reason = match ended {
                     Ended::Closed(reason) => reason,
                     Ended::Silent => {
                         // Dial a replacement now, from a fresh port: the silent link drains
                         // (or goes at its idle timeout) on its own.
-                        warn!(peer = %peer.address, slot = slot.index, "tunnel link went silent; dialling a replacement");
-                        states.update(slot, |s| {
-                            s.state = "silent";
-                            s.last_error =
-                                Some("nothing heard from the peer; dialling a replacement".into());
-                        });
+                        dialer.replacing_silent(&states);
                         backoff = INITIAL_BACKOFF;
                         continue;
                     }
@@ -311,21 +285,11 @@ async fn keep_up(
                 info!(peer = %peer.address, slot = slot.index, %reason, "tunnel connection ended; reconnecting");
                 states.update(slot, |s| s.last_error = Some(reason));
             }
-            Err(error) => {
-                let failure = error.failure();
-                refused = Some(failure);
-                states.update(slot, |s| s.last_error = Some(error.to_string()));
-                warn!(peer = %peer.address, slot = slot.index, reason = %failure, %error, retry_in_ms = backoff.as_millis() as u64, "tunnel connect failed");
-            }
+            Err(error) => refused = Some(dialer.dial_failed(&error, backoff, &states)),
         }
-        // Full jitter in [backoff/2, backoff]: many on-prem nodes must not reconnect in lockstep.
         let limit = *max_backoff.borrow();
         backoff = backoff.min(limit);
-        let wait = backoff.mul_f64(rand::random_range(0.5..=1.0));
-        states.update(slot, |s| {
-            s.state = "failed";
-            s.next_retry = Some(tokio::time::Instant::now() + wait);
-        });
+        let wait = dialer.retry_after(backoff, &states);
         if let Some(failure) = refused {
             ctx.metrics.handshake_failed(failure);
         }
@@ -349,6 +313,95 @@ struct Dialer {
 }
 
 impl Dialer {
+    /// The dialer of `slot`: its peer's address, and the TLS server name taken from it.
+    fn new(
+        slot: &Slot,
+        source: DialSource,
+        config: Arc<ArcSwap<DialConfig>>,
+        choice: CarrierChoice,
+    ) -> Self {
+        let peer = &slot.peer;
+        let host = peer
+            .address
+            .rsplit_once(':')
+            .map_or(peer.address.as_str(), |(h, _)| h);
+        let server_name =
+            super::quic::server_name_for(host.trim_start_matches('[').trim_end_matches(']'));
+        Self {
+            slot: slot.clone(),
+            source,
+            address: peer.address.clone(),
+            server_name,
+            config,
+            choice,
+        }
+    }
+
+    /// Counts, logs and shows in status the carrier a fresh connection of the slot runs on.
+    fn announce_carrier(&self, carrier: Carrier, why: &str, ctx: &SessionContext) {
+        let (peer, slot) = (&self.slot.peer, &self.slot);
+        ctx.metrics.tunnel_carrier_chosen(carrier);
+        info!(peer = %peer.address, slot = slot.index, learned = slot.learned, %carrier, why, "tunnel carrier chosen");
+        ctx.dial_states.update(slot, |s| {
+            s.state = "up";
+            s.carrier = Some(carrier);
+            s.carrier_reason = Some(why.to_owned());
+        });
+    }
+
+    /// Waits until a session of the slot ends or its link goes silent; a TCP session chosen by
+    /// `transport = "auto"` is meanwhile replaced by QUIC once QUIC works again.
+    async fn follow(
+        &self,
+        mut session: Session,
+        carrier: Carrier,
+        ctx: &Arc<SessionContext>,
+        cancel: &CancellationToken,
+        quic_failures: &mut u32,
+    ) -> Ended {
+        if carrier == Carrier::Tcp && self.choice.transport == Transport::Auto {
+            self.run_tcp_until_quic(session, ctx, cancel, quic_failures)
+                .await
+        } else {
+            session.ended_or_silent(ctx).await
+        }
+    }
+
+    /// Shows in status and logs a failed dial; returns the failure to count.
+    fn dial_failed(
+        &self,
+        error: &HandshakeError,
+        backoff: Duration,
+        states: &DialStates,
+    ) -> HandshakeFailure {
+        let (peer, slot) = (&self.slot.peer, &self.slot);
+        let failure = error.failure();
+        states.update(slot, |s| s.last_error = Some(error.to_string()));
+        warn!(peer = %peer.address, slot = slot.index, reason = %failure, %error, retry_in_ms = backoff.as_millis() as u64, "tunnel connect failed");
+        failure
+    }
+
+    /// How long the slot waits before dialling again, shown in status with the slot failed.
+    fn retry_after(&self, backoff: Duration, states: &DialStates) -> Duration {
+        // Full jitter in [backoff/2, backoff]: many on-prem nodes must not reconnect in lockstep.
+        let wait = backoff.mul_f64(rand::random_range(0.5..=1.0));
+        states.update(&self.slot, |s| {
+            s.state = "failed";
+            s.next_retry = Some(tokio::time::Instant::now() + wait);
+        });
+        wait
+    }
+
+    /// Logs and shows in status that the slot's link went silent and a replacement is dialled.
+    fn replacing_silent(&self, states: &DialStates) {
+        let (peer, slot) = (&self.slot.peer, &self.slot);
+        warn!(peer = %peer.address, slot = slot.index, "tunnel link went silent; dialling a replacement");
+        states.update(slot, |s| {
+            s.state = "silent";
+            s.last_error = Some("nothing heard from the peer; dialling a replacement".into());
+        });
+    }
+
     /// Dials the peer on the configured carrier(s); on success, says why that carrier.
     async fn connect(&self, quic_failures: &mut u32) -> Result<Dialled, HandshakeError> {
         let addr = resolve(&self.address).await?;

@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hybridge_ca::spiffe::SpiffeId;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -67,176 +68,26 @@ pub async fn run(
     cancel: CancellationToken,
     retire: CancellationToken,
 ) -> SessionEnd {
-    let refused = |refusal: SessionRefused| {
-        ctx.metrics.handshake_failed(refusal.failure());
-        SessionEnd::Refused(refusal)
-    };
-    let Some(peer) = connection.peer_id() else {
-        connection.close(codes::PROTOCOL, "no peer identity");
-        return refused(SessionRefused::NoIdentity);
-    };
-    // The handshake admits node certificates only; anything else is refused here too, since
-    // the site of every request the peer sends comes from this identity.
-    let Some(peer_node) = PeerNode::of(&peer).map(Arc::new) else {
-        connection.close(codes::PROTOCOL, "not a node identity");
-        return refused(SessionRefused::NotANode(peer));
-    };
-    let peer_name: Arc<str> = peer_node.id.clone();
-    let hello = (ctx.hello)();
-    let handshake = async {
-        let (mut send, mut recv) = match direction {
-            Direction::Dialed => connection.open_stream().await,
-            Direction::Accepted => connection.accept_stream().await,
-        }
-        .map_err(HelloFailed::Connection)?;
-        // A control stream that fails because the connection went (a peer that refused our
-        // certificate closes it right after the TLS handshake) is counted by why it went.
-        let control_failed = |failed: HelloFailed| match connection.lost() {
-            Some(lost) => HelloFailed::ConnectionGone {
-                during: Box::new(failed),
-                lost,
-            },
-            None => failed,
-        };
-        let stream_failed = |e: StreamError| control_failed(HelloFailed::Stream(e));
-        if direction == Direction::Dialed {
-            control::send(&mut send, &hello)
-                .await
-                .map_err(stream_failed)?;
-        }
-        let theirs = control::receive(&mut recv)
-            .await
-            .map_err(stream_failed)?
-            .ok_or_else(|| control_failed(HelloFailed::Closed))?;
-        let announcement = control::check_hello(theirs).map_err(HelloFailed::Hello)?;
-        if direction == Direction::Accepted {
-            control::send(&mut send, &hello)
-                .await
-                .map_err(stream_failed)?;
-        }
-        Ok::<_, HelloFailed>((send, recv, announcement))
-    };
-    let (mut control_send, mut control_recv, announcement) = match tokio::time::timeout(
-        HELLO_TIMEOUT,
-        handshake,
-    )
-    .await
-    {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            connection.close(codes::PROTOCOL, "control handshake failed");
-            let failure = e.failure();
-            ctx.metrics.handshake_failed(failure);
-            warn!(peer = %peer_name, remote = %connection.remote_address(), reason = %failure, error = %e, "tunnel control handshake failed");
-            return SessionEnd::Refused(SessionRefused::Hello(e));
-        }
-        Err(_) => {
-            connection.close(codes::PROTOCOL, "control handshake timed out");
-            let refusal = SessionRefused::HelloTimedOut;
+    let (peer, peer_node) = match identify_peer(&connection) {
+        Ok(identified) => identified,
+        Err(refusal) => {
             ctx.metrics.handshake_failed(refusal.failure());
-            warn!(peer = %peer_name, remote = %connection.remote_address(), "tunnel control handshake timed out");
             return SessionEnd::Refused(refusal);
         }
     };
+    let peer_name: Arc<str> = peer_node.id.clone();
+    let (mut control_send, mut control_recv, announcement) =
+        match handshake(&connection, direction, &ctx, &peer_name).await {
+            Ok(control) => control,
+            Err(refusal) => return refusal,
+        };
+    let (link, mut control_rx) =
+        register_link(&connection, direction, &ctx, &peer_node, peer, announcement);
 
-    let (control_tx, mut control_rx) = mpsc::channel::<ControlMessage>(16);
-    refuse_unservable(&ctx, &peer_node, &announcement.exports);
-    let exports = announcement.exports.clone();
-    let policy_digest = announcement.policy_digest.clone();
-    let link = Arc::new(PeerLink::new(
-        connection.clone(),
-        peer.clone(),
-        direction,
-        announcement,
-        control_tx,
-    ));
-    ctx.peers.insert(link.clone());
-    ctx.metrics.tunnel_connected(&peer_node.site);
-    info!(peer = %peer_name, remote = %connection.remote_address(), carrier = %connection.carrier(), ?direction, ?exports, %policy_digest, "tunnel up");
-
-    let writer = async {
-        while let Some(message) = control_rx.recv().await {
-            if let Err(e) = control::send(&mut control_send, &message).await {
-                debug!(error = %e, "control stream write failed");
-                return ControlEnd::Failed(e);
-            }
-        }
-        ControlEnd::Finished
-    };
-    let reader = async {
-        loop {
-            match control::receive(&mut control_recv).await {
-                Ok(Some(ControlMessage::Exports {
-                    exports,
-                    policy_version,
-                    policy_digest,
-                    members,
-                })) => {
-                    info!(peer = %peer_name, ?exports, policy_version, %policy_digest, "peer exports or policy changed");
-                    let previous = link.exports();
-                    let new: Vec<String> = exports
-                        .iter()
-                        .filter(|s| !previous.contains(*s))
-                        .cloned()
-                        .collect();
-                    refuse_unservable(&ctx, &peer_node, &new);
-                    link.announce(control::PeerAnnouncement {
-                        exports,
-                        policy_version,
-                        policy_digest,
-                        members: control::parse_members(&members),
-                    });
-                    ctx.peers.touch();
-                }
-                Ok(Some(ControlMessage::GoAway { reason })) => {
-                    info!(peer = %peer_name, %reason, "peer is draining; sending it no new requests");
-                    link.mark_draining();
-                    ctx.peers.touch();
-                    // Acknowledge once our streams to it are over: the peer closes the
-                    // connection soon after, and a stream still opening would be cut.
-                    let link = link.clone();
-                    ctx.tasks.spawn(async move {
-                        link.streams_finished().await;
-                        link.send_control(ControlMessage::DrainAck);
-                    });
-                }
-                Ok(Some(ControlMessage::DrainAck)) => {
-                    link.mark_drain_acknowledged();
-                    ctx.peers.touch();
-                }
-                Ok(Some(ControlMessage::Hello { .. })) => {
-                    warn!(peer = %peer_name, "unexpected second hello ignored");
-                }
-                Ok(None) => break ControlEnd::Finished,
-                Err(e) => {
-                    debug!(peer = %peer_name, error = %e, "control stream ended");
-                    break ControlEnd::Failed(e);
-                }
-            }
-        }
-    };
-    let acceptor = async {
-        loop {
-            match connection.accept_stream().await {
-                Ok((send, recv)) => {
-                    let handler = (ctx.on_stream)(send, recv, peer_node.clone());
-                    ctx.tasks.spawn(handler);
-                }
-                Err(lost) => break lost,
-            }
-        }
-    };
-    // A dialled peer is a TLS server to us, an accepting one a TLS client.
-    let role = match direction {
-        Direction::Dialed => hybridge_ca::tls::PeerRole::Server,
-        Direction::Accepted => hybridge_ca::tls::PeerRole::Client,
-    };
-    let untrusted = trust::lost(
-        ctx.trust.clone(),
-        connection.peer_chain(),
-        PeerKind::Node,
-        role,
-    );
+    let writer = write_control(&mut control_rx, &mut control_send);
+    let reader = read_control(&mut control_recv, &link, &ctx, &peer_node, &peer_name);
+    let acceptor = accept_streams(&connection, &ctx, &peer_node);
+    let untrusted = trust_lost(&connection, direction, &ctx);
     let retirement = async {
         retire.cancelled().await;
         retire_link(&connection, &link, &ctx).await;
@@ -262,17 +113,263 @@ pub async fn run(
             Disconnect::ShuttingDown
         }
     };
+    record_down(&connection, &ctx, &peer_node, &link, &end);
+    // A TLS/TCP connection writes what it has buffered before its socket goes; give it the
+    // moment (a QUIC connection's endpoint does the same on its own).
+    let _ = tokio::time::timeout(CLOSE_WAIT, connection.closed()).await;
+    SessionEnd::Disconnected(end)
+}
+
+/// The peer's identity and node, from the certificate the handshake checked. Closes the
+/// connection and says why when it names no node.
+fn identify_peer(
+    connection: &TunnelConnection,
+) -> Result<(SpiffeId, Arc<PeerNode>), SessionRefused> {
+    let Some(peer) = connection.peer_id() else {
+        connection.close(codes::PROTOCOL, "no peer identity");
+        return Err(SessionRefused::NoIdentity);
+    };
+    // The handshake admits node certificates only; anything else is refused here too, since
+    // the site of every request the peer sends comes from this identity.
+    let Some(peer_node) = PeerNode::of(&peer).map(Arc::new) else {
+        connection.close(codes::PROTOCOL, "not a node identity");
+        return Err(SessionRefused::NotANode(peer));
+    };
+    Ok((peer, peer_node))
+}
+
+/// Exchanges hellos within `HELLO_TIMEOUT`; returns the control stream and the peer's
+/// announcement, or closes the connection, counts and logs the failure and says how the
+/// session ended.
+async fn handshake(
+    connection: &TunnelConnection,
+    direction: Direction,
+    ctx: &SessionContext,
+    peer_name: &str,
+) -> Result<(SendHalf, RecvHalf, control::PeerAnnouncement), SessionEnd> {
+    let hello = (ctx.hello)();
+    match tokio::time::timeout(
+        HELLO_TIMEOUT,
+        exchange_hellos(connection, direction, &hello),
+    )
+    .await
+    {
+        Ok(Ok(control)) => Ok(control),
+        Ok(Err(e)) => {
+            connection.close(codes::PROTOCOL, "control handshake failed");
+            let failure = e.failure();
+            ctx.metrics.handshake_failed(failure);
+            warn!(peer = %peer_name, remote = %connection.remote_address(), reason = %failure, error = %e, "tunnel control handshake failed");
+            Err(SessionEnd::Refused(SessionRefused::Hello(e)))
+        }
+        Err(_) => {
+            connection.close(codes::PROTOCOL, "control handshake timed out");
+            let refusal = SessionRefused::HelloTimedOut;
+            ctx.metrics.handshake_failed(refusal.failure());
+            warn!(peer = %peer_name, remote = %connection.remote_address(), "tunnel control handshake timed out");
+            Err(SessionEnd::Refused(refusal))
+        }
+    }
+}
+
+/// Opens (dialled) or accepts (accepted) the control stream and exchanges hellos on it, the
+/// dialler speaking first.
+async fn exchange_hellos(
+    connection: &TunnelConnection,
+    direction: Direction,
+    hello: &ControlMessage,
+) -> Result<(SendHalf, RecvHalf, control::PeerAnnouncement), HelloFailed> {
+    let (mut send, mut recv) = match direction {
+        Direction::Dialed => connection.open_stream().await,
+        Direction::Accepted => connection.accept_stream().await,
+    }
+    .map_err(HelloFailed::Connection)?;
+    // A control stream that fails because the connection went (a peer that refused our
+    // certificate closes it right after the TLS handshake) is counted by why it went.
+    let control_failed = |failed: HelloFailed| match connection.lost() {
+        Some(lost) => HelloFailed::ConnectionGone {
+            during: Box::new(failed),
+            lost,
+        },
+        None => failed,
+    };
+    let stream_failed = |e: StreamError| control_failed(HelloFailed::Stream(e));
+    if direction == Direction::Dialed {
+        control::send(&mut send, hello)
+            .await
+            .map_err(stream_failed)?;
+    }
+    let theirs = control::receive(&mut recv)
+        .await
+        .map_err(stream_failed)?
+        .ok_or_else(|| control_failed(HelloFailed::Closed))?;
+    let announcement = control::check_hello(theirs).map_err(HelloFailed::Hello)?;
+    if direction == Direction::Accepted {
+        control::send(&mut send, hello)
+            .await
+            .map_err(stream_failed)?;
+    }
+    Ok((send, recv, announcement))
+}
+
+/// Puts the link in the peer set, counts and logs it up; returns it with the receiving end
+/// of its control channel.
+fn register_link(
+    connection: &TunnelConnection,
+    direction: Direction,
+    ctx: &SessionContext,
+    peer_node: &PeerNode,
+    peer: SpiffeId,
+    announcement: control::PeerAnnouncement,
+) -> (Arc<PeerLink>, mpsc::Receiver<ControlMessage>) {
+    let (control_tx, control_rx) = mpsc::channel::<ControlMessage>(16);
+    refuse_unservable(ctx, peer_node, &announcement.exports);
+    let exports = announcement.exports.clone();
+    let policy_digest = announcement.policy_digest.clone();
+    let link = Arc::new(PeerLink::new(
+        connection.clone(),
+        peer,
+        direction,
+        announcement,
+        control_tx,
+    ));
+    ctx.peers.insert(link.clone());
+    ctx.metrics.tunnel_connected(&peer_node.site);
+    let peer_name = &peer_node.id;
+    info!(peer = %peer_name, remote = %connection.remote_address(), carrier = %connection.carrier(), ?direction, ?exports, %policy_digest, "tunnel up");
+    (link, control_rx)
+}
+
+/// Writes the messages queued for the peer on the control stream until the queue closes or
+/// a write fails.
+async fn write_control(
+    queued: &mut mpsc::Receiver<ControlMessage>,
+    control_send: &mut SendHalf,
+) -> ControlEnd {
+    while let Some(message) = queued.recv().await {
+        if let Err(e) = control::send(control_send, &message).await {
+            debug!(error = %e, "control stream write failed");
+            return ControlEnd::Failed(e);
+        }
+    }
+    ControlEnd::Finished
+}
+
+/// Reads the peer's control messages (exports and policy changes, GOAWAY, its drain
+/// acknowledgement) and applies them to the link until the stream ends.
+async fn read_control(
+    control_recv: &mut RecvHalf,
+    link: &Arc<PeerLink>,
+    ctx: &SessionContext,
+    peer_node: &PeerNode,
+    peer_name: &str,
+) -> ControlEnd {
+    loop {
+        match control::receive(control_recv).await {
+            Ok(Some(ControlMessage::Exports {
+                exports,
+                policy_version,
+                policy_digest,
+                members,
+            })) => {
+                info!(peer = %peer_name, ?exports, policy_version, %policy_digest, "peer exports or policy changed");
+                let previous = link.exports();
+                let new: Vec<String> = exports
+                    .iter()
+                    .filter(|s| !previous.contains(*s))
+                    .cloned()
+                    .collect();
+                refuse_unservable(ctx, peer_node, &new);
+                link.announce(control::PeerAnnouncement {
+                    exports,
+                    policy_version,
+                    policy_digest,
+                    members: control::parse_members(&members),
+                });
+                ctx.peers.touch();
+            }
+            Ok(Some(ControlMessage::GoAway { reason })) => {
+                info!(peer = %peer_name, %reason, "peer is draining; sending it no new requests");
+                link.mark_draining();
+                ctx.peers.touch();
+                // Acknowledge once our streams to it are over: the peer closes the
+                // connection soon after, and a stream still opening would be cut.
+                let link = link.clone();
+                ctx.tasks.spawn(async move {
+                    link.streams_finished().await;
+                    link.send_control(ControlMessage::DrainAck);
+                });
+            }
+            Ok(Some(ControlMessage::DrainAck)) => {
+                link.mark_drain_acknowledged();
+                ctx.peers.touch();
+            }
+            Ok(Some(ControlMessage::Hello { .. })) => {
+                warn!(peer = %peer_name, "unexpected second hello ignored");
+            }
+            Ok(None) => break ControlEnd::Finished,
+            Err(e) => {
+                debug!(peer = %peer_name, error = %e, "control stream ended");
+                break ControlEnd::Failed(e);
+            }
+        }
+    }
+}
+
+/// Hands every request stream the peer opens to the node's handler, on its own task; returns
+/// why the connection went.
+async fn accept_streams(
+    connection: &TunnelConnection,
+    ctx: &SessionContext,
+    peer_node: &Arc<PeerNode>,
+) -> super::connection::ConnectionLost {
+    loop {
+        match connection.accept_stream().await {
+            Ok((send, recv)) => {
+                let handler = (ctx.on_stream)(send, recv, peer_node.clone());
+                ctx.tasks.spawn(handler);
+            }
+            Err(lost) => break lost,
+        }
+    }
+}
+
+/// Resolves with the reason once the peer's certificate chain stops passing the trust in
+/// force.
+fn trust_lost(
+    connection: &TunnelConnection,
+    direction: Direction,
+    ctx: &SessionContext,
+) -> impl Future<Output = String> + use<> {
+    // A dialled peer is a TLS server to us, an accepting one a TLS client.
+    let role = match direction {
+        Direction::Dialed => hybridge_ca::tls::PeerRole::Server,
+        Direction::Accepted => hybridge_ca::tls::PeerRole::Client,
+    };
+    trust::lost(
+        ctx.trust.clone(),
+        connection.peer_chain(),
+        PeerKind::Node,
+        role,
+    )
+}
+
+/// Counts, records and logs the link down and takes it out of the peer set.
+fn record_down(
+    connection: &TunnelConnection,
+    ctx: &SessionContext,
+    peer_node: &PeerNode,
+    link: &PeerLink,
+    end: &Disconnect,
+) {
     let reason = end.reason();
     let detail = end.to_string();
     // Counted before the link leaves the set, so whoever waits on the set sees the count.
     ctx.metrics.tunnel_disconnected(&peer_node.site, reason);
     ctx.peers.record_down(&peer_node.site, reason, &detail);
     ctx.peers.remove(link.id());
+    let peer_name = &peer_node.id;
     info!(peer = %peer_name, carrier = %connection.carrier(), %reason, %detail, "tunnel down");
-    // A TLS/TCP connection writes what it has buffered before its socket goes; give it the
-    // moment (a QUIC connection's endpoint does the same on its own).
-    let _ = tokio::time::timeout(CLOSE_WAIT, connection.closed()).await;
-    SessionEnd::Disconnected(end)
 }
 
 /// How often a link's watchdog looks for news from the peer.

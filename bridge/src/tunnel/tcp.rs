@@ -443,65 +443,86 @@ impl TcpConnection {
             .map_err(TcpLost::of_h2)?;
         let ping = connection.ping_pong();
         let opener = Opener::Server(Offers::default());
-        let (
-            shared,
-            Driving {
-                accepted_tx,
-                finished_tx,
-                close_rx,
-                liveness,
-            },
-        ) = Shared::start(opener, peer_chain, remote, heard, epoch, tuning);
-        let weak = Arc::downgrade(&shared);
-        tokio::spawn(async move {
-            // Shared by the accept poll and the shutdown call; never contended (one task).
-            let connection = Mutex::new(connection);
-            let accept = poll_fn(|cx| {
-                let mut connection = lock(&connection);
-                loop {
-                    match connection.poll_accept(cx) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(None) => return Poll::Ready(Ok(())),
-                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                        Poll::Ready(Some(Ok((request, respond)))) => {
-                            if let Some(shared) = weak.upgrade() {
-                                shared.classify(request, respond, &accepted_tx);
-                            }
-                        }
-                    }
-                }
-            });
-            let done = drive(accept, ping, liveness, close_rx, &weak, |graceful| {
-                let mut connection = lock(&connection);
-                if graceful {
-                    connection.graceful_shutdown();
-                } else {
-                    connection.abrupt_shutdown(h2::Reason::CANCEL);
-                }
-            })
-            .await;
-            if let Some(Opener::Server(offers)) = weak.upgrade().as_ref().map(|s| &s.opener) {
-                offers.close();
-            }
-            if done.is_none() {
-                // Let the connection write its GOAWAY and what streams still have buffered.
-                let flush = poll_fn(|cx| {
-                    let mut connection = lock(&connection);
-                    loop {
-                        match connection.poll_accept(cx) {
-                            Poll::Pending => return Poll::Pending,
-                            Poll::Ready(None | Some(Err(_))) => return Poll::Ready(()),
-                            Poll::Ready(Some(Ok((_, mut respond)))) => {
-                                respond.send_reset(h2::Reason::REFUSED_STREAM);
-                            }
-                        }
-                    }
-                });
-                let _ = tokio::time::timeout(CLOSE_FLUSH, flush).await;
-            }
-            finished_tx.send_replace(true);
-        });
+        let (shared, driving) = Shared::start(opener, peer_chain, remote, heard, epoch, tuning);
+        tokio::spawn(Self::serve_h2(
+            connection,
+            ping,
+            driving,
+            Arc::downgrade(&shared),
+        ));
         Ok(TcpConnection { shared })
+    }
+
+    /// Drives an accepted connection's HTTP/2 server until it ends: hands each stream the
+    /// peer opens to `classify`, and on a local close lets the connection flush.
+    async fn serve_h2<T>(
+        connection: h2::server::Connection<Heard<T>, Piece>,
+        ping: Option<h2::PingPong>,
+        driving: Driving,
+        weak: std::sync::Weak<Shared>,
+    ) where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Driving {
+            accepted_tx,
+            finished_tx,
+            close_rx,
+            liveness,
+        } = driving;
+        // Shared by the accept poll and the shutdown call; never contended (one task).
+        let connection = Mutex::new(connection);
+        let accept = poll_fn(|cx| {
+            let mut connection = lock(&connection);
+            loop {
+                match connection.poll_accept(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(None) => return Poll::Ready(Ok(())),
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Some(Ok((request, respond)))) => {
+                        if let Some(shared) = weak.upgrade() {
+                            shared.classify(request, respond, &accepted_tx);
+                        }
+                    }
+                }
+            }
+        });
+        let done = drive(accept, ping, liveness, close_rx, &weak, |graceful| {
+            let mut connection = lock(&connection);
+            if graceful {
+                connection.graceful_shutdown();
+            } else {
+                connection.abrupt_shutdown(h2::Reason::CANCEL);
+            }
+        })
+        .await;
+        if let Some(Opener::Server(offers)) = weak.upgrade().as_ref().map(|s| &s.opener) {
+            offers.close();
+        }
+        if done.is_none() {
+            Self::flush_refusing(&connection).await;
+        }
+        finished_tx.send_replace(true);
+    }
+
+    /// Lets a closing server connection write its GOAWAY and what streams still have
+    /// buffered (bounded by `CLOSE_FLUSH`), refusing any stream the peer opens meanwhile.
+    async fn flush_refusing<T>(connection: &Mutex<h2::server::Connection<Heard<T>, Piece>>)
+    where
+        T: AsyncRead + AsyncWrite + Unpin,
+    {
+        let flush = poll_fn(|cx| {
+            let mut connection = lock(connection);
+            loop {
+                match connection.poll_accept(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(None | Some(Err(_))) => return Poll::Ready(()),
+                    Poll::Ready(Some(Ok((_, mut respond)))) => {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    }
+                }
+            }
+        });
+        let _ = tokio::time::timeout(CLOSE_FLUSH, flush).await;
     }
 
     /// Opens a stream to the peer.
