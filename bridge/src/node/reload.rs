@@ -272,8 +272,8 @@ impl Reloadable {
         Ok(clients)
     }
 
-    /// The upstream of every export in `config`: the running one when the export is unchanged
-    /// from `running`, else one started anew, whose name is listed second.
+    /// The upstream of every export in `config` by name (the running one when the export is
+    /// unchanged from `running`, else one started anew), and the names of those started anew.
     async fn services(
         &self,
         running: &Config,
