@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use hybridge_ca::tls::TlsMaterial;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
@@ -141,6 +142,37 @@ pub struct ConfigCheck {
 /// and resolves every upstream endpoint as the upstreams do at start.
 pub async fn preflight(config: &Config) -> anyhow::Result<ConfigCheck> {
     let material = node::load_tls(config)?;
+    resolve_upstream_endpoints(config).await?;
+    let not_after = certificate_not_after(config, &material)?;
+    let now = time::OffsetDateTime::now_utc();
+    let remaining = not_after - now;
+    let mut warnings = Vec::new();
+    if remaining < time::Duration::days(EXPIRY_WARNING_DAYS) {
+        warnings.push(format!(
+            "node certificate {} expires {} (in {} days); renew it with `hybridge-ca issue node` and reload",
+            config.tls.cert.display(),
+            not_after,
+            remaining.whole_days()
+        ));
+    }
+    warnings.extend(stale_crl_warnings(config, &material, now)?);
+    Ok(ConfigCheck {
+        config: config.source.display().to_string(),
+        node: material.own_id.to_string(),
+        exports: config.exports.len(),
+        imports: config.imports.len() + usize::from(config.gateway.is_some()),
+        peers: config.peers.len(),
+        certificate_not_after: not_after
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| not_after.to_string()),
+        certificate_days_left: remaining.whole_days(),
+        warnings,
+    })
+}
+
+/// Resolves every upstream endpoint of every export, each within 10 s, as the upstreams do at
+/// start; the first that does not resolve to at least one address is the error.
+async fn resolve_upstream_endpoints(config: &Config) -> anyhow::Result<()> {
     for export in &config.exports {
         for endpoint in &export.upstream.endpoints {
             let resolved = tokio::time::timeout(
@@ -165,11 +197,19 @@ pub async fn preflight(config: &Config) -> anyhow::Result<ConfigCheck> {
             })?;
         }
     }
+    Ok(())
+}
+
+/// When the node's own certificate (the first of `tls.cert`) stops being valid.
+fn certificate_not_after(
+    config: &Config,
+    material: &TlsMaterial,
+) -> anyhow::Result<time::OffsetDateTime> {
     let leaf = material
         .chain
         .first()
         .with_context(|| format!("{} holds no certificate", config.tls.cert.display()))?;
-    let not_after = hybridge_ca::inspect::summarize(leaf.as_ref())
+    Ok(hybridge_ca::inspect::summarize(leaf.as_ref())
         .map_err(|e| {
             anyhow::anyhow!(
                 "reading the validity of {}: {}",
@@ -177,18 +217,17 @@ pub async fn preflight(config: &Config) -> anyhow::Result<ConfigCheck> {
                 e.0
             )
         })?
-        .not_after;
-    let now = time::OffsetDateTime::now_utc();
-    let remaining = not_after - now;
+        .not_after)
+}
+
+/// A warning for every CRL past its nextUpdate at `now`, or an error when `tls.crl_stale =
+/// "refuse"` would make the node refuse every peer for it.
+fn stale_crl_warnings(
+    config: &Config,
+    material: &TlsMaterial,
+    now: time::OffsetDateTime,
+) -> anyhow::Result<Vec<String>> {
     let mut warnings = Vec::new();
-    if remaining < time::Duration::days(EXPIRY_WARNING_DAYS) {
-        warnings.push(format!(
-            "node certificate {} expires {} (in {} days); renew it with `hybridge-ca issue node` and reload",
-            config.tls.cert.display(),
-            not_after,
-            remaining.whole_days()
-        ));
-    }
     for (i, der) in material.crls.iter().enumerate() {
         let crl = hybridge_ca::inspect::summarize_crl(der.as_ref())
             .map_err(|e| anyhow::anyhow!("CRL #{} of {:?}: {e}", i + 1, config.tls.crl))?;
@@ -217,18 +256,7 @@ pub async fn preflight(config: &Config) -> anyhow::Result<ConfigCheck> {
             ));
         }
     }
-    Ok(ConfigCheck {
-        config: config.source.display().to_string(),
-        node: material.own_id.to_string(),
-        exports: config.exports.len(),
-        imports: config.imports.len() + usize::from(config.gateway.is_some()),
-        peers: config.peers.len(),
-        certificate_not_after: not_after
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_else(|_| not_after.to_string()),
-        certificate_days_left: remaining.whole_days(),
-        warnings,
-    })
+    Ok(warnings)
 }
 
 /// `hybridge check-config`: the checks of [`preflight`], plus a warning for every address the

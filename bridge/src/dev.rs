@@ -74,46 +74,34 @@ fn write(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
-impl DevEnvironment {
-    /// Starts everything on 127.0.0.1, both nodes on the caller's runtime; `base_port` 0
-    /// picks free ports.
-    pub async fn start(base_port: u16) -> anyhow::Result<Self> {
-        Self::start_on(base_port, Arc::new(Workers::inline())).await
+/// `127.0.0.1` at `base_port + offset`, or a free port when `base_port` is 0.
+fn dev_addr(base_port: u16, offset: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port(base_port, offset)))
+}
+
+/// A new CA in `root/ca`, a certificate and key for each dev node (`root/NAME.pem`,
+/// `root/NAME.key`, valid a day for localhost and 127.0.0.1) and the CA bundle `root/ca.pem`.
+fn issue_certificates(root: &Path) -> anyhow::Result<()> {
+    let ca = CertificateAuthority::init(&root.join("ca"), TRUST_DOMAIN, InitOptions::default())?;
+    let loopback = [std::net::IpAddr::from([127, 0, 0, 1])];
+    for (site, name) in [("onprem", "onprem-1"), ("cloud", "cloud-1")] {
+        ca.issue_node(
+            site,
+            name,
+            &["localhost".to_owned()],
+            &loopback,
+            Duration::from_secs(86_400),
+        )?
+        .write(&root.join(name))?;
     }
+    write(&root.join("ca.pem"), &ca.ca_cert_pem())
+}
 
-    /// Starts everything, each node spread over `workers`.
-    pub async fn start_on(base_port: u16, workers: Arc<Workers>) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("hybridge-dev-")
-            .tempdir()
-            .context("creating a temp dir")?;
-        let root = dir.path();
-        let ca =
-            CertificateAuthority::init(&root.join("ca"), TRUST_DOMAIN, InitOptions::default())?;
-        let loopback = [std::net::IpAddr::from([127, 0, 0, 1])];
-        for (site, name) in [("onprem", "onprem-1"), ("cloud", "cloud-1")] {
-            ca.issue_node(
-                site,
-                name,
-                &["localhost".to_owned()],
-                &loopback,
-                Duration::from_secs(86_400),
-            )?
-            .write(&root.join(name))?;
-        }
-        write(&root.join("ca.pem"), &ca.ca_cert_pem())?;
-
-        let upstreams_cancel = CancellationToken::new();
-        let addr = |offset| SocketAddr::from(([127, 0, 0, 1], port(base_port, offset)));
-        let inventory = DemoUpstream::start("inventory", addr(20), upstreams_cancel.child_token())
-            .await
-            .context("starting the inventory demo upstream")?;
-        let ledger = DemoUpstream::start("ledger", addr(21), upstreams_cancel.child_token())
-            .await
-            .context("starting the ledger demo upstream")?;
-
-        let cloud_toml = format!(
-            r#"# hybridge dev: cloud node
+/// The cloud node's config: listens for the on-prem site, exports `inventory` (the demo
+/// upstream at `inventory`) and imports `ledger` for the `reporting` caller.
+fn cloud_toml(base_port: u16, inventory: SocketAddr) -> String {
+    format!(
+        r#"# hybridge dev: cloud node
 [node]
 name = "cloud-1"
 site = "cloud"
@@ -142,23 +130,17 @@ service = "ledger"
 listen = "{ledger_import}"
 caller = "reporting"
 "#,
-            tunnel = addr(0),
-            admin = addr(11),
-            inventory = inventory.local_addr(),
-            ledger_import = addr(2),
-        );
-        let cloud_path = root.join("cloud.toml");
-        write(&cloud_path, &cloud_toml)?;
-        let cloud = Node::start_on(Config::load(&cloud_path)?, workers.clone())
-            .await
-            .context("starting the cloud node")?;
-        let tunnel = cloud
-            .addresses()
-            .tunnel
-            .context("the cloud node has no tunnel address")?;
+        tunnel = dev_addr(base_port, 0),
+        admin = dev_addr(base_port, 11),
+        ledger_import = dev_addr(base_port, 2),
+    )
+}
 
-        let onprem_toml = format!(
-            r#"# hybridge dev: on-prem node (dials out to the cloud node)
+/// The on-prem node's config: dials the cloud node at `tunnel`, exports `ledger` (the demo
+/// upstream at `ledger`), imports `inventory` for `web` and runs a gateway for `web`.
+fn onprem_toml(base_port: u16, tunnel: SocketAddr, ledger: SocketAddr) -> String {
+    format!(
+        r#"# hybridge dev: on-prem node (dials out to the cloud node)
 [node]
 name = "onprem-1"
 site = "onprem"
@@ -196,23 +178,69 @@ listen = "{gateway}"
 caller = "web"
 suffix = "hybridge"
 "#,
-            admin = addr(10),
-            ledger = ledger.local_addr(),
-            inventory_import = addr(1),
-            gateway = addr(3),
-        );
+        admin = dev_addr(base_port, 10),
+        inventory_import = dev_addr(base_port, 1),
+        gateway = dev_addr(base_port, 3),
+    )
+}
+
+/// Writes [`SAMPLE_POLICY`] to `root/acl.toml` and applies it to each of `nodes`, as
+/// `hybridge dev`.
+fn apply_sample_policy(root: &Path, nodes: [&Node; 2]) -> anyhow::Result<()> {
+    let policy_path = root.join("acl.toml");
+    write(&policy_path, SAMPLE_POLICY)?;
+    for node in nodes {
+        let policy = crate::acl::parse_acl_file(&policy_path, SAMPLE_POLICY)?;
+        node.state.acl.apply(policy, "hybridge dev", false)?;
+    }
+    Ok(())
+}
+
+impl DevEnvironment {
+    /// Starts everything on 127.0.0.1, both nodes on the caller's runtime; `base_port` 0
+    /// picks free ports.
+    pub async fn start(base_port: u16) -> anyhow::Result<Self> {
+        Self::start_on(base_port, Arc::new(Workers::inline())).await
+    }
+
+    /// Starts everything, each node spread over `workers`.
+    pub async fn start_on(base_port: u16, workers: Arc<Workers>) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("hybridge-dev-")
+            .tempdir()
+            .context("creating a temp dir")?;
+        let root = dir.path();
+        issue_certificates(root)?;
+
+        let upstreams_cancel = CancellationToken::new();
+        let addr = |offset| dev_addr(base_port, offset);
+        let inventory = DemoUpstream::start("inventory", addr(20), upstreams_cancel.child_token())
+            .await
+            .context("starting the inventory demo upstream")?;
+        let ledger = DemoUpstream::start("ledger", addr(21), upstreams_cancel.child_token())
+            .await
+            .context("starting the ledger demo upstream")?;
+
+        let cloud_path = root.join("cloud.toml");
+        write(&cloud_path, &cloud_toml(base_port, inventory.local_addr()))?;
+        let cloud = Node::start_on(Config::load(&cloud_path)?, workers.clone())
+            .await
+            .context("starting the cloud node")?;
+        let tunnel = cloud
+            .addresses()
+            .tunnel
+            .context("the cloud node has no tunnel address")?;
+
         let onprem_path = root.join("onprem.toml");
-        write(&onprem_path, &onprem_toml)?;
+        write(
+            &onprem_path,
+            &onprem_toml(base_port, tunnel, ledger.local_addr()),
+        )?;
         let onprem = Node::start_on(Config::load(&onprem_path)?, workers)
             .await
             .context("starting the on-prem node")?;
 
-        let policy_path = root.join("acl.toml");
-        write(&policy_path, SAMPLE_POLICY)?;
-        for node in [&onprem, &cloud] {
-            let policy = crate::acl::parse_acl_file(&policy_path, SAMPLE_POLICY)?;
-            node.state.acl.apply(policy, "hybridge dev", false)?;
-        }
+        apply_sample_policy(root, [&onprem, &cloud])?;
         let limit = Duration::from_secs(10);
         if !onprem.wait_for_route("inventory", limit).await
             || !cloud.wait_for_route("ledger", limit).await

@@ -334,90 +334,51 @@ fn parse_pem_cert(path: &Path, pem_text: &str) -> Result<Vec<u8>, CaError> {
     Ok(block.into_contents())
 }
 
-impl CertificateAuthority {
-    /// Creates a new CA in `dir` (created with mode 0700 if missing). Refuses, leaving
-    /// every file untouched, if `dir` already holds any CA file.
-    pub fn init(dir: &Path, trust_domain: &str, opts: InitOptions) -> Result<Self, CaError> {
-        validate_segment("trust domain", trust_domain)?;
-        let now = OffsetDateTime::now_utc();
-        let not_after = add_validity(now, opts.validity)?;
+/// The three files of a CA directory.
+struct CaFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    registry: PathBuf,
+    /// The directory holding them.
+    dir: PathBuf,
+}
 
+impl CaFiles {
+    /// Creates `dir` (mode 0700) if missing and names its files; refuses a directory that
+    /// already holds any of them.
+    fn in_new_dir(dir: &Path) -> Result<Self, CaError> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(io_err("creating CA directory", dir))?;
-        let cert_path = dir.join(CA_CERT_FILE);
-        let key_path = dir.join(CA_KEY_FILE);
-        let registry_path = dir.join(REGISTRY_FILE);
-        for p in [&cert_path, &key_path, &registry_path] {
+        let files = CaFiles {
+            cert: dir.join(CA_CERT_FILE),
+            key: dir.join(CA_KEY_FILE),
+            registry: dir.join(REGISTRY_FILE),
+            dir: dir.to_path_buf(),
+        };
+        for p in [&files.cert, &files.key, &files.registry] {
             if p.exists() {
                 return Err(CaError::AlreadyInitialized {
                     dir: dir.to_path_buf(),
                 });
             }
         }
+        Ok(files)
+    }
 
-        let key = KeyPair::generate_for(opts.key_type.algorithm())
-            .map_err(signing("generating CA key"))?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "hybridge");
-        dn.push(DnType::CommonName, format!("hybridge CA {trust_domain}"));
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        // SPIFFE convention: a CA carries the trust domain URI.
-        let td_uri = format!("spiffe://{trust_domain}");
-        params.subject_alt_names = vec![SanType::URI(
-            td_uri
-                .try_into()
-                .map_err(signing("encoding trust domain URI"))?,
-        )];
-        params.not_before = now - BACKDATE;
-        params.not_after = not_after;
-        params.serial_number = Some(random_serial());
-        params.key_identifier_method = KeyIdMethod::Sha256;
-        let cert = params
-            .self_signed(&key)
-            .map_err(signing("self-signing CA certificate"))?;
-        let cert_pem = cert.pem();
-
-        // Stage everything first, then link into place; ca.pem goes last because its
-        // presence is what marks the directory as an initialised CA.
-        let staged_registry = dir.join(format!(
-            ".{REGISTRY_FILE}.init-{:016x}",
-            rand::random::<u64>()
-        ));
-        let cleanup_registry = || {
-            let _ = fs::remove_file(&staged_registry);
-        };
-        let registry_result = Registry::create(&staged_registry, trust_domain).and_then(|_| {
-            fs::File::open(&staged_registry)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err("syncing registry", &staged_registry))
-        });
-        if let Err(e) = registry_result {
-            cleanup_registry();
-            return Err(e);
-        }
-        let staged_key = StagedFile::write(&key_path, key.serialize_pem().as_bytes(), SECRET_MODE)
-            .map_err(io_err("writing CA key", &key_path));
-        let staged_cert = StagedFile::write(&cert_path, cert_pem.as_bytes(), PUBLIC_MODE)
-            .map_err(io_err("writing CA certificate", &cert_path));
-        let (staged_key, staged_cert) = match (staged_key, staged_cert) {
-            (Ok(k), Ok(c)) => (k, c),
-            (Err(e), _) | (_, Err(e)) => {
-                cleanup_registry();
-                return Err(e);
-            }
-        };
-
-        let mut placed: Vec<&Path> = Vec::new();
+    /// Links the staged registry, key and certificate into place, in that order (the
+    /// certificate last), none over an existing file, then syncs the directory. Each file
+    /// placed is pushed to `placed`, for the caller to remove if a later step fails.
+    fn place<'a>(
+        &'a self,
+        staged_registry: &Path,
+        staged_key: StagedFile,
+        staged_cert: StagedFile,
+        placed: &mut Vec<&'a Path>,
+    ) -> Result<(), CaError> {
+        let dir = self.dir.as_path();
         let already = |e: io::Error, step, path: &Path| {
             if e.kind() == io::ErrorKind::AlreadyExists {
                 CaError::AlreadyInitialized {
@@ -427,19 +388,164 @@ impl CertificateAuthority {
                 io_err(step, path)(e)
             }
         };
-        let result = (|| {
-            fs::hard_link(&staged_registry, &registry_path)
-                .map_err(|e| already(e, "creating registry", &registry_path))?;
-            placed.push(&registry_path);
-            staged_key
-                .commit_new()
-                .map_err(|e| already(e, "writing CA key", &key_path))?;
-            placed.push(&key_path);
-            staged_cert
-                .commit_new()
-                .map_err(|e| already(e, "writing CA certificate", &cert_path))?;
-            files::sync_dir(dir).map_err(io_err("syncing CA directory", dir))
-        })();
+        fs::hard_link(staged_registry, &self.registry)
+            .map_err(|e| already(e, "creating registry", &self.registry))?;
+        placed.push(&self.registry);
+        staged_key
+            .commit_new()
+            .map_err(|e| already(e, "writing CA key", &self.key))?;
+        placed.push(&self.key);
+        staged_cert
+            .commit_new()
+            .map_err(|e| already(e, "writing CA certificate", &self.cert))?;
+        files::sync_dir(dir).map_err(io_err("syncing CA directory", dir))
+    }
+}
+
+/// A new, empty registry for `trust_domain` written and synced beside the final one in `dir`,
+/// under a random hidden name; removed again if that fails.
+fn stage_registry(dir: &Path, trust_domain: &str) -> Result<PathBuf, CaError> {
+    let staged = dir.join(format!(
+        ".{REGISTRY_FILE}.init-{:016x}",
+        rand::random::<u64>()
+    ));
+    let result = Registry::create(&staged, trust_domain).and_then(|_| {
+        fs::File::open(&staged)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err("syncing registry", &staged))
+    });
+    if let Err(e) = result {
+        let _ = fs::remove_file(&staged);
+        return Err(e);
+    }
+    Ok(staged)
+}
+
+/// The CA certificate (PEM) of `trust_domain`, self-signed with `key`: a CA for end-entity
+/// certificates only (path length 0) carrying the trust domain URI, valid until `not_after`.
+fn self_signed_ca_pem(
+    key: &KeyPair,
+    trust_domain: &str,
+    now: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<String, CaError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "hybridge");
+    dn.push(DnType::CommonName, format!("hybridge CA {trust_domain}"));
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    // SPIFFE convention: a CA carries the trust domain URI.
+    let td_uri = format!("spiffe://{trust_domain}");
+    params.subject_alt_names = vec![SanType::URI(
+        td_uri
+            .try_into()
+            .map_err(signing("encoding trust domain URI"))?,
+    )];
+    params.not_before = now - BACKDATE;
+    params.not_after = not_after;
+    params.serial_number = Some(random_serial());
+    params.key_identifier_method = KeyIdMethod::Sha256;
+    let cert = params
+        .self_signed(key)
+        .map_err(signing("self-signing CA certificate"))?;
+    Ok(cert.pem())
+}
+
+/// The SANs of a leaf certificate: its SPIFFE URI, then each DNS name (refused unless
+/// valid), then each IP address.
+fn leaf_subject_alt_names(
+    id: &SpiffeId,
+    dns: &[String],
+    ips: &[IpAddr],
+) -> Result<Vec<SanType>, CaError> {
+    let mut sans = vec![SanType::URI(
+        id.to_uri()
+            .try_into()
+            .map_err(signing("encoding SPIFFE URI"))?,
+    )];
+    for name in dns {
+        if !valid_dns_name(name) {
+            return Err(CaError::InvalidDnsName(name.clone()));
+        }
+        sans.push(SanType::DnsName(
+            name.clone()
+                .try_into()
+                .map_err(|_| CaError::InvalidDnsName(name.clone()))?,
+        ));
+    }
+    sans.extend(ips.iter().copied().map(SanType::IpAddress));
+    Ok(sans)
+}
+
+/// The parameters of a leaf certificate for `id`, validity and serial aside: its subject
+/// (O=hybridge, OU=site for a node or `admin`, CN=`common_name`), `sans`, and the key usages
+/// of its kind.
+fn leaf_params(id: &SpiffeId, common_name: &str, sans: Vec<SanType>) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "hybridge");
+    match id {
+        SpiffeId::Node { site, .. } => {
+            dn.push(DnType::OrganizationalUnitName, site.clone());
+        }
+        SpiffeId::Admin { .. } => dn.push(DnType::OrganizationalUnitName, "admin"),
+        SpiffeId::Service { .. } => {}
+    }
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = match id {
+        // An administrator only ever connects to a node; a server EKU would let the
+        // certificate impersonate a TLS server to anything trusting the CA.
+        SpiffeId::Admin { .. } => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        SpiffeId::Node { .. } | SpiffeId::Service { .. } => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    };
+    params.use_authority_key_identifier_extension = true;
+    params
+}
+
+impl CertificateAuthority {
+    /// Creates a new CA in `dir` (created with mode 0700 if missing). Refuses, leaving
+    /// every file untouched, if `dir` already holds any CA file.
+    pub fn init(dir: &Path, trust_domain: &str, opts: InitOptions) -> Result<Self, CaError> {
+        validate_segment("trust domain", trust_domain)?;
+        let now = OffsetDateTime::now_utc();
+        let not_after = add_validity(now, opts.validity)?;
+        let files = CaFiles::in_new_dir(dir)?;
+        let key = KeyPair::generate_for(opts.key_type.algorithm())
+            .map_err(signing("generating CA key"))?;
+        let cert_pem = self_signed_ca_pem(&key, trust_domain, now, not_after)?;
+
+        // Stage everything first, then link into place; ca.pem goes last because its
+        // presence is what marks the directory as an initialised CA.
+        let staged_registry = stage_registry(dir, trust_domain)?;
+        let cleanup_registry = || {
+            let _ = fs::remove_file(&staged_registry);
+        };
+        let staged_key = StagedFile::write(&files.key, key.serialize_pem().as_bytes(), SECRET_MODE)
+            .map_err(io_err("writing CA key", &files.key));
+        let staged_cert = StagedFile::write(&files.cert, cert_pem.as_bytes(), PUBLIC_MODE)
+            .map_err(io_err("writing CA certificate", &files.cert));
+        let (staged_key, staged_cert) = match (staged_key, staged_cert) {
+            (Ok(k), Ok(c)) => (k, c),
+            (Err(e), _) | (_, Err(e)) => {
+                cleanup_registry();
+                return Err(e);
+            }
+        };
+        let mut placed: Vec<&Path> = Vec::new();
+        let result = files.place(&staged_registry, staged_key, staged_cert, &mut placed);
         cleanup_registry();
         if let Err(e) = result {
             // Only remove what this call created; a concurrent init keeps its files.
@@ -587,48 +693,8 @@ impl CertificateAuthority {
         }
         let not_after = add_validity(now, validity)?.min(self.not_after);
 
-        let mut sans = vec![SanType::URI(
-            id.to_uri()
-                .try_into()
-                .map_err(signing("encoding SPIFFE URI"))?,
-        )];
-        for name in dns {
-            if !valid_dns_name(name) {
-                return Err(CaError::InvalidDnsName(name.clone()));
-            }
-            sans.push(SanType::DnsName(
-                name.clone()
-                    .try_into()
-                    .map_err(|_| CaError::InvalidDnsName(name.clone()))?,
-            ));
-        }
-        sans.extend(ips.iter().copied().map(SanType::IpAddress));
-
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "hybridge");
-        match &id {
-            SpiffeId::Node { site, .. } => {
-                dn.push(DnType::OrganizationalUnitName, site.clone());
-            }
-            SpiffeId::Admin { .. } => dn.push(DnType::OrganizationalUnitName, "admin"),
-            SpiffeId::Service { .. } => {}
-        }
-        dn.push(DnType::CommonName, common_name);
-        params.distinguished_name = dn;
-        params.subject_alt_names = sans;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = match id {
-            // An administrator only ever connects to a node; a server EKU would let the
-            // certificate impersonate a TLS server to anything trusting the CA.
-            SpiffeId::Admin { .. } => vec![ExtendedKeyUsagePurpose::ClientAuth],
-            SpiffeId::Node { .. } | SpiffeId::Service { .. } => vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
-        };
-        params.use_authority_key_identifier_extension = true;
+        let sans = leaf_subject_alt_names(&id, dns, ips)?;
+        let mut params = leaf_params(&id, common_name, sans);
         params.not_before = now - BACKDATE;
         params.not_after = not_after;
         let serial = random_serial();

@@ -252,187 +252,23 @@ fn time_text(t: OffsetDateTime) -> String {
 /// Runs a parsed command, printing results to stdout.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Init(args) => {
-            let opts = InitOptions {
-                validity: args.validity,
-                key_type: match args.key_type {
-                    KeyTypeArg::EcdsaP256 => KeyType::EcdsaP256,
-                    KeyTypeArg::Ed25519 => KeyType::Ed25519,
-                },
-            };
-            let ca = CertificateAuthority::init(&args.dir, &args.trust_domain, opts)
-                .with_context(|| format!("initialising CA in {}", args.dir.display()))?;
-            println!(
-                "created CA for trust domain {} in {} (ca.pem, ca.key, ca.redb), valid until {}",
-                ca.trust_domain(),
-                args.dir.display(),
-                time_text(ca.not_after())
-            );
-        }
-        Command::Issue(IssueCommand::Node {
-            dir,
-            site,
-            name,
-            dns,
-            ip,
-            validity,
-            out,
-            json,
-        }) => {
-            let ca = open(&dir)?;
-            let issued = ca
-                .issue_node(&site, &name, &dns, &ip, validity)
-                .context("issuing node certificate")?;
-            report_issued(&issued, &out, json)?;
-        }
-        Command::Issue(IssueCommand::Service {
-            dir,
-            name,
-            dns,
-            validity,
-            out,
-            json,
-        }) => {
-            let ca = open(&dir)?;
-            let issued = ca
-                .issue_service(&name, &dns, validity)
-                .context("issuing service certificate")?;
-            report_issued(&issued, &out, json)?;
-        }
-        Command::Issue(IssueCommand::Admin {
-            dir,
-            name,
-            validity,
-            out,
-            json,
-        }) => {
-            let ca = open(&dir)?;
-            let issued = ca
-                .issue_admin(&name, validity)
-                .context("issuing administrator certificate")?;
-            report_issued(&issued, &out, json)?;
-        }
-        Command::List { dir, json } => {
-            let ca = open(&dir)?;
-            let records = ca.list().context("listing certificates")?;
-            if json {
-                let rows: Vec<_> = records.iter().map(record_json).collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                println!(
-                    "{:<32}  {:<7}  {:<7}  {:<25}  SPIFFE ID",
-                    "SERIAL", "KIND", "STATUS", "NOT AFTER"
-                );
-                for r in &records {
-                    println!(
-                        "{:<32}  {:<7}  {:<7}  {:<25}  {}",
-                        r.serial_hex,
-                        r.kind.as_str(),
-                        r.status().as_str(),
-                        time_text(r.not_after),
-                        r.spiffe_id
-                    );
-                }
-            }
-        }
-        Command::Revoke(args) => {
-            let ca = open(&args.dir)?;
-            let (count, what) = match (&args.serial, &args.spiffe) {
-                (Some(serial), _) => {
-                    ca.revoke_serial(serial, args.reason)
-                        .with_context(|| format!("revoking serial {serial}"))?;
-                    (1, serial.clone())
-                }
-                (None, Some(uri)) => {
-                    let id = SpiffeId::parse(uri).context("--spiffe")?;
-                    let n = ca
-                        .revoke_spiffe(&id, args.reason)
-                        .with_context(|| format!("revoking {id}"))?;
-                    if n == 0 {
-                        bail!(
-                            "revoking {id}: no still-valid certificate for it in {}",
-                            args.dir.display()
-                        );
-                    }
-                    (n, id.to_string())
-                }
-                (None, None) => bail!("give a SERIAL or --spiffe ID"),
-            };
-            if args.json {
-                let doc = serde_json::json!({
-                    "serial": args.serial,
-                    "spiffe_id": args.spiffe,
-                    "revoked": count,
-                    "reason": args.reason.as_str(),
-                });
-                println!("{}", serde_json::to_string_pretty(&doc)?);
-            } else {
-                if args.serial.is_some() {
-                    println!("revoked {what} ({})", args.reason);
-                } else {
-                    println!("revoked {count} certificate(s) of {what} ({})", args.reason);
-                }
-                println!("run `hybridge-ca crl` and distribute the CRL so nodes reject it");
-            }
-        }
+        Command::Init(args) => init(&args),
+        Command::Issue(command) => issue(command),
+        Command::List { dir, json } => list(&dir, json),
+        Command::Revoke(args) => revoke(&args),
         Command::Crl {
             dir,
             out,
             next_update,
-        } => {
-            let ca = open(&dir)?;
-            let pem = ca
-                .crl_pem_valid_for(next_update)
-                .context("generating CRL")?;
-            files::write_atomic(&out, pem.as_bytes(), PUBLIC_MODE)
-                .with_context(|| format!("writing CRL {}", out.display()))?;
-            let revoked = ca.list()?.iter().filter(|r| r.revocation.is_some()).count();
-            println!(
-                "wrote CRL with {revoked} revoked certificate(s) to {}",
-                out.display()
-            );
-        }
-        Command::Inspect { file, dir, json } => {
-            let bytes = std::fs::read(&file)
-                .with_context(|| format!("reading certificate {}", file.display()))?;
-            let summary = inspect::summarize(&bytes)
-                .with_context(|| format!("inspecting {}", file.display()))?;
-            let status = match dir {
-                Some(dir) => {
-                    let ca = open(&dir)?;
-                    Some(match ca.find_serial(&summary.serial_hex)? {
-                        None => ("not issued by this CA".to_string(), None),
-                        Some(IssuedRecord {
-                            revocation: Some(rev),
-                            ..
-                        }) => (
-                            "revoked".to_string(),
-                            Some(format!("REVOKED at {} ({})", time_text(rev.at), rev.reason)),
-                        ),
-                        Some(record) => (record.status().as_str().to_string(), None),
-                    })
-                }
-                None => None,
-            };
-            if json {
-                let mut doc = summary_json(&summary);
-                if let Some((status, _)) = &status {
-                    doc["status"] = serde_json::Value::from(status.as_str());
-                }
-                println!("{}", serde_json::to_string_pretty(&doc)?);
-            } else {
-                println!("{summary}");
-                if let Some((status, revoked)) = status {
-                    println!("status:      {}", revoked.unwrap_or(status));
-                }
-            }
-        }
+        } => crl(&dir, &out, next_update),
+        Command::Inspect { file, dir, json } => inspect_file(&file, dir.as_deref(), json),
         Command::Completions { shell } => {
             crate::command_line::write_completion(
                 <Cli as clap::CommandFactory>::command(),
                 shell,
                 &mut std::io::stdout(),
             );
+            Ok(())
         }
         Command::Man { dir } => {
             let pages = crate::command_line::write_man_pages(
@@ -441,9 +277,207 @@ pub fn run(cli: Cli) -> Result<()> {
             )
             .with_context(|| format!("writing man pages into {}", dir.display()))?;
             println!("wrote {} man page(s) into {}", pages.len(), dir.display());
+            Ok(())
+        }
+    }
+}
+
+/// `hybridge-ca init`: creates the CA and says where and until when it is valid.
+fn init(args: &InitArgs) -> Result<()> {
+    let opts = InitOptions {
+        validity: args.validity,
+        key_type: match args.key_type {
+            KeyTypeArg::EcdsaP256 => KeyType::EcdsaP256,
+            KeyTypeArg::Ed25519 => KeyType::Ed25519,
+        },
+    };
+    let ca = CertificateAuthority::init(&args.dir, &args.trust_domain, opts)
+        .with_context(|| format!("initialising CA in {}", args.dir.display()))?;
+    println!(
+        "created CA for trust domain {} in {} (ca.pem, ca.key, ca.redb), valid until {}",
+        ca.trust_domain(),
+        args.dir.display(),
+        time_text(ca.not_after())
+    );
+    Ok(())
+}
+
+/// `hybridge-ca issue node|service|admin`: issues the certificate, writes it and its key, and
+/// reports it.
+fn issue(command: IssueCommand) -> Result<()> {
+    match command {
+        IssueCommand::Node {
+            dir,
+            site,
+            name,
+            dns,
+            ip,
+            validity,
+            out,
+            json,
+        } => {
+            let ca = open(&dir)?;
+            let issued = ca
+                .issue_node(&site, &name, &dns, &ip, validity)
+                .context("issuing node certificate")?;
+            report_issued(&issued, &out, json)
+        }
+        IssueCommand::Service {
+            dir,
+            name,
+            dns,
+            validity,
+            out,
+            json,
+        } => {
+            let ca = open(&dir)?;
+            let issued = ca
+                .issue_service(&name, &dns, validity)
+                .context("issuing service certificate")?;
+            report_issued(&issued, &out, json)
+        }
+        IssueCommand::Admin {
+            dir,
+            name,
+            validity,
+            out,
+            json,
+        } => {
+            let ca = open(&dir)?;
+            let issued = ca
+                .issue_admin(&name, validity)
+                .context("issuing administrator certificate")?;
+            report_issued(&issued, &out, json)
+        }
+    }
+}
+
+/// `hybridge-ca list`: every issued certificate, as a table or as JSON.
+fn list(dir: &Path, json: bool) -> Result<()> {
+    let ca = open(dir)?;
+    let records = ca.list().context("listing certificates")?;
+    if json {
+        let rows: Vec<_> = records.iter().map(record_json).collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{:<32}  {:<7}  {:<7}  {:<25}  SPIFFE ID",
+            "SERIAL", "KIND", "STATUS", "NOT AFTER"
+        );
+        for r in &records {
+            println!(
+                "{:<32}  {:<7}  {:<7}  {:<25}  {}",
+                r.serial_hex,
+                r.kind.as_str(),
+                r.status().as_str(),
+                time_text(r.not_after),
+                r.spiffe_id
+            );
         }
     }
     Ok(())
+}
+
+/// `hybridge-ca revoke`: revokes one serial, or every still-valid certificate of a SPIFFE id
+/// (refusing when there is none), and reminds the operator to publish a CRL.
+fn revoke(args: &RevokeArgs) -> Result<()> {
+    let ca = open(&args.dir)?;
+    let (count, what) = match (&args.serial, &args.spiffe) {
+        (Some(serial), _) => {
+            ca.revoke_serial(serial, args.reason)
+                .with_context(|| format!("revoking serial {serial}"))?;
+            (1, serial.clone())
+        }
+        (None, Some(uri)) => {
+            let id = SpiffeId::parse(uri).context("--spiffe")?;
+            let n = ca
+                .revoke_spiffe(&id, args.reason)
+                .with_context(|| format!("revoking {id}"))?;
+            if n == 0 {
+                bail!(
+                    "revoking {id}: no still-valid certificate for it in {}",
+                    args.dir.display()
+                );
+            }
+            (n, id.to_string())
+        }
+        (None, None) => bail!("give a SERIAL or --spiffe ID"),
+    };
+    if args.json {
+        let doc = serde_json::json!({
+            "serial": args.serial,
+            "spiffe_id": args.spiffe,
+            "revoked": count,
+            "reason": args.reason.as_str(),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        if args.serial.is_some() {
+            println!("revoked {what} ({})", args.reason);
+        } else {
+            println!("revoked {count} certificate(s) of {what} ({})", args.reason);
+        }
+        println!("run `hybridge-ca crl` and distribute the CRL so nodes reject it");
+    }
+    Ok(())
+}
+
+/// `hybridge-ca crl`: writes a CRL current for `next_update` to `out`.
+fn crl(dir: &Path, out: &Path, next_update: Duration) -> Result<()> {
+    let ca = open(dir)?;
+    let pem = ca
+        .crl_pem_valid_for(next_update)
+        .context("generating CRL")?;
+    files::write_atomic(out, pem.as_bytes(), PUBLIC_MODE)
+        .with_context(|| format!("writing CRL {}", out.display()))?;
+    let revoked = ca.list()?.iter().filter(|r| r.revocation.is_some()).count();
+    println!(
+        "wrote CRL with {revoked} revoked certificate(s) to {}",
+        out.display()
+    );
+    Ok(())
+}
+
+/// `hybridge-ca inspect`: the certificate's summary and, with a CA directory, its status there.
+fn inspect_file(file: &Path, dir: Option<&Path>, json: bool) -> Result<()> {
+    let bytes =
+        std::fs::read(file).with_context(|| format!("reading certificate {}", file.display()))?;
+    let summary =
+        inspect::summarize(&bytes).with_context(|| format!("inspecting {}", file.display()))?;
+    let status = match dir {
+        Some(dir) => Some(status_in(dir, &summary.serial_hex)?),
+        None => None,
+    };
+    if json {
+        let mut doc = summary_json(&summary);
+        if let Some((status, _)) = &status {
+            doc["status"] = serde_json::Value::from(status.as_str());
+        }
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!("{summary}");
+        if let Some((status, revoked)) = status {
+            println!("status:      {}", revoked.unwrap_or(status));
+        }
+    }
+    Ok(())
+}
+
+/// The status of the certificate `serial_hex` in the CA at `dir` (`not issued by this CA`
+/// when it did not issue it), and for a revoked one the line saying when and why.
+fn status_in(dir: &Path, serial_hex: &str) -> Result<(String, Option<String>)> {
+    let ca = open(dir)?;
+    Ok(match ca.find_serial(serial_hex)? {
+        None => ("not issued by this CA".to_string(), None),
+        Some(IssuedRecord {
+            revocation: Some(rev),
+            ..
+        }) => (
+            "revoked".to_string(),
+            Some(format!("REVOKED at {} ({})", time_text(rev.at), rev.reason)),
+        ),
+        Some(record) => (record.status().as_str().to_string(), None),
+    })
 }
 
 fn report_issued(

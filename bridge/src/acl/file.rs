@@ -96,27 +96,63 @@ struct RawRule {
 /// Parses and checks an ACL file. `path` is only used in messages. On any error nothing is
 /// returned, so callers change nothing.
 pub fn parse_acl_file(path: &Path, text: &str) -> Result<PolicySpec, AclFileError> {
-    let file = path.display().to_string();
-    let error_at = |offset: usize,
-                    table: Option<TablePosition>,
-                    field: Option<&str>,
-                    message: String| AclFileError {
-        file: file.clone(),
-        line: line_of(text, offset),
-        table,
-        field: field.map(str::to_string),
-        message,
+    let source = Source {
+        file: path.display().to_string(),
+        text,
     };
     let raw: RawFile = toml::from_str(text).map_err(|e| {
         let offset = e.span().map_or(0, |s| s.start);
         let table = table_at(text, offset);
-        error_at(offset, table, None, e.message().trim().to_string())
+        source.error_at(offset, table, None, e.message().trim().to_string())
     })?;
+    let rules = source.rules(raw.rule)?;
+    let exports = source.exports(raw.export)?;
+    Ok(PolicySpec { rules, exports })
+}
 
-    let mut specs = Vec::with_capacity(raw.rule.len());
-    let mut ids: HashMap<String, usize> = HashMap::new();
-    for (i, spanned) in raw.rule.into_iter().enumerate() {
-        let n = i + 1;
+/// The ACL file being parsed, as its errors name it (`file`) and locate them (`text`).
+struct Source<'a> {
+    file: String,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    /// An error at byte `offset` of the file, in `table` and about `field` when known.
+    fn error_at(
+        &self,
+        offset: usize,
+        table: Option<TablePosition>,
+        field: Option<&str>,
+        message: String,
+    ) -> AclFileError {
+        AclFileError {
+            file: self.file.clone(),
+            line: line_of(self.text, offset),
+            table,
+            field: field.map(str::to_string),
+            message,
+        }
+    }
+
+    /// Every `[[rule]]` checked through [`Self::rule`], in file order; an `id` may be used
+    /// by one rule only.
+    fn rules(&self, raw: Vec<Spanned<RawRule>>) -> Result<Vec<RuleSpec>, AclFileError> {
+        let mut specs = Vec::with_capacity(raw.len());
+        let mut ids: HashMap<String, usize> = HashMap::new();
+        for (i, spanned) in raw.into_iter().enumerate() {
+            specs.push(self.rule(i + 1, spanned, &mut ids)?);
+        }
+        Ok(specs)
+    }
+
+    /// Rule `n` (1-based) as a checked `RuleSpec`, its id (if any) recorded in `ids`; an error
+    /// points at the field it is about, else at the table.
+    fn rule(
+        &self,
+        n: usize,
+        spanned: Spanned<RawRule>,
+        ids: &mut HashMap<String, usize>,
+    ) -> Result<RuleSpec, AclFileError> {
         let at = Some(TablePosition {
             kind: "rule",
             index: n,
@@ -138,7 +174,7 @@ pub fn parse_acl_file(path: &Path, text: &str) -> Result<PolicySpec, AclFileErro
             .unwrap_or_else(|| table_span.clone())
         };
         let action = Action::parse(raw.action.get_ref()).ok_or_else(|| {
-            error_at(
+            self.error_at(
                 field_span("action").start,
                 at,
                 Some("action"),
@@ -148,75 +184,83 @@ pub fn parse_acl_file(path: &Path, text: &str) -> Result<PolicySpec, AclFileErro
                 ),
             )
         })?;
-        let spec = RuleSpec {
-            id: raw.id.as_ref().map(|s| s.get_ref().clone()),
-            source: raw.source.get_ref().clone(),
-            source_site: raw.source_site.as_ref().map(|s| match s.get_ref() {
-                OneOrMany::One(name) => vec![name.clone()],
-                OneOrMany::Many(names) => names.clone(),
-            }),
-            destination: raw.destination.get_ref().clone(),
-            action,
-            methods: raw.methods.as_ref().map(|s| s.get_ref().clone()),
-            path_prefix: raw.path_prefix.as_ref().map(|s| s.get_ref().clone()),
-            description: raw.description.as_ref().map(|s| s.get_ref().clone()),
-        };
-        let spec = spec
+        let spec = rule_spec(&raw, action)
             .validate()
-            .map_err(|e| error_at(field_span(e.field).start, at, Some(e.field), e.message))?;
+            .map_err(|e| self.error_at(field_span(e.field).start, at, Some(e.field), e.message))?;
         if let Some(id) = &spec.id
             && let Some(first) = ids.insert(id.clone(), n)
         {
-            return Err(error_at(
+            return Err(self.error_at(
                 field_span("id").start,
                 at,
                 Some("id"),
                 format!("duplicate id {id:?} (first used by rule {first})"),
             ));
         }
-        specs.push(spec);
+        Ok(spec)
     }
 
-    let mut exports = Vec::with_capacity(raw.export.len());
-    let mut services: HashMap<String, usize> = HashMap::new();
-    for (i, spanned) in raw.export.into_iter().enumerate() {
-        let n = i + 1;
-        let at = Some(TablePosition {
-            kind: "export",
-            index: n,
-        });
-        let raw = spanned.into_inner();
-        let spans = [("service", raw.service.span()), ("sites", raw.sites.span())];
-        let field_start = |field: &str| {
-            spans
-                .iter()
-                .find(|(name, _)| *name == field)
-                .map_or(0, |(_, span)| span.start)
-        };
-        let declaration = ExportDeclaration {
-            service: raw.service.get_ref().clone(),
-            sites: raw.sites.into_inner().into_vec(),
-            description: raw.description.map(Spanned::into_inner).unwrap_or_default(),
+    /// Every `[[export]]` checked as an `ExportDeclaration`, in file order; a service may be
+    /// declared by one export only.
+    fn exports(
+        &self,
+        raw: Vec<Spanned<RawExport>>,
+    ) -> Result<Vec<ExportDeclaration>, AclFileError> {
+        let mut exports = Vec::with_capacity(raw.len());
+        let mut services: HashMap<String, usize> = HashMap::new();
+        for (i, spanned) in raw.into_iter().enumerate() {
+            let n = i + 1;
+            let at = Some(TablePosition {
+                kind: "export",
+                index: n,
+            });
+            let raw = spanned.into_inner();
+            let spans = [("service", raw.service.span()), ("sites", raw.sites.span())];
+            let field_start = |field: &str| {
+                spans
+                    .iter()
+                    .find(|(name, _)| *name == field)
+                    .map_or(0, |(_, span)| span.start)
+            };
+            let declaration = ExportDeclaration {
+                service: raw.service.get_ref().clone(),
+                sites: raw.sites.into_inner().into_vec(),
+                description: raw.description.map(Spanned::into_inner).unwrap_or_default(),
+            }
+            .validate()
+            .map_err(|e| self.error_at(field_start(e.field), at, Some(e.field), e.message))?;
+            if let Some(first) = services.insert(declaration.service.clone(), n) {
+                return Err(self.error_at(
+                    field_start("service"),
+                    at,
+                    Some("service"),
+                    format!(
+                        "service {:?} is already declared by export {first}",
+                        declaration.service
+                    ),
+                ));
+            }
+            exports.push(declaration);
         }
-        .validate()
-        .map_err(|e| error_at(field_start(e.field), at, Some(e.field), e.message))?;
-        if let Some(first) = services.insert(declaration.service.clone(), n) {
-            return Err(error_at(
-                field_start("service"),
-                at,
-                Some("service"),
-                format!(
-                    "service {:?} is already declared by export {first}",
-                    declaration.service
-                ),
-            ));
-        }
-        exports.push(declaration);
+        Ok(exports)
     }
-    Ok(PolicySpec {
-        rules: specs,
-        exports,
-    })
+}
+
+/// The rule as written, with its parsed `action`; not yet validated.
+fn rule_spec(raw: &RawRule, action: Action) -> RuleSpec {
+    RuleSpec {
+        id: raw.id.as_ref().map(|s| s.get_ref().clone()),
+        source: raw.source.get_ref().clone(),
+        source_site: raw.source_site.as_ref().map(|s| match s.get_ref() {
+            OneOrMany::One(name) => vec![name.clone()],
+            OneOrMany::Many(names) => names.clone(),
+        }),
+        destination: raw.destination.get_ref().clone(),
+        action,
+        methods: raw.methods.as_ref().map(|s| s.get_ref().clone()),
+        path_prefix: raw.path_prefix.as_ref().map(|s| s.get_ref().clone()),
+        description: raw.description.as_ref().map(|s| s.get_ref().clone()),
+    }
 }
 
 /// 1-based line holding byte `offset`.

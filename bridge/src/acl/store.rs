@@ -334,18 +334,7 @@ impl AclStore {
         actor: &str,
         dry_run: bool,
     ) -> Result<ApplyDiff, AclError> {
-        let mut seen = HashSet::new();
-        for rule in &desired {
-            if !seen.insert(rule.id.as_str()) {
-                return Err(AclError::DuplicateId(rule.id.clone()));
-            }
-        }
-        let mut seen = HashSet::new();
-        for declaration in &desired_exports {
-            if !seen.insert(declaration.service.as_str()) {
-                return Err(AclError::DuplicateExport(declaration.service.clone()));
-            }
-        }
+        check_unique(&desired, &desired_exports)?;
         let txn = self.db.begin_write()?;
         let diff = {
             let version_before = txn
@@ -354,39 +343,19 @@ impl AclStore {
                 .map_or(0, |v| v.value());
             let mut rules = txn.open_table(RULES)?;
             let mut exports = txn.open_table(EXPORTS)?;
-            let mut current = read_rules(&rules)?;
-            let mut current_exports = read_exports(&exports)?;
+            let current = read_rules(&rules)?;
+            let current_exports = read_exports(&exports)?;
             let mut diff = ApplyDiff {
                 dry_run,
                 added: Vec::new(),
                 removed: Vec::new(),
                 changed: Vec::new(),
-                exports: ExportsDiff::default(),
+                exports: exports_diff(current_exports, desired_exports),
                 version_before,
                 version_after: version_before,
                 warnings: Vec::new(),
             };
-            for rule in desired {
-                match current.remove(&rule.id) {
-                    None => diff.added.push(rule),
-                    Some(old) if old != rule => diff.changed.push(RuleChange { old, new: rule }),
-                    Some(_) => {}
-                }
-            }
-            diff.removed = current.into_values().collect();
-            diff.added.sort_by(|a, b| a.id.cmp(&b.id));
-            for declaration in desired_exports {
-                match current_exports.remove(&declaration.service) {
-                    None => diff.exports.added.push(declaration),
-                    Some(old) if old != declaration => diff.exports.changed.push(ExportChange {
-                        old,
-                        new: declaration,
-                    }),
-                    Some(_) => {}
-                }
-            }
-            diff.exports.removed = current_exports.into_values().collect();
-            diff.exports.added.sort_by(|a, b| a.service.cmp(&b.service));
+            diff_rules(&mut diff, current, desired);
             if diff.is_empty() || dry_run {
                 drop(rules);
                 drop(exports);
@@ -394,24 +363,7 @@ impl AclStore {
                 return Ok(diff);
             }
             let version = bump_version(&txn)?;
-            for rule in &diff.added {
-                rules.insert(rule.id.as_str(), to_json(rule)?.as_str())?;
-            }
-            for change in &diff.changed {
-                rules.insert(change.new.id.as_str(), to_json(&change.new)?.as_str())?;
-            }
-            for declaration in &diff.exports.added {
-                exports.insert(declaration.service.as_str(), to_json(declaration)?.as_str())?;
-            }
-            for change in &diff.exports.changed {
-                exports.insert(change.new.service.as_str(), to_json(&change.new)?.as_str())?;
-            }
-            for declaration in &diff.exports.removed {
-                exports.remove(declaration.service.as_str())?;
-            }
-            for rule in &diff.removed {
-                rules.remove(rule.id.as_str())?;
-            }
+            write_changes(&mut rules, &mut exports, &diff)?;
             append_audit(
                 &txn,
                 AuditRecord {
@@ -488,6 +440,86 @@ pub fn resolve_ids(specs: Vec<RuleSpec>) -> Result<Vec<Rule>, AclError> {
         out.push(Rule::from_valid_spec(spec, id));
     }
     Ok(out)
+}
+
+/// Refuses a desired policy that uses a rule id twice or declares a service twice.
+fn check_unique(rules: &[Rule], exports: &[ExportDeclaration]) -> Result<(), AclError> {
+    let mut seen = HashSet::new();
+    for rule in rules {
+        if !seen.insert(rule.id.as_str()) {
+            return Err(AclError::DuplicateId(rule.id.clone()));
+        }
+    }
+    let mut seen = HashSet::new();
+    for declaration in exports {
+        if !seen.insert(declaration.service.as_str()) {
+            return Err(AclError::DuplicateExport(declaration.service.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Fills the rule half of `diff`: rules of `desired` not in `current` (sorted by id), rules
+/// of `current` not in `desired` (in id order), and rules whose content changed.
+fn diff_rules(diff: &mut ApplyDiff, mut current: BTreeMap<String, Rule>, desired: Vec<Rule>) {
+    for rule in desired {
+        match current.remove(&rule.id) {
+            None => diff.added.push(rule),
+            Some(old) if old != rule => diff.changed.push(RuleChange { old, new: rule }),
+            Some(_) => {}
+        }
+    }
+    diff.removed = current.into_values().collect();
+    diff.added.sort_by(|a, b| a.id.cmp(&b.id));
+}
+
+/// The export declarations to add (sorted by service), remove (in service order) and change
+/// to go from `current` to `desired`.
+fn exports_diff(
+    mut current: BTreeMap<String, ExportDeclaration>,
+    desired: Vec<ExportDeclaration>,
+) -> ExportsDiff {
+    let mut diff = ExportsDiff::default();
+    for declaration in desired {
+        match current.remove(&declaration.service) {
+            None => diff.added.push(declaration),
+            Some(old) if old != declaration => diff.changed.push(ExportChange {
+                old,
+                new: declaration,
+            }),
+            Some(_) => {}
+        }
+    }
+    diff.removed = current.into_values().collect();
+    diff.added.sort_by(|a, b| a.service.cmp(&b.service));
+    diff
+}
+
+/// Writes `diff` into the rule and export tables of an open write transaction.
+fn write_changes(
+    rules: &mut redb::Table<&str, &str>,
+    exports: &mut redb::Table<&str, &str>,
+    diff: &ApplyDiff,
+) -> Result<(), AclError> {
+    for rule in &diff.added {
+        rules.insert(rule.id.as_str(), to_json(rule)?.as_str())?;
+    }
+    for change in &diff.changed {
+        rules.insert(change.new.id.as_str(), to_json(&change.new)?.as_str())?;
+    }
+    for declaration in &diff.exports.added {
+        exports.insert(declaration.service.as_str(), to_json(declaration)?.as_str())?;
+    }
+    for change in &diff.exports.changed {
+        exports.insert(change.new.service.as_str(), to_json(&change.new)?.as_str())?;
+    }
+    for declaration in &diff.exports.removed {
+        exports.remove(declaration.service.as_str())?;
+    }
+    for rule in &diff.removed {
+        rules.remove(rule.id.as_str())?;
+    }
+    Ok(())
 }
 
 fn read_rules(

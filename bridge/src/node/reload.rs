@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
+use hybridge_ca::tls::TlsMaterial;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -19,7 +20,7 @@ use super::{
     import_tls_config, listener_settings, load_tls, peer_client_config,
 };
 use crate::config::Config;
-use crate::http::import::ListenerSpec;
+use crate::http::import::{ListenerSettings, ListenerSpec};
 use crate::trust::Trust;
 use crate::tunnel::control::ControlMessage;
 use crate::tunnel::quic::{self, TransportTuning};
@@ -150,90 +151,44 @@ impl Reloadable {
 
     /// Re-reads and applies; on any error nothing has been swapped.
     async fn apply(&self) -> anyhow::Result<ReloadReport> {
-        let state = &self.state;
-        let running = state.config.load_full();
+        let running = self.state.config.load_full();
         let path = running.source.clone();
         let new = Config::load(&path)?;
         let plan = crate::config::reload::diff(&running, &new);
         // From here on, the configuration this node will run with: the new one, with every
         // field that needs a restart at its running value.
-        let config = plan.in_force;
-        let identity_kept = plan
-            .needs_restart
-            .iter()
-            .any(|field| ["node.name", "node.site", "node.trust_domain"].contains(&field.as_str()));
-        let material = load_tls(&config).map_err(|e| {
-            if identity_kept {
-                e.context("the node keeps its running identity until a restart (node.name, node.site and node.trust_domain need one), so its certificate must still name it")
-            } else {
-                e
-            }
-        })?;
-        let trust_domain = &config.node.trust_domain;
+        let prepared = self
+            .prepare(&running, plan.in_force, &plan.needs_restart)
+            .await?;
+        let upstreams_restarted = prepared.upstreams_restarted.clone();
+        let summary = self.swap(prepared, &running);
+        Ok(ReloadReport {
+            config: path.display().to_string(),
+            applied: plan.applied,
+            needs_restart: plan.needs_restart,
+            upstreams_restarted,
+            summary,
+        })
+    }
 
-        // Build everything first; swap only when all of it succeeded.
-        let server = match config.tunnel.listen {
-            Some(_) => Some(quic::server_config(
-                &material,
-                hybridge_ca::tls::PeerExpectation::NodeOfSites {
-                    trust_domain: trust_domain.clone(),
-                    sites: config.tunnel.allowed_sites.clone(),
-                },
-                &self.tuning,
-            )?),
-            None => None,
-        };
-        let tcp_server = match &self.tunnel_tcp_server {
-            Some(_) => Some(crate::tunnel::tcp::server_config(
-                &material,
-                hybridge_ca::tls::PeerExpectation::NodeOfSites {
-                    trust_domain: trust_domain.clone(),
-                    sites: config.tunnel.allowed_sites.clone(),
-                },
-            )?),
-            None => None,
-        };
-        let mut clients = Vec::new();
-        for (peer, (address, slot)) in config.peers.iter().zip(&self.peer_clients) {
-            anyhow::ensure!(
-                &peer.address == address,
-                "internal: peer {address} is dialled but the configuration in force has {}",
-                peer.address
-            );
-            clients.push((
-                slot,
-                peer_client_config(&material, trust_domain, peer, &self.tuning)?,
-            ));
-        }
+    /// Builds everything `config` needs from freshly read TLS material, starting the
+    /// upstreams of added or changed exports; swaps nothing, so an error leaves the running
+    /// node as it was.
+    async fn prepare<'a>(
+        &'a self,
+        running: &Config,
+        config: Config,
+        needs_restart: &[String],
+    ) -> anyhow::Result<Prepared<'a>> {
+        let material = load_tls_for_reload(&config, needs_restart)?;
+        let trust_domain = &config.node.trust_domain;
+        let (server, tcp_server) = self.tunnel_servers(&material, &config)?;
+        let clients = self.peer_client_configs(&material, &config)?;
         let admin_remote_tls = match &self.admin_remote_tls {
             Some(slot) => Some((slot, admin_remote_tls(&material, &config)?)),
             None => None,
         };
-        let current = state.export.services.load_full();
-        let mut services = HashMap::new();
-        let mut upstreams_restarted = Vec::new();
-        for export in &config.exports {
-            let unchanged = running
-                .exports
-                .iter()
-                .any(|e| e.name == export.name && e.upstream == export.upstream);
-            match current.get(&export.name) {
-                Some(upstream) if unchanged => {
-                    services.insert(export.name.clone(), upstream.clone());
-                }
-                _ => {
-                    let upstream = Upstream::start(
-                        &export.name,
-                        &export.upstream,
-                        self.stop_rest.child_token(),
-                    )
-                    .await
-                    .with_context(|| format!("{}: export `{}`", path.display(), export.name))?;
-                    upstreams_restarted.push(export.name.clone());
-                    services.insert(export.name.clone(), upstream);
-                }
-            }
-        }
+        let (services, upstreams_restarted) = self.services(running, &config).await?;
         let trust = Trust::new(
             &material,
             trust_domain,
@@ -256,8 +211,120 @@ impl Reloadable {
             self.listener_specs.len(),
             settings.len()
         );
+        Ok(Prepared {
+            config,
+            server,
+            tcp_server,
+            clients,
+            admin_remote_tls,
+            services,
+            upstreams_restarted,
+            trust,
+            import_tls,
+            settings,
+        })
+    }
 
-        // Swap.
+    /// The tunnel listeners' new server configs, for the QUIC listener when `tunnel.listen` is
+    /// set and for the TLS/TCP listener when one runs; both admit `tunnel.allowed_sites`.
+    fn tunnel_servers(
+        &self,
+        material: &TlsMaterial,
+        config: &Config,
+    ) -> anyhow::Result<(
+        Option<quinn::ServerConfig>,
+        Option<Arc<rustls::ServerConfig>>,
+    )> {
+        let expectation = || hybridge_ca::tls::PeerExpectation::NodeOfSites {
+            trust_domain: config.node.trust_domain.clone(),
+            sites: config.tunnel.allowed_sites.clone(),
+        };
+        let server = match config.tunnel.listen {
+            Some(_) => Some(quic::server_config(material, expectation(), &self.tuning)?),
+            None => None,
+        };
+        let tcp_server = match &self.tunnel_tcp_server {
+            Some(_) => Some(crate::tunnel::tcp::server_config(material, expectation())?),
+            None => None,
+        };
+        Ok((server, tcp_server))
+    }
+
+    /// A new dialing config for every peer, paired with the slot its dialer reads; the peers
+    /// in force are the running ones (`peer` needs a restart), in the same order.
+    fn peer_client_configs(
+        &self,
+        material: &TlsMaterial,
+        config: &Config,
+    ) -> anyhow::Result<Vec<(&Slot<quic::DialConfig>, quic::DialConfig)>> {
+        let mut clients = Vec::new();
+        for (peer, (address, slot)) in config.peers.iter().zip(&self.peer_clients) {
+            anyhow::ensure!(
+                &peer.address == address,
+                "internal: peer {address} is dialled but the configuration in force has {}",
+                peer.address
+            );
+            clients.push((
+                slot,
+                peer_client_config(material, &config.node.trust_domain, peer, &self.tuning)?,
+            ));
+        }
+        Ok(clients)
+    }
+
+    /// The upstream of every export in `config` by name (the running one when the export is
+    /// unchanged from `running`, else one started anew), and the names of those started anew.
+    async fn services(
+        &self,
+        running: &Config,
+        config: &Config,
+    ) -> anyhow::Result<(HashMap<String, Arc<Upstream>>, Vec<String>)> {
+        let current = self.state.export.services.load_full();
+        let mut services = HashMap::new();
+        let mut upstreams_restarted = Vec::new();
+        for export in &config.exports {
+            let unchanged = running
+                .exports
+                .iter()
+                .any(|e| e.name == export.name && e.upstream == export.upstream);
+            match current.get(&export.name) {
+                Some(upstream) if unchanged => {
+                    services.insert(export.name.clone(), upstream.clone());
+                }
+                _ => {
+                    let upstream = Upstream::start(
+                        &export.name,
+                        &export.upstream,
+                        self.stop_rest.child_token(),
+                    )
+                    .await
+                    .with_context(|| {
+                        format!("{}: export `{}`", running.source.display(), export.name)
+                    })?;
+                    upstreams_restarted.push(export.name.clone());
+                    services.insert(export.name.clone(), upstream);
+                }
+            }
+        }
+        Ok((services, upstreams_restarted))
+    }
+
+    /// Puts everything `prepared` holds in force, then announces the node to its peers;
+    /// returns the one-line summary of the report.
+    fn swap(&self, prepared: Prepared<'_>, running: &Config) -> String {
+        let state = &self.state;
+        let Prepared {
+            config,
+            server,
+            tcp_server,
+            clients,
+            admin_remote_tls,
+            services,
+            upstreams_restarted,
+            trust,
+            import_tls,
+            settings,
+        } = prepared;
         if let Some(server) = server {
             for endpoint in &self.endpoints {
                 endpoint.set_server_config(Some(server.clone()));
@@ -305,7 +372,7 @@ impl Reloadable {
         state
             .peers
             .broadcast(&ControlMessage::update(state.announcement()));
-        let summary = format!(
+        format!(
             "certificates, CA bundle and CRL re-read and in force on every listener and live connection; {export_count} export(s), {} upstream(s) started anew{}",
             upstreams_restarted.len(),
             if exports_changed {
@@ -313,13 +380,48 @@ impl Reloadable {
             } else {
                 ""
             }
-        );
-        Ok(ReloadReport {
-            config: path.display().to_string(),
-            applied: plan.applied,
-            needs_restart: plan.needs_restart,
-            upstreams_restarted,
-            summary,
-        })
+        )
     }
+}
+
+/// A config running tasks read at each use; a reload stores a new one in it.
+type Slot<T> = Arc<ArcSwap<T>>;
+
+/// Everything a reload builds before it swaps anything, each new piece beside the slot it
+/// replaces where the slot is one of several.
+struct Prepared<'a> {
+    /// The configuration in force after the swap.
+    config: Config,
+    /// The QUIC tunnel listener's config, when the node listens.
+    server: Option<quinn::ServerConfig>,
+    /// The TLS/TCP tunnel listener's config, when that listener runs.
+    tcp_server: Option<Arc<rustls::ServerConfig>>,
+    /// Each peer's dialing config and the slot it goes into.
+    clients: Vec<(&'a Slot<quic::DialConfig>, quic::DialConfig)>,
+    /// The remote admin listener's TLS config and its slot, when that listener runs.
+    admin_remote_tls: Option<(&'a Slot<rustls::ServerConfig>, rustls::ServerConfig)>,
+    /// The upstream of every export.
+    services: HashMap<String, Arc<Upstream>>,
+    /// Exports whose upstream was started anew.
+    upstreams_restarted: Vec<String>,
+    trust: Trust,
+    /// The mTLS config of import and gateway listeners, when any of them uses mTLS.
+    import_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Import listeners', then the gateway's settings, in `listener_specs` order.
+    settings: Vec<ListenerSettings>,
+}
+
+/// The node's TLS material as `config` names it. When a changed node identity waits for a
+/// restart, an error says that the certificate must still name the running identity.
+fn load_tls_for_reload(config: &Config, needs_restart: &[String]) -> anyhow::Result<TlsMaterial> {
+    let identity_kept = needs_restart
+        .iter()
+        .any(|field| ["node.name", "node.site", "node.trust_domain"].contains(&field.as_str()));
+    load_tls(config).map_err(|e| {
+        if identity_kept {
+            e.context("the node keeps its running identity until a restart (node.name, node.site and node.trust_domain need one), so its certificate must still name it")
+        } else {
+            e
+        }
+    })
 }

@@ -290,11 +290,17 @@ impl UpstreamSettings {
     /// Checks everything that can be checked without I/O. `service` only names the
     /// service in messages. DNS resolution happens in `Upstream::start`.
     pub fn validate(&self, service: &str) -> Result<(), UpstreamConfigError> {
-        let invalid = |field: &'static str, reason: &str| UpstreamConfigError::InvalidSetting {
-            service: service.to_owned(),
-            field,
-            reason: reason.to_owned(),
-        };
+        self.validate_endpoints(service)?;
+        self.check_settings()
+            .map_err(|(field, reason)| UpstreamConfigError::InvalidSetting {
+                service: service.to_owned(),
+                field,
+                reason: reason.to_owned(),
+            })
+    }
+
+    /// At least one endpoint, each a valid `"host:port"`.
+    fn validate_endpoints(&self, service: &str) -> Result<(), UpstreamConfigError> {
         if self.endpoints.is_empty() {
             return Err(UpstreamConfigError::NoEndpoints {
                 service: service.to_owned(),
@@ -307,87 +313,103 @@ impl UpstreamSettings {
                 reason,
             })?;
         }
+        Ok(())
+    }
+
+    /// The first setting out of range: timers, then the health check, the circuit breaker,
+    /// retries and passive health.
+    fn check_settings(&self) -> Result<(), SettingProblem> {
         if !self.dns_refresh.is_zero() && self.dns_refresh < MIN_DNS_REFRESH {
-            return Err(invalid("dns_refresh", "must be \"0s\" or at least 100ms"));
+            return Err(("dns_refresh", "must be \"0s\" or at least 100ms"));
         }
         if self.connect_timeout.is_zero() {
-            return Err(invalid("connect_timeout", "must be greater than 0"));
+            return Err(("connect_timeout", "must be greater than 0"));
         }
         if let Some(check) = &self.health_check {
-            if !check.path.starts_with('/') {
-                return Err(invalid("health_check.path", "must start with '/'"));
-            }
-            if check.path.parse::<http::uri::PathAndQuery>().is_err() {
-                return Err(invalid("health_check.path", "is not a valid request path"));
-            }
-            if check.interval.is_zero() {
-                return Err(invalid("health_check.interval", "must be greater than 0"));
-            }
-            if check.timeout.is_zero() {
-                return Err(invalid("health_check.timeout", "must be greater than 0"));
-            }
-            if check.healthy_threshold == 0 {
-                return Err(invalid(
-                    "health_check.healthy_threshold",
-                    "must be at least 1",
-                ));
-            }
-            if check.unhealthy_threshold == 0 {
-                return Err(invalid(
-                    "health_check.unhealthy_threshold",
-                    "must be at least 1",
-                ));
-            }
+            check.check()?;
         }
-        let breaker = &self.circuit_breaker;
-        if breaker.max_active_requests == 0 {
-            return Err(invalid(
-                "circuit_breaker.max_active_requests",
-                "must be at least 1",
-            ));
+        self.circuit_breaker.check()?;
+        self.retry.check()?;
+        self.passive_health.check()
+    }
+}
+
+/// A setting [`UpstreamSettings::validate`] refuses: the field's name under the export
+/// (`health_check.path`) and why.
+type SettingProblem = (&'static str, &'static str);
+
+impl HealthCheckSettings {
+    /// A request path, non-zero timers and thresholds of at least 1.
+    fn check(&self) -> Result<(), SettingProblem> {
+        if !self.path.starts_with('/') {
+            return Err(("health_check.path", "must start with '/'"));
         }
-        if breaker.max_pending_requests == 0 {
-            return Err(invalid(
-                "circuit_breaker.max_pending_requests",
-                "must be at least 1",
-            ));
+        if self.path.parse::<http::uri::PathAndQuery>().is_err() {
+            return Err(("health_check.path", "is not a valid request path"));
         }
-        if breaker.max_connections == 0 {
-            return Err(invalid(
-                "circuit_breaker.max_connections",
-                "must be at least 1",
-            ));
+        if self.interval.is_zero() {
+            return Err(("health_check.interval", "must be greater than 0"));
         }
-        if self.retry.max_retries > MAX_RETRIES_CAP {
-            return Err(invalid("retry.max_retries", "must be at most 2"));
+        if self.timeout.is_zero() {
+            return Err(("health_check.timeout", "must be greater than 0"));
         }
-        if self.retry.budget_percent > 100 {
-            return Err(invalid("retry.budget_percent", "must be at most 100"));
+        if self.healthy_threshold == 0 {
+            return Err(("health_check.healthy_threshold", "must be at least 1"));
         }
-        let passive = &self.passive_health;
-        if passive.consecutive_failures == 0 {
-            return Err(invalid(
-                "passive_health.consecutive_failures",
-                "must be at least 1",
-            ));
+        if self.unhealthy_threshold == 0 {
+            return Err(("health_check.unhealthy_threshold", "must be at least 1"));
         }
-        if passive.base_ejection.is_zero() {
-            return Err(invalid(
-                "passive_health.base_ejection",
-                "must be greater than 0",
-            ));
+        Ok(())
+    }
+}
+
+impl CircuitBreakerSettings {
+    /// Every limit at least 1.
+    fn check(&self) -> Result<(), SettingProblem> {
+        if self.max_active_requests == 0 {
+            return Err(("circuit_breaker.max_active_requests", "must be at least 1"));
         }
-        if passive.max_ejection < passive.base_ejection {
-            return Err(invalid(
+        if self.max_pending_requests == 0 {
+            return Err(("circuit_breaker.max_pending_requests", "must be at least 1"));
+        }
+        if self.max_connections == 0 {
+            return Err(("circuit_breaker.max_connections", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+impl RetrySettings {
+    /// At most [`MAX_RETRIES_CAP`] retries and a budget of at most 100 percent.
+    fn check(&self) -> Result<(), SettingProblem> {
+        if self.max_retries > MAX_RETRIES_CAP {
+            return Err(("retry.max_retries", "must be at most 2"));
+        }
+        if self.budget_percent > 100 {
+            return Err(("retry.budget_percent", "must be at most 100"));
+        }
+        Ok(())
+    }
+}
+
+impl PassiveHealthSettings {
+    /// At least one failure to eject, a non-zero base ejection no longer than the maximum,
+    /// and at most 100 percent of endpoints ejected.
+    fn check(&self) -> Result<(), SettingProblem> {
+        if self.consecutive_failures == 0 {
+            return Err(("passive_health.consecutive_failures", "must be at least 1"));
+        }
+        if self.base_ejection.is_zero() {
+            return Err(("passive_health.base_ejection", "must be greater than 0"));
+        }
+        if self.max_ejection < self.base_ejection {
+            return Err((
                 "passive_health.max_ejection",
                 "must be at least base_ejection",
             ));
         }
-        if passive.max_ejection_percent > 100 {
-            return Err(invalid(
-                "passive_health.max_ejection_percent",
-                "must be at most 100",
-            ));
+        if self.max_ejection_percent > 100 {
+            return Err(("passive_health.max_ejection_percent", "must be at most 100"));
         }
         Ok(())
     }
