@@ -22,6 +22,7 @@ use crate::http::error::Reason;
 use crate::listener::{ListenerCounts, ListenerLimits};
 use crate::tunnel::connection::Carrier;
 use crate::tunnel::outcome::{DisconnectReason, HandshakeFailure};
+use crate::workers::PerWorker;
 
 /// Upper bounds (seconds) of the request latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 14] = [
@@ -128,8 +129,15 @@ pub struct ListenerLabels {
     pub listener: Arc<str>,
 }
 
-/// Per (side, service) request statistics.
+/// Per (side, service) request statistics, kept per worker (summed when read), so a
+/// worker's requests touch only cache lines no other worker writes.
+#[derive(Default)]
 pub struct ServiceStats {
+    counters: PerWorker<Counters>,
+}
+
+/// One worker's share of a [`ServiceStats`].
+struct Counters {
     /// Responses by status class 1xx..5xx (index 0..4).
     by_class: [AtomicU64; 5],
     /// Requests answered by the bridge itself, by `Reason::index`.
@@ -139,10 +147,12 @@ pub struct ServiceStats {
     latency_sum_micros: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    /// Requests started minus requests ended on this worker: one that ends on another
+    /// worker leaves this slot high and that one low, and the sum is right.
     active: AtomicI64,
 }
 
-impl Default for ServiceStats {
+impl Default for Counters {
     fn default() -> Self {
         Self {
             by_class: Default::default(),
@@ -163,56 +173,91 @@ pub struct ActiveRequest(Arc<ServiceStats>);
 
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0
+            .counters
+            .current()
+            .active
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl ServiceStats {
     /// Counts a request as active for as long as the guard lives.
     pub fn start(self: &Arc<Self>) -> ActiveRequest {
-        self.active.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .current()
+            .active
+            .fetch_add(1, Ordering::Relaxed);
         ActiveRequest(self.clone())
+    }
+
+    /// `field` summed over the workers.
+    fn sum(&self, field: impl Fn(&Counters) -> &AtomicU64) -> u64 {
+        self.counters
+            .iter()
+            .map(|c| field(c).load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Requests active now.
     pub fn active(&self) -> i64 {
-        self.active.load(Ordering::Relaxed)
+        self.counters
+            .iter()
+            .map(|c| c.active.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Records a response head: status and time to first byte.
     pub fn responded(&self, status: u16, elapsed: Duration) {
+        let counters = self.counters.current();
         let class = usize::from(status / 100).clamp(1, 5) - 1;
-        self.by_class[class].fetch_add(1, Ordering::Relaxed);
+        counters.by_class[class].fetch_add(1, Ordering::Relaxed);
         let secs = elapsed.as_secs_f64();
         if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
-            self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+            counters.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
         }
-        self.latency_count.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_micros
+        counters.latency_count.fetch_add(1, Ordering::Relaxed);
+        counters
+            .latency_sum_micros
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// Counts a response the bridge produced itself.
     pub fn bridge_error(&self, reason: Reason) {
-        self.bridge_errors[reason.index()].fetch_add(1, Ordering::Relaxed);
+        self.counters.current().bridge_errors[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Responses the bridge produced itself for `reason` so far.
     pub fn bridge_errors(&self, reason: Reason) -> u64 {
-        self.bridge_errors[reason.index()].load(Ordering::Relaxed)
+        self.sum(|c| &c.bridge_errors[reason.index()])
     }
 
     pub fn add_bytes(&self, inbound: u64, outbound: u64) {
-        self.bytes_in.fetch_add(inbound, Ordering::Relaxed);
-        self.bytes_out.fetch_add(outbound, Ordering::Relaxed);
+        let counters = self.counters.current();
+        counters.bytes_in.fetch_add(inbound, Ordering::Relaxed);
+        counters.bytes_out.fetch_add(outbound, Ordering::Relaxed);
+    }
+
+    /// Responses recorded in status class `class` (1 to 5).
+    fn class(&self, class: usize) -> u64 {
+        self.sum(|c| &c.by_class[class - 1])
     }
 
     /// Total responses recorded (all classes).
     pub fn total(&self) -> u64 {
-        self.by_class
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .sum()
+        (1..=5).map(|class| self.class(class)).sum()
+    }
+
+    /// Request and response body bytes so far.
+    fn bytes(&self) -> (u64, u64) {
+        (self.sum(|c| &c.bytes_in), self.sum(|c| &c.bytes_out))
+    }
+
+    /// The latency histogram: each bucket's count, the sum in seconds and the count.
+    fn latency(&self) -> ([u64; LATENCY_BUCKETS.len()], f64, u64) {
+        let buckets = std::array::from_fn(|i| self.sum(|c| &c.latency_buckets[i]));
+        let sum = self.sum(|c| &c.latency_sum_micros) as f64 / 1e6;
+        (buckets, sum, self.sum(|c| &c.latency_count))
     }
 }
 
@@ -596,14 +641,14 @@ fn encode_request_outcomes(
         "hybridge_requests_total",
         "Requests answered, by side, service and status class.",
         services.iter().flat_map(|(labels, stats)| {
-            stats.by_class.iter().zip(1u8..).map(|(count, class)| {
+            (1u8..=5).map(|class| {
                 (
                     StatusClassLabels {
                         side: labels.side,
                         service: labels.service.clone(),
                         class: StatusClass(class),
                     },
-                    count.load(Ordering::Relaxed),
+                    stats.class(usize::from(class)),
                 )
             })
         }),
@@ -643,19 +688,11 @@ fn encode_latency(
         MetricType::Histogram,
     )?;
     for (labels, stats) in services {
-        let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
-            .iter()
-            .zip(&stats.latency_buckets)
-            .map(|(bound, count)| (*bound, count.load(Ordering::Relaxed)))
-            .collect();
+        let (counts, sum, count) = stats.latency();
+        let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS.iter().copied().zip(counts).collect();
         latency
             .encode_family(labels)?
-            .encode_histogram::<NoLabelSet>(
-                stats.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
-                stats.latency_count.load(Ordering::Relaxed),
-                &buckets,
-                None,
-            )?;
+            .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
     }
     Ok(())
 }
@@ -669,17 +706,13 @@ fn encode_request_traffic(
         encoder,
         "hybridge_request_bytes_total",
         "Request body bytes received from callers or the tunnel.",
-        services
-            .iter()
-            .map(|(l, s)| (l.clone(), s.bytes_in.load(Ordering::Relaxed))),
+        services.iter().map(|(l, s)| (l.clone(), s.bytes().0)),
     )?;
     counter(
         encoder,
         "hybridge_response_bytes_total",
         "Response body bytes sent back.",
-        services
-            .iter()
-            .map(|(l, s)| (l.clone(), s.bytes_out.load(Ordering::Relaxed))),
+        services.iter().map(|(l, s)| (l.clone(), s.bytes().1)),
     )?;
     gauge(
         encoder,
