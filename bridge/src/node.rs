@@ -588,6 +588,15 @@ impl Startup {
             .collect::<anyhow::Result<Vec<_>>>()
             .with_context(|| format!("{}: tunnel", config.source.display()))?;
         let handoff = share_port.then(|| Handoff::new(sockets.len()));
+        if let (Some(handoff), Some(first)) = (&handoff, sockets.first())
+            && let Err(e) = handoff.steer(first)
+        {
+            warn!(
+                error = %e,
+                "the kernel cannot steer tunnel datagrams to their workers' sockets; \
+                 the workers hand them to each other instead"
+            );
+        }
         let mut endpoints = Vec::new();
         for (worker, socket) in sockets.into_iter().enumerate() {
             let endpoint = workers

@@ -13,21 +13,26 @@
 //!   a send that does (EAGAIN) is retried after a millisecond, in which the kernel drains far
 //!   more than a full buffer's worth at any link rate below 60 Gbit/s.
 //!
-//! Workers that share a listen port (`SO_REUSEPORT`) each own a socket of the group, and the
-//! kernel picks one by the peer's address. A peer whose address changes (a NAT rebinding)
-//! can therefore reach another worker's socket. As Envoy does, every connection ID an
-//! endpoint issues names its worker ([`Handoff::cid_generator`]), and a socket that receives
-//! a datagram for another worker's connection hands it over ([`Handoff`]), so the
-//! connection migrates instead of being reset by an endpoint that does not know it. New
+//! Workers that share a listen port (`SO_REUSEPORT`) each own a socket of the group. As
+//! Envoy does, every connection ID an endpoint issues names its worker
+//! ([`Handoff::cid_generator`]), and a classic BPF program on the group ([`Handoff::steer`])
+//! has the kernel deliver each short-header datagram to the socket of the worker its ID
+//! names, so a connection's datagrams reach its own thread whatever the peer's address. New
 //! connections are dealt to the workers in turn (by their first packet's connection ID)
 //! rather than left to the kernel's hash, which put both tunnels of a peer with two on one
-//! worker half of the time.
+//! worker half of the time; their handshake datagrams, and any datagram the kernel could not
+//! steer (no program attached, or a NAT rebinding before it is), are handed over in user
+//! space ([`Handoff`]), so a connection migrates instead of being reset by an endpoint that
+//! does not know it.
+//!
+//! The worker is a keyed linear function of the ID's bytes, modulo 2^16, that the BPF program
+//! can compute: the key is the process's secret, so an observer cannot tell which IDs name
+//! the same worker (RFC 9000 §5.1).
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
-use std::hash::{BuildHasher, RandomState};
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -100,9 +105,8 @@ const SETUP_LIMIT: usize = 4096;
 
 /// The hand-off between the sockets of workers sharing one UDP port.
 pub struct Handoff {
-    /// Keys the tag byte, so the worker a connection ID names is hidden from observers
-    /// (RFC 9000 §5.1: IDs must not be correlatable by anyone but their issuer).
-    key: RandomState,
+    /// The secret that maps a connection ID to its worker.
+    key: CidKey,
     inboxes: Vec<Inbox>,
     /// The worker dealt each connection being set up, by its client's initial ID.
     setup: Mutex<HashMap<Vec<u8>, (usize, Instant)>>,
@@ -126,7 +130,7 @@ impl fmt::Debug for Handoff {
 impl Handoff {
     pub fn new(workers: usize) -> Arc<Self> {
         Arc::new(Self {
-            key: RandomState::new(),
+            key: CidKey::random(),
             inboxes: (0..workers).map(|_| Inbox::default()).collect(),
             setup: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
@@ -147,9 +151,22 @@ impl Handoff {
         }
     }
 
-    fn tag(&self, random: &[u8]) -> u16 {
-        let hash = self.key.hash_one(random).to_le_bytes();
-        u16::from_le_bytes([hash[0], hash[1]])
+    /// Has the kernel pick, for each short-header datagram to this port, the socket of the
+    /// worker its connection ID names; `socket` is any socket of the group, all of them
+    /// bound, worker `i`'s `i`th. A long-header datagram, or an ID naming no worker, is left
+    /// to the kernel's hash (and then to the hand-off).
+    pub fn steer(&self, socket: &std::net::UdpSocket) -> io::Result<()> {
+        let mut program = self.key.steering_program();
+        let filter = nix::libc::sock_fprog {
+            len: u16::try_from(program.len()).map_err(io::Error::other)?,
+            filter: program.as_mut_ptr(),
+        };
+        nix::sys::socket::setsockopt(
+            socket,
+            nix::sys::socket::sockopt::AttachReusePortCbpf,
+            &filter,
+        )
+        .map_err(io::Error::from)
     }
 
     /// The worker a datagram is for: the one its destination connection ID names, if the
@@ -170,11 +187,8 @@ impl Handoff {
 
     /// The worker a connection ID of ours names.
     fn named(&self, cid: &[u8]) -> Option<usize> {
-        if cid.len() != CID_LEN {
-            return None;
-        }
-        let (random, tag) = cid.split_at(RANDOM_LEN);
-        let worker = usize::from(u16::from_le_bytes([tag[0], tag[1]]) ^ self.tag(random));
+        let cid: &[u8; CID_LEN] = cid.try_into().ok()?;
+        let worker = usize::from(self.key.worker(cid));
         (worker < self.inboxes.len()).then_some(worker)
     }
 
@@ -267,7 +281,7 @@ impl Handoff {
     }
 }
 
-/// Random connection IDs whose last byte, keyed, names the issuing worker.
+/// Random connection IDs whose last two bytes, keyed, name the issuing worker.
 struct WorkerCids {
     handoff: Arc<Handoff>,
     worker: usize,
@@ -276,11 +290,10 @@ struct WorkerCids {
 impl ConnectionIdGenerator for WorkerCids {
     fn generate_cid(&mut self) -> ConnectionId {
         let mut cid = [0u8; CID_LEN];
-        let (random, tag) = cid.split_at_mut(RANDOM_LEN);
-        rand::fill(random);
+        rand::fill(&mut cid[..RANDOM_LEN]);
         // Past 65,535 workers the tag names none, and datagrams stay where they land.
         let worker = u16::try_from(self.worker).unwrap_or(u16::MAX);
-        tag.copy_from_slice(&(worker ^ self.handoff.tag(random)).to_le_bytes());
+        self.handoff.key.name(&mut cid, worker);
         ConnectionId::new(&cid)
     }
 
@@ -292,6 +305,125 @@ impl ConnectionIdGenerator for WorkerCids {
         None
     }
 }
+
+/// The secret linear map from a connection ID to the worker it names: the worker is
+/// `(k0·b0 + … + k5·b5 + k6·t) mod 2^16` for the ID's six random bytes `b` and its big-endian
+/// tag `t`. `k6` is odd, so it has an inverse modulo 2^16 and any worker can be named by
+/// solving for `t`.
+struct CidKey {
+    k: [u16; RANDOM_LEN + 1],
+}
+
+impl CidKey {
+    fn random() -> Self {
+        let mut k = [0u16; RANDOM_LEN + 1];
+        for k in &mut k {
+            *k = rand::random();
+        }
+        k[RANDOM_LEN] |= 1;
+        Self { k }
+    }
+
+    /// `k0·b0 + … + k5·b5`, wrapping as the BPF program's 32-bit arithmetic does.
+    fn random_part(&self, cid: &[u8; CID_LEN]) -> u32 {
+        cid[..RANDOM_LEN]
+            .iter()
+            .zip(self.k)
+            .fold(0u32, |sum, (&b, k)| {
+                sum.wrapping_add(u32::from(b).wrapping_mul(u32::from(k)))
+            })
+    }
+
+    fn tag(cid: &[u8; CID_LEN]) -> u16 {
+        u16::from_be_bytes([cid[RANDOM_LEN], cid[RANDOM_LEN + 1]])
+    }
+
+    /// The worker `cid` names (one past the workers for an ID that is not ours).
+    fn worker(&self, cid: &[u8; CID_LEN]) -> u16 {
+        let tag = u32::from(Self::tag(cid)).wrapping_mul(u32::from(self.k[RANDOM_LEN]));
+        (self.random_part(cid).wrapping_add(tag) & 0xffff) as u16
+    }
+
+    /// Sets `cid`'s tag so that it names `worker`, given its random bytes.
+    fn name(&self, cid: &mut [u8; CID_LEN], worker: u16) {
+        let rest = (self.random_part(cid) & 0xffff) as u16;
+        let tag = worker
+            .wrapping_sub(rest)
+            .wrapping_mul(inverse(self.k[RANDOM_LEN]));
+        cid[RANDOM_LEN..].copy_from_slice(&tag.to_be_bytes());
+    }
+
+    /// The classic BPF program for `SO_ATTACH_REUSEPORT_CBPF`: it sees the UDP payload and
+    /// returns the index of the socket to deliver to (the worker), or one the group does not
+    /// have, which leaves the choice to the kernel's hash. A short-header QUIC packet's
+    /// destination connection ID starts at byte 1; a long-header packet (bit 0x80 of byte 0)
+    /// is left to the hash. A packet too short to read makes the program return 0 (worker
+    /// 0's socket), whose hand-off passes it on.
+    fn steering_program(&self) -> Vec<nix::libc::sock_filter> {
+        let op = |code: u16, k: u32| nix::libc::sock_filter {
+            code,
+            jt: 0,
+            jf: 0,
+            k,
+        };
+        let mut program = vec![op(BPF_LD | BPF_B | BPF_ABS, 0)];
+        // Filled in below, once the fall-back's position is known.
+        program.push(op(BPF_JMP | BPF_JSET | BPF_K, 0x80));
+        for (i, k) in self.k.iter().enumerate() {
+            let load = if i < RANDOM_LEN {
+                op(BPF_LD | BPF_B | BPF_ABS, 1 + i as u32)
+            } else {
+                op(BPF_LD | BPF_H | BPF_ABS, 1 + RANDOM_LEN as u32)
+            };
+            program.push(load);
+            program.push(op(BPF_ALU | BPF_MUL | BPF_K, u32::from(*k)));
+            if i > 0 {
+                program.push(op(BPF_MISC | BPF_TAX, 0));
+                program.push(op(BPF_LD | BPF_MEM, 0));
+                program.push(op(BPF_ALU | BPF_ADD | BPF_X, 0));
+            }
+            if i < RANDOM_LEN {
+                program.push(op(BPF_ST, 0));
+            }
+        }
+        program.push(op(BPF_ALU | BPF_AND | BPF_K, 0xffff));
+        program.push(op(BPF_RET | BPF_A, 0));
+        let fallback = program.len();
+        program.push(op(BPF_RET | BPF_K, u32::MAX));
+        // Jump offsets count from the instruction after the jump.
+        program[1].jt = u8::try_from(fallback - 2).unwrap_or(u8::MAX);
+        program
+    }
+}
+
+/// The inverse of odd `k` modulo 2^16 (Newton's iteration: each step doubles the bits).
+fn inverse(k: u16) -> u16 {
+    let mut x = k;
+    for _ in 0..4 {
+        x = x.wrapping_mul(2u16.wrapping_sub(k.wrapping_mul(x)));
+    }
+    x
+}
+
+// Classic BPF opcodes (linux/filter.h, linux/bpf_common.h).
+const BPF_LD: u16 = 0x00;
+const BPF_ST: u16 = 0x02;
+const BPF_ALU: u16 = 0x04;
+const BPF_JMP: u16 = 0x05;
+const BPF_RET: u16 = 0x06;
+const BPF_MISC: u16 = 0x07;
+const BPF_H: u16 = 0x08;
+const BPF_B: u16 = 0x10;
+const BPF_ABS: u16 = 0x20;
+const BPF_MEM: u16 = 0x60;
+const BPF_ADD: u16 = 0x00;
+const BPF_MUL: u16 = 0x20;
+const BPF_AND: u16 = 0x50;
+const BPF_JSET: u16 = 0x40;
+const BPF_K: u16 = 0x00;
+const BPF_X: u16 = 0x08;
+const BPF_A: u16 = 0x10;
+const BPF_TAX: u16 = 0x00;
 
 /// `AsyncFd::with_interest` is deprecated for types whose descriptor could change under the
 /// reactor (its replacement is `unsafe`, which this workspace forbids); a
@@ -457,6 +589,61 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_id_names_any_worker_it_is_given_and_odd_keys_invert() {
+        for k in [1u16, 3, 0x8001, 0xfffd, 0x1235] {
+            assert_eq!(k.wrapping_mul(inverse(k)), 1, "{k}");
+        }
+        let handoff = Handoff::new(5);
+        for worker in 0..5 {
+            for _ in 0..100 {
+                let cid = (handoff.cid_generator(worker))().generate_cid();
+                assert_eq!(handoff.named(&cid), Some(worker));
+            }
+        }
+    }
+
+    /// With the steering program attached, the kernel delivers each short-header datagram to
+    /// the socket of the worker its ID names, whatever port it came from; without it, the
+    /// kernel's hash would spread these 30 sources over the three sockets at random.
+    #[test]
+    fn the_kernel_delivers_each_datagram_to_the_socket_of_the_worker_its_id_names() {
+        const WORKERS: usize = 3;
+        let bind = |addr| crate::tunnel::quic::bind_socket(addr, true).unwrap();
+        let first = bind("127.0.0.1:0".parse().unwrap());
+        let port = first.local_addr().unwrap();
+        let mut sockets = vec![first];
+        sockets.extend((1..WORKERS).map(|_| bind(port)));
+        let handoff = Handoff::new(WORKERS);
+        handoff.steer(&sockets[0]).unwrap();
+        for socket in &sockets {
+            socket.set_read_timeout(Some(WAIT)).unwrap();
+        }
+        let mut buf = [0u8; 64];
+        for round in 0..30u32 {
+            let worker = round as usize % WORKERS;
+            let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let cid = (handoff.cid_generator(worker))().generate_cid();
+            let datagram = [&[0x40][..], &cid[..], &round.to_be_bytes()].concat();
+            peer.send_to(&datagram, port).unwrap();
+            let received = sockets[worker]
+                .recv_from(&mut buf)
+                .map(|(n, _)| buf[..n].to_vec());
+            assert_eq!(
+                received.ok(),
+                Some(datagram),
+                "datagram {round} for worker {worker} did not reach its socket"
+            );
+        }
+        for socket in &sockets {
+            socket.set_nonblocking(true).unwrap();
+            assert!(
+                socket.recv_from(&mut buf).is_err(),
+                "a datagram reached the wrong socket"
+            );
+        }
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn new_connections_are_dealt_to_the_workers_in_turn_and_keep_their_worker() {
         let handoff = Handoff::new(2);
@@ -537,8 +724,8 @@ mod tests {
         let mut poller = socket.clone().create_io_poller();
         let ready = std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx));
         tokio::time::timeout(WAIT, ready).await.unwrap().unwrap();
-        // As after EAGAIN: the poller registers a duplicate descriptor for writing, which an
-        // idle socket reports writable at once, and the flag is cleared.
+        // As after EAGAIN: the poller is ready again after its retry delay, and the flag is
+        // cleared.
         socket.blocked.store(true, Ordering::Release);
         let ready = std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx));
         tokio::time::timeout(WAIT, ready).await.unwrap().unwrap();
