@@ -44,7 +44,7 @@ use tokio::io::unix::AsyncFd;
 
 /// A bound UDP socket registered with the tokio reactor, for `quinn::Endpoint`.
 #[derive(Debug)]
-pub struct TunnelSocket {
+pub(crate) struct TunnelSocket {
     io: AsyncFd<std::net::UdpSocket>,
     state: UdpSocketState,
     /// The last send hit EAGAIN: quinn asks the poller before every send, and only then does
@@ -56,7 +56,7 @@ pub struct TunnelSocket {
 
 impl TunnelSocket {
     /// Takes over `socket`; must be called within a tokio runtime.
-    pub fn new(socket: std::net::UdpSocket) -> io::Result<Self> {
+    pub(crate) fn new(socket: std::net::UdpSocket) -> io::Result<Self> {
         socket.set_nonblocking(true)?;
         let state = UdpSocketState::new((&socket).into())?;
         let io = register(socket, Interest::READABLE)?;
@@ -69,7 +69,7 @@ impl TunnelSocket {
     }
 
     /// `new` for worker `worker`'s socket of a shared port.
-    pub fn sharing(
+    pub(crate) fn sharing(
         socket: std::net::UdpSocket,
         handoff: Arc<Handoff>,
         worker: usize,
@@ -99,7 +99,7 @@ const SETUP_MEMORY: Duration = Duration::from_secs(10);
 const SETUP_LIMIT: usize = 4096;
 
 /// The hand-off between the sockets of workers sharing one UDP port.
-pub struct Handoff {
+pub(crate) struct Handoff {
     /// Keys the tag byte, so the worker a connection ID names is hidden from observers
     /// (RFC 9000 §5.1: IDs must not be correlatable by anyone but their issuer).
     key: RandomState,
@@ -124,7 +124,7 @@ impl fmt::Debug for Handoff {
 }
 
 impl Handoff {
-    pub fn new(workers: usize) -> Arc<Self> {
+    pub(crate) fn new(workers: usize) -> Arc<Self> {
         Arc::new(Self {
             key: RandomState::new(),
             inboxes: (0..workers).map(|_| Inbox::default()).collect(),
@@ -134,7 +134,7 @@ impl Handoff {
     }
 
     /// The connection-ID generator of worker `worker`'s endpoint.
-    pub fn cid_generator(
+    pub(crate) fn cid_generator(
         self: &Arc<Self>,
         worker: usize,
     ) -> impl Fn() -> Box<dyn ConnectionIdGenerator> + Send + Sync + 'static {
