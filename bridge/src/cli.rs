@@ -32,11 +32,11 @@ struct Cli {
 }
 
 /// The log filter when `--log` is not given.
-pub const LOG_ENV: &str = "HYBRIDGE_LOG";
+pub(crate) const LOG_ENV: &str = "HYBRIDGE_LOG";
 /// The config file when `--config` is not given.
-pub const CONFIG_ENV: &str = "HYBRIDGE_CONFIG";
+pub(crate) const CONFIG_ENV: &str = "HYBRIDGE_CONFIG";
 /// The config file when neither `--config` nor `HYBRIDGE_CONFIG` names one.
-pub const DEFAULT_CONFIG: &str = "/etc/hybridge/hybridge.toml";
+pub(crate) const DEFAULT_CONFIG: &str = "/etc/hybridge/hybridge.toml";
 
 fn parse_log_filter(text: &str) -> Result<String, String> {
     tracing_subscriber::EnvFilter::try_new(text)
@@ -140,11 +140,6 @@ enum Command {
     },
 }
 
-/// The clap definition of the `hybridge` command line, for completions, man pages and tests.
-pub fn command() -> clap::Command {
-    Cli::command()
-}
-
 /// Parses the process's arguments; a parse error exits 2 (help and version 0) with clap's
 /// message, or with one naming the environment variable the bad value came from.
 fn parse() -> Cli {
@@ -222,7 +217,7 @@ pub fn main() -> ExitCode {
 
 /// Exit code of `hybridge status` when the node answers but is not ready (like `systemctl
 /// status` for a unit that is not running); 1 is an error, such as an unreachable node.
-pub const EXIT_NOT_READY: u8 = 3;
+pub(crate) const EXIT_NOT_READY: u8 = 3;
 
 /// Runs the command; `Ok` carries its exit code (0, or a documented negative result).
 async fn dispatch(command: Command, workers: Arc<Workers>) -> anyhow::Result<u8> {

@@ -14,57 +14,57 @@ use serde::Deserialize;
 use crate::http::path::EscapedSlashes;
 use crate::upstream::UpstreamSettings;
 
-pub use hybridge_ca::tls::CrlStale;
+pub(crate) use hybridge_ca::tls::CrlStale;
 
-pub mod reload;
+pub(crate) mod reload;
 mod validate;
 
 /// A configuration mistake, displayed as `FILE:LINE: message`.
 #[derive(Debug, thiserror::Error)]
 #[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
 pub struct ConfigError {
-    pub path: PathBuf,
-    pub line: Option<usize>,
-    pub message: String,
+    pub(crate) path: PathBuf,
+    pub(crate) line: Option<usize>,
+    pub(crate) message: String,
 }
 
 /// A checked node configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// The file this came from (relative paths inside it are resolved against its folder).
-    pub source: PathBuf,
+    pub(crate) source: PathBuf,
     pub node: NodeSection,
-    pub tls: TlsSection,
+    pub(crate) tls: TlsSection,
     pub tunnel: TunnelSection,
     pub peers: Vec<PeerConfig>,
     pub admin: AdminSection,
-    pub limits: LimitsSection,
-    pub exports: Vec<ExportConfig>,
+    pub(crate) limits: LimitsSection,
+    pub(crate) exports: Vec<ExportConfig>,
     pub imports: Vec<ImportConfig>,
-    pub gateway: Option<GatewayConfig>,
+    pub(crate) gateway: Option<GatewayConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeSection {
-    pub name: String,
+    pub(crate) name: String,
     pub site: String,
-    pub trust_domain: String,
+    pub(crate) trust_domain: String,
     pub data_dir: PathBuf,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsSection {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+pub(crate) struct TlsSection {
+    pub(crate) ca: PathBuf,
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
     #[serde(default)]
-    pub crl: Option<PathBuf>,
+    pub(crate) crl: Option<PathBuf>,
     /// A CRL past its nextUpdate: warn and keep checking against it (default, fail-open), or
     /// refuse every peer until a current one is loaded.
     #[serde(default)]
-    pub crl_stale: CrlStale,
+    pub(crate) crl_stale: CrlStale,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -72,48 +72,48 @@ pub struct TlsSection {
 pub struct TunnelSection {
     /// UDP address to accept tunnels on (the cloud side); none for a dial-only node.
     #[serde(default)]
-    pub listen: Option<SocketAddr>,
+    pub(crate) listen: Option<SocketAddr>,
     /// Sites whose nodes may connect to `listen`.
     #[serde(default)]
     pub allowed_sites: Vec<String>,
     /// Local UDP address used when dialing out (when there is no `listen`).
     #[serde(default = "default_dial_bind")]
-    pub bind: SocketAddr,
+    pub(crate) bind: SocketAddr,
     #[serde(default = "default_keepalive", with = "hybridge_ca::duration::setting")]
-    pub keepalive: Duration,
+    pub(crate) keepalive: Duration,
     #[serde(
         default = "default_idle_timeout",
         with = "hybridge_ca::duration::setting"
     )]
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     #[serde(
         default = "default_backoff_max",
         with = "hybridge_ca::duration::setting"
     )]
-    pub reconnect_max_backoff: Duration,
+    pub(crate) reconnect_max_backoff: Duration,
     /// Which carrier tunnels use: `auto` (QUIC, with TLS/TCP when QUIC does not come up),
     /// `quic` or `tcp`. A listening node accepts TLS/TCP tunnels unless this is `quic`.
     #[serde(default)]
-    pub transport: Transport,
+    pub(crate) transport: Transport,
     /// TCP address to accept TLS/TCP tunnels on; the same address as `listen` by default.
     #[serde(default)]
-    pub listen_tcp: Option<SocketAddr>,
+    pub(crate) listen_tcp: Option<SocketAddr>,
     /// `auto`: how long a QUIC handshake may go unanswered before TLS/TCP is tried beside it.
     #[serde(
         default = "default_tcp_fallback_after",
         with = "hybridge_ca::duration::setting"
     )]
-    pub tcp_fallback_after: Duration,
+    pub(crate) tcp_fallback_after: Duration,
     /// `auto`: while a link runs on TLS/TCP, how often QUIC is tried again.
     #[serde(
         default = "default_quic_reprobe_interval",
         with = "hybridge_ca::duration::setting"
     )]
-    pub quic_reprobe_interval: Duration,
+    pub(crate) quic_reprobe_interval: Duration,
     /// The congestion controller of this node's sending side, on both carriers: quinn's for
     /// QUIC, the kernel's (`TCP_CONGESTION`) for TLS/TCP. See [`Congestion`].
     #[serde(default)]
-    pub congestion: Congestion,
+    pub(crate) congestion: Congestion,
     /// The tunnel addresses of this site's listening nodes, this one included, that nodes
     /// dialling in through a load balancer should each keep a direct link to (their
     /// `[[peer]] member_networks` must hold them). Told to every dialling peer, so a
@@ -124,13 +124,13 @@ pub struct TunnelSection {
 }
 
 /// Most member addresses a node announces, and most a dialling node takes from one site.
-pub const MAX_ANNOUNCED_MEMBERS: usize = 64;
+pub(crate) const MAX_ANNOUNCED_MEMBERS: usize = 64;
 
 /// The congestion controller (`tunnel.congestion`). Each node picks its own for what it
 /// sends: downloads follow the listening node's choice, uploads the dialling node's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Congestion {
+pub(crate) enum Congestion {
     /// Paces at the measured bottleneck rate and does not read random loss as congestion.
     #[default]
     Bbr,
@@ -142,7 +142,7 @@ pub enum Congestion {
 
 impl Congestion {
     /// The Linux name of the same algorithm, for `TCP_CONGESTION`.
-    pub fn kernel_name(self) -> &'static str {
+    pub(crate) fn kernel_name(self) -> &'static str {
         match self {
             Congestion::Bbr => "bbr",
             Congestion::Cubic => "cubic",
@@ -154,7 +154,7 @@ impl Congestion {
 /// The tunnel carrier (`tunnel.transport`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Transport {
+pub(crate) enum Transport {
     /// QUIC first; TLS/TCP when QUIC does not come up, and back to QUIC once it does.
     #[default]
     Auto,
@@ -164,7 +164,7 @@ pub enum Transport {
 
 impl TunnelSection {
     /// The TCP address TLS/TCP tunnels are accepted on, if this node accepts them.
-    pub fn tcp_listen_address(&self) -> Option<SocketAddr> {
+    pub(crate) fn tcp_listen_address(&self) -> Option<SocketAddr> {
         match (self.listen, self.transport) {
             (None, _) | (_, Transport::Quic) => None,
             (Some(listen), _) => Some(self.listen_tcp.unwrap_or(listen)),
@@ -195,21 +195,21 @@ impl Default for TunnelSection {
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     /// `host:port` of the peer's tunnel listener, resolved at every dial.
-    pub address: String,
+    pub(crate) address: String,
     /// The site the peer's certificate must name.
     pub site: String,
     /// Optionally, the exact node name the peer's certificate must carry.
     #[serde(default)]
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
     /// Parallel connections kept to this peer (at least one per worker thread).
     #[serde(default = "default_connections")]
-    pub connections: u8,
+    pub(crate) connections: u8,
     /// Networks (CIDR) from which this peer site's nodes may announce their own tunnel
     /// addresses (`tunnel.announce` on their side); this node then keeps one more link to
     /// each announced node, so every node of that site has a link to this one. Empty: only
     /// `address` is dialled.
     #[serde(default)]
-    pub member_networks: Vec<ipnet::IpNet>,
+    pub(crate) member_networks: Vec<ipnet::IpNet>,
 }
 
 /// The admin API's three doors (README "Admin access model"): a Unix socket serving the whole
@@ -220,11 +220,11 @@ pub struct PeerConfig {
 pub struct AdminSection {
     /// Read-only HTTP listener: GET/HEAD of `/healthz`, `/readyz`, `/metrics`, `/v1/status`.
     #[serde(default = "default_admin_listen")]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// Must be set for `listen` to be anything but loopback: even read-only, status and
     /// metrics describe the node's peers and services. It never enables writes.
     #[serde(default)]
-    pub allow_remote: bool,
+    pub(crate) allow_remote: bool,
     /// Optional second listener serving only `/healthz` and `/readyz`, for load balancer
     /// health checks; it exposes nothing else, so it may listen on any address.
     #[serde(default)]
@@ -232,10 +232,10 @@ pub struct AdminSection {
     /// Unix socket serving the whole API (reads and writes) to local processes, mode 0660 in
     /// the daemon's group (`hybridge` under systemd); the caller's uid is audited.
     #[serde(default = "default_admin_socket")]
-    pub socket: PathBuf,
+    pub(crate) socket: PathBuf,
     /// Remote administration (`[admin.remote]`): off unless configured.
     #[serde(default)]
-    pub remote: Option<AdminRemoteSection>,
+    pub(crate) remote: Option<AdminRemoteSection>,
 }
 
 impl Default for AdminSection {
@@ -255,34 +255,34 @@ impl Default for AdminSection {
 /// CRL. Node and service certificates are refused in the handshake.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AdminRemoteSection {
+pub(crate) struct AdminRemoteSection {
     /// TCP address of the listener, e.g. `0.0.0.0:7182`.
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LimitsSection {
+pub(crate) struct LimitsSection {
     /// Largest request header block accepted from a caller (431 beyond it).
     #[serde(default = "default_max_header_bytes")]
-    pub max_header_bytes: usize,
+    pub(crate) max_header_bytes: usize,
     /// How long SIGTERM waits for in-flight requests before closing tunnels anyway.
     #[serde(
         default = "default_drain_timeout",
         with = "hybridge_ca::duration::setting"
     )]
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
     /// Most connections each import and gateway listener holds open; a new one over it is
     /// closed at once (and counted). Sized well under the unit's `LimitNOFILE` (65536).
     #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// A caller connection with no request in flight for this long is closed (HTTP/1.1
     /// keep-alive, HTTP/2, and a connection that never sends a whole request).
     #[serde(
         default = "default_connection_idle_timeout",
         with = "hybridge_ca::duration::setting"
     )]
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// How long `hybridge run` holds back systemd's `READY=1` at start while a dialling node
     /// is not ready (a tunnel to a peer site missing); then READY=1 goes anyway, with
     /// `STATUS=` naming what is missing, so a WAN outage at boot neither fails the start nor
@@ -291,7 +291,7 @@ pub struct LimitsSection {
         default = "default_ready_timeout",
         with = "hybridge_ca::duration::setting"
     )]
-    pub ready_timeout: Duration,
+    pub(crate) ready_timeout: Duration,
 }
 
 impl Default for LimitsSection {
@@ -308,16 +308,16 @@ impl Default for LimitsSection {
 
 /// A service this node makes reachable from the other site.
 #[derive(Clone, Debug)]
-pub struct ExportConfig {
-    pub name: String,
-    pub upstream: UpstreamSettings,
+pub(crate) struct ExportConfig {
+    pub(crate) name: String,
+    pub(crate) upstream: UpstreamSettings,
     /// `%2F`/`%5C` in a request path: refused (default) or kept, for this export's decisions.
-    pub escaped_slashes: EscapedSlashes,
+    pub(crate) escaped_slashes: EscapedSlashes,
 }
 
 /// How a listener learns who is calling.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CallerIdentity {
+pub(crate) enum CallerIdentity {
     /// Every connection is this service (legacy plain-HTTP callers).
     Fixed(String),
     /// The caller presents a service certificate from our CA; its SPIFFE id names it.
@@ -327,23 +327,23 @@ pub enum CallerIdentity {
 /// A listener for one remote service.
 #[derive(Clone, Debug)]
 pub struct ImportConfig {
-    pub service: String,
+    pub(crate) service: String,
     pub listen: SocketAddr,
-    pub caller: CallerIdentity,
-    pub request_timeout: Option<Duration>,
+    pub(crate) caller: CallerIdentity,
+    pub(crate) request_timeout: Option<Duration>,
     /// `%2F`/`%5C` in a request path: refused (default) or kept.
-    pub escaped_slashes: EscapedSlashes,
+    pub(crate) escaped_slashes: EscapedSlashes,
 }
 
 /// The shared listener that routes by `Host`/`:authority` = `SERVICE.SUFFIX`.
 #[derive(Clone, Debug)]
-pub struct GatewayConfig {
-    pub listen: SocketAddr,
-    pub suffix: String,
-    pub caller: CallerIdentity,
-    pub request_timeout: Option<Duration>,
+pub(crate) struct GatewayConfig {
+    pub(crate) listen: SocketAddr,
+    pub(crate) suffix: String,
+    pub(crate) caller: CallerIdentity,
+    pub(crate) request_timeout: Option<Duration>,
     /// `%2F`/`%5C` in a request path: refused (default) or kept.
-    pub escaped_slashes: EscapedSlashes,
+    pub(crate) escaped_slashes: EscapedSlashes,
 }
 
 #[derive(Deserialize)]
@@ -415,7 +415,7 @@ fn default_admin_listen() -> SocketAddr {
 }
 /// The admin socket when the config names none; also where `hybridge acl` and `hybridge
 /// status` look by default. systemd creates `/run/hybridge` (`RuntimeDirectory=`).
-pub const DEFAULT_ADMIN_SOCKET: &str = "/run/hybridge/admin.sock";
+pub(crate) const DEFAULT_ADMIN_SOCKET: &str = "/run/hybridge/admin.sock";
 /// Longest Unix socket path: `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 fn default_admin_socket() -> PathBuf {
@@ -452,7 +452,7 @@ impl Config {
     ///
     /// The sections are checked in the order below, so a file with several mistakes always
     /// reports the same one first.
-    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+    pub(crate) fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let source = validate::Source { path, text };
         let raw = source.deserialize()?;
         let node = source.node(raw.node)?;

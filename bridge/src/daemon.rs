@@ -30,7 +30,7 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
 /// soon as its listeners are bound, a dialling node once every peer site has a tunnel), or
 /// after `limits.ready_timeout` if it is not ready by then, with `STATUS=` saying what is
 /// missing: a WAN outage at boot must neither fail the start nor restart the service in a loop.
-pub async fn run(path: &Path, workers: Arc<Workers>) -> anyhow::Result<u8> {
+pub(crate) async fn run(path: &Path, workers: Arc<Workers>) -> anyhow::Result<u8> {
     let config = Config::load(path)?;
     // Its warnings are `check-config`'s business: the node reports a stale CRL itself, and
     // status and metrics show the certificate's end.
@@ -114,25 +114,25 @@ pub(crate) fn exit_on_second_signal(signal_number: i32) -> ! {
 
 /// Days before a certificate's end from which `check-config` warns (and still exits 0): a
 /// replacement instance must boot while its certificate is being renewed.
-pub const EXPIRY_WARNING_DAYS: i64 = 14;
+pub(crate) const EXPIRY_WARNING_DAYS: i64 = 14;
 
 /// What the checks `run` makes before it starts found, besides errors.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct ConfigCheck {
+pub(crate) struct ConfigCheck {
     /// The config file.
-    pub config: String,
+    pub(crate) config: String,
     /// The node's SPIFFE id, from its certificate.
-    pub node: String,
-    pub exports: usize,
+    pub(crate) node: String,
+    pub(crate) exports: usize,
     /// Import listeners, the gateway counted as one.
-    pub imports: usize,
-    pub peers: usize,
+    pub(crate) imports: usize,
+    pub(crate) peers: usize,
     /// End of the node certificate (RFC 3339) and whole days left until then.
-    pub certificate_not_after: String,
-    pub certificate_days_left: i64,
+    pub(crate) certificate_not_after: String,
+    pub(crate) certificate_days_left: i64,
     /// Things that do not stop `run` but need the operator: a certificate expiring soon, a
     /// stale CRL it still applies, a port something already holds.
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
 }
 
 /// The checks `run` makes before it starts a node; `check-config` makes exactly these and adds
@@ -140,7 +140,7 @@ pub struct ConfigCheck {
 /// (`Config::load`, upstream settings included); this loads the TLS material as the node
 /// does (the key matches, the certificate chains to the CA, is in date and names this node)
 /// and resolves every upstream endpoint as the upstreams do at start.
-pub async fn preflight(config: &Config) -> anyhow::Result<ConfigCheck> {
+pub(crate) async fn preflight(config: &Config) -> anyhow::Result<ConfigCheck> {
     let material = node::load_tls(config)?;
     resolve_upstream_endpoints(config).await?;
     let not_after = certificate_not_after(config, &material)?;
@@ -262,7 +262,7 @@ fn stale_crl_warnings(
 /// `hybridge check-config`: the checks of [`preflight`], plus a warning for every address the
 /// node would listen on that something already holds (the node itself, when it runs: so a
 /// warning, not an error).
-pub async fn check_config(path: &Path) -> anyhow::Result<ConfigCheck> {
+pub(crate) async fn check_config(path: &Path) -> anyhow::Result<ConfigCheck> {
     let config = Config::load(path)?;
     let mut checked = preflight(&config).await?;
     checked.warnings.extend(ports_in_use(&config));
@@ -271,7 +271,7 @@ pub async fn check_config(path: &Path) -> anyhow::Result<ConfigCheck> {
 
 /// Runs `check-config` and prints its result; `Ok` is the exit code (0 `run` would start, with
 /// warnings on stderr; 1 it would not, the reason on stderr and, with `--json`, on stdout).
-pub async fn check_config_command(path: &Path, json: bool) -> anyhow::Result<u8> {
+pub(crate) async fn check_config_command(path: &Path, json: bool) -> anyhow::Result<u8> {
     match check_config(path).await {
         Ok(checked) => {
             for warning in &checked.warnings {
@@ -354,7 +354,7 @@ fn ports_in_use(config: &Config) -> Vec<String> {
 ///
 /// The node is reached at `--admin`, else `$HYBRIDGE_ADMIN`, else the `admin.socket` that
 /// `config` names, else the default socket.
-pub async fn reload(
+pub(crate) async fn reload(
     admin: &crate::admin::client::AdminArgs,
     config: Option<&Path>,
 ) -> anyhow::Result<String> {

@@ -2,8 +2,7 @@
 //!
 //! An in-process CA in a temp dir, a cloud node and an on-prem node joined by a real QUIC
 //! tunnel (each with its admin socket in the temp dir), a demo upstream on each side, the same
-//! sample policy on both nodes, and ready-to-paste curl and `hybridge` commands. Tests start
-//! the same environment with `DevEnvironment::start(0)`.
+//! sample policy on both nodes, and ready-to-paste curl and `hybridge` commands.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -23,7 +22,7 @@ const TRUST_DOMAIN: &str = "dev.hybridge";
 
 /// The sample policy applied to both nodes: `web` (on-prem) may use `inventory` (cloud),
 /// `reporting` (cloud) may read `ledger` (on-prem); everything else is denied by default.
-pub const SAMPLE_POLICY: &str = r#"
+pub(crate) const SAMPLE_POLICY: &str = r#"
 [[rule]]
 id = "web-to-inventory"
 source = "web"
@@ -53,12 +52,10 @@ sites = "onprem"
 "#;
 
 /// A running dev environment.
-pub struct DevEnvironment {
-    pub onprem: Node,
-    pub cloud: Node,
-    pub inventory: DemoUpstream,
-    pub ledger: DemoUpstream,
-    pub dir: tempfile::TempDir,
+pub(crate) struct DevEnvironment {
+    pub(crate) onprem: Node,
+    pub(crate) cloud: Node,
+    pub(crate) dir: tempfile::TempDir,
     upstreams_cancel: CancellationToken,
 }
 
@@ -197,14 +194,8 @@ fn apply_sample_policy(root: &Path, nodes: [&Node; 2]) -> anyhow::Result<()> {
 }
 
 impl DevEnvironment {
-    /// Starts everything on 127.0.0.1, both nodes on the caller's runtime; `base_port` 0
-    /// picks free ports.
-    pub async fn start(base_port: u16) -> anyhow::Result<Self> {
-        Self::start_on(base_port, Arc::new(Workers::inline())).await
-    }
-
     /// Starts everything, each node spread over `workers`.
-    pub async fn start_on(base_port: u16, workers: Arc<Workers>) -> anyhow::Result<Self> {
+    pub(crate) async fn start_on(base_port: u16, workers: Arc<Workers>) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("hybridge-dev-")
             .tempdir()
@@ -250,8 +241,6 @@ impl DevEnvironment {
         Ok(Self {
             onprem,
             cloud,
-            inventory,
-            ledger,
             dir,
             upstreams_cancel,
         })
@@ -259,7 +248,7 @@ impl DevEnvironment {
 
     /// The commands `hybridge dev` prints: curl through the tunnel, `hybridge` through the admin
     /// sockets, curl to the read-only metrics listener.
-    pub fn curl_commands(&self) -> Vec<(String, String)> {
+    pub(crate) fn curl_commands(&self) -> Vec<(String, String)> {
         let hybridge = hybridge_command(
             std::env::current_exe().ok().as_deref(),
             std::env::var_os("CARGO_MANIFEST_DIR").is_some(),
@@ -332,7 +321,7 @@ impl DevEnvironment {
     }
 
     /// Stops both nodes (draining) and the demo upstreams, and removes the temp dir.
-    pub async fn shutdown(self) {
+    pub(crate) async fn shutdown(self) {
         let Self {
             onprem,
             cloud,
@@ -351,7 +340,7 @@ impl DevEnvironment {
 /// (quoted for the shell when it needs it), so they work whatever is on PATH. Under `cargo
 /// run` (`cargo` sets CARGO_MANIFEST_DIR for the process it runs) the path is cargo's build
 /// output, which the next build replaces, so `cargo run` is printed instead.
-pub fn hybridge_command(current_exe: Option<&Path>, under_cargo: bool) -> String {
+pub(crate) fn hybridge_command(current_exe: Option<&Path>, under_cargo: bool) -> String {
     match current_exe {
         Some(exe) if !under_cargo => {
             let text = exe.display().to_string();
@@ -370,7 +359,7 @@ pub fn hybridge_command(current_exe: Option<&Path>, under_cargo: bool) -> String
 
 /// `hybridge dev`: start, print the commands, wait for Ctrl-C, stop cleanly; a second Ctrl-C
 /// while stopping exits at once (130). `Ok` is the exit code.
-pub async fn run(base_port: u16, workers: Arc<Workers>) -> anyhow::Result<u8> {
+pub(crate) async fn run(base_port: u16, workers: Arc<Workers>) -> anyhow::Result<u8> {
     let env = DevEnvironment::start_on(base_port, workers).await?;
     println!(
         "hybridge dev: CA, on-prem node and cloud node are up in {}",

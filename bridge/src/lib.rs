@@ -7,6 +7,15 @@
 //! breaking), `acl` owns policy, `trust` re-checks live peers' certificates, `admin` the operator API, `node` composes them, `workers`
 //! spreads a node's data plane over threads, `daemon` runs a node as a service, `dev` runs
 //! a whole demo, `cli` is the command line.
+//!
+//! Public API: everything is `pub(crate)` unless another crate needs it. The `pub mod`s below
+//! are what the binary (`cli::main`), the end-to-end tests crate and the benches drive: a
+//! `node` started from a `config`, its state read through `admin` (status, metrics, the
+//! admin client), policy from `acl`, upstreams from `demo`, threads from `workers`, and the
+//! wire format and peer connections of `tunnel` and the path and header rules of `http`, which
+//! tests and benches use to play a peer or a client. Inside them only what those callers
+//! name is `pub`; a `pub` item in a `pub(crate)` module is one the tests reach through a
+//! public field or return value (a node's peers, its upstreams, its metrics).
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -14,15 +23,15 @@ pub mod acl;
 pub mod admin;
 pub mod cli;
 pub mod config;
-pub mod daemon;
+pub(crate) mod daemon;
 pub mod demo;
-pub mod dev;
+pub(crate) mod dev;
 pub mod http;
-pub mod listener;
-pub mod metrics;
+pub(crate) mod listener;
+pub(crate) mod metrics;
 pub mod node;
 mod p2c;
-pub mod trust;
+pub(crate) mod trust;
 pub mod tunnel;
-pub mod upstream;
+pub(crate) mod upstream;
 pub mod workers;

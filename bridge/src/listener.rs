@@ -26,7 +26,7 @@ const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(10);
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The bounds of one listener (shared by the workers that accept on its port) and its counts.
-pub struct ListenerLimits {
+pub(crate) struct ListenerLimits {
     /// Names the listener in metrics and logs: `import:SERVICE`, `gateway`, `admin`.
     name: String,
     max_connections: AtomicUsize,
@@ -45,16 +45,20 @@ pub struct ListenerLimits {
 
 /// Counts of one listener, for `/metrics`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ListenerCounts {
-    pub name: String,
-    pub open: usize,
-    pub refused: u64,
-    pub accept_errors: u64,
-    pub idle_closed: u64,
+pub(crate) struct ListenerCounts {
+    pub(crate) name: String,
+    pub(crate) open: usize,
+    pub(crate) refused: u64,
+    pub(crate) accept_errors: u64,
+    pub(crate) idle_closed: u64,
 }
 
 impl ListenerLimits {
-    pub fn new(name: impl Into<String>, max_connections: usize, idle_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        name: impl Into<String>,
+        max_connections: usize,
+        idle_timeout: Duration,
+    ) -> Self {
         Self {
             name: name.into(),
             max_connections: AtomicUsize::new(max_connections),
@@ -71,7 +75,7 @@ impl ListenerLimits {
 
     /// Changes the cap and the idle timeout of a running listener. Open connections stay
     /// open under a lower cap; new ones are refused until the count is below it.
-    pub fn reconfigure(&self, max_connections: usize, idle_timeout: Duration) {
+    pub(crate) fn reconfigure(&self, max_connections: usize, idle_timeout: Duration) {
         self.max_connections
             .store(max_connections, Ordering::Relaxed);
         self.idle_timeout_ms
@@ -80,12 +84,12 @@ impl ListenerLimits {
     }
 
     /// The cap on open connections in force.
-    pub fn max_connections(&self) -> usize {
+    pub(crate) fn max_connections(&self) -> usize {
         self.max_connections.load(Ordering::Relaxed)
     }
 
     /// The idle timeout in force.
-    pub fn idle_timeout(&self) -> Duration {
+    pub(crate) fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms.load(Ordering::Relaxed))
     }
 
@@ -102,7 +106,7 @@ impl ListenerLimits {
 
     /// Accepts the next connection there is room for. A connection over the cap is closed
     /// as soon as it is accepted; an accept error is waited out with growing pauses.
-    pub async fn accept(&self, listener: &TcpListener) -> AcceptedConnection {
+    pub(crate) async fn accept(&self, listener: &TcpListener) -> AcceptedConnection {
         let mut backoff = ACCEPT_BACKOFF_START;
         loop {
             match listener.accept().await {
@@ -148,7 +152,7 @@ impl ListenerLimits {
 
     /// Resolves once `activity` has had no request in flight for the idle timeout (the one
     /// in force at that moment).
-    pub async fn idle(&self, activity: &ConnectionActivity) {
+    pub(crate) async fn idle(&self, activity: &ConnectionActivity) {
         loop {
             // Registered before the timeout is read, so a change in between is not missed.
             let changed = self.idle_timeout_changed.notified();
@@ -168,7 +172,7 @@ impl ListenerLimits {
         }
     }
 
-    pub fn counts(&self) -> ListenerCounts {
+    pub(crate) fn counts(&self) -> ListenerCounts {
         ListenerCounts {
             name: self.name.clone(),
             open: self.open.load(Ordering::Relaxed),
@@ -180,14 +184,14 @@ impl ListenerLimits {
 }
 
 /// An accepted connection and its place under the listener's cap (freed on drop).
-pub struct AcceptedConnection {
-    pub stream: TcpStream,
-    pub peer: SocketAddr,
-    pub permit: ConnectionPermit,
+pub(crate) struct AcceptedConnection {
+    pub(crate) stream: TcpStream,
+    pub(crate) peer: SocketAddr,
+    pub(crate) permit: ConnectionPermit,
 }
 
 /// One open connection counted under its listener's cap, until dropped.
-pub struct ConnectionPermit(Arc<AtomicUsize>);
+pub(crate) struct ConnectionPermit(Arc<AtomicUsize>);
 
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
@@ -201,7 +205,7 @@ fn millis(duration: Duration) -> u64 {
 
 /// Whether a connection is doing anything: the requests in flight on it (counted from the
 /// request head until the response body ends) and since when it has had none.
-pub struct ConnectionActivity {
+pub(crate) struct ConnectionActivity {
     in_flight: AtomicUsize,
     /// Milliseconds after `epoch` at which the last request finished (or the connection
     /// opened).
@@ -221,7 +225,7 @@ impl Default for ConnectionActivity {
 
 impl ConnectionActivity {
     /// Counts a request as in flight until the guard drops.
-    pub fn request(self: &Arc<Self>) -> RequestInFlight {
+    pub(crate) fn request(self: &Arc<Self>) -> RequestInFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         RequestInFlight(self.clone())
     }
@@ -237,7 +241,7 @@ impl ConnectionActivity {
 }
 
 /// One request in flight on a connection; see [`ConnectionActivity::request`].
-pub struct RequestInFlight(Arc<ConnectionActivity>);
+pub(crate) struct RequestInFlight(Arc<ConnectionActivity>);
 
 impl Drop for RequestInFlight {
     fn drop(&mut self) {

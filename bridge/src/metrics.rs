@@ -25,16 +25,16 @@ use crate::tunnel::outcome::{DisconnectReason, HandshakeFailure};
 use crate::workers::PerWorker;
 
 /// Upper bounds (seconds) of the request latency histogram buckets.
-pub const LATENCY_BUCKETS: [f64; 14] = [
+pub(crate) const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 /// The `service` label of every request for a service this node is not configured with.
-pub const UNKNOWN_SERVICE: &str = "unknown";
+pub(crate) const UNKNOWN_SERVICE: &str = "unknown";
 
 /// Which side of the bridge handled a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Side {
+pub(crate) enum Side {
     /// A caller on this site, forwarded into the tunnel.
     Import,
     /// A request from the peer, sent to a local upstream.
@@ -58,7 +58,7 @@ impl EncodeLabelValue for Side {
 
 /// Status classes counted per service, as labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct StatusClass(u8);
+pub(crate) struct StatusClass(u8);
 
 impl EncodeLabelValue for StatusClass {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
@@ -77,62 +77,62 @@ impl EncodeLabelValue for StatusClass {
 
 /// `{side, service}`: the per-service families.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct ServiceLabels {
-    pub side: Side,
-    pub service: Arc<str>,
+pub(crate) struct ServiceLabels {
+    pub(crate) side: Side,
+    pub(crate) service: Arc<str>,
 }
 
 /// `{side, service, class}`: `hybridge_requests_total`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct StatusClassLabels {
-    pub side: Side,
-    pub service: Arc<str>,
-    pub class: StatusClass,
+pub(crate) struct StatusClassLabels {
+    pub(crate) side: Side,
+    pub(crate) service: Arc<str>,
+    pub(crate) class: StatusClass,
 }
 
 /// `{side, service, reason}`: `hybridge_bridge_errors_total`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct BridgeErrorLabels {
-    pub side: Side,
-    pub service: Arc<str>,
-    pub reason: Reason,
+pub(crate) struct BridgeErrorLabels {
+    pub(crate) side: Side,
+    pub(crate) service: Arc<str>,
+    pub(crate) reason: Reason,
 }
 
 /// `{reason}`: `hybridge_tunnel_handshake_failures_total`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct HandshakeLabels {
-    pub reason: HandshakeFailure,
+pub(crate) struct HandshakeLabels {
+    pub(crate) reason: HandshakeFailure,
 }
 
 /// `{site}`: `hybridge_tunnel_connects_total`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct SiteLabels {
-    pub site: Arc<str>,
+pub(crate) struct SiteLabels {
+    pub(crate) site: Arc<str>,
 }
 
 /// `{carrier}`: the tunnel carrier families.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct CarrierLabels {
-    pub carrier: Carrier,
+pub(crate) struct CarrierLabels {
+    pub(crate) carrier: Carrier,
 }
 
 /// `{site, reason}`: `hybridge_tunnel_disconnects_total`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct DisconnectLabels {
-    pub site: Arc<str>,
-    pub reason: DisconnectReason,
+pub(crate) struct DisconnectLabels {
+    pub(crate) site: Arc<str>,
+    pub(crate) reason: DisconnectReason,
 }
 
 /// `{listener}`: the listener families.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct ListenerLabels {
-    pub listener: Arc<str>,
+pub(crate) struct ListenerLabels {
+    pub(crate) listener: Arc<str>,
 }
 
 /// Per (side, service) request statistics, kept per worker (summed when read), so a
 /// worker's requests touch only cache lines no other worker writes.
 #[derive(Default)]
-pub struct ServiceStats {
+pub(crate) struct ServiceStats {
     counters: PerWorker<Counters>,
 }
 
@@ -169,7 +169,7 @@ impl Default for Counters {
 
 /// Counts one request as active until dropped, whoever drops it: a handler future that hyper
 /// drops on `RST_STREAM` or a closed connection gives its count back too.
-pub struct ActiveRequest(Arc<ServiceStats>);
+pub(crate) struct ActiveRequest(Arc<ServiceStats>);
 
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
@@ -183,7 +183,7 @@ impl Drop for ActiveRequest {
 
 impl ServiceStats {
     /// Counts a request as active for as long as the guard lives.
-    pub fn start(self: &Arc<Self>) -> ActiveRequest {
+    pub(crate) fn start(self: &Arc<Self>) -> ActiveRequest {
         self.counters
             .current()
             .active
@@ -200,7 +200,7 @@ impl ServiceStats {
     }
 
     /// Requests active now.
-    pub fn active(&self) -> i64 {
+    pub(crate) fn active(&self) -> i64 {
         self.counters
             .iter()
             .map(|c| c.active.load(Ordering::Relaxed))
@@ -208,7 +208,7 @@ impl ServiceStats {
     }
 
     /// Records a response head: status and time to first byte.
-    pub fn responded(&self, status: u16, elapsed: Duration) {
+    pub(crate) fn responded(&self, status: u16, elapsed: Duration) {
         let counters = self.counters.current();
         let class = usize::from(status / 100).clamp(1, 5) - 1;
         counters.by_class[class].fetch_add(1, Ordering::Relaxed);
@@ -223,16 +223,16 @@ impl ServiceStats {
     }
 
     /// Counts a response the bridge produced itself.
-    pub fn bridge_error(&self, reason: Reason) {
+    pub(crate) fn bridge_error(&self, reason: Reason) {
         self.counters.current().bridge_errors[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Responses the bridge produced itself for `reason` so far.
-    pub fn bridge_errors(&self, reason: Reason) -> u64 {
+    pub(crate) fn bridge_errors(&self, reason: Reason) -> u64 {
         self.sum(|c| &c.bridge_errors[reason.index()])
     }
 
-    pub fn add_bytes(&self, inbound: u64, outbound: u64) {
+    pub(crate) fn add_bytes(&self, inbound: u64, outbound: u64) {
         let counters = self.counters.current();
         counters.bytes_in.fetch_add(inbound, Ordering::Relaxed);
         counters.bytes_out.fetch_add(outbound, Ordering::Relaxed);
@@ -241,11 +241,6 @@ impl ServiceStats {
     /// Responses recorded in status class `class` (1 to 5).
     fn class(&self, class: usize) -> u64 {
         self.sum(|c| &c.by_class[class - 1])
-    }
-
-    /// Total responses recorded (all classes).
-    pub fn total(&self) -> u64 {
-        (1..=5).map(|class| self.class(class)).sum()
     }
 
     /// Request and response body bytes so far.
@@ -380,19 +375,23 @@ impl Metrics {
     /// Gives `names` their own series on `side` (kept for the node's life, so counters never
     /// go back when a reload removes a service). Only names from the node's configuration
     /// or policy belong here, never one a peer or caller sent.
-    pub fn register_services<'a>(&self, side: Side, names: impl IntoIterator<Item = &'a str>) {
+    pub(crate) fn register_services<'a>(
+        &self,
+        side: Side,
+        names: impl IntoIterator<Item = &'a str>,
+    ) {
         self.services[side as usize].register(names);
     }
 
     /// The stats of `service` on `side`: its own if configured, else the shared `unknown` ones.
-    pub fn service(&self, side: Side, service: &str) -> Arc<ServiceStats> {
+    pub(crate) fn service(&self, side: Side, service: &str) -> Arc<ServiceStats> {
         let table = &self.services[side as usize];
         table.get(service).unwrap_or_else(|| table.unknown.clone())
     }
 
     /// Like [`Metrics::service`], but a name not registered yet is registered first when
     /// `configured` says the node's configuration names it (asked only on a miss).
-    pub fn service_if(
+    pub(crate) fn service_if(
         &self,
         side: Side,
         service: &str,
@@ -412,7 +411,7 @@ impl Metrics {
     }
 
     /// A tunnel to a node of `site` came up.
-    pub fn tunnel_connected(&self, site: &str) {
+    pub(crate) fn tunnel_connected(&self, site: &str) {
         let mut t = lock(&self.tunnel);
         match t.connects.get_mut(site) {
             Some(n) => *n += 1,
@@ -423,41 +422,41 @@ impl Metrics {
     }
 
     /// A dialled tunnel came up on `carrier`.
-    pub fn tunnel_carrier_chosen(&self, carrier: Carrier) {
+    pub(crate) fn tunnel_carrier_chosen(&self, carrier: Carrier) {
         *lock(&self.tunnel).carriers.entry(carrier).or_default() += 1;
     }
 
     /// A link moved to `carrier` (a re-probe found QUIC working again).
-    pub fn tunnel_carrier_switched(&self, carrier: Carrier) {
+    pub(crate) fn tunnel_carrier_switched(&self, carrier: Carrier) {
         *lock(&self.tunnel).switches.entry(carrier).or_default() += 1;
     }
 
     /// A link went silent (see `tunnel::session::watch_silence`).
-    pub fn tunnel_silent(&self) {
+    pub(crate) fn tunnel_silent(&self) {
         self.tunnel_silences.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A request waiting on a silent link was sent again on another link (the peer never
     /// acknowledged it).
-    pub fn tunnel_retried(&self) {
+    pub(crate) fn tunnel_retried(&self) {
         self.tunnel_retries.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A tunnel to a node of `site` went down.
-    pub fn tunnel_disconnected(&self, site: &str, reason: DisconnectReason) {
+    pub(crate) fn tunnel_disconnected(&self, site: &str, reason: DisconnectReason) {
         let mut t = lock(&self.tunnel);
         *t.disconnects.entry((Arc::from(site), reason)).or_default() += 1;
     }
 
     /// Registers a listener's limits so `/metrics` shows its connections; returns them shared.
-    pub fn listener(&self, limits: ListenerLimits) -> Arc<ListenerLimits> {
+    pub(crate) fn listener(&self, limits: ListenerLimits) -> Arc<ListenerLimits> {
         let limits = Arc::new(limits);
         lock(&self.listeners).push(limits.clone());
         limits
     }
 
     /// A peer announced a service its site may not serve.
-    pub fn export_refused(&self) {
+    pub(crate) fn export_refused(&self) {
         self.exports_refused.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -466,7 +465,7 @@ impl Metrics {
     }
 
     /// Counts a refused tunnel handshake under its reason (the detail goes to the log).
-    pub fn handshake_failed(&self, reason: HandshakeFailure) {
+    pub(crate) fn handshake_failed(&self, reason: HandshakeFailure) {
         self.handshake_failures[reason.index()].fetch_add(1, Ordering::Relaxed);
         self.handshake_total.send_modify(|n| *n += 1);
     }
@@ -477,7 +476,10 @@ impl Metrics {
     }
 
     /// Encodes the request, tunnel and listener families.
-    pub fn encode(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+    pub(crate) fn encode(
+        &self,
+        encoder: &mut DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
         let mut services: Vec<(ServiceLabels, Arc<ServiceStats>)> = Vec::new();
         for side in [Side::Import, Side::Export] {
             for (service, stats) in self.services[side as usize].entries() {
@@ -723,7 +725,7 @@ fn encode_request_traffic(
 }
 
 /// Encodes one counter family. `name` is the sample name (`…_total`), as dashboards query it.
-pub fn counter<L: EncodeLabelSet>(
+pub(crate) fn counter<L: EncodeLabelSet>(
     encoder: &mut DescriptorEncoder<'_>,
     name: &'static str,
     help: &str,
@@ -741,7 +743,7 @@ pub fn counter<L: EncodeLabelSet>(
 }
 
 /// Encodes one gauge family.
-pub fn gauge<L: EncodeLabelSet, V: prometheus_client::encoding::EncodeGaugeValue>(
+pub(crate) fn gauge<L: EncodeLabelSet, V: prometheus_client::encoding::EncodeGaugeValue>(
     encoder: &mut DescriptorEncoder<'_>,
     name: &'static str,
     help: &str,
@@ -755,7 +757,7 @@ pub fn gauge<L: EncodeLabelSet, V: prometheus_client::encoding::EncodeGaugeValue
 }
 
 /// Encodes one gauge without labels.
-pub fn single_gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
+pub(crate) fn single_gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
     encoder: &mut DescriptorEncoder<'_>,
     name: &'static str,
     help: &str,

@@ -50,8 +50,7 @@ use crate::workers::Workers;
 mod readiness;
 mod reload;
 
-pub use readiness::Readiness;
-pub use reload::ReloadReport;
+pub(crate) use reload::ReloadReport;
 use reload::{ReloadRequest, Reloadable};
 
 /// Where a started node listens.
@@ -65,7 +64,7 @@ pub struct NodeAddresses {
     /// The admin socket (`admin.socket`): the whole API for local administrators.
     pub admin_socket: PathBuf,
     /// The remote mTLS admin listener (`[admin.remote]`), if configured.
-    pub admin_remote: Option<SocketAddr>,
+    pub(crate) admin_remote: Option<SocketAddr>,
     /// The health-only admin listener (`admin.health_listen`), if configured.
     pub health: Option<SocketAddr>,
     /// (service, address) of every import listener, in config order.
@@ -76,33 +75,33 @@ pub struct NodeAddresses {
 /// State shared by the node's tasks and the admin API.
 pub struct NodeState {
     pub config: ArcSwap<Config>,
-    pub identity: SpiffeId,
+    pub(crate) identity: SpiffeId,
     pub peers: Arc<PeerSet>,
     /// Which peer sites may serve which services.
-    pub serving: Arc<ServingPolicy>,
+    pub(crate) serving: Arc<ServingPolicy>,
     /// The certificate checks every live tunnel and mTLS connection is held to.
-    pub trust: TrustUpdates,
+    pub(crate) trust: TrustUpdates,
     pub acl: Arc<AclService>,
     pub export: Arc<ExportContext>,
     pub metrics: Arc<Metrics>,
-    pub started: Instant,
-    pub addresses: NodeAddresses,
+    pub(crate) started: Instant,
+    pub(crate) addresses: NodeAddresses,
     /// Worker threads running the data plane (1: all on the main runtime).
-    pub workers: usize,
+    pub(crate) workers: usize,
     /// Where `POST /v1/reload` hands its reload to the node (see [`NodeState::reload`]).
     reload_requests: tokio::sync::mpsc::Sender<ReloadRequest>,
     draining: AtomicBool,
     /// What each dialer slot is doing, for status.
-    pub dial_states: Arc<crate::tunnel::dialer::DialStates>,
+    pub(crate) dial_states: Arc<crate::tunnel::dialer::DialStates>,
 }
 
 impl NodeState {
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }
 
     /// What this node tells its peers about itself: its exports and its policy.
-    pub fn announcement(&self) -> PeerAnnouncement {
+    pub(crate) fn announcement(&self) -> PeerAnnouncement {
         PeerAnnouncement {
             exports: self.config.load().export_names(),
             policy_version: self.acl.version(),
@@ -125,7 +124,7 @@ impl NodeState {
     /// Reloads the node's configuration file on behalf of `by` (who asked, for the log) and
     /// waits for the outcome: the same reload as SIGHUP, run by the node to completion even
     /// if the caller goes away. On `Err` the running configuration stays in force.
-    pub async fn reload(&self, by: String) -> Result<ReloadReport, ReloadFailed> {
+    pub(crate) async fn reload(&self, by: String) -> Result<ReloadReport, ReloadFailed> {
         let (reply, outcome) = tokio::sync::oneshot::channel();
         self.reload_requests
             .send(ReloadRequest { by, reply })
@@ -140,7 +139,7 @@ impl NodeState {
 
 /// Why a reload asked for over the admin API did not happen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ReloadFailed {
+pub(crate) enum ReloadFailed {
     /// The new configuration or TLS material is invalid; the reason names the file, line and
     /// field, or the file and step.
     #[error("{0}")]
@@ -170,7 +169,7 @@ pub struct Node {
 
 /// Loads and checks the node's TLS material against its configured identity, with the
 /// configured handling of a stale CRL.
-pub fn load_tls(config: &Config) -> anyhow::Result<TlsMaterial> {
+pub(crate) fn load_tls(config: &Config) -> anyhow::Result<TlsMaterial> {
     let tls = &config.tls;
     let mut material = TlsMaterial::load(&tls.ca, &tls.cert, &tls.key, tls.crl.as_deref())?;
     material.crl_stale = tls.crl_stale;

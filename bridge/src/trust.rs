@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 /// What kind of identity a connection's peer was admitted as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PeerKind {
+pub(crate) enum PeerKind {
     /// A node at the other end of a tunnel.
     Node,
     /// A service presenting its certificate to an mTLS import or gateway listener.
@@ -27,7 +27,7 @@ pub enum PeerKind {
 }
 
 /// The checks in force, built from one set of TLS material.
-pub struct Trust {
+pub(crate) struct Trust {
     /// Nodes we dialled (any site: a dialler's expectations were checked at its handshake).
     nodes: PeerChecker,
     /// Nodes that dialled us: only the sites the tunnel listener admits.
@@ -46,16 +46,16 @@ pub struct Trust {
 
 /// When a certificate starts and stops being valid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Validity {
-    pub not_before: time::OffsetDateTime,
-    pub not_after: time::OffsetDateTime,
+pub(crate) struct Validity {
+    pub(crate) not_before: time::OffsetDateTime,
+    pub(crate) not_after: time::OffsetDateTime,
 }
 
 impl Trust {
     /// Checks for `material` (its CRLs read from `crl_file`, for messages); nodes that dialled
     /// us must be of `accepted_sites`. Identity rules beyond the kind and site (a peer's exact
     /// name) were applied at the handshake and are not re-checked here.
-    pub fn new(
+    pub(crate) fn new(
         material: &TlsMaterial,
         trust_domain: &str,
         accepted_sites: &[String],
@@ -113,7 +113,7 @@ impl Trust {
     }
 
     /// Checks a peer's chain now; the error says which check failed.
-    pub fn check(
+    pub(crate) fn check(
         &self,
         kind: PeerKind,
         chain: &[CertificateDer<'_>],
@@ -137,27 +137,27 @@ impl Trust {
     }
 
     /// The CRLs in force, in file order.
-    pub fn crls(&self) -> &[CrlSummary] {
+    pub(crate) fn crls(&self) -> &[CrlSummary] {
         &self.crls
     }
 
-    pub fn crl_stale(&self) -> CrlStale {
+    pub(crate) fn crl_stale(&self) -> CrlStale {
         self.crl_stale
     }
 
     /// The validity window of the node's own certificate in force.
-    pub fn node_certificate(&self) -> Option<Validity> {
+    pub(crate) fn node_certificate(&self) -> Option<Validity> {
         self.node_certificate
     }
 
     /// How many CA certificates the bundle in force holds.
-    pub fn ca_certificates(&self) -> usize {
+    pub(crate) fn ca_certificates(&self) -> usize {
         self.ca_certificates
     }
 
     /// Under `tls.crl_stale = "refuse"`, when the first CRL goes stale and every peer check
     /// starts failing; `None` under `warn` or without a CRL.
-    pub fn refuses_from(&self) -> Option<time::OffsetDateTime> {
+    pub(crate) fn refuses_from(&self) -> Option<time::OffsetDateTime> {
         match self.crl_stale {
             CrlStale::Warn => None,
             CrlStale::Refuse => self.crls.iter().filter_map(|c| c.next_update).min(),
@@ -166,28 +166,28 @@ impl Trust {
 }
 
 /// Publishes the trust in force to every live connection.
-pub struct TrustUpdates {
+pub(crate) struct TrustUpdates {
     current: watch::Sender<Arc<Trust>>,
 }
 
 impl TrustUpdates {
-    pub fn new(trust: Trust) -> TrustUpdates {
+    pub(crate) fn new(trust: Trust) -> TrustUpdates {
         TrustUpdates {
             current: watch::channel(Arc::new(trust)).0,
         }
     }
 
     /// Makes `trust` the one in force; every live connection checks its peer against it.
-    pub fn publish(&self, trust: Trust) {
+    pub(crate) fn publish(&self, trust: Trust) {
         self.current.send_replace(Arc::new(trust));
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Trust>> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Arc<Trust>> {
         self.current.subscribe()
     }
 
     /// The trust in force now.
-    pub fn current(&self) -> Arc<Trust> {
+    pub(crate) fn current(&self) -> Arc<Trust> {
         self.current.borrow().clone()
     }
 }
@@ -196,7 +196,7 @@ impl TrustUpdates {
 /// a reload brought a CRL that revokes it, a CA bundle that does not issue it or sites that
 /// exclude it, its leaf certificate expired, or (under `tls.crl_stale = "refuse"`) the CRL
 /// went stale. Pending forever while none of that happens.
-pub async fn lost(
+pub(crate) async fn lost(
     mut updates: watch::Receiver<Arc<Trust>>,
     chain: Vec<CertificateDer<'static>>,
     kind: PeerKind,
@@ -268,7 +268,7 @@ fn expiry_of(chain: &[CertificateDer<'static>]) -> Option<Instant> {
 
 /// Logs a warning for each CRL in force that is past its nextUpdate (at start and on every
 /// reload), saying what the node does about it under `tls.crl_stale`.
-pub fn warn_stale_crls(trust: &Trust) {
+pub(crate) fn warn_stale_crls(trust: &Trust) {
     let now = time::OffsetDateTime::now_utc();
     for (i, crl) in trust.crls().iter().enumerate() {
         if crl.is_stale(now) {
@@ -319,7 +319,7 @@ fn rfc3339(at: time::OffsetDateTime) -> String {
 /// Logs once, as it happens, each CRL in force going past its nextUpdate while the node runs,
 /// until `cancel` fires. A reload brings new CRLs to watch (its own warnings come from
 /// [`warn_stale_crls`]).
-pub async fn watch_crl_freshness(
+pub(crate) async fn watch_crl_freshness(
     mut updates: watch::Receiver<Arc<Trust>>,
     cancel: tokio_util::sync::CancellationToken,
 ) {

@@ -29,7 +29,7 @@ thread_local! {
 /// Number of the worker running the calling thread: 1 to N on worker threads, 0 on the
 /// main thread and any other. Links and pooled connections are tagged with it, so a
 /// worker uses its own first, and the control plane's health checks keep theirs apart.
-pub fn current() -> usize {
+pub(crate) fn current() -> usize {
     INDEX.with(Cell::get)
 }
 
@@ -42,7 +42,7 @@ static HIGHEST: AtomicUsize = AtomicUsize::new(0);
 /// scrape time). A table has a slot for each worker started before it was made, and at least
 /// one per CPU (the default number of workers); a worker numbered past it shares a slot,
 /// which callers must allow for (correct, only not private).
-pub struct PerWorker<T> {
+pub(crate) struct PerWorker<T> {
     slots: Box<[Padded<T>]>,
 }
 
@@ -68,17 +68,17 @@ fn cpus() -> usize {
 
 impl<T> PerWorker<T> {
     /// The calling worker's slot (the main thread's off the workers).
-    pub fn current(&self) -> &T {
+    pub(crate) fn current(&self) -> &T {
         self.get(current())
     }
 
     /// Worker `worker`'s slot.
-    pub fn get(&self, worker: usize) -> &T {
+    pub(crate) fn get(&self, worker: usize) -> &T {
         &self.slots[worker % self.slots.len()].0
     }
 
     /// Every slot, to sum or to clear.
-    pub fn iter(&self) -> impl Iterator<Item = &T> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
         self.slots.iter().map(|slot| &slot.0)
     }
 }
@@ -93,7 +93,7 @@ pub struct Workers {
 
 impl Workers {
     /// No worker threads: the node runs on the runtime that starts it.
-    pub fn inline() -> Self {
+    pub(crate) fn inline() -> Self {
         Self {
             handles: vec![None],
             stop: CancellationToken::new(),
@@ -129,13 +129,13 @@ impl Workers {
         })
     }
 
-    pub fn count(&self) -> usize {
+    pub(crate) fn count(&self) -> usize {
         self.handles.len()
     }
 
     /// Runs `f` with the `index`th worker's (from 0) runtime as the current one, so sockets
     /// it creates register with that worker's reactor.
-    pub fn enter<T>(&self, index: usize, f: impl FnOnce() -> T) -> T {
+    pub(crate) fn enter<T>(&self, index: usize, f: impl FnOnce() -> T) -> T {
         match &self.handles[index] {
             Some(handle) => {
                 let _guard = handle.enter();
@@ -146,7 +146,7 @@ impl Workers {
     }
 
     /// Spawns `task` on the `index`th worker (from 0), tracked by `tracker`.
-    pub fn spawn_on<F>(&self, index: usize, tracker: &TaskTracker, task: F)
+    pub(crate) fn spawn_on<F>(&self, index: usize, tracker: &TaskTracker, task: F)
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,

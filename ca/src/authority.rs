@@ -26,14 +26,14 @@ pub use crate::registry::{
 use crate::spiffe::{SpiffeError, SpiffeId, validate_segment};
 
 /// CA certificate file name inside the CA directory.
-pub const CA_CERT_FILE: &str = "ca.pem";
+pub(crate) const CA_CERT_FILE: &str = "ca.pem";
 /// CA private key file name inside the CA directory.
-pub const CA_KEY_FILE: &str = "ca.key";
+pub(crate) const CA_KEY_FILE: &str = "ca.key";
 /// Registry file name inside the CA directory.
-pub const REGISTRY_FILE: &str = "ca.redb";
+pub(crate) const REGISTRY_FILE: &str = "ca.redb";
 
 /// How long a CRL from [`CertificateAuthority::crl_pem`] claims to be current.
-pub const DEFAULT_CRL_VALIDITY: Duration = Duration::from_secs(7 * 86_400);
+pub(crate) const DEFAULT_CRL_VALIDITY: Duration = Duration::from_secs(7 * 86_400);
 
 /// Leaf and CA certificates start this far in the past to absorb clock skew between hosts.
 const BACKDATE: time::Duration = time::Duration::minutes(5);
@@ -205,7 +205,7 @@ pub struct IssuedCertificate {
     /// PKCS#8 private key, PEM.
     pub key_pem: String,
     /// End of validity.
-    pub not_after: OffsetDateTime,
+    pub(crate) not_after: OffsetDateTime,
 }
 
 impl std::fmt::Debug for IssuedCertificate {
@@ -294,7 +294,7 @@ fn valid_dns_name(name: &str) -> bool {
 }
 
 /// Normalises an operator-typed serial: strips colons, lowercases, drops leading zero bytes.
-pub fn normalize_serial(serial: &str) -> Result<String, CaError> {
+pub(crate) fn normalize_serial(serial: &str) -> Result<String, CaError> {
     let cleaned: String = serial
         .trim()
         .chars()
@@ -610,7 +610,7 @@ impl CertificateAuthority {
     }
 
     /// The trust domain every issued id lives in.
-    pub fn trust_domain(&self) -> &str {
+    pub(crate) fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
 
@@ -619,13 +619,8 @@ impl CertificateAuthority {
         self.cert_pem.clone()
     }
 
-    /// The CA directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// End of the CA certificate's validity; leaves never outlive it.
-    pub fn not_after(&self) -> OffsetDateTime {
+    pub(crate) fn not_after(&self) -> OffsetDateTime {
         self.not_after
     }
 
@@ -782,7 +777,7 @@ impl CertificateAuthority {
     }
 
     /// The record for one serial, if issued here.
-    pub fn find_serial(&self, serial_hex: &str) -> Result<Option<IssuedRecord>, CaError> {
+    pub(crate) fn find_serial(&self, serial_hex: &str) -> Result<Option<IssuedRecord>, CaError> {
         let serial = normalize_serial(serial_hex)?;
         Ok(self.list()?.into_iter().find(|r| r.serial_hex == serial))
     }

@@ -23,12 +23,12 @@ use crate::{duration, inspect};
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Create a new self-signed CA in DIR (refuses to overwrite an existing one).
     Init(InitArgs),
     /// Issue a node, service or administrator certificate.
@@ -83,24 +83,24 @@ pub enum Command {
 
 /// Arguments of `init`.
 #[derive(Debug, Args)]
-pub struct InitArgs {
+pub(crate) struct InitArgs {
     /// CA directory (created 0700 if missing).
     #[arg(long, env = CA_DIR_ENV)]
-    pub dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// Trust domain, e.g. corp.example ([a-z0-9._-]+).
     #[arg(long)]
-    pub trust_domain: String,
+    pub(crate) trust_domain: String,
     /// CA certificate lifetime.
     #[arg(long, default_value = "10y", value_parser = parse_duration)]
-    pub validity: Duration,
+    pub(crate) validity: Duration,
     /// CA key algorithm.
     #[arg(long, value_enum, default_value_t = KeyTypeArg::EcdsaP256)]
-    pub key_type: KeyTypeArg,
+    pub(crate) key_type: KeyTypeArg,
 }
 
 /// `--key-type` values.
 #[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum KeyTypeArg {
+pub(crate) enum KeyTypeArg {
     /// ECDSA P-256.
     EcdsaP256,
     /// Ed25519.
@@ -109,7 +109,7 @@ pub enum KeyTypeArg {
 
 /// `issue` subcommands.
 #[derive(Debug, Subcommand)]
-pub enum IssueCommand {
+pub(crate) enum IssueCommand {
     /// Certificate for a bridge node: spiffe://TD/site/SITE/node/NAME.
     Node {
         /// CA directory.
@@ -183,27 +183,27 @@ pub enum IssueCommand {
 
 /// Arguments of `revoke`.
 #[derive(Debug, Args)]
-pub struct RevokeArgs {
+pub(crate) struct RevokeArgs {
     /// CA directory.
     #[arg(long, env = CA_DIR_ENV)]
-    pub dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// Serial number (hex) to revoke.
     #[arg(required_unless_present = "spiffe", conflicts_with = "spiffe")]
-    pub serial: Option<String>,
+    pub(crate) serial: Option<String>,
     /// Revoke every still-valid certificate of this SPIFFE id.
     #[arg(long)]
-    pub spiffe: Option<String>,
+    pub(crate) spiffe: Option<String>,
     /// Reason: unspecified, key-compromise, ca-compromise, affiliation-changed,
     /// superseded, cessation-of-operation, privilege-withdrawn.
     #[arg(long, default_value = "unspecified")]
-    pub reason: RevocationReason,
+    pub(crate) reason: RevocationReason,
     /// Print JSON instead of lines.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
 /// The environment variable naming the CA directory when `--dir` is not given.
-pub const CA_DIR_ENV: &str = "HYBRIDGE_CA_DIR";
+pub(crate) const CA_DIR_ENV: &str = "HYBRIDGE_CA_DIR";
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     duration::parse(s).map_err(|e| e.to_string())

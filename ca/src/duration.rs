@@ -12,11 +12,11 @@ use std::time::Duration;
 /// Why a duration string was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid duration {input:?}: {reason} ({})", use_.expected())]
-pub struct DurationError {
+pub(crate) struct DurationError {
     /// The rejected text.
-    pub input: String,
+    pub(crate) input: String,
     /// What is wrong with it.
-    pub reason: &'static str,
+    pub(crate) reason: &'static str,
     use_: Use,
 }
 
@@ -41,13 +41,13 @@ const LONGEST_SECS: u64 = 1_000 * 365 * 86_400;
 
 /// Parses a certificate validity: `<number><unit>` with unit `s`, `m`, `h`, `d`, `w` or `y`.
 /// Zero is rejected.
-pub fn parse(input: &str) -> Result<Duration, DurationError> {
+pub(crate) fn parse(input: &str) -> Result<Duration, DurationError> {
     parse_for(input, Use::Validity)
 }
 
 /// Parses a node setting: `<number><unit>` with unit `ms`, `s`, `m`, `h`, `d`, `w` or `y`.
 /// Zero is accepted (`"0s"`); whether it means "off" is the setting's to say.
-pub fn parse_setting(input: &str) -> Result<Duration, DurationError> {
+pub(crate) fn parse_setting(input: &str) -> Result<Duration, DurationError> {
     parse_for(input, Use::Setting)
 }
 

@@ -8,13 +8,13 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Mode for private keys.
-pub const SECRET_MODE: u32 = 0o600;
+pub(crate) const SECRET_MODE: u32 = 0o600;
 /// Mode for certificates, CRLs and other public material.
-pub const PUBLIC_MODE: u32 = 0o644;
+pub(crate) const PUBLIC_MODE: u32 = 0o644;
 
 /// A fully written and fsynced temporary file next to its final path.
 #[derive(Debug)]
-pub struct StagedFile {
+pub(crate) struct StagedFile {
     temp: PathBuf,
     target: PathBuf,
     done: bool,
@@ -22,7 +22,7 @@ pub struct StagedFile {
 
 impl StagedFile {
     /// Writes `bytes` into a fresh temp file beside `target` with `mode`, and fsyncs it.
-    pub fn write(target: &Path, bytes: &[u8], mode: u32) -> io::Result<Self> {
+    pub(crate) fn write(target: &Path, bytes: &[u8], mode: u32) -> io::Result<Self> {
         let dir = parent_dir(target);
         let name = target
             .file_name()
@@ -57,14 +57,14 @@ impl StagedFile {
     }
 
     /// Moves the file into place, replacing whatever is there.
-    pub fn commit_replace(mut self) -> io::Result<()> {
+    pub(crate) fn commit_replace(mut self) -> io::Result<()> {
         fs::rename(&self.temp, &self.target)?;
         self.done = true;
         sync_dir(parent_dir(&self.target))
     }
 
     /// Moves the file into place only if nothing exists there yet (`AlreadyExists` otherwise).
-    pub fn commit_new(mut self) -> io::Result<()> {
+    pub(crate) fn commit_new(mut self) -> io::Result<()> {
         // A hard link never replaces an existing file, so two racing `init`s cannot
         // both win; the temp name is removed when `self` drops.
         fs::hard_link(&self.temp, &self.target)?;
@@ -83,12 +83,12 @@ impl Drop for StagedFile {
 }
 
 /// Writes `bytes` to `target` atomically, replacing any previous file.
-pub fn write_atomic(target: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+pub(crate) fn write_atomic(target: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     StagedFile::write(target, bytes, mode)?.commit_replace()
 }
 
 /// Fsyncs a directory so a rename in it survives a crash.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
@@ -100,7 +100,7 @@ fn parent_dir(path: &Path) -> &Path {
 }
 
 /// `prefix` with `suffix` appended to its final component (`out/a` + `.pem` = `out/a.pem`).
-pub fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
+pub(crate) fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
     let mut s = prefix.as_os_str().to_os_string();
     s.push(suffix);
     PathBuf::from(s)

@@ -18,9 +18,9 @@ pub struct InspectError(pub String);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertificateSummary {
     /// Subject DN.
-    pub subject: String,
+    pub(crate) subject: String,
     /// Issuer DN.
-    pub issuer: String,
+    pub(crate) issuer: String,
     /// Serial, lowercase hex.
     pub serial_hex: String,
     /// Start of validity.
@@ -28,19 +28,19 @@ pub struct CertificateSummary {
     /// End of validity.
     pub not_after: OffsetDateTime,
     /// URI SANs (the SPIFFE id among them).
-    pub uris: Vec<String>,
+    pub(crate) uris: Vec<String>,
     /// DNS SANs.
     pub dns_names: Vec<String>,
     /// IP SANs.
     pub ips: Vec<String>,
     /// Extended key usages by name (`serverAuth`, `clientAuth`, ...); empty when absent.
-    pub extended_key_usage: Vec<String>,
+    pub(crate) extended_key_usage: Vec<String>,
     /// SHA-256 of the DER, colon-separated uppercase hex (as `openssl x509 -fingerprint -sha256`).
-    pub sha256_fingerprint: String,
+    pub(crate) sha256_fingerprint: String,
     /// Whether it is a CA certificate.
-    pub is_ca: bool,
+    pub(crate) is_ca: bool,
     /// How many certificates the file held (the first is summarised).
-    pub certificates_in_file: usize,
+    pub(crate) certificates_in_file: usize,
 }
 
 /// Summarises the first certificate of a PEM file (DER is accepted too).

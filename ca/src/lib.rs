@@ -1,5 +1,9 @@
 //! hybridge-ca: the certificate authority library shared by the `hybridge-ca` tool,
 //! `hybridge dev` and tests: SPIFFE ids, the on-disk CA, and rustls configs that check them.
+//!
+//! The `pub` modules are what `hybridge`, the tests and the `hybridge-ca` binary use; `files`
+//! (atomic writes) and `verify` (the rustls verifiers behind `tls`) are internal, and inside
+//! every module what no other crate names is `pub(crate)`.
 
 // Tests may unwrap; library code may not (workspace lints warn, CI denies warnings).
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -8,7 +12,7 @@ pub mod authority;
 pub mod cli;
 pub mod command_line;
 pub mod duration;
-pub mod files;
+pub(crate) mod files;
 pub mod inspect;
 pub mod registry;
 pub mod spiffe;

@@ -55,7 +55,7 @@ impl RevocationReason {
     ];
 
     /// Kebab-case name used on the command line and in JSON.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         Self::ALL
             .iter()
             .find(|(r, _)| *r == self)
@@ -119,7 +119,7 @@ pub enum CertKind {
 
 impl CertKind {
     /// `"node"`, `"service"` or `"admin"`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CertKind::Node => "node",
             CertKind::Service => "service",
@@ -132,9 +132,9 @@ impl CertKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Revocation {
     /// Reason given by the operator.
-    pub reason: RevocationReason,
+    pub(crate) reason: RevocationReason,
     /// When the CA processed the revocation.
-    pub at: OffsetDateTime,
+    pub(crate) at: OffsetDateTime,
 }
 
 /// Current standing of an issued certificate.
@@ -150,7 +150,7 @@ pub enum CertStatus {
 
 impl CertStatus {
     /// `"valid"`, `"expired"` or `"revoked"`.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CertStatus::Valid => "valid",
             CertStatus::Expired => "expired",
@@ -163,24 +163,24 @@ impl CertStatus {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IssuedRecord {
     /// Serial number, lowercase hex without separators.
-    pub serial_hex: String,
+    pub(crate) serial_hex: String,
     /// Subject distinguished name, as text.
-    pub subject: String,
+    pub(crate) subject: String,
     /// The URI SAN.
-    pub spiffe_id: String,
+    pub(crate) spiffe_id: String,
     /// Node, service or administrator.
-    pub kind: CertKind,
+    pub(crate) kind: CertKind,
     /// Start of validity.
-    pub not_before: OffsetDateTime,
+    pub(crate) not_before: OffsetDateTime,
     /// End of validity.
-    pub not_after: OffsetDateTime,
+    pub(crate) not_after: OffsetDateTime,
     /// Set once revoked.
-    pub revocation: Option<Revocation>,
+    pub(crate) revocation: Option<Revocation>,
 }
 
 impl IssuedRecord {
     /// Status at `now`; revocation wins over expiry.
-    pub fn status_at(&self, now: OffsetDateTime) -> CertStatus {
+    pub(crate) fn status_at(&self, now: OffsetDateTime) -> CertStatus {
         if self.revocation.is_some() {
             CertStatus::Revoked
         } else if now > self.not_after {
@@ -191,7 +191,7 @@ impl IssuedRecord {
     }
 
     /// Status now.
-    pub fn status(&self) -> CertStatus {
+    pub(crate) fn status(&self) -> CertStatus {
         self.status_at(OffsetDateTime::now_utc())
     }
 }
@@ -247,7 +247,7 @@ impl StoredRecord {
 /// operations through one handle (and its clones) are serialised by a mutex, because
 /// redb refuses a second open of the same file within a process.
 #[derive(Clone, Debug)]
-pub struct Registry {
+pub(crate) struct Registry {
     path: PathBuf,
     lock: Arc<Mutex<()>>,
 }
@@ -261,7 +261,7 @@ fn storage<'a>(path: &'a Path, step: &'static str) -> impl Fn(&dyn fmt::Display)
 
 impl Registry {
     /// Creates a new registry file (the caller ensured nothing is there) recording the trust domain.
-    pub fn create(path: &Path, trust_domain: &str) -> Result<Self, CaError> {
+    pub(crate) fn create(path: &Path, trust_domain: &str) -> Result<Self, CaError> {
         let db = Database::create(path).map_err(|e| storage(path, "creating database")(&e))?;
         let txn = db
             .begin_write()
@@ -283,7 +283,7 @@ impl Registry {
     }
 
     /// Opens an existing registry and returns it with the recorded trust domain.
-    pub fn open(path: &Path) -> Result<(Self, String), CaError> {
+    pub(crate) fn open(path: &Path) -> Result<(Self, String), CaError> {
         if !path.exists() {
             return Err(CaError::Registry {
                 path: path.to_path_buf(),
@@ -326,7 +326,7 @@ impl Registry {
     }
 
     /// Records a newly issued certificate.
-    pub fn insert(&self, record: &IssuedRecord) -> Result<(), CaError> {
+    pub(crate) fn insert(&self, record: &IssuedRecord) -> Result<(), CaError> {
         let (_guard, db) = self.db()?;
         let err = storage(&self.path, "recording certificate");
         let json =
@@ -342,7 +342,7 @@ impl Registry {
     }
 
     /// All records, oldest first.
-    pub fn list(&self) -> Result<Vec<IssuedRecord>, CaError> {
+    pub(crate) fn list(&self) -> Result<Vec<IssuedRecord>, CaError> {
         let (_guard, db) = self.db()?;
         let err = storage(&self.path, "listing certificates");
         let txn = db.begin_read().map_err(|e| err(&e))?;
@@ -358,7 +358,7 @@ impl Registry {
 
     /// Marks the certificates chosen by `select` as revoked, in one transaction.
     /// Returns the revoked serials. `select` sees every not-yet-revoked record.
-    pub fn revoke_where(
+    pub(crate) fn revoke_where(
         &self,
         reason: RevocationReason,
         at: OffsetDateTime,
@@ -393,7 +393,7 @@ impl Registry {
     }
 
     /// Increments and returns the CRL number (first CRL is 1).
-    pub fn next_crl_number(&self) -> Result<u64, CaError> {
+    pub(crate) fn next_crl_number(&self) -> Result<u64, CaError> {
         let (_guard, db) = self.db()?;
         let err = storage(&self.path, "advancing CRL number");
         let txn = db.begin_write().map_err(|e| err(&e))?;
@@ -412,7 +412,7 @@ impl Registry {
     }
 
     /// Path of the database file.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 }

@@ -109,7 +109,7 @@ impl SpiffeId {
 
     /// Parses `spiffe://TD/site/SITE/node/NAME`, `spiffe://TD/svc/NAME` or
     /// `spiffe://TD/admin/NAME`.
-    pub fn parse(uri: &str) -> Result<Self, SpiffeError> {
+    pub(crate) fn parse(uri: &str) -> Result<Self, SpiffeError> {
         let malformed = || SpiffeError::Malformed {
             uri: uri.to_string(),
         };
@@ -150,7 +150,8 @@ impl SpiffeId {
     }
 
     /// `"node"`, `"service"` or `"admin"`.
-    pub fn kind(&self) -> &'static str {
+    #[cfg(test)]
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             SpiffeId::Node { .. } => "node",
             SpiffeId::Service { .. } => "service",

@@ -56,21 +56,6 @@ pub enum RejectionKind {
     StaleCrl,
 }
 
-impl RejectionKind {
-    /// Every kind, in declaration order.
-    pub const ALL: [RejectionKind; 9] = [
-        Self::UnknownCa,
-        Self::Expired,
-        Self::NotYetValid,
-        Self::Revoked,
-        Self::BadEku,
-        Self::WrongIdentity,
-        Self::WrongSite,
-        Self::Malformed,
-        Self::StaleCrl,
-    ];
-}
-
 /// A failed peer check: which one (`kind`) and a message naming it with its details. Debug
 /// prints the message, because rustls renders `CertificateError::Other` with `{:?}`.
 #[derive(Clone)]
@@ -78,7 +63,7 @@ pub struct PeerRejected {
     /// The check that failed.
     pub kind: RejectionKind,
     /// What failed, for logs (may name the certificate's serial and dates).
-    pub message: String,
+    pub(crate) message: String,
 }
 
 impl PeerRejected {

@@ -20,41 +20,41 @@ use crate::http::percent::{percent_decode, query_param};
 
 /// Largest request body accepted (413 beyond): room for a policy of ~100,000 rules (10,000
 /// rules are ~1.4 MB of TOML).
-pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// Audit entries returned by `GET /v1/acl/log` without `limit`.
-pub const DEFAULT_LOG_LIMIT: usize = 50;
+pub(crate) const DEFAULT_LOG_LIMIT: usize = 50;
 
 /// `GET /v1/acl/rules` response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RuleList {
+pub(crate) struct RuleList {
     /// This node's local revision: counts changes, differs between nodes.
-    pub version: u64,
+    pub(crate) version: u64,
     /// The policy's identity: equal on every node holding the same policy.
     #[serde(default)]
-    pub digest: String,
-    pub rules: Vec<Rule>,
+    pub(crate) digest: String,
+    pub(crate) rules: Vec<Rule>,
     /// Which sites may serve which services.
     #[serde(default)]
-    pub exports: Vec<ExportDeclaration>,
+    pub(crate) exports: Vec<ExportDeclaration>,
 }
 
 /// `POST /v1/acl/rules` and `DELETE /v1/acl/rules/{id}` response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RuleChanged {
-    pub version: u64,
-    pub rule: Rule,
+pub(crate) struct RuleChanged {
+    pub(crate) version: u64,
+    pub(crate) rule: Rule,
 }
 
 /// `GET /v1/acl/log` response, newest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditLog {
-    pub entries: Vec<AuditEntry>,
+pub(crate) struct AuditLog {
+    pub(crate) entries: Vec<AuditEntry>,
 }
 
 /// Error body of every failed request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub error: String,
+pub(crate) struct ErrorBody {
+    pub(crate) error: String,
 }
 
 type AdminResponse = Response<Full<Bytes>>;
@@ -69,7 +69,7 @@ type AdminResponse = Response<Full<Bytes>>;
 /// - `POST /v1/acl/apply?dry_run=true&file=NAME` (TOML body) → `ApplyDiff`; 400 names the line
 /// - `GET /v1/acl/check?from=&site=&to=&method=&path=` → `Explanation`
 /// - `GET /v1/acl/log?limit=` → [`AuditLog`]
-pub async fn handle_admin(
+pub(crate) async fn handle_admin(
     svc: &AclService,
     req: Request<Incoming>,
     actor: &str,
@@ -78,7 +78,7 @@ pub async fn handle_admin(
 }
 
 /// [`handle_admin`] over any body type (tests use `Full<Bytes>`).
-pub async fn handle_admin_request<B>(
+pub(crate) async fn handle_admin_request<B>(
     svc: &AclService,
     req: Request<B>,
     actor: &str,

@@ -27,20 +27,20 @@ const LOG_IDS_SHOWN: usize = 10;
 /// Where `hybridge acl` acts: a node's admin API (default: its admin socket) or the redb
 /// file directly.
 #[derive(Debug, Clone, Args)]
-pub struct AclTarget {
+pub(crate) struct AclTarget {
     /// Operate directly on this redb file (the daemon using it must be stopped) instead of
     /// through a node's admin API.
     #[arg(long, value_name = "PATH", conflicts_with = "admin", global = true)]
-    pub db: Option<PathBuf>,
+    pub(crate) db: Option<PathBuf>,
     #[command(flatten)]
-    pub admin: AdminArgs,
+    pub(crate) admin: AdminArgs,
 }
 
 /// `hybridge acl` subcommands. Flags use the policy file's words (`--source`,
 /// `--source-site`, `--destination`); the older `--from`, `--from-site` and `--to` still
 /// parse, unshown, so scripts written against them keep working.
 #[derive(Debug, Clone, Subcommand)]
-pub enum AclCommand {
+pub(crate) enum AclCommand {
     /// List the rules, export declarations and the policy version.
     #[command(visible_alias = "ls")]
     List {
@@ -135,24 +135,24 @@ pub enum AclCommand {
 
 /// What a command printed and the exit code that tells a script its result.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Report {
-    pub text: String,
+pub(crate) struct Report {
+    pub(crate) text: String,
     /// What goes to stderr (a multi-node apply names the nodes that failed).
-    pub errors: String,
+    pub(crate) errors: String,
     /// 0, or the command's documented code for a negative result (`check`: 1 denied;
     /// `apply --dry-run`: 2 changes pending). Errors are not reports.
-    pub exit_code: u8,
+    pub(crate) exit_code: u8,
 }
 
 /// Exit code of `acl check` when the request would be denied.
-pub const EXIT_DENIED: u8 = 1;
+pub(crate) const EXIT_DENIED: u8 = 1;
 /// Exit code of `acl apply --dry-run` when the file differs from the node's policy.
-pub const EXIT_CHANGES_PENDING: u8 = 2;
+pub(crate) const EXIT_CHANGES_PENDING: u8 = 2;
 /// Exit code of `acl check` when it could not decide (any error).
-pub const EXIT_CHECK_ERROR: u8 = 2;
+pub(crate) const EXIT_CHECK_ERROR: u8 = 2;
 
 /// Runs one command, prints its output and returns its exit code.
-pub async fn run(target: AclTarget, cmd: AclCommand) -> anyhow::Result<u8> {
+pub(crate) async fn run(target: AclTarget, cmd: AclCommand) -> anyhow::Result<u8> {
     let report = execute(&target, cmd).await?;
     print!("{}", report.text);
     eprint!("{}", report.errors);
@@ -160,7 +160,7 @@ pub async fn run(target: AclTarget, cmd: AclCommand) -> anyhow::Result<u8> {
 }
 
 /// Runs one command and returns what [`run`] prints and its exit code.
-pub async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Report> {
+pub(crate) async fn execute(target: &AclTarget, cmd: AclCommand) -> anyhow::Result<Report> {
     if let AclCommand::Apply {
         file,
         dry_run,
@@ -1039,15 +1039,16 @@ action = "deny"
                     let service = service_fn(move |req| {
                         let svc = svc.clone();
                         async move {
-                            let response = crate::acl::handle_admin(&svc, req, "uid:1000(alice)")
-                                .await
-                                .unwrap_or_else(|| {
-                                    let mut r = http::Response::new(http_body_util::Full::new(
-                                        Bytes::new(),
-                                    ));
-                                    *r.status_mut() = http::StatusCode::NOT_FOUND;
-                                    r
-                                });
+                            let response =
+                                crate::acl::api::handle_admin(&svc, req, "uid:1000(alice)")
+                                    .await
+                                    .unwrap_or_else(|| {
+                                        let mut r = http::Response::new(http_body_util::Full::new(
+                                            Bytes::new(),
+                                        ));
+                                        *r.status_mut() = http::StatusCode::NOT_FOUND;
+                                        r
+                                    });
                             Ok::<_, std::convert::Infallible>(response)
                         }
                     });
@@ -1088,12 +1089,12 @@ action = "deny"
             seq: 7,
             time: "2025-01-01T00:00:00Z".into(),
             actor: "uid:0(root)".into(),
-            op: crate::acl::AuditOp::Apply,
+            op: crate::acl::store::AuditOp::Apply,
             rule_id: String::new(),
             old: None,
             new: None,
             version: 4,
-            summary: Some(crate::acl::ApplySummary {
+            summary: Some(crate::acl::store::ApplySummary {
                 added: 12,
                 changed: 1,
                 removed: 0,
@@ -1102,7 +1103,7 @@ action = "deny"
                 removed_ids: vec![],
                 exports_changed: 1,
                 export_services: vec!["billing".into()],
-                ..crate::acl::ApplySummary::default()
+                ..crate::acl::store::ApplySummary::default()
             }),
         };
         let mut out = String::new();

@@ -48,7 +48,7 @@ struct Windows {
 
 /// Decides which denies are logged. Only the deny path takes its lock.
 #[derive(Debug)]
-pub struct DenyLogLimiter {
+pub(crate) struct DenyLogLimiter {
     interval: Duration,
     windows: Mutex<Windows>,
 }
@@ -60,7 +60,7 @@ impl Default for DenyLogLimiter {
 }
 
 impl DenyLogLimiter {
-    pub fn new(interval: Duration) -> DenyLogLimiter {
+    pub(crate) fn new(interval: Duration) -> DenyLogLimiter {
         DenyLogLimiter {
             interval,
             windows: Mutex::new(Windows::default()),
@@ -71,7 +71,13 @@ impl DenyLogLimiter {
     /// `suppressed` being how many denies of the same key (or, past [`MAX_KEYS`] keys, of
     /// every key without a window) were not logged since the last line; `None` when it falls
     /// inside the current interval.
-    pub fn check(&self, source: &str, destination: &str, rule: &str, now: Instant) -> Option<u64> {
+    pub(crate) fn check(
+        &self,
+        source: &str,
+        destination: &str,
+        rule: &str,
+        now: Instant,
+    ) -> Option<u64> {
         let mut windows = match self.windows.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),

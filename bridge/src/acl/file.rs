@@ -15,22 +15,22 @@ use super::model::{Action, ExportDeclaration, PolicySpec, RuleSpec};
 /// Which table of the file an error is in: the kind (`rule`, `export`) and its 1-based
 /// position among the tables of that kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TablePosition {
-    pub kind: &'static str,
-    pub index: usize,
+pub(crate) struct TablePosition {
+    pub(crate) kind: &'static str,
+    pub(crate) index: usize,
 }
 
 /// A rejected ACL file: where (file, line, table, field) and why. Displays as
 /// `FILE:LINE: rule N: field `x`: message`, leaving out the parts that do not apply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct AclFileError {
-    pub file: String,
+    pub(crate) file: String,
     /// 1-based line.
-    pub line: usize,
+    pub(crate) line: usize,
     /// The `[[rule]]` or `[[export]]` table, when the error is inside one.
-    pub table: Option<TablePosition>,
-    pub field: Option<String>,
-    pub message: String,
+    pub(crate) table: Option<TablePosition>,
+    pub(crate) field: Option<String>,
+    pub(crate) message: String,
 }
 
 impl fmt::Display for AclFileError {

@@ -40,24 +40,18 @@
 //! `file` (declarative TOML), `service` (`AclService`, what the node shares), `denylog` (deny
 //! log rate limit), `api` (admin HTTP routes), `cli` (`hybridge acl …`), `error`.
 
-pub mod api;
-pub mod cli;
-pub mod denylog;
-pub mod error;
-pub mod file;
-pub mod model;
-pub mod service;
-pub mod snapshot;
+pub(crate) mod api;
+pub(crate) mod cli;
+pub(crate) mod denylog;
+pub(crate) mod error;
+pub(crate) mod file;
+pub(crate) mod model;
+pub(crate) mod service;
+pub(crate) mod snapshot;
 pub mod store;
 
-pub use api::handle_admin;
-pub use denylog::DenyLogLimiter;
-pub use error::AclError;
-pub use file::{AclFileError, parse_acl_file};
-pub use model::{Action, ExportDeclaration, PolicySpec, Rule, RuleSpec};
+pub use file::parse_acl_file;
+pub use model::{Action, PolicySpec, Rule, RuleSpec};
 pub use service::AclService;
-pub use snapshot::{AclSnapshot, Decision, Explanation, Field, Reason, RuleVerdict};
-pub use store::{
-    AclStore, ApplyDiff, ApplySummary, AuditEntry, AuditOp, ExportChange, ExportsDiff, RuleChange,
-    StoredPolicy,
-};
+pub use snapshot::AclSnapshot;
+pub(crate) use snapshot::Decision;

@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::http::path;
 
 /// Longest service name we accept; keeps keys, labels and log lines bounded.
-pub const MAX_NAME_LEN: usize = 128;
+pub(crate) const MAX_NAME_LEN: usize = 128;
 /// Longest rule id: room for a generated `source-to-destination-N` of two maximal names.
-pub const MAX_ID_LEN: usize = 2 * MAX_NAME_LEN + 32;
+pub(crate) const MAX_ID_LEN: usize = 2 * MAX_NAME_LEN + 32;
 
 /// What a rule does to a request it decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -22,7 +22,7 @@ pub enum Action {
 
 impl Action {
     /// `"allow"` or `"deny"`, as written in files, JSON and metrics labels.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Action::Allow => "allow",
             Action::Deny => "deny",
@@ -30,7 +30,7 @@ impl Action {
     }
 
     /// Parses `allow` / `deny` (exact, lowercase).
-    pub fn parse(text: &str) -> Option<Action> {
+    pub(crate) fn parse(text: &str) -> Option<Action> {
         match text {
             "allow" => Some(Action::Allow),
             "deny" => Some(Action::Deny),
@@ -51,8 +51,8 @@ impl fmt::Display for Action {
 #[serde(deny_unknown_fields)]
 pub struct RuleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    pub source: String,
+    pub(crate) id: Option<String>,
+    pub(crate) source: String,
     /// Sites whose nodes may vouch for `source` (`None`: any site). A caller's site is the
     /// site of the node it entered through, taken from that node's certificate.
     #[serde(
@@ -61,14 +61,14 @@ pub struct RuleSpec {
         deserialize_with = "one_or_many"
     )]
     pub source_site: Option<Vec<String>>,
-    pub destination: String,
-    pub action: Action,
+    pub(crate) destination: String,
+    pub(crate) action: Action,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub methods: Option<Vec<String>>,
+    pub(crate) methods: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path_prefix: Option<String>,
+    pub(crate) path_prefix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub description: Option<String>,
+    pub(crate) description: Option<String>,
 }
 
 /// A stored rule: a checked spec with its id resolved. `methods` are upper-case HTTP tokens;
@@ -97,12 +97,12 @@ pub struct Rule {
 
 impl Rule {
     /// Whether the rule carries L7 (method or path) conditions.
-    pub fn is_l7(&self) -> bool {
+    pub(crate) fn is_l7(&self) -> bool {
         self.methods.is_some() || self.path_prefix.is_some()
     }
 
     /// Builds a rule from a spec already passed through [`RuleSpec::validate`].
-    pub fn from_valid_spec(spec: RuleSpec, id: String) -> Rule {
+    pub(crate) fn from_valid_spec(spec: RuleSpec, id: String) -> Rule {
         Rule {
             id,
             source: spec.source,
@@ -132,9 +132,9 @@ impl Rule {
 
 /// One rejected field of a rule: which field and why, for messages that name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    pub field: &'static str,
-    pub message: String,
+pub(crate) struct FieldError {
+    pub(crate) field: &'static str,
+    pub(crate) message: String,
 }
 
 impl fmt::Display for FieldError {
@@ -145,7 +145,7 @@ impl fmt::Display for FieldError {
 
 impl RuleSpec {
     /// Checks every field and normalises it (methods upper-cased, empty description dropped).
-    pub fn validate(mut self) -> Result<RuleSpec, FieldError> {
+    pub(crate) fn validate(mut self) -> Result<RuleSpec, FieldError> {
         if let Some(id) = &self.id {
             check_id(id).map_err(|message| FieldError {
                 field: "id",
@@ -188,7 +188,7 @@ impl RuleSpec {
 }
 
 /// A service name (`[a-z0-9._-]+`) or the wildcard `*`.
-pub fn check_service(name: &str) -> Result<(), String> {
+pub(crate) fn check_service(name: &str) -> Result<(), String> {
     if name == "*" {
         return Ok(());
     }
@@ -201,7 +201,7 @@ pub fn check_service(name: &str) -> Result<(), String> {
 /// A service name as the config, the policy and the gateway all take it: `[a-z0-9._-]+`,
 /// at most [`MAX_NAME_LEN`] bytes, so every service a node can export or import can also be
 /// named in a rule.
-pub fn check_service_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_service_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("service name must not be empty".into());
     }
@@ -221,7 +221,7 @@ pub fn check_service_name(name: &str) -> Result<(), String> {
 
 /// Checks site names as a node certificate carries them (`[a-z0-9._-]+`), then sorts and
 /// dedups them, so equal rules compare and digest equal whatever order they were written in.
-pub fn normalise_sites(sites: Vec<String>) -> Result<Vec<String>, String> {
+pub(crate) fn normalise_sites(sites: Vec<String>) -> Result<Vec<String>, String> {
     if sites.is_empty() {
         return Err("must list at least one site (omit the key to allow any site)".into());
     }
@@ -267,12 +267,12 @@ where
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportDeclaration {
-    pub service: String,
+    pub(crate) service: String,
     /// Sorted, without duplicates.
     #[serde(deserialize_with = "required_one_or_many")]
-    pub sites: Vec<String>,
+    pub(crate) sites: Vec<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub description: String,
+    pub(crate) description: String,
 }
 
 fn required_one_or_many<'de, D>(deserializer: D) -> Result<Vec<String>, D::Error>
@@ -284,7 +284,7 @@ where
 
 impl ExportDeclaration {
     /// Checks the fields and normalises the site list.
-    pub fn validate(mut self) -> Result<ExportDeclaration, FieldError> {
+    pub(crate) fn validate(mut self) -> Result<ExportDeclaration, FieldError> {
         if self.service == "*" {
             return Err(FieldError {
                 field: "service",
@@ -312,7 +312,7 @@ pub struct PolicySpec {
 }
 
 /// A rule id: `[A-Za-z0-9._-]+`, so it is safe in URLs, logs and metrics.
-pub fn check_id(id: &str) -> Result<(), String> {
+pub(crate) fn check_id(id: &str) -> Result<(), String> {
     if id.is_empty() {
         return Err("rule id must not be empty".into());
     }
@@ -331,7 +331,7 @@ pub fn check_id(id: &str) -> Result<(), String> {
 }
 
 /// Whether `method` is an HTTP token (RFC 9110 `tchar`+).
-pub fn is_http_token(method: &str) -> bool {
+pub(crate) fn is_http_token(method: &str) -> bool {
     !method.is_empty()
         && method.bytes().all(|b| {
             b.is_ascii_alphanumeric()
@@ -375,7 +375,7 @@ fn normalise_methods(methods: Vec<String>) -> Result<Vec<String>, String> {
 /// A path prefix starts with `/`, holds no whitespace or control characters, and is a
 /// canonical path (`crate::http::path`): requests are decided on their canonical path, which
 /// a non-canonical prefix (`/api/../x`, `//x`, `/%7Ex`) would silently never match.
-pub fn check_path_prefix(prefix: &str) -> Result<(), String> {
+pub(crate) fn check_path_prefix(prefix: &str) -> Result<(), String> {
     if !prefix.starts_with('/') {
         return Err(format!("path prefix {prefix:?} must start with '/'"));
     }
@@ -396,7 +396,7 @@ pub fn check_path_prefix(prefix: &str) -> Result<(), String> {
 }
 
 /// The slug a rule without an id is named after: `web-to-billing`, `any-to-payments-admin`.
-pub fn slug_base(source: &str, destination: &str) -> String {
+pub(crate) fn slug_base(source: &str, destination: &str) -> String {
     let part = |name: &str| {
         if name == "*" {
             "any".to_string()
@@ -408,7 +408,7 @@ pub fn slug_base(source: &str, destination: &str) -> String {
 }
 
 /// The first of `base`, `base-2`, `base-3`, … for which `taken` is false.
-pub fn first_free_id(base: &str, mut taken: impl FnMut(&str) -> bool) -> String {
+pub(crate) fn first_free_id(base: &str, mut taken: impl FnMut(&str) -> bool) -> String {
     if !taken(base) {
         return base.to_string();
     }

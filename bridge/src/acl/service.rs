@@ -156,12 +156,12 @@ impl AclService {
     }
 
     /// Sees the policy version change after every committed change.
-    pub fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+    pub(crate) fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
     }
 
     /// The current snapshot; an `Arc` clone.
-    pub fn snapshot(&self) -> Arc<AclSnapshot> {
+    pub(crate) fn snapshot(&self) -> Arc<AclSnapshot> {
         self.current.load_full()
     }
 
@@ -202,18 +202,19 @@ impl AclService {
 
     /// Service names `apply` should know, as sources and destinations; others are accepted
     /// with a warning. `None` turns the check off (the default).
-    pub fn set_known_services(&self, services: Option<Vec<String>>) {
+    #[cfg(test)]
+    pub(crate) fn set_known_services(&self, services: Option<Vec<String>>) {
         *lock(&self.known_services) = services.map(|names| KnownServices {
             names: Arc::new(move || names.clone()),
             check_sources: true,
         });
     }
 
-    /// Like [`AclService::set_known_services`], but the names are computed at each `apply`
+    /// Like `set_known_services` (unit tests only), but the names are computed at each `apply`
     /// (a running node knows its own exports and its peers' current ones) and only
     /// destinations are checked: a source is any holder of a service certificate, which no
     /// node can enumerate.
-    pub fn set_known_destinations(&self, names: Arc<dyn Fn() -> Vec<String> + Send + Sync>) {
+    pub(crate) fn set_known_destinations(&self, names: Arc<dyn Fn() -> Vec<String> + Send + Sync>) {
         *lock(&self.known_services) = Some(KnownServices {
             names,
             check_sources: false,
@@ -230,7 +231,7 @@ impl AclService {
     }
 
     /// Removes a rule by id and returns it.
-    pub fn remove(&self, id: &str, actor: &str) -> Result<Rule, AclError> {
+    pub(crate) fn remove(&self, id: &str, actor: &str) -> Result<Rule, AclError> {
         let _guard = lock(&self.write_lock);
         let (rule, _version) = self.store.remove(id, actor)?;
         self.reload_locked()?;
@@ -239,7 +240,8 @@ impl AclService {
 
     /// Makes the stored rules equal `rules` in one transaction (one version step), or with
     /// `dry_run` only reports the diff. Applying the same list twice gives an empty diff and
-    /// no version change. Warns about service names outside [`AclService::set_known_services`].
+    /// no version change. Warns about service names outside the known ones
+    /// ([`AclService::set_known_destinations`]).
     pub fn apply(
         &self,
         policy: PolicySpec,
@@ -282,7 +284,7 @@ impl AclService {
     }
 
     /// Every export declaration, sorted by service (from the snapshot).
-    pub fn exports(&self) -> Vec<ExportDeclaration> {
+    pub(crate) fn exports(&self) -> Vec<ExportDeclaration> {
         self.current.load().exports()
     }
 
@@ -319,19 +321,13 @@ impl AclService {
     /// Counts decisions on `destinations` (the node's configured imports and exports) under
     /// their own names; others are counted under their name only while a policy names them,
     /// and under [`UNKNOWN_SERVICE`] otherwise.
-    pub fn count_destinations<'a>(&self, destinations: impl IntoIterator<Item = &'a str>) {
+    pub(crate) fn count_destinations<'a>(&self, destinations: impl IntoIterator<Item = &'a str>) {
         self.counters.add(destinations);
     }
 
     /// Decisions so far per (destination, action), sorted, for `/metrics`.
-    pub fn decision_counts(&self) -> Vec<((String, Action), u64)> {
+    pub(crate) fn decision_counts(&self) -> Vec<((String, Action), u64)> {
         self.counters.snapshot()
-    }
-
-    /// Rebuilds the snapshot from the store (e.g. after another handle changed the database).
-    pub fn reload(&self) -> Result<(), AclError> {
-        let _guard = lock(&self.write_lock);
-        self.reload_locked()
     }
 
     fn reload_locked(&self) -> Result<(), AclError> {

@@ -12,28 +12,28 @@ use super::model::{Action, ExportDeclaration, Rule};
 /// The outcome of a decision: the action and the rule that decided it (`None`: default-deny).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
-    pub action: Action,
-    pub rule_id: Option<Arc<str>>,
+    pub(crate) action: Action,
+    pub(crate) rule_id: Option<Arc<str>>,
 }
 
 impl Decision {
     /// Label used when no rule matches.
-    pub const DEFAULT_DENY: &'static str = "default-deny";
+    pub(crate) const DEFAULT_DENY: &'static str = "default-deny";
 
     /// The decision taken when no rule matches.
-    pub fn default_deny() -> Decision {
+    pub(crate) fn default_deny() -> Decision {
         Decision {
             action: Action::Deny,
             rule_id: None,
         }
     }
 
-    pub fn allowed(&self) -> bool {
+    pub(crate) fn allowed(&self) -> bool {
         self.action == Action::Allow
     }
 
     /// The deciding rule's id, or `"default-deny"`.
-    pub fn rule_label(&self) -> &str {
+    pub(crate) fn rule_label(&self) -> &str {
         self.rule_id.as_deref().unwrap_or(Self::DEFAULT_DENY)
     }
 }
@@ -42,17 +42,17 @@ impl Decision {
 /// source, site-qualified source, L7 conditions, longer path prefix, deny. Equal ranks fall back to the smaller id so
 /// that every decision is deterministic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Rank {
-    pub exact_destination: bool,
-    pub exact_source: bool,
-    pub site_qualified: bool,
-    pub l7: bool,
-    pub path_prefix_len: usize,
-    pub deny: bool,
+pub(crate) struct Rank {
+    pub(crate) exact_destination: bool,
+    pub(crate) exact_source: bool,
+    pub(crate) site_qualified: bool,
+    pub(crate) l7: bool,
+    pub(crate) path_prefix_len: usize,
+    pub(crate) deny: bool,
 }
 
 impl Rank {
-    pub fn of(rule: &Rule) -> Rank {
+    pub(crate) fn of(rule: &Rule) -> Rank {
         Rank {
             exact_destination: rule.destination != "*",
             exact_source: rule.source != "*",
@@ -65,7 +65,7 @@ impl Rank {
 }
 
 /// Orders two rules best first: higher rank, then smaller id.
-pub fn precedence(a: &Rule, b: &Rule) -> Ordering {
+pub(crate) fn precedence(a: &Rule, b: &Rule) -> Ordering {
     Rank::of(b).cmp(&Rank::of(a)).then_with(|| a.id.cmp(&b.id))
 }
 
@@ -188,12 +188,12 @@ impl AclSnapshot {
     /// export declarations sorted by service, each in its normalised form), hex. Equal on
     /// every node holding the same policy, whatever order it was written in; the local
     /// `version` counter is not part of it.
-    pub fn digest(&self) -> &str {
+    pub(crate) fn digest(&self) -> &str {
         &self.digest
     }
 
     /// Every export declaration, sorted by service.
-    pub fn exports(&self) -> Vec<ExportDeclaration> {
+    pub(crate) fn exports(&self) -> Vec<ExportDeclaration> {
         let mut out: Vec<ExportDeclaration> = self.exports.values().cloned().collect();
         out.sort_by(|a, b| a.service.cmp(&b.service));
         out
@@ -201,24 +201,24 @@ impl AclSnapshot {
 
     /// Whether a rule names `service` as its destination or an export declaration names it:
     /// names that come from the operator, not from a request.
-    pub fn names_destination(&self, service: &str) -> bool {
+    pub(crate) fn names_destination(&self, service: &str) -> bool {
         self.by_destination.contains_key(service) || self.exports.contains_key(service)
     }
 
     /// Whether a node of `site` may serve `service`: `Some(answer)` when the policy declares
     /// the service, `None` when it does not (the node's configuration then decides).
-    pub fn may_serve(&self, service: &str, site: &str) -> Option<bool> {
+    pub(crate) fn may_serve(&self, service: &str, site: &str) -> Option<bool> {
         self.exports
             .get(service)
             .map(|d| d.sites.iter().any(|s| s == site))
     }
 
-    pub fn version(&self) -> u64 {
+    pub(crate) fn version(&self) -> u64 {
         self.version
     }
 
     /// Every rule, sorted by id.
-    pub fn rules(&self) -> &[Rule] {
+    pub(crate) fn rules(&self) -> &[Rule] {
         &self.rules
     }
 
@@ -254,7 +254,7 @@ impl AclSnapshot {
 
     /// Decides like [`AclSnapshot::decide`] and says, for every other rule, why it did not
     /// decide. A missing site, method or path fails every rule that conditions on it.
-    pub fn explain(
+    pub(crate) fn explain(
         &self,
         site: Option<&str>,
         source: &str,
@@ -445,7 +445,7 @@ pub enum Field {
 }
 
 impl Field {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Field::Source => "source",
             Field::Site => "site",
@@ -459,7 +459,7 @@ impl Field {
 /// Why a rule did not decide.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Reason {
+pub(crate) enum Reason {
     DidNotMatch { field: Field, detail: String },
     LostOnPrecedence { to: String, detail: String },
 }
@@ -467,27 +467,27 @@ pub enum Reason {
 /// One rule that did not decide, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleVerdict {
-    pub rule_id: String,
-    pub action: Action,
-    pub reason: Reason,
+    pub(crate) rule_id: String,
+    pub(crate) action: Action,
+    pub(crate) reason: Reason,
 }
 
 /// A decision with its reasoning, for `hybridge acl check` and `GET /v1/acl/check`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Explanation {
-    pub version: u64,
+    pub(crate) version: u64,
     /// The caller's site, when given.
-    pub site: Option<String>,
-    pub source: String,
-    pub destination: String,
-    pub method: Option<String>,
-    pub path: Option<String>,
+    pub(crate) site: Option<String>,
+    pub(crate) source: String,
+    pub(crate) destination: String,
+    pub(crate) method: Option<String>,
+    pub(crate) path: Option<String>,
     pub action: Action,
     /// The deciding rule's id, or `default-deny`.
     pub rule: String,
     pub default_deny: bool,
     /// Every other rule, sorted by id.
-    pub others: Vec<RuleVerdict>,
+    pub(crate) others: Vec<RuleVerdict>,
 }
 
 #[cfg(test)]

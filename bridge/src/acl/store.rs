@@ -32,7 +32,7 @@ pub const AUDIT_IDS_PER_KIND: usize = 100;
 /// one `apply` or `update` entry per rule).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum AuditOp {
+pub(crate) enum AuditOp {
     Add,
     Remove,
     Apply,
@@ -40,7 +40,7 @@ pub enum AuditOp {
 }
 
 impl AuditOp {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             AuditOp::Add => "add",
             AuditOp::Remove => "remove",
@@ -53,19 +53,19 @@ impl AuditOp {
 /// One audit log entry: one per committed change, so one per policy version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// RFC 3339, UTC.
-    pub time: String,
+    pub(crate) time: String,
     /// Who made the change: `uid:1000(alice)` (admin socket), `spiffe://TD/admin/alice`
     /// (remote admin listener), `cli:uid:0(root)` (`--db`).
-    pub actor: String,
-    pub op: AuditOp,
+    pub(crate) actor: String,
+    pub(crate) op: AuditOp,
     /// The rule of an `add` or `remove`; empty for an `apply` (see `summary`).
-    pub rule_id: String,
-    pub old: Option<Rule>,
-    pub new: Option<Rule>,
+    pub(crate) rule_id: String,
+    pub(crate) old: Option<Rule>,
+    pub(crate) new: Option<Rule>,
     /// The policy version this change produced.
-    pub version: u64,
+    pub(crate) version: u64,
     /// What an `apply` changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<ApplySummary>,
@@ -80,18 +80,18 @@ pub struct ApplySummary {
     pub changed: usize,
     pub removed: usize,
     pub added_ids: Vec<String>,
-    pub changed_ids: Vec<String>,
-    pub removed_ids: Vec<String>,
+    pub(crate) changed_ids: Vec<String>,
+    pub(crate) removed_ids: Vec<String>,
     /// Export declarations added, changed and removed.
     #[serde(default)]
-    pub exports_added: usize,
+    pub(crate) exports_added: usize,
     #[serde(default)]
-    pub exports_changed: usize,
+    pub(crate) exports_changed: usize,
     #[serde(default)]
-    pub exports_removed: usize,
+    pub(crate) exports_removed: usize,
     /// The services of those declarations (first [`AUDIT_IDS_PER_KIND`], sorted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub export_services: Vec<String>,
+    pub(crate) export_services: Vec<String>,
 }
 
 impl ApplySummary {
@@ -131,28 +131,28 @@ impl ApplySummary {
 
 /// A rule whose content `apply` changed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RuleChange {
-    pub old: Rule,
-    pub new: Rule,
+pub(crate) struct RuleChange {
+    pub(crate) old: Rule,
+    pub(crate) new: Rule,
 }
 
 /// An export declaration whose sites `apply` changed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExportChange {
-    pub old: ExportDeclaration,
-    pub new: ExportDeclaration,
+pub(crate) struct ExportChange {
+    pub(crate) old: ExportDeclaration,
+    pub(crate) new: ExportDeclaration,
 }
 
 /// What `apply` did to the export declarations.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExportsDiff {
-    pub added: Vec<ExportDeclaration>,
-    pub removed: Vec<ExportDeclaration>,
-    pub changed: Vec<ExportChange>,
+pub(crate) struct ExportsDiff {
+    pub(crate) added: Vec<ExportDeclaration>,
+    pub(crate) removed: Vec<ExportDeclaration>,
+    pub(crate) changed: Vec<ExportChange>,
 }
 
 impl ExportsDiff {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
     }
 }
@@ -160,22 +160,22 @@ impl ExportsDiff {
 /// What `apply` did (or, with `dry_run`, would do).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplyDiff {
-    pub dry_run: bool,
-    pub added: Vec<Rule>,
-    pub removed: Vec<Rule>,
-    pub changed: Vec<RuleChange>,
+    pub(crate) dry_run: bool,
+    pub(crate) added: Vec<Rule>,
+    pub(crate) removed: Vec<Rule>,
+    pub(crate) changed: Vec<RuleChange>,
     #[serde(default)]
-    pub exports: ExportsDiff,
+    pub(crate) exports: ExportsDiff,
     /// Version before the apply.
-    pub version_before: u64,
+    pub(crate) version_before: u64,
     /// Version after the apply (equal to `version_before` when nothing changed or dry run).
-    pub version_after: u64,
+    pub(crate) version_after: u64,
     /// Non-fatal findings, such as service names the node does not know.
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
 }
 
 impl ApplyDiff {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.added.is_empty()
             && self.removed.is_empty()
             && self.changed.is_empty()
@@ -185,14 +185,14 @@ impl ApplyDiff {
 
 /// Everything the store holds of the policy, as one read transaction saw it.
 #[derive(Debug, Clone, Default)]
-pub struct StoredPolicy {
-    pub version: u64,
-    pub rules: Vec<Rule>,
-    pub exports: Vec<ExportDeclaration>,
+pub(crate) struct StoredPolicy {
+    pub(crate) version: u64,
+    pub(crate) rules: Vec<Rule>,
+    pub(crate) exports: Vec<ExportDeclaration>,
 }
 
 /// The ACL tables inside a (possibly shared) redb database.
-pub struct AclStore {
+pub(crate) struct AclStore {
     db: Arc<Database>,
 }
 
@@ -202,7 +202,7 @@ impl AclStore {
     ///
     /// The file holds the whole policy and its audit trail: it is created 0600 whatever the
     /// umask, and an existing file readable by others is narrowed to 0600.
-    pub fn open(path: &Path) -> Result<AclStore, AclError> {
+    pub(crate) fn open(path: &Path) -> Result<AclStore, AclError> {
         restrict_to_owner(path).map_err(|e| AclError::Permissions {
             path: PathBuf::from(path),
             message: e.to_string(),
@@ -229,13 +229,8 @@ impl AclStore {
         Ok(AclStore { db })
     }
 
-    /// The underlying database, for sharing.
-    pub fn database(&self) -> &Arc<Database> {
-        &self.db
-    }
-
     /// Current version, every rule and every export declaration, in one read transaction.
-    pub fn load(&self) -> Result<StoredPolicy, AclError> {
+    pub(crate) fn load(&self) -> Result<StoredPolicy, AclError> {
         let txn = self.db.begin_read()?;
         let version = txn
             .open_table(META)?
@@ -257,7 +252,7 @@ impl AclStore {
 
     /// Adds one checked rule; resolves a missing id to the first free `src-to-dst[-N]` slug.
     /// Returns the stored rule and the new version.
-    pub fn add(&self, spec: RuleSpec, actor: &str) -> Result<(Rule, u64), AclError> {
+    pub(crate) fn add(&self, spec: RuleSpec, actor: &str) -> Result<(Rule, u64), AclError> {
         let txn = self.db.begin_write()?;
         let result = {
             let mut rules = txn.open_table(RULES)?;
@@ -296,7 +291,7 @@ impl AclStore {
     }
 
     /// Removes a rule by id; returns it and the new version.
-    pub fn remove(&self, id: &str, actor: &str) -> Result<(Rule, u64), AclError> {
+    pub(crate) fn remove(&self, id: &str, actor: &str) -> Result<(Rule, u64), AclError> {
         let txn = self.db.begin_write()?;
         let result = {
             let mut rules = txn.open_table(RULES)?;
@@ -327,7 +322,7 @@ impl AclStore {
     /// resolved and unique, one declaration per service) in one transaction, with one audit
     /// entry summarising the diff. Nothing is written when the diff is empty or `dry_run` is
     /// set. O(n log n) in the number of rules.
-    pub fn apply(
+    pub(crate) fn apply(
         &self,
         desired: Vec<Rule>,
         desired_exports: Vec<ExportDeclaration>,
@@ -384,7 +379,7 @@ impl AclStore {
     }
 
     /// The newest `limit` audit entries, newest first.
-    pub fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, AclError> {
+    pub(crate) fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, AclError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(AUDIT)?;
         let mut out = Vec::new();
@@ -402,7 +397,7 @@ impl AclStore {
 /// Resolves ids for a declarative rule list deterministically, so applying the same file twice
 /// yields the same ids: explicit ids are kept, the others get the first free `src-to-dst[-N]`
 /// in file order. Specs must already be validated.
-pub fn resolve_ids(specs: Vec<RuleSpec>) -> Result<Vec<Rule>, AclError> {
+pub(crate) fn resolve_ids(specs: Vec<RuleSpec>) -> Result<Vec<Rule>, AclError> {
     let mut taken: HashSet<String> = HashSet::new();
     for spec in &specs {
         if let Some(id) = &spec.id

@@ -14,14 +14,14 @@ use hybridge_ca::SpiffeId;
 use super::unix::PeerCredentials;
 
 /// Value of `x-hybridge-error` on every refusal made here.
-pub const NOT_AUTHORISED: &str = "not-authorised";
+pub(crate) const NOT_AUTHORISED: &str = "not-authorised";
 
 /// Paths the read-only listener serves (GET and HEAD only).
 const READ_ONLY_PATHS: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/v1/status"];
 
 /// What a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ListenerKind {
+pub(crate) enum ListenerKind {
     /// `admin.listen`: GET/HEAD of health, readiness, metrics and status; nothing else.
     ReadOnly,
     /// `admin.health_listen`: `/healthz` and `/readyz` only, for load balancers.
@@ -34,7 +34,7 @@ pub enum ListenerKind {
 
 impl ListenerKind {
     /// Whether the listener serves writes and the ACL routes.
-    pub fn is_full(self) -> bool {
+    pub(crate) fn is_full(self) -> bool {
         matches!(self, ListenerKind::Socket | ListenerKind::Remote)
     }
 }
@@ -42,20 +42,20 @@ impl ListenerKind {
 /// The parts of a listener the checks need.
 #[derive(Clone, Debug)]
 pub(crate) struct ListenerPolicy {
-    pub kind: ListenerKind,
+    pub(crate) kind: ListenerKind,
     /// Host names besides the connection's own address that name this listener, as
     /// `host:port` or bare `host` (the node certificate's DNS and IP SANs on the remote
     /// listener). Lowercase.
-    pub extra_hosts: Vec<String>,
+    pub(crate) extra_hosts: Vec<String>,
     /// Where writes go instead, named in read-only refusals.
-    pub socket: String,
+    pub(crate) socket: String,
     /// Whether remote administration is configured, for the same message.
-    pub remote: Option<SocketAddr>,
+    pub(crate) remote: Option<SocketAddr>,
 }
 
 /// Who is on the other end of a connection, as far as the listener can tell.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Caller {
+pub(crate) enum Caller {
     /// A local process on the admin socket (`SO_PEERCRED`).
     Local(PeerCredentials),
     /// A verified administrator certificate on the remote listener.
@@ -66,7 +66,7 @@ pub enum Caller {
 
 impl Caller {
     /// The actor recorded in the audit log: `uid:1000(alice)`, `spiffe://TD/admin/alice`.
-    pub fn actor(&self) -> String {
+    pub(crate) fn actor(&self) -> String {
         match self {
             Caller::Local(credentials) => credentials.actor(),
             Caller::Admin(id) => id.to_uri(),
@@ -88,13 +88,13 @@ impl fmt::Display for Caller {
 /// A request refused here: 403 with `x-hybridge-error: not-authorised` and this reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Refusal {
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 /// The request head the checks look at.
 pub(crate) struct RequestHead<'a> {
     pub method: &'a Method,
-    pub uri: &'a Uri,
+    pub(crate) uri: &'a Uri,
     pub headers: &'a HeaderMap,
 }
 

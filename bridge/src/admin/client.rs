@@ -22,9 +22,9 @@ use super::document::{CrlStatus, StatusDocument};
 use crate::config::DEFAULT_ADMIN_SOCKET;
 
 /// Content type of the policy file `acl apply` sends.
-pub const TOML: &str = "application/toml";
+pub(crate) const TOML: &str = "application/toml";
 /// Content type of every other write.
-pub const JSON: &str = "application/json";
+pub(crate) const JSON: &str = "application/json";
 
 /// Where a node's admin API is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,33 +93,33 @@ impl Default for AdminEndpoint {
 
 /// `--admin` and the administrator certificate, shared by `hybridge status` and `hybridge acl`.
 #[derive(Clone, Debug, Default, Args)]
-pub struct AdminArgs {
+pub(crate) struct AdminArgs {
     /// The node's admin API: unix:/PATH (the admin socket), http://HOST:PORT (the read-only
     /// listener: status only) or https://HOST:PORT (the remote listener, with --cert, --key
     /// and --ca). Default: $HYBRIDGE_ADMIN, else unix:/run/hybridge/admin.sock. `acl apply`
     /// takes several (repeat --admin, or separate them with commas, here or in
     /// HYBRIDGE_ADMIN) and applies the file to each.
     #[arg(long, value_name = "ADDRESS", global = true, action = clap::ArgAction::Append, value_delimiter = ',')]
-    pub admin: Vec<AdminEndpoint>,
+    pub(crate) admin: Vec<AdminEndpoint>,
     /// Administrator certificate chain for https:// (`hybridge-ca issue admin`).
     #[arg(long, value_name = "PEM", env = "HYBRIDGE_ADMIN_CERT", global = true)]
-    pub cert: Option<PathBuf>,
+    pub(crate) cert: Option<PathBuf>,
     /// Its private key.
     #[arg(long, value_name = "PEM", env = "HYBRIDGE_ADMIN_KEY", global = true)]
-    pub key: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
     /// The hybridge CA bundle the node's certificate must chain to.
     #[arg(long, value_name = "PEM", env = "HYBRIDGE_ADMIN_CA", global = true)]
-    pub ca: Option<PathBuf>,
+    pub(crate) ca: Option<PathBuf>,
 }
 
 /// Names the admin endpoint when `--admin` is not given. Read by hand rather than by clap so
 /// that a value in the environment does not conflict with `hybridge acl --db`.
-pub const ADMIN_ENV: &str = "HYBRIDGE_ADMIN";
+pub(crate) const ADMIN_ENV: &str = "HYBRIDGE_ADMIN";
 
 impl AdminArgs {
     /// The one node asked: `--admin`, else `$HYBRIDGE_ADMIN`, else the default admin socket.
     /// Several are an error: only `acl apply` acts on several nodes ([`Self::endpoints`]).
-    pub fn endpoint(&self) -> anyhow::Result<AdminEndpoint> {
+    pub(crate) fn endpoint(&self) -> anyhow::Result<AdminEndpoint> {
         let mut endpoints = self.endpoints()?;
         if endpoints.len() > 1 {
             bail!(
@@ -138,7 +138,7 @@ impl AdminArgs {
     /// Every node asked, in order and at least one: `--admin` (repeated or comma-separated),
     /// else `$HYBRIDGE_ADMIN` (comma-separated), else the default admin socket. A malformed
     /// value in the environment is an error naming the variable and the value.
-    pub fn endpoints(&self) -> anyhow::Result<Vec<AdminEndpoint>> {
+    pub(crate) fn endpoints(&self) -> anyhow::Result<Vec<AdminEndpoint>> {
         if !self.admin.is_empty() {
             return Ok(self.admin.clone());
         }
@@ -160,12 +160,12 @@ impl AdminArgs {
 
     /// A client for the chosen endpoint; https:// loads the certificate now, so a missing or
     /// mismatched file is reported before anything is sent.
-    pub fn client(&self) -> anyhow::Result<AdminClient> {
+    pub(crate) fn client(&self) -> anyhow::Result<AdminClient> {
         self.client_of(self.endpoint()?)
     }
 
     /// A client for each of [`Self::endpoints`].
-    pub fn clients(&self) -> anyhow::Result<Vec<AdminClient>> {
+    pub(crate) fn clients(&self) -> anyhow::Result<Vec<AdminClient>> {
         self.endpoints()?
             .into_iter()
             .map(|endpoint| self.client_of(endpoint))
@@ -213,15 +213,15 @@ impl ClientTls {
 
 /// A response: status, headers and the whole body.
 #[derive(Debug)]
-pub struct AdminResponse {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
+pub(crate) struct AdminResponse {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
 }
 
 impl AdminResponse {
     /// The `error` of a JSON error body, or the body as text.
-    pub fn message(&self) -> String {
+    pub(crate) fn message(&self) -> String {
         #[derive(serde::Deserialize)]
         struct ErrorBody {
             error: String,
@@ -273,12 +273,12 @@ impl AdminClient {
         })
     }
 
-    pub fn endpoint(&self) -> &AdminEndpoint {
+    pub(crate) fn endpoint(&self) -> &AdminEndpoint {
         &self.endpoint
     }
 
     /// Sends one request (`body` with its content type) and returns whatever the node answered.
-    pub async fn request(
+    pub(crate) async fn request(
         &self,
         method: Method,
         path: &str,
@@ -400,7 +400,7 @@ impl AdminClient {
     }
 
     /// A JSON call: fails with the node's reason unless 2xx, else decodes the body.
-    pub async fn call<T: DeserializeOwned>(
+    pub(crate) async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,

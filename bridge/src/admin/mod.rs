@@ -10,11 +10,10 @@
 
 mod access;
 pub mod client;
-pub mod document;
+pub(crate) mod document;
 mod server;
 pub mod status;
 pub(crate) mod unix;
 
-pub use access::{Caller, ListenerKind, NOT_AUTHORISED};
+pub(crate) use access::ListenerKind;
 pub(crate) use server::{serve_remote, serve_socket, serve_tcp};
-pub use unix::{AdminSocketError, PeerCredentials};

@@ -18,7 +18,7 @@ const DIRECTORY_MODE: u32 = 0o750;
 
 /// Why the admin socket could not be set up; each names the path and the step.
 #[derive(Debug, thiserror::Error)]
-pub enum AdminSocketError {
+pub(crate) enum AdminSocketError {
     /// A file system step failed.
     #[error("admin socket {}: {step}: {source}", path.display())]
     Io {
@@ -139,11 +139,11 @@ impl AdminSocket {
 /// A local caller as the kernel names it (`SO_PEERCRED`), with its user name when
 /// `/etc/passwd` has one.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerCredentials {
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: Option<i32>,
-    pub user: Option<String>,
+pub(crate) struct PeerCredentials {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) pid: Option<i32>,
+    pub(crate) user: Option<String>,
 }
 
 impl PeerCredentials {
@@ -159,7 +159,7 @@ impl PeerCredentials {
     }
 
     /// The audit actor: `uid:1000(alice)`, or `uid:1000` for a uid without a passwd entry.
-    pub fn actor(&self) -> String {
+    pub(crate) fn actor(&self) -> String {
         match &self.user {
             Some(user) => format!("uid:{}({user})", self.uid),
             None => format!("uid:{}", self.uid),

@@ -17,14 +17,14 @@ use crate::upstream::{
 
 /// What reloading `new` over the running `old` configuration does.
 #[derive(Clone, Debug)]
-pub struct ReloadPlan {
+pub(crate) struct ReloadPlan {
     /// The configuration in force after the reload: `new`, except that every field needing a
     /// restart keeps its running value (so the next reload names it again until a restart).
-    pub in_force: Config,
+    pub(crate) in_force: Config,
     /// Changed fields the reload applies, e.g. `limits.max_header_bytes`, in config order.
-    pub applied: Vec<String>,
+    pub(crate) applied: Vec<String>,
     /// Changed fields whose new value waits for a restart, e.g. `tunnel.keepalive`.
-    pub needs_restart: Vec<String>,
+    pub(crate) needs_restart: Vec<String>,
 }
 
 /// The two lists a diff fills, one field at a time.
@@ -64,7 +64,7 @@ impl Decisions {
 
 /// Classifies every field of `new` against the running `old`: which changes a reload applies,
 /// which wait for a restart, and the configuration in force afterwards.
-pub fn diff(old: &Config, new: &Config) -> ReloadPlan {
+pub(crate) fn diff(old: &Config, new: &Config) -> ReloadPlan {
     let Config {
         source: _,
         node: old_node,

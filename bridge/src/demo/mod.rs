@@ -24,7 +24,7 @@ use tracing::Instrument;
 pub use pattern::pattern_byte;
 
 /// The response header every answer of a [`DemoUpstream`] carries, valued with its name.
-pub const UPSTREAM_HEADER: &str = "x-demo-upstream";
+pub(crate) const UPSTREAM_HEADER: &str = "x-demo-upstream";
 
 /// A running demo upstream. Dropping it does not stop it: cancel the token given to
 /// [`DemoUpstream::start`], then (optionally) await [`DemoUpstream::closed`].
@@ -72,7 +72,8 @@ impl DemoUpstream {
     }
 
     /// The name given at start, echoed in `x-demo-upstream` and in JSON answers.
-    pub fn name(&self) -> &str {
+    #[cfg(test)]
+    pub(crate) fn name(&self) -> &str {
         &self.state.name
     }
 

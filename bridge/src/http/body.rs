@@ -18,27 +18,27 @@ use crate::tunnel::frame::{self, Frame};
 use crate::tunnel::stream::{RecvHalf, SendHalf, StreamError, codes, encoded};
 
 /// Error type of bodies the bridge hands to hyper.
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type used on both sides of the bridge.
-pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BodyError>;
+pub(crate) type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BodyError>;
 
-pub use crate::upstream::RequestBodyAborted;
+pub(crate) use crate::upstream::RequestBodyAborted;
 
 /// A complete in-memory body.
-pub fn full(bytes: Bytes) -> BoxBody {
+pub(crate) fn full(bytes: Bytes) -> BoxBody {
     http_body_util::Full::new(bytes)
         .map_err(|never| match never {})
         .boxed_unsync()
 }
 
 /// An empty body.
-pub fn empty() -> BoxBody {
+pub(crate) fn empty() -> BoxBody {
     full(Bytes::new())
 }
 
 /// Why pumping a body into the tunnel stopped early.
 #[derive(Debug, thiserror::Error)]
-pub enum PumpError {
+pub(crate) enum PumpError {
     #[error("reading the body failed: {0}")]
     Source(String),
     #[error(transparent)]
@@ -50,7 +50,7 @@ pub enum PumpError {
 }
 
 /// One polled body frame: `None` is the end of the body.
-pub type PolledFrame<E> = Option<Result<http_body::Frame<Bytes>, E>>;
+pub(crate) type PolledFrame<E> = Option<Result<http_body::Frame<Bytes>, E>>;
 
 /// Sends `body` as DATA frames and optional TRAILERS, then finishes the stream; `first` is a
 /// frame the caller already polled from it. `sending` is the exchange of `send`, past a head
@@ -59,7 +59,7 @@ pub type PolledFrame<E> = Option<Result<http_body::Frame<Bytes>, E>>;
 /// On a body error, or a body frame the exchange refuses (DATA after TRAILERS), the stream is
 /// reset so the other side sees an aborted body, never a truncated one that looks complete.
 /// `bytes` counts payload bytes sent.
-pub async fn pump_to_tunnel<B>(
+pub(crate) async fn pump_to_tunnel<B>(
     first: Option<PolledFrame<B::Error>>,
     mut body: B,
     send: &mut SendHalf,
@@ -84,7 +84,7 @@ where
 
 /// Whether the body continues after a forwarded frame.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Forwarded {
+pub(crate) enum Forwarded {
     More,
     End,
 }
@@ -93,7 +93,7 @@ pub enum Forwarded {
 ///
 /// A body that knows it has ended after this frame (a declared length reached) is finished
 /// at once, without another poll: the FIN then leaves in the same packet as the data.
-pub async fn forward_frame<B>(
+pub(crate) async fn forward_frame<B>(
     frame: PolledFrame<B::Error>,
     body: &B,
     send: &mut SendHalf,
@@ -182,7 +182,7 @@ fn aborted(detail: impl ToString) -> BodyError {
 /// `receiving` is the exchange of `recv`, past a head that said a body follows; a frame it
 /// refuses stops the stream and aborts the body. `keep` is held until the body ends or is
 /// dropped (e.g. the stream's active-count guard). `bytes` counts payload bytes received.
-pub fn from_tunnel(
+pub(crate) fn from_tunnel(
     recv: RecvHalf,
     receiving: Exchange,
     keep: impl Send + 'static,

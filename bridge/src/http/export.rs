@@ -31,12 +31,12 @@ use crate::upstream::Upstream;
 
 /// Shared state of the export side of a node.
 pub struct ExportContext {
-    pub acl: Arc<AclService>,
+    pub(crate) acl: Arc<AclService>,
     /// Exported services by name; swapped whole on reload.
     pub services: ArcSwap<HashMap<String, Arc<Upstream>>>,
     /// Each export's `escaped_slashes`, by name; swapped whole on reload.
     pub(crate) escaped_slashes: ArcSwap<HashMap<String, EscapedSlashes>>,
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl ExportContext {
@@ -51,7 +51,7 @@ impl ExportContext {
 }
 
 /// Serves one request stream opened by `peer`.
-pub async fn serve_stream(
+pub(crate) async fn serve_stream(
     mut send: SendHalf,
     mut recv: RecvHalf,
     peer: Arc<PeerNode>,

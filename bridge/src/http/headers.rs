@@ -9,15 +9,15 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use crate::tunnel::frame::HeaderPair;
 
 /// Header names the bridge owns; callers can never set them.
-pub const BRIDGE_PREFIX: &str = "x-hybridge-";
+pub(crate) const BRIDGE_PREFIX: &str = "x-hybridge-";
 /// Reason header on every response the bridge itself produces.
-pub const ERROR_HEADER: &str = "x-hybridge-error";
-pub const REQUEST_ID: &str = "x-request-id";
+pub(crate) const ERROR_HEADER: &str = "x-hybridge-error";
+pub(crate) const REQUEST_ID: &str = "x-request-id";
 
 /// Removes hop-by-hop headers (as Envoy does): `connection` and every header it names,
 /// `keep-alive`, `proxy-connection`, `transfer-encoding`, `upgrade`, and `te` unless it is
 /// exactly `trailers` (which gRPC requires end to end).
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
@@ -49,7 +49,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Removes every `x-hybridge-*` header: identity and bridge metadata never come from callers.
-pub fn remove_bridge_headers(headers: &mut HeaderMap) {
+pub(crate) fn remove_bridge_headers(headers: &mut HeaderMap) {
     let names: Vec<HeaderName> = headers
         .keys()
         .filter(|n| n.as_str().starts_with(BRIDGE_PREFIX))
@@ -62,13 +62,14 @@ pub fn remove_bridge_headers(headers: &mut HeaderMap) {
 
 /// Headers through which a caller could claim a client identity or origin that an upstream
 /// may trust (Envoy's `forward_client_cert_details: SANITIZE`): removed at both edges.
-pub const CALLER_TRUST_HEADERS: [&str; 3] = ["x-forwarded-client-cert", "forwarded", "x-real-ip"];
+pub(crate) const CALLER_TRUST_HEADERS: [&str; 3] =
+    ["x-forwarded-client-cert", "forwarded", "x-real-ip"];
 
 /// Headers that make common frameworks route a request as another method or path than the
 /// one decided on (Symfony, Laravel and Express method overrides; `X-Original-URL` and
 /// `X-Rewrite-URL` of IIS-fronted and older Symfony/Zend apps): removed at both edges, so an
 /// allow for `POST /api/` cannot become a `DELETE` or another path upstream.
-pub const REQUEST_REWRITE_HEADERS: [&str; 5] = [
+pub(crate) const REQUEST_REWRITE_HEADERS: [&str; 5] = [
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
@@ -80,7 +81,7 @@ pub const REQUEST_REWRITE_HEADERS: [&str; 5] = [
 /// headers, `x-hybridge-*`, [`CALLER_TRUST_HEADERS`] and [`REQUEST_REWRITE_HEADERS`]. The
 /// import edge runs it on the caller's request and the export edge again on the peer's, so
 /// the authoritative side does not depend on the other being honest.
-pub fn remove_untrusted(headers: &mut HeaderMap) {
+pub(crate) fn remove_untrusted(headers: &mut HeaderMap) {
     remove_hop_by_hop(headers);
     remove_bridge_headers(headers);
     for name in CALLER_TRUST_HEADERS.iter().chain(&REQUEST_REWRITE_HEADERS) {
@@ -135,7 +136,7 @@ pub fn prepare_request(
 }
 
 /// A random UUID v4 in its usual text form.
-pub fn new_request_id() -> String {
+pub(crate) fn new_request_id() -> String {
     let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
@@ -177,7 +178,7 @@ pub fn from_pairs(pairs: Vec<HeaderPair>) -> Result<HeaderMap, String> {
 }
 
 /// Total size of a header block as HTTP/2 counts it (name + value + 32 per field).
-pub fn header_block_size(headers: &HeaderMap) -> usize {
+pub(crate) fn header_block_size(headers: &HeaderMap) -> usize {
     headers
         .iter()
         .map(|(n, v)| n.as_str().len() + v.len() + 32)

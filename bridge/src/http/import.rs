@@ -36,7 +36,7 @@ use crate::tunnel::stream::{RecvHalf, SendHalf, StreamError, codes, encoded};
 
 /// What a listener forwards to.
 #[derive(Clone, Debug)]
-pub enum ListenerTarget {
+pub(crate) enum ListenerTarget {
     /// One remote service per port.
     Service(String),
     /// Any remote service, chosen by `Host: SERVICE.SUFFIX`.
@@ -44,43 +44,43 @@ pub enum ListenerTarget {
 }
 
 /// A configured import listener.
-pub struct ListenerSpec {
-    pub target: ListenerTarget,
-    pub caller: CallerIdentity,
+pub(crate) struct ListenerSpec {
+    pub(crate) target: ListenerTarget,
+    pub(crate) caller: CallerIdentity,
     /// TLS for `mtls` listeners (client certificate required); swapped on reload.
-    pub tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
+    pub(crate) tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
     /// Read per connection and per request; swapped on reload.
-    pub settings: arc_swap::ArcSwap<ListenerSettings>,
+    pub(crate) settings: arc_swap::ArcSwap<ListenerSettings>,
     /// Open-connection cap and idle timeout, shared by the workers accepting on the port.
-    pub limits: Arc<ListenerLimits>,
+    pub(crate) limits: Arc<ListenerLimits>,
 }
 
 /// The settings of a listener a reload may change while it runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ListenerSettings {
+pub(crate) struct ListenerSettings {
     /// Deadline for the response head.
-    pub request_timeout: Option<Duration>,
+    pub(crate) request_timeout: Option<Duration>,
     /// Largest request header block (431 beyond it); new connections get parser limits to
     /// match.
-    pub max_header_bytes: usize,
+    pub(crate) max_header_bytes: usize,
     /// Whether `%2F`/`%5C` in a path is refused or kept.
-    pub escaped_slashes: EscapedSlashes,
+    pub(crate) escaped_slashes: EscapedSlashes,
 }
 
 /// Shared state of all import listeners of a node.
-pub struct ImportContext {
-    pub peers: Arc<PeerSet>,
+pub(crate) struct ImportContext {
+    pub(crate) peers: Arc<PeerSet>,
     /// Which peers may serve which services; requests go only to those.
-    pub serving: Arc<ServingPolicy>,
+    pub(crate) serving: Arc<ServingPolicy>,
     /// The certificate checks in force; a caller whose certificate stops passing them
     /// (revoked by a reloaded CRL, expired) loses its connection.
-    pub trust: tokio::sync::watch::Receiver<Arc<crate::trust::Trust>>,
-    pub acl: Arc<AclService>,
+    pub(crate) trust: tokio::sync::watch::Receiver<Arc<crate::trust::Trust>>,
+    pub(crate) acl: Arc<AclService>,
     /// This node's site: the site every local caller is qualified by.
-    pub site: Arc<str>,
-    pub metrics: Arc<Metrics>,
+    pub(crate) site: Arc<str>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Tracks request-body pumps so draining waits for them.
-    pub tasks: TaskTracker,
+    pub(crate) tasks: TaskTracker,
 }
 
 /// Per-connection facts.
@@ -94,7 +94,7 @@ struct ConnectionInfo {
 
 /// Accepts connections on `listener` until `shutdown` fires, then lets open connections
 /// finish their in-flight requests (HTTP/2 GOAWAY, HTTP/1.1 close after the response).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     spec: Arc<ListenerSpec>,
     ctx: Arc<ImportContext>,
@@ -612,7 +612,7 @@ fn resolve_service(
 }
 
 /// `billing.hybridge:8080` with suffix `hybridge` → `billing`.
-pub fn service_from_host(host: &str, suffix: &str) -> Option<String> {
+pub(crate) fn service_from_host(host: &str, suffix: &str) -> Option<String> {
     let host = match host.rsplit_once(':') {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => host,

@@ -1,10 +1,10 @@
 //! HTTP at the edges of the tunnel: import listeners (callers in), the export side
 //! (upstreams out), canonical paths, header rules, body streaming and bridge-generated errors.
 
-pub mod body;
+pub(crate) mod body;
 pub mod error;
-pub mod export;
+pub(crate) mod export;
 pub mod headers;
-pub mod import;
+pub(crate) mod import;
 pub mod path;
-pub mod percent;
+pub(crate) mod percent;

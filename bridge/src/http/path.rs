@@ -16,7 +16,7 @@ use serde::Deserialize;
 use super::percent::{hex_value, push_escape};
 
 /// Longest canonical request target: what `http::Uri` can hold (`u16::MAX - 1` bytes).
-pub const MAX_TARGET_LEN: usize = u16::MAX as usize - 1;
+pub(crate) const MAX_TARGET_LEN: usize = u16::MAX as usize - 1;
 
 /// What an import listener or an export does with an escaped slash (`%2F`, `%5C`, any case)
 /// in a path, like Envoy's `path_with_escaped_slashes_action`.
@@ -34,7 +34,8 @@ pub enum EscapedSlashes {
 
 impl EscapedSlashes {
     /// `"reject"` or `"keep"`, as written in the config.
-    pub fn as_str(self) -> &'static str {
+    #[cfg(test)]
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             EscapedSlashes::Reject => "reject",
             EscapedSlashes::Keep => "keep",
@@ -97,18 +98,13 @@ impl CanonicalTarget<'_> {
         &self.path
     }
 
-    /// The query as sent (without the `?`), if the target had one.
-    pub fn query(&self) -> Option<&str> {
-        self.query
-    }
-
     /// Whether the target was already exactly `path?query` (origin-form, canonical).
-    pub fn is_unchanged(&self) -> bool {
+    pub(crate) fn is_unchanged(&self) -> bool {
         self.unchanged
     }
 
     /// `path?query`, what goes in the tunnel frame and to the upstream.
-    pub fn to_origin_form(&self) -> String {
+    pub(crate) fn to_origin_form(&self) -> String {
         match self.query {
             Some(query) => format!("{}?{query}", self.path),
             None => self.path.to_string(),
@@ -159,7 +155,10 @@ pub fn canonical_target(
 
 /// Rewrites `uri` (as hyper parsed a caller's request) to its canonical target, keeping the
 /// scheme, the authority and the query. Leaves `uri` untouched when it is refused.
-pub fn canonicalise_uri(uri: &mut Uri, escaped_slashes: EscapedSlashes) -> Result<(), PathError> {
+pub(crate) fn canonicalise_uri(
+    uri: &mut Uri,
+    escaped_slashes: EscapedSlashes,
+) -> Result<(), PathError> {
     let original = uri.path_and_query().map_or("", PathAndQuery::as_str);
     let canonical = if uri.scheme().is_some() && !original.starts_with('/') {
         // Absolute-form with an empty path (`http://host`, `http://host?q`): the path is `/`.
@@ -197,7 +196,7 @@ pub fn decision_path(typed: &str) -> Result<String, PathError> {
 
 /// Whether `prefix` is a canonical path (as ACL rule prefixes must be), and if not, why.
 /// `Ok(Some(canonical))` names the canonical form of a prefix that has one.
-pub fn check_canonical(prefix: &str) -> Result<Option<String>, PathError> {
+pub(crate) fn check_canonical(prefix: &str) -> Result<Option<String>, PathError> {
     if prefix.contains('?') {
         return Err(PathError::Query);
     }
@@ -207,7 +206,7 @@ pub fn check_canonical(prefix: &str) -> Result<Option<String>, PathError> {
 
 /// The canonical form of `path` (origin-form, without the query): escapes normalised, dot
 /// segments removed, repeated slashes merged. Borrowed when `path` is already canonical.
-pub fn canonical_path(
+pub(crate) fn canonical_path(
     path: &str,
     escaped_slashes: EscapedSlashes,
 ) -> Result<Cow<'_, str>, PathError> {

@@ -25,18 +25,18 @@ use crate::tunnel::peers::PeerLink;
 
 /// Whether the node is ready now, and each condition that fails.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     /// Why the node is not ready, one short sentence per failed condition; empty when ready.
-    pub reasons: Vec<String>,
+    pub(crate) reasons: Vec<String>,
 }
 
 impl Readiness {
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.reasons.is_empty()
     }
 
     /// `ready`, or the failed conditions joined by `; `.
-    pub fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         if self.is_ready() {
             "ready".to_owned()
         } else {
@@ -99,7 +99,7 @@ fn peer_sites(config: &Config) -> Vec<&str> {
 
 impl NodeState {
     /// The node's readiness at `now` (see the module doc for the definition).
-    pub fn readiness_at(&self, now: OffsetDateTime) -> Readiness {
+    pub(crate) fn readiness_at(&self, now: OffsetDateTime) -> Readiness {
         let mut reasons = Vec::new();
         if self.is_draining() {
             reasons.push("draining".to_owned());
@@ -179,7 +179,7 @@ impl NodeState {
     }
 
     /// The node's readiness now.
-    pub fn readiness(&self) -> Readiness {
+    pub(crate) fn readiness(&self) -> Readiness {
         self.readiness_at(OffsetDateTime::now_utc())
     }
 }

@@ -30,21 +30,21 @@ use crate::upstream::Upstream;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReloadReport {
     /// The file re-read.
-    pub config: String,
+    pub(crate) config: String,
     /// Changed fields now in force, e.g. `limits.max_header_bytes`.
-    pub applied: Vec<String>,
+    pub(crate) applied: Vec<String>,
     /// Changed fields not applied: their running value stays until a restart.
-    pub needs_restart: Vec<String>,
+    pub(crate) needs_restart: Vec<String>,
     /// Exports whose upstream was started anew (added or changed).
-    pub upstreams_restarted: Vec<String>,
+    pub(crate) upstreams_restarted: Vec<String>,
     /// One line for people: what was re-read and swapped.
-    pub summary: String,
+    pub(crate) summary: String,
 }
 
 impl ReloadReport {
     /// `tunnel.keepalive (needs a restart), …`: the ignored fields as the log line and
     /// `hybridge reload` name them.
-    pub fn not_applied(&self) -> String {
+    pub(crate) fn not_applied(&self) -> String {
         self.needs_restart
             .iter()
             .map(|field| format!("{field} (needs a restart)"))
@@ -56,35 +56,35 @@ impl ReloadReport {
 /// A reload asked for over the admin API.
 pub(crate) struct ReloadRequest {
     /// Who asked, for the log line (`uid:1000(alice)`, `spiffe://TD/admin/alice`).
-    pub by: String,
-    pub reply: tokio::sync::oneshot::Sender<Result<ReloadReport, String>>,
+    pub(crate) by: String,
+    pub(crate) reply: tokio::sync::oneshot::Sender<Result<ReloadReport, String>>,
 }
 
 /// Everything built at start that a reload swaps.
 pub(crate) struct Reloadable {
-    pub state: Arc<NodeState>,
+    pub(crate) state: Arc<NodeState>,
     /// One tunnel endpoint per worker when the tunnel can be shared out, else one.
-    pub endpoints: Vec<quinn::Endpoint>,
+    pub(crate) endpoints: Vec<quinn::Endpoint>,
     /// Endpoints dialers opened for their connections (dial-only nodes, see `tunnel::dialer`).
-    pub dial_endpoints: Arc<crate::tunnel::dialer::DialEndpoints>,
+    pub(crate) dial_endpoints: Arc<crate::tunnel::dialer::DialEndpoints>,
     /// Dialing TLS config per peer address.
-    pub peer_clients: Vec<(String, Arc<ArcSwap<quic::DialConfig>>)>,
+    pub(crate) peer_clients: Vec<(String, Arc<ArcSwap<quic::DialConfig>>)>,
     /// The tunnel listener's config, from which each incoming connection gets its own (see
     /// `tunnel::handshake`).
-    pub tunnel_server: Option<Arc<ArcSwap<quinn::ServerConfig>>>,
+    pub(crate) tunnel_server: Option<Arc<ArcSwap<quinn::ServerConfig>>>,
     /// The TLS/TCP tunnel listener's config, taken by each connection it accepts.
-    pub tunnel_tcp_server: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    pub(crate) tunnel_tcp_server: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     /// The remote admin listener's TLS config (certificate, CA, CRL).
-    pub admin_remote_tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
+    pub(crate) admin_remote_tls: Option<Arc<ArcSwap<rustls::ServerConfig>>>,
     /// Import listeners, then the gateway: mTLS configs, settings and limits.
-    pub listener_specs: Vec<Arc<ListenerSpec>>,
+    pub(crate) listener_specs: Vec<Arc<ListenerSpec>>,
     /// `tunnel.reconnect_max_backoff`, read by every dialer before each wait.
-    pub dial_backoff: tokio::sync::watch::Sender<std::time::Duration>,
+    pub(crate) dial_backoff: tokio::sync::watch::Sender<std::time::Duration>,
     /// QUIC transport settings of the running tunnels (`tunnel.keepalive`, `idle_timeout`).
-    pub tuning: TransportTuning,
+    pub(crate) tuning: TransportTuning,
     /// Parent of the tokens of upstreams a reload starts.
-    pub stop_rest: CancellationToken,
-    pub one_at_a_time: tokio::sync::Mutex<()>,
+    pub(crate) stop_rest: CancellationToken,
+    pub(crate) one_at_a_time: tokio::sync::Mutex<()>,
 }
 
 /// Serves `POST /v1/reload` requests until `cancel` fires; each reload runs here, so a caller
@@ -116,7 +116,7 @@ fn notify(states: &[sd_notify::NotifyState<'_>]) {
 impl Reloadable {
     /// Runs one reload: systemd hears RELOADING=1 before and READY=1 after, and one log line
     /// tells the outcome, naming every field left for a restart.
-    pub async fn reload(&self, by: &str) -> anyhow::Result<ReloadReport> {
+    pub(crate) async fn reload(&self, by: &str) -> anyhow::Result<ReloadReport> {
         let _one = self.one_at_a_time.lock().await;
         notify(&[sd_notify::NotifyState::Reloading]);
         let outcome = self.apply().await;

@@ -27,7 +27,7 @@ pub enum Carrier {
 }
 
 impl Carrier {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Quic => "quic",
             Self::Tcp => "tcp",
@@ -52,17 +52,17 @@ impl prometheus_client::encoding::EncodeLabelValue for Carrier {
 
 /// Counters a connection can report for metrics and status.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct ConnectionStats {
-    pub rtt: Duration,
-    pub lost_packets: u64,
-    pub sent_packets: u64,
+pub(crate) struct ConnectionStats {
+    pub(crate) rtt: Duration,
+    pub(crate) lost_packets: u64,
+    pub(crate) sent_packets: u64,
     /// Largest UDP payload the path currently carries (grows with path-MTU discovery).
-    pub path_mtu: u16,
+    pub(crate) path_mtu: u16,
     /// Streams this side stopped reading before their end (STOP_SENDING sent): an abandoned
     /// exchange, e.g. a caller that hung up.
-    pub streams_stopped: u64,
+    pub(crate) streams_stopped: u64,
     /// Streams this side abandoned while sending (RESET_STREAM sent).
-    pub streams_reset: u64,
+    pub(crate) streams_reset: u64,
 }
 
 /// Why a tunnel connection is gone.
@@ -76,7 +76,7 @@ pub enum ConnectionLost {
 
 impl ConnectionLost {
     /// The reason counted for a connection that ended this way.
-    pub fn disconnect_reason(&self) -> DisconnectReason {
+    pub(crate) fn disconnect_reason(&self) -> DisconnectReason {
         match self {
             Self::Quic(e) => DisconnectReason::of_connection_error(e),
             Self::Tcp(e) => e.disconnect_reason(),
@@ -84,7 +84,7 @@ impl ConnectionLost {
     }
 
     /// The reason counted for a handshake that ended this way.
-    pub fn handshake_failure(&self) -> HandshakeFailure {
+    pub(crate) fn handshake_failure(&self) -> HandshakeFailure {
         match self {
             Self::Quic(e) => HandshakeFailure::of_connection_error(e, None),
             Self::Tcp(e) => e.handshake_failure(),
@@ -105,7 +105,7 @@ impl TunnelConnection {
     }
 
     /// Waits for the peer to open a stream; `Err` once the connection is gone.
-    pub async fn accept_stream(&self) -> Result<(SendHalf, RecvHalf), ConnectionLost> {
+    pub(crate) async fn accept_stream(&self) -> Result<(SendHalf, RecvHalf), ConnectionLost> {
         match self {
             Self::Quic(c) => {
                 let (send, recv) = c.accept_bi().await.map_err(ConnectionLost::Quic)?;
@@ -116,7 +116,7 @@ impl TunnelConnection {
     }
 
     /// Why the connection is gone, or `None` while it is up.
-    pub fn lost(&self) -> Option<ConnectionLost> {
+    pub(crate) fn lost(&self) -> Option<ConnectionLost> {
         match self {
             Self::Quic(c) => c.close_reason().map(ConnectionLost::Quic),
             Self::Tcp(c) => c.lost().map(ConnectionLost::Tcp),
@@ -124,7 +124,7 @@ impl TunnelConnection {
     }
 
     /// The peer's identity from its certificate (checked during the handshake).
-    pub fn peer_id(&self) -> Option<SpiffeId> {
+    pub(crate) fn peer_id(&self) -> Option<SpiffeId> {
         hybridge_ca::tls::peer_spiffe_id(&self.peer_leaf()?).ok()
     }
 
@@ -134,7 +134,7 @@ impl TunnelConnection {
     }
 
     /// The chain the peer presented in the handshake, leaf first (empty if none).
-    pub fn peer_chain(&self) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+    pub(crate) fn peer_chain(&self) -> Vec<rustls_pki_types::CertificateDer<'static>> {
         match self {
             Self::Quic(c) => c
                 .peer_identity()
@@ -160,14 +160,14 @@ impl TunnelConnection {
         Some((summary.serial_hex, not_after))
     }
 
-    pub fn remote_address(&self) -> std::net::SocketAddr {
+    pub(crate) fn remote_address(&self) -> std::net::SocketAddr {
         match self {
             Self::Quic(c) => c.remote_address(),
             Self::Tcp(c) => c.remote_address(),
         }
     }
 
-    pub fn stats(&self) -> ConnectionStats {
+    pub(crate) fn stats(&self) -> ConnectionStats {
         match self {
             Self::Quic(c) => {
                 let s = c.stats();
@@ -191,7 +191,7 @@ impl TunnelConnection {
     /// A count that grows whenever anything arrives from the peer (QUIC datagrams, TCP
     /// reads). Acknowledgements arrive this way too, so a request written when the count
     /// was N cannot have been acknowledged while it is still N.
-    pub fn received(&self) -> u64 {
+    pub(crate) fn received(&self) -> u64 {
         match self {
             Self::Quic(c) => c.stats().udp_rx.datagrams,
             Self::Tcp(c) => c.received(),
@@ -220,7 +220,7 @@ impl TunnelConnection {
     }
 
     /// Resolves when the connection is closed, with the reason.
-    pub async fn closed(&self) -> ConnectionLost {
+    pub(crate) async fn closed(&self) -> ConnectionLost {
         match self {
             Self::Quic(c) => ConnectionLost::Quic(c.closed().await),
             Self::Tcp(c) => ConnectionLost::Tcp(c.closed().await),
@@ -228,7 +228,7 @@ impl TunnelConnection {
     }
 
     /// A stable id for this connection within the process.
-    pub fn stable_id(&self) -> usize {
+    pub(crate) fn stable_id(&self) -> usize {
         match self {
             Self::Quic(c) => c.stable_id(),
             Self::Tcp(c) => c.stable_id(),

@@ -70,7 +70,7 @@ impl ControlMessage {
     }
 
     /// The update a node sends when its exports or its policy change.
-    pub fn update(announcement: PeerAnnouncement) -> Self {
+    pub(crate) fn update(announcement: PeerAnnouncement) -> Self {
         Self::Exports {
             exports: announcement.exports,
             policy_version: announcement.policy_version,
@@ -86,14 +86,14 @@ fn wire_members(members: &[SocketAddr]) -> Vec<String> {
 
 /// Whether a member address names one node's port (not "any address", not port 0): the
 /// rule for what a node announces and for what it takes from a peer.
-pub fn is_dialable(address: &SocketAddr) -> bool {
+pub(crate) fn is_dialable(address: &SocketAddr) -> bool {
     !address.ip().is_unspecified() && address.port() != 0
 }
 
 /// The member addresses a peer announced that can be dialled: socket-address literals
 /// (never names, so a peer cannot make this node resolve or look anything up), not
 /// unspecified, at most [`MAX_ANNOUNCED_MEMBERS`]; anything else is dropped.
-pub fn parse_members(announced: &[String]) -> Vec<SocketAddr> {
+pub(crate) fn parse_members(announced: &[String]) -> Vec<SocketAddr> {
     let mut members: Vec<SocketAddr> = announced
         .iter()
         .filter_map(|a| a.parse::<SocketAddr>().ok())
@@ -127,7 +127,7 @@ pub async fn receive(input: &mut RecvHalf) -> Result<Option<ControlMessage>, Str
 
 /// Why a peer's first control message is not a hello this node can take.
 #[derive(Debug, thiserror::Error)]
-pub enum HelloError {
+pub(crate) enum HelloError {
     #[error("peer speaks tunnel protocol version {0}, this node speaks {PROTOCOL_VERSION}")]
     Version(u8),
     #[error("expected hello on the control stream, got {0:?}")]
@@ -135,7 +135,7 @@ pub enum HelloError {
 }
 
 /// Checks a peer's hello and returns what it announced.
-pub fn check_hello(message: ControlMessage) -> Result<PeerAnnouncement, HelloError> {
+pub(crate) fn check_hello(message: ControlMessage) -> Result<PeerAnnouncement, HelloError> {
     match message {
         ControlMessage::Hello {
             version,

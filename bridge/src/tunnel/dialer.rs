@@ -43,15 +43,15 @@ const QUIC_FAILURES_BEFORE_TCP_FIRST: u32 = 3;
 
 /// How a dialer chooses its carrier.
 #[derive(Clone, Copy, Debug)]
-pub struct CarrierChoice {
-    pub transport: Transport,
-    pub tcp_fallback_after: Duration,
-    pub quic_reprobe_interval: Duration,
+pub(crate) struct CarrierChoice {
+    pub(crate) transport: Transport,
+    pub(crate) tcp_fallback_after: Duration,
+    pub(crate) quic_reprobe_interval: Duration,
 }
 
 /// Where a dialer's QUIC connections come from.
 #[derive(Clone)]
-pub enum DialSource {
+pub(crate) enum DialSource {
     /// The node's own endpoint (a node that also listens, or dials from a fixed port).
     Shared(quinn::Endpoint),
     /// A fresh endpoint, on a fresh port of `bind`, for every connection.
@@ -65,7 +65,7 @@ pub enum DialSource {
 /// The endpoints dialers opened for their live connections, so that moving the node's
 /// tunnels to new ports (`Node::rebind_tunnels`) and shutting down reach them.
 #[derive(Default)]
-pub struct DialEndpoints {
+pub(crate) struct DialEndpoints {
     live: Mutex<HashMap<u64, (tokio::runtime::Handle, quinn::Endpoint)>>,
     next: AtomicU64,
 }
@@ -82,7 +82,7 @@ impl DialEndpoints {
     }
 
     /// Each live dial endpoint with the runtime that drives it.
-    pub fn all(&self) -> Vec<(tokio::runtime::Handle, quinn::Endpoint)> {
+    pub(crate) fn all(&self) -> Vec<(tokio::runtime::Handle, quinn::Endpoint)> {
         lock(&self.live).values().cloned().collect()
     }
 }
@@ -106,28 +106,28 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// What each dialer slot is doing, for `/v1/status`: every configured peer is listed with
 /// its state, carrier, last error and next retry, whether or not a link is up.
 #[derive(Default)]
-pub struct DialStates {
+pub(crate) struct DialStates {
     slots: Mutex<std::collections::BTreeMap<(String, usize), SlotState>>,
 }
 
 /// One dialer slot as status shows it.
 #[derive(Clone, Debug)]
-pub struct SlotState {
-    pub address: String,
-    pub site: String,
-    pub slot: usize,
+pub(crate) struct SlotState {
+    pub(crate) address: String,
+    pub(crate) site: String,
+    pub(crate) slot: usize,
     /// Dialled because the peer site announced this address (`tunnel::members`), not
     /// because it is configured.
-    pub learned: bool,
+    pub(crate) learned: bool,
     /// `connecting`, `up`, `silent` or `failed` (waiting to retry).
-    pub state: &'static str,
-    pub carrier: Option<Carrier>,
+    pub(crate) state: &'static str,
+    pub(crate) carrier: Option<Carrier>,
     /// Why this carrier (`tunnel.transport`, a fallback, a re-probe).
-    pub carrier_reason: Option<String>,
-    pub last_error: Option<String>,
+    pub(crate) carrier_reason: Option<String>,
+    pub(crate) last_error: Option<String>,
     /// When the next attempt starts (`failed` only).
-    pub next_retry: Option<tokio::time::Instant>,
-    pub since: tokio::time::Instant,
+    pub(crate) next_retry: Option<tokio::time::Instant>,
+    pub(crate) since: tokio::time::Instant,
 }
 
 impl DialStates {
@@ -155,7 +155,7 @@ impl DialStates {
     }
 
     /// Every slot, by peer address and slot number.
-    pub fn all(&self) -> Vec<SlotState> {
+    pub(crate) fn all(&self) -> Vec<SlotState> {
         lock(&self.slots).values().cloned().collect()
     }
 
@@ -166,19 +166,19 @@ impl DialStates {
 
 /// One dialer slot: which peer, which of its connections, and when it is no longer wanted.
 #[derive(Clone, Debug)]
-pub struct Slot {
-    pub peer: PeerConfig,
-    pub index: usize,
+pub(crate) struct Slot {
+    pub(crate) peer: PeerConfig,
+    pub(crate) index: usize,
     /// Set for an address the peer site announced (`tunnel::members`).
-    pub learned: bool,
+    pub(crate) learned: bool,
     /// Fired when the slot is no longer wanted: its link drains (nothing in flight fails)
     /// and it is not dialled again. Configured slots keep theirs until the node stops.
-    pub leave: CancellationToken,
+    pub(crate) leave: CancellationToken,
 }
 
 impl Slot {
     /// Connection `index` of a configured peer.
-    pub fn configured(peer: &PeerConfig, index: usize) -> Self {
+    pub(crate) fn configured(peer: &PeerConfig, index: usize) -> Self {
         Self {
             peer: peer.clone(),
             index,
@@ -199,7 +199,7 @@ struct Dialled {
 /// Keeps one connection to `peer` up until `cancel` fires. `max_backoff` is read before each
 /// wait, so a reload changes it from the next redial on.
 #[allow(clippy::too_many_arguments)]
-pub async fn run(
+pub(crate) async fn run(
     source: DialSource,
     slot: Slot,
     client_config: Arc<ArcSwap<DialConfig>>,

@@ -17,7 +17,7 @@ use super::frame::{Frame, FrameType};
 
 /// Which way a stream direction flows, which fixes the head it opens with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
+pub(crate) enum Direction {
     /// Opener to acceptor: a REQUEST head.
     Request,
     /// Acceptor to opener: a RESPONSE head.
@@ -26,7 +26,7 @@ pub enum Direction {
 
 impl Direction {
     /// The frame type of the head this direction opens with.
-    pub fn head(self) -> FrameType {
+    pub(crate) fn head(self) -> FrameType {
         match self {
             Self::Request => FrameType::Request,
             Self::Response => FrameType::Response,
@@ -36,7 +36,7 @@ impl Direction {
 
 /// One step of a stream direction: a frame of a type, or its end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// A REQUEST head; `end_stream`: no body follows.
     Request {
         end_stream: bool,
@@ -54,7 +54,7 @@ pub enum Event {
 
 impl Event {
     /// The event a frame read from a stream is; `None` is the end of the stream.
-    pub fn of(frame: Option<&Frame>) -> Self {
+    pub(crate) fn of(frame: Option<&Frame>) -> Self {
         match frame {
             None => Self::End,
             Some(Frame::Request(head)) => Self::Request {
@@ -70,7 +70,7 @@ impl Event {
     }
 
     /// The frame type of the event, `None` for the end of the stream.
-    pub fn frame_type(self) -> Option<FrameType> {
+    pub(crate) fn frame_type(self) -> Option<FrameType> {
         match self {
             Self::Request { .. } => Some(FrameType::Request),
             Self::Response { .. } => Some(FrameType::Response),
@@ -84,7 +84,7 @@ impl Event {
 
 /// Where a stream direction is in its exchange.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum State {
+pub(crate) enum State {
     /// Nothing yet: the head comes first.
     AwaitingHead,
     /// The head said a body follows: DATA, TRAILERS or the end.
@@ -99,7 +99,7 @@ pub enum State {
 
 /// The rule of the exchange an event broke.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum ExchangeError {
+pub(crate) enum ExchangeError {
     #[error("the stream ended before its {0} head")]
     EndedBeforeHead(FrameType),
     #[error("a {found} frame came before the {expected} head")]
@@ -133,14 +133,14 @@ fn describe(event: Event) -> String {
 
 /// The exchange of one stream direction: feed it each event in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Exchange {
+pub(crate) struct Exchange {
     direction: Direction,
     state: State,
 }
 
 impl Exchange {
     /// A direction on which nothing has been read or sent yet.
-    pub fn new(direction: Direction) -> Self {
+    pub(crate) fn new(direction: Direction) -> Self {
         Self {
             direction,
             state: State::AwaitingHead,
@@ -148,7 +148,7 @@ impl Exchange {
     }
 
     /// A direction whose head (of `direction`'s type) has just been read or sent.
-    pub fn after_head(direction: Direction, end_stream: bool) -> Self {
+    pub(crate) fn after_head(direction: Direction, end_stream: bool) -> Self {
         let head = match direction {
             Direction::Request => Event::Request { end_stream },
             Direction::Response => Event::Response { end_stream },
@@ -158,13 +158,14 @@ impl Exchange {
     }
 
     /// Where the exchange is.
-    pub fn state(&self) -> State {
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> State {
         self.state
     }
 
     /// Takes the next event. A refused event names the rule it broke and leaves the state as
     /// it was; the stream is then broken and its owner abandons it.
-    pub fn on(&mut self, event: Event) -> Result<State, ExchangeError> {
+    pub(crate) fn on(&mut self, event: Event) -> Result<State, ExchangeError> {
         self.state = next(self.direction, self.state, event)?;
         Ok(self.state)
     }

@@ -32,13 +32,13 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Version of the stream and control protocol carried in `REQUEST` and the control hello.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub(crate) const PROTOCOL_VERSION: u8 = 1;
 /// Size of a frame header: type byte plus big-endian u32 length.
 pub const FRAME_HEADER_LEN: usize = 5;
 /// Largest header block (REQUEST, RESPONSE, TRAILERS, CONTROL) a peer may send.
-pub const MAX_HEADER_BLOCK: usize = 64 * 1024 + 1024;
+pub(crate) const MAX_HEADER_BLOCK: usize = 64 * 1024 + 1024;
 /// Largest DATA frame a peer may send.
-pub const MAX_DATA_FRAME: usize = 1024 * 1024;
+pub(crate) const MAX_DATA_FRAME: usize = 1024 * 1024;
 
 /// Frame type bytes on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,7 +77,7 @@ impl FrameType {
     }
 
     /// The largest payload a peer may send for this frame type.
-    pub fn max_len(self) -> usize {
+    pub(crate) fn max_len(self) -> usize {
         match self {
             Self::Data => MAX_DATA_FRAME,
             _ => MAX_HEADER_BLOCK,
@@ -259,12 +259,15 @@ pub fn encode_response(head: &ResponseHead, out: &mut BytesMut) -> Result<(), Fr
 }
 
 /// Encodes a TRAILERS frame (header included) into `out`.
-pub fn encode_trailers(trailers: &[HeaderPair], out: &mut BytesMut) -> Result<(), FrameError> {
+pub(crate) fn encode_trailers(
+    trailers: &[HeaderPair],
+    out: &mut BytesMut,
+) -> Result<(), FrameError> {
     encode_block(FrameType::Trailers, out, |b| put_headers(b, trailers))
 }
 
 /// Encodes a CONTROL frame (header included) into `out`.
-pub fn encode_control(payload: &[u8], out: &mut BytesMut) -> Result<(), FrameError> {
+pub(crate) fn encode_control(payload: &[u8], out: &mut BytesMut) -> Result<(), FrameError> {
     encode_block(FrameType::Control, out, |b| {
         b.put_slice(payload);
         Ok(())

@@ -20,11 +20,11 @@ use quinn_proto::transport_parameters::TransportParameters;
 
 /// Where the verifier's rejection of one connection's handshake is kept.
 #[derive(Clone, Default)]
-pub struct RejectionSlot(Arc<Mutex<Option<PeerRejected>>>);
+pub(crate) struct RejectionSlot(Arc<Mutex<Option<PeerRejected>>>);
 
 impl RejectionSlot {
     /// The rejection, if the verifier made one during this handshake.
-    pub fn take(&self) -> Option<PeerRejected> {
+    pub(crate) fn take(&self) -> Option<PeerRejected> {
         match self.0.lock() {
             Ok(mut slot) => slot.take(),
             Err(poisoned) => poisoned.into_inner().take(),
@@ -40,7 +40,10 @@ impl RejectionSlot {
 }
 
 /// `config` for one incoming connection: a rejection by our verifier lands in `slot`.
-pub fn observed_server(config: &quinn::ServerConfig, slot: &RejectionSlot) -> quinn::ServerConfig {
+pub(crate) fn observed_server(
+    config: &quinn::ServerConfig,
+    slot: &RejectionSlot,
+) -> quinn::ServerConfig {
     let mut config = config.clone();
     config.crypto = Arc::new(ObservedServer {
         inner: config.crypto.clone(),
@@ -50,7 +53,7 @@ pub fn observed_server(config: &quinn::ServerConfig, slot: &RejectionSlot) -> qu
 }
 
 /// A quinn client crypto config whose sessions report rejections to `slot`.
-pub fn observed_client(
+pub(crate) fn observed_client(
     inner: Arc<dyn crypto::ClientConfig>,
     slot: &RejectionSlot,
 ) -> Arc<dyn crypto::ClientConfig> {

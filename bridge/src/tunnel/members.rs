@@ -26,20 +26,20 @@ use super::peers::PeerSet;
 use crate::config::{MAX_ANNOUNCED_MEMBERS, PeerConfig};
 
 /// Starts a dialer for a slot (on a worker of the caller's choosing).
-pub type SpawnSlot = Arc<dyn Fn(Slot) + Send + Sync>;
+pub(crate) type SpawnSlot = Arc<dyn Fn(Slot) + Send + Sync>;
 
 /// What a site's links announced, sorted into what to dial and what to refuse.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Selection {
+pub(crate) struct Selection {
     /// Member addresses to keep a link to (inside `member_networks`, not the configured
     /// address itself).
-    pub dial: BTreeSet<SocketAddr>,
+    pub(crate) dial: BTreeSet<SocketAddr>,
     /// Announced addresses outside `member_networks`.
-    pub refused: BTreeSet<SocketAddr>,
+    pub(crate) refused: BTreeSet<SocketAddr>,
 }
 
 /// Sorts the union of what the site's links announced.
-pub fn select<'a>(
+pub(crate) fn select<'a>(
     peer: &PeerConfig,
     announced: impl IntoIterator<Item = &'a SocketAddr>,
 ) -> Selection {
@@ -66,7 +66,7 @@ pub fn select<'a>(
 
 /// Follows what `peer`'s site announces for as long as the node runs, starting a dialer
 /// slot for each new member and letting go of members no longer announced.
-pub async fn follow(
+pub(crate) async fn follow(
     peer: PeerConfig,
     peers: Arc<PeerSet>,
     spawn: SpawnSlot,

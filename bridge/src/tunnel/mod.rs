@@ -9,16 +9,16 @@
 
 pub mod connection;
 pub mod control;
-pub mod dialer;
-pub mod exchange;
+pub(crate) mod dialer;
+pub(crate) mod exchange;
 pub mod frame;
-pub mod handshake;
-pub mod members;
+pub(crate) mod handshake;
+pub(crate) mod members;
 pub mod outcome;
-pub mod peers;
+pub(crate) mod peers;
 pub mod quic;
-pub mod serving;
-pub mod session;
+pub(crate) mod serving;
+pub(crate) mod session;
 pub mod stream;
-pub mod tcp;
-pub mod udp;
+pub(crate) mod tcp;
+pub(crate) mod udp;

@@ -87,12 +87,12 @@ impl HandshakeFailure {
     }
 
     /// Position in [`HandshakeFailure::ALL`], for per-reason counters.
-    pub fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 
     /// The reason of a certificate our verifier refused.
-    pub fn of_rejection(rejection: &PeerRejected) -> Self {
+    pub(crate) fn of_rejection(rejection: &PeerRejected) -> Self {
         match rejection.kind {
             RejectionKind::UnknownCa => Self::UnknownCa,
             RejectionKind::Expired => Self::Expired,
@@ -108,7 +108,7 @@ impl HandshakeFailure {
 
     /// The reason of a QUIC handshake that failed with `error`, given the rejection our
     /// verifier made during it, if any.
-    pub fn of_connection_error(
+    pub(crate) fn of_connection_error(
         error: &quinn::ConnectionError,
         rejection: Option<&PeerRejected>,
     ) -> Self {
@@ -127,7 +127,7 @@ impl HandshakeFailure {
     /// The reason of a TLS handshake over TCP that failed with `error` (tokio-rustls hands
     /// rustls' error inside an I/O error): our verifier's typed rejection when it made one,
     /// the peer's alert otherwise.
-    pub fn of_tls_error(error: &std::io::Error) -> Self {
+    pub(crate) fn of_tls_error(error: &std::io::Error) -> Self {
         let tls = error
             .get_ref()
             .and_then(|inner| inner.downcast_ref::<rustls::Error>());
@@ -187,7 +187,8 @@ pub enum DisconnectReason {
 
 impl DisconnectReason {
     /// Every reason, in declaration order.
-    pub const ALL: [DisconnectReason; 9] = [
+    #[cfg(test)]
+    pub(crate) const ALL: [DisconnectReason; 9] = [
         Self::PeerClosed,
         Self::IdleTimeout,
         Self::ConnectionError,
@@ -215,7 +216,7 @@ impl DisconnectReason {
     }
 
     /// The reason of a connection that ended with `error`.
-    pub fn of_connection_error(error: &quinn::ConnectionError) -> Self {
+    pub(crate) fn of_connection_error(error: &quinn::ConnectionError) -> Self {
         use quinn::ConnectionError as E;
         match error {
             E::ConnectionClosed(_) | E::ApplicationClosed(_) => Self::PeerClosed,
@@ -228,7 +229,7 @@ impl DisconnectReason {
     }
 
     /// The reason of a TLS/TCP connection whose HTTP/2 layer failed with `error`.
-    pub fn of_h2_error(error: &h2::Error) -> Self {
+    pub(crate) fn of_h2_error(error: &h2::Error) -> Self {
         // In TLS 1.3 the server checks our certificate after our side of the handshake is
         // done: a refusal arrives as an alert on the first read, inside h2's I/O error.
         let refused = error
@@ -264,7 +265,7 @@ impl EncodeLabelValue for DisconnectReason {
 /// QUIC or TCP, TLS, HTTP/2) or accepting a TLS/TCP connection. [`HandshakeError::failure`]
 /// is the reason it is counted under; Display is the detail logged and shown in status.
 #[derive(Debug, thiserror::Error)]
-pub enum HandshakeError {
+pub(crate) enum HandshakeError {
     #[error("resolving {address}: {error}")]
     Resolve {
         address: String,
@@ -311,7 +312,7 @@ pub enum HandshakeError {
 
 impl HandshakeError {
     /// The reason counted for this failure.
-    pub fn failure(&self) -> HandshakeFailure {
+    pub(crate) fn failure(&self) -> HandshakeFailure {
         match self {
             Self::Resolve { .. }
             | Self::NoAddress { .. }
@@ -335,14 +336,14 @@ impl HandshakeError {
 /// `tunnel::handshake`). Displays the rejection when there is one: it names the check and
 /// the certificate.
 #[derive(Debug)]
-pub struct QuicHandshakeError {
-    pub error: quinn::ConnectionError,
-    pub rejected: Option<PeerRejected>,
+pub(crate) struct QuicHandshakeError {
+    pub(crate) error: quinn::ConnectionError,
+    pub(crate) rejected: Option<PeerRejected>,
 }
 
 impl QuicHandshakeError {
     /// The reason counted for this failure.
-    pub fn failure(&self) -> HandshakeFailure {
+    pub(crate) fn failure(&self) -> HandshakeFailure {
         HandshakeFailure::of_connection_error(&self.error, self.rejected.as_ref())
     }
 }
@@ -361,7 +362,7 @@ impl std::error::Error for QuicHandshakeError {}
 /// Why a connection was refused after its TLS handshake, before it became a link: the
 /// peer's identity, or the control-stream hello.
 #[derive(Debug, thiserror::Error)]
-pub enum SessionRefused {
+pub(crate) enum SessionRefused {
     #[error("peer presented no usable identity")]
     NoIdentity,
     #[error("peer {0} is not a node identity")]
@@ -374,7 +375,7 @@ pub enum SessionRefused {
 
 impl SessionRefused {
     /// The reason counted for this refusal.
-    pub fn failure(&self) -> HandshakeFailure {
+    pub(crate) fn failure(&self) -> HandshakeFailure {
         match self {
             Self::NoIdentity | Self::NotANode(_) => HandshakeFailure::WrongIdentity,
             Self::Hello(failed) => failed.failure(),
@@ -385,7 +386,7 @@ impl SessionRefused {
 
 /// Why the hello exchange on the control stream failed.
 #[derive(Debug, thiserror::Error)]
-pub enum HelloFailed {
+pub(crate) enum HelloFailed {
     /// The control stream could not be opened or accepted: the connection is gone.
     #[error(transparent)]
     Connection(ConnectionLost),
@@ -406,7 +407,7 @@ pub enum HelloFailed {
 
 impl HelloFailed {
     /// The reason counted for this failure: why the connection went, if it did.
-    pub fn failure(&self) -> HandshakeFailure {
+    pub(crate) fn failure(&self) -> HandshakeFailure {
         match self {
             Self::Connection(lost) | Self::ConnectionGone { lost, .. } => lost.handshake_failure(),
             Self::Stream(_) | Self::Closed | Self::Hello(_) => HandshakeFailure::Protocol,
@@ -420,7 +421,7 @@ pub(crate) const UNTRUSTED: &str = "peer certificate no longer trusted";
 /// Why an established tunnel link ended. [`Disconnect::reason`] is the reason it is counted
 /// under; Display is the detail logged and shown by readiness.
 #[derive(Debug, thiserror::Error)]
-pub enum Disconnect {
+pub(crate) enum Disconnect {
     #[error(transparent)]
     Lost(ConnectionLost),
     #[error("replaced by a link on another carrier")]
@@ -443,7 +444,7 @@ pub enum Disconnect {
 
 impl Disconnect {
     /// The reason counted for this end.
-    pub fn reason(&self) -> DisconnectReason {
+    pub(crate) fn reason(&self) -> DisconnectReason {
         match self {
             Self::Lost(lost) => lost.disconnect_reason(),
             Self::Replaced => DisconnectReason::Replaced,
@@ -460,7 +461,7 @@ impl Disconnect {
 
 /// How a session ended: refused before it became a link, or a link that went down.
 #[derive(Debug, thiserror::Error)]
-pub enum SessionEnd {
+pub(crate) enum SessionEnd {
     #[error(transparent)]
     Refused(SessionRefused),
     #[error(transparent)]

@@ -20,14 +20,14 @@ use super::outcome::DisconnectReason;
 /// Which side opened the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Direction {
+pub(crate) enum Direction {
     Dialed,
     Accepted,
 }
 
 impl Direction {
     /// As `/v1/status` names it.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Dialed => "dialed",
             Self::Accepted => "accepted",
@@ -37,15 +37,15 @@ impl Direction {
 
 /// The node at the other end of a link, from its certificate: its SPIFFE id and site.
 #[derive(Debug)]
-pub struct PeerNode {
+pub(crate) struct PeerNode {
     /// `spiffe://TD/site/SITE/node/NAME`.
-    pub id: Arc<str>,
-    pub site: Arc<str>,
+    pub(crate) id: Arc<str>,
+    pub(crate) site: Arc<str>,
 }
 
 impl PeerNode {
     /// The peer of a node identity; `None` for any other kind of identity.
-    pub fn of(identity: &SpiffeId) -> Option<PeerNode> {
+    pub(crate) fn of(identity: &SpiffeId) -> Option<PeerNode> {
         match identity {
             SpiffeId::Node { site, .. } => Some(PeerNode {
                 id: Arc::from(identity.to_string()),
@@ -60,7 +60,7 @@ impl PeerNode {
 pub struct PeerLink {
     pub connection: TunnelConnection,
     pub peer: SpiffeId,
-    pub direction: Direction,
+    pub(crate) direction: Direction,
     pub established: Instant,
     /// The worker whose runtime drives the connection (see `crate::workers`).
     pub worker: usize,
@@ -84,7 +84,7 @@ pub struct PeerLink {
 }
 
 impl PeerLink {
-    pub fn new(
+    pub(crate) fn new(
         connection: TunnelConnection,
         peer: SpiffeId,
         direction: Direction,
@@ -117,7 +117,7 @@ impl PeerLink {
     }
 
     /// The peer's site, from its certificate.
-    pub fn site(&self) -> &str {
+    pub(crate) fn site(&self) -> &str {
         match &self.peer {
             SpiffeId::Node { site, .. } => site,
             _ => "",
@@ -129,7 +129,7 @@ impl PeerLink {
     }
 
     /// Takes what the peer announced in an update.
-    pub fn announce(&self, announcement: PeerAnnouncement) {
+    pub(crate) fn announce(&self, announcement: PeerAnnouncement) {
         self.exports
             .store(Arc::new(announcement.exports.into_iter().collect()));
         self.policy_version
@@ -140,7 +140,7 @@ impl PeerLink {
     }
 
     /// The member addresses the peer last announced (see `tunnel::members`).
-    pub fn members(&self) -> Arc<Vec<std::net::SocketAddr>> {
+    pub(crate) fn members(&self) -> Arc<Vec<std::net::SocketAddr>> {
         self.members.load_full()
     }
 
@@ -149,7 +149,7 @@ impl PeerLink {
         self.policy_digest.load_full()
     }
 
-    pub fn policy_version(&self) -> u64 {
+    pub(crate) fn policy_version(&self) -> u64 {
         self.policy_version.load(Ordering::Relaxed)
     }
 
@@ -163,7 +163,7 @@ impl PeerLink {
 
     /// Marks the link silent (routing prefers other links; requests waiting on it are
     /// retried or failed) or heard again.
-    pub fn set_silent(&self, silent: bool) {
+    pub(crate) fn set_silent(&self, silent: bool) {
         self.silent.store(silent, Ordering::SeqCst);
         if silent {
             self.silence.notify_waiters();
@@ -171,7 +171,7 @@ impl PeerLink {
     }
 
     /// Resolves once the link is silent (at once if it is already).
-    pub async fn went_silent(&self) {
+    pub(crate) async fn went_silent(&self) {
         loop {
             let silence = self.silence.notified();
             tokio::pin!(silence);
@@ -185,7 +185,7 @@ impl PeerLink {
 
     /// The peer sent GOAWAY: no new stream starts on this link from now on. Streams already
     /// started are counted in `active_streams` (see `try_stream_guard`).
-    pub fn mark_draining(&self) {
+    pub(crate) fn mark_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
     }
 
@@ -208,7 +208,7 @@ impl PeerLink {
         self.drain_acknowledged.load(Ordering::Acquire)
     }
 
-    pub fn mark_drain_acknowledged(&self) {
+    pub(crate) fn mark_drain_acknowledged(&self) {
         self.drain_acknowledged.store(true, Ordering::Release);
     }
 
@@ -228,7 +228,7 @@ impl PeerLink {
     /// alone could not promise that: a request routed just before a GOAWAY arrived opened
     /// its stream after the drain was acknowledged, and the draining node closed the
     /// connection under it (502 `tunnel-stream-failed` during a rolling restart).
-    pub fn try_stream_guard(self: &Arc<Self>) -> Option<StreamGuard> {
+    pub(crate) fn try_stream_guard(self: &Arc<Self>) -> Option<StreamGuard> {
         self.active_streams.fetch_add(1, Ordering::SeqCst);
         let guard = StreamGuard(self.clone());
         if self.is_draining() {
@@ -246,7 +246,7 @@ impl PeerLink {
 }
 
 /// Keeps a link's active-stream count up while a request uses it.
-pub struct StreamGuard(Arc<PeerLink>);
+pub(crate) struct StreamGuard(Arc<PeerLink>);
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
@@ -258,10 +258,10 @@ impl Drop for StreamGuard {
 
 /// The last tunnel to a site that went down: when and why.
 #[derive(Clone, Debug)]
-pub struct TunnelDown {
-    pub at: Instant,
-    pub reason: DisconnectReason,
-    pub detail: String,
+pub(crate) struct TunnelDown {
+    pub(crate) at: Instant,
+    pub(crate) reason: DisconnectReason,
+    pub(crate) detail: String,
 }
 
 /// All live links of this node.
@@ -286,7 +286,7 @@ impl Default for PeerSet {
 
 impl PeerSet {
     /// Remembers why the last tunnel to `site` went down.
-    pub fn record_down(&self, site: &Arc<str>, reason: DisconnectReason, detail: &str) {
+    pub(crate) fn record_down(&self, site: &Arc<str>, reason: DisconnectReason, detail: &str) {
         if let Ok(mut last) = self.last_down.lock() {
             last.insert(
                 site.clone(),
@@ -300,11 +300,11 @@ impl PeerSet {
     }
 
     /// When and why the last tunnel to `site` went down, if one ever did.
-    pub fn last_down(&self, site: &str) -> Option<TunnelDown> {
+    pub(crate) fn last_down(&self, site: &str) -> Option<TunnelDown> {
         self.last_down.lock().ok()?.get(site).cloned()
     }
 
-    pub fn insert(&self, link: Arc<PeerLink>) {
+    pub(crate) fn insert(&self, link: Arc<PeerLink>) {
         self.links.rcu(|links| {
             let mut next = Vec::clone(links);
             next.push(link.clone());
@@ -313,7 +313,7 @@ impl PeerSet {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    pub fn remove(&self, id: usize) {
+    pub(crate) fn remove(&self, id: usize) {
         self.links.rcu(|links| {
             links
                 .iter()
@@ -325,7 +325,7 @@ impl PeerSet {
     }
 
     /// Signals a change that is not an insert or remove (exports, draining).
-    pub fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.changed.send_modify(|n| *n += 1);
     }
 
@@ -343,7 +343,7 @@ impl PeerSet {
     }
 
     /// Bumps on every change of the links (inserted, removed, announced, draining).
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changed.subscribe()
     }
 
@@ -355,7 +355,7 @@ impl PeerSet {
     /// stream that is about to start on it (see `PeerLink::try_stream_guard`). A link that
     /// turned out to be draining in between is passed over; each pass looks at one link
     /// fewer, so this ends.
-    pub fn route(
+    pub(crate) fn route(
         &self,
         service: &str,
         may_serve: &dyn Fn(&PeerLink) -> bool,
@@ -370,7 +370,7 @@ impl PeerSet {
     }
 
     /// Like [`PeerSet::route`], for a retry: never `avoid`, and no silent link.
-    pub fn reroute(
+    pub(crate) fn reroute(
         &self,
         service: &str,
         may_serve: &dyn Fn(&PeerLink) -> bool,
@@ -407,7 +407,7 @@ impl PeerSet {
         None
     }
 
-    pub fn broadcast(&self, message: &ControlMessage) {
+    pub(crate) fn broadcast(&self, message: &ControlMessage) {
         for link in self.links.load().iter() {
             link.send_control(message.clone());
         }

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use crate::config::Congestion;
+pub(crate) use crate::config::Congestion;
 use hybridge_ca::tls::{self, PeerExpectation, TlsMaterial};
 use quinn::congestion;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -46,12 +46,12 @@ pub struct TransportTuning {
     pub stream_window: u32,
     pub connection_window: u32,
     /// The controller of what this node sends, on both carriers.
-    pub congestion: Congestion,
+    pub(crate) congestion: Congestion,
     /// Packets a later one may be acknowledged ahead of before a packet is declared lost.
-    pub packet_threshold: u32,
+    pub(crate) packet_threshold: u32,
     /// How long, as a multiple of the RTT, a packet may stay unacknowledged after a later one
     /// was acknowledged before it is declared lost.
-    pub time_threshold: f32,
+    pub(crate) time_threshold: f32,
 }
 
 impl Default for TransportTuning {
@@ -99,7 +99,7 @@ fn transport_config(t: &TransportTuning) -> Arc<quinn::TransportConfig> {
 }
 
 /// Builds the server side config: client certificates required, checked against `expect`.
-pub fn server_config(
+pub(crate) fn server_config(
     material: &TlsMaterial,
     expect: PeerExpectation,
     tuning: &TransportTuning,
@@ -113,16 +113,16 @@ pub fn server_config(
 
 /// The dialing config of one peer, for both carriers: each QUIC attempt gets its own quinn
 /// config (see [`DialConfig::for_attempt`]); TLS/TCP attempts share `tcp`.
-pub struct DialConfig {
+pub(crate) struct DialConfig {
     crypto: Arc<dyn quinn::crypto::ClientConfig>,
     transport: Arc<quinn::TransportConfig>,
-    pub tcp: Arc<rustls::ClientConfig>,
-    pub tuning: TransportTuning,
+    pub(crate) tcp: Arc<rustls::ClientConfig>,
+    pub(crate) tuning: TransportTuning,
 }
 
 impl DialConfig {
     /// Builds the dialing config for one peer.
-    pub fn new(
+    pub(crate) fn new(
         material: &TlsMaterial,
         expect: PeerExpectation,
         tuning: &TransportTuning,
@@ -138,7 +138,10 @@ impl DialConfig {
 
     /// The quinn config of one connection attempt; a rejection of the peer's certificate by
     /// our verifier lands in `rejection`.
-    pub fn for_attempt(&self, rejection: &super::handshake::RejectionSlot) -> quinn::ClientConfig {
+    pub(crate) fn for_attempt(
+        &self,
+        rejection: &super::handshake::RejectionSlot,
+    ) -> quinn::ClientConfig {
         let mut config = quinn::ClientConfig::new(super::handshake::observed_client(
             self.crypto.clone(),
             rejection,
@@ -168,7 +171,10 @@ pub fn client_config(
 /// endpoints may share: a dialled connection's replies could land on another worker's
 /// socket, which does not know the connection. Bind every socket of a group before any
 /// endpoint reads: a socket joining later would move some peers' packets to itself.
-pub fn bind_socket(bind: SocketAddr, share_port: bool) -> anyhow::Result<std::net::UdpSocket> {
+pub(crate) fn bind_socket(
+    bind: SocketAddr,
+    share_port: bool,
+) -> anyhow::Result<std::net::UdpSocket> {
     let socket = if share_port {
         shared_udp_socket(bind)
     } else {
@@ -182,7 +188,7 @@ pub fn bind_socket(bind: SocketAddr, share_port: bool) -> anyhow::Result<std::ne
 /// A quinn endpoint on `socket`, driven by the current runtime. `server` is `None` for a
 /// node that only dials out. `sharing` is the hand-off and this worker's index for a
 /// socket of a shared port (see `tunnel::udp`).
-pub fn endpoint(
+pub(crate) fn endpoint(
     socket: std::net::UdpSocket,
     server: Option<quinn::ServerConfig>,
     reset_key_seed: &[u8],
@@ -229,15 +235,15 @@ fn shared_udp_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
 
 /// Sizes of a socket's kernel buffers as the kernel reports them (Linux doubles the request).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SocketBuffers {
-    pub receive: usize,
-    pub send: usize,
+pub(crate) struct SocketBuffers {
+    pub(crate) receive: usize,
+    pub(crate) send: usize,
 }
 
 /// Asks for `SOCKET_BUFFER` in both directions. Unprivileged requests are capped by
 /// `net.core.rmem_max`/`wmem_max`; with CAP_NET_ADMIN the cap is bypassed. What cannot be had
 /// is logged with the sysctl that fixes it — the node still runs, with lower throughput.
-pub fn size_socket_buffers(socket: &std::net::UdpSocket, bind: SocketAddr) -> SocketBuffers {
+pub(crate) fn size_socket_buffers(socket: &std::net::UdpSocket, bind: SocketAddr) -> SocketBuffers {
     use rustix::net::sockopt;
     let receive = grow_buffer(
         || sockopt::set_socket_recv_buffer_size(socket, SOCKET_BUFFER),
@@ -285,7 +291,7 @@ fn grow_buffer(
 
 /// The SNI name to present when dialing `host`. Peers are identified by their SPIFFE id, not
 /// by this name, so any syntactically valid name works; we use the host when it is one.
-pub fn server_name_for(host: &str) -> String {
+pub(crate) fn server_name_for(host: &str) -> String {
     if rustls_pki_types::ServerName::try_from(host.to_owned()).is_ok() {
         host.to_owned()
     } else {

@@ -13,14 +13,14 @@ use crate::acl::AclService;
 use crate::config::Config;
 
 /// The export declarations of the policy plus this node's configured default sites.
-pub struct ServingPolicy {
+pub(crate) struct ServingPolicy {
     acl: Arc<AclService>,
     default_sites: ArcSwap<Vec<String>>,
 }
 
 /// Why a site may or may not serve a service, for logs and status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ServingVerdict {
+pub(crate) enum ServingVerdict {
     /// The policy declares the service and lists the site.
     Declared,
     /// The policy does not declare the service; the node's config names the site as a peer.
@@ -33,12 +33,12 @@ pub enum ServingVerdict {
 }
 
 impl ServingVerdict {
-    pub fn permits(self) -> bool {
+    pub(crate) fn permits(self) -> bool {
         matches!(self, Self::Declared | Self::ConfiguredPeerSite)
     }
 
     /// What an operator reads in the log line of a refused announcement.
-    pub fn explain(self) -> &'static str {
+    pub(crate) fn explain(self) -> &'static str {
         match self {
             Self::Declared => "declared in the policy",
             Self::ConfiguredPeerSite => "the node's config names the site as its peer",
@@ -53,7 +53,7 @@ impl ServingVerdict {
 }
 
 impl ServingPolicy {
-    pub fn new(acl: Arc<AclService>, config: &Config) -> Self {
+    pub(crate) fn new(acl: Arc<AclService>, config: &Config) -> Self {
         Self {
             acl,
             default_sites: ArcSwap::from_pointee(default_sites(config)),
@@ -61,11 +61,11 @@ impl ServingPolicy {
     }
 
     /// Takes the default sites of a reloaded configuration.
-    pub fn reconfigure(&self, config: &Config) {
+    pub(crate) fn reconfigure(&self, config: &Config) {
         self.default_sites.store(Arc::new(default_sites(config)));
     }
 
-    pub fn verdict(&self, service: &str, site: &str) -> ServingVerdict {
+    pub(crate) fn verdict(&self, service: &str, site: &str) -> ServingVerdict {
         match self.acl.may_serve(service, site) {
             Some(true) => ServingVerdict::Declared,
             Some(false) => ServingVerdict::NotDeclaredForSite,
@@ -76,7 +76,7 @@ impl ServingPolicy {
         }
     }
 
-    pub fn permits(&self, service: &str, site: &str) -> bool {
+    pub(crate) fn permits(&self, service: &str, site: &str) -> bool {
         self.verdict(service, site).permits()
     }
 }

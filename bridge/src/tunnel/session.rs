@@ -29,30 +29,30 @@ use crate::trust::{self, PeerKind, Trust};
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one request stream opened by the peer node.
-pub type StreamHandler = Box<
+pub(crate) type StreamHandler = Box<
     dyn Fn(SendHalf, RecvHalf, Arc<PeerNode>) -> Pin<Box<dyn Future<Output = ()> + Send>>
         + Send
         + Sync,
 >;
 
 /// What a session needs from its node.
-pub struct SessionContext {
-    pub peers: Arc<PeerSet>,
+pub(crate) struct SessionContext {
+    pub(crate) peers: Arc<PeerSet>,
     /// Which sites may serve which services, for refusing announcements.
-    pub serving: Arc<ServingPolicy>,
+    pub(crate) serving: Arc<ServingPolicy>,
     /// The certificate checks in force; a peer that stops passing them is disconnected.
-    pub trust: tokio::sync::watch::Receiver<Arc<Trust>>,
-    pub metrics: Arc<Metrics>,
+    pub(crate) trust: tokio::sync::watch::Receiver<Arc<Trust>>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Spawns and tracks request handlers, so draining can wait for them.
-    pub tasks: TaskTracker,
+    pub(crate) tasks: TaskTracker,
     /// Our hello, built fresh for every connection (exports and policy change).
-    pub hello: Box<dyn Fn() -> ControlMessage + Send + Sync>,
+    pub(crate) hello: Box<dyn Fn() -> ControlMessage + Send + Sync>,
     /// Serves one request stream from the peer.
-    pub on_stream: StreamHandler,
+    pub(crate) on_stream: StreamHandler,
     /// The keepalive interval: a healthy link is never quiet much longer.
-    pub keepalive: Duration,
+    pub(crate) keepalive: Duration,
     /// What each dialer slot is doing (status).
-    pub dial_states: Arc<super::dialer::DialStates>,
+    pub(crate) dial_states: Arc<super::dialer::DialStates>,
 }
 
 /// Runs a session until the connection closes or `cancel` fires; returns why it ended.
@@ -61,7 +61,7 @@ pub struct SessionContext {
 /// goes to the link, the peer is told to send none either (GOAWAY), and the connection
 /// closes when both sides' requests on it are done (the dialer retires a TCP link this
 /// way once QUIC works again).
-pub async fn run(
+pub(crate) async fn run(
     connection: TunnelConnection,
     direction: Direction,
     ctx: Arc<SessionContext>,

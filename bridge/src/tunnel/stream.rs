@@ -9,15 +9,15 @@ use super::frame::{self, FRAME_HEADER_LEN, Frame, FrameError, FrameType, MAX_DAT
 use super::tcp::Piece;
 
 /// Application error codes used when resetting a stream or closing a connection.
-pub mod codes {
+pub(crate) mod codes {
     /// Normal close of a connection.
-    pub const CLOSED: u32 = 0;
+    pub(crate) const CLOSED: u32 = 0;
     /// The node is draining: finish what is in flight, send nothing new.
-    pub const GOING_AWAY: u32 = 1;
+    pub(crate) const GOING_AWAY: u32 = 1;
     /// The peer violated the protocol.
-    pub const PROTOCOL: u32 = 2;
+    pub(crate) const PROTOCOL: u32 = 2;
     /// The other side of this HTTP exchange went away (client or upstream).
-    pub const CANCELLED: u32 = 3;
+    pub(crate) const CANCELLED: u32 = 3;
 }
 
 /// Why reading or writing a tunnel stream failed.
@@ -124,7 +124,7 @@ impl SendHalf {
     /// not acknowledged, so a draining node waits on this before it closes its tunnels.
     /// TCP delivers what the connection has written; a closing TLS/TCP connection writes
     /// what is buffered before its socket goes, so there is nothing to wait for per stream.
-    pub async fn delivered(&mut self) {
+    pub(crate) async fn delivered(&mut self) {
         match self {
             Self::Quic(s) => {
                 let _ = s.stopped().await;
@@ -136,7 +136,7 @@ impl SendHalf {
     /// Resolves when the peer stops reading this stream (its caller went away) or the
     /// connection is lost; pending while the peer still wants what we send. Meant to be
     /// raced against work done before anything is written.
-    pub async fn abandoned_by_peer(&mut self) {
+    pub(crate) async fn abandoned_by_peer(&mut self) {
         match self {
             Self::Quic(s) => {
                 // Finished and read to the end is not abandoned: never resolve then.
@@ -153,7 +153,7 @@ impl SendHalf {
     }
 
     /// Abandons this direction: the peer's reader sees an error, not a clean end.
-    pub fn reset(&mut self, code: u32) {
+    pub(crate) fn reset(&mut self, code: u32) {
         match self {
             Self::Quic(s) => {
                 let _ = s.reset(quinn::VarInt::from_u32(code));
@@ -350,7 +350,7 @@ impl RecvHalf {
     }
 
     /// Tells the peer we will read no more (it sees its writes fail).
-    pub fn stop(&mut self, code: u32) {
+    pub(crate) fn stop(&mut self, code: u32) {
         self.ended = true;
         match &mut self.inner {
             RecvInner::Quic(s) => {

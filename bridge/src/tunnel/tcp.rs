@@ -37,7 +37,7 @@ use super::quic::TransportTuning;
 use super::stream::{RecvHalf, SendHalf};
 
 /// ALPN of the tunnel protocol over TLS/TCP.
-pub const ALPN: &[u8] = b"hybridge-tcp/1";
+pub(crate) const ALPN: &[u8] = b"hybridge-tcp/1";
 
 /// Offers the dialler keeps open for the listener's streams.
 const OFFERS: usize = 32;
@@ -61,7 +61,7 @@ pub struct Piece {
 }
 
 impl Piece {
-    pub fn new(head: Bytes, body: Bytes) -> Self {
+    pub(crate) fn new(head: Bytes, body: Bytes) -> Self {
         Self { head, body }
     }
 
@@ -129,7 +129,7 @@ impl TcpLost {
     }
 
     /// The reason counted for a connection that ended this way.
-    pub fn disconnect_reason(&self) -> DisconnectReason {
+    pub(crate) fn disconnect_reason(&self) -> DisconnectReason {
         match self {
             Self::Failed(error) => DisconnectReason::of_h2_error(error),
             Self::PeerClosed => DisconnectReason::PeerClosed,
@@ -139,7 +139,7 @@ impl TcpLost {
     }
 
     /// The reason counted for a handshake that ended this way.
-    pub fn handshake_failure(&self) -> HandshakeFailure {
+    pub(crate) fn handshake_failure(&self) -> HandshakeFailure {
         match self.disconnect_reason() {
             DisconnectReason::PeerClosed => HandshakeFailure::RefusedByPeer,
             DisconnectReason::IdleTimeout => HandshakeFailure::Timeout,
@@ -339,7 +339,7 @@ fn h2_window(tuning: &TransportTuning) -> (u32, u32) {
 /// written whole, and a small request must not wait for an ACK), kernel keepalive as a
 /// backstop for a peer that vanished while we had nothing to send, and the congestion
 /// controller of `tunnel.congestion` for what this node sends.
-pub fn tune_socket(socket: &tokio::net::TcpStream, tuning: &TransportTuning) {
+pub(crate) fn tune_socket(socket: &tokio::net::TcpStream, tuning: &TransportTuning) {
     let _ = socket.set_nodelay(true);
     let _ = rustix::net::sockopt::set_socket_keepalive(socket, true);
     let algorithm = tuning.congestion.kernel_name();
@@ -360,7 +360,7 @@ pub fn tune_socket(socket: &tokio::net::TcpStream, tuning: &TransportTuning) {
 
 impl TcpConnection {
     /// Runs the HTTP/2 client handshake over an established TLS stream (the dialling side).
-    pub async fn client<T>(
+    pub(crate) async fn client<T>(
         io: T,
         peer_chain: Vec<CertificateDer<'static>>,
         remote: SocketAddr,
@@ -421,7 +421,7 @@ impl TcpConnection {
     }
 
     /// Runs the HTTP/2 server handshake over an accepted TLS stream (the listening side).
-    pub async fn server<T>(
+    pub(crate) async fn server<T>(
         io: T,
         peer_chain: Vec<CertificateDer<'static>>,
         remote: SocketAddr,
@@ -526,7 +526,7 @@ impl TcpConnection {
     }
 
     /// Opens a stream to the peer.
-    pub async fn open_stream(&self) -> Result<(SendHalf, RecvHalf), TcpLost> {
+    pub(crate) async fn open_stream(&self) -> Result<(SendHalf, RecvHalf), TcpLost> {
         match &self.shared.opener {
             Opener::Client(send_request) => {
                 let send_request = lock(send_request).clone();
@@ -555,7 +555,7 @@ impl TcpConnection {
     }
 
     /// Waits for the peer to open a stream.
-    pub async fn accept_stream(&self) -> Result<(SendHalf, RecvHalf), TcpLost> {
+    pub(crate) async fn accept_stream(&self) -> Result<(SendHalf, RecvHalf), TcpLost> {
         let mut accepted = self.shared.accepted.lock().await;
         match accepted.recv().await {
             Some(stream) => Ok(stream),
@@ -574,7 +574,7 @@ impl TcpConnection {
     }
 
     /// Why the connection is gone, or `None` while it is up.
-    pub fn lost(&self) -> Option<TcpLost> {
+    pub(crate) fn lost(&self) -> Option<TcpLost> {
         self.shared.lost.get().cloned()
     }
 
@@ -586,26 +586,26 @@ impl TcpConnection {
         self.lost_or(TcpLost::Closed)
     }
 
-    pub fn peer_chain(&self) -> Vec<CertificateDer<'static>> {
+    pub(crate) fn peer_chain(&self) -> Vec<CertificateDer<'static>> {
         self.shared.peer_chain.clone()
     }
 
-    pub fn remote_address(&self) -> SocketAddr {
+    pub(crate) fn remote_address(&self) -> SocketAddr {
         self.shared.remote
     }
 
     /// A count that grows whenever anything arrives from the peer.
-    pub fn received(&self) -> u64 {
+    pub(crate) fn received(&self) -> u64 {
         self.shared.heard.reads.load(Ordering::Relaxed)
     }
 
-    pub fn rtt(&self) -> Duration {
+    pub(crate) fn rtt(&self) -> Duration {
         Duration::from_micros(self.shared.rtt_micros.load(Ordering::Relaxed))
     }
 
     /// Closes the connection: `graceful` lets streams in flight finish and what is
     /// buffered be written; otherwise streams are cancelled.
-    pub fn close(&self, graceful: bool, reason: &str) {
+    pub(crate) fn close(&self, graceful: bool, reason: &str) {
         let _ = self.shared.lost.set(TcpLost::ClosedLocally(reason.into()));
         if let Opener::Client(send_request) = &self.shared.opener {
             lock(send_request).take();
@@ -621,14 +621,14 @@ impl TcpConnection {
     }
 
     /// Resolves once the connection is gone and its socket closed.
-    pub async fn closed(&self) -> TcpLost {
+    pub(crate) async fn closed(&self) -> TcpLost {
         let mut finished = self.shared.finished.clone();
         let _ = finished.wait_for(|done| *done).await;
         self.lost_or_closed()
     }
 
     /// A stable id for this connection within the process.
-    pub fn stable_id(&self) -> usize {
+    pub(crate) fn stable_id(&self) -> usize {
         Arc::as_ptr(&self.shared) as usize
     }
 }
@@ -841,10 +841,10 @@ async fn offer_streams(
 }
 
 /// How long a TCP dial or accept may take, TCP and TLS handshakes together.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// TLS config of the listening side: client certificates required, checked against `expect`.
-pub fn server_config(
+pub(crate) fn server_config(
     material: &hybridge_ca::tls::TlsMaterial,
     expect: hybridge_ca::tls::PeerExpectation,
 ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
@@ -857,7 +857,7 @@ pub fn server_config(
 }
 
 /// TLS config of the dialling side.
-pub fn client_config(
+pub(crate) fn client_config(
     material: &hybridge_ca::tls::TlsMaterial,
     expect: hybridge_ca::tls::PeerExpectation,
 ) -> anyhow::Result<Arc<rustls::ClientConfig>> {
@@ -869,7 +869,7 @@ pub fn client_config(
 }
 
 /// Dials `addr` over TCP from a fresh local port and runs the TLS and HTTP/2 handshakes.
-pub async fn dial(
+pub(crate) async fn dial(
     addr: SocketAddr,
     server_name: &str,
     tls: Arc<rustls::ClientConfig>,
@@ -901,7 +901,7 @@ pub async fn dial(
 }
 
 /// Runs the TLS and HTTP/2 handshakes on a connection accepted on the tunnel TCP port.
-pub async fn accept(
+pub(crate) async fn accept(
     socket: tokio::net::TcpStream,
     remote: SocketAddr,
     tls: Arc<rustls::ServerConfig>,

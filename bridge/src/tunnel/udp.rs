@@ -49,7 +49,7 @@ use tokio::io::unix::AsyncFd;
 
 /// A bound UDP socket registered with the tokio reactor, for `quinn::Endpoint`.
 #[derive(Debug)]
-pub struct TunnelSocket {
+pub(crate) struct TunnelSocket {
     io: AsyncFd<std::net::UdpSocket>,
     state: UdpSocketState,
     /// The last send hit EAGAIN: quinn asks the poller before every send, and only then does
@@ -61,7 +61,7 @@ pub struct TunnelSocket {
 
 impl TunnelSocket {
     /// Takes over `socket`; must be called within a tokio runtime.
-    pub fn new(socket: std::net::UdpSocket) -> io::Result<Self> {
+    pub(crate) fn new(socket: std::net::UdpSocket) -> io::Result<Self> {
         socket.set_nonblocking(true)?;
         let state = UdpSocketState::new((&socket).into())?;
         let io = register(socket, Interest::READABLE)?;
@@ -74,7 +74,7 @@ impl TunnelSocket {
     }
 
     /// `new` for worker `worker`'s socket of a shared port.
-    pub fn sharing(
+    pub(crate) fn sharing(
         socket: std::net::UdpSocket,
         handoff: Arc<Handoff>,
         worker: usize,
@@ -104,7 +104,7 @@ const SETUP_MEMORY: Duration = Duration::from_secs(10);
 const SETUP_LIMIT: usize = 4096;
 
 /// The hand-off between the sockets of workers sharing one UDP port.
-pub struct Handoff {
+pub(crate) struct Handoff {
     /// The secret that maps a connection ID to its worker.
     key: CidKey,
     inboxes: Vec<Inbox>,
@@ -128,7 +128,7 @@ impl fmt::Debug for Handoff {
 }
 
 impl Handoff {
-    pub fn new(workers: usize) -> Arc<Self> {
+    pub(crate) fn new(workers: usize) -> Arc<Self> {
         Arc::new(Self {
             key: CidKey::random(),
             inboxes: (0..workers).map(|_| Inbox::default()).collect(),
@@ -138,7 +138,7 @@ impl Handoff {
     }
 
     /// The connection-ID generator of worker `worker`'s endpoint.
-    pub fn cid_generator(
+    pub(crate) fn cid_generator(
         self: &Arc<Self>,
         worker: usize,
     ) -> impl Fn() -> Box<dyn ConnectionIdGenerator> + Send + Sync + 'static {
@@ -155,7 +155,7 @@ impl Handoff {
     /// worker its connection ID names; `socket` is any socket of the group, all of them
     /// bound, worker `i`'s `i`th. A long-header datagram, or an ID naming no worker, is left
     /// to the kernel's hash (and then to the hand-off).
-    pub fn steer(&self, socket: &std::net::UdpSocket) -> io::Result<()> {
+    pub(crate) fn steer(&self, socket: &std::net::UdpSocket) -> io::Result<()> {
         let mut program = self.key.steering_program();
         let filter = nix::libc::sock_fprog {
             len: u16::try_from(program.len()).map_err(io::Error::other)?,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Which limit refused a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OverloadLimit {
+pub(crate) enum OverloadLimit {
     /// `circuit_breaker.max_active_requests`
     ActiveRequests,
     /// `circuit_breaker.max_pending_requests`

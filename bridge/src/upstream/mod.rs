@@ -28,10 +28,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use breaker::OverloadLimit;
-pub use settings::{
-    CircuitBreakerSettings, HealthCheckSettings, MAX_RETRIES_CAP, PassiveHealthSettings,
-    RetrySettings, UpstreamConfigError, UpstreamProtocol, UpstreamSettings,
+pub(crate) use breaker::OverloadLimit;
+pub(crate) use settings::{
+    CircuitBreakerSettings, HealthCheckSettings, PassiveHealthSettings, RetrySettings,
+    UpstreamConfigError, UpstreamProtocol, UpstreamSettings,
 };
 
 use balancer::Endpoint;
@@ -43,22 +43,26 @@ use resolver::{EndpointName, EndpointSet};
 use retry::RetryPolicy;
 
 /// Request and response bodies are the bridge's one body type (streaming, boxed).
-pub use crate::http::body::{BodyError, BoxBody};
+pub(crate) use crate::http::body::{BodyError, BoxBody};
 
 /// A response head from an endpoint; the body streams from the upstream connection.
 #[derive(Debug)]
-pub struct UpstreamResponse {
-    pub response: http::Response<Incoming>,
+pub(crate) struct UpstreamResponse {
+    pub(crate) response: http::Response<Incoming>,
     /// The endpoint that answered.
-    pub endpoint: SocketAddr,
+    pub(crate) endpoint: SocketAddr,
     /// Attempts made, 1 when the first one answered.
-    pub attempts: u32,
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "the retry unit tests read it; Debug shows it")
+    )]
+    pub(crate) attempts: u32,
 }
 
 /// Why a request got no response from the upstream. `reason()` gives what the bridge answers
 /// the caller (status, gRPC code and `x-hybridge-error`).
 #[derive(thiserror::Error, Debug)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     #[error("service {service}: overloaded, circuit_breaker.{limit} reached")]
     Overloaded {
         service: String,
@@ -102,7 +106,7 @@ pub enum UpstreamError {
 /// away. `Upstream::send` recognises it in a failed attempt and blames nobody.
 #[derive(Debug, thiserror::Error)]
 #[error("request body aborted: {0}")]
-pub struct RequestBodyAborted(pub String);
+pub(crate) struct RequestBodyAborted(pub(crate) String);
 
 /// The `RequestBodyAborted` somewhere in `error`'s source chain, if any.
 fn body_aborted<'a>(
@@ -120,7 +124,7 @@ fn body_aborted<'a>(
 
 impl UpstreamError {
     /// What the bridge answers the caller with: status, gRPC code and `x-hybridge-error`.
-    pub fn reason(&self) -> Reason {
+    pub(crate) fn reason(&self) -> Reason {
         match self {
             Self::Overloaded { .. } => Reason::Overloaded,
             Self::NoHealthyEndpoint { .. } => Reason::NoHealthyUpstream,
@@ -151,54 +155,54 @@ impl UpstreamError {
 /// Snapshot of one service's upstream, for `/v1/status` and metrics.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct UpstreamStats {
-    pub service: String,
+    pub(crate) service: String,
     /// One per address, ordered by configured name, then address.
     pub endpoints: Vec<EndpointStats>,
     /// One per configured `endpoints` entry, in configuration order.
-    pub names: Vec<EndpointNameStats>,
+    pub(crate) names: Vec<EndpointNameStats>,
     /// Requests in flight (until their response head).
-    pub active_requests: usize,
+    pub(crate) active_requests: usize,
     /// Requests waiting for a connection.
-    pub pending_requests: usize,
-    pub circuit_breaker_trips: u64,
-    pub retries: u64,
+    pub(crate) pending_requests: usize,
+    pub(crate) circuit_breaker_trips: u64,
+    pub(crate) retries: u64,
 }
 
 /// Snapshot of one endpoint (one address of a configured name).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EndpointStats {
     /// The configured `host:port` this address was resolved from.
-    pub name: String,
-    pub addr: SocketAddr,
+    pub(crate) name: String,
+    pub(crate) addr: SocketAddr,
     /// Verdict of active health checks (always true without them).
     pub healthy: bool,
     /// Currently ejected by passive health.
     pub ejected: bool,
-    pub active: usize,
-    pub total_requests: u64,
+    pub(crate) active: usize,
+    pub(crate) total_requests: u64,
     pub failures: u64,
     /// HTTP/1.1 keep-alive connections waiting for a request (0 for h2c).
-    pub idle_connections: usize,
+    pub(crate) idle_connections: usize,
 }
 
 /// Snapshot of one configured `endpoints` entry: its addresses and its lookups.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct EndpointNameStats {
+pub(crate) struct EndpointNameStats {
     /// As configured (`host:port`).
-    pub name: String,
+    pub(crate) name: String,
     /// True for a host name looked up again every `dns_refresh`; false for an IP address,
     /// or with `dns_refresh = "0s"`.
-    pub refreshed: bool,
+    pub(crate) refreshed: bool,
     /// The addresses requests go to now, sorted.
-    pub addresses: Vec<SocketAddr>,
+    pub(crate) addresses: Vec<SocketAddr>,
     /// Requests sent to every address this name has had, including ones it lost.
-    pub total_requests: u64,
+    pub(crate) total_requests: u64,
     /// Failures of every address this name has had, including ones it lost.
-    pub failures: u64,
+    pub(crate) failures: u64,
     /// Lookups that failed (the name kept its last addresses each time).
-    pub dns_failures: u64,
+    pub(crate) dns_failures: u64,
     /// Why the last lookup failed; `None` when it succeeded.
-    pub dns_error: Option<String>,
+    pub(crate) dns_error: Option<String>,
 }
 
 /// The upstream of one exported service, shared by all requests to it.
@@ -238,7 +242,7 @@ impl Upstream {
     /// its addresses) and starts the active health checker and the re-resolution loop when
     /// configured. Connections are dialled on demand. Everything this upstream spawns stops
     /// when `cancel` fires or the upstream is dropped.
-    pub async fn start(
+    pub(crate) async fn start(
         service: &str,
         settings: &UpstreamSettings,
         cancel: CancellationToken,
@@ -337,7 +341,8 @@ impl Upstream {
     /// Sends `request` to one endpoint chosen for this request, retrying where safe, and
     /// returns the response head. Never waits on a full breaker: over a limit it answers
     /// `Overloaded` at once.
-    pub async fn send(
+    #[cfg(test)]
+    pub(crate) async fn send(
         &self,
         request: http::Request<BoxBody>,
     ) -> Result<UpstreamResponse, UpstreamError> {
@@ -348,7 +353,7 @@ impl Upstream {
     /// Both it and `request_timeout` start once the request has been handed whole to the
     /// upstream connection, so a slow upload is bounded by `request_body_idle_timeout` (no
     /// bytes for that long), not by the time the whole body takes.
-    pub async fn send_within(
+    pub(crate) async fn send_within(
         &self,
         request: http::Request<BoxBody>,
         deadline: Option<Duration>,
@@ -544,7 +549,7 @@ impl Upstream {
 
     /// Runs one round of active health checks now (no-op without `health_check`) and
     /// returns when every endpoint's verdict is updated.
-    pub async fn check_now(&self) {
+    pub(crate) async fn check_now(&self) {
         if let Some(active) = &self.active_health {
             let set = self.set.load_full();
             active
@@ -555,7 +560,8 @@ impl Upstream {
     }
 
     /// Counts completed health check rounds; changes after each one.
-    pub fn subscribe_health(&self) -> watch::Receiver<u64> {
+    #[cfg(test)]
+    pub(crate) fn subscribe_health(&self) -> watch::Receiver<u64> {
         self.health_rounds.subscribe()
     }
 
@@ -618,14 +624,10 @@ impl Upstream {
         }
     }
 
-    /// Service name this upstream serves.
-    pub fn service(&self) -> &str {
-        &self.service
-    }
-
     /// Stops health checks and closes every connection, then waits for all spawned tasks.
     /// Responses already returned stop streaming.
-    pub async fn shutdown(&self) {
+    #[cfg(test)]
+    pub(crate) async fn shutdown(&self) {
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;

@@ -213,7 +213,7 @@ impl Upstream {
     /// Looks every host name up once, now, and returns once the answers are applied: the
     /// endpoint set follows each name that resolved, and a name that failed keeps its last
     /// addresses. Rounds never interleave.
-    pub async fn refresh_addresses(&self) {
+    pub(crate) async fn refresh_addresses(&self) {
         let _round = self.dns_round.lock().await;
         let lookups = self
             .names

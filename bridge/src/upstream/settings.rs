@@ -8,30 +8,30 @@ use serde::Deserialize;
 /// Upstream of one exported service (`[services.NAME.upstream]` in the node config).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct UpstreamSettings {
+pub(crate) struct UpstreamSettings {
     /// `"host:port"` entries. An IP address is used as it is; a host name stands for every
     /// address it resolves to (of the family the system resolver ranks first), looked up
     /// again every `dns_refresh`.
-    pub endpoints: Vec<String>,
+    pub(crate) endpoints: Vec<String>,
     /// How often host names in `endpoints` are resolved again; the endpoint set follows the
     /// answers without a restart. `"0s"` resolves once, at start.
     #[serde(
         default = "default_dns_refresh",
         with = "hybridge_ca::duration::setting"
     )]
-    pub dns_refresh: Duration,
+    pub(crate) dns_refresh: Duration,
     /// Wire protocol spoken to the endpoints.
     #[serde(default)]
-    pub protocol: UpstreamProtocol,
+    pub(crate) protocol: UpstreamProtocol,
     /// Active HTTP health checking; off when absent.
     #[serde(default)]
-    pub health_check: Option<HealthCheckSettings>,
+    pub(crate) health_check: Option<HealthCheckSettings>,
     /// Limit on TCP connect plus protocol handshake to one endpoint.
     #[serde(
         default = "default_connect_timeout",
         with = "hybridge_ca::duration::setting"
     )]
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Deadline for the response *head* (status and headers), counted from the moment the
     /// request has been handed whole to the upstream connection (so the time a slow upload
     /// takes does not count; `request_body_idle_timeout` bounds that) and shared by all
@@ -41,29 +41,29 @@ pub struct UpstreamSettings {
         default = "default_request_timeout",
         with = "hybridge_ca::duration::setting"
     )]
-    pub request_timeout: Option<Duration>,
+    pub(crate) request_timeout: Option<Duration>,
     /// Longest wait for the next request body bytes from the caller; past it the request
     /// fails with `request-body-timeout` (408). `"0s"` disables it.
     #[serde(
         default = "default_request_body_idle_timeout",
         with = "hybridge_ca::duration::setting"
     )]
-    pub request_body_idle_timeout: Option<Duration>,
+    pub(crate) request_body_idle_timeout: Option<Duration>,
     /// Load-shedding limits.
     #[serde(default)]
-    pub circuit_breaker: CircuitBreakerSettings,
+    pub(crate) circuit_breaker: CircuitBreakerSettings,
     /// Retries of idempotent, body-less requests.
     #[serde(default)]
-    pub retry: RetrySettings,
+    pub(crate) retry: RetrySettings,
     /// Outlier ejection driven by real traffic.
     #[serde(default)]
-    pub passive_health: PassiveHealthSettings,
+    pub(crate) passive_health: PassiveHealthSettings,
 }
 
 /// Protocol used on connections to the endpoints.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
-pub enum UpstreamProtocol {
+pub(crate) enum UpstreamProtocol {
     /// HTTP/1.1 with a pool of keep-alive connections per endpoint.
     #[default]
     Http1,
@@ -74,58 +74,58 @@ pub enum UpstreamProtocol {
 /// Active health checking: `GET path` against every endpoint each `interval`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct HealthCheckSettings {
+pub(crate) struct HealthCheckSettings {
     /// Path (origin form, starting with `/`) of the health check request.
-    pub path: String,
+    pub(crate) path: String,
     #[serde(
         default = "default_health_interval",
         with = "hybridge_ca::duration::setting"
     )]
-    pub interval: Duration,
+    pub(crate) interval: Duration,
     #[serde(
         default = "default_health_timeout",
         with = "hybridge_ca::duration::setting"
     )]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Consecutive passing checks that bring an unhealthy endpoint back.
     #[serde(default = "default_healthy_threshold")]
-    pub healthy_threshold: u32,
+    pub(crate) healthy_threshold: u32,
     /// Consecutive failing checks (status outside 200-399, error or timeout) that take an
     /// endpoint out of rotation.
     #[serde(default = "default_unhealthy_threshold")]
-    pub unhealthy_threshold: u32,
+    pub(crate) unhealthy_threshold: u32,
 }
 
 /// Limits that answer `503 overloaded` instead of queueing without bound. The defaults are
 /// generous: a healthy service never reaches them, a melting one is protected.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct CircuitBreakerSettings {
+pub(crate) struct CircuitBreakerSettings {
     /// Requests in flight to this service (until their response head arrives).
     #[serde(default = "default_max_active_requests")]
-    pub max_active_requests: usize,
+    pub(crate) max_active_requests: usize,
     /// Requests waiting for a connection (being dialled or waiting for a free one).
     #[serde(default = "default_max_pending_requests")]
-    pub max_pending_requests: usize,
+    pub(crate) max_pending_requests: usize,
     /// Connections per endpoint (HTTP/1.1; h2c uses a small fixed set per endpoint).
     #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
 }
 
 /// Retry policy. Only idempotent methods without a request body are retried, only after a
 /// connect failure, a reset before the response head, or a `503` from the upstream.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct RetrySettings {
+pub(crate) struct RetrySettings {
     /// Extra attempts per request; at most 2.
     #[serde(default = "default_max_retries")]
-    pub max_retries: u32,
+    pub(crate) max_retries: u32,
     /// Retries in flight may add at most this percentage on top of active requests ...
     #[serde(default = "default_budget_percent")]
-    pub budget_percent: u32,
+    pub(crate) budget_percent: u32,
     /// ... but this many concurrent retries are always allowed.
     #[serde(default = "default_min_concurrent_retries")]
-    pub min_concurrent_retries: usize,
+    pub(crate) min_concurrent_retries: usize,
 }
 
 /// Passive outlier ejection: an endpoint failing `consecutive_failures` requests in a row
@@ -133,23 +133,23 @@ pub struct RetrySettings {
 /// `base_ejection × times ejected`, capped at `max_ejection`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct PassiveHealthSettings {
+pub(crate) struct PassiveHealthSettings {
     #[serde(default = "default_consecutive_failures")]
-    pub consecutive_failures: u32,
+    pub(crate) consecutive_failures: u32,
     #[serde(
         default = "default_base_ejection",
         with = "hybridge_ca::duration::setting"
     )]
-    pub base_ejection: Duration,
+    pub(crate) base_ejection: Duration,
     #[serde(
         default = "default_max_ejection",
         with = "hybridge_ca::duration::setting"
     )]
-    pub max_ejection: Duration,
+    pub(crate) max_ejection: Duration,
     /// Never eject more than this share of the endpoints (at least one may always be
     /// ejected unless this is 0, which disables ejection).
     #[serde(default = "default_max_ejection_percent")]
-    pub max_ejection_percent: u32,
+    pub(crate) max_ejection_percent: u32,
 }
 
 /// Envoy's `dns_refresh_rate`: a change is followed within the record's TTL plus 5 s, for a
@@ -213,7 +213,7 @@ fn default_max_ejection_percent() -> u32 {
 }
 
 /// Most retries a request may get, whatever the configuration says.
-pub const MAX_RETRIES_CAP: u32 = 2;
+pub(crate) const MAX_RETRIES_CAP: u32 = 2;
 
 impl Default for CircuitBreakerSettings {
     fn default() -> Self {
@@ -248,7 +248,8 @@ impl Default for PassiveHealthSettings {
 
 impl HealthCheckSettings {
     /// Settings for `path` with every other field at its default.
-    pub fn new(path: impl Into<String>) -> Self {
+    #[cfg(test)]
+    pub(crate) fn new(path: impl Into<String>) -> Self {
         Self {
             path: path.into(),
             interval: default_health_interval(),
@@ -261,7 +262,8 @@ impl HealthCheckSettings {
 
 impl UpstreamSettings {
     /// Settings for `endpoints` with every other field at its default.
-    pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
+    #[cfg(test)]
+    pub(crate) fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
         Self {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             dns_refresh: default_dns_refresh(),
@@ -277,19 +279,19 @@ impl UpstreamSettings {
     }
 
     /// The response-head deadline, `None` when disabled (absent from Rust, `"0s"` in TOML).
-    pub fn response_head_timeout(&self) -> Option<Duration> {
+    pub(crate) fn response_head_timeout(&self) -> Option<Duration> {
         self.request_timeout.filter(|timeout| !timeout.is_zero())
     }
 
     /// The request body's idle limit, `None` when disabled (`"0s"` in TOML).
-    pub fn body_idle_timeout(&self) -> Option<Duration> {
+    pub(crate) fn body_idle_timeout(&self) -> Option<Duration> {
         self.request_body_idle_timeout
             .filter(|timeout| !timeout.is_zero())
     }
 
     /// Checks everything that can be checked without I/O. `service` only names the
     /// service in messages. DNS resolution happens in `Upstream::start`.
-    pub fn validate(&self, service: &str) -> Result<(), UpstreamConfigError> {
+    pub(crate) fn validate(&self, service: &str) -> Result<(), UpstreamConfigError> {
         self.validate_endpoints(service)?;
         self.check_settings()
             .map_err(|(field, reason)| UpstreamConfigError::InvalidSetting {
@@ -443,7 +445,7 @@ pub(crate) fn split_host_port(endpoint: &str) -> Result<(&str, u16), String> {
 
 /// A configuration mistake, naming the service and the field.
 #[derive(thiserror::Error, Debug)]
-pub enum UpstreamConfigError {
+pub(crate) enum UpstreamConfigError {
     #[error("service {service}: upstream.endpoints must list at least one \"host:port\"")]
     NoEndpoints { service: String },
     #[error("service {service}: upstream endpoint {endpoint:?} is invalid: {reason}")]
