@@ -1,5 +1,5 @@
 //! The tunnel's UDP socket for quinn: quinn's own tokio socket minus two wasted system calls
-//! per request at one connection (strace: 8 → 6 per small request per node).
+//! per small request at one connection.
 //!
 //! - A receive that drains the kernel queue clears the socket's readiness at once. quinn's
 //!   tokio socket learns that the queue is empty only from a receive that fails with EAGAIN,
@@ -20,10 +20,10 @@
 //! names, so a connection's datagrams reach its own thread whatever the peer's address. New
 //! connections are dealt to the workers in turn (by their first packet's connection ID)
 //! rather than left to the kernel's hash, which put both tunnels of a peer with two on one
-//! worker half of the time; their handshake datagrams, and any datagram the kernel could not
-//! steer (no program attached, or a NAT rebinding before it is), are handed over in user
-//! space ([`Handoff`]), so a connection migrates instead of being reset by an endpoint that
-//! does not know it.
+//! worker half of the time. Their handshake datagrams, which the program leaves to the
+//! kernel's hash, and every datagram when the kernel refused the program, are handed over in
+//! user space ([`Handoff`]), so a connection migrates instead of being reset by an endpoint
+//! that does not know it.
 //!
 //! The worker is a keyed linear function of the ID's bytes, modulo 2^16, that the BPF program
 //! can compute: the key is the process's secret, so an observer cannot tell which IDs name
