@@ -25,10 +25,15 @@ fn deserialized_fields(source: &str) -> BTreeSet<String> {
     let mut deserialize = false;
     let mut rename: Option<String> = None;
     for line in source.lines() {
+        // Whatever its visibility, a field or struct is read the same way.
         let t = line.trim();
+        let t = t
+            .strip_prefix("pub(crate) ")
+            .or_else(|| t.strip_prefix("pub "))
+            .unwrap_or(t);
         if t.starts_with("#[derive(") {
             deserialize = t.contains("Deserialize");
-        } else if t.starts_with("pub struct ") || t.starts_with("struct ") {
+        } else if t.starts_with("struct ") {
             in_struct = deserialize && t.ends_with('{');
             deserialize = false;
         } else if in_struct && t == "}" {
@@ -40,12 +45,7 @@ fn deserialized_fields(source: &str) -> BTreeSet<String> {
                 .and_then(|r| r.split('"').next())
                 .map(str::to_owned);
         } else if in_struct && !t.starts_with("//") && t.contains(": ") && t.ends_with(',') {
-            let name = t
-                .trim_start_matches("pub ")
-                .split(':')
-                .next()
-                .unwrap()
-                .trim();
+            let name = t.split(':').next().unwrap().trim();
             fields.insert(rename.take().unwrap_or_else(|| name.to_owned()));
         }
     }
