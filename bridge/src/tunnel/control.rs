@@ -80,6 +80,27 @@ impl ControlMessage {
     }
 }
 
+impl ControlMessage {
+    /// The update that says what this hello says; `None` for any other message.
+    pub(crate) fn into_update(self) -> Option<Self> {
+        match self {
+            Self::Hello {
+                exports,
+                policy_version,
+                policy_digest,
+                members,
+                ..
+            } => Some(Self::Exports {
+                exports,
+                policy_version,
+                policy_digest,
+                members,
+            }),
+            _ => None,
+        }
+    }
+}
+
 fn wire_members(members: &[SocketAddr]) -> Vec<String> {
     members.iter().map(ToString::to_string).collect()
 }

@@ -76,13 +76,14 @@ pub(crate) async fn run(
         }
     };
     let peer_name: Arc<str> = peer_node.id.clone();
-    let (mut control_send, mut control_recv, announcement) =
+    let (mut control_send, mut control_recv, announcement, sent) =
         match handshake(&connection, direction, &ctx, &peer_name).await {
             Ok(control) => control,
             Err(refusal) => return refusal,
         };
     let (link, mut control_rx) =
         register_link(&connection, direction, &ctx, &peer_node, peer, announcement);
+    catch_up(&link, &ctx, sent);
 
     let writer = write_control(&mut control_rx, &mut control_send);
     let reader = read_control(&mut control_recv, &link, &ctx, &peer_node, &peer_name);
@@ -146,7 +147,15 @@ async fn handshake(
     direction: Direction,
     ctx: &SessionContext,
     peer_name: &str,
-) -> Result<(SendHalf, RecvHalf, control::PeerAnnouncement), SessionEnd> {
+) -> Result<
+    (
+        SendHalf,
+        RecvHalf,
+        control::PeerAnnouncement,
+        ControlMessage,
+    ),
+    SessionEnd,
+> {
     let hello = (ctx.hello)();
     match tokio::time::timeout(
         HELLO_TIMEOUT,
@@ -154,7 +163,7 @@ async fn handshake(
     )
     .await
     {
-        Ok(Ok(control)) => Ok(control),
+        Ok(Ok((send, recv, announcement))) => Ok((send, recv, announcement, hello)),
         Ok(Err(e)) => {
             connection.close(codes::PROTOCOL, "control handshake failed");
             let failure = e.failure();
@@ -238,6 +247,18 @@ fn register_link(
     let peer_name = &peer_node.id;
     info!(peer = %peer_name, remote = %connection.remote_address(), carrier = %connection.carrier(), ?direction, ?exports, %policy_digest, "tunnel up");
     (link, control_rx)
+}
+
+/// Sends the peer what changed in this node's announcement (exports, policy, members) since
+/// the hello it was sent: a change in between was broadcast only to the links already in the
+/// peer set, and the peer would otherwise keep the hello's view of this node until the next.
+fn catch_up(link: &PeerLink, ctx: &SessionContext, sent: ControlMessage) {
+    let now = (ctx.hello)();
+    if now != sent
+        && let Some(update) = now.into_update()
+    {
+        link.send_control(update);
+    }
 }
 
 /// Writes the messages queued for the peer on the control stream until the queue closes or
