@@ -172,10 +172,9 @@ pub fn main() -> ExitCode {
         _ => None,
     };
     let threads = serve.map_or(1, |serve| {
-        serve.worker_threads.map_or_else(
-            || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
-            usize::from,
-        )
+        serve
+            .worker_threads
+            .map_or_else(crate::workers::cpus, usize::from)
     });
     let workers = if threads > 1 {
         Workers::spawn(threads)

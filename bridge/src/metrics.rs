@@ -243,9 +243,14 @@ impl ServiceStats {
         self.sum(|c| &c.by_class[class - 1])
     }
 
-    /// Request and response body bytes so far.
-    fn bytes(&self) -> (u64, u64) {
-        (self.sum(|c| &c.bytes_in), self.sum(|c| &c.bytes_out))
+    /// Request body bytes so far.
+    fn bytes_in(&self) -> u64 {
+        self.sum(|c| &c.bytes_in)
+    }
+
+    /// Response body bytes so far.
+    fn bytes_out(&self) -> u64 {
+        self.sum(|c| &c.bytes_out)
     }
 
     /// The latency histogram: each bucket's count, the sum in seconds and the count.
@@ -708,13 +713,13 @@ fn encode_request_traffic(
         encoder,
         "hybridge_request_bytes_total",
         "Request body bytes received from callers or the tunnel.",
-        services.iter().map(|(l, s)| (l.clone(), s.bytes().0)),
+        services.iter().map(|(l, s)| (l.clone(), s.bytes_in())),
     )?;
     counter(
         encoder,
         "hybridge_response_bytes_total",
         "Response body bytes sent back.",
-        services.iter().map(|(l, s)| (l.clone(), s.bytes().1)),
+        services.iter().map(|(l, s)| (l.clone(), s.bytes_out())),
     )?;
     gauge(
         encoder,

@@ -61,8 +61,8 @@ impl<T: Default> Default for PerWorker<T> {
     }
 }
 
-/// CPUs this process may run on.
-fn cpus() -> usize {
+/// CPUs this process may run on: the default number of workers.
+pub(crate) fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 

@@ -78,9 +78,7 @@ impl ControlMessage {
             members: wire_members(&announcement.members),
         }
     }
-}
 
-impl ControlMessage {
     /// The update that says what this hello says; `None` for any other message.
     pub(crate) fn into_update(self) -> Option<Self> {
         match self {

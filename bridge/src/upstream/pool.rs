@@ -149,12 +149,12 @@ impl Http1Idle {
     }
 }
 
-/// Each worker's own multiplexed connections (see `crate::workers`), made on its first
-/// request: a stream on a connection another thread drives would cost a cross-thread
-/// wake-up per request.
 /// A worker and its multiplexed connections.
 type WorkerGroup = (usize, Arc<H2Group>);
 
+/// Each worker's own multiplexed connections (see `crate::workers`), made on its first
+/// request: a stream on a connection another thread drives would cost a cross-thread
+/// wake-up per request.
 #[derive(Default)]
 struct H2Slots {
     /// Each worker's group, tagged with the worker, for a worker that shares its slot.
