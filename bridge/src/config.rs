@@ -11,13 +11,17 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::acl::model::ServiceName;
 use crate::http::path::EscapedSlashes;
 use crate::upstream::UpstreamSettings;
 
 pub(crate) use hybridge_ca::tls::CrlStale;
 
+mod host_port;
 pub(crate) mod reload;
 mod validate;
+
+pub(crate) use host_port::HostPort;
 
 /// A configuration mistake, displayed as `FILE:LINE: message`.
 #[derive(Debug, thiserror::Error)]
@@ -195,7 +199,7 @@ impl Default for TunnelSection {
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     /// `host:port` of the peer's tunnel listener, resolved at every dial.
-    pub(crate) address: String,
+    pub(crate) address: HostPort,
     /// The site the peer's certificate must name.
     pub site: String,
     /// Optionally, the exact node name the peer's certificate must carry.
@@ -309,7 +313,7 @@ impl Default for LimitsSection {
 /// A service this node makes reachable from the other site.
 #[derive(Clone, Debug)]
 pub(crate) struct ExportConfig {
-    pub(crate) name: String,
+    pub(crate) name: ServiceName,
     pub(crate) upstream: UpstreamSettings,
     /// `%2F`/`%5C` in a request path: refused (default) or kept, for this export's decisions.
     pub(crate) escaped_slashes: EscapedSlashes,
@@ -319,7 +323,7 @@ pub(crate) struct ExportConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum CallerIdentity {
     /// Every connection is this service (legacy plain-HTTP callers).
-    Fixed(String),
+    Fixed(ServiceName),
     /// The caller presents a service certificate from our CA; its SPIFFE id names it.
     Mtls,
 }
@@ -327,7 +331,7 @@ pub(crate) enum CallerIdentity {
 /// A listener for one remote service.
 #[derive(Clone, Debug)]
 pub struct ImportConfig {
-    pub(crate) service: String,
+    pub(crate) service: ServiceName,
     pub listen: SocketAddr,
     pub(crate) caller: CallerIdentity,
     pub(crate) request_timeout: Option<Duration>,
@@ -359,8 +363,10 @@ struct RawConfig {
     admin: AdminSection,
     #[serde(default)]
     limits: LimitsSection,
+    /// Read again from the parsed document by `Source::exports`, where each table keeps the
+    /// spans of its keys (an `[[export]]` is a service name beside upstream settings).
     #[serde(default, rename = "export")]
-    exports: Vec<toml::Spanned<toml::Table>>,
+    _exports: Vec<serde::de::IgnoredAny>,
     #[serde(default, rename = "import")]
     imports: Vec<toml::Spanned<RawListener>>,
     #[serde(default)]
@@ -371,10 +377,10 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawListener {
     #[serde(default)]
-    service: Option<String>,
+    service: Option<ServiceName>,
     listen: SocketAddr,
     #[serde(default)]
-    caller: Option<String>,
+    caller: Option<ServiceName>,
     #[serde(default)]
     mtls: bool,
     #[serde(default)]
@@ -453,15 +459,14 @@ impl Config {
     /// The sections are checked in the order below, so a file with several mistakes always
     /// reports the same one first.
     pub(crate) fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let source = validate::Source { path, text };
-        let raw = source.deserialize()?;
+        let (source, raw) = validate::Source::read(path, text)?;
         let node = source.node(raw.node)?;
         let tls = source.tls(raw.tls);
         source.tunnel(&raw.tunnel, &raw.peers)?;
         source.peers(&raw.peers)?;
         source.announce(&raw.tunnel)?;
         let admin = source.admin(raw.admin)?;
-        let exports = source.exports(raw.exports)?;
+        let exports = source.exports()?;
         let mut listens = HashSet::new();
         let imports = source.imports(raw.imports, &mut listens)?;
         let gateway = source.gateway(raw.gateway, &mut listens)?;
@@ -487,7 +492,7 @@ impl Config {
 
     /// Names of the services this node exports, sorted.
     pub fn export_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.exports.iter().map(|e| e.name.clone()).collect();
+        let mut names: Vec<String> = self.exports.iter().map(|e| e.name.to_string()).collect();
         names.sort();
         names
     }
@@ -534,7 +539,10 @@ mtls = true
         assert_eq!(c.tls.key, PathBuf::from("/etc/hybridge/node.key"));
         assert_eq!(c.peers[0].connections, 2);
         assert_eq!(c.exports[0].name, "ledger");
-        assert_eq!(c.imports[0].caller, CallerIdentity::Fixed("web".into()));
+        assert_eq!(
+            c.imports[0].caller,
+            CallerIdentity::Fixed(ServiceName::try_from("web".to_owned()).unwrap())
+        );
         let gateway = c.gateway.unwrap();
         assert_eq!(
             (gateway.caller, gateway.suffix.as_str()),
@@ -652,6 +660,45 @@ mtls = true
         let e = error_of(&bad);
         assert!(e.starts_with("/x/h.toml:16: "), "{e}");
         assert!(e.contains("unknown field `conections`"), "{e}");
+    }
+
+    #[test]
+    fn errors_are_located_by_the_spans_of_the_document() {
+        let e = error_of(&GOOD.replace("site = \"cloud\"", "site = \"Cloud\""));
+        assert!(
+            e.starts_with("/x/h.toml:15: field `peer[0].site`: invalid site \"Cloud\""),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace(":4433", ":0"));
+        assert_eq!(
+            e,
+            "/x/h.toml:14: field `address`: \"cloud.example.com:0\" is invalid: port 0 is not a destination"
+        );
+        let e = error_of(&GOOD.replace(
+            "endpoints = [\"127.0.0.1:9000\"]",
+            "endpoints = [\n  \"127.0.0.1:9000\",\n  \"[::1:9001\",\n]\n[export.retry]\nmax_retries = \"two\"",
+        ));
+        assert!(
+            e.starts_with(
+                "/x/h.toml:19: export `ledger`: field `endpoints`: \"[::1:9001\" is invalid: "
+            ),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace(
+            "endpoints = [\"127.0.0.1:9000\"]",
+            "endpoints = [\"127.0.0.1:9000\"]\n[export.retry]\nmax_retries = \"two\"",
+        ));
+        assert!(
+            e.starts_with("/x/h.toml:21: export `ledger`: field `max_retries`: invalid type"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace("caller = \"web\"", "caller = \"web\"\nservice = \"x\""));
+        assert!(e.starts_with("/x/h.toml:25: "), "{e}");
+        let e = error_of(&format!("{GOOD}\n[tunnel]\ntcp_fallback_after = \"2m\"\n"));
+        assert_eq!(
+            e,
+            "/x/h.toml:31: field `tunnel.tcp_fallback_after`: must be between 1ms and 60s"
+        );
     }
 
     #[test]

@@ -321,7 +321,7 @@ fn escaped_slashes_by_export(config: &Config) -> HashMap<String, EscapedSlashes>
     config
         .exports
         .iter()
-        .map(|e| (e.name.clone(), e.escaped_slashes))
+        .map(|e| (e.name.to_string(), e.escaped_slashes))
         .collect()
 }
 
@@ -558,7 +558,7 @@ impl Startup {
                     .with_context(|| {
                         format!("{}: export `{}`", config.source.display(), export.name)
                     })?;
-            services.insert(export.name.clone(), upstream);
+            services.insert(export.name.to_string(), upstream);
         }
         Ok(Arc::new(ExportContext {
             acl: acl.clone(),
@@ -696,9 +696,9 @@ impl Startup {
                     import.listen
                 )
             })?;
-            bound.addresses.push((import.service.clone(), local));
+            bound.addresses.push((import.service.to_string(), local));
             let spec = self.listener_spec(
-                ListenerTarget::Service(import.service.clone()),
+                ListenerTarget::Service(import.service.to_string()),
                 &import.caller,
                 settings.next(),
                 format!("import:{}@{local}", import.service),
@@ -918,7 +918,7 @@ impl Startup {
                 peer,
                 &self.tuning,
             )?));
-            peer_clients.push((peer.address.clone(), client.clone()));
+            peer_clients.push((peer.address.to_string(), client.clone()));
             let spawn_slot = self.slot_spawner(client, shared.clone());
             for index in 0..usize::from(peer.connections).max(endpoints.len()) {
                 spawn_slot(Slot::configured(peer, index));

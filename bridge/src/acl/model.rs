@@ -198,6 +198,65 @@ pub(crate) fn check_service(name: &str) -> Result<(), String> {
     check_service_name(name)
 }
 
+/// A service name that passed [`check_service_name`]. The config deserialises exports,
+/// imports and callers into it, so a bad name is refused at its own line in the file.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "String")]
+pub(crate) struct ServiceName(String);
+
+impl ServiceName {
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ServiceName {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        check_service_name(&name)?;
+        Ok(Self(name))
+    }
+}
+
+impl std::ops::Deref for ServiceName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for ServiceName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for ServiceName {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for ServiceName {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl From<ServiceName> for String {
+    fn from(name: ServiceName) -> String {
+        name.0
+    }
+}
+
 /// A service name as the config, the policy and the gateway all take it: `[a-z0-9._-]+`,
 /// at most [`MAX_NAME_LEN`] bytes, so every service a node can export or import can also be
 /// named in a rule.

@@ -2,26 +2,36 @@
 //! into checked values, each mistake a `ConfigError` naming the file, the line and the field.
 //!
 //! Sections are checked in a fixed order (the first mistake is the one reported); nothing here
-//! reads a file, and the line of a key is found in the config text itself.
+//! reads a file. Lines come from the spans of the parsed document: a value that fails to
+//! deserialise (a bad address, service name or duration) carries its own span, and a check
+//! across fields finds the key it names with [`Source::line`].
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use super::{
     AdminSection, CallerIdentity, ConfigError, ExportConfig, GatewayConfig, ImportConfig,
     LimitsSection, MAX_ANNOUNCED_MEMBERS, MAX_SOCKET_PATH, NodeSection, PeerConfig, RawConfig,
     RawListener, TlsSection, TunnelSection,
 };
+use crate::acl::model::ServiceName;
 use crate::http::path::EscapedSlashes;
 use crate::upstream::UpstreamSettings;
 
-/// The config text being checked and the file it was read from: errors name that file, and
-/// relative paths resolve against its folder.
+/// The config text being checked, its parsed document (every key and value with its span)
+/// and the file it was read from: errors name that file, and relative paths resolve against
+/// its folder.
 pub(super) struct Source<'a> {
-    pub(super) path: &'a Path,
-    pub(super) text: &'a str,
+    path: &'a Path,
+    text: &'a str,
+    doc: DeTable<'a>,
 }
 
 /// A listener table that passed the checks shared by imports and the gateway: the table, the
@@ -32,7 +42,7 @@ struct CheckedListener {
     caller: CallerIdentity,
 }
 
-impl Source<'_> {
+impl<'a> Source<'a> {
     /// A `ConfigError` in this file at `line`.
     fn error(&self, line: Option<usize>, message: String) -> ConfigError {
         ConfigError {
@@ -56,23 +66,83 @@ impl Source<'_> {
         }
     }
 
-    /// The text deserialized into `RawConfig`. A syntax or type error names its line and, when
-    /// the parser's message does not (a bad address, a bad duration), the key on that line.
-    pub(super) fn deserialize(&self) -> Result<RawConfig, ConfigError> {
-        let text = self.text;
-        toml::from_str(text).map_err(|e| {
-            let line = e.span().map(|s| line_of(text, s.start));
-            let message = e.message().trim_end().replace('\n', " ");
-            let key = line
-                .and_then(|l| text.lines().nth(l - 1))
-                .and_then(|l| l.split_once('='))
-                .map(|(k, _)| k.trim())
-                .filter(|k| !k.is_empty() && !message.contains(&format!("`{k}`")));
-            match key {
-                Some(k) => self.error(line, format!("field `{k}`: {message}")),
-                None => self.error(line, message),
+    /// Parses `text` (read from `path`) and deserialises it into `RawConfig`. A syntax or
+    /// type error names its line and, when the parser's message does not, the key there.
+    pub(super) fn read(path: &'a Path, text: &'a str) -> Result<(Self, RawConfig), ConfigError> {
+        let mut source = Self {
+            path,
+            text,
+            doc: DeTable::new(),
+        };
+        source.doc = DeTable::parse(text)
+            .map_err(|e| source.toml_error(&e, None, ""))?
+            .into_inner();
+        let raw = toml::from_str(text).map_err(|e| source.toml_error(&e, None, ""))?;
+        Ok((source, raw))
+    }
+
+    /// `value` deserialised as a `T`; an error is located by its own span (else the value's)
+    /// and its message follows `context`.
+    fn value<T: DeserializeOwned>(
+        &self,
+        value: Spanned<DeValue<'a>>,
+        context: &str,
+    ) -> Result<T, ConfigError> {
+        let span = value.span();
+        T::deserialize(ValueDeserializer::from(value))
+            .map_err(|e| self.toml_error(&e, Some(span), context))
+    }
+
+    /// A deserialising error as a `ConfigError`: at the line of its span (else of `fallback`),
+    /// its message after `context` and, unless the message names it, the key it is about.
+    fn toml_error(
+        &self,
+        error: &toml::de::Error,
+        fallback: Option<Range<usize>>,
+        context: &str,
+    ) -> ConfigError {
+        let message = error.message().trim_end().replace('\n', " ");
+        let span = error.span().or(fallback);
+        let key = span
+            .as_ref()
+            .and_then(|span| key_in_table(&self.doc, span.start))
+            .filter(|k| !message.contains(&format!("`{k}`")));
+        let line = span.map(|s| line_of(self.text, s.start));
+        match key {
+            Some(k) => self.error(line, format!("{context}field `{k}`: {message}")),
+            None => self.error(line, format!("{context}{message}")),
+        }
+    }
+
+    /// 1-based line of the key at `path`, written as in error messages: dotted keys, and
+    /// `[i]` for the i-th table of an array (`admin.remote.listen`, `peer[0].site`,
+    /// `export[1].circuit_breaker.max_connections`). When the last keys are not written, the
+    /// line of the deepest table on the path that is.
+    fn line(&self, path: &str) -> Option<usize> {
+        let mut table = &self.doc;
+        let mut found: Option<Range<usize>> = None;
+        for step in path.split('.') {
+            let (key, index) = match step.split_once('[') {
+                Some((key, index)) => (key, index.trim_end_matches(']').parse::<usize>().ok()),
+                None => (step, None),
+            };
+            let Some((key, mut value)) = table.get_key_value(key) else {
+                break;
+            };
+            found = Some(key.span());
+            if let (Some(index), DeValue::Array(items)) = (index, value.get_ref()) {
+                let Some(item) = items.get(index) else {
+                    break;
+                };
+                found = Some(item.span());
+                value = item;
             }
-        })
+            match value.get_ref() {
+                DeValue::Table(inner) => table = inner,
+                _ => break,
+            }
+        }
+        found.map(|span| line_of(self.text, span.start))
     }
 
     /// `[node]`: name, site and trust domain are SPIFFE path segments; `data_dir` is resolved.
@@ -83,7 +153,7 @@ impl Source<'_> {
             ("node.trust_domain", &node.trust_domain),
         ] {
             hybridge_ca::spiffe::validate_segment(field, value)
-                .map_err(|e| self.error(None, format!("field `{field}`: {e}")))?;
+                .map_err(|e| self.error(self.line(field), format!("field `{field}`: {e}")))?;
         }
         node.data_dir = self.resolve(&node.data_dir);
         Ok(node)
@@ -105,10 +175,9 @@ impl Source<'_> {
         tunnel: &TunnelSection,
         peers: &[PeerConfig],
     ) -> Result<(), ConfigError> {
-        let text = self.text;
         if tunnel.listen.is_some() && tunnel.allowed_sites.is_empty() {
             return Err(self.error(
-                key_line(text, "tunnel", "listen"),
+                self.line("tunnel.listen"),
                 "field `tunnel.allowed_sites`: must name at least one site when `tunnel.listen` is set".into(),
             ));
         }
@@ -120,13 +189,17 @@ impl Source<'_> {
             ));
         }
         for site in &tunnel.allowed_sites {
-            hybridge_ca::spiffe::validate_segment("site", site)
-                .map_err(|e| self.error(None, format!("field `tunnel.allowed_sites`: {e}")))?;
+            hybridge_ca::spiffe::validate_segment("site", site).map_err(|e| {
+                self.error(
+                    self.line("tunnel.allowed_sites"),
+                    format!("field `tunnel.allowed_sites`: {e}"),
+                )
+            })?;
         }
         if tunnel.idle_timeout <= tunnel.keepalive {
             return Err(self.error(
-                key_line(text, "tunnel", "idle_timeout")
-                    .or_else(|| key_line(text, "tunnel", "keepalive")),
+                self.line("tunnel.idle_timeout")
+                    .or_else(|| self.line("tunnel.keepalive")),
                 "field `tunnel.idle_timeout`: must be longer than `tunnel.keepalive`".into(),
             ));
         }
@@ -134,13 +207,13 @@ impl Source<'_> {
             || tunnel.tcp_fallback_after > Duration::from_secs(60)
         {
             return Err(self.error(
-                None,
+                self.line("tunnel.tcp_fallback_after"),
                 "field `tunnel.tcp_fallback_after`: must be between 1ms and 60s".into(),
             ));
         }
         if tunnel.quic_reprobe_interval < Duration::from_secs(1) {
             return Err(self.error(
-                None,
+                self.line("tunnel.quic_reprobe_interval"),
                 "field `tunnel.quic_reprobe_interval`: must be at least 1s".into(),
             ));
         }
@@ -155,22 +228,12 @@ impl Source<'_> {
         Ok(())
     }
 
-    /// The `index`th `[[peer]]`: `address` is HOST:PORT, `site` a SPIFFE segment,
-    /// `connections` in 1..=16, and a peer pinned to one node (`name`) learns no members.
+    /// The `index`th `[[peer]]` (its `address` was checked as a `HostPort`): `site` is a
+    /// SPIFFE segment, `connections` in 1..=16, and a peer pinned to one node (`name`) learns
+    /// no members.
     fn peer(&self, index: usize, peer: &PeerConfig) -> Result<(), ConfigError> {
         let field = |f: &str| format!("field `peer[{index}].{f}`");
-        let line = |f: &str| array_key_line(self.text, "peer", index, f);
-        if peer
-            .address
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse::<u16>().ok())
-            .is_none()
-        {
-            return Err(self.error(
-                line("address"),
-                format!("{}: `{}` is not HOST:PORT", field("address"), peer.address),
-            ));
-        }
+        let line = |f: &str| self.line(&format!("peer[{index}].{f}"));
         hybridge_ca::spiffe::validate_segment("site", &peer.site)
             .map_err(|e| self.error(line("site"), format!("{}: {e}", field("site"))))?;
         if peer.connections == 0 || peer.connections > 16 {
@@ -193,17 +256,15 @@ impl Source<'_> {
 
     /// `tunnel.announce`, through [`validate_announce`], located at its key.
     pub(super) fn announce(&self, tunnel: &TunnelSection) -> Result<(), ConfigError> {
-        validate_announce(tunnel)
-            .map_err(|e| self.error(key_line(self.text, "tunnel", "announce"), e))
+        validate_announce(tunnel).map_err(|e| self.error(self.line("tunnel.announce"), e))
     }
 
     /// `[admin]`: a non-loopback `listen` needs `allow_remote`, the socket path is resolved
     /// and fits a Unix socket, and `[admin.remote]` does not reuse another admin address.
     pub(super) fn admin(&self, mut admin: AdminSection) -> Result<AdminSection, ConfigError> {
-        let text = self.text;
         if !admin.listen.ip().is_loopback() && !admin.allow_remote {
             return Err(self.error(
-                key_line(text, "admin", "listen"),
+                self.line("admin.listen"),
                 format!(
                     "field `admin.listen`: {} is not loopback; the read-only admin listener shows status and metrics, set `admin.allow_remote = true` to expose it (writes always need `admin.socket` or `[admin.remote]`)",
                     admin.listen
@@ -214,7 +275,7 @@ impl Source<'_> {
         let socket_len = admin.socket.as_os_str().len();
         if admin.socket.file_name().is_none() || admin.socket.as_os_str().is_empty() {
             return Err(self.error(
-                key_line(text, "admin", "socket"),
+                self.line("admin.socket"),
                 format!(
                     "field `admin.socket`: `{}` names no file",
                     admin.socket.display()
@@ -223,7 +284,7 @@ impl Source<'_> {
         }
         if socket_len > MAX_SOCKET_PATH {
             return Err(self.error(
-                key_line(text, "admin", "socket"),
+                self.line("admin.socket"),
                 format!(
                     "field `admin.socket`: `{}` is {socket_len} bytes long; a Unix socket path holds at most {MAX_SOCKET_PATH}",
                     admin.socket.display()
@@ -237,7 +298,7 @@ impl Source<'_> {
                 .any(|a| a == remote.listen && a.port() != 0);
             if taken {
                 return Err(self.error(
-                    key_line(text, "admin.remote", "listen"),
+                    self.line("admin.remote.listen"),
                     format!(
                         "field `admin.remote.listen`: {} is already used by `admin.listen` or `admin.health_listen`",
                         remote.listen
@@ -248,59 +309,63 @@ impl Source<'_> {
         Ok(admin)
     }
 
-    /// Every `[[export]]`, in order, through [`Self::export`]; a name may appear only once.
-    pub(super) fn exports(
-        &self,
-        raw: Vec<toml::Spanned<toml::Table>>,
-    ) -> Result<Vec<ExportConfig>, ConfigError> {
+    /// Every `[[export]]` of the document, in order, through [`Self::export`]; a name may
+    /// appear only once.
+    pub(super) fn exports(&self) -> Result<Vec<ExportConfig>, ConfigError> {
+        let tables = match self.doc.get("export").map(Spanned::get_ref) {
+            Some(DeValue::Array(tables)) => tables.to_vec(),
+            _ => Vec::new(),
+        };
         let mut names = HashSet::new();
-        raw.into_iter()
-            .map(|spanned| self.export(spanned, &mut names))
+        tables
+            .into_iter()
+            .enumerate()
+            .map(|(index, table)| self.export(index, table, &mut names))
             .collect()
     }
 
-    /// One `[[export]]` table: a valid, unused service `name`, `escaped_slashes`, and the rest
-    /// as `UpstreamSettings` checked as the upstream would check them when it starts.
+    /// The `index`th `[[export]]` table: a valid, unused service `name`, `escaped_slashes`,
+    /// and the rest as `UpstreamSettings` checked as the upstream would check them when it
+    /// starts.
     fn export(
         &self,
-        spanned: toml::Spanned<toml::Table>,
-        names: &mut HashSet<String>,
+        index: usize,
+        table: Spanned<DeValue<'a>>,
+        names: &mut HashSet<ServiceName>,
     ) -> Result<ExportConfig, ConfigError> {
-        let text = self.text;
-        let line = Some(line_of(text, spanned.span().start));
-        let mut table = spanned.into_inner();
-        let name = match table.remove("name") {
-            Some(toml::Value::String(s)) => s,
-            Some(_) => return Err(self.error(line, "export: field `name` must be a string".into())),
-            None => return Err(self.error(line, "export: missing field `name`".into())),
+        let line = Some(line_of(self.text, table.span().start));
+        let span = table.span();
+        let DeValue::Table(mut table) = table.into_inner() else {
+            return Err(self.error(line, "export: must be a table (`[[export]]`)".into()));
         };
-        crate::acl::model::check_service_name(&name)
-            .map_err(|e| self.error(line, format!("export `{name}`: field `name`: {e}")))?;
+        let name: ServiceName = match table.remove("name") {
+            None => return Err(self.error(line, "export: missing field `name`".into())),
+            Some(name) => {
+                let context = match name.get_ref() {
+                    DeValue::String(written) => format!("export `{written}`: "),
+                    _ => "export: ".to_owned(),
+                };
+                self.value(name, &context)?
+            }
+        };
         if !names.insert(name.clone()) {
             return Err(self.error(line, format!("export `{name}` is defined twice")));
         }
+        let context = format!("export `{name}`: ");
         // Not an upstream setting: how this node treats request paths for the export.
         let escaped_slashes = match table.remove("escaped_slashes") {
             None => EscapedSlashes::default(),
-            Some(value) => value.try_into().map_err(|e: toml::de::Error| {
-                let message = e.message().trim_end().to_owned();
-                self.error(
-                    field_line(text, line, "`escaped_slashes`").or(line),
-                    format!("export `{name}`: field `escaped_slashes`: {message}"),
-                )
-            })?,
+            Some(value) => self.value(value, &context)?,
         };
         let upstream: UpstreamSettings =
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| {
-                    let message = e.message().trim_end().to_owned();
-                    self.error(
-                        field_line(text, line, &message).or(line),
-                        format!("export `{name}`: {message}"),
-                    )
-                })?;
-        self.upstream(&name, line, &upstream)?;
+            self.value(Spanned::new(span, DeValue::Table(table)), &context)?;
+        upstream.validate(&name).map_err(|e| {
+            let (field, message) = upstream_problem(e);
+            self.error(
+                self.line(&format!("export[{index}].{field}")),
+                format!("{context}field `{field}`: {message}"),
+            )
+        })?;
         Ok(ExportConfig {
             name,
             upstream,
@@ -308,65 +373,16 @@ impl Source<'_> {
         })
     }
 
-    /// The checks the upstream of export `name` (its table at `line`) makes when it starts,
-    /// made here so that `check-config` and a reload refuse what `run` would (one validation
-    /// path), and every endpoint is a valid "host:port" authority.
-    fn upstream(
-        &self,
-        name: &str,
-        line: Option<usize>,
-        upstream: &UpstreamSettings,
-    ) -> Result<(), ConfigError> {
-        upstream.validate(name).map_err(|e| ConfigError {
-            path: self.path.to_owned(),
-            ..upstream_error(self.text, line, name, e)
-        })?;
-        if let Some(endpoint) = upstream
-            .endpoints
-            .iter()
-            .find(|e| e.parse::<http::uri::Authority>().is_err())
-        {
-            return Err(self.error(
-                field_line(self.text, line, "`endpoints`").or(line),
-                format!(
-                    "export `{name}`: field `endpoints`: {endpoint:?} is not a valid \"host:port\""
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// The checks an import (`needs_service`) and the gateway share, `what` naming which in
-    /// errors: exactly one of `caller` and `mtls`, and `service`/`suffix` only where they belong.
+    /// The checks an import and the gateway share, `what` naming which in errors: exactly
+    /// one of `caller` and `mtls`. Each then checks the fields only it has.
     fn listener(
         &self,
         raw: toml::Spanned<RawListener>,
         what: &str,
-        needs_service: bool,
     ) -> Result<CheckedListener, ConfigError> {
         let line = Some(line_of(self.text, raw.span().start));
         let raw = raw.into_inner();
         let caller = self.caller(&raw, line, what)?;
-        match (&raw.service, needs_service) {
-            (None, true) => {
-                return Err(self.error(line, format!("{what}: missing field `service`")));
-            }
-            (Some(_), false) => {
-                return Err(self.error(
-                    line,
-                    format!("{what}: unknown field `service` (the gateway routes by Host)"),
-                ));
-            }
-            (Some(s), true) => crate::acl::model::check_service_name(s)
-                .map_err(|e| self.error(line, format!("{what}: field `service`: {e}")))?,
-            (None, false) => {}
-        }
-        if needs_service && raw.suffix.is_some() {
-            return Err(self.error(
-                line,
-                format!("{what}: unknown field `suffix` (only the gateway has one)"),
-            ));
-        }
         Ok(CheckedListener { raw, line, caller })
     }
 
@@ -387,11 +403,7 @@ impl Source<'_> {
                 line,
                 format!("{what}: missing `caller = \"SERVICE\"` (fixed identity) or `mtls = true`"),
             )),
-            (Some(c), false) => {
-                crate::acl::model::check_service_name(c)
-                    .map_err(|e| self.error(line, format!("{what}: field `caller`: {e}")))?;
-                Ok(CallerIdentity::Fixed(c.clone()))
-            }
+            (Some(c), false) => Ok(CallerIdentity::Fixed(c.clone())),
             (None, true) => Ok(CallerIdentity::Mtls),
         }
     }
@@ -405,7 +417,16 @@ impl Source<'_> {
     ) -> Result<Vec<ImportConfig>, ConfigError> {
         let mut imports = Vec::new();
         for raw in raw {
-            let CheckedListener { raw, line, caller } = self.listener(raw, "import", true)?;
+            let CheckedListener { raw, line, caller } = self.listener(raw, "import")?;
+            let Some(service) = raw.service else {
+                return Err(self.error(line, "import: missing field `service`".into()));
+            };
+            if raw.suffix.is_some() {
+                return Err(self.error(
+                    line,
+                    "import: unknown field `suffix` (only the gateway has one)".into(),
+                ));
+            }
             if !listens.insert(raw.listen) && raw.listen.port() != 0 {
                 return Err(self.error(
                     line,
@@ -413,7 +434,7 @@ impl Source<'_> {
                 ));
             }
             imports.push(ImportConfig {
-                service: raw.service.unwrap_or_default(),
+                service,
                 listen: raw.listen,
                 caller,
                 request_timeout: raw.request_timeout,
@@ -433,7 +454,13 @@ impl Source<'_> {
         let Some(raw) = raw else {
             return Ok(None);
         };
-        let CheckedListener { raw, line, caller } = self.listener(raw, "gateway", false)?;
+        let CheckedListener { raw, line, caller } = self.listener(raw, "gateway")?;
+        if raw.service.is_some() {
+            return Err(self.error(
+                line,
+                "gateway: unknown field `service` (the gateway routes by Host)".into(),
+            ));
+        }
         if !listens.insert(raw.listen) && raw.listen.port() != 0 {
             return Err(self.error(
                 line,
@@ -461,13 +488,13 @@ impl Source<'_> {
     pub(super) fn limits(&self, limits: &LimitsSection) -> Result<(), ConfigError> {
         if limits.max_connections == 0 {
             return Err(self.error(
-                key_line(self.text, "limits", "max_connections"),
+                self.line("limits.max_connections"),
                 "field `limits.max_connections`: must be at least 1".into(),
             ));
         }
         if limits.idle_timeout < Duration::from_secs(1) {
             return Err(self.error(
-                key_line(self.text, "limits", "idle_timeout"),
+                self.line("limits.idle_timeout"),
                 "field `limits.idle_timeout`: must be at least 1s".into(),
             ));
         }
@@ -475,52 +502,17 @@ impl Source<'_> {
     }
 }
 
-/// The line of the key an error message names (`unknown field `x``, `missing field`...),
-/// searching forward from the table's first line; deserializing a sub-table loses spans.
-fn field_line(text: &str, from: Option<usize>, message: &str) -> Option<usize> {
-    let key = message.split('`').nth(1)?;
-    let from = from?;
-    text.lines()
-        .enumerate()
-        .skip(from)
-        .take_while(|(_, l)| {
-            !l.trim_start().starts_with("[[")
-                && !l.trim_start().starts_with("[tls")
-                && !l.trim_start().starts_with("[node")
-        })
-        .find(|(_, l)| l.split_once('=').is_some_and(|(k, _)| k.trim() == key))
-        .map(|(i, _)| i + 1)
-}
-
-/// An upstream setting `UpstreamSettings::validate` refused, as a `ConfigError` naming the
-/// export, the field and, when it is written as `key = value` under the export, its line.
-fn upstream_error(
-    text: &str,
-    export_line: Option<usize>,
-    name: &str,
-    error: crate::upstream::UpstreamConfigError,
-) -> ConfigError {
+/// The field and message of an upstream setting `UpstreamSettings::validate` refused.
+fn upstream_problem(error: crate::upstream::UpstreamConfigError) -> (String, String) {
     use crate::upstream::UpstreamConfigError as E;
-    let (field, message) = match error {
+    match error {
         E::NoEndpoints { .. } => (
             "endpoints".to_owned(),
             "must list at least one \"host:port\"".to_owned(),
         ),
-        E::InvalidEndpoint {
-            endpoint, reason, ..
-        } => (
-            "endpoints".to_owned(),
-            format!("{endpoint:?} is invalid: {reason}"),
-        ),
         E::InvalidSetting { field, reason, .. } => (field.to_owned(), reason),
         // Not produced by validation (it does no I/O); kept whole if it ever is.
         other @ E::Resolve { .. } => ("endpoints".to_owned(), other.to_string()),
-    };
-    let key = field.rsplit('.').next().unwrap_or(&field);
-    ConfigError {
-        path: PathBuf::new(),
-        line: field_line(text, export_line, &format!("`{key}`")).or(export_line),
-        message: format!("export `{name}`: field `{field}`: {message}"),
     }
 }
 
@@ -553,47 +545,34 @@ fn validate_announce(tunnel: &TunnelSection) -> Result<(), String> {
     }
 }
 
-/// 1-based line of `key = ...` inside the table `[table]`, for errors about a value that
-/// deserialized fine but fails a check across fields.
-fn key_line(text: &str, table: &str, key: &str) -> Option<usize> {
-    let header = format!("[{table}]");
-    let mut in_table = false;
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.starts_with('[') {
-            in_table = line == header;
-        } else if in_table && line.split_once('=').is_some_and(|(k, _)| k.trim() == key) {
-            return Some(i + 1);
+/// The key (in `table` or below it) whose name or value holds byte `at`: `keepalive` for an
+/// error in `keepalive = "5"`, the array `endpoints` for one in an element of it. `None` when
+/// `at` is in a table but in none of its keys and values (a missing field).
+fn key_in_table<'t>(table: &'t DeTable<'_>, at: usize) -> Option<&'t str> {
+    table.iter().find_map(|(key, value)| {
+        if key.span().contains(&at) {
+            return Some(key.get_ref().as_ref());
         }
-    }
-    None
+        key_in_value(key.get_ref(), value, at)
+    })
 }
 
-/// 1-based line of `key` in the `index`th (from 0) `[[table]]` of `text`, or of that table's
-/// header when the key is not written there.
-fn array_key_line(text: &str, table: &str, index: usize, key: &str) -> Option<usize> {
-    let header = format!("[[{table}]]");
-    let mut seen = 0;
-    let mut header_line = None;
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.starts_with('[') {
-            if header_line.is_some() {
-                break;
-            }
-            if line == header {
-                if seen == index {
-                    header_line = Some(i + 1);
-                }
-                seen += 1;
-            }
-        } else if header_line.is_some()
-            && line.split_once('=').is_some_and(|(k, _)| k.trim() == key)
-        {
-            return Some(i + 1);
-        }
+/// [`key_in_table`] for the value of `key`: tables and arrays of tables are searched, any
+/// other value answers `key` when it holds `at`.
+fn key_in_value<'t>(key: &'t str, value: &'t Spanned<DeValue<'_>>, at: usize) -> Option<&'t str> {
+    match value.get_ref() {
+        DeValue::Table(table) => key_in_table(table, at),
+        DeValue::Array(items) => items
+            .iter()
+            .find_map(|item| key_in_value(key, item, at))
+            .or_else(|| {
+                let of_tables = items
+                    .iter()
+                    .all(|i| matches!(i.get_ref(), DeValue::Table(_)));
+                (!of_tables && value.span().contains(&at)).then_some(key)
+            }),
+        _ => value.span().contains(&at).then_some(key),
     }
-    header_line
 }
 
 /// 1-based line of byte offset `at` in `text`.

@@ -260,7 +260,7 @@ impl Reloadable {
         let mut clients = Vec::new();
         for (peer, (address, slot)) in config.peers.iter().zip(&self.peer_clients) {
             anyhow::ensure!(
-                &peer.address == address,
+                peer.address.as_str() == address,
                 "internal: peer {address} is dialled but the configuration in force has {}",
                 peer.address
             );
@@ -287,9 +287,9 @@ impl Reloadable {
                 .exports
                 .iter()
                 .any(|e| e.name == export.name && e.upstream == export.upstream);
-            match current.get(&export.name) {
+            match current.get(export.name.as_str()) {
                 Some(upstream) if unchanged => {
-                    services.insert(export.name.clone(), upstream.clone());
+                    services.insert(export.name.to_string(), upstream.clone());
                 }
                 _ => {
                     let upstream = Upstream::start(
@@ -301,8 +301,8 @@ impl Reloadable {
                     .with_context(|| {
                         format!("{}: export `{}`", running.source.display(), export.name)
                     })?;
-                    upstreams_restarted.push(export.name.clone());
-                    services.insert(export.name.clone(), upstream);
+                    upstreams_restarted.push(export.name.to_string());
+                    services.insert(export.name.to_string(), upstream);
                 }
             }
         }

@@ -134,9 +134,9 @@ impl DialStates {
     fn update(&self, slot: &Slot, change: impl FnOnce(&mut SlotState)) {
         let mut slots = lock(&self.slots);
         let entry = slots
-            .entry((slot.peer.address.clone(), slot.index))
+            .entry((slot.peer.address.to_string(), slot.index))
             .or_insert_with(|| SlotState {
-                address: slot.peer.address.clone(),
+                address: slot.peer.address.to_string(),
                 site: slot.peer.site.clone(),
                 slot: slot.index,
                 learned: slot.learned,
@@ -160,7 +160,7 @@ impl DialStates {
     }
 
     fn remove(&self, slot: &Slot) {
-        lock(&self.slots).remove(&(slot.peer.address.clone(), slot.index));
+        lock(&self.slots).remove(&(slot.peer.address.to_string(), slot.index));
     }
 }
 
@@ -321,16 +321,11 @@ impl Dialer {
         choice: CarrierChoice,
     ) -> Self {
         let peer = &slot.peer;
-        let host = peer
-            .address
-            .rsplit_once(':')
-            .map_or(peer.address.as_str(), |(h, _)| h);
-        let server_name =
-            super::quic::server_name_for(host.trim_start_matches('[').trim_end_matches(']'));
+        let server_name = super::quic::server_name_for(peer.address.host());
         Self {
             slot: slot.clone(),
             source,
-            address: peer.address.clone(),
+            address: peer.address.to_string(),
             server_name,
             config,
             choice,

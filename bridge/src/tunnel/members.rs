@@ -23,7 +23,7 @@ use tracing::{info, warn};
 
 use super::dialer::Slot;
 use super::peers::PeerSet;
-use crate::config::{MAX_ANNOUNCED_MEMBERS, PeerConfig};
+use crate::config::{HostPort, MAX_ANNOUNCED_MEMBERS, PeerConfig};
 
 /// Starts a dialer for a slot (on a worker of the caller's choosing).
 pub(crate) type SpawnSlot = Arc<dyn Fn(Slot) + Send + Sync>;
@@ -43,7 +43,7 @@ pub(crate) fn select<'a>(
     peer: &PeerConfig,
     announced: impl IntoIterator<Item = &'a SocketAddr>,
 ) -> Selection {
-    let configured: Option<SocketAddr> = peer.address.parse().ok();
+    let configured: Option<SocketAddr> = peer.address.as_str().parse().ok();
     let mut selection = Selection::default();
     for &address in announced {
         if Some(address) == configured {
@@ -100,10 +100,13 @@ pub(crate) async fn follow(
                 if slots.contains_key(&address) {
                     continue;
                 }
+                let Ok(member) = HostPort::parse(&address.to_string()) else {
+                    continue;
+                };
                 info!(peer = %peer.address, site = %peer.site, member = %address, "keeping a link to an announced member");
                 let slot = Slot {
                     peer: PeerConfig {
-                        address: address.to_string(),
+                        address: member,
                         connections: 1,
                         member_networks: Vec::new(),
                         ..peer.clone()
@@ -129,7 +132,7 @@ mod tests {
 
     fn peer(address: &str, networks: &[&str]) -> PeerConfig {
         PeerConfig {
-            address: address.into(),
+            address: HostPort::parse(address).unwrap(),
             site: "cloud".into(),
             name: None,
             connections: 2,

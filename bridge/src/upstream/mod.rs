@@ -250,17 +250,7 @@ impl Upstream {
         settings.validate(service)?;
         let cancel = cancel.child_token();
         let tasks = TaskTracker::new();
-        let names = settings
-            .endpoints
-            .iter()
-            .map(|name| {
-                EndpointName::parse(name).map_err(|reason| UpstreamConfigError::InvalidEndpoint {
-                    service: service.to_owned(),
-                    endpoint: name.clone(),
-                    reason,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let names: Vec<EndpointName> = settings.endpoints.iter().map(EndpointName::new).collect();
         let lookups = futures_util::future::join_all(names.iter().map(EndpointName::lookup)).await;
         let mut endpoints = Vec::new();
         let mut pools = Vec::new();

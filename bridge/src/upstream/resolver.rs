@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::Upstream;
 use super::balancer::Endpoint;
 use super::pool::EndpointPool;
-use super::settings::split_host_port;
+use crate::config::HostPort;
 
 /// Bound on one lookup of one name.
 pub(crate) const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,25 +51,22 @@ struct Failing {
 }
 
 impl EndpointName {
-    /// Parses a configured `host:port` (checked already by `UpstreamSettings::validate`).
-    pub(crate) fn parse(name: &str) -> Result<Self, String> {
-        let authority = name
-            .parse::<http::uri::Authority>()
-            .map_err(|error| error.to_string())?;
-        let (host, port) = split_host_port(name)?;
-        let literal = host
+    /// The name of a configured endpoint, not yet looked up.
+    pub(crate) fn new(endpoint: &HostPort) -> Self {
+        let literal = endpoint
+            .host()
             .parse::<IpAddr>()
             .ok()
-            .map(|ip| SocketAddr::new(ip, port));
-        Ok(Self {
-            name: name.to_owned(),
-            authority,
+            .map(|ip| SocketAddr::new(ip, endpoint.port()));
+        Self {
+            name: endpoint.to_string(),
+            authority: endpoint.authority(),
             literal,
             dns_failures: AtomicU64::new(0),
             retired_requests: AtomicU64::new(0),
             retired_failures: AtomicU64::new(0),
             failing: Mutex::new(None),
-        })
+        }
     }
 
     /// A host name (looked up again on refresh), not an IP address.

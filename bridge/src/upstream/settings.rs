@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config::HostPort;
+
 /// Upstream of one exported service (`[services.NAME.upstream]` in the node config).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -12,7 +14,7 @@ pub(crate) struct UpstreamSettings {
     /// `"host:port"` entries. An IP address is used as it is; a host name stands for every
     /// address it resolves to (of the family the system resolver ranks first), looked up
     /// again every `dns_refresh`.
-    pub(crate) endpoints: Vec<String>,
+    pub(crate) endpoints: Vec<HostPort>,
     /// How often host names in `endpoints` are resolved again; the endpoint set follows the
     /// answers without a restart. `"0s"` resolves once, at start.
     #[serde(
@@ -265,7 +267,10 @@ impl UpstreamSettings {
     #[cfg(test)]
     pub(crate) fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
         Self {
-            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            endpoints: endpoints
+                .into_iter()
+                .map(|e| HostPort::parse(&e.into()).expect("a valid test endpoint"))
+                .collect(),
             dns_refresh: default_dns_refresh(),
             protocol: UpstreamProtocol::default(),
             health_check: None,
@@ -301,19 +306,12 @@ impl UpstreamSettings {
             })
     }
 
-    /// At least one endpoint, each a valid `"host:port"`.
+    /// At least one endpoint (each was checked as it was deserialised).
     fn validate_endpoints(&self, service: &str) -> Result<(), UpstreamConfigError> {
         if self.endpoints.is_empty() {
             return Err(UpstreamConfigError::NoEndpoints {
                 service: service.to_owned(),
             });
-        }
-        for endpoint in &self.endpoints {
-            split_host_port(endpoint).map_err(|reason| UpstreamConfigError::InvalidEndpoint {
-                service: service.to_owned(),
-                endpoint: endpoint.clone(),
-                reason,
-            })?;
         }
         Ok(())
     }
@@ -417,43 +415,11 @@ impl PassiveHealthSettings {
     }
 }
 
-/// Splits `"host:port"` (IPv6 as `"[::1]:port"`) and checks both halves.
-pub(crate) fn split_host_port(endpoint: &str) -> Result<(&str, u16), String> {
-    let Some((host, port)) = endpoint.rsplit_once(':') else {
-        return Err("expected \"host:port\"".to_owned());
-    };
-    let host = match host.strip_prefix('[') {
-        Some(inner) => inner
-            .strip_suffix(']')
-            .ok_or_else(|| "unclosed '[' in IPv6 address".to_owned())?,
-        None if host.contains(':') => {
-            return Err("IPv6 addresses must be written as \"[addr]:port\"".to_owned());
-        }
-        None => host,
-    };
-    if host.is_empty() {
-        return Err("host is empty".to_owned());
-    }
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("port {port:?} is not a number between 1 and 65535"))?;
-    if port == 0 {
-        return Err("port 0 is not a destination".to_owned());
-    }
-    Ok((host, port))
-}
-
 /// A configuration mistake, naming the service and the field.
 #[derive(thiserror::Error, Debug)]
 pub(crate) enum UpstreamConfigError {
     #[error("service {service}: upstream.endpoints must list at least one \"host:port\"")]
     NoEndpoints { service: String },
-    #[error("service {service}: upstream endpoint {endpoint:?} is invalid: {reason}")]
-    InvalidEndpoint {
-        service: String,
-        endpoint: String,
-        reason: String,
-    },
     #[error("service {service}: upstream endpoint {endpoint:?} did not resolve: {source}")]
     Resolve {
         service: String,
@@ -554,13 +520,11 @@ mod tests {
         settings.dns_refresh = Duration::ZERO;
         settings.validate("billing").unwrap();
         for bad in ["nohost", ":80", "x:0", "x:http", "::1:80", "[::1:80"] {
-            let settings = UpstreamSettings::new([bad]);
+            let error =
+                toml::from_str::<UpstreamSettings>(&format!("endpoints = [{bad:?}]")).unwrap_err();
             assert!(
-                matches!(
-                    settings.validate("s"),
-                    Err(UpstreamConfigError::InvalidEndpoint { .. })
-                ),
-                "{bad}"
+                error.message().contains(&format!("{bad:?} is invalid: ")),
+                "{bad}: {error}"
             );
         }
         assert!(matches!(
