@@ -145,19 +145,7 @@ pub(crate) fn pick(endpoints: &[Arc<Endpoint>], tried: &[usize]) -> Option<usize
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-
-    fn endpoints(count: u16) -> Vec<Arc<Endpoint>> {
-        (0..count)
-            .map(|i| {
-                let addr = SocketAddr::from(([127, 0, 0, 1], 1000 + i));
-                Arc::new(Endpoint::new(
-                    usize::from(i),
-                    addr,
-                    addr.to_string().parse().unwrap(),
-                ))
-            })
-            .collect()
-    }
+    use crate::upstream::tests::endpoints;
 
     #[test]
     fn spreads_evenly_and_prefers_idle() {

@@ -197,21 +197,8 @@ impl PassiveHealth {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use std::net::SocketAddr;
+    use crate::upstream::tests::endpoints;
     use std::time::Duration;
-
-    fn endpoints(count: u16) -> Vec<Arc<Endpoint>> {
-        (0..count)
-            .map(|i| {
-                let addr = SocketAddr::from(([127, 0, 0, 1], 1000 + i));
-                Arc::new(Endpoint::new(
-                    usize::from(i),
-                    addr,
-                    addr.to_string().parse().unwrap(),
-                ))
-            })
-            .collect()
-    }
 
     #[test]
     fn ejects_after_consecutive_failures_within_the_cap() {

@@ -22,6 +22,21 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 
+/// `count` endpoints on 127.0.0.1 ports 1000, 1001, ... (nothing listens), for the balancer
+/// and health tests.
+pub(super) fn endpoints(count: u16) -> Vec<Arc<Endpoint>> {
+    (0..count)
+        .map(|i| {
+            let addr = SocketAddr::from(([127, 0, 0, 1], 1000 + i));
+            Arc::new(Endpoint::new(
+                usize::from(i),
+                addr,
+                addr.to_string().parse().unwrap(),
+            ))
+        })
+        .collect()
+}
+
 type ServerBody = UnsyncBoxBody<Bytes, BodyError>;
 
 const BIG_CHUNK: usize = 64 * 1024;
