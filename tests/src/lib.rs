@@ -314,17 +314,35 @@ impl NodeOptions {
 
     /// Starts this node in-process.
     pub async fn start(&self) -> Node {
+        log_to_test_output();
         let path = self.write();
         Node::start(Config::load(&path).unwrap()).await.unwrap()
     }
 
     /// Starts this node in-process with its data plane on `workers`.
     pub async fn start_on(&self, workers: &Arc<Workers>) -> Node {
+        log_to_test_output();
         let path = self.write();
         Node::start_on(Config::load(&path).unwrap(), workers.clone())
             .await
             .unwrap()
     }
+}
+
+/// Sends what in-process nodes log to the output of the test that started them, which the
+/// test harness shows only when that test fails: a failure in a soak run comes with the
+/// nodes' own account of it. `HYBRIDGE_TEST_LOG` (an `EnvFilter`) chooses what is logged;
+/// by default the nodes' info lines without the access log.
+pub fn log_to_test_output() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("HYBRIDGE_TEST_LOG")
+            .unwrap_or_else(|_| "hybridge=info,hybridge::access=warn".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
 }
 
 /// A client of a node's admin socket (the whole API, as root or the socket's group).
