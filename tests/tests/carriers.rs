@@ -4,6 +4,7 @@
 //! is dropped, then moving back to QUIC without failing a request once UDP passes again.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,65 +29,94 @@ struct UdpGate {
 }
 
 impl UdpGate {
-    /// Binds the gate's port; nothing passes until [`UdpGate::forward_to`].
+    /// Binds the gate's port on 127.0.0.2, at a number whose TCP port on that address is
+    /// free too: the cloud's TLS/TCP listener takes it, so that the on-prem node dials one
+    /// address for both carriers. Other tests' sockets are on 127.0.0.1, so nothing takes the
+    /// number before the cloud node binds it. Nothing passes until [`UdpGate::forward_to`].
     async fn bind(blocked: bool) -> UdpGate {
-        UdpGate {
-            front: Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap()),
-            blocked: Arc::new(AtomicBool::new(blocked)),
-            cancel: CancellationToken::new(),
+        for _ in 0..100 {
+            let front = tokio::net::UdpSocket::bind("127.0.0.2:0").await.unwrap();
+            let port = front.local_addr().unwrap().port();
+            if std::net::TcpListener::bind(("127.0.0.2", port)).is_ok() {
+                return UdpGate {
+                    front: Arc::new(front),
+                    blocked: Arc::new(AtomicBool::new(blocked)),
+                    cancel: CancellationToken::new(),
+                };
+            }
         }
+        panic!("no port on 127.0.0.2 was free for both UDP and TCP in 100 tries");
     }
 
     fn address(&self) -> SocketAddr {
         self.front.local_addr().unwrap()
     }
 
-    /// Forwards datagrams between the gate's one client and `target` while not blocked.
+    /// Forwards datagrams to `target` while not blocked, each client address (each QUIC
+    /// endpoint of the on-prem node) through a socket of its own, as a NAT keeps one mapping
+    /// per flow: the answers to one connection never go to another.
     async fn forward_to(&self, target: SocketAddr) {
-        let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
-        back.connect(target).await.unwrap();
-        let client: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
         let (front, blocked, cancel) = (
             self.front.clone(),
             self.blocked.clone(),
             self.cancel.clone(),
         );
-        let (b, c) = (back.clone(), client.clone());
         tokio::spawn(async move {
+            let mut flows: HashMap<SocketAddr, Arc<tokio::net::UdpSocket>> = HashMap::new();
             let mut buf = vec![0u8; 65536];
             loop {
                 let (n, from) = tokio::select! {
                     r = front.recv_from(&mut buf) => match r { Ok(r) => r, Err(_) => continue },
                     () = cancel.cancelled() => return,
                 };
-                if !blocked.load(Ordering::SeqCst) {
-                    *c.lock().unwrap() = Some(from);
-                    let _ = b.send(&buf[..n]).await;
+                if blocked.load(Ordering::SeqCst) {
+                    continue;
                 }
-            }
-        });
-        let (front, blocked, cancel) = (
-            self.front.clone(),
-            self.blocked.clone(),
-            self.cancel.clone(),
-        );
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65536];
-            loop {
-                let n = tokio::select! {
-                    r = back.recv(&mut buf) => match r { Ok(n) => n, Err(_) => continue },
-                    () = cancel.cancelled() => return,
+                let back = match flows.get(&from) {
+                    Some(back) => back.clone(),
+                    None => {
+                        let back =
+                            Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+                        back.connect(target).await.unwrap();
+                        tokio::spawn(answer(
+                            back.clone(),
+                            front.clone(),
+                            from,
+                            blocked.clone(),
+                            cancel.clone(),
+                        ));
+                        flows.insert(from, back.clone());
+                        back
+                    }
                 };
-                let to = *client.lock().unwrap();
-                if let (false, Some(to)) = (blocked.load(Ordering::SeqCst), to) {
-                    let _ = front.send_to(&buf[..n], to).await;
-                }
+                let _ = back.send(&buf[..n]).await;
             }
         });
     }
 
     fn set_blocked(&self, blocked: bool) {
         self.blocked.store(blocked, Ordering::SeqCst);
+    }
+}
+
+/// Sends what the target answers on `back` to `client` through the gate's `front`, while
+/// the gate is not blocked.
+async fn answer(
+    back: Arc<tokio::net::UdpSocket>,
+    front: Arc<tokio::net::UdpSocket>,
+    client: SocketAddr,
+    blocked: Arc<AtomicBool>,
+    cancel: CancellationToken,
+) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = tokio::select! {
+            r = back.recv(&mut buf) => match r { Ok(n) => n, Err(_) => continue },
+            () = cancel.cancelled() => return,
+        };
+        if !blocked.load(Ordering::SeqCst) {
+            let _ = front.send_to(&buf[..n], client).await;
+        }
     }
 }
 
@@ -392,7 +422,7 @@ async fn auto_falls_back_to_tcp_when_udp_is_blocked_and_moves_back_to_quic_witho
     let port = gate.address().port();
     let started = Instant::now();
     let (p, _upstreams) = pair(
-        &format!("listen_tcp = \"127.0.0.1:{port}\"\n"),
+        &format!("listen_tcp = \"127.0.0.2:{port}\"\n"),
         "tcp_fallback_after = \"300ms\"\nquic_reprobe_interval = \"2s\"\nidle_timeout = \"3s\"\n",
         |_, _| gate.address(),
     )
