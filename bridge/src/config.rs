@@ -664,41 +664,44 @@ mtls = true
 
     #[test]
     fn errors_are_located_by_the_spans_of_the_document() {
-        let e = error_of(&GOOD.replace("site = \"cloud\"", "site = \"Cloud\""));
-        assert!(
-            e.starts_with("/x/h.toml:15: field `peer[0].site`: invalid site \"Cloud\""),
-            "{e}"
-        );
-        let e = error_of(&GOOD.replace(":4433", ":0"));
-        assert_eq!(
-            e,
-            "/x/h.toml:14: field `address`: \"cloud.example.com:0\" is invalid: port 0 is not a destination"
-        );
-        let e = error_of(&GOOD.replace(
-            "endpoints = [\"127.0.0.1:9000\"]",
-            "endpoints = [\n  \"127.0.0.1:9000\",\n  \"[::1:9001\",\n]\n[export.retry]\nmax_retries = \"two\"",
-        ));
-        assert!(
-            e.starts_with(
-                "/x/h.toml:19: export `ledger`: field `endpoints`: \"[::1:9001\" is invalid: "
+        let export = |extra: &str| {
+            GOOD.replace(
+                "endpoints = [\"127.0.0.1:9000\"]",
+                &format!("endpoints = [\"127.0.0.1:9000\"]\n{extra}"),
+            )
+        };
+        for (text, expected) in [
+            (
+                GOOD.replace("site = \"cloud\"", "site = \"Cloud\""),
+                "/x/h.toml:15: field `peer[0].site`: invalid site \"Cloud\"",
             ),
-            "{e}"
-        );
-        let e = error_of(&GOOD.replace(
-            "endpoints = [\"127.0.0.1:9000\"]",
-            "endpoints = [\"127.0.0.1:9000\"]\n[export.retry]\nmax_retries = \"two\"",
-        ));
-        assert!(
-            e.starts_with("/x/h.toml:21: export `ledger`: field `max_retries`: invalid type"),
-            "{e}"
-        );
-        let e = error_of(&GOOD.replace("caller = \"web\"", "caller = \"web\"\nservice = \"x\""));
-        assert!(e.starts_with("/x/h.toml:25: "), "{e}");
-        let e = error_of(&format!("{GOOD}\n[tunnel]\ntcp_fallback_after = \"2m\"\n"));
-        assert_eq!(
-            e,
-            "/x/h.toml:31: field `tunnel.tcp_fallback_after`: must be between 1ms and 60s"
-        );
+            (
+                GOOD.replace(":4433", ":0"),
+                "/x/h.toml:14: field `address`: \"cloud.example.com:0\" is invalid: port 0 is not a destination",
+            ),
+            (
+                GOOD.replace(
+                    "endpoints = [\"127.0.0.1:9000\"]",
+                    "endpoints = [\n  \"127.0.0.1:9000\",\n  \"[::1:9001\",\n]",
+                ),
+                "/x/h.toml:19: export `ledger`: field `endpoints`: \"[::1:9001\" is invalid: ",
+            ),
+            (
+                export("[export.retry]\nmax_retries = \"two\""),
+                "/x/h.toml:21: export `ledger`: field `max_retries`: invalid type",
+            ),
+            (
+                GOOD.replace("caller = \"web\"", "caller = \"web\"\nservice = \"x\""),
+                "/x/h.toml:25: ",
+            ),
+            (
+                format!("{GOOD}\n[tunnel]\ntcp_fallback_after = \"2m\"\n"),
+                "/x/h.toml:31: field `tunnel.tcp_fallback_after`: must be between 1ms and 60s",
+            ),
+        ] {
+            let e = error_of(&text);
+            assert!(e.starts_with(expected), "{e}\nexpected: {expected}");
+        }
     }
 
     #[test]
