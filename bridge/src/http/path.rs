@@ -330,6 +330,7 @@ fn canonical_segment(
     out: &mut String,
 ) -> Result<(), PathError> {
     let bytes = raw.as_bytes();
+    let start = out.len();
     let mut i = 0;
     while let Some(&byte) = bytes.get(i) {
         match byte {
@@ -380,7 +381,25 @@ fn canonical_segment(
         }
         i += 1;
     }
-    Ok(())
+    // Decoding can make an escaped escape where the raw segment had none: `%25a%41` is
+    // written out `%25aA`.
+    match escaped_escape(&out[start..]) {
+        Some(escape) => Err(PathError::DoubleEscape {
+            escape: escape.to_owned(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The first `%25` followed by two hex digits in `written` (canonical text), with them.
+fn escaped_escape(written: &str) -> Option<&str> {
+    written.match_indices("%25").find_map(|(at, _)| {
+        let after = written.as_bytes().get(at + 3..at + 5)?;
+        after
+            .iter()
+            .all(|&b| hex_value(b).is_some())
+            .then(|| &written[at..at + 5])
+    })
 }
 
 /// RFC 3986 `unreserved`: ALPHA DIGIT `-` `.` `_` `~`.
@@ -546,6 +565,12 @@ mod tests {
                 "/a%252fb",
                 PathError::DoubleEscape {
                     escape: "%252f".into(),
+                },
+            ),
+            (
+                "/%25a%41",
+                PathError::DoubleEscape {
+                    escape: "%25aA".into(),
                 },
             ),
             ("/api/%", PathError::MalformedEscape { escape: "%".into() }),
