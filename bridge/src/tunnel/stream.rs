@@ -8,6 +8,11 @@ use bytes::{Bytes, BytesMut};
 use super::frame::{self, FRAME_HEADER_LEN, Frame, FrameError, FrameType, MAX_DATA_FRAME};
 use super::tcp::Piece;
 
+/// The largest first piece sent on an HTTP/2 stream without waiting for capacity: any request
+/// or response head short of a very large one, and well inside the 64 KiB initial window
+/// every HTTP/2 peer starts with.
+const FIRST_PIECE_UNRESERVED: usize = 16 * 1024;
+
 /// Application error codes used when resetting a stream or closing a connection.
 pub(crate) mod codes {
     /// Normal close of a connection.
@@ -71,12 +76,22 @@ pub enum WriteError {
 /// The sending half of a tunnel stream.
 pub enum SendHalf {
     Quic(quinn::SendStream),
-    Tcp(h2::SendStream<Piece>),
+    Tcp(H2Send),
+}
+
+/// The sending side of an HTTP/2 stream.
+pub struct H2Send {
+    stream: h2::SendStream<Piece>,
+    /// Nothing has been written on it yet.
+    fresh: bool,
 }
 
 impl SendHalf {
     pub(crate) fn tcp(stream: h2::SendStream<Piece>) -> Self {
-        Self::Tcp(stream)
+        Self::Tcp(H2Send {
+            stream,
+            fresh: true,
+        })
     }
 
     /// Writes already-encoded frame bytes.
@@ -114,7 +129,7 @@ impl SendHalf {
                 let _ = s.finish();
             }
             Self::Tcp(s) => {
-                let _ = s.send_data(Piece::default(), true);
+                let _ = s.stream.send_data(Piece::default(), true);
             }
         }
     }
@@ -147,7 +162,7 @@ impl SendHalf {
             // Pending while the stream is open or ended cleanly; ready on a reset or when
             // the connection is gone.
             Self::Tcp(s) => {
-                let _ = std::future::poll_fn(|cx| s.poll_reset(cx)).await;
+                let _ = std::future::poll_fn(|cx| s.stream.poll_reset(cx)).await;
             }
         }
     }
@@ -158,15 +173,26 @@ impl SendHalf {
             Self::Quic(s) => {
                 let _ = s.reset(quinn::VarInt::from_u32(code));
             }
-            Self::Tcp(s) => s.send_reset(h2::Reason::from(code)),
+            Self::Tcp(s) => s.stream.send_reset(h2::Reason::from(code)),
         }
     }
 }
 
 /// Sends `piece` on an HTTP/2 stream as the peer's flow-control window allows: waiting
 /// for capacity is the backpressure (h2 would otherwise buffer without bound).
-async fn send_h2(stream: &mut h2::SendStream<Piece>, mut piece: Piece) -> Result<(), StreamError> {
+async fn send_h2(send: &mut H2Send, mut piece: Piece) -> Result<(), StreamError> {
     use bytes::Buf;
+    let stream = &mut send.stream;
+    // A stream this node opened has no capacity until the connection task has sent its
+    // HEADERS; waiting for capacity would let that task write the HEADERS alone, and the
+    // first piece (a request head) would take a write of its own. Queued at once, it leaves
+    // with the HEADERS. h2 holds at most this one piece for the stream before the window
+    // the peer announced lets it go.
+    if std::mem::take(&mut send.fresh) && piece.remaining() <= FIRST_PIECE_UNRESERVED {
+        return stream
+            .send_data(piece, false)
+            .map_err(|e| WriteError::from(e).into());
+    }
     while piece.has_remaining() {
         stream.reserve_capacity(piece.remaining());
         let granted = match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
