@@ -359,13 +359,14 @@ fn canonical_segment(
                     // `%25` followed by two hex digits is an escape of an escape: decoded
                     // once more (some frameworks do) it becomes another character, `%2569`
                     // an `i`, so the path decided on is not the path served.
-                    b'%' if bytes.get(i + 3).copied().and_then(hex_value).is_some()
-                        && bytes.get(i + 4).copied().and_then(hex_value).is_some() =>
-                    {
-                        return Err(PathError::DoubleEscape {
-                            escape: raw[i..].chars().take(5).collect(),
-                        });
-                    }
+                    b'%' => match escaped_escape_at(raw, i) {
+                        Some(escape) => {
+                            return Err(PathError::DoubleEscape {
+                                escape: escape.to_owned(),
+                            });
+                        }
+                        None => push_escape(out, decoded),
+                    },
                     _ => push_escape(out, decoded),
                 }
                 i += 3;
@@ -393,13 +394,18 @@ fn canonical_segment(
 
 /// The first `%25` followed by two hex digits in `written` (canonical text), with them.
 fn escaped_escape(written: &str) -> Option<&str> {
-    written.match_indices("%25").find_map(|(at, _)| {
-        let after = written.as_bytes().get(at + 3..at + 5)?;
-        after
-            .iter()
-            .all(|&b| hex_value(b).is_some())
-            .then(|| &written[at..at + 5])
-    })
+    written
+        .match_indices("%25")
+        .find_map(|(at, _)| escaped_escape_at(written, at))
+}
+
+/// The `%25` at `at` in `text` with the two characters after it, if both are hex digits.
+fn escaped_escape_at(text: &str, at: usize) -> Option<&str> {
+    let after = text.as_bytes().get(at + 3..at + 5)?;
+    after
+        .iter()
+        .all(|&b| hex_value(b).is_some())
+        .then(|| &text[at..at + 5])
 }
 
 /// RFC 3986 `unreserved`: ALPHA DIGIT `-` `.` `_` `~`.
