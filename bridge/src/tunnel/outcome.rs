@@ -6,6 +6,7 @@
 //! (serial, peer address), belongs in the log line beside the count.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use hybridge_ca::spiffe::SpiffeId;
 use hybridge_ca::tls::{PeerRejected, RejectionKind};
@@ -306,8 +307,8 @@ pub(crate) enum HandshakeError {
     /// The HTTP/2 handshake after TLS failed: the connection went.
     #[error("handshake with {remote}: {lost}")]
     Http2 { remote: SocketAddr, lost: TcpLost },
-    #[error("TCP/TLS handshake with {remote} timed out")]
-    TcpTimedOut { remote: SocketAddr },
+    #[error("TCP/TLS handshake with {remote} unfinished after {after:?}")]
+    TcpTimedOut { remote: SocketAddr, after: Duration },
 }
 
 impl HandshakeError {
@@ -618,7 +619,7 @@ mod tests {
             HandshakeFailure::RefusedByPeer
         );
         assert_eq!(
-            http2(TcpLost::Silent(std::time::Duration::from_secs(5))).failure(),
+            http2(TcpLost::Silent(Duration::from_secs(5))).failure(),
             HandshakeFailure::Timeout
         );
         assert_eq!(
@@ -629,7 +630,11 @@ mod tests {
             HandshakeFailure::Protocol
         );
         assert_eq!(
-            HandshakeError::TcpTimedOut { remote: remote() }.failure(),
+            HandshakeError::TcpTimedOut {
+                remote: remote(),
+                after: Duration::from_secs(5)
+            }
+            .failure(),
             HandshakeFailure::Timeout
         );
         let unresolved = HandshakeError::NoAddress {
@@ -694,9 +699,7 @@ mod tests {
                 "timed out",
             ),
             (
-                Disconnect::Lost(ConnectionLost::Tcp(TcpLost::Silent(
-                    std::time::Duration::from_secs(5),
-                ))),
+                Disconnect::Lost(ConnectionLost::Tcp(TcpLost::Silent(Duration::from_secs(5)))),
                 DisconnectReason::IdleTimeout,
                 "nothing heard from the peer for 5000 ms",
             ),

@@ -840,7 +840,9 @@ async fn offer_streams(
     }
 }
 
-/// How long a TCP dial or accept may take, TCP and TLS handshakes together.
+/// How long an accepted TCP connection may take over its TLS and HTTP/2 handshakes. A dial
+/// is bounded by the tunnel's idle timeout instead, as quinn bounds a QUIC handshake: a
+/// redial that a load balancer hashed to a dead node then fails as fast on TCP as on QUIC.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// TLS config of the listening side: client certificates required, checked against `expect`.
@@ -875,7 +877,7 @@ pub(crate) async fn dial(
     tls: Arc<rustls::ClientConfig>,
     tuning: &TransportTuning,
 ) -> Result<TcpConnection, HandshakeError> {
-    bounded(addr, async {
+    bounded(addr, tuning.idle_timeout, async {
         let socket = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|error| HandshakeError::TcpConnect { addr, error })?;
@@ -908,7 +910,7 @@ pub(crate) async fn accept(
     tuning: &TransportTuning,
 ) -> Result<TcpConnection, HandshakeError> {
     tune_socket(&socket, tuning);
-    bounded(remote, async {
+    bounded(remote, HANDSHAKE_TIMEOUT, async {
         let stream = tokio_rustls::TlsAcceptor::from(tls)
             .accept(socket)
             .await
@@ -919,17 +921,21 @@ pub(crate) async fn accept(
     .await
 }
 
-/// Runs a handshake to `remote` within [`HANDSHAKE_TIMEOUT`]; an HTTP/2 handshake that
-/// fails is counted by why the connection went.
+/// Runs a handshake with `remote` within `limit`; an HTTP/2 handshake that fails is
+/// counted by why the connection went.
 async fn bounded(
     remote: SocketAddr,
+    limit: Duration,
     handshake: impl std::future::Future<Output = Result<Result<TcpConnection, TcpLost>, HandshakeError>>,
 ) -> Result<TcpConnection, HandshakeError> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    match tokio::time::timeout(limit, handshake).await {
         Ok(Ok(Ok(connection))) => Ok(connection),
         Ok(Ok(Err(lost))) => Err(HandshakeError::Http2 { remote, lost }),
         Ok(Err(failed)) => Err(failed),
-        Err(_) => Err(HandshakeError::TcpTimedOut { remote }),
+        Err(_) => Err(HandshakeError::TcpTimedOut {
+            remote,
+            after: limit,
+        }),
     }
 }
 
