@@ -45,7 +45,7 @@ use crate::tunnel::session::{self, SessionContext};
 use crate::tunnel::tcp;
 use crate::tunnel::udp::Handoff;
 use crate::upstream::Upstream;
-use crate::workers::Workers;
+use crate::workers::{Balance, Held, Workers};
 
 mod readiness;
 mod reload;
@@ -861,19 +861,23 @@ impl Startup {
             }
         }
         let tcp_server = tunnel.tcp.map(|tcp| {
+            let balance = Balance::new(self.workers.count());
             for (worker, listener) in tcp.listeners.into_iter().enumerate() {
+                let accepting = TcpAccepting {
+                    tls: tcp.tls.clone(),
+                    limits: tcp.limits.clone(),
+                    tuning: self.tuning.clone(),
+                    ctx: session_ctx.clone(),
+                    cancel: self.stop_tunnels.clone(),
+                    tasks: self.background.clone(),
+                    workers: self.workers.clone(),
+                    balance: balance.clone(),
+                    worker,
+                };
                 self.workers.spawn_on(
                     worker,
                     &self.background,
-                    tcp_accept_loop(
-                        listener,
-                        tcp.tls.clone(),
-                        tcp.limits.clone(),
-                        self.tuning.clone(),
-                        session_ctx.clone(),
-                        self.stop_tunnels.clone(),
-                        self.background.clone(),
-                    ),
+                    tcp_accept_loop(listener, accepting),
                 );
             }
             tcp.tls
@@ -1394,46 +1398,96 @@ async fn accept_loop(
     }
 }
 
-/// Accepts TLS/TCP tunnels on one worker's listener until `cancel` fires. Handshakes run
-/// in their own tasks, each bounded by `tcp::HANDSHAKE_TIMEOUT`, and every connection,
-/// handshaking or up, counts under the listener's connection cap.
-async fn tcp_accept_loop(
-    listener: TcpListener,
+/// What a worker's TLS/TCP tunnel listener needs to accept and serve tunnels.
+struct TcpAccepting {
     tls: Arc<ArcSwap<rustls::ServerConfig>>,
     limits: Arc<ListenerLimits>,
     tuning: TransportTuning,
     ctx: Arc<SessionContext>,
     cancel: CancellationToken,
     tasks: TaskTracker,
-) {
+    workers: Arc<Workers>,
+    balance: Arc<Balance>,
+    /// This listener's worker, from 0.
+    worker: usize,
+}
+
+/// Accepts TLS/TCP tunnels on one worker's listener until `cancel` fires. Each tunnel is
+/// served by the worker holding the fewest (see [`Balance`]), which may be another one: the
+/// socket then moves to that worker's reactor. Handshakes run in their own tasks, each
+/// bounded by `tcp::HANDSHAKE_TIMEOUT`, and every connection, handshaking or up, counts
+/// under the listener's connection cap.
+async fn tcp_accept_loop(listener: TcpListener, accepting: TcpAccepting) {
     loop {
         let accepted = tokio::select! {
-            accepted = limits.accept(&listener) => accepted,
-            () = cancel.cancelled() => break,
+            accepted = accepting.limits.accept(&listener) => accepted,
+            () = accepting.cancel.cancelled() => break,
         };
-        let (ctx, cancel, tuning) = (ctx.clone(), cancel.clone(), tuning.clone());
-        let config = tls.load_full();
-        tasks.spawn(async move {
-            let remote = accepted.peer;
-            let _permit = accepted.permit;
-            match tcp::accept(accepted.stream, remote, config, &tuning).await {
-                Ok(connection) => {
-                    session::run(
-                        TunnelConnection::Tcp(connection),
-                        Direction::Accepted,
-                        ctx,
-                        cancel,
-                        CancellationToken::new(),
-                    )
-                    .await;
+        let held = accepting.balance.take(accepting.worker);
+        let (remote, permit) = (accepted.peer, accepted.permit);
+        let serve = ServeTcpTunnel {
+            remote,
+            config: accepting.tls.load_full(),
+            tuning: accepting.tuning.clone(),
+            ctx: accepting.ctx.clone(),
+            cancel: accepting.cancel.clone(),
+            kept: (permit, held),
+        };
+        let target = serve.kept.1.worker();
+        if target == accepting.worker {
+            accepting.tasks.spawn(serve.run(accepted.stream));
+            continue;
+        }
+        match accepted.stream.into_std() {
+            Ok(stream) => accepting.workers.spawn_on(target, &accepting.tasks, async move {
+                match tokio::net::TcpStream::from_std(stream) {
+                    Ok(stream) => serve.run(stream).await,
+                    Err(error) => warn!(%remote, %error, "tunnel TCP connection could not move to its worker"),
                 }
-                Err(error) => {
-                    let reason = error.failure();
-                    ctx.metrics.handshake_failed(reason);
-                    warn!(%remote, %reason, %error, "tunnel TCP handshake refused");
-                }
+            }),
+            Err(error) => warn!(%remote, %error, "tunnel TCP connection could not move to its worker"),
+        }
+    }
+}
+
+/// One accepted TLS/TCP tunnel, to be handshaken and served on the worker it was given.
+struct ServeTcpTunnel {
+    remote: SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+    tuning: TransportTuning,
+    ctx: Arc<SessionContext>,
+    cancel: CancellationToken,
+    /// Its place under the listener's cap and on its worker, held until it ends.
+    kept: (crate::listener::ConnectionPermit, Held),
+}
+
+impl ServeTcpTunnel {
+    async fn run(self, stream: tokio::net::TcpStream) {
+        let Self {
+            remote,
+            config,
+            tuning,
+            ctx,
+            cancel,
+            kept: _kept,
+        } = self;
+        match tcp::accept(stream, remote, config, &tuning).await {
+            Ok(connection) => {
+                session::run(
+                    TunnelConnection::Tcp(connection),
+                    Direction::Accepted,
+                    ctx,
+                    cancel,
+                    CancellationToken::new(),
+                )
+                .await;
             }
-        });
+            Err(error) => {
+                let reason = error.failure();
+                ctx.metrics.handshake_failed(reason);
+                warn!(%remote, %reason, %error, "tunnel TCP handshake refused");
+            }
+        }
     }
 }
 

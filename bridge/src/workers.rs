@@ -14,8 +14,8 @@
 
 use std::cell::Cell;
 use std::future::Future;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use tokio::runtime::Handle;
@@ -80,6 +80,59 @@ impl<T> PerWorker<T> {
     /// Every slot, to sum or to clear.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
         self.slots.iter().map(|slot| &slot.0)
+    }
+}
+
+/// The long-lived connections each worker holds, so that one any worker accepted can be
+/// served by the worker holding the fewest (Envoy's exact connection balance). The kernel's
+/// `SO_REUSEPORT` hash picks the accepting worker from the peer's address alone: with a
+/// handful of tunnels, which carry every request, it put both tunnels of a peer with two on
+/// one worker half of the time, and that worker then ran the whole node's load while the
+/// other idled.
+pub(crate) struct Balance {
+    held: Box<[AtomicUsize]>,
+}
+
+/// A connection counted on worker `worker` (from 0) until dropped.
+pub(crate) struct Held {
+    balance: Arc<Balance>,
+    worker: usize,
+}
+
+impl Balance {
+    pub(crate) fn new(workers: usize) -> Arc<Self> {
+        Arc::new(Self {
+            held: (0..workers.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+        })
+    }
+
+    /// Counts a new connection on the worker holding the fewest; `accepting` (the worker
+    /// that accepted it, from 0) among equals, so a tie never moves a connection. Two
+    /// workers choosing at once may both pick the same one: the balance is kept, not exact.
+    pub(crate) fn take(self: &Arc<Self>, accepting: usize) -> Held {
+        let load = |worker: usize| self.held[worker].load(Ordering::Relaxed);
+        let accepting = accepting.min(self.held.len() - 1);
+        let worker = (0..self.held.len())
+            .min_by_key(|&w| (load(w), w != accepting))
+            .unwrap_or(accepting);
+        self.held[worker].fetch_add(1, Ordering::Relaxed);
+        Held {
+            balance: self.clone(),
+            worker,
+        }
+    }
+}
+
+impl Held {
+    /// The worker (from 0) the connection is counted on.
+    pub(crate) fn worker(&self) -> usize {
+        self.worker
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.balance.held[self.worker].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -183,6 +236,25 @@ impl Drop for Workers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_goes_to_the_worker_holding_the_fewest_and_leaves_with_its_count() {
+        let balance = Balance::new(3);
+        // A tie keeps the connection on the worker that accepted it.
+        let a = balance.take(1);
+        assert_eq!(a.worker(), 1);
+        // Worker 1 holds one: the next two go to the idle workers, whoever accepted them.
+        let b = balance.take(1);
+        let c = balance.take(1);
+        assert_eq!([b.worker(), c.worker()], [0, 2]);
+        let d = balance.take(2);
+        assert_eq!(d.worker(), 2);
+        // Worker 1's connection ends: it now holds the fewest.
+        drop(a);
+        assert_eq!(balance.take(0).worker(), 1);
+        // Out-of-range numbers (more listeners than counted workers) count on the last.
+        assert_eq!(Balance::new(1).take(5).worker(), 0);
+    }
 
     #[test]
     fn each_worker_knows_its_index_and_runs_its_own_tasks() {

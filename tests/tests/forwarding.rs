@@ -25,11 +25,23 @@ struct Pair {
 /// cloud exports `inventory` (imported on-prem for caller `web`); on-prem exports
 /// `ledger` (imported in the cloud for caller `reporting`).
 async fn pair() -> Pair {
-    pair_on(None, None).await
+    pair_on(None, None, Carrier::Quic).await
 }
 
-/// [`pair`] with each node's data plane on the given workers, or on the test's runtime.
-async fn pair_on(cloud_on: Option<&Arc<Workers>>, onprem_on: Option<&Arc<Workers>>) -> Pair {
+/// The tunnel carrier the on-prem node dials.
+#[derive(Clone, Copy, Debug)]
+enum Carrier {
+    Quic,
+    Tcp,
+}
+
+/// [`pair`] with each node's data plane on the given workers, or on the test's runtime,
+/// dialling `carrier`.
+async fn pair_on(
+    cloud_on: Option<&Arc<Workers>>,
+    onprem_on: Option<&Arc<Workers>>,
+    carrier: Carrier,
+) -> Pair {
     let start = |options: NodeOptions, workers: Option<&Arc<Workers>>| {
         let workers = workers.cloned();
         async move {
@@ -54,7 +66,15 @@ async fn pair_on(cloud_on: Option<&Arc<Workers>>, onprem_on: Option<&Arc<Workers
         .push(ExportSpec::http1("inventory", &[inventory.local_addr()]));
     cloud.imports.push(("ledger".into(), "reporting".into()));
     let cloud = start(cloud, cloud_on).await;
-    let mut onprem = NodeOptions::onprem(&pki, "onprem-1", &[cloud.addresses().tunnel.unwrap()]);
+    let addresses = cloud.addresses();
+    let target = match carrier {
+        Carrier::Quic => addresses.tunnel,
+        Carrier::Tcp => addresses.tunnel_tcp,
+    };
+    let mut onprem = NodeOptions::onprem(&pki, "onprem-1", &[target.unwrap()]);
+    if let Carrier::Tcp = carrier {
+        onprem.tunnel_extra = "transport = \"tcp\"\n".into();
+    }
     onprem
         .exports
         .push(ExportSpec::h2c("ledger", &[ledger.local_addr()]));
@@ -241,8 +261,19 @@ fn streams_per_worker(node: &hybridge::node::Node) -> BTreeMap<usize, u64> {
 /// its connection, so it never waits for another thread. Then both nodes drain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_have_their_own_tunnels_and_keep_each_request_on_its_thread() {
+    workers_keep_requests_on_their_threads(Carrier::Quic).await;
+}
+
+/// The same over the TLS/TCP carrier, whose listening node moves an accepted tunnel to the
+/// worker holding the fewest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_have_their_own_tls_tcp_tunnels_and_keep_each_request_on_its_thread() {
+    workers_keep_requests_on_their_threads(Carrier::Tcp).await;
+}
+
+async fn workers_keep_requests_on_their_threads(carrier: Carrier) {
     let workers = Arc::new(Workers::spawn(2).unwrap());
-    let p = pair_on(Some(&workers), Some(&workers)).await;
+    let p = pair_on(Some(&workers), Some(&workers), carrier).await;
     // The configured one connection to the peer, per worker.
     tokio::time::timeout(WAIT, p.onprem.state.peers.wait_until(|l| l.len() == 2))
         .await
@@ -268,8 +299,8 @@ async fn workers_have_their_own_tunnels_and_keep_each_request_on_its_thread() {
         BTreeMap::from([(1, 1), (2, 1)]),
         "{status}"
     );
-    // The node accepting them deals new tunnels to its workers in turn (left to the
-    // kernel's hash of the addresses, both would share one worker half of the time).
+    // The node accepting them gives each worker one (left to the kernel's hash of the
+    // addresses, both would share one worker half of the time).
     tokio::time::timeout(WAIT, p.cloud.state.peers.wait_until(|l| l.len() == 2))
         .await
         .expect("the cloud node accepts both tunnels");
@@ -344,7 +375,7 @@ fn link_ids(node: &hybridge::node::Node) -> Vec<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_changes_address_keeps_its_tunnel_to_a_node_with_workers() {
     let workers = Arc::new(Workers::spawn(2).unwrap());
-    let p = pair_on(Some(&workers), None).await;
+    let p = pair_on(Some(&workers), None, Carrier::Quic).await;
     let inventory = import_addr(&p.onprem, "inventory");
     let tunnel = link_ids(&p.onprem);
     assert_eq!(tunnel.len(), 1);
