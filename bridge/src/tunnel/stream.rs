@@ -81,15 +81,68 @@ pub enum SendHalf {
 
 /// The sending side of an HTTP/2 stream.
 pub struct H2Send {
-    stream: h2::SendStream<Piece>,
+    stream: H2Stream,
     /// Nothing has been written on it yet.
     fresh: bool,
+}
+
+enum H2Stream {
+    Open(h2::SendStream<Piece>),
+    /// A stream the peer opened, not answered yet. Its answer (the response HEADERS) is the
+    /// peer's acknowledgement that this node has the stream, and it goes out with the first
+    /// bytes written, in the same TCP write and the same wake-up of the peer; a stream with
+    /// nothing to write for `ACK_DELAY` is answered alone (see [`SendHalf::abandoned_by_peer`]).
+    Unanswered(h2::server::SendResponse<Piece>),
+}
+
+/// The longest a stream the peer opened waits for its answer: the acknowledgement delay a
+/// QUIC receiver may take (quinn's `max_ack_delay`), so the peer learns as soon on either
+/// carrier that a request arrived.
+pub(super) const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(25);
+
+impl H2Send {
+    /// The stream to write on, answering it first if it has not been.
+    fn stream(&mut self) -> Result<&mut h2::SendStream<Piece>, h2::Error> {
+        if let H2Stream::Unanswered(respond) = &mut self.stream {
+            self.stream = H2Stream::Open(respond.send_response(http::Response::new(()), false)?);
+        }
+        match &mut self.stream {
+            H2Stream::Open(stream) => Ok(stream),
+            H2Stream::Unanswered(_) => Err(h2::Reason::INTERNAL_ERROR.into()),
+        }
+    }
+
+    /// Sends the answer now if nothing was written within `ACK_DELAY`; resolves at once if
+    /// the stream is answered, or when the peer resets it first (`true`).
+    async fn answer_within_ack_delay(&mut self) -> bool {
+        let H2Stream::Unanswered(respond) = &mut self.stream else {
+            return false;
+        };
+        let due = tokio::time::sleep(ACK_DELAY);
+        tokio::pin!(due);
+        let reset = std::future::poll_fn(|cx| {
+            if respond.poll_reset(cx).is_ready() {
+                return std::task::Poll::Ready(true);
+            }
+            due.as_mut().poll(cx).map(|()| false)
+        })
+        .await;
+        reset || self.stream().is_err()
+    }
 }
 
 impl SendHalf {
     pub(crate) fn tcp(stream: h2::SendStream<Piece>) -> Self {
         Self::Tcp(H2Send {
-            stream,
+            stream: H2Stream::Open(stream),
+            fresh: true,
+        })
+    }
+
+    /// A stream the peer opened on a TLS/TCP tunnel, answered with the first bytes written.
+    pub(crate) fn tcp_unanswered(respond: h2::server::SendResponse<Piece>) -> Self {
+        Self::Tcp(H2Send {
+            stream: H2Stream::Unanswered(respond),
             fresh: true,
         })
     }
@@ -129,7 +182,9 @@ impl SendHalf {
                 let _ = s.finish();
             }
             Self::Tcp(s) => {
-                let _ = s.stream.send_data(Piece::default(), true);
+                if let Ok(stream) = s.stream() {
+                    let _ = stream.send_data(Piece::default(), true);
+                }
             }
         }
     }
@@ -150,7 +205,8 @@ impl SendHalf {
 
     /// Resolves when the peer stops reading this stream (its caller went away) or the
     /// connection is lost; pending while the peer still wants what we send. Meant to be
-    /// raced against work done before anything is written.
+    /// raced against work done before anything is written. A TLS/TCP stream the peer opened
+    /// is meanwhile answered once `ACK_DELAY` has passed, so the peer knows it arrived.
     pub(crate) async fn abandoned_by_peer(&mut self) {
         match self {
             Self::Quic(s) => {
@@ -162,7 +218,12 @@ impl SendHalf {
             // Pending while the stream is open or ended cleanly; ready on a reset or when
             // the connection is gone.
             Self::Tcp(s) => {
-                let _ = std::future::poll_fn(|cx| s.stream.poll_reset(cx)).await;
+                if s.answer_within_ack_delay().await {
+                    return;
+                }
+                if let Ok(stream) = s.stream() {
+                    let _ = std::future::poll_fn(|cx| stream.poll_reset(cx)).await;
+                }
             }
         }
     }
@@ -173,7 +234,10 @@ impl SendHalf {
             Self::Quic(s) => {
                 let _ = s.reset(quinn::VarInt::from_u32(code));
             }
-            Self::Tcp(s) => s.stream.send_reset(h2::Reason::from(code)),
+            Self::Tcp(s) => match &mut s.stream {
+                H2Stream::Open(stream) => stream.send_reset(h2::Reason::from(code)),
+                H2Stream::Unanswered(respond) => respond.send_reset(h2::Reason::from(code)),
+            },
         }
     }
 }
@@ -182,13 +246,14 @@ impl SendHalf {
 /// for capacity is the backpressure (h2 would otherwise buffer without bound).
 async fn send_h2(send: &mut H2Send, mut piece: Piece) -> Result<(), StreamError> {
     use bytes::Buf;
-    let stream = &mut send.stream;
+    let fresh = std::mem::take(&mut send.fresh);
+    let stream = send.stream().map_err(WriteError::from)?;
     // A stream this node opened has no capacity until the connection task has sent its
     // HEADERS; waiting for capacity would let that task write the HEADERS alone, and the
     // first piece (a request head) would take a write of its own. Queued at once, it leaves
     // with the HEADERS. h2 holds at most this one piece for the stream before the window
     // the peer announced lets it go.
-    if std::mem::take(&mut send.fresh) && piece.remaining() <= FIRST_PIECE_UNRESERVED {
+    if fresh && piece.remaining() <= FIRST_PIECE_UNRESERVED {
         return stream
             .send_data(piece, false)
             .map_err(|e| WriteError::from(e).into());

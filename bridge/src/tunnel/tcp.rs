@@ -681,8 +681,9 @@ impl Shared {
         (shared, driving)
     }
 
-    /// Sorts a stream the dialler opened: a forward stream is answered at once and handed
-    /// to the session; an offer waits until this side needs a stream.
+    /// Sorts a stream the dialler opened: a forward stream is handed to the session, to be
+    /// answered with the first bytes it writes; an offer waits until this side needs a
+    /// stream.
     fn classify(
         &self,
         request: http::Request<h2::RecvStream>,
@@ -691,10 +692,10 @@ impl Shared {
     ) {
         match (request.uri().path(), &self.opener) {
             ("/s", _) => {
-                if let Ok(send) = respond.send_response(http::Response::new(()), false) {
-                    let _ =
-                        accepted.send((SendHalf::tcp(send), RecvHalf::tcp(request.into_body())));
-                }
+                let _ = accepted.send((
+                    SendHalf::tcp_unanswered(respond),
+                    RecvHalf::tcp(request.into_body()),
+                ));
             }
             ("/r", Opener::Server(offers)) => offers.push((request.into_body(), respond)),
             _ => respond.send_reset(h2::Reason::PROTOCOL_ERROR),
@@ -944,4 +945,84 @@ fn chain_of(certificates: Option<&[CertificateDer<'_>]>) -> Vec<CertificateDer<'
     certificates
         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::frame::Frame;
+
+    /// A dialling and a listening connection over an in-memory pipe: the multiplexing
+    /// without TLS.
+    async fn pair() -> (TcpConnection, TcpConnection) {
+        let (dialler, listener) = tokio::io::duplex(1 << 20);
+        let tuning = TransportTuning::default();
+        let remote: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let (client, server) = tokio::join!(
+            TcpConnection::client(dialler, Vec::new(), remote, &tuning),
+            TcpConnection::server(listener, Vec::new(), remote, &tuning),
+        );
+        (client.unwrap(), server.unwrap())
+    }
+
+    /// Sends `body` on a new stream of `client`; the listener's halves of it.
+    async fn request(
+        client: &TcpConnection,
+        server: &TcpConnection,
+        body: &'static [u8],
+    ) -> (RecvHalf, SendHalf) {
+        let (mut send, recv) = client.open_stream().await.unwrap();
+        send.write_data(Bytes::from_static(body)).await.unwrap();
+        send.finish();
+        let (answer, mut incoming) = server.accept_stream().await.unwrap();
+        match incoming.read_frame().await.unwrap() {
+            Some(Frame::Data(data)) => assert_eq!(data, body),
+            _ => panic!("the request did not arrive"),
+        }
+        (recv, answer)
+    }
+
+    /// The listener's answer to a stream (its response HEADERS) tells the dialler the
+    /// stream arrived. It leaves with the first bytes written, not alone ahead of them (one
+    /// write and one wake-up of the dialler fewer per request); with nothing to write, it
+    /// leaves alone after the acknowledgement delay, so the dialler still learns in time
+    /// that a request it might resend has arrived.
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_is_answered_with_its_first_bytes_or_after_the_ack_delay() {
+        let (client, server) = pair().await;
+        // A prompt answer arrives whole.
+        let (mut recv, mut answer) = request(&client, &server, b"first").await;
+        answer
+            .write_data(Bytes::from_static(b"answer"))
+            .await
+            .unwrap();
+        answer.finish();
+        match recv.read_frame().await.unwrap() {
+            Some(Frame::Data(data)) => assert_eq!(data, "answer"),
+            _ => panic!("the answer did not arrive"),
+        }
+
+        // A listener busy elsewhere (an upstream slower than the acknowledgement delay).
+        let reads = client.received();
+        let started = Instant::now();
+        let (_recv, mut answer) = request(&client, &server, b"second").await;
+        let working = tokio::spawn(async move {
+            tokio::select! {
+                () = answer.abandoned_by_peer() => panic!("the dialler did not abandon it"),
+                () = tokio::time::sleep(Duration::from_secs(10)) => answer,
+            }
+        });
+        let step = Duration::from_millis(1);
+        while client.received() == reads {
+            assert!(started.elapsed() < Duration::from_secs(1), "never answered");
+            tokio::time::sleep(step).await;
+        }
+        let answered_after = started.elapsed();
+        assert!(
+            answered_after >= super::super::stream::ACK_DELAY
+                && answered_after <= super::super::stream::ACK_DELAY + step * 2,
+            "answered after {answered_after:?}"
+        );
+        working.abort();
+    }
 }
